@@ -1,0 +1,3 @@
+from cxrtool.cli import main
+
+main()

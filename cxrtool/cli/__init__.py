@@ -1,0 +1,46 @@
+"""The ``cxrtool`` command line: one thin module per subcommand over the library."""
+
+from __future__ import annotations
+
+import typer
+
+from cxrtool import __version__
+
+app = typer.Typer(
+    name="cxrtool",
+    help="Chest X-ray AI from the command line: read real studies, train, predict, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cxrtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Chest X-ray AI from the command line."""
+
+
+def _register() -> None:
+    from cxrtool.cli import demo, evaluate, models, predict, train
+
+    app.command("demo")(demo.demo)
+    app.command("train")(train.train)
+    app.command("predict")(predict.predict)
+    app.command("evaluate")(evaluate.evaluate)
+    app.command("models")(models.models)
+
+
+_register()
+
+
+def main() -> None:
+    app()

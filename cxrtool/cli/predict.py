@@ -1,0 +1,73 @@
+"""``cxrtool predict``: per-finding probabilities for studies, beside them or under --out."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cxrtool.cli._console import EXIT_USAGE, fail, handle_interrupt, note, progress_bar, warn
+
+
+def predict(
+    inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - to read paths from stdin.")],
+    *,
+    model: Annotated[Path, typer.Option("--model", "-m", envvar="CXRTOOL_MODEL", help="A cxrtool checkpoint (.safetensors).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write into a mirror tree here instead of beside the inputs.")] = None,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON object per study to stdout.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict again studies already done by this model.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Studies per forward pass.")] = 16,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes (default: CPU count, max 8).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
+) -> None:
+    """Write each study's finding probabilities as a JSON sidecar and a per-folder CSV.
+
+    Exit status: 0 all studies done, 1 some failed (reasons on stderr and in the CSV's
+    error column), 2 usage error, 130 interrupted (re-run to resume).
+    """
+    from cxrtool.models.checkpoint import CheckpointError
+    from cxrtool.predict import predict as run_predict
+
+    bar = progress_bar()
+    task = bar.add_task("predict", total=None, status="")
+    counts = {"predicted": 0, "skipped": 0, "failed": 0}
+
+    def on_result(record: dict) -> None:
+        status = record.get("status", "")
+        counts[status] = counts.get(status, 0) + 1
+        if status == "failed":
+            bar.console.print(f"[red]failed[/] {record['path']}: {record['error']}", soft_wrap=True)
+        if jsonl:
+            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
+
+    def on_progress(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total,
+                   status=f"{counts['predicted']} new, {counts['skipped']} done before, {counts['failed']} failed")
+
+    with handle_interrupt():
+        try:
+            with bar:
+                summary = run_predict(
+                    inputs, model=model, out=out, overwrite=overwrite, batch_size=batch_size, workers=workers,
+                    device=device, include_patient_id=include_patient_id, on_result=on_result, progress=on_progress,
+                )
+        except (CheckpointError, ValueError) as error:
+            fail(str(error))
+    if summary.total == 0:
+        fail("no studies found in the given inputs", EXIT_USAGE)
+    note(
+        f"[green]{summary.predicted} predicted[/], {summary.skipped} already done, "
+        f"[{'red' if summary.failed else 'green'}]{len(summary.failed)} failed[/] of {summary.total} studies"
+    )
+    for folder in summary.folders[:5]:
+        note(f"  {folder / 'cxrtool_predictions.csv'}")
+    if len(summary.folders) > 5:
+        note(f"  ... and {len(summary.folders) - 5} more folders")
+    if summary.failed:
+        warn(f"{len(summary.failed)} studies could not be read; see the error column of the CSV")
+    raise typer.Exit(summary.exit_code)

@@ -1,0 +1,1 @@
+"""Label tables, splits and boxes: reading dataset CSVs into one in-memory form."""

@@ -1,0 +1,1 @@
+"""Ground floor: finding and reading studies, writing outputs atomically."""

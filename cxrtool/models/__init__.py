@@ -1,0 +1,1 @@
+"""Ground floor: the network (timm backbone + heads) and self-describing checkpoints."""

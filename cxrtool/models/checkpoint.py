@@ -1,0 +1,205 @@
+"""Self-describing checkpoints: weights in safetensors, the model card in its metadata.
+
+A checkpoint is one ``.safetensors`` file. Its header metadata holds the card (findings in
+order, architecture, preprocessing, thresholds, training data and metrics, cxrtool
+version) as JSON, so ``predict`` needs no flag to repeat how a model was trained, and
+loading never unpickles anything.
+
+Training state for ``--resume`` uses the same format through :func:`save_tree` /
+:func:`load_tree`: tensors of a nested dict go to safetensors, every other leaf to JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CARD_KEY = "cxrtool_card"
+TREE_KEY = "cxrtool_tree"
+FORMAT = "cxrtool-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild and use a trained model, and how it came to be."""
+
+    architecture: str
+    findings: list[str]
+    preprocessing: dict[str, Any]
+    name: str = "cxrtool-model"
+    head: str = "linear"
+    thresholds: dict[str, float] = field(default_factory=dict)
+    threshold_method: str = "f1"
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    cxrtool_version: str = ""
+    created: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"format": FORMAT, "format_version": FORMAT_VERSION, **self.__dict__}, sort_keys=False
+        )
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "checkpoint") -> "ModelCard":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{source}: model card is not valid JSON ({error.msg})") from error
+        if values.get("format") != FORMAT:
+            raise CheckpointError(f"{source}: not a cxrtool checkpoint (no '{FORMAT}' card)")
+        if values.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{source}: written by a newer cxrtool (format {values['format_version']}); upgrade cxrtool"
+            )
+        known = set(cls.__dataclass_fields__)
+        missing = {"architecture", "findings", "preprocessing"} - set(values)
+        if missing:
+            raise CheckpointError(f"{source}: model card lacks {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def threshold_for(self, finding: str) -> float:
+        return float(self.thresholds.get(finding, 0.5))
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def save_checkpoint(path: str | os.PathLike, model, card: ModelCard) -> Path:
+    """Write the model's weights and card to one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    from cxrtool import __version__
+
+    path = Path(path)
+    card.cxrtool_version = card.cxrtool_version or __version__
+    card.created = card.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    module = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = _atomic_target(path)
+    save_file(tensors, str(tmp), metadata={CARD_KEY: card.to_json()})
+    os.replace(tmp, path)
+    return path
+
+
+def read_card(path: str | os.PathLike) -> ModelCard:
+    """Read only the card of a checkpoint (fast: the header, not the weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a safetensors file ({error})") from error
+    if CARD_KEY not in metadata:
+        raise CheckpointError(f"{path}: safetensors file without a cxrtool model card")
+    return ModelCard.from_json(metadata[CARD_KEY], source=str(path))
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu"):
+    """Rebuild the network from a checkpoint; returns ``(model, card)`` in eval mode.
+
+    Example:
+        >>> model, card = load_checkpoint("demo.safetensors")
+        >>> card.findings[:2]
+        ['Atelectasis', 'Cardiomegaly']
+    """
+    from safetensors.torch import load_file
+
+    from cxrtool.models.network import CXRClassifier
+
+    card = read_card(path)
+    if card.head != "linear":
+        raise CheckpointError(f"{path}: head {card.head!r} is not supported by this cxrtool version")
+    model = CXRClassifier(card.architecture, card.findings)
+    state = load_file(str(path), device="cpu")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not match the card's architecture ({first})") from error
+    return model.to(device).eval(), card
+
+
+def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- nested state (training resume) -------------------------------------------------
+
+
+def save_tree(path: str | os.PathLike, tree: Mapping[str, Any]) -> Path:
+    """Save a nested dict of tensors and plain values (no pickling), atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def strip(node: Any, prefix: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            key = prefix or "_"
+            tensors[key] = node.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(node, Mapping):
+            if not all(isinstance(k, (str, int)) for k in node):
+                raise TypeError(f"cannot save keys of types {[type(k).__name__ for k in node]}")
+            # int keys (optimizer state) survive through the tagged form.
+            return {
+                "__dict__": [[k, strip(v, f"{prefix}/{k}")] for k, v in node.items()],
+            }
+        if isinstance(node, (list, tuple)):
+            return {"__list__": [strip(v, f"{prefix}/{i}") for i, v in enumerate(node)], "tuple": isinstance(node, tuple)}
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise TypeError(f"cannot save a {type(node).__name__} at {prefix or '/'}")
+
+    structure = strip(tree, "")
+    path = Path(path)
+    tmp = _atomic_target(path)
+    save_file(tensors, str(tmp), metadata={TREE_KEY: json.dumps(structure)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_tree(path: str | os.PathLike) -> dict[str, Any]:
+    """Load what :func:`save_tree` wrote."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if TREE_KEY not in metadata:
+            raise CheckpointError(f"{path}: not a cxrtool training state")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+
+    def build(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "__tensor__" in node:
+                return tensors[node["__tensor__"]]
+            if "__dict__" in node:
+                return {k: build(v) for k, v in node["__dict__"]}
+            if "__list__" in node:
+                items = [build(v) for v in node["__list__"]]
+                return tuple(items) if node.get("tuple") else items
+        return node
+
+    return build(json.loads(metadata[TREE_KEY]))

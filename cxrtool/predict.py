@@ -1,0 +1,300 @@
+"""The Python API behind ``cxrtool predict``: studies -> batches -> model -> outputs.
+
+Decoding and preprocessing run in worker processes (a torch DataLoader over the list of
+paths), the model runs batched on the chosen device, and each result is written as soon as
+its batch is done: a JSON sidecar per study and one CSV per folder. Memory stays flat in
+the number of inputs: only paths and the small result rows are kept, never pixels.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrtool.io.outputs import FOLDER_JSON, FolderTables, sidecar_path, write_json
+from cxrtool.io.studies import StudyReadError, find_studies, read_study
+from cxrtool.preprocess import Preprocessing, prepare
+
+ResultCallback = Callable[[dict[str, Any]], None]
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class PredictSummary:
+    """What a prediction run did; ``exit_code`` follows the CLI's convention."""
+
+    total: int = 0
+    predicted: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.total == 0:
+            return 2
+        return 1 if self.failed else 0
+
+
+class _StudyInputs:
+    """Map-style dataset: index -> decoded, preprocessed study (or the reason it failed)."""
+
+    def __init__(self, paths: Sequence[Path], prep: Preprocessing, *, include_patient_id: bool = False):
+        self.paths = paths
+        self.prep = prep
+        self.include_patient_id = include_patient_id
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from cxrtool.models.checkpoint import file_sha256
+
+        path = self.paths[index]
+        try:
+            study = read_study(path)
+            tensor, geometry = prepare(study.pixels, self.prep)
+            item = {
+                "index": index,
+                "tensor": tensor,
+                "view_position": study.view_position,
+                "pixel_spacing": study.pixel_spacing,
+                "identity": study.identity,
+                "image_size": list(study.shape),
+                "sha256": file_sha256(path),
+            }
+            if self.include_patient_id and study.source_format == "dicom":
+                item["patient_id"] = _patient_id(path)
+            return item
+        except StudyReadError as error:
+            return {"index": index, "error": str(error)}
+        except FileNotFoundError:
+            return {"index": index, "error": "no such file"}
+        except (OSError, ValueError, MemoryError) as error:
+            # A decoder failing in a way the readers did not anticipate must not stop the
+            # batch: record it as this file's reason.
+            return {"index": index, "error": f"{type(error).__name__}: {_one_line(error)}"}
+
+
+def _patient_id(path: Path) -> str:
+    import pydicom
+
+    dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    return str(dataset.get("PatientID", ""))
+
+
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items  # stacking happens in the main process, only for items that decoded
+
+
+def _worker_init(_: int) -> None:
+    # Each worker decodes one image at a time; extra threads would only fight the model.
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def output_root(paths: Sequence[Path]) -> Path | None:
+    """The folder that ``--out`` mirrors: the common parent of all input folders."""
+    if not paths:
+        return None
+    parents = {str(p.absolute().parent) for p in paths}
+    return Path(os.path.commonpath(sorted(parents)))
+
+
+def predict(
+    inputs: Iterable[str | os.PathLike],
+    *,
+    model: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    batch_size: int = 16,
+    workers: int | None = None,
+    device: str = "auto",
+    include_patient_id: bool = False,
+    on_result: ResultCallback | None = None,
+    progress: ProgressCallback | None = None,
+    stdin=None,
+) -> PredictSummary:
+    """Run a checkpoint over studies and write sidecars and folder CSVs.
+
+    Args:
+        inputs: files, folders (recursive), globs, or ``-`` for paths on stdin.
+        model: a cxrtool checkpoint (``.safetensors``).
+        out: write into a mirror tree under this folder instead of beside the inputs.
+        overwrite: predict again studies whose sidecar (from this model) exists.
+        batch_size: studies per forward pass.
+        workers: decoding processes (default: the CPU count, at most 8; 0 decodes inline).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        include_patient_id: add the DICOM PatientID to outputs (off: outputs carry no IDs).
+        on_result: called with each study's record (done, skipped or failed), in order.
+        progress: called with (studies finished, total).
+
+    Returns:
+        A :class:`PredictSummary`.
+
+    Example:
+        >>> summary = predict(["study/"], model="demo.safetensors")
+        >>> summary.predicted, summary.exit_code
+    """
+    import torch
+
+    from cxrtool import __version__
+    from cxrtool.models.checkpoint import file_sha256, load_checkpoint
+    from cxrtool.models.network import pick_device
+
+    torch_device = pick_device(device)
+    network, card = load_checkpoint(model, device=str(torch_device))
+    model_info = {"name": card.name, "architecture": card.architecture, "sha256": file_sha256(model)}
+    prep = Preprocessing.from_dict(card.preprocessing)
+    thresholds = np.array([card.threshold_for(f) for f in card.findings], dtype=np.float64)
+
+    paths = list(find_studies(inputs, stdin=stdin))
+    summary = PredictSummary(total=len(paths))
+    root = output_root(paths)
+    out_dir = Path(out) if out is not None else None
+    tables = FolderTables(card.findings)
+
+    def destination(path: Path) -> Path:
+        if out_dir is None:
+            return path.parent
+        relative = path.absolute().parent.relative_to(root) if root else Path()
+        return out_dir / relative
+
+    finished = 0
+
+    def report(record: dict[str, Any]) -> None:
+        nonlocal finished
+        finished += 1
+        if on_result is not None:
+            on_result(record)
+        if progress is not None:
+            progress(finished, summary.total)
+
+    # Studies already done by this model are skipped; their rows still go into the CSV so
+    # that it stays complete.
+    todo: list[Path] = []
+    for path in paths:
+        folder = destination(path)
+        previous = _read_previous(sidecar_path(folder, path.name)) if not overwrite else None
+        if previous is not None and previous.get("model", {}).get("sha256") == model_info["sha256"]:
+            summary.skipped += 1
+            tables.update(folder, path.name, _row_values(previous))
+            report({**previous, "status": "skipped"})
+        else:
+            todo.append(path)
+
+    dataset = _StudyInputs(todo, prep, include_patient_id=include_patient_id)
+    n_workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=n_workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if n_workers else None,
+        pin_memory=torch_device.type == "cuda",
+        prefetch_factor=2 if n_workers else None,
+    )
+    autocast = torch.autocast("cuda", dtype=torch.float16) if torch_device.type == "cuda" else _no_context()
+    try:
+        for items in loader:
+            decoded = [item for item in items if "tensor" in item]
+            probabilities: dict[int, np.ndarray] = {}
+            if decoded:
+                batch = torch.from_numpy(np.stack([item["tensor"] for item in decoded]))
+                with torch.inference_mode(), autocast:
+                    logits = network(batch.to(torch_device, non_blocking=True))
+                scores = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
+                probabilities = {item["index"]: score for item, score in zip(decoded, scores)}
+            for item in items:
+                path = todo[item["index"]]
+                folder = destination(path)
+                if "error" in item:
+                    summary.failed.append((str(path), item["error"]))
+                    tables.update(folder, path.name, {"error": item["error"]})
+                    report({"file": path.name, "path": str(path), "status": "failed", "error": item["error"]})
+                    continue
+                record = _record(path, item, probabilities[item["index"]], card, thresholds, model_info, __version__)
+                write_json(sidecar_path(folder, path.name), record)
+                tables.update(folder, path.name, _row_values(record))
+                summary.predicted += 1
+                report({**record, "path": str(path), "status": "predicted"})
+    finally:
+        tables.flush()
+        for folder in tables.tables:
+            write_json(
+                folder / FOLDER_JSON,
+                {
+                    "model": model_info,
+                    "findings": list(card.findings),
+                    "thresholds": {f: float(t) for f, t in zip(card.findings, thresholds)},
+                    "threshold_method": card.threshold_method,
+                    "cxrtool_version": __version__,
+                },
+            )
+        summary.folders = sorted(tables.tables)
+    return summary
+
+
+class _no_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _read_previous(path: Path) -> dict[str, Any] | None:
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None  # unreadable sidecar: predict again
+    return record if isinstance(record, dict) and "findings" in record else None
+
+
+def _record(path, item, scores, card, thresholds, model_info, version) -> dict[str, Any]:
+    findings = {
+        name: {
+            "probability": round(float(p), 6),
+            "threshold": round(float(t), 6),
+            "positive": bool(p >= t),
+        }
+        for name, p, t in zip(card.findings, scores, thresholds)
+    }
+    record: dict[str, Any] = {
+        "file": path.name,
+        "sha256": item["sha256"],
+        **{k: v for k, v in item["identity"].items() if k in ("sop_instance_uid", "transfer_syntax", "format")},
+        "view_position": item["view_position"],
+        "pixel_spacing_mm": list(item["pixel_spacing"]) if item["pixel_spacing"] else None,
+        "image_size": item["image_size"],
+        "model": model_info,
+        "findings": findings,
+        "positive_findings": [name for name, value in findings.items() if value["positive"]],
+        "cxrtool_version": version,
+    }
+    if "patient_id" in item:
+        record["patient_id"] = item["patient_id"]
+    return record
+
+
+def _row_values(record: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {name: v["probability"] for name, v in record.get("findings", {}).items()}
+    values["view_position"] = record.get("view_position", "")
+    return values

@@ -1,0 +1,101 @@
+"""The single source of truth for names: label sets, architectures and their CAM layers.
+
+Import-light on purpose (no torch, no timm): the CLI queries it for its choices and
+``cxrtool models`` lists it instantly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The 14 ChestX-ray14 findings in the conventional order (Wang et al., 2017).
+NIH_FINDINGS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+
+# The 14 CheXpert / MIMIC-CXR-JPG observations, in their CSV column order.
+CHEXPERT_FINDINGS: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+
+# What the phantom generator can draw, named as in ChestX-ray14 so NIH tooling applies.
+PHANTOM_FINDINGS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Mass",
+    "Nodule",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+)
+
+# Spelling differences between files of the same dataset (NIH boxes vs labels).
+FINDING_ALIASES: dict[str, str] = {"Infiltrate": "Infiltration"}
+
+LABEL_SETS: dict[str, tuple[str, ...]] = {
+    "nih14": NIH_FINDINGS,
+    "chexpert14": CHEXPERT_FINDINGS,
+    "phantom8": PHANTOM_FINDINGS,
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What cxrtool knows about a timm backbone."""
+
+    name: str  # timm model name
+    cam_layer: str  # module name (get_submodule) of the last spatial feature layer
+    note: str = ""
+
+
+# Tested backbones. Any other timm name works for train/predict; these also know their
+# CAM target layer, so `explain` needs no --layer flag.
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in (
+        Architecture("densenet121", "features.norm5", "CheXNet-style default"),
+        Architecture("resnet18", "layer4", "small, fast on CPU"),
+        Architecture("resnet34", "layer4"),
+        Architecture("resnet50", "layer4"),
+        Architecture("resnet10t", "layer4", "tiny ResNet, demo-sized"),
+        Architecture("convnext_tiny", "stages.3"),
+        Architecture("convnext_nano", "stages.3"),
+        Architecture("efficientnet_b0", "conv_head"),
+        Architecture("efficientnet_b3", "conv_head"),
+        Architecture("mobilenetv3_large_100", "conv_head"),
+    )
+}
+
+DEFAULT_ARCHITECTURE = "densenet121"
+
+
+def resolve_finding(name: str) -> str:
+    """Map a finding spelling to its canonical name (e.g. ``Infiltrate`` -> ``Infiltration``)."""
+    return FINDING_ALIASES.get(name, name)

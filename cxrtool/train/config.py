@@ -1,0 +1,166 @@
+"""Training configuration: defaults < YAML file < command-line overrides.
+
+The resolved configuration is written beside the checkpoint as ``config.yaml`` so that a run
+can be repeated exactly (``cxrtool train --config runs/x/config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+LOSSES = ("bce", "weighted_bce", "focal", "asl")
+THRESHOLD_METHODS = ("f1", "youden")
+UNCERTAIN_POLICIES = ("ignore", "positive", "negative")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Field names are the YAML keys and the
+    ``--set key=value`` names."""
+
+    # data
+    labels: str = ""  # NIH Data_Entry CSV, CheXpert/MIMIC-style CSV, or generic CSV
+    images: str = ""  # image root (default: beside the CSV)
+    labels_format: str = "auto"  # auto | nih | chexpert | generic
+    findings: list[str] = field(default_factory=list)  # default: the label file's own
+    uncertain: str = "ignore"  # CheXpert -1 labels: ignore | positive | negative
+    val_fraction: float = 0.15
+    cache_images: bool = True  # keep preprocessed inputs in memory (uint8) after first read
+    # model
+    architecture: str = "densenet121"
+    pretrained: bool = False  # ImageNet weights from the hub: needs the network
+    input_size: int = 224
+    drop_rate: float = 0.0
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    loss: str = "asl"
+    focal_gamma: float = 2.0
+    asl_gamma_neg: float = 4.0
+    asl_gamma_pos: float = 0.0
+    asl_clip: float = 0.05
+    augment: bool = True
+    amp: bool = True  # mixed precision on GPU (ignored on CPU)
+    # run
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    out: str = "runs/cxrtool"
+    name: str = ""  # model name on the card (default: the output folder's name)
+    threshold_method: str = "f1"
+    max_train_batches: int = 0  # cap batches per epoch (0 = all): smoke tests, quick looks
+
+    def validate(self) -> None:
+        """Refuse impossible values early, naming the key."""
+        checks = [
+            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (self.threshold_method in THRESHOLD_METHODS,
+             f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, got {self.threshold_method!r}"),
+            (self.uncertain in UNCERTAIN_POLICIES,
+             f"uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, got {self.uncertain!r}"),
+            (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.input_size >= 32, f"input_size must be at least 32, got {self.input_size}"),
+            (bool(self.labels), "labels is required: a label CSV (NIH, CheXpert or generic)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, kind: Any, raw: Any) -> Any:
+    """Turn a YAML or ``key=value`` string into the field's type, or say why not."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{name} expects true/false, got {raw!r}")
+        if kind is int:
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(f"{name} expects an integer, got {raw!r}") from None
+        if kind is float:
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError(f"{name} expects a number, got {raw!r}") from None
+        if kind == list[str]:
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return text
+    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if kind == list[str] and isinstance(raw, list):
+        return [str(item) for item in raw]
+    if kind in (bool, int, float, str) and not isinstance(raw, kind):
+        raise ValueError(f"{name} expects {kind.__name__}, got {raw!r}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then overrides (None values are ignored).
+
+    Example:
+        >>> cfg = load_config("train.yaml", {"epochs": 3, "loss": "focal"})
+
+    Raises:
+        ValueError: naming an unknown key or a value of the wrong type.
+    """
+    hints = get_type_hints(TrainConfig)
+    known = {f.name for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of settings at the top level")
+        # Allow grouping keys under sections (data:, model:, ...) for readability.
+        for key, value in loaded.items():
+            if isinstance(value, dict) and key not in known:
+                values.update(value)
+            else:
+                values[key] = value
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
+    config = TrainConfig(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+    return config
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["epochs=3", "loss=focal"]`` -> ``{"epochs": "3", "loss": "focal"}``."""
+    result: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        result[key.strip().replace("-", "_")] = value
+    return result
+
+
+def write_config(config: TrainConfig, path: Path) -> Path:
+    from cxrtool.io.outputs import atomic_write
+
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
+    return path

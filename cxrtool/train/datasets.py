@@ -1,0 +1,147 @@
+"""Training datasets over a label table: read -> fit to the input square -> augment.
+
+The same :mod:`cxrtool.preprocess` functions as ``predict`` make the inputs, so training
+and inference cannot drift apart. Augmentation is seeded per (seed, epoch, image): a run
+resumed after an interruption sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from cxrtool.io.studies import StudyReadError, read_study
+from cxrtool.preprocess import Preprocessing, fit_to_square, normalise
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Radiograph-safe augmentation: small rotations, zoom, shifts, exposure changes.
+
+    No horizontal flips: the heart's side is anatomy (a flipped film shows dextrocardia).
+    """
+
+    rotate_degrees: float = 7.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.05
+    brightness: float = 0.08
+    contrast: float = 0.15
+    gamma: tuple[float, float] = (0.8, 1.25)
+    noise_std: float = 0.01
+
+    def __call__(self, square: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        size = square.shape[0]
+        angle = rng.uniform(-self.rotate_degrees, self.rotate_degrees)
+        zoom = rng.uniform(*self.scale)
+        shift = rng.uniform(-self.translate, self.translate, size=2) * size
+        matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, zoom)
+        matrix[:, 2] += shift
+        out = cv2.warpAffine(square, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
+        out = np.clip(out, 0.0, 1.0) ** rng.uniform(*self.gamma)
+        out = (out - 0.5) * (1 + rng.uniform(-self.contrast, self.contrast)) + 0.5
+        out = out + rng.uniform(-self.brightness, self.brightness)
+        if self.noise_std > 0:
+            out = out + rng.normal(0.0, self.noise_std, size=out.shape).astype(np.float32)
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _load_square(args: tuple[str, Preprocessing]) -> tuple[np.ndarray | None, str | None]:
+    path, prep = args
+    try:
+        square, _ = fit_to_square(read_study(path).pixels, prep)
+    except StudyReadError as error:
+        return None, str(error)
+    # uint8 keeps the cache four times smaller; the model sees 8-bit display data anyway
+    # for PNG sources, and 1/255 steps are below the augmentation's noise.
+    return np.round(square * 255).astype(np.uint8), None
+
+
+class ImageCache:
+    """Fitted input squares of every image, read once in parallel and kept as uint8."""
+
+    def __init__(self, paths: Sequence[str], prep: Preprocessing, *, workers: int = 2, progress=None):
+        size = prep.input_size
+        self.squares = np.zeros((len(paths), size, size), dtype=np.uint8)
+        self.failed: dict[int, str] = {}
+        jobs = [(str(p), prep) for p in paths]
+        if workers > 1 and len(jobs) > 16:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                results = pool.map(_load_square, jobs, chunksize=16)
+                self._fill(results, len(jobs), progress)
+        else:
+            self._fill(map(_load_square, jobs), len(jobs), progress)
+
+    def _fill(self, results, total, progress) -> None:
+        for index, (square, error) in enumerate(results):
+            if square is None:
+                self.failed[index] = error or "unreadable"
+            else:
+                self.squares[index] = square
+            if progress is not None and ((index + 1) % 64 == 0 or index + 1 == total):
+                progress(index + 1, total)
+
+    @staticmethod
+    def bytes_needed(n_images: int, prep: Preprocessing) -> int:
+        return n_images * prep.input_size**2
+
+
+class LabelledStudies(torch.utils.data.Dataset):
+    """(input tensor, targets) pairs for a subset of a label table.
+
+    An image that cannot be read gives a blank input with all targets NaN (ignored by the
+    masked losses) rather than stopping the run; it is counted in ``unreadable``.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        targets: np.ndarray,
+        prep: Preprocessing,
+        *,
+        augment: Augmentation | None = None,
+        cache: ImageCache | None = None,
+        seed: int = 0,
+    ):
+        self.paths = list(paths)
+        self.targets = np.asarray(targets, dtype=np.float32)
+        self.prep = prep
+        self.augment = augment
+        self.cache = cache
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _square(self, index: int) -> np.ndarray | None:
+        if self.cache is not None:
+            if index in self.cache.failed:
+                return None
+            return self.cache.squares[index].astype(np.float32) / 255.0
+        square, error = _load_square((self.paths[index], self.prep))
+        return None if square is None else square.astype(np.float32) / 255.0
+
+    def __getitem__(self, index: int):
+        square = self._square(index)
+        targets = self.targets[index]
+        if square is None:
+            size = self.prep.input_size
+            return torch.zeros(1, size, size), torch.full_like(torch.from_numpy(targets), math.nan)
+        if self.augment is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            square = self.augment(square, rng)
+        return torch.from_numpy(normalise(square, self.prep)), torch.from_numpy(targets)
+
+
+def worker_init(_: int) -> None:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)

@@ -1,0 +1,356 @@
+"""The training loop: single process, or DistributedDataParallel under torchrun.
+
+Each epoch ends with validation (mean AUROC over findings), a best-by-validation
+checkpoint with per-finding decision thresholds chosen on validation, and an atomic
+``last_state.safetensors`` from which ``resume=True`` continues: a killed run loses at most
+the epoch in flight.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxrtool.models.checkpoint import ModelCard, load_tree, save_checkpoint, save_tree
+from cxrtool.models.network import CXRClassifier, pick_device
+from cxrtool.preprocess import Preprocessing
+from cxrtool.train import _distributed as distributed
+from cxrtool.train.config import TrainConfig, write_config
+from cxrtool.train.datasets import Augmentation, ImageCache, LabelledStudies, worker_init
+from cxrtool.train.losses import build_loss
+
+CHECKPOINT_NAME = "model.safetensors"
+STATE_NAME = "last_state.safetensors"
+CONFIG_NAME = "config.yaml"
+# Settings that must not change when resuming, or the saved state would not fit the run.
+_RESUME_INVARIANTS = ("architecture", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size")
+
+
+@dataclass
+class TrainEvent:
+    """What the loop reports to its caller (the CLI draws progress from these)."""
+
+    kind: str  # "message" | "cache" | "batch" | "epoch" | "done"
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+    loss: float = math.nan
+    val_auroc: float = math.nan
+    best_auroc: float = math.nan
+    message: str = ""
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    config_path: Path
+    best_auroc: float
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    n_train: int = 0
+    n_val: int = 0
+    skipped_rows: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def mean_auroc(targets: np.ndarray, scores: np.ndarray) -> tuple[float, list[float]]:
+    """Mean over findings with both classes present in the known (non-NaN) labels."""
+    from sklearn.metrics import roc_auc_score
+
+    per_finding = []
+    for column in range(targets.shape[1]):
+        known = ~np.isnan(targets[:, column])
+        y = targets[known, column]
+        if y.size == 0 or y.min() == y.max():
+            per_finding.append(math.nan)
+            continue
+        per_finding.append(float(roc_auc_score(y, scores[known, column])))
+    defined = [v for v in per_finding if not math.isnan(v)]
+    return (float(np.mean(defined)) if defined else math.nan), per_finding
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[TrainEvent], None] | None = None) -> TrainResult:
+    """Train a classifier as the configuration says; returns where the checkpoint is.
+
+    Example:
+        >>> from cxrtool.train import load_config, train
+        >>> result = train(load_config(overrides={"labels": "Data_Entry.csv", "epochs": 2}))
+        >>> result.best_auroc
+    """
+    from cxrtool.data.labels import patient_split, read_labels
+
+    config.validate()
+    requested = pick_device(config.device)
+    dist_info = distributed.setup(requested)
+    device = distributed.device_for(dist_info.local_rank, requested)
+    say = progress if (progress is not None and dist_info.is_main) else (lambda event: None)
+    out = Path(config.out)
+    state_path = out / STATE_NAME
+
+    try:
+        seed_everything(config.seed)
+        if dist_info.enabled:
+            torch.set_num_threads(max(1, torch.get_num_threads() // dist_info.world_size))
+
+        table = read_labels(
+            config.labels,
+            image_root=config.images or None,
+            fmt=config.labels_format,
+            findings=config.findings or None,
+            uncertain=config.uncertain,
+        )
+        findings = list(table.findings)
+        if len(table) < 4:
+            raise ValueError(f"{config.labels}: only {len(table)} labelled images with files on disk; need at least 4")
+        say(TrainEvent("message", message=f"{len(table)} images with labels ({table.skipped} rows skipped: image not on disk)"))
+        train_idx, val_idx = patient_split(table, val_fraction=config.val_fraction, seed=config.seed)
+        paths = [str(table.resolve_image(i)) for i in range(len(table))]
+        prep = Preprocessing(input_size=config.input_size)
+
+        cache = None
+        if config.cache_images:
+            needed = ImageCache.bytes_needed(len(paths), prep)
+            if needed > 8 * 2**30:
+                say(TrainEvent("message", message=f"image cache would need {needed / 2**30:.1f} GiB: reading from disk instead"))
+            else:
+                cache = ImageCache(paths, prep, workers=max(1, config.workers),
+                                   progress=lambda done, total: say(TrainEvent("cache", step=done, steps=total)))
+                if cache.failed:
+                    first = next(iter(cache.failed.items()))
+                    say(TrainEvent("message", message=f"{len(cache.failed)} unreadable images ignored (e.g. {paths[first[0]]}: {first[1]})"))
+
+        train_set = LabelledStudies(
+            paths, table.targets, prep, augment=Augmentation() if config.augment else None, cache=cache, seed=config.seed
+        )
+        train_view = torch.utils.data.Subset(train_set, train_idx)
+        val_set = LabelledStudies(paths, table.targets, prep, cache=cache, seed=config.seed)
+
+        model = CXRClassifier(config.architecture, findings, pretrained=config.pretrained, drop_rate=config.drop_rate).to(device)
+        wrapped: torch.nn.Module = model
+        if dist_info.enabled:
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+        criterion = build_loss(
+            config.loss,
+            targets=table.targets[train_idx],
+            focal_gamma=config.focal_gamma,
+            asl_gamma_neg=config.asl_gamma_neg,
+            asl_gamma_pos=config.asl_gamma_pos,
+            asl_clip=config.asl_clip,
+        ).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        per_rank = math.ceil(len(train_idx) / dist_info.world_size)
+        steps_per_epoch = max(1, math.ceil(per_rank / config.batch_size))
+        if config.max_train_batches:
+            steps_per_epoch = min(steps_per_epoch, config.max_train_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch))
+        )
+        use_amp = config.amp and device.type == "cuda"
+        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+        start_epoch, best_auroc, best_epoch, history = 0, -math.inf, -1, []
+        if resume and state_path.exists():
+            state = load_tree(state_path)
+            saved = state["config"]
+            changed = [k for k in _RESUME_INVARIANTS if saved.get(k) != getattr(config, k)]
+            if changed:
+                raise ValueError(
+                    f"cannot resume {state_path}: {', '.join(changed)} differ from the interrupted run "
+                    f"(start a new --out, or restore those settings)"
+                )
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            start_epoch = int(state["epoch"]) + 1
+            best_auroc, best_epoch, history = float(state["best_auroc"]), int(state["best_epoch"]), list(state["history"])
+            say(TrainEvent("message", message=f"resuming after epoch {start_epoch} of {config.epochs} (best mean AUROC {best_auroc:.4f})"))
+        elif resume:
+            say(TrainEvent("message", message=f"nothing to resume in {out}: starting afresh"))
+
+        if dist_info.is_main:
+            write_config(config, out / CONFIG_NAME)
+
+        for epoch in range(start_epoch, config.epochs):
+            train_set.set_epoch(epoch)
+            order = _epoch_order(len(train_idx), config.seed, epoch, dist_info)
+            loader = torch.utils.data.DataLoader(
+                train_view,
+                batch_size=config.batch_size,
+                sampler=order,
+                num_workers=config.workers,
+                worker_init_fn=worker_init if config.workers else None,
+                pin_memory=device.type == "cuda",
+                drop_last=len(order) > config.batch_size,
+                persistent_workers=False,
+            )
+            wrapped.train()
+            running, seen = 0.0, 0
+            started = time.monotonic()
+            for step, (images, targets) in enumerate(loader):
+                if step >= steps_per_epoch:
+                    break
+                images = images.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    logits = wrapped(images)
+                loss = criterion(logits.float(), targets)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                running += float(loss.detach()) * images.shape[0]
+                seen += images.shape[0]
+                say(TrainEvent("batch", epoch=epoch + 1, epochs=config.epochs, step=step + 1,
+                               steps=min(steps_per_epoch, len(loader)), loss=running / max(seen, 1)))
+
+            val_targets, val_scores = _validate(model, val_set, val_idx, config, device, dist_info, use_amp, amp_dtype)
+            auroc, per_finding = mean_auroc(val_targets, val_scores)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": running / max(seen, 1),
+                "val_mean_auroc": None if math.isnan(auroc) else round(auroc, 6),
+                "seconds": round(time.monotonic() - started, 1),
+            }
+            history.append(record)
+            improved = not math.isnan(auroc) and auroc > best_auroc
+            if dist_info.is_main:
+                if improved or not (out / CHECKPOINT_NAME).exists():
+                    best_auroc, best_epoch = (auroc if not math.isnan(auroc) else best_auroc), epoch + 1
+                    card = _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores,
+                                 per_finding, auroc, epoch + 1, history)
+                    save_checkpoint(out / CHECKPOINT_NAME, model, card)
+                save_tree(
+                    state_path,
+                    {
+                        "config": config.to_dict(),
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": {"torch": torch.get_rng_state()},
+                        "best_auroc": best_auroc,
+                        "best_epoch": best_epoch,
+                        "history": history,
+                    },
+                )
+            best_auroc = distributed.broadcast_object(dist_info, best_auroc)
+            say(TrainEvent("epoch", epoch=epoch + 1, epochs=config.epochs, loss=record["train_loss"],
+                           val_auroc=auroc, best_auroc=best_auroc))
+            distributed.barrier(dist_info)
+
+        result = TrainResult(
+            checkpoint=out / CHECKPOINT_NAME,
+            config_path=out / CONFIG_NAME,
+            best_auroc=best_auroc,
+            best_epoch=best_epoch,
+            epochs_run=config.epochs - start_epoch,
+            history=history,
+            n_train=len(train_idx),
+            n_val=len(val_idx),
+            skipped_rows=table.skipped,
+        )
+        say(TrainEvent("done", epochs=config.epochs, best_auroc=best_auroc))
+        return result
+    finally:
+        distributed.teardown(dist_info)
+
+
+def _epoch_order(n: int, seed: int, epoch: int, info: distributed.DistInfo) -> list[int]:
+    """This rank's shuffled positions for an epoch, identical however the run was resumed."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    if info.enabled:
+        padded = order + order[: (-len(order)) % info.world_size]  # equal shares per rank
+        order = padded[info.rank :: info.world_size]
+    return order
+
+
+@torch.no_grad()
+def _validate(model, val_set, val_idx, config, device, info, use_amp, amp_dtype):
+    """Scores on the validation images, each rank taking a share, gathered on every rank."""
+    model.eval()
+    share = list(val_idx)[info.rank :: info.world_size]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(val_set, share),
+        batch_size=config.batch_size,
+        num_workers=config.workers,
+        worker_init_fn=worker_init if config.workers else None,
+    )
+    scores = []
+    for images, _ in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            logits = model(images.to(device))
+        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+    mine = np.concatenate(scores) if scores else np.zeros((0, len(model.findings)), dtype=np.float32)
+    parts = distributed.gather_objects(info, (share, mine))
+    index = {position: row for part_share, part_scores in parts for position, row in zip(part_share, part_scores)}
+    ordered = np.stack([index[i] for i in val_idx])
+    return val_set.targets[list(val_idx)], ordered
+
+
+def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores, per_finding, auroc, epoch, history):
+    from cxrtool.evaluate.classification import choose_thresholds
+
+    thresholds = choose_thresholds(val_targets, val_scores, method=config.threshold_method)
+    return ModelCard(
+        architecture=config.architecture,
+        findings=list(findings),
+        preprocessing=prep.to_dict(),
+        name=config.name or Path(config.out).name,
+        thresholds={f: round(float(t), 6) for f, t in zip(findings, thresholds)},
+        threshold_method=config.threshold_method,
+        training={
+            "labels": str(config.labels),
+            "labels_format": table.source,
+            "n_images": len(table),
+            "n_train": len(train_idx),
+            "n_val": len(val_idx),
+            "skipped_rows": table.skipped,
+            "positives_train": {f: int(np.nansum(table.targets[train_idx, j])) for j, f in enumerate(findings)},
+            "loss": config.loss,
+            "epochs": config.epochs,
+            "best_epoch": epoch,
+            "batch_size": config.batch_size,
+            "lr": config.lr,
+            "seed": config.seed,
+            "pretrained": config.pretrained,
+        },
+        metrics={
+            "val_mean_auroc": None if math.isnan(auroc) else round(auroc, 6),
+            "val_auroc": {f: (None if math.isnan(v) else round(v, 6)) for f, v in zip(findings, per_finding)},
+            "history": history,
+        },
+    )
