@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import gzip
 import math
-import os
 import time
 from pathlib import Path
 
@@ -15,12 +14,7 @@ import pytest
 from cxrtool.data.labels import Box, LabelTable, patient_split, read_boxes, read_labels
 from cxrtool.registry import NIH_FINDINGS, PHANTOM_FINDINGS
 
-SHARED = Path(os.environ.get("CXRTOOL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-NIH = SHARED / "nih"
-NIH_CSV = NIH / "Data_Entry_2017_v2020.csv.gz"
-NIH_BOXES = NIH / "BBox_List_2017.csv.gz"
-needs_nih = pytest.mark.skipif(not NIH_CSV.is_file(), reason=f"real NIH metadata not found at {NIH}")
-
+NIH_CSV_NAME = "Data_Entry_2017_v2020.csv.gz"
 NIH_TOTAL_ROWS = 112_120
 NIH_IMAGES_HERE = 388
 
@@ -41,15 +35,20 @@ def _touch(*paths: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def nih_table() -> LabelTable:
-    if not NIH_CSV.is_file():
-        pytest.skip(f"real NIH metadata not found at {NIH}")
-    return read_labels(NIH_CSV)
+def nih_csv(nih_dir: Path) -> Path:
+    path = nih_dir / NIH_CSV_NAME
+    if not path.is_file():
+        pytest.skip(f"NIH metadata not found at {path}")
+    return path
 
 
-@needs_nih
-def test_nih_real_metadata_keeps_rows_with_images(nih_table: LabelTable) -> None:
-    on_disk = {p.name for p in (NIH / "images").glob("*.png")}
+@pytest.fixture(scope="module")
+def nih_table(nih_csv: Path) -> LabelTable:
+    return read_labels(nih_csv)
+
+
+def test_nih_real_metadata_keeps_rows_with_images(nih_table: LabelTable, nih_dir: Path) -> None:
+    on_disk = {p.name for p in (nih_dir / "images").glob("*.png")}
     assert len(on_disk) == NIH_IMAGES_HERE
     assert nih_table.source == "nih"
     assert nih_table.findings == NIH_FINDINGS
@@ -62,12 +61,11 @@ def test_nih_real_metadata_keeps_rows_with_images(nih_table: LabelTable) -> None
     assert set(nih_table.views) <= {"PA", "AP"}
     assert len(set(nih_table.patients)) == NIH_IMAGES_HERE  # one image per patient here
     assert all(nih_table.resolve_image(i).is_file() for i in range(len(nih_table)))
-    assert nih_table.image_root == (NIH / "images").resolve()
+    assert nih_table.image_root == (nih_dir / "images").resolve()
 
 
-@needs_nih
-def test_nih_labels_match_the_csv_text(nih_table: LabelTable) -> None:
-    with gzip.open(NIH_CSV, "rt", newline="") as fh:
+def test_nih_labels_match_the_csv_text(nih_table: LabelTable, nih_csv: Path) -> None:
+    with gzip.open(nih_csv, "rt", newline="") as fh:
         rows = {r["Image Index"]: r for r in csv.DictReader(fh)}
     for i in range(len(nih_table)):
         row = rows[nih_table.key_for(i)]
@@ -83,24 +81,22 @@ def test_nih_labels_match_the_csv_text(nih_table: LabelTable) -> None:
     assert sum(counts.values()) == int(nih_table.targets.sum())
 
 
-@needs_nih
-def test_nih_is_fast_and_can_keep_missing_rows() -> None:
+def test_nih_is_fast_and_can_keep_missing_rows(nih_csv: Path, nih_dir: Path) -> None:
     start = time.perf_counter()
-    table = read_labels(NIH_CSV, require_images=False)
+    table = read_labels(nih_csv, require_images=False)
     assert time.perf_counter() - start < 5.0
     assert len(table) == NIH_TOTAL_ROWS and table.skipped == 0
-    assert table.resolve_image(0) == (NIH / "images").resolve() / "00000001_000.png"
+    assert table.resolve_image(0) == (nih_dir / "images").resolve() / "00000001_000.png"
 
 
-@needs_nih
-def test_nih_findings_subset() -> None:
-    table = read_labels(NIH_CSV, findings=PHANTOM_FINDINGS)
+def test_nih_findings_subset(nih_csv: Path, nih_table: LabelTable) -> None:
+    table = read_labels(nih_csv, findings=PHANTOM_FINDINGS)
     assert table.findings == PHANTOM_FINDINGS and table.targets.shape == (NIH_IMAGES_HERE, 8)
-    full = read_labels(NIH_CSV)
+    full = nih_table
     cols = [NIH_FINDINGS.index(f) for f in PHANTOM_FINDINGS]
     np.testing.assert_array_equal(table.targets, full.targets[:, cols])
     with pytest.raises(ValueError, match="not NIH ChestX-ray14 labels"):
-        read_labels(NIH_CSV, findings=["Fracture"])
+        read_labels(nih_csv, findings=["Fracture"])
 
 
 def test_nih_small_csv_plain_and_gz(tmp_path: Path) -> None:
@@ -309,7 +305,6 @@ def test_patient_split_edge_cases() -> None:
         patient_split(two, val_fraction=1.5)
 
 
-@needs_nih
 def test_patient_split_on_nih(nih_table: LabelTable) -> None:
     train, val = patient_split(nih_table, val_fraction=0.1, seed=0)
     assert len(val) == 39 and len(train) == NIH_IMAGES_HERE - 39
@@ -320,9 +315,8 @@ def test_patient_split_on_nih(nih_table: LabelTable) -> None:
 # --------------------------------------------------------------------------- boxes
 
 
-@needs_nih
-def test_read_nih_boxes() -> None:
-    boxes = read_boxes(NIH_BOXES)
+def test_read_nih_boxes(nih_dir: Path) -> None:
+    boxes = read_boxes(nih_dir / "BBox_List_2017.csv.gz")
     assert len(boxes) == 984
     assert all(isinstance(b, Box) for b in boxes)
     findings = {b.finding for b in boxes}
@@ -331,7 +325,7 @@ def test_read_nih_boxes() -> None:
     first = boxes[0]
     assert first.image == "00013118_008.png" and first.finding == "Atelectasis"
     assert first.x == pytest.approx(225.084745762712) and first.h == pytest.approx(79.1864406779661)
-    here = {p.name for p in (NIH / "images").glob("*.png")}
+    here = {p.name for p in (nih_dir / "images").glob("*.png")}
     assert len({b.image for b in boxes} & here) == 6
 
 

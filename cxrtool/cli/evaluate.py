@@ -45,13 +45,15 @@ def evaluate(
     except ValueError as error:
         fail(str(error))
     out.print(render_table(report))
-    for path in report.written:
+    for remark in report.notes:
+        note(f"[yellow]note:[/] {remark}")
+    for path in report.paths.values():
         note(f"  {path}")
 
 
-def _thresholds(predictions: Path, model: Optional[Path], threshold: Optional[float]) -> Optional[dict[str, float]]:
+def _thresholds(predictions: Path, model: Optional[Path], threshold: Optional[float]):
     if threshold is not None:
-        return {"*": threshold}
+        return threshold
     if model is not None:
         from cxrtool.models.checkpoint import CheckpointError, read_card
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import pydicom
 from pydicom import uid
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate, generate_frames
+from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, convert_color_space
@@ -34,6 +35,9 @@ _REQUIRED_IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated", "PhotometricIn
 # ITU-R BT.601 luma weights, the same ones Pillow uses for RGB -> "L".
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _MAX_REASON = 200
+_MARKER_TERMINATED = frozenset(
+    [*uid.JPEGTransferSyntaxes, *uid.JPEGLSTransferSyntaxes, *uid.JPEG2000TransferSyntaxes]
+)
 _ALL_PLUGINS_FAILED = "Unable to decode as exceptions were raised by all available plugins:"
 
 
@@ -203,6 +207,7 @@ def _decode(
             _one_line(f"no decoder installed for transfer syntax {tsyntax.name}{detail}")
         )
 
+    _check_frame_complete(ds, tsyntax)
     options: dict[str, Any] = {"index": 0}
     # Lossy JPEG can overshoot the Bits Stored range by a little (e.g. 1024 for 10-bit
     # data); pydicom's default masking would wrap that to 0, a black dot in white bone,
@@ -228,6 +233,30 @@ def _decode(
         arr = convert_color_space(arr, photometric, "RGB")
         photometric = "RGB"
     return arr, photometric
+
+
+def _check_frame_complete(ds: Dataset, tsyntax: uid.UID) -> None:
+    """Refuse a JPEG-family frame that does not end with its end marker (FF D9).
+
+    pylibjpeg's JPEG lossless and JPEG-LS decoders return a half-black image for a cut
+    codestream instead of failing. JPEG, JPEG-LS and JPEG 2000 (EOC) all end with FF D9.
+    """
+    if tsyntax not in _MARKER_TERMINATED:
+        return
+    last = b""
+    try:
+        for fragment in generate_fragments(ds.PixelData):
+            last = fragment or last
+    except (ValueError, TypeError, struct.error) as error:
+        raise StudyReadError(
+            _one_line(f"truncated or corrupt pixel data: bad encapsulation: {error}")
+        ) from error
+    # Trailing 00 (DICOM even-length padding) and FF (JPEG fill bytes) are allowed.
+    if not last.rstrip(b"\x00\xff").endswith(b"\xff\xd9"):
+        raise StudyReadError(
+            "truncated or corrupt pixel data: compressed frame does not end with an "
+            "end-of-image marker"
+        )
 
 
 def _retry_sequential_jpeg(
@@ -301,6 +330,8 @@ def _decode_error(error: Exception, tsyntax: uid.UID) -> StudyReadError:
         message = f"{short[1]} of {short[2]} bytes of native pixel data present"
     # pydicom lists every plugin's failure on its own line; keep them, on one line.
     message = message.replace(_ALL_PLUGINS_FAILED, "").strip()
+    # What pydicom's GDCM plugin says when GDCM returned no image.
+    message = message.replace("'NoneType' object has no attribute 'encode'", "decoding failed")
     return StudyReadError(_one_line(f"truncated or corrupt pixel data ({tsyntax.name}): {message}"))
 
 

@@ -66,6 +66,10 @@ def sniff_format(path: Path) -> str:
     try:
         with open(path, "rb") as handle:
             head = handle.read(132)
+    except FileNotFoundError as error:
+        raise StudyReadError("no such file") from error
+    except IsADirectoryError as error:
+        raise StudyReadError("is a directory, not a file") from error
     except OSError as error:
         raise StudyReadError(f"cannot open: {error.strerror or error}") from error
     if not head:
@@ -157,10 +161,10 @@ def _looks_like_study(path: Path) -> bool:
     suffix = path.suffix.lower()
     if suffix in _IGNORED_SUFFIXES:
         return False
-    if suffix in IMAGE_SUFFIXES:
+    if suffix and suffix in IMAGE_SUFFIXES:
         return True
-    # Unknown extension (e.g. "1.2.840.113619.2.55.3.1"): DICOM files often carry UIDs as
-    # names; sniff the content.
+    # No extension or an unknown one (e.g. "1.2.840.113619.2.55.3.1"): DICOM files often
+    # carry UIDs as names; sniff the content (so README, LICENSE, ... are not studies).
     try:
         sniff_format(path)
     except StudyReadError:

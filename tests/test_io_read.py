@@ -1,0 +1,629 @@
+"""Reading studies: DICOM (every WG04 transfer syntax), PNG/JPEG, errors and discovery.
+
+Real data comes from ../shared/data (see its README); those tests skip with a reason when
+it is absent. Everything else builds tiny synthetic files in tmp_path.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image, ImageFile
+from pydicom import uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_windowing, convert_color_space
+
+from cxrtool.io.dicom import read_dicom
+from cxrtool.io.images import _to_unit_grey, read_image
+from cxrtool.io.studies import Study, StudyReadError, find_studies, read_study, sniff_format
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WG04 = DATA / "dicom" / "wg04"
+SIIM = DATA / "dicom" / "siim" / "cxr_pa_jpeg_baseline.dcm"
+NIH = DATA / "nih" / "images"
+
+needs_dicom_data = pytest.mark.skipif(
+    not (WG04.is_dir() and SIIM.is_file()),
+    reason=f"shared DICOM test data not found under {DATA / 'dicom'} (see shared/data/README.md)",
+)
+needs_nih_data = pytest.mark.skipif(
+    not NIH.is_dir(),
+    reason=f"shared NIH ChestX-ray14 images not found at {NIH} (see shared/data/README.md)",
+)
+
+IMAGES = ("RG2", "RG3")
+ENCODINGS = ("UNC", "RLE", "JPLL", "JPLY", "JLSL", "JLSN", "J2KR", "J2KI")
+LOSSLESS = ("RLE", "JPLL", "JLSL", "J2KR")
+LOSSY = ("JPLY", "JLSN", "J2KI")
+SHAPES = {"RG2": (2140, 1760), "RG3": (1760, 1760)}
+TRANSFER_SYNTAXES = {
+    "UNC": uid.ExplicitVRLittleEndian,
+    "RLE": uid.RLELossless,
+    "JPLL": uid.JPEGLosslessSV1,
+    "JPLY": uid.JPEGExtended12Bit,
+    "JLSL": uid.JPEGLSLossless,
+    "JLSN": uid.JPEGLSNearLossless,
+    "J2KR": uid.JPEG2000Lossless,
+    "J2KI": uid.JPEG2000,
+}
+IDENTITY_KEYS = {"sop_instance_uid", "transfer_syntax", "modality", "photometric_interpretation"}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+class _Wg04Cache:
+    """Each WG04 file decoded at most once: JPEG 2000 at 2140x1760 takes a few 100 ms."""
+
+    def __init__(self) -> None:
+        self._studies: dict[str, Study] = {}
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> Study:
+        if name not in self._studies:
+            start = time.perf_counter()
+            self._studies[name] = read_dicom(WG04 / f"{name}.dcm", keep_rescaled=True)
+            self.seconds[name] = time.perf_counter() - start
+        return self._studies[name]
+
+
+@pytest.fixture(scope="module")
+def wg04() -> _Wg04Cache:
+    if not WG04.is_dir():
+        pytest.skip(f"shared WG04 DICOM files not found at {WG04}")
+    return _Wg04Cache()
+
+
+def _dataset(
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    **attributes: object,
+) -> Dataset:
+    """A minimal DX image with a file meta, the given pixels and extra attributes."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = uid.DigitalXRayImageStorageForPresentation
+    ds.Modality = "DX"
+    # Identifying data that must never reach Study.identity.
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "SECRET-4711"
+    ds.PatientBirthDate = "19700101"
+    bits = bits_stored if bits_stored is not None else pixels.dtype.itemsize * 8
+    ds.set_pixel_data(pixels, photometric, bits)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _save(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --------------------------------------------------------------------------- WG04 DICOM
+
+
+@needs_dicom_data
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("image", IMAGES)
+def test_wg04_every_transfer_syntax_decodes(wg04: _Wg04Cache, image: str, encoding: str) -> None:
+    study = wg04(f"{image}_{encoding}")
+    assert study.shape == SHAPES[image]
+    assert study.pixels.dtype == np.float32 and study.pixels.flags.c_contiguous
+    assert 0.0 <= study.pixels.min() and study.pixels.max() <= 1.0
+    assert np.isfinite(study.pixels).all()
+    assert study.source_format == "dicom"
+    assert set(study.identity) == IDENTITY_KEYS
+    assert study.identity["transfer_syntax"] == TRANSFER_SYNTAXES[encoding].name
+    assert study.identity["photometric_interpretation"] == (
+        "MONOCHROME1" if image == "RG3" else "MONOCHROME2"
+    )
+    assert study.rescaled is not None and study.rescaled.dtype == np.float32
+
+
+@needs_dicom_data
+@pytest.mark.parametrize("image", IMAGES)
+def test_wg04_rescaled_is_the_stored_values(wg04: _Wg04Cache, image: str) -> None:
+    # WG04 has no Modality LUT, so Study.rescaled is the raw stored values: that makes it
+    # the array on which to compare decoders before any LUT.
+    header = pydicom.dcmread(WG04 / f"{image}_UNC.dcm")
+    assert "RescaleSlope" not in header and "ModalityLUTSequence" not in header
+    np.testing.assert_array_equal(wg04(f"{image}_UNC").rescaled, header.pixel_array)
+
+
+@needs_dicom_data
+@pytest.mark.parametrize("encoding", LOSSLESS)
+@pytest.mark.parametrize("image", IMAGES)
+def test_wg04_lossless_equals_uncompressed(wg04: _Wg04Cache, image: str, encoding: str) -> None:
+    reference, study = wg04(f"{image}_UNC"), wg04(f"{image}_{encoding}")
+    np.testing.assert_array_equal(study.rescaled, reference.rescaled)  # raw stored values
+    np.testing.assert_array_equal(study.pixels, reference.pixels)  # after the LUTs
+
+
+@needs_dicom_data
+@pytest.mark.parametrize("encoding", LOSSY)
+@pytest.mark.parametrize("image", IMAGES)
+def test_wg04_lossy_close_to_uncompressed(wg04: _Wg04Cache, image: str, encoding: str) -> None:
+    reference, study = wg04(f"{image}_UNC"), wg04(f"{image}_{encoding}")
+    value_range = float(reference.rescaled.max() - reference.rescaled.min())
+    error = np.abs(study.rescaled - reference.rescaled)
+    assert error.mean() < 0.01 * value_range
+    # No wrapped values: lossy JPEG overshoots 10-bit data to 1024, which masking would
+    # turn into 0 (an error of the whole range).
+    assert error.max() < 0.25 * value_range
+    if encoding == "JLSN":
+        assert error.max() <= 8  # near-lossless: every pixel within a few levels
+    assert np.abs(study.pixels - reference.pixels).mean() < 0.01
+
+
+@needs_dicom_data
+def test_wg04_monochrome1_is_inverted(wg04: _Wg04Cache) -> None:
+    def correlation(study: Study) -> float:
+        return float(np.corrcoef(study.pixels.ravel(), study.rescaled.ravel())[0, 1])
+
+    assert correlation(wg04("RG3_UNC")) < -0.99  # MONOCHROME1: bone bright after inversion
+    assert correlation(wg04("RG2_UNC")) > 0.99
+
+
+@needs_dicom_data
+def test_wg04_window_applied(wg04: _Wg04Cache) -> None:
+    # RG2 carries Window Center 511 / Width 1024 (LINEAR): PS3.3 C.11.2.1.2.1 by hand.
+    study = wg04("RG2_UNC")
+    expected = np.clip((study.rescaled.astype(np.float64) - 510.5) / 1023 + 0.5, 0, 1)
+    np.testing.assert_allclose(study.pixels, expected, atol=1e-6)
+
+
+@needs_dicom_data
+def test_spacing_and_view_position(wg04: _Wg04Cache) -> None:
+    rg2, rg3 = wg04("RG2_UNC"), wg04("RG3_UNC")
+    assert rg2.pixel_spacing == pytest.approx((0.2, 0.2))
+    assert rg3.view_position == "AP"
+    assert rg3.pixel_spacing is None
+
+    siim = read_study(SIIM)
+    assert siim.view_position == "PA"
+    assert siim.pixel_spacing == pytest.approx((0.168, 0.168))
+    assert siim.shape == (1024, 1024)
+    assert siim.identity["transfer_syntax"] == uid.JPEGBaseline8Bit.name
+    assert siim.rescaled is None  # only kept on request
+
+
+@needs_dicom_data
+def test_identity_never_carries_patient_data() -> None:
+    header = pydicom.dcmread(SIIM, stop_before_pixels=True)
+    study = read_study(SIIM)
+    assert set(study.identity) == IDENTITY_KEYS
+    assert all(isinstance(value, str) for value in study.identity.values())
+    secrets = [str(header.get(k) or "") for k in ("PatientName", "PatientID", "PatientBirthDate")]
+    for secret in filter(None, secrets):
+        assert all(secret not in value for value in study.identity.values())
+
+
+@needs_dicom_data
+def test_truncated_uncompressed_dicom(tmp_path: Path) -> None:
+    data = (WG04 / "RG3_UNC.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StudyReadError, match="truncated or corrupt pixel data"):
+        read_study(cut)
+
+
+@needs_dicom_data
+def test_truncated_compressed_dicom(tmp_path: Path) -> None:
+    # Cut inside the encapsulated Pixel Data: pydicom drops the element (with a warning).
+    data = (WG04 / "RG3_JLSL.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning), pytest.raises(StudyReadError, match="truncated"):
+        read_study(cut)
+
+
+# --------------------------------------------------------------------------- NIH PNG
+
+
+@needs_nih_data
+def test_nih_pngs_all_decode() -> None:
+    paths = sorted(NIH.glob("*.png"))
+    assert len(paths) == 388
+
+    def check(path: Path) -> tuple[str, float]:
+        study = read_study(path)
+        assert study.shape == (1024, 1024), path.name
+        assert study.pixels.dtype == np.float32
+        assert study.source_format == "png" and study.identity == {"format": "png"}
+        assert study.view_position == "UNKNOWN" and study.pixel_spacing is None
+        return path.name, float(study.pixels.max())
+
+    # PNG inflate releases the GIL: threads keep 388 full decodes to a few seconds.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        maxima = dict(pool.map(check, paths))
+    assert all(0.0 < top <= 1.0 for top in maxima.values())
+
+
+@needs_nih_data
+def test_nih_rgba_pngs_become_grey() -> None:
+    rgba = []
+    for path in sorted(NIH.glob("*.png")):
+        with Image.open(path) as image:  # header only: cheap
+            if image.mode == "RGBA":
+                rgba.append(path)
+    assert rgba, "the NIH set is documented to hold a few RGBA images"
+    for path in rgba:
+        study = read_study(path)
+        with Image.open(path) as image:
+            grey = np.asarray(image.convert("L"), dtype=np.float32) / 255
+        assert study.shape == (1024, 1024)
+        # Pillow's "L" rounds the same BT.601 luminance to 8 bits.
+        assert np.abs(study.pixels - grey).max() <= 1 / 255 + 1e-6
+
+
+# --------------------------------------------------------------------------- synthetic images
+
+
+def test_png_8_bit_grey(tmp_path: Path) -> None:
+    values = np.array([[0, 1, 128], [200, 254, 255]], dtype=np.uint8)
+    Image.fromarray(values).save(tmp_path / "grey.png")
+    study = read_image(tmp_path / "grey.png")
+    np.testing.assert_allclose(study.pixels, values / 255, atol=1e-7)
+    assert study.pixels.dtype == np.float32
+
+
+def test_png_16_bit_grey(tmp_path: Path) -> None:
+    values = np.array([[0, 1000, 4095], [30000, 65534, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as image:
+        assert image.mode.startswith("I")
+    study = read_study(tmp_path / "grey16.png")
+    np.testing.assert_allclose(study.pixels, values / 65535, atol=1e-7)
+    assert study.identity == {"format": "png"}
+
+
+def test_mode_i_scale_inferred_from_data() -> None:
+    twelve_bit = np.array([[0, 2048, 4095]], dtype=np.int32)
+    np.testing.assert_allclose(_to_unit_grey(Image.fromarray(twelve_bit)), twelve_bit / 4095)
+    eight_bit = np.array([[0, 255]], dtype=np.int32)
+    np.testing.assert_allclose(_to_unit_grey(Image.fromarray(eight_bit)), [[0, 1]])
+    sixteen_bit = np.array([[0, 65535]], dtype=np.int32)
+    np.testing.assert_allclose(_to_unit_grey(Image.fromarray(sixteen_bit)), [[0, 1]])
+
+
+def test_rgb_jpeg_becomes_luminance(tmp_path: Path) -> None:
+    rgb = np.zeros((16, 16, 3), dtype=np.uint8)
+    rgb[...] = (200, 100, 50)  # flat colour: JPEG keeps it almost exactly
+    Image.fromarray(rgb).save(tmp_path / "colour.jpg", quality=95)
+    study = read_study(tmp_path / "colour.jpg")
+    assert study.source_format == "jpeg" and study.identity == {"format": "jpeg"}
+    luminance = (0.299 * 200 + 0.587 * 100 + 0.114 * 50) / 255
+    assert study.pixels.shape == (16, 16)
+    assert np.abs(study.pixels - luminance).max() < 3 / 255
+
+
+def test_rgba_png_drops_alpha(tmp_path: Path) -> None:
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., :3] = 100
+    rgba[..., 3] = np.arange(16, dtype=np.uint8).reshape(4, 4) * 17  # alpha must not matter
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    study = read_image(tmp_path / "alpha.png")
+    np.testing.assert_allclose(study.pixels, np.full((4, 4), 100 / 255), atol=1e-6)
+
+
+def test_la_and_palette_png(tmp_path: Path) -> None:
+    la = np.stack([np.full((3, 3), 51, np.uint8), np.full((3, 3), 7, np.uint8)], axis=-1)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    np.testing.assert_allclose(read_image(tmp_path / "la.png").pixels, 0.2, atol=1e-6)
+
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    palette.save(tmp_path / "palette.png")
+    np.testing.assert_allclose(read_image(tmp_path / "palette.png").pixels, [[0, 1], [1, 0]], atol=1e-6)
+
+
+def _noise_png(path: Path) -> bytes:
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(noise).save(path)
+    return path.read_bytes()
+
+
+def test_truncated_png_and_jpeg(tmp_path: Path) -> None:
+    data = _noise_png(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(StudyReadError, match="truncated or corrupt image"):
+        read_study(tmp_path / "cut.png")
+
+    Image.open(tmp_path / "full.png").convert("RGB").save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(StudyReadError, match="truncated or corrupt image"):
+        read_study(tmp_path / "cut.jpg")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_decompression_bomb_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _noise_png(tmp_path / "big.png")  # 4096 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: Pillow refuses
+    with pytest.raises(StudyReadError, match="too large"):
+        read_image(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # between 1x and 2x: Pillow only warns
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(StudyReadError, match="too large"):
+        read_image(tmp_path / "big.png")
+
+
+# --------------------------------------------------------------------------- synthetic DICOM
+
+
+def test_dicom_monochrome1_rescale_and_window_by_hand(tmp_path: Path) -> None:
+    stored = np.array(
+        [[0, 100, 200, 300], [400, 500, 600, 700], [800, 900, 1000, 1100], [1200, 1300, 1400, 4095]],
+        dtype=np.uint16,
+    )
+    ds = _dataset(
+        stored,
+        "MONOCHROME1",
+        12,
+        RescaleSlope=2,
+        RescaleIntercept=-1000,
+        WindowCenter=[500, 40],  # two windows: the first one is used
+        WindowWidth=[1001, 400],
+    )
+    study = read_study(_save(ds, tmp_path / "mono1.dcm"), keep_rescaled=True)
+
+    rescaled = 2.0 * stored - 1000  # Modality LUT
+    np.testing.assert_array_equal(study.rescaled, rescaled.astype(np.float32))
+    # LINEAR window, C=500, W=1001: y = ((x - 499.5) / 1000 + 0.5) clipped to [0, 1];
+    # MONOCHROME1 then shows 1 - y.
+    expected = 1 - np.clip((rescaled - 499.5) / 1000 + 0.5, 0, 1)
+    np.testing.assert_allclose(study.pixels, expected, atol=1e-6)
+    # Spot checks worked out by hand: stored 0 -> -1000, below the window -> white (1.0);
+    # stored 500 -> 0 -> y = 0.0005 -> 0.9995; stored 700 -> 400 -> y = 0.4005 -> 0.5995;
+    # stored 800 -> 600 -> y = 0.6005 -> 0.3995; stored 1100 and above -> black.
+    assert study.pixels[0, 0] == 1.0
+    assert study.pixels[1, 1] == pytest.approx(0.9995, abs=1e-6)
+    assert study.pixels[1, 3] == pytest.approx(0.5995, abs=1e-6)
+    assert study.pixels[2, 0] == pytest.approx(0.3995, abs=1e-6)
+    assert (study.pixels[2:, 2:] == 0).all() and study.pixels[3, 3] == 0
+    assert study.identity["photometric_interpretation"] == "MONOCHROME1"
+    assert not {"PatientName", "PatientID"} & set(study.identity)
+    assert "Doe" not in repr(study.identity) and "SECRET" not in repr(study.identity)
+
+    assert read_study(tmp_path / "mono1.dcm").rescaled is None
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_dicom_voi_lut_function_matches_pydicom(tmp_path: Path, function: str) -> None:
+    stored = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    ds = _dataset(stored, WindowCenter=30000, WindowWidth=20000, VOILUTFunction=function)
+    study = read_study(_save(ds, tmp_path / "voi.dcm"))
+    # pydicom's output range is that of the stored values here: [0, 65535].
+    expected = apply_windowing(stored.astype(np.float64), ds) / 65535
+    np.testing.assert_allclose(study.pixels, expected, atol=1e-5)
+
+
+def test_dicom_without_window_uses_min_max_and_constant_is_zero(tmp_path: Path) -> None:
+    stored = np.array([[100, 150], [200, 300]], dtype=np.uint16)
+    study = read_study(_save(_dataset(stored, bits_stored=12), tmp_path / "minmax.dcm"))
+    np.testing.assert_allclose(study.pixels, (stored - 100) / 200, atol=1e-7)
+
+    flat = np.full((3, 3), 42, dtype=np.uint16)
+    study = read_study(_save(_dataset(flat, bits_stored=12), tmp_path / "flat.dcm"))
+    assert not np.isnan(study.pixels).any() and (study.pixels == 0).all()
+
+
+def test_dicom_invalid_window_falls_back_to_min_max(tmp_path: Path) -> None:
+    stored = np.array([[0, 10], [20, 40]], dtype=np.uint16)
+    ds = _dataset(stored, bits_stored=12, WindowCenter=10, WindowWidth=0)
+    study = read_study(_save(ds, tmp_path / "bad_window.dcm"))
+    np.testing.assert_allclose(study.pixels, stored / 40, atol=1e-7)
+
+
+def test_dicom_signed_16_bit(tmp_path: Path) -> None:
+    stored = np.array([[-1000, -1], [0, 3000]], dtype=np.int16)
+    study = read_study(_save(_dataset(stored), tmp_path / "signed.dcm"), keep_rescaled=True)
+    np.testing.assert_array_equal(study.rescaled, stored.astype(np.float32))
+    np.testing.assert_allclose(study.pixels, (stored + 1000) / 4000, atol=1e-7)
+
+
+def test_dicom_bits_stored_respected(tmp_path: Path) -> None:
+    # Signed 12-bit in 16 with the unused high bits zero (not sign-extended): 0x0FFF is -1.
+    ds = _dataset(np.array([[-2048, -1], [0, 2047]], dtype=np.int16), bits_stored=12)
+    ds.PixelData = np.array([[0x0800, 0x0FFF], [0x0000, 0x07FF]], dtype="<u2").tobytes()
+    study = read_study(_save(ds, tmp_path / "signed12.dcm"), keep_rescaled=True)
+    np.testing.assert_array_equal(study.rescaled, [[-2048, -1], [0, 2047]])
+
+    # Unsigned 12-bit with junk (e.g. an overlay bit) in bit 15: it must be ignored.
+    ds = _dataset(np.zeros((2, 2), dtype=np.uint16), bits_stored=12)
+    ds.PixelData = np.array([[0x8000 | 100, 200], [300, 0x8000 | 4095]], dtype="<u2").tobytes()
+    study = read_study(_save(ds, tmp_path / "junk.dcm"), keep_rescaled=True)
+    np.testing.assert_array_equal(study.rescaled, [[100, 200], [300, 4095]])
+
+
+def test_dicom_modality_lut_sequence_and_voi_lut_sequence(tmp_path: Path) -> None:
+    stored = np.array([[0, 1], [2, 3]], dtype=np.uint16)
+    ds = _dataset(stored, bits_stored=12)
+    # LUT Descriptor and LUT Data have ambiguous VRs (US/SS, US/OW): state them.
+    modality = Dataset()
+    modality.add_new("LUTDescriptor", "US", [4, 0, 16])
+    modality.add_new("LUTData", "US", [10, 20, 40, 80])
+    modality.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = [modality]
+    voi = Dataset()
+    voi.add_new("LUTDescriptor", "US", [256, 0, 8])  # maps inputs 0..255
+    voi.add_new("LUTData", "US", [min(255, 3 * value) for value in range(256)])
+    ds.VOILUTSequence = [voi]
+    study = read_study(_save(ds, tmp_path / "luts.dcm"), keep_rescaled=True)
+    np.testing.assert_array_equal(study.rescaled, [[10, 20], [40, 80]])
+    np.testing.assert_allclose(study.pixels, [[30 / 255, 60 / 255], [120 / 255, 1.0]], atol=1e-6)
+
+
+def test_dicom_rgb_and_ybr_become_luminance(tmp_path: Path) -> None:
+    rgb = np.zeros((2, 2, 3), dtype=np.uint8)
+    rgb[0, 0], rgb[0, 1], rgb[1, 0], rgb[1, 1] = (255, 0, 0), (0, 255, 0), (0, 0, 255), (90, 90, 90)
+    expected = np.array([[0.299, 0.587], [0.114, 90 / 255]])
+    study = read_study(_save(_dataset(rgb, "RGB", 8), tmp_path / "rgb.dcm"))
+    assert study.identity["converted_from"] == "RGB"
+    np.testing.assert_allclose(study.pixels, expected, atol=1e-6)
+
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    study = read_study(_save(_dataset(ybr, "YBR_FULL", 8), tmp_path / "ybr.dcm"))
+    assert study.identity["converted_from"] == "RGB"
+    np.testing.assert_allclose(study.pixels, expected, atol=3 / 255)  # 8-bit YCbCr rounding
+
+
+def test_dicom_spacing_view_parsing(tmp_path: Path) -> None:
+    pixels = np.zeros((2, 2), dtype=np.uint16)
+    cases = [
+        ({"PixelSpacing": [0.15, 0.16], "ViewPosition": " pa "}, (0.15, 0.16), "PA"),
+        ({"ImagerPixelSpacing": [0.1, 0.1], "ViewPosition": "LL"}, (0.1, 0.1), "LATERAL"),
+        ({"PixelSpacing": [0.0, 0.1], "ViewPosition": "RL"}, None, "LATERAL"),
+        ({"PixelSpacing": [0.2], "ViewPosition": "LATERAL"}, None, "LATERAL"),
+        ({"ViewPosition": "LAT"}, None, "LATERAL"),
+        ({"ViewPosition": "OBLIQUE"}, None, "UNKNOWN"),
+        ({}, None, "UNKNOWN"),
+    ]
+    for index, (attributes, spacing, view) in enumerate(cases):
+        study = read_study(_save(_dataset(pixels, bits_stored=12, **attributes), tmp_path / f"{index}.dcm"))
+        assert study.pixel_spacing == (pytest.approx(spacing) if spacing else None), attributes
+        assert study.view_position == view, attributes
+
+
+def test_dicom_multi_frame_refused(tmp_path: Path) -> None:
+    frames = np.zeros((2, 4, 4), dtype=np.uint16)
+    ds = _dataset(frames, bits_stored=12)
+    assert ds.NumberOfFrames == 2
+    with pytest.raises(StudyReadError, match=r"multi-frame DICOM \(2 frames\) is not a single radiograph"):
+        read_study(_save(ds, tmp_path / "multi.dcm"))
+
+
+def test_dicom_without_pixel_data_refused(tmp_path: Path) -> None:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = uid.BasicTextSRStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = uid.generate_uid()
+    ds.SOPClassUID = uid.BasicTextSRStorage
+    ds.Modality = "SR"
+    ds.ValueType = "CONTAINER"
+    with pytest.raises(StudyReadError, match="no pixel data") as raised:
+        read_study(_save(ds, tmp_path / "report.dcm"))
+    assert "Basic Text SR Storage" in str(raised.value)
+
+
+def test_synthetic_truncated_dicom(tmp_path: Path) -> None:
+    stored = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096
+    data = _save(_dataset(stored, bits_stored=12), tmp_path / "full.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) // 2])
+    with pytest.raises(StudyReadError, match="truncated or corrupt pixel data") as raised:
+        read_study(tmp_path / "cut.dcm")
+    assert "\n" not in str(raised.value)
+
+
+def test_cut_compressed_frame_refused(tmp_path: Path) -> None:
+    # pylibjpeg's JPEG-LS decoder returns a partly black image for a cut codestream.
+    stored = np.random.default_rng(1).integers(0, 4096, (32, 32), dtype=np.uint16)
+    ds = _dataset(stored, bits_stored=12)
+    ds.compress(uid.JPEGLSLossless)
+    np.testing.assert_array_equal(
+        read_study(_save(ds, tmp_path / "jls.dcm"), keep_rescaled=True).rescaled, stored
+    )
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = pydicom.encaps.encapsulate([frame[: len(frame) // 2]])
+    with pytest.raises(StudyReadError, match="truncated or corrupt pixel data"):
+        read_study(_save(ds, tmp_path / "jls_cut.dcm"))
+
+
+def test_dicom_without_preamble_or_file_meta(tmp_path: Path) -> None:
+    stored = np.array([[1, 2], [3, 4]], dtype=np.uint16)
+    ds = _dataset(stored, bits_stored=12)
+    del ds.file_meta
+    path = tmp_path / "1.2.826.0.1.3680043.8.498.1"  # UID-named: no usable extension
+    ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    bare = tmp_path / "bare"
+    bare.write_bytes(path.read_bytes())
+    study = read_study(bare)
+    np.testing.assert_allclose(study.pixels, (stored - 1) / 3, atol=1e-7)
+    assert study.identity["transfer_syntax"] == uid.ImplicitVRLittleEndian.name
+
+
+def test_dicom_reader_refuses_other_formats(tmp_path: Path) -> None:
+    _noise_png(tmp_path / "image.png")
+    with pytest.raises(StudyReadError, match="not a DICOM"):
+        read_dicom(tmp_path / "image.png")
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff" + b"\x01" * 40)
+    with pytest.raises(StudyReadError) as raised:
+        read_study(garbage)
+    assert "\n" not in str(raised.value)
+
+
+def test_unreadable_inputs(tmp_path: Path) -> None:
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    (tmp_path / "notes.png").write_text("not an image either\n")
+    cases = {
+        "empty.dcm": "empty file",
+        "notes.txt": "not a DICOM, PNG or JPEG",
+        "notes.png": "not a DICOM, PNG or JPEG",
+        "missing.png": "No such file",
+    }
+    for name, reason in cases.items():
+        with pytest.raises(StudyReadError, match=reason):
+            read_study(tmp_path / name)
+
+
+# --------------------------------------------------------------------------- dispatch and discovery
+
+
+def test_read_study_dispatches_on_content(tmp_path: Path) -> None:
+    stored = np.array([[0, 4095]], dtype=np.uint16)
+    disguised = _save(_dataset(stored, bits_stored=12), tmp_path / "really_dicom.png")
+    assert sniff_format(disguised) == "dicom"
+    assert read_study(disguised).source_format == "dicom"
+
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "really_jpeg.dcm", format="JPEG")
+    assert read_study(tmp_path / "really_jpeg.dcm").source_format == "jpeg"
+
+
+def test_find_studies(tmp_path: Path) -> None:
+    nested = tmp_path / "study" / "series"
+    nested.mkdir(parents=True)
+    grey = np.zeros((2, 2), np.uint8)
+    Image.fromarray(grey).save(tmp_path / "study" / "a.png")
+    Image.fromarray(grey).save(nested / "b.jpg")
+    _save(_dataset(np.zeros((2, 2), np.uint16), bits_stored=12), nested / "1.2.840.113619.2.55.3")
+    _save(_dataset(np.zeros((2, 2), np.uint16), bits_stored=12), nested / "IM0001")  # no extension
+    (nested / "README").write_text("not a study\n")
+    (nested / "labels.csv").write_text("a,b\n")
+    (nested / ".hidden.png").write_bytes((tmp_path / "study" / "a.png").read_bytes())
+    (nested / "b.cxrtool.png").write_bytes((tmp_path / "study" / "a.png").read_bytes())
+
+    found = list(find_studies([tmp_path / "study"]))
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "study/a.png",
+        "study/series/1.2.840.113619.2.55.3",
+        "study/series/IM0001",
+        "study/series/b.jpg",
+    ]
+    for path in found:
+        read_study(path)  # all of them really are studies
+
+    # Globs, duplicates (same file by folder, glob and explicit path) and a missing name.
+    pattern = str(tmp_path / "**" / "*.png")
+    result = list(find_studies([pattern, tmp_path / "study", tmp_path / "study" / "a.png", "nope.png"]))
+    assert result[0] == tmp_path / "study" / "a.png"
+    assert len(result) == len(set(p.absolute() for p in result)) == 5
+    assert result[-1] == Path("nope.png")
+
+    # "-": paths on stdin, blank lines ignored, folders expanded, duplicates dropped.
+    stdin = io.StringIO(f"{nested / 'b.jpg'}\n\n{nested}\n{nested / 'b.jpg'}\n")
+    from_stdin = list(find_studies(["-"], stdin=stdin))
+    assert [p.name for p in from_stdin] == ["b.jpg", "1.2.840.113619.2.55.3", "IM0001"]

@@ -1,0 +1,189 @@
+"""`cxrtool predict` through the real CLI: files written, skips, exit codes, no patient IDs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrtool.cli import app
+from cxrtool.io.outputs import FOLDER_CSV, FOLDER_JSON
+from cxrtool.models.checkpoint import ModelCard, save_checkpoint
+from cxrtool.preprocess import Preprocessing
+
+FINDINGS = ["Effusion", "Nodule", "Cardiomegaly"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    import torch
+
+    from cxrtool.models.network import CXRClassifier
+
+    torch.manual_seed(0)
+    model = CXRClassifier("resnet18", FINDINGS)
+    card = ModelCard("resnet18", FINDINGS, Preprocessing(input_size=64).to_dict(), name="tiny",
+                     thresholds={"Effusion": 0.0, "Nodule": 1.0})
+    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.safetensors", model, card)
+
+
+def write_dicom(path: Path, *, patient_id: str = "SECRET-123", view: str = "PA") -> Path:
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.Modality, ds.ViewPosition = "Doe^Jane", patient_id, "DX", view
+    pixels = (np.random.default_rng(0).random((48, 40)) * 4095).astype(np.uint16)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_png(path: Path, seed: int = 0) -> Path:
+    Image.fromarray((np.random.default_rng(seed).random((50, 60)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def study(tmp_path) -> Path:
+    folder = tmp_path / "study"
+    (folder / "sub").mkdir(parents=True)
+    write_png(folder / "a.png")
+    write_png(folder / "sub" / "b.png", seed=1)
+    write_dicom(folder / "c.dcm")
+    write_dicom(folder / "noext")  # DICOM without extension, found by content
+    return folder
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def invoke(*args: str, input: str | None = None):
+    return runner.invoke(app, ["predict", *args], input=input)
+
+
+def test_predict_writes_sidecars_and_folder_csvs(study, checkpoint):
+    result = invoke(str(study), "--model", str(checkpoint), "--workers", "0")
+    assert result.exit_code == 0, result.output
+    rows = read_csv(study / FOLDER_CSV)
+    assert [r["file"] for r in rows] == ["a.png", "c.dcm", "noext"]
+    assert list(rows[0])[:4] == ["file", *FINDINGS]
+    assert rows[1]["view_position"] == "PA"
+    assert [r["file"] for r in read_csv(study / "sub" / FOLDER_CSV)] == ["b.png"]
+    sidecar = json.loads((study / "c.dcm.cxrtool.json").read_text())
+    assert set(sidecar["findings"]) == set(FINDINGS)
+    assert sidecar["findings"]["Effusion"]["positive"] is True  # threshold 0 from the card
+    assert sidecar["findings"]["Nodule"]["positive"] is False  # threshold 1
+    assert sidecar["model"]["name"] == "tiny" and len(sidecar["sha256"]) == 64
+    assert sidecar["pixel_spacing_mm"] == [0.5, 0.5] and sidecar["view_position"] == "PA"
+    assert float(rows[1]["Effusion"]) == pytest.approx(sidecar["findings"]["Effusion"]["probability"], abs=1e-6)
+    assert json.loads((study / FOLDER_JSON).read_text())["thresholds"]["Nodule"] == 1.0
+    # No patient identifiers anywhere unless asked, and no temporary files left behind.
+    for path in study.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".csv"):
+            text = path.read_text()
+            assert "SECRET-123" not in text and "Doe" not in text, path
+    assert not list(study.rglob("*.tmp"))
+
+
+def test_rerun_skips_done_studies_and_overwrite_redoes_them(study, checkpoint):
+    assert invoke(str(study), "-m", str(checkpoint), "-j", "0").exit_code == 0
+    stamp = (study / "a.png.cxrtool.json").stat().st_mtime_ns
+    result = invoke(str(study), "-m", str(checkpoint), "-j", "0", "--jsonl")
+    assert result.exit_code == 0
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert {r["status"] for r in records} == {"skipped"}
+    assert (study / "a.png.cxrtool.json").stat().st_mtime_ns == stamp
+    assert len(read_csv(study / FOLDER_CSV)) == 3  # CSV stays complete
+    result = invoke(str(study), "-m", str(checkpoint), "-j", "0", "--jsonl", "--overwrite")
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert {r["status"] for r in records} == {"predicted"} and len(records) == 4
+
+
+def test_bad_inputs_fail_alone_with_reasons_and_exit_1(study, checkpoint, dicom_dir):
+    good = study / "c.dcm"
+    (study / "truncated.dcm").write_bytes(good.read_bytes()[:-1000])
+    (study / "empty.png").write_bytes(b"")
+    (study / "corrupt.png").write_bytes((study / "a.png").read_bytes()[:80])
+    (study / "report.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    result = invoke(str(study), str(study / "missing.png"), "-m", str(checkpoint), "-j", "2")
+    assert result.exit_code == 1, result.output
+    rows = {r["file"]: r for r in read_csv(study / FOLDER_CSV)}
+    for name in ("truncated.dcm", "empty.png", "corrupt.png", "report.dcm", "missing.png"):
+        assert rows[name]["error"], name
+        assert "\n" not in rows[name]["error"]
+        assert f"{name}" in result.output
+    assert "empty file" in rows["empty.png"]["error"]
+    assert rows["missing.png"]["error"] == "no such file"
+    for name in ("a.png", "c.dcm", "noext"):
+        assert rows[name]["error"] == "" and rows[name]["Effusion"]
+    # A failed study is retried on the next run (it has no sidecar).
+    assert not (study / "truncated.dcm.cxrtool.json").exists()
+
+
+def test_out_mirror_tree_and_stdin_list(study, checkpoint, tmp_path):
+    out = tmp_path / "results"
+    paths = "\n".join(str(p) for p in (study / "a.png", study / "sub" / "b.png")) + "\n"
+    result = invoke("-", "-m", str(checkpoint), "-j", "0", "--out", str(out), "--jsonl", input=paths)
+    assert result.exit_code == 0, result.output
+    assert (out / "a.png.cxrtool.json").is_file()
+    assert (out / "sub" / "b.png.cxrtool.json").is_file()
+    assert not (study / "a.png.cxrtool.json").exists()  # inputs untouched
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["file"] for r in lines) == ["a.png", "b.png"]
+
+
+def test_glob_inputs(study, checkpoint):
+    result = invoke(str(study / "*.png"), "-m", str(checkpoint), "-j", "0")
+    assert result.exit_code == 0
+    assert [r["file"] for r in read_csv(study / FOLDER_CSV)] == ["a.png"]
+
+
+def test_include_patient_id_on_request(study, checkpoint):
+    assert invoke(str(study / "c.dcm"), "-m", str(checkpoint), "-j", "0", "--include-patient-id").exit_code == 0
+    assert json.loads((study / "c.dcm.cxrtool.json").read_text())["patient_id"] == "SECRET-123"
+
+
+def test_usage_errors_exit_2(study, checkpoint, tmp_path):
+    assert invoke(str(tmp_path / "nothing-here"), "-m", str(checkpoint)).exit_code == 1  # reported, like a bad file
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = invoke(str(empty), "-m", str(checkpoint))
+    assert result.exit_code == 2 and "no studies" in result.output
+    result = invoke(str(study), "-m", str(tmp_path / "missing.safetensors"))
+    assert result.exit_code == 2 and "no such checkpoint" in result.output
+    result = invoke(str(study), "-m", str(checkpoint), "--device", "cuda:7")
+    assert result.exit_code == 2
+
+
+def test_real_nih_and_dicom_files(nih_dir, dicom_dir, checkpoint, tmp_path):
+    names = sorted(p.name for p in (nih_dir / "images").glob("*.png"))[:6]
+    inputs = [str(nih_dir / "images" / n) for n in names] + [str(p) for p in sorted(dicom_dir.rglob("*.dcm"))]
+    out = tmp_path / "out"
+    result = invoke(*inputs, "-m", str(checkpoint), "--out", str(out), "-j", "2", "-b", "8")
+    assert result.exit_code == 0, result.output
+    sidecars = list(out.rglob("*.cxrtool.json"))
+    assert len(sidecars) == len(inputs)
+    mono1 = json.loads((out / "dicom" / "wg04" / "RG3_J2KR.dcm.cxrtool.json").read_text())
+    assert mono1["view_position"] == "AP"
