@@ -38,6 +38,17 @@ _MAX_REASON = 200
 _MARKER_TERMINATED = frozenset(
     [*uid.JPEGTransferSyntaxes, *uid.JPEGLSTransferSyntaxes, *uid.JPEG2000TransferSyntaxes]
 )
+# pyjpegls first: twice as fast as pylibjpeg on JPEG-LS (WG04: 62 vs 247 ms).
+_PLUGIN_ORDER = ("pyjpegls", "pylibjpeg", "pillow", "pydicom")
+# What pydicom and the plugins raise for bad pixel data or image attributes.
+_PIXEL_ERRORS = (
+    RuntimeError, ValueError, NotImplementedError, AttributeError, KeyError, TypeError,
+    IndexError, struct.error, OverflowError,
+)
+_HEADER_ERRORS = (
+    ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError,
+    struct.error, UnicodeDecodeError, OverflowError,
+)
 _ALL_PLUGINS_FAILED = "Unable to decode as exceptions were raised by all available plugins:"
 
 
@@ -65,6 +76,17 @@ def read_dicom(path: Path, *, keep_rescaled: bool = False) -> Study:
     """
     path = Path(path)
     ds = _read_dataset(path)
+    try:
+        return _study_from_dataset(path, ds, keep_rescaled)
+    except _HEADER_ERRORS as error:
+        # pydicom converts element values lazily, on first access: a corrupt value (an
+        # unknown VR, a non-numeric IS...) surfaces here, wherever it is first read.
+        raise StudyReadError(
+            _one_line(f"invalid or corrupt DICOM header: {type(error).__name__}: {error}")
+        ) from error
+
+
+def _study_from_dataset(path: Path, ds: Dataset, keep_rescaled: bool) -> Study:
     _check_is_single_image(ds)
     tsyntax = _transfer_syntax(ds)
     try:
@@ -125,6 +147,8 @@ def _read_dataset(path: Path) -> Dataset:
             raise StudyReadError(_one_line(f"not a DICOM file: {error}")) from error
     except FileNotFoundError as error:
         raise StudyReadError("no such file") from error
+    except IsADirectoryError as error:
+        raise StudyReadError("is a directory, not a file") from error
     except OSError as error:
         raise StudyReadError(_one_line(f"cannot open: {error.strerror or error}")) from error
     except Exception as error:  # noqa: BLE001 - pydicom raises many types on bad headers
@@ -158,6 +182,9 @@ def _transfer_syntax(ds: Dataset) -> uid.UID:
 def _check_is_single_image(ds: Dataset) -> None:
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         sop_class = _sop_class_name(ds)
+        if sop_class == "unknown" and "Modality" not in ds:
+            # Nothing recognisable was parsed: garbage after the "DICM" magic.
+            raise StudyReadError("invalid or corrupt DICOM header: no SOP Class, no Pixel Data")
         # pydicom drops an encapsulated Pixel Data element whose end was cut off (with a
         # warning only), so an image object without pixel data is a truncated file.
         if "Rows" in ds or "Columns" in ds or "Image" in sop_class:
@@ -219,10 +246,11 @@ def _decode(
     )
     if clip_overshoot:
         options["correct_unused_bits"] = False
+    plugins = _plugins(decoder)
     try:
-        arr, meta = decoder.as_array(ds, **options)
-    except (RuntimeError, ValueError, NotImplementedError, AttributeError, KeyError) as error:
-        arr, meta = _retry_sequential_jpeg(ds, tsyntax, decoder, options, error)
+        arr, meta = _decode_with(decoder, ds, plugins, options)
+    except _DecodeFailed as failure:
+        arr, meta = _retry_sequential_jpeg(ds, tsyntax, decoder, plugins, options, failure)
     if clip_overshoot:
         np.minimum(arr, arr.dtype.type(2**bits_stored - 1), out=arr)
 
@@ -259,12 +287,53 @@ def _check_frame_complete(ds: Dataset, tsyntax: uid.UID) -> None:
         )
 
 
+class _DecodeFailed(Exception):
+    """Every plugin failed; carries the original errors for the one-line reason."""
+
+    def __init__(self, errors: list[tuple[str, BaseException]]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+def _plugins(decoder: Any) -> list[str]:
+    """The decoding plugins to try, in order; [""] for native data (no plugins)."""
+    available = set(decoder.available_plugins)
+    if not available:
+        return [""]
+    # GDCM goes last and only when nothing else handles the syntax: on some corrupt
+    # input it throws a C++ exception that aborts the whole process (seen while fuzzing),
+    # which would end a batch run. pylibjpeg and pyjpegls decode WG04 identically.
+    preferred = [name for name in _PLUGIN_ORDER if name in available]
+    others = sorted(available - set(_PLUGIN_ORDER) - {"gdcm"})
+    return preferred + others or ["gdcm"]
+
+
+def _decode_with(
+    decoder: Any, ds: Dataset, plugins: list[str], options: dict[str, Any]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    errors: list[tuple[str, BaseException]] = []
+    for plugin in plugins:
+        try:
+            return decoder.as_array(ds, decoding_plugin=plugin, **options)
+        except _PIXEL_ERRORS as error:
+            errors.append((plugin, error))
+        except BaseException as error:
+            # Rust decoders (pylibjpeg-rle) panic on some corrupt data; pyo3's
+            # PanicException derives from BaseException, so pydicom's plugin loop does not
+            # stop it. Anything else (KeyboardInterrupt, ...) goes on up.
+            if type(error).__name__ != "PanicException":
+                raise
+            errors.append((plugin, RuntimeError(f"decoder panicked: {error}")))
+    raise _DecodeFailed(errors)
+
+
 def _retry_sequential_jpeg(
     ds: Dataset,
     tsyntax: uid.UID,
     decoder: Any,
+    plugins: list[str],
     options: dict[str, Any],
-    error: Exception,
+    failure: _DecodeFailed,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Work around sequential JPEG scans whose header says Se=0 instead of 63.
 
@@ -274,20 +343,20 @@ def _retry_sequential_jpeg(
     strict ones installed here refuse it. Patching the byte is lossless and exact.
     """
     if tsyntax not in (uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit):
-        raise _decode_error(error, tsyntax) from error
+        raise _decode_error(failure, tsyntax) from failure
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-    except (StopIteration, ValueError, TypeError) as frame_error:
-        raise _decode_error(error, tsyntax) from frame_error
+    except (StopIteration, ValueError, TypeError, struct.error) as frame_error:
+        raise _decode_error(failure, tsyntax) from frame_error
     patched = _patch_sequential_scan_end(frame)
     if patched is None:
-        raise _decode_error(error, tsyntax) from error
+        raise _decode_error(failure, tsyntax) from failure
     fixed = ds.copy()  # shallow: only Pixel Data is replaced
     fixed.PixelData = encapsulate([patched])
     try:
-        return decoder.as_array(fixed, **options)
-    except (RuntimeError, ValueError, NotImplementedError) as retry_error:
-        raise _decode_error(error, tsyntax) from retry_error
+        return _decode_with(decoder, fixed, plugins, options)
+    except _DecodeFailed as retry_failure:
+        raise _decode_error(failure, tsyntax) from retry_failure
 
 
 def _patch_sequential_scan_end(frame: bytes) -> bytes | None:
@@ -318,21 +387,31 @@ def _patch_sequential_scan_end(frame: bytes) -> bytes | None:
     return bytes(data) if changed else None
 
 
-def _decode_error(error: Exception, tsyntax: uid.UID) -> StudyReadError:
-    message = str(error)
-    if isinstance(error, (AttributeError, KeyError)) or (
-        isinstance(error, ValueError) and "(0028," in message and "less than expected" not in message
-    ):
-        # pydicom's validation of the image attributes (group 0028) before decoding.
-        return StudyReadError(_one_line(f"invalid DICOM image attributes: {message}"))
+def _decode_error(failure: _DecodeFailed, tsyntax: uid.UID) -> StudyReadError:
+    """One line saying why decoding failed, from each plugin's error."""
+    if any(isinstance(error, (AttributeError, KeyError, TypeError)) for _, error in failure.errors):
+        # pydicom validates the image attributes (group 0028) before decoding.
+        _, error = next(e for e in failure.errors if isinstance(e[1], (AttributeError, KeyError, TypeError)))
+        return StudyReadError(_one_line(f"invalid DICOM image attributes: {_plugin_reason(error)}"))
+    reasons = []
+    for plugin, error in failure.errors:
+        reason = _plugin_reason(error)
+        if isinstance(error, ValueError) and "(0028," in reason and "less than expected" not in reason:
+            return StudyReadError(_one_line(f"invalid DICOM image attributes: {reason}"))
+        reasons.append(f"{plugin}: {reason}" if plugin and not reason.startswith(plugin) else reason)
+    message = "; ".join(dict.fromkeys(reasons))  # de-duplicated, in order
+    return StudyReadError(_one_line(f"truncated or corrupt pixel data ({tsyntax.name}): {message}"))
+
+
+def _plugin_reason(error: BaseException) -> str:
+    message = " ".join(str(error).split())
     short = re.search(r"less than expected \((\d+) vs (\d+) bytes\)", message)
     if short:
-        message = f"{short[1]} of {short[2]} bytes of native pixel data present"
-    # pydicom lists every plugin's failure on its own line; keep them, on one line.
+        return f"only {short[1]} of {short[2]} bytes of native pixel data present"
+    # pydicom prefixes "Unable to decode ...:" and then "<plugin>: <reason>".
     message = message.replace(_ALL_PLUGINS_FAILED, "").strip()
     # What pydicom's GDCM plugin says when GDCM returned no image.
-    message = message.replace("'NoneType' object has no attribute 'encode'", "decoding failed")
-    return StudyReadError(_one_line(f"truncated or corrupt pixel data ({tsyntax.name}): {message}"))
+    return message.replace("'NoneType' object has no attribute 'encode'", "decoding failed")
 
 
 # --------------------------------------------------------------------------- LUTs

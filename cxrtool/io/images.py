@@ -55,7 +55,9 @@ def read_image(path: Path) -> Study:
         image = Image.open(path, formats=list(_FORMATS))
     except FileNotFoundError as error:
         raise StudyReadError("no such file") from error
-    except (PermissionError, IsADirectoryError) as error:
+    except IsADirectoryError as error:
+        raise StudyReadError("is a directory, not a file") from error
+    except PermissionError as error:
         raise StudyReadError(_one_line(f"cannot open: {error.strerror or error}")) from error
     except Image.DecompressionBombError as error:
         raise StudyReadError(_one_line(f"image too large (decompression bomb?): {error}")) from error

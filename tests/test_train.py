@@ -1,0 +1,171 @@
+"""Training end to end: real NIH images, resume after a kill, torchrun with two processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrtool.cli import app
+from cxrtool.models.checkpoint import load_checkpoint, load_tree, read_card
+from cxrtool.train.config import load_config
+from cxrtool.train.loop import CHECKPOINT_NAME, STATE_NAME, train
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_generic_dataset(folder: Path, n: int = 48, size: int = 40, seed: int = 0) -> Path:
+    """Images whose labels are visible: 'Disk' = a bright disk, 'Bar' = a dark vertical bar."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:size, :size]
+    rows = []
+    for i in range(n):
+        disk, bar = int(rng.random() < 0.5), int(rng.random() < 0.4)
+        image = 0.4 + 0.1 * rng.standard_normal((size, size))
+        if disk:
+            cy, cx = rng.integers(10, size - 10, 2)
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 < 25] = 0.95
+        if bar:
+            x0 = rng.integers(4, size - 8)
+            image[:, x0 : x0 + 3] = 0.0
+        name = f"img{i:03d}.png"
+        Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(folder / name)
+        rows.append({"path": name, "patient_id": f"p{i // 2}", "Disk": disk, "Bar": bar})
+    with open(folder / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "patient_id", "Disk", "Bar"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "labels.csv"
+
+
+def tiny_settings(labels: Path, out: Path, **extra) -> list[str]:
+    args = [str(labels), "--out", str(out), "--arch", "resnet18", "--input-size", "32", "-b", "8", "-j", "0",
+            "--device", "cpu", "--seed", "3"]
+    for key, value in extra.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+@pytest.mark.slow
+def test_train_predict_evaluate_on_real_nih_images(nih_dir, tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, [
+        "train", str(nih_dir / "Data_Entry_2017_v2020.csv.gz"), "--images", str(nih_dir / "images"),
+        "--out", str(run), "--arch", "resnet18", "--input-size", "64", "--epochs", "1", "-b", "32", "-j", "2",
+        "--loss", "weighted_bce",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "111732 rows skipped" in result.output
+    card = read_card(run / CHECKPOINT_NAME)
+    assert card.findings[0] == "Atelectasis" and len(card.findings) == 14
+    assert card.training["n_train"] + card.training["n_val"] == 388
+    assert set(card.thresholds) == set(card.findings)
+    assert (run / "config.yaml").is_file()
+
+    out = tmp_path / "pred"
+    result = runner.invoke(app, ["predict", str(nih_dir / "images"), "-m", str(run / CHECKPOINT_NAME), "--out", str(out), "-j", "2", "-b", "32"])
+    assert result.exit_code == 0, result.output
+    predictions = out / "cxrtool_predictions.csv"
+    with open(predictions) as handle:
+        assert sum(1 for _ in handle) == 389
+
+    result = runner.invoke(app, ["evaluate", str(predictions), "--labels", str(nih_dir / "Data_Entry_2017_v2020.csv.gz"),
+                                 "--bootstrap", "50"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["matching"]["matched"] == 388
+    assert report["thresholds"] == pytest.approx(card.thresholds, abs=1e-6)  # found beside the CSV
+    for name in ("evaluation.csv", "roc_curves.png", "pr_curves.png"):
+        assert (out / name).stat().st_size > 0
+    assert "Atelectasis" in result.output
+
+
+@pytest.mark.slow
+def test_learns_a_visible_finding_and_stores_thresholds(tmp_path):
+    labels = make_generic_dataset(tmp_path / "data", n=96)
+    config = load_config(None, {"labels": str(labels), "out": str(tmp_path / "run"), "architecture": "resnet18",
+                                "input_size": 32, "batch_size": 16, "epochs": 6, "workers": 0, "lr": 3e-3,
+                                "loss": "bce", "val_fraction": 0.3, "device": "cpu"})
+    result = train(config)
+    assert result.best_auroc > 0.85, result.history
+    model, card = load_checkpoint(result.checkpoint)
+    assert card.findings == ["Disk", "Bar"]
+    assert all(0.0 < t < 1.0 for t in card.thresholds.values())
+    assert card.metrics["val_mean_auroc"] == pytest.approx(result.best_auroc, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    labels = make_generic_dataset(tmp_path / "data", n=48)
+    args = tiny_settings(labels, tmp_path / "straight", epochs=3)
+    assert runner.invoke(app, ["train", *args]).exit_code == 0
+
+    interrupted = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "cxrtool", "train", *tiny_settings(labels, interrupted, epochs=3)]
+    env = {**os.environ, "CXRTOOL_NO_PROGRESS": "1"}
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    state = interrupted / STATE_NAME
+    while not state.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # no chance to clean up: the worst case
+    process.wait()
+    assert state.exists(), process.stdout.read().decode()
+    epochs_done = int(load_tree(state)["epoch"]) + 1
+    assert epochs_done < 3, "the run finished before it could be killed"
+
+    result = runner.invoke(app, ["train", *tiny_settings(labels, interrupted, epochs=3), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert f"resuming after epoch {epochs_done}" in result.output
+    final = load_tree(interrupted / STATE_NAME)
+    assert int(final["epoch"]) == 2 and len(final["history"]) == 3
+    straight = load_tree(tmp_path / "straight" / STATE_NAME)
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(final["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+    # Resuming with a different architecture is refused with the reason.
+    changed = tiny_settings(labels, interrupted, epochs=3)
+    changed[changed.index("resnet18")] = "resnet34"
+    result = runner.invoke(app, ["train", *changed, "--resume"])
+    assert result.exit_code == 2 and "architecture" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_gloo_processes(tmp_path):
+    labels = make_generic_dataset(tmp_path / "data", n=40)
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cxrtool", "train", *tiny_settings(labels, run, epochs=2)]
+    env = {**os.environ, "CXRTOOL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    card = read_card(run / CHECKPOINT_NAME)
+    assert card.training["n_train"] + card.training["n_val"] == 40
+    state = load_tree(run / STATE_NAME)
+    assert int(state["epoch"]) == 1 and len(state["history"]) == 2
+    # Only rank 0 talks: one summary line, not two.
+    assert (completed.stdout + completed.stderr).count("best validation mean AUROC") == 1
+
+
+def test_bad_training_settings_exit_2(tmp_path):
+    labels = make_generic_dataset(tmp_path / "data", n=8)
+    result = runner.invoke(app, ["train", str(labels), "--loss", "hinge", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "loss must be one of" in result.output
+    result = runner.invoke(app, ["train", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    result = runner.invoke(app, ["train", str(labels), "--set", "epoch=3"])
+    assert result.exit_code == 2 and "unknown setting 'epoch'" in result.output
