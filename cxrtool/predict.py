@@ -156,6 +156,8 @@ def predict(
 
     torch_device = pick_device(device)
     network, card = load_checkpoint(model, device=str(torch_device))
+    # Channels-last convolutions are markedly faster on CPUs (oneDNN) and tensor cores.
+    network = network.to(memory_format=torch.channels_last)
     model_info = {"name": card.name, "architecture": card.architecture, "sha256": file_sha256(model)}
     prep = Preprocessing.from_dict(card.preprocessing)
     thresholds = np.array([card.threshold_for(f) for f in card.findings], dtype=np.float64)
@@ -213,8 +215,9 @@ def predict(
             probabilities: dict[int, np.ndarray] = {}
             if decoded:
                 batch = torch.from_numpy(np.stack([item["tensor"] for item in decoded]))
+                batch = batch.to(torch_device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with torch.inference_mode(), autocast:
-                    logits = network(batch.to(torch_device, non_blocking=True))
+                    logits = network(batch)
                 scores = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
                 probabilities = {item["index"]: score for item, score in zip(decoded, scores)}
             for item in items:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,9 +19,9 @@ import pytest
 from PIL import Image, ImageFile
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_windowing, convert_color_space
+from pydicom.pixels import apply_windowing, convert_color_space, get_decoder
 
-from cxrtool.io.dicom import read_dicom
+from cxrtool.io.dicom import _patch_sequential_scan_end, _plugins, read_dicom
 from cxrtool.io.images import _to_unit_grey, read_image
 from cxrtool.io.studies import Study, StudyReadError, find_studies, read_study, sniff_format
 
@@ -326,7 +327,8 @@ def test_la_and_palette_png(tmp_path: Path) -> None:
     palette = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), "P")
     palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
     palette.save(tmp_path / "palette.png")
-    np.testing.assert_allclose(read_image(tmp_path / "palette.png").pixels, [[0, 1], [1, 0]], atol=1e-6)
+    pixels = read_image(tmp_path / "palette.png").pixels
+    np.testing.assert_allclose(pixels, [[0, 1], [1, 0]], atol=1e-6)
 
 
 def _noise_png(path: Path) -> bytes:
@@ -355,8 +357,9 @@ def test_decompression_bomb_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(StudyReadError, match="too large"):
         read_image(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # between 1x and 2x: Pillow only warns
-    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(StudyReadError, match="too large"):
-        read_image(tmp_path / "big.png")
+    with pytest.warns(Image.DecompressionBombWarning):
+        with pytest.raises(StudyReadError, match="too large"):
+            read_image(tmp_path / "big.png")
 
 
 # --------------------------------------------------------------------------- synthetic DICOM
@@ -364,7 +367,12 @@ def test_decompression_bomb_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_dicom_monochrome1_rescale_and_window_by_hand(tmp_path: Path) -> None:
     stored = np.array(
-        [[0, 100, 200, 300], [400, 500, 600, 700], [800, 900, 1000, 1100], [1200, 1300, 1400, 4095]],
+        [
+            [0, 100, 200, 300],
+            [400, 500, 600, 700],
+            [800, 900, 1000, 1100],
+            [1200, 1300, 1400, 4095],
+        ],
         dtype=np.uint16,
     )
     ds = _dataset(
@@ -494,7 +502,8 @@ def test_dicom_spacing_view_parsing(tmp_path: Path) -> None:
         ({}, None, "UNKNOWN"),
     ]
     for index, (attributes, spacing, view) in enumerate(cases):
-        study = read_study(_save(_dataset(pixels, bits_stored=12, **attributes), tmp_path / f"{index}.dcm"))
+        ds = _dataset(pixels, bits_stored=12, **attributes)
+        study = read_study(_save(ds, tmp_path / f"{index}.dcm"))
         assert study.pixel_spacing == (pytest.approx(spacing) if spacing else None), attributes
         assert study.view_position == view, attributes
 
@@ -503,7 +512,8 @@ def test_dicom_multi_frame_refused(tmp_path: Path) -> None:
     frames = np.zeros((2, 4, 4), dtype=np.uint16)
     ds = _dataset(frames, bits_stored=12)
     assert ds.NumberOfFrames == 2
-    with pytest.raises(StudyReadError, match=r"multi-frame DICOM \(2 frames\) is not a single radiograph"):
+    reason = r"multi-frame DICOM \(2 frames\) is not a single radiograph"
+    with pytest.raises(StudyReadError, match=reason):
         read_study(_save(ds, tmp_path / "multi.dcm"))
 
 
@@ -542,6 +552,42 @@ def test_cut_compressed_frame_refused(tmp_path: Path) -> None:
     ds.PixelData = pydicom.encaps.encapsulate([frame[: len(frame) // 2]])
     with pytest.raises(StudyReadError, match="truncated or corrupt pixel data"):
         read_study(_save(ds, tmp_path / "jls_cut.dcm"))
+
+
+def test_rust_decoder_panic_falls_through_to_the_next_plugin(tmp_path: Path) -> None:
+    # Replicate runs that overflow a segment make pylibjpeg-rle panic (pyo3's
+    # PanicException is a BaseException, not an Exception); the reader must go on to
+    # pydicom's own RLE decoder, which reads the excess as padding, instead of crashing.
+    ds = _dataset(np.zeros((32, 32), dtype=np.uint16), bits_stored=12)
+    ds.file_meta.TransferSyntaxUID = uid.RLELossless
+    segment = bytes([129, 5]) * 9  # 9 runs of 128 x 0x05: 1152 bytes for a 1024-byte segment
+    header = struct.pack("<16L", 2, 64, 64 + len(segment), *([0] * 13))
+    ds.PixelData = pydicom.encaps.encapsulate([header + segment + segment])
+    ds["PixelData"].VR = "OB"
+    with pytest.warns(UserWarning, match="padding"):
+        study = read_study(_save(ds, tmp_path / "rle.dcm"), keep_rescaled=True)
+    assert (study.rescaled == 0x0505).all()  # both bytes 0x05, within the 12 bits stored
+
+
+def test_gdcm_is_the_last_resort_plugin() -> None:
+    # GDCM can abort the process (uncaught C++ exception) on corrupt input.
+    for syntax in (uid.JPEGLSLossless, uid.JPEG2000Lossless, uid.JPEGLosslessSV1, uid.RLELossless):
+        decoder = get_decoder(syntax)
+        plugins = _plugins(decoder)
+        others = set(decoder.available_plugins) - {"gdcm"}
+        assert plugins == ["gdcm"] if not others else "gdcm" not in plugins
+    assert _plugins(get_decoder(uid.ExplicitVRLittleEndian)) == [""]
+
+
+def test_sequential_jpeg_scan_end_patch(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.jpg")
+    good = (tmp_path / "x.jpg").read_bytes()
+    assert _patch_sequential_scan_end(good) is None  # Se is already 63
+    sos = good.index(b"\xff\xda")
+    se = sos + 5 + 2 * good[sos + 4] + 1
+    assert good[se] == 63
+    bad = good[:se] + b"\x00" + good[se + 1 :]
+    assert _patch_sequential_scan_end(bad) == good
 
 
 def test_dicom_without_preamble_or_file_meta(tmp_path: Path) -> None:
@@ -623,7 +669,8 @@ def test_find_studies(tmp_path: Path) -> None:
     # Globs, duplicates (same file by folder, glob and explicit path) and a missing name.
     # An explicit glob takes what it matches (cxrtool outputs included; hidden files not).
     pattern = str(tmp_path / "**" / "*.png")
-    result = list(find_studies([pattern, tmp_path / "study", tmp_path / "study" / "a.png", "nope.png"]))
+    inputs = [pattern, tmp_path / "study", tmp_path / "study" / "a.png", "nope.png"]
+    result = list(find_studies(inputs))
     assert [p.name for p in result] == [
         "a.png",
         "b.cxrtool.png",

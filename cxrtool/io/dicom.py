@@ -49,6 +49,7 @@ _HEADER_ERRORS = (
     ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError,
     struct.error, UnicodeDecodeError, OverflowError,
 )
+_LUT_ERRORS = (AttributeError, IndexError, KeyError, TypeError, ValueError, NotImplementedError)
 _ALL_PLUGINS_FAILED = "Unable to decode as exceptions were raised by all available plugins:"
 
 
@@ -96,7 +97,8 @@ def _study_from_dataset(path: Path, ds: Dataset, keep_rescaled: bool) -> Study:
         raise StudyReadError(_one_line(f"invalid DICOM image attributes: {error}")) from error
 
     if photometric not in _SUPPORTED_PHOTOMETRIC and not photometric.startswith("YBR_"):
-        raise StudyReadError(f"unsupported Photometric Interpretation {photometric!r}")
+        reason = f"unsupported Photometric Interpretation {ascii(photometric)}"
+        raise StudyReadError(_one_line(reason))
 
     raw, decoded_as = _decode(ds, tsyntax, photometric, bits_stored)
 
@@ -121,7 +123,8 @@ def _study_from_dataset(path: Path, ds: Dataset, keep_rescaled: bool) -> Study:
             # the minimum value is displayed white.
             np.subtract(np.float32(1.0), pixels, out=pixels)
     else:
-        raise StudyReadError(f"unsupported Photometric Interpretation {decoded_as!r}")
+        reason = f"unsupported Photometric Interpretation {ascii(decoded_as)}"
+        raise StudyReadError(_one_line(reason))
 
     return Study(
         path=path,
@@ -165,7 +168,11 @@ def _read_dataset(path: Path) -> Dataset:
 def _transfer_syntax(ds: Dataset) -> uid.UID:
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsyntax:
-        return uid.UID(str(tsyntax))
+        tsyntax = uid.UID(str(tsyntax).strip("\x00 "))
+        if not tsyntax.is_valid:
+            reason = f"Transfer Syntax UID {ascii(str(tsyntax))} is not a UID"
+            raise StudyReadError(_one_line(f"invalid or corrupt DICOM header: {reason}"))
+        return tsyntax
     # A raw dataset without file meta (force-read): the encoding pydicom detected while
     # parsing tells the transfer syntax, and the decoders need it set.
     implicit, little = getattr(ds, "original_encoding", (None, None))
@@ -192,7 +199,7 @@ def _check_is_single_image(ds: Dataset) -> None:
                 "truncated or corrupt pixel data: Pixel Data element missing or cut off"
             )
         raise StudyReadError(
-            f"DICOM has no pixel data (SOP Class: {sop_class}, e.g. a structured report)"
+            _one_line(f"DICOM has no pixel data (SOP Class: {sop_class}, e.g. a structured report)")
         )
     missing = [name for name in _REQUIRED_IMAGE_ATTRIBUTES if name not in ds]
     if missing:
@@ -207,7 +214,10 @@ def _check_is_single_image(ds: Dataset) -> None:
 
 def _sop_class_name(ds: Dataset) -> str:
     value = ds.get("SOPClassUID") or ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID")
-    return uid.UID(str(value)).name if value else "unknown"
+    if not value:
+        return "unknown"
+    sop_class = uid.UID(str(value).strip("\x00 "))
+    return sop_class.name if sop_class.is_valid else "unknown"
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -389,18 +399,20 @@ def _patch_sequential_scan_end(frame: bytes) -> bytes | None:
 
 def _decode_error(failure: _DecodeFailed, tsyntax: uid.UID) -> StudyReadError:
     """One line saying why decoding failed, from each plugin's error."""
-    if any(isinstance(error, (AttributeError, KeyError, TypeError)) for _, error in failure.errors):
-        # pydicom validates the image attributes (group 0028) before decoding.
-        _, error = next(e for e in failure.errors if isinstance(e[1], (AttributeError, KeyError, TypeError)))
-        return StudyReadError(_one_line(f"invalid DICOM image attributes: {_plugin_reason(error)}"))
     reasons = []
     for plugin, error in failure.errors:
         reason = _plugin_reason(error)
-        if isinstance(error, ValueError) and "(0028," in reason and "less than expected" not in reason:
+        # pydicom validates the image attributes (group 0028) before decoding anything.
+        if isinstance(error, (AttributeError, KeyError, TypeError)) or (
+            isinstance(error, ValueError) and "(0028," in reason
+        ):
             return StudyReadError(_one_line(f"invalid DICOM image attributes: {reason}"))
-        reasons.append(f"{plugin}: {reason}" if plugin and not reason.startswith(plugin) else reason)
+        named = plugin and not reason.startswith(f"{plugin}:")
+        reasons.append(f"{plugin}: {reason}" if named else reason)
     message = "; ".join(dict.fromkeys(reasons))  # de-duplicated, in order
-    return StudyReadError(_one_line(f"truncated or corrupt pixel data ({tsyntax.name}): {message}"))
+    return StudyReadError(
+        _one_line(f"truncated or corrupt pixel data ({tsyntax.name}): {message}")
+    )
 
 
 def _plugin_reason(error: BaseException) -> str:
@@ -426,7 +438,7 @@ def _modality_lut(raw: np.ndarray, ds: Dataset) -> tuple[np.ndarray, np.ndarray 
     if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
         try:
             mapped = apply_modality_lut(raw, ds)
-        except (AttributeError, KeyError, TypeError, ValueError, NotImplementedError) as error:
+        except _LUT_ERRORS as error:
             raise StudyReadError(_one_line(f"invalid Modality LUT Sequence: {error}")) from error
         return mapped.astype(np.float32), mapped
     try:
@@ -471,7 +483,7 @@ def _voi_lut_sequence(values: np.ndarray, lut_input: np.ndarray | None, ds: Data
         # dtype and would wrap out-of-range inputs.
         lut_input = np.clip(lut_input, first_map, first_map + entries - 1)
         mapped = apply_voi(lut_input, ds, index=0)
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError, NotImplementedError) as error:
+    except _LUT_ERRORS as error:
         raise StudyReadError(_one_line(f"invalid VOI LUT Sequence: {error}")) from error
     out = mapped.astype(np.float32)
     top = float(2**bits - 1)
@@ -591,5 +603,7 @@ def _view_position(ds: Dataset) -> str:
 
 
 def _one_line(message: str) -> str:
+    """Collapse whitespace, blank out control bytes from corrupt values, cap the length."""
     text = " ".join(message.split())
+    text = "".join(char if char.isprintable() else "?" for char in text)
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."

@@ -52,7 +52,7 @@ def read_image(path: Path) -> Study:
     """
     path = Path(path)
     try:
-        image = Image.open(path, formats=list(_FORMATS))
+        image = Image.open(path, formats=("PNG", "JPEG"))  # JPEG covers MPO files too
     except FileNotFoundError as error:
         raise StudyReadError("no such file") from error
     except IsADirectoryError as error:
@@ -60,7 +60,8 @@ def read_image(path: Path) -> Study:
     except PermissionError as error:
         raise StudyReadError(_one_line(f"cannot open: {error.strerror or error}")) from error
     except Image.DecompressionBombError as error:
-        raise StudyReadError(_one_line(f"image too large (decompression bomb?): {error}")) from error
+        reason = f"image too large (decompression bomb?): {error}"
+        raise StudyReadError(_one_line(reason)) from error
     except UnidentifiedImageError as error:
         raise StudyReadError("not a PNG or JPEG image Pillow can read") from error
     except _DECODE_ERRORS as error:

@@ -1,0 +1,185 @@
+"""Benchmark `cxrtool predict` against a plain one-image-at-a-time loop, in one run.
+
+Both sides use the same model, the same inputs (the real NIH PNGs and DICOMs in
+../shared/data) and do the same work per image: read, preprocess, forward, write the
+sidecar and the CSV row. The plain loop is what a script around torch would do; the
+pipeline decodes in worker processes and runs the model batched. Each side runs in its own
+process; the peak memory of its whole process tree (workers included) is sampled.
+
+    python benchmarks/predict.py                  # CPU, the demo's model size
+    python benchmarks/predict.py --arch densenet121 --input-size 224
+    python benchmarks/predict.py --device cuda    # on a GPU machine
+
+Prints images/s for both, the ratio, and the peak memory with 1x and 10x the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
+
+
+def collect_inputs(data: Path, limit: int | None) -> list[Path]:
+    pngs = sorted((data / "nih" / "images").glob("*.png"))
+    dicoms = sorted((data / "dicom").rglob("*.dcm"))
+    inputs = pngs + dicoms
+    if not inputs:
+        sys.exit(f"no images found under {data}; pass --data")
+    return inputs[:limit] if limit else inputs
+
+
+def link_inputs(inputs: list[Path], folder: Path, copies: int) -> Path:
+    """``copies`` distinct names per input (symlinks), so no skip or dedup applies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for copy in range(copies):
+        for index, source in enumerate(inputs):
+            (folder / f"c{copy:02d}_{index:04d}_{source.name}").symlink_to(source.resolve())
+    return folder
+
+
+def make_model(path: Path, arch: str, input_size: int) -> Path:
+    import torch
+
+    from cxrtool.models.checkpoint import ModelCard, save_checkpoint
+    from cxrtool.models.network import CXRClassifier
+    from cxrtool.preprocess import Preprocessing
+    from cxrtool.registry import NIH_FINDINGS
+
+    torch.manual_seed(0)
+    model = CXRClassifier(arch, NIH_FINDINGS)
+    card = ModelCard(arch, list(NIH_FINDINGS), Preprocessing(input_size=input_size).to_dict(), name=f"bench-{arch}")
+    return save_checkpoint(path, model, card)
+
+
+# ---- the two sides, each run in a child process ------------------------------------
+
+
+def plain_loop(folder: Path, model_path: Path, out: Path, device: str) -> int:
+    """Read, preprocess, forward and write one image at a time: the baseline."""
+    import numpy as np
+    import torch
+
+    from cxrtool.io.outputs import write_json
+    from cxrtool.io.studies import StudyReadError, find_studies, read_study
+    from cxrtool.models.checkpoint import load_checkpoint
+    from cxrtool.preprocess import Preprocessing, prepare
+
+    model, card = load_checkpoint(model_path, device=device)
+    prep = Preprocessing.from_dict(card.preprocessing)
+    out.mkdir(parents=True, exist_ok=True)
+    done = 0
+    with open(out / "plain.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", *card.findings])
+        for path in find_studies([folder]):
+            try:
+                study = read_study(path)
+            except StudyReadError:
+                continue
+            tensor, _ = prepare(study.pixels, prep)
+            with torch.inference_mode():
+                scores = torch.sigmoid(model(torch.from_numpy(tensor[None]).to(device))).cpu().numpy()[0]
+            write_json(out / f"{path.name}.json", {f: float(s) for f, s in zip(card.findings, np.asarray(scores))})
+            writer.writerow([path.name, *(f"{s:.6f}" for s in scores)])
+            done += 1
+    return done
+
+
+def pipeline(folder: Path, model_path: Path, out: Path, device: str, batch_size: int, workers: int | None) -> int:
+    from cxrtool.predict import predict
+
+    summary = predict([folder], model=model_path, out=out, device=device, batch_size=batch_size, workers=workers)
+    return summary.predicted
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    if args.mode == "plain":
+        n = plain_loop(args.folder, args.model, args.out, args.device)
+    else:
+        n = pipeline(args.folder, args.model, args.out, args.device, args.batch_size, args.workers)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    print(json.dumps({"images": n, "seconds": seconds}))
+
+
+# ---- the parent: set up, run both sides, compare ------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
+    parser.add_argument("--arch", default="resnet18", help="timm backbone (default: the demo's)")
+    parser.add_argument("--input-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N inputs")
+    parser.add_argument("--scale", type=int, default=10, help="input multiple for the memory check")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    # child-process mode
+    parser.add_argument("--mode", choices=["plain", "pipeline"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        child(args)
+        return
+
+    from _measure import run_measured  # benchmarks/ is the script's own folder
+
+    inputs = collect_inputs(args.data, args.limit)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="cxrtool-bench-") as tmp:
+        tmp_path = Path(tmp)
+        model = make_model(tmp_path / "model.safetensors", args.arch, args.input_size)
+        single = link_inputs(inputs, tmp_path / "x1", 1)
+        scaled = link_inputs(inputs, tmp_path / f"x{args.scale}", args.scale)
+        runs = [("plain", "plain", single), ("pipeline", "pipeline", single), (f"pipeline x{args.scale}", "pipeline", scaled)]
+        for label, mode, folder in runs:
+            cmd = [sys.executable, __file__, "--mode", mode, "--folder", str(folder), "--model", str(model),
+                   "--out", str(tmp_path / f"out-{label.replace(' ', '')}"), "--device", args.device,
+                   "--batch-size", str(args.batch_size)]
+            if args.workers is not None:
+                cmd += ["--workers", str(args.workers)]
+            code, wall, peak_mib, output = run_measured(cmd, env={"CXRTOOL_NO_PROGRESS": "1"})
+            if code != 0:
+                sys.exit(f"{label} failed:\n{output}")
+            timing = json.loads(output.strip().splitlines()[-1])
+            results[label] = {"images": timing["images"], "seconds": round(timing["seconds"], 2),
+                              "images_per_s": round(timing["images"] / timing["seconds"], 2),
+                              "peak_pss_mib": round(peak_mib, 1)}
+            print(f"{label:>14}: {timing['images']:5d} images in {timing['seconds']:7.1f} s = "
+                  f"{results[label]['images_per_s']:7.1f} images/s, peak memory {peak_mib:7.1f} MiB", flush=True)
+
+    speedup = results["pipeline"]["images_per_s"] / results["plain"]["images_per_s"]
+    growth = results[f"pipeline x{args.scale}"]["peak_pss_mib"] / results["pipeline"]["peak_pss_mib"] - 1
+    summary = {
+        "arch": args.arch, "input_size": args.input_size, "device": args.device, "cpus": os.cpu_count(),
+        "inputs": len(inputs), "runs": results,
+        "speedup_pipeline_vs_plain": round(speedup, 2),
+        f"memory_growth_x{args.scale}": round(growth, 3),
+    }
+    print(f"speed-up of the pipeline over the plain loop: {speedup:.2f}x (target >= 2x on 2 CPU cores)")
+    print(f"peak memory growth with {args.scale}x the inputs: {growth * 100:+.1f}% (target < 20%)")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
