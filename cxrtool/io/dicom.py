@@ -310,9 +310,9 @@ def _plugins(decoder: Any) -> list[str]:
     available = set(decoder.available_plugins)
     if not available:
         return [""]
-    # GDCM goes last and only when nothing else handles the syntax: on some corrupt
-    # input it throws a C++ exception that aborts the whole process (seen while fuzzing),
-    # which would end a batch run. pylibjpeg and pyjpegls decode WG04 identically.
+    # GDCM only when nothing else handles the syntax: on some corrupt input it throws a
+    # C++ exception that aborts the whole process (seen while fuzzing), which would end a
+    # batch run. pylibjpeg, pyjpegls and Pillow decode WG04 identically to it.
     preferred = [name for name in _PLUGIN_ORDER if name in available]
     others = sorted(available - set(_PLUGIN_ORDER) - {"gdcm"})
     return preferred + others or ["gdcm"]
