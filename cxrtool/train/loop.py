@@ -150,7 +150,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         train_view = torch.utils.data.Subset(train_set, train_idx)
         val_set = LabelledStudies(paths, table.targets, prep, cache=cache, seed=config.seed)
 
-        model = CXRClassifier(config.architecture, findings, pretrained=config.pretrained, drop_rate=config.drop_rate).to(device)
+        model = CXRClassifier(config.architecture, findings, pretrained=config.pretrained, drop_rate=config.drop_rate)
+        # Channels-last: about 1.3x faster convolutions on CPU (oneDNN) and on tensor cores.
+        model = model.to(device, memory_format=torch.channels_last)
         wrapped: torch.nn.Module = model
         if dist_info.enabled:
             wrapped = torch.nn.parallel.DistributedDataParallel(
@@ -220,7 +222,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             for step, (images, targets) in enumerate(loader):
                 if step >= steps_per_epoch:
                     break
-                images = images.to(device, non_blocking=True)
+                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 targets = targets.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     logits = wrapped(images)
@@ -312,7 +314,7 @@ def _validate(model, val_set, val_idx, config, device, info, use_amp, amp_dtype)
     scores = []
     for images, _ in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            logits = model(images.to(device))
+            logits = model(images.to(device).contiguous(memory_format=torch.channels_last))
         scores.append(torch.sigmoid(logits.float()).cpu().numpy())
     mine = np.concatenate(scores) if scores else np.zeros((0, len(model.findings)), dtype=np.float32)
     parts = distributed.gather_objects(info, (share, mine))
