@@ -35,8 +35,10 @@ def demo(
     from cxrtool.data.phantom import generate_cohort
     from cxrtool.evaluate import evaluate
     from cxrtool.evaluate.classification import render_table
+    from cxrtool.models.checkpoint import read_card
     from cxrtool.predict import predict
     from cxrtool.train.config import load_config
+    from cxrtool.registry import PHANTOM_FINDINGS
     from cxrtool.train.loop import train
 
     started = time.monotonic()
@@ -57,9 +59,10 @@ def demo(
         note(f"phantoms: {n_train} training PNGs in {cohort_dir}, {n_test} held-out DICOMs in {study_dir / 'images'}")
 
         config = load_config(None, {
-            "labels": str(cohort.labels_csv), "architecture": DEMO_ARCHITECTURE, "input_size": DEMO_INPUT_SIZE,
+            "labels": str(cohort.data_entry_csv), "architecture": DEMO_ARCHITECTURE, "input_size": DEMO_INPUT_SIZE,
             "epochs": epochs, "batch_size": 32, "lr": 2e-3, "loss": "asl", "out": str(model_dir), "name": "cxrtool-demo",
             "seed": seed, "device": device, "workers": workers, "val_fraction": 0.15,
+            "findings": list(PHANTOM_FINDINGS),
         })
         bar = progress_bar()
         tasks: dict[str, int] = {}
@@ -89,7 +92,9 @@ def demo(
         if summary.failed:
             fail(f"{len(summary.failed)} held-out studies failed to predict: {summary.failed[0][1]}")
         predictions_csv = study_dir / "images" / "cxrtool_predictions.csv"
-        report = evaluate(predictions_csv, study.labels_csv, out_dir=out_dir / "evaluation", n_boot=200, seed=seed)
+        card = read_card(result.checkpoint)
+        report = evaluate(predictions_csv, study.data_entry_csv, thresholds=card.thresholds,
+                          out_dir=out_dir / "evaluation", n_boot=200, seed=seed)
 
     out.print(render_table(report))
     note(f"[bold green]held-out mean AUROC {report.macro.auroc:.3f}[/] on {report.matching['matched']} phantom DICOM studies "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -62,10 +61,6 @@ def _thresholds(predictions: Path, model: Optional[Path], threshold: Optional[fl
         except CheckpointError as error:
             fail(str(error))
         return {f: card.threshold_for(f) for f in card.findings}
-    recorded = predictions.with_suffix(".json")
-    if recorded.is_file():
-        try:
-            return {k: float(v) for k, v in json.loads(recorded.read_text()).get("thresholds", {}).items()}
-        except (ValueError, AttributeError):
-            return None
-    return None
+    from cxrtool.evaluate import recorded_thresholds
+
+    return recorded_thresholds(predictions)

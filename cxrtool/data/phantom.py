@@ -91,19 +91,19 @@ NO_FINDING = "No Finding"
 # origin near the middle of the thorax). Per-patient scale factors multiply these.
 # --------------------------------------------------------------------------------------
 
-FIELD_OF_VIEW_MM = (350.0, 430.0)  # detector field covered by the whole image
+FIELD_OF_VIEW_MM = (345.0, 420.0)  # detector field covered by the whole image
 THORAX_HALF_WIDTH_MM = 136.0  # midline to inner rib margin at the costophrenic angle
 APEX_Y_MM = -150.0  # lung apex
 CP_ANGLE_Y_MM = 100.0  # lateral costophrenic angle (right)
-APEX_X_FRACTION = 0.42  # apex sits ~0.4 of the hemithorax width from the midline
-LATERAL_WIDEST_FRACTION = 0.62  # the lateral lung border reaches full width this far down
-MEDIAL_CURVE_FRACTION = 0.22  # the medial border meets the mediastinum this far down
-LUNG_BASE_FLARE_MM = 8.0  # the lungs widen a little towards the bases
+APEX_X_FRACTION = 0.37  # the apex dome tops out ~1/3 of the hemithorax width from the midline
+LATERAL_WIDEST_FRACTION = 0.40  # the apical curve of the lateral border ends this far down
+MEDIAL_CURVE_FRACTION = 0.12  # the medial border meets the mediastinum this far down
+LUNG_BASE_FLARE_MM = 20.0  # the lungs widen towards the bases (a rounded triangle)
 DOME_PEAK_X_FRACTION = 0.44  # hemidiaphragm dome peak, fraction of the hemithorax width
 DOME_RISE_MM = 44.0  # dome peak above the costophrenic angle
-DOME_LATERAL_EXPONENT = 2.3  # >2 steepens the dome laterally: sharp, acute CP angles
+DOME_LATERAL_EXPONENT = 2.25  # >2 steepens the dome laterally: sharp, acute CP angles
 LEFT_DOME_DROP_MM = 16.0  # the left hemidiaphragm sits lower (the liver pushes the right up)
-MEDIASTINUM_HALF_WIDTH_MM = 24.0
+MEDIASTINUM_HALF_WIDTH_MM = 28.0
 AORTIC_KNOB = (-86.0, 17.0, 15.0)  # (y, bulge into the left lung, vertical sd) in mm
 CHEST_WALL_MM = 24.0  # ribs + muscle + fat lateral to the lungs
 NECK_HALF_WIDTH_MM = 52.0
@@ -114,13 +114,13 @@ TRACHEA_HALF_WIDTH_MM = 8.0
 CARINA_BELOW_APEX_MM = 88.0
 HILUM_X_FRACTION = (0.30, 0.38)  # hilum distance from the midline / hemithorax width
 HILUM_Y_FRACTION = (0.36, 0.44)  # hilum below the apex / lung height
-CLAVICLE_HALF_THICKNESS_MM = 6.5
+CLAVICLE_HALF_THICKNESS_MM = 7.5
 RIB_HALF_THICKNESS_MM = (3.6, 5.8)  # posterior rib 1 -> rib 10
 RIB_FIRST_SPACING_MM = (15.0, 19.0)
 RIB_SPACING_GROWTH_MM = (0.8, 1.4)  # spacing grows by this per rib going down
-RIB_ARCH_MM = 11.0  # posterior ribs arch upwards from the spine ...
-RIB_DROP_MM = (20.0, 42.0)  # ... and drop towards the lateral wall (upper -> lower ribs)
-N_POSTERIOR_RIBS = 11
+RIB_ARCH_MM = 15.0  # posterior ribs arch upwards from the spine ...
+RIB_DROP_MM = (28.0, 52.0)  # ... and drop towards the lateral wall (upper -> lower ribs)
+N_POSTERIOR_RIBS = 10
 N_ANTERIOR_RIBS = 7
 LATERAL_DEPTH_RATIO = 0.76  # sagittal (AP) depth / transverse width of the thorax
 
@@ -129,19 +129,24 @@ NORMAL_CTR = (0.38, 0.48)
 CARDIOMEGALY_CTR = (0.53, 0.66)
 CTR_THRESHOLD = 0.5
 AP_HEART_MAGNIFICATION = (1.10, 1.15)  # the heart is far from the detector on an AP film
+# True (PA-equivalent) ratios drawn on AP films before magnification; the projected ratio is
+# then clipped into NORMAL_CTR / CARDIOMEGALY_CTR so the label rule (CTR > 0.5) still holds.
+AP_TRUE_NORMAL_CTR = (0.35, 0.425)
+AP_TRUE_CARDIOMEGALY_CTR = (0.49, 0.60)
 
-NODULE_DIAMETER_MM = (9.0, 26.0)  # Fleischner: a nodule is < 3 cm
+NODULE_DIAMETER_MM = (10.0, 26.0)  # Fleischner: a nodule is < 3 cm
 MASS_DIAMETER_MM = (34.0, 72.0)  # a mass is > 3 cm
 
 # Attenuation units: 1.0 ~ the full soft-tissue thickness of the mid-chest.
 LUNG_AIR = 0.60  # attenuation removed by a full-depth lung
-HEART_DENSITY = 0.16
+HEART_DENSITY = 0.015  # tiny: the cardiac outline is where heart meets aerated lung
 RIB_DENSITY = 0.085
-CLAVICLE_DENSITY = 0.16
-SPINE_DENSITY = 0.12
-VESSEL_DENSITY = 0.12
+VESSEL_SAMPLE_MM = 1.0  # spacing of the points that draw a vessel
+CLAVICLE_DENSITY = 0.13
+SPINE_DENSITY = 0.07
+VESSEL_DENSITY = 0.11
 ATTENUATION_KAPPA = 2.6  # detector counts fall as exp(-kappa * attenuation)
-REFERENCE_COUNTS = 9000.0  # photons per 1.6 mm pixel behind air-free tissue of 0 thickness
+REFERENCE_COUNTS = 30000.0  # photons per 1.6 mm pixel behind air-free tissue of 0 thickness
 REFERENCE_SPACING_MM = 1.6
 
 
@@ -269,16 +274,18 @@ class CohortInfo:
 # neoplasm. Each finding is a noisy-OR of its parents (latents and earlier findings) with a
 # small leak, so Edema travels with Cardiomegaly and Effusion, Atelectasis with Effusion and
 # Consolidation, and most images with a finding carry one or two while a few carry four.
-_LATENT_PREVALENCE: dict[str, float] = {"heart_failure": 0.13, "infection": 0.11, "neoplasm": 0.11}
+_LATENT_PREVALENCE: dict[str, float] = {"heart_failure": 0.12, "infection": 0.10, "neoplasm": 0.10}
+# (leak, {parent: weight}); leaks were fitted by simulation to the target marginals with
+# ~40% "No Finding" (see tests/test_phantom.py for the check).
 _NOISY_OR: dict[str, tuple[float, dict[str, float]]] = {
-    "Cardiomegaly": (0.055, {"heart_failure": 0.72}),
-    "Edema": (0.012, {"heart_failure": 0.55, "Cardiomegaly": 0.12}),
-    "Effusion": (0.085, {"heart_failure": 0.55, "infection": 0.30, "neoplasm": 0.30, "Edema": 0.25}),
-    "Consolidation": (0.025, {"infection": 0.72}),
-    "Atelectasis": (0.075, {"Effusion": 0.32, "Consolidation": 0.30, "neoplasm": 0.15}),
-    "Nodule": (0.055, {"neoplasm": 0.42}),
-    "Mass": (0.018, {"neoplasm": 0.38}),
-    "Pneumothorax": (0.047, {"Atelectasis": 0.03}),
+    "Cardiomegaly": (0.089, {"heart_failure": 0.56}),
+    "Edema": (0.045, {"heart_failure": 0.40, "Cardiomegaly": 0.08}),
+    "Effusion": (0.17, {"heart_failure": 0.40, "infection": 0.20, "neoplasm": 0.20, "Edema": 0.16}),
+    "Consolidation": (0.051, {"infection": 0.52}),
+    "Atelectasis": (0.132, {"Effusion": 0.20, "Consolidation": 0.20, "neoplasm": 0.096}),
+    "Nodule": (0.073, {"neoplasm": 0.28}),
+    "Mass": (0.037, {"neoplasm": 0.24}),
+    "Pneumothorax": (0.046, {"Atelectasis": 0.024}),
 }
 # Sampling order: parents before children.
 _SAMPLING_ORDER = (
@@ -301,9 +308,8 @@ def sample_findings(rng: np.random.Generator) -> tuple[str, ...]:
         The findings, in ``PHANTOM_FINDINGS`` order (empty for "No Finding").
 
     Example:
-        >>> rng = np.random.default_rng(0)
-        >>> sample_findings(rng)
-        ()
+        >>> sample_findings(np.random.default_rng(0))
+        ('Cardiomegaly',)
     """
     draws = rng.random(len(_LATENT_PREVALENCE) + len(_SAMPLING_ORDER))
     state: dict[str, bool] = {}
@@ -349,7 +355,9 @@ def sample_patient(rng: np.random.Generator, *, number: int = 0) -> PhantomPatie
 
 
 # --------------------------------------------------------------------------------------
-# Small vectorised helpers
+# Small vectorised helpers. Speed notes: on 256x256 float32 grids np.hypot, np.where and
+# fractional powers cost 5-20x a multiply, so the drawing code uses sqrt/products instead,
+# and small structures are drawn only inside their bounding box (``_Frame.crop``).
 # --------------------------------------------------------------------------------------
 
 
@@ -358,11 +366,74 @@ def _ramp(d: np.ndarray, edge: float) -> np.ndarray:
     return np.clip(d * (1.0 / edge) + 0.5, 0.0, 1.0)
 
 
+def _unit(d: np.ndarray) -> np.ndarray:
+    """Clip to [0, 1]."""
+    return np.clip(d, 0.0, 1.0)
+
+
+def _length(dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    return np.sqrt(dx * dx + dy * dy)
+
+
+def _blur(a: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur; narrow kernels as shifted-slice sums (scipy's per-call cost dominates
+    at these sizes), wide ones via scipy. Edges replicate the border."""
+    if sigma_px <= 0.05:
+        return a
+    radius = int(math.ceil(2.5 * sigma_px))
+    if radius > 4:
+        return ndimage.gaussian_filter(a, sigma_px, truncate=2.5)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_px) ** 2)
+    taps = (taps / taps.sum()).astype(np.float32)
+    rows, cols = a.shape
+    p = np.pad(a, radius, mode="edge")
+    mid = p[:, radius : radius + cols]
+    out = mid[0:rows] * taps[0]
+    for k in range(1, 2 * radius + 1):
+        out += mid[k : k + rows] * taps[k]
+    p = np.pad(out, ((0, 0), (radius, radius)), mode="edge")
+    res = p[:, 0:cols] * taps[0]
+    for k in range(1, 2 * radius + 1):
+        res += p[:, k : k + cols] * taps[k]
+    return res
+
+
+_NOISE_BANK: dict[tuple[int, float], np.ndarray] = {}
+
+
+def _noise_bank(size: int, sigma_px: float) -> np.ndarray:
+    """A fixed (2*size)^2 unit-variance smooth random field, built once per process."""
+    key = (size, sigma_px)
+    bank = _NOISE_BANK.get(key)
+    if bank is None:
+        seed = [size, int(round(sigma_px * 100)), 0x50A7]  # fixed: same bank in every worker
+        side = 4 * size if sigma_px == 0 else 2 * size
+        bank = np.random.default_rng(seed).standard_normal((side, side), dtype=np.float32)
+        if sigma_px > 0:
+            bank = ndimage.gaussian_filter(bank, sigma_px, mode="wrap")
+            bank *= 1.0 / float(bank.std())
+        _NOISE_BANK[key] = bank
+    return bank
+
+
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
-    """Unit-variance Gaussian random field with correlation length ``sigma_px``."""
-    field_ = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma_px)
-    std = float(field_.std())
-    return field_ / (std if std > 0 else 1.0)
+    """Unit-variance Gaussian random field with correlation length ``sigma_px`` (0: white).
+
+    Filtering fresh white noise for every image costs more than drawing the rest of it,
+    so a random window (offset, flips) of a per-process bank is used instead; the
+    correlation length is rounded to 0.25 px to keep the banks few.
+    """
+    size = shape[0]
+    sigma = 0.0 if sigma_px == 0 else max(round(sigma_px * 4.0) / 4.0, 0.5)
+    bank = _noise_bank(size, sigma)
+    span = bank.shape[0] - size
+    r0, c0, flips = (int(v) for v in rng.integers(0, (span, span, 4)))
+    window = bank[r0 : r0 + size, c0 : c0 + shape[1]]
+    if flips & 1:
+        window = window[::-1]
+    if flips & 2:
+        window = window[:, ::-1]
+    return window
 
 
 def _segment_distance(
@@ -370,9 +441,9 @@ def _segment_distance(
 ) -> np.ndarray:
     """Distance (mm) from every grid point to the segment p0-p1."""
     dx, dy = p1[0] - p0[0], p1[1] - p0[1]
-    length2 = dx * dx + dy * dy + 1e-9
-    t = np.clip(((x - p0[0]) * dx + (y - p0[1]) * dy) / length2, 0.0, 1.0)
-    return np.hypot(x - (p0[0] + t * dx), y - (p0[1] + t * dy))
+    inv = 1.0 / (dx * dx + dy * dy + 1e-9)
+    t = _unit(((x - p0[0]) * dx + (y - p0[1]) * dy) * inv)
+    return _length(x - (p0[0] + t * dx), y - (p0[1] + t * dy))
 
 
 _GRID_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -382,10 +453,14 @@ def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre offsets from the image centre, in pixels (cached per size)."""
     grid = _GRID_CACHE.get(size)
     if grid is None:
-        c = np.arange(size, dtype=np.float32) + 0.5 - size / 2.0
-        grid = (np.broadcast_to(c[None, :], (size, size)), np.broadcast_to(c[:, None], (size, size)))
+        c = np.arange(size, dtype=np.float32) + np.float32(0.5 - size / 2.0)
+        grid = (np.ascontiguousarray(np.broadcast_to(c[None, :], (size, size))),
+                np.ascontiguousarray(np.broadcast_to(c[:, None], (size, size))))  # fmt: skip
         _GRID_CACHE[size] = grid
     return grid
+
+
+Crop = tuple[slice, slice]
 
 
 @dataclass
@@ -407,39 +482,40 @@ class _Frame:
         c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
         xd = ux * spacing - tx
         yd = uy * spacing - ty
-        x = (c * xd + s * yd).astype(np.float32)
-        y = (-s * xd + c * yd).astype(np.float32)
+        x = c * xd + s * yd
+        y = c * yd - s * xd
         return cls(size, spacing, x, y, c, s, tx, ty)
 
     def to_pixel(self, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Patient mm -> (column, row) pixel coordinates (continuous, pixel centres at .0)."""
+        """Patient mm -> (column, row) pixel coordinates (pixel centres at integers)."""
         xd = self.cos * px - self.sin * py + self.tx
         yd = self.sin * px + self.cos * py + self.ty
-        return xd / self.spacing + self.size / 2.0 - 0.5, yd / self.spacing + self.size / 2.0 - 0.5
+        half = self.size / 2.0 - 0.5
+        return xd / self.spacing + half, yd / self.spacing + half
+
+    def crop(self, x0: float, x1: float, y0: float, y1: float) -> Crop | None:
+        """Pixel slices covering the patient-frame rectangle [x0, x1] x [y0, y1] (mm)."""
+        col, row = self.to_pixel(np.array([x0, x1, x0, x1]), np.array([y0, y0, y1, y1]))
+        c0, c1 = max(int(math.floor(col.min())), 0), min(int(math.ceil(col.max())) + 1, self.size)
+        r0, r1 = max(int(math.floor(row.min())), 0), min(int(math.ceil(row.max())) + 1, self.size)
+        if c0 >= c1 or r0 >= r1:
+            return None
+        return slice(r0, r1), slice(c0, c1)
 
     def splat(self, px: np.ndarray, py: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Accumulate point weights onto the grid with bilinear splatting."""
         col, row = self.to_pixel(px, py)
         c0 = np.floor(col).astype(np.int64)
         r0 = np.floor(row).astype(np.int64)
-        fc = (col - c0).astype(np.float32)
-        fr = (row - r0).astype(np.float32)
+        fc, fr = col - c0, row - r0
         n = self.size
-        out = np.zeros(n * n, dtype=np.float64)
-        for dr, dc, w in (
-            (0, 0, (1 - fr) * (1 - fc)),
-            (0, 1, (1 - fr) * fc),
-            (1, 0, fr * (1 - fc)),
-            (1, 1, fr * fc),
-        ):
-            rr, cc = r0 + dr, c0 + dc
-            ok = (rr >= 0) & (rr < n) & (cc >= 0) & (cc < n)
-            out += np.bincount((rr[ok] * n + cc[ok]), weights=(weights * w)[ok], minlength=n * n)
+        rr = np.concatenate([r0, r0, r0 + 1, r0 + 1])
+        cc = np.concatenate([c0, c0 + 1, c0, c0 + 1])
+        ww = np.concatenate([(1 - fr) * (1 - fc), (1 - fr) * fc, fr * (1 - fc), fr * fc])
+        ww *= np.tile(weights, 4)
+        ok = (rr >= 0) & (rr < n) & (cc >= 0) & (cc < n)
+        out = np.bincount(rr[ok] * n + cc[ok], weights=ww[ok], minlength=n * n)
         return out.reshape(n, n).astype(np.float32)
-
-    def px(self, mm: float) -> float:
-        """Millimetres -> pixels."""
-        return mm / self.spacing
 
 
 # --------------------------------------------------------------------------------------
@@ -470,7 +546,6 @@ class _Geometry:
     mediastinum: float
     shift: float
     ctr: float
-    heart_ctr_drawn: float
     heart_right_fraction: float
     heart_tilt: float
     heart_aspect: float
@@ -493,15 +568,17 @@ class _Geometry:
     counts: float
     blur_mm: float
     edge_enhance: float
+    bubble: float
 
 
 def _sample_geometry(
     rng: np.random.Generator, patient: PhantomPatient, view: str, plan: _FindingPlan
 ) -> _Geometry:
     """Per-image anatomy/acquisition parameters; a fixed number of draws whatever the view."""
-    u = [float(v) for v in rng.random(32)]  # Python floats keep the grids float32
+    u = [float(v) for v in rng.random(32)]  # Python floats keep the float32 grids float32
     s = patient.scale
     ap = view == "AP"
+    lateral_view = view == "LATERAL"
     half_width = THORAX_HALF_WIDTH_MM * s * patient.width_ratio
     asym = 0.03 * (u[0] - 0.5)
     width = {"right": half_width * (1 + asym), "left": half_width * (1 - asym)}
@@ -512,7 +589,7 @@ def _sample_geometry(
     cp_r = apex + lung_height
     cp_l = cp_r + 8.0 * u[2]
     peak_r = cp_r - DOME_RISE_MM * s * (0.8 + 0.4 * u[3])
-    peak_l = min(peak_r + LEFT_DOME_DROP_MM * (0.6 + 0.7 * u[4]), cp_l - 20.0)
+    peak_l = min(peak_r + LEFT_DOME_DROP_MM * (0.6 + 0.7 * u[4]), cp_l - 22.0)
     cp_y = {"right": cp_r, "left": cp_l}
     peak = {"right": peak_r, "left": peak_l}
     for side, raise_mm in plan.raised_dome.items():
@@ -521,35 +598,37 @@ def _sample_geometry(
 
     lo, hi = CARDIOMEGALY_CTR if plan.cardiomegaly else NORMAL_CTR
     # The patient's heart quantile and a per-image jitter place the ratio inside its range.
-    q = float(np.clip(0.75 * patient.heart_quantile + 0.25 * u[5], 0.0, 1.0))
+    q = min(max(0.75 * patient.heart_quantile + 0.25 * u[5], 0.0), 1.0)
     ctr = lo + (hi - lo) * q
-    magnification = 1.0
     if ap:
+        # The heart lies far from the detector on an AP film and projects 10-15% larger:
+        # draw the true (PA-equivalent) ratio magnified, kept inside its class's range.
         magnification = AP_HEART_MAGNIFICATION[0] + (AP_HEART_MAGNIFICATION[1] - AP_HEART_MAGNIFICATION[0]) * u[6]
-        if not plan.cardiomegaly:
-            # A normal heart stays normal when magnified: its true ratio is the smaller.
-            ctr = min(ctr, NORMAL_CTR[1] - 0.005)
-    heart_drawn = ctr  # the ratio measured on this image (what is drawn)
+        t_lo, t_hi = AP_TRUE_CARDIOMEGALY_CTR if plan.cardiomegaly else AP_TRUE_NORMAL_CTR
+        true_ratio = t_lo + (t_hi - t_lo) * q
+        ctr = min(max(true_ratio * magnification, lo), hi)
 
     mediastinum = MEDIASTINUM_HALF_WIDTH_MM * s * ((1.08 + 0.12 * u[7]) if ap else (0.92 + 0.16 * u[7]))
     hx = HILUM_X_FRACTION[0] + (HILUM_X_FRACTION[1] - HILUM_X_FRACTION[0]) * u[8]
     hy = HILUM_Y_FRACTION[0] + (HILUM_Y_FRACTION[1] - HILUM_Y_FRACTION[0]) * u[9]
+    shift = plan.mediastinal_shift
     hilum = {
-        "right": (-hx * width["right"], apex + hy * lung_height),
-        "left": (hx * width["left"], apex + hy * lung_height - 10.0),
+        "right": (-hx * width["right"] + shift, apex + hy * lung_height),
+        "left": (hx * width["left"] + shift, apex + hy * lung_height - 10.0),
     }
     if ap:  # AP: clavicles project higher and flatter, scapulae over the lungs
-        clavicle_y = apex - 6.0 + 10.0 * u[10]
-        clavicle_rise = 2.0 + 6.0 * u[11]
+        clavicle_y = apex + 4.0 + 10.0 * u[10]
+        clavicle_rise = 2.0 + 8.0 * u[11]
         scapula_x = (0.55 + 0.12 * u[12]) * half_width
     else:
-        clavicle_y = apex + 16.0 + 12.0 * u[10]
-        clavicle_rise = 12.0 + 10.0 * u[11]
-        scapula_x = (0.98 + 0.08 * u[12]) * half_width
+        clavicle_y = apex + 34.0 + 12.0 * u[10]
+        clavicle_rise = 38.0 + 16.0 * u[11]
+        scapula_x = (1.0 + 0.08 * u[12]) * half_width
     fov = FIELD_OF_VIEW_MM[0] + (FIELD_OF_VIEW_MM[1] - FIELD_OF_VIEW_MM[0]) * u[13]
-    fov = max(fov, 2.28 * half_width)  # keep the whole rib cage on the detector
+    fov = max(fov, 2.35 * half_width)  # keep the whole rib cage on the detector
     tissue = patient.habitus * (0.95 + 0.1 * u[14])
-    # Window: lung fields should land around 0.2-0.4 on a normal film.
+    rib_spacing = RIB_FIRST_SPACING_MM[0] + (RIB_FIRST_SPACING_MM[1] - RIB_FIRST_SPACING_MM[0]) * u[19]
+    density = 1.28 if lateral_view else 1.0  # a lateral ray crosses the wider body axis
     return _Geometry(
         view=view,
         width=width,
@@ -557,31 +636,31 @@ def _sample_geometry(
         cp_y=cp_y,
         dome_peak_y=peak,
         mediastinum=mediastinum,
-        shift=plan.mediastinal_shift,
+        shift=shift,
         ctr=ctr,
-        heart_ctr_drawn=heart_drawn,
-        heart_right_fraction=(0.29 + 0.07 * u[15]) + (0.04 if plan.cardiomegaly else 0.0),
-        heart_tilt=math.radians(26.0 + 14.0 * u[16]),
-        heart_aspect=0.70 + 0.12 * u[17],
+        heart_right_fraction=(0.33 + 0.07 * u[15]) + (0.04 if plan.cardiomegaly else 0.0),
+        heart_tilt=math.radians(30.0 + 14.0 * u[16]),
+        heart_aspect=0.62 + 0.10 * u[17],
         hilum=hilum,
         clavicle_y=clavicle_y,
         clavicle_rise=clavicle_rise,
         scapula_x=scapula_x,
         rib_first=apex + 3.0 + 7.0 * u[18],
-        rib_spacing=(RIB_FIRST_SPACING_MM[0] + (RIB_FIRST_SPACING_MM[1] - RIB_FIRST_SPACING_MM[0]) * u[19]) * s * patient.height_ratio * inspiration,
+        rib_spacing=rib_spacing * s * patient.height_ratio * inspiration,
         rib_growth=RIB_SPACING_GROWTH_MM[0] + (RIB_SPACING_GROWTH_MM[1] - RIB_SPACING_GROWTH_MM[0]) * u[20],
-        tissue=tissue,
+        tissue=tissue * density,
         breast=patient.breast * (0.8 + 0.4 * u[21]),
         fov=fov,
         angle=(u[22] - 0.5) * 8.0,
         tx=(u[23] - 0.5) * 24.0,
-        ty=(u[24] - 0.5) * 26.0 + (8.0 if view == "LATERAL" else 0.0),
-        gamma=0.80 + 0.45 * u[25],
-        window_lo=-0.04 + 0.08 * u[26],
-        window_hi=(1.10 if view != "LATERAL" else 1.30) * (0.92 + 0.16 * u[27]) * tissue,
+        ty=(u[24] - 0.5) * 26.0 + (10.0 if lateral_view else 4.0),
+        gamma=0.85 + 0.35 * u[25],
+        window_lo=(0.10 + 0.10 * u[26]) * density,
+        window_hi=(1.24 * density) * (0.93 + 0.14 * u[27]) * tissue,
         counts=REFERENCE_COUNTS * ((0.35 + 0.9 * u[28]) if ap else (0.6 + 1.2 * u[28])),
-        blur_mm=0.7 + 0.9 * u[29],
-        edge_enhance=0.25 + 0.35 * u[30],
+        blur_mm=0.6 + 0.8 * u[29],
+        edge_enhance=0.2 + 0.3 * u[30],
+        bubble=u[31],
     )
 
 
@@ -604,6 +683,7 @@ class _LungField:
     cp: tuple[float, float]  # costophrenic angle (posterior sulcus on a lateral)
     wall: np.ndarray  # bool: outside the lung towards the chest wall/apex (pneumothorax)
     sign: float  # +1 if lateral is +x, -1 if lateral is -x (lateral film: +1 = posterior)
+    apex_y: float
 
 
 @dataclass
@@ -621,12 +701,11 @@ class _Canvas:
     heart: np.ndarray  # bool heart silhouette (above the diaphragm)
     lung_soft: np.ndarray  # union of the lung fields, heart excluded
     anatomy: dict[str, np.ndarray]
-    vessel_blur: float = 0.0  # extra vessel blur (edema), mm
 
     def field(self, name: str) -> _LungField:
-        for f in self.fields:
-            if f.name == name:
-                return f
+        for lung in self.fields:
+            if lung.name == name:
+                return lung
         return self.fields[0]
 
 
@@ -635,21 +714,25 @@ def _vessel_tree(
     hilum: tuple[float, float],
     angles: np.ndarray,
     trunk_mm: float,
-    depth: int = 6,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    depth: int = 5,
+) -> list[np.ndarray]:
     """Branching pulmonary vessels from a hilum, generated one generation at a time.
 
-    Returns per generation the sampled points (N, 2) in mm; later generations are thinner.
-    Every generation is one vectorised step, so a tree of hundreds of segments costs a few
-    numpy calls.
+    Returns the sampled points (N, 2) in mm of each generation (later = thinner). Each
+    generation is one vectorised step, so hundreds of segments cost a few numpy calls.
     """
     n = angles.size
-    start = np.tile(np.asarray(hilum, dtype=np.float64), (n, 1))
     ang = angles.astype(np.float64)
+    # The hilum is a column of branching arteries, not a point: upper-lobe trunks leave
+    # higher, lower-lobe trunks lower, all a little apart.
+    start = np.empty((n, 2))
+    start[:, 0] = hilum[0] + rng.normal(0.0, 3.0, n)
+    start[:, 1] = hilum[1] + 18.0 * np.sin(ang) + rng.normal(0.0, 4.0, n)
     length = trunk_mm * rng.uniform(0.8, 1.2, n)
     points: list[np.ndarray] = []
     for level in range(depth):
-        k = 10 if level < 2 else 7
+        # ~1 mm between samples so the blurred points read as continuous lines.
+        k = max(4, int(math.ceil(float(length.max()) / VESSEL_SAMPLE_MM)))
         t = np.linspace(0.0, 1.0, k, endpoint=False)
         d = np.stack([np.cos(ang), np.sin(ang)], axis=1)
         perp = np.stack([-d[:, 1], d[:, 0]], axis=1)
@@ -661,41 +744,40 @@ def _vessel_tree(
         spread = rng.uniform(0.22, 0.5, n)
         ang = np.concatenate([ang - spread, ang + spread]) + rng.normal(0.0, 0.08, 2 * n)
         start = np.concatenate([end, end])
-        length = np.concatenate([length, length]) * rng.uniform(0.62, 0.82, 2 * n)
+        length = np.concatenate([length, length]) * rng.uniform(0.66, 0.84, 2 * n)
         n *= 2
-    return points, [np.full(len(p), 1.0) for p in points]
+    return points
 
 
-def _draw_vessel_layers(
-    frame: _Frame, rng: np.random.Generator, trees: list[list[np.ndarray]]
-) -> tuple[np.ndarray, np.ndarray]:
+def _draw_vessel_layers(frame: _Frame, trees: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Splat vessel trees into a lung-marking layer and a thin bronchial layer."""
     # Thick proximal vessels get a wide blur, distal ones a narrow one (tapering).
-    groups = ((0, 2, 2.0, 1.0), (2, 4, 1.2, 0.55), (4, 9, 0.8, 0.28))
+    groups = ((0, 2, 2.4, 1.0), (2, 9, 1.1, 0.45))
     vessels = np.zeros((frame.size, frame.size), dtype=np.float32)
-    bronchi = np.zeros_like(vessels)
-    step_mm = 1.0
+    bronchi = vessels
     for lo, hi, sigma_mm, weight in groups:
         pts = [tree[level] for tree in trees for level in range(lo, min(hi, len(tree)))]
         if not pts:
             continue
         p = np.concatenate(pts)
-        layer = frame.splat(p[:, 0], p[:, 1], np.full(len(p), weight * step_mm))
-        sigma_px = max(sigma_mm / frame.spacing, 0.45)
-        # Normalise so the peak of an isolated line ~ weight, whatever the pixel size.
-        norm = frame.spacing / (2.5 * max(sigma_mm, 0.45 * frame.spacing))
-        vessels += ndimage.gaussian_filter(layer, sigma_px) * norm
-        if lo >= 1:
-            bronchi += ndimage.gaussian_filter(layer, max(0.6 / frame.spacing, 0.4)) * norm
+        # Points are ~1-4 mm apart; the weight per point sets the line's contrast.
+        layer = frame.splat(p[:, 0], p[:, 1], np.full(len(p), weight * VESSEL_SAMPLE_MM))
+        sigma_px = max(sigma_mm / frame.spacing, 0.5)
+        # Peak of a blurred line = weight when the vessel is wider than a pixel, less
+        # (partial volume) when it is not.
+        norm = math.sqrt(2.0 * math.pi) * sigma_mm / frame.spacing**2
+        blurred = _blur(layer, sigma_px)
+        blurred *= norm / weight
+        vessels = vessels + blurred * weight
+        # Bronchi run with the (smaller) arteries: reuse the distal tree, unit contrast.
+        bronchi = blurred
     return vessels, bronchi
 
 
-def _frontal_lung(
-    g: _Geometry, x: np.ndarray, y: np.ndarray, side: str, edge: float
-) -> dict[str, np.ndarray | float]:
+def _frontal_lung(g: _Geometry, x: np.ndarray, y: np.ndarray, side: str, edge: float) -> dict:
     """Analytic hemithorax: lateral/medial borders, diaphragm dome, normalised coordinates."""
     sign = -1.0 if side == "right" else 1.0
-    xa = sign * (x - g.shift)  # distance from the midline towards this side's lateral wall
+    xa = (x - g.shift) * sign  # distance from the midline towards this side's lateral wall
     width = g.width[side]
     w0 = width - LUNG_BASE_FLARE_MM
     apex = g.apex_y
@@ -704,41 +786,54 @@ def _frontal_lung(
     x_apex = APEX_X_FRACTION * width
     y_wide = apex + LATERAL_WIDEST_FRACTION * height
     y_med = apex + MEDIAL_CURVE_FRACTION * height
-    q = np.clip((y_wide - y) / (y_wide - apex), 0.0, None)
-    lateral = x_apex + (w0 - x_apex) * np.sqrt(np.clip(1.0 - q * q, 0.0, 1.0))
-    lateral = lateral + LUNG_BASE_FLARE_MM * np.clip((y - y_wide) / (cp - y_wide), 0.0, 1.0)
-    m0 = g.mediastinum + np.zeros_like(y)
-    if side == "left":
+    q = _unit((y_wide - y) * (1.0 / (y_wide - apex)))
+    lateral = x_apex + (w0 - x_apex) * np.sqrt(1.0 - q * q)
+    lateral += LUNG_BASE_FLARE_MM * _unit((y - y_wide) * (1.0 / (cp - y_wide)))
+    # The mediastinum widens below the carina towards the heart (the vascular pedicle).
+    m0 = g.mediastinum + 5.0 * _unit((y - (apex + CARINA_BELOW_APEX_MM)) * (1.0 / 60.0))
+    qm = _unit((y_med - y) * (1.0 / (y_med - apex)))
+    medial = x_apex - (x_apex - m0) * np.sqrt(1.0 - qm * qm)
+    if side == "left":  # the aortic knob indents the left upper lung medially
         knob_y, bulge, sd = AORTIC_KNOB
-        m0 = m0 + bulge * np.exp(-(((y - (apex + (knob_y - APEX_Y_MM))) / sd) ** 2))
-    qm = np.clip((y_med - y) / (y_med - apex), 0.0, None)
-    medial = x_apex - (x_apex - m0) * np.sqrt(np.clip(1.0 - qm * qm, 0.0, 1.0))
-    peak = g.dome_peak_y[side]
-    x_peak = DOME_PEAK_X_FRACTION * width
-    lat_t = np.clip((xa - x_peak) / (width - x_peak), 0.0, None)
-    med_t = np.clip((x_peak - xa) / x_peak, 0.0, 1.0)
-    dome = peak + (cp - peak) * lat_t**DOME_LATERAL_EXPONENT + 14.0 * med_t**2
-    soft = (
-        _ramp(lateral - xa, edge)
-        * _ramp(xa - medial, edge)
-        * _ramp(dome - y, edge)
-        * _ramp(y - apex, edge)
-    )
+        ky = (y - (apex + (knob_y - APEX_Y_MM))) * (1.0 / sd)
+        medial += bulge * np.exp(-ky * ky)
+    dome = _dome_grid(g, side, x)
+    soft = _ramp(lateral - xa, edge) * _ramp(xa - medial, edge) * _ramp(dome - y, edge) * _ramp(y - apex, edge)
     span = np.maximum(lateral - medial, 1e-3)
-    u = np.clip((xa - medial) / span, 0.0, 1.0)
-    v = np.clip((y - apex) / np.maximum(dome - apex, 1e-3), 0.0, 1.0)
-    return {
-        "xa": xa, "lateral": lateral, "medial": medial, "dome": dome, "soft": soft,
-        "u": u, "v": v, "span": span, "sign": sign, "x_apex": x_apex,
-    }  # fmt: skip
+    u = _unit((xa - medial) / span)
+    v = _unit((y - apex) / np.maximum(dome - apex, 1e-3))
+    return {"xa": xa, "lateral": lateral, "medial": medial, "dome": dome, "soft": soft,
+            "u": u, "v": v, "span": span, "sign": sign, "x_apex": x_apex}  # fmt: skip
 
 
-def _heart_ellipse(
-    g: _Geometry, dome_left_at: Callable[[float], float]
-) -> tuple[float, float, float, float, float]:
-    """Heart ellipse (cx, cy, a, b, tilt) whose width matches the drawn CTR exactly."""
+def _dome_grid(g: _Geometry, side: str, x: np.ndarray) -> np.ndarray:
+    """Hemidiaphragm height (mm) over image x: peak mid-hemithorax, steep lateral fall."""
+    sign = -1.0 if side == "right" else 1.0
+    xa = (x - g.shift) * sign
+    width, peak, cp = g.width[side], g.dome_peak_y[side], g.cp_y[side]
+    x_peak = DOME_PEAK_X_FRACTION * width
+    lat_t = np.maximum((xa - x_peak) * (1.0 / (width - x_peak)), 0.0)
+    med_t = _unit((x_peak - xa) * (1.0 / x_peak))
+    # t^2.25 (= t*t*t^0.25): steeper than a parabola laterally, so the CP angle is acute.
+    return peak + (cp - peak) * (lat_t * lat_t * np.sqrt(np.sqrt(lat_t))) + 14.0 * med_t * med_t
+
+
+def _dome_at(g: _Geometry, side: str, xv: float) -> float:
+    """The hemidiaphragm height (mm) at image x ``xv`` (scalar version of _frontal_lung)."""
+    sign = -1.0 if side == "right" else 1.0
+    xa = (xv - g.shift) * sign
+    width, peak, cp = g.width[side], g.dome_peak_y[side], g.cp_y[side]
+    x_peak = DOME_PEAK_X_FRACTION * width
+    if xa >= x_peak:
+        t = (xa - x_peak) / (width - x_peak)
+        return peak + (cp - peak) * t**DOME_LATERAL_EXPONENT
+    return peak + 14.0 * ((x_peak - xa) / x_peak) ** 2
+
+
+def _heart_ellipse(g: _Geometry) -> tuple[float, float, float, float, float]:
+    """Frontal heart ellipse (cx, cy, a, b, tilt) whose width matches the drawn CTR exactly."""
     thorax = g.width["right"] + g.width["left"]
-    heart_w = g.heart_ctr_drawn * thorax
+    heart_w = g.ctr * thorax
     ex = heart_w / 2.0
     phi, k = g.heart_tilt, g.heart_aspect
     a = ex / math.sqrt(math.cos(phi) ** 2 + (k * math.sin(phi)) ** 2)
@@ -746,251 +841,334 @@ def _heart_ellipse(
     cx = g.shift + (0.5 - g.heart_right_fraction) * heart_w
     # The leftmost/rightmost points of a tilted ellipse sit off its centre vertically.
     dy_extreme = (a * a - b * b) * math.sin(phi) * math.cos(phi) / ex
-    x_apex = cx + ex
-    # The cardiac apex rests just above the left hemidiaphragm.
-    cy = dome_left_at(x_apex) - 5.0 - dy_extreme
+    # The cardiac apex (rightmost point on the image) rests just above the left dome.
+    cy = _dome_at(g, "left", cx + ex) - 5.0 - dy_extreme
     return cx, cy, a, b, phi
 
 
 def _ellipse_rho(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float, phi: float) -> np.ndarray:
+    """Normalised elliptical radius (1 on the outline) of a tilted ellipse."""
     dx, dy = x - cx, y - cy
     c, s = math.cos(phi), math.sin(phi)
-    return np.sqrt(((dx * c + dy * s) / a) ** 2 + ((-dx * s + dy * c) / b) ** 2)
+    p = (dx * c + dy * s) * (1.0 / a)
+    q = (dy * c - dx * s) * (1.0 / b)
+    return np.sqrt(p * p + q * q)
 
 
 def _draw_frontal(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Canvas:
     """Normal PA/AP anatomy as attenuation layers."""
+    size = frame.size
     x, y = frame.x, frame.y
     edge = max(frame.spacing, 0.5)
     ap = g.view == "AP"
-    shape = x.shape
-    sides = {side: _frontal_lung(g, x, y, side, edge) for side in ("right", "left")}
+    shape = (size, size)
+    tissue = np.zeros(shape, dtype=np.float32)
+    bone = np.zeros(shape, dtype=np.float32)
+    air = np.zeros(shape, dtype=np.float32)
+    wmax = max(g.width.values())
 
-    # Heart: a tilted ellipsoid, right border ~1/3 of its width right of the midline.
-    lw = g.width["left"]
-    lp = g.dome_peak_y["left"]
-    lcp = g.cp_y["left"]
+    # Body outline: neck, sloping shoulders, chest wall; the ray path through the torso
+    # shortens towards the skin (elliptical cross-section).
+    wb = wmax + CHEST_WALL_MM * g.tissue
+    y_sh = g.apex_y - 5.0
+    xc = x - 0.5 * g.shift
+    ax = np.abs(xc)
+    c = _unit((ax - NECK_HALF_WIDTH_MM) * (1.0 / (wb + 30.0 - NECK_HALF_WIDTH_MM)))
+    shoulder_top = (y_sh - 62.0) + 62.0 * c * np.sqrt(c)  # trapezius slope down to the shoulder
+    below = (y - y_sh) * (1.0 / 45.0)
+    half_w = wb + SHOULDER_BULGE_MM * np.exp(-below * below) + 8.0 * _unit((y - g.apex_y) * (1.0 / 250.0))
+    rel = xc / half_w
+    torso = np.sqrt(np.sqrt(_unit(1.0 - rel * rel)))
+    torso *= _ramp(half_w - ax, edge) * _ramp(y - shoulder_top, 3.0)
+    rn = xc * (1.0 / NECK_HALF_WIDTH_MM)
+    neck = 0.7 * np.sqrt(_unit(1.0 - rn * rn))
+    body = np.maximum(torso, neck)
+    # Arms beside the chest (PA: rotated forward; AP: closer to the body).
+    arm_c = wb + (36.0 if not ap else 28.0)
+    ra = (ax - arm_c) * (1.0 / 27.0)
+    arm = 0.72 * np.sqrt(_unit(1.0 - ra * ra)) * _unit((y - shoulder_top - 10.0) * (1.0 / 30.0))
+    body = np.maximum(body, arm)
+    tissue += g.tissue * body
+    tissue += (0.07 * g.tissue) * _unit((y - g.cp_y["right"]) * (1.0 / 60.0))  # abdomen is thicker
 
-    def dome_left_at(xv: float) -> float:
-        xa = xv - g.shift
-        x_peak = DOME_PEAK_X_FRACTION * lw
-        if xa >= x_peak:
-            return lp + (lcp - lp) * ((xa - x_peak) / (lw - x_peak)) ** DOME_LATERAL_EXPONENT
-        return lp + 14.0 * ((x_peak - xa) / x_peak) ** 2
+    sides: dict[str, dict] = {}
+    fields: list[_LungField] = []
+    anatomy: dict[str, np.ndarray] = {}
+    lung_soft = np.zeros(shape, dtype=np.float32)
 
-    hcx, hcy, ha, hb, hphi = _heart_ellipse(g, dome_left_at)
-    rho = _ellipse_rho(x, y, hcx, hcy, ha, hb, hphi)
-    heart_soft = _ramp((1.0 - rho) * hb, edge)
-    dome_any = np.where(x < g.shift, sides["right"]["dome"], sides["left"]["dome"])
-    above_diaphragm = _ramp(dome_any - y, edge)
-    heart_vis = heart_soft * above_diaphragm
+    hcx, hcy, ha, hb, hphi = _heart_ellipse(g)
+    heart_soft = np.zeros(shape, dtype=np.float32)
+    heart_vis = np.zeros(shape, dtype=np.float32)
+    hc = frame.crop(hcx - ha - 4, hcx + ha + 4, hcy - ha - 4, hcy + ha + 4)
+    if hc is not None:
+        hx_, hy_ = x[hc], y[hc]
+        rho = _ellipse_rho(hx_, hy_, hcx, hcy, ha, hb, hphi)
+        heart_soft[hc] = _ramp((1.0 - rho) * hb, edge)
+        left = (hx_ >= g.shift).astype(np.float32)
+        dome_local = _dome_grid(g, "right", hx_) * (1.0 - left) + _dome_grid(g, "left", hx_) * left
+        heart_vis[hc] = heart_soft[hc] * _ramp(dome_local - hy_, edge)
+        tissue[hc] += HEART_DENSITY * heart_vis[hc] * (0.5 + 0.5 * np.sqrt(_unit(1.0 - rho * rho)))
     heart_mask = heart_vis > 0.5
 
-    # Body outline: neck, shoulders, chest wall; thickness falls off towards the skin.
-    wb = max(g.width.values()) + CHEST_WALL_MM * g.tissue
-    y_sh = g.apex_y - 8.0
-    shoulder = np.clip((y - (y_sh - 60.0)) / 60.0, 0.0, 1.0)
-    shoulder = shoulder * shoulder * (3 - 2 * shoulder)
-    body_hw = NECK_HALF_WIDTH_MM + (wb - NECK_HALF_WIDTH_MM) * shoulder
-    body_hw = body_hw + SHOULDER_BULGE_MM * np.exp(-(((y - y_sh) / 45.0) ** 2)) * shoulder
-    body_hw = body_hw + 8.0 * np.clip((y - g.apex_y) / 250.0, 0.0, 1.0)
-    xc = x - g.shift * 0.5
-    torso = np.clip(1.0 - (xc / body_hw) ** 2, 0.0, 1.0) ** 0.3
-    torso *= _ramp(body_hw - np.abs(xc), edge)
-    # Arms hang beside the chest (PA: rotated forward; AP: closer to the body).
-    arm_c = wb + (34.0 if not ap else 26.0)
-    arm = np.clip(1.0 - ((np.abs(xc) - arm_c) / 26.0) ** 2, 0.0, 1.0) ** 0.5
-    arm *= np.clip((y - (y_sh - 10.0)) / 30.0, 0.0, 1.0) * 0.75
-    tissue = g.tissue * (np.maximum(torso, arm) + 0.06 * np.clip((y - g.cp_y["right"]) / 60.0, 0.0, 1.0))
+    for side in ("right", "left"):
+        sign = -1.0 if side == "right" else 1.0
+        width = g.width[side]
+        xs = sorted((g.shift - sign * 4.0, g.shift + sign * (width + 75.0)))
+        crop = frame.crop(xs[0], xs[1], g.apex_y - 45.0, g.cp_y[side] + 45.0)
+        soft_full = np.zeros(shape, dtype=np.float32)
+        raw_soft = np.zeros(shape, dtype=np.float32)
+        u_full = np.zeros(shape, dtype=np.float32)
+        v_full = np.zeros(shape, dtype=np.float32)
+        wall = np.zeros(shape, dtype=bool)
+        if crop is not None:
+            cx_, cy_ = x[crop], y[crop]
+            s = _frontal_lung(g, cx_, cy_, side, edge)
+            sides[side] = s
+            hs = heart_soft[crop]
+            u, v = s["u"], s["v"]
+            # Air column depth: deepest in the mid zones; thinner laterally (chest wall
+            # obliquity), at the narrow apex, and behind the heart.
+            lat_fade = np.sqrt(_unit((1.0 - u) * (1.0 / 0.35)))
+            depth = lat_fade * (0.80 + 0.20 * _unit(u * (1.0 / 0.15)))
+            depth *= np.sqrt(_unit(s["span"] * (1.0 / (0.55 * (width - g.mediastinum)))))
+            depth *= 0.86 + 0.14 * v
+            air[crop] += LUNG_AIR * s["soft"] * depth * (1.0 - 0.88 * hs)
+            raw_soft[crop] = s["soft"]
+            soft_full[crop] = s["soft"] * (1.0 - hs)
+            u_full[crop], v_full[crop] = u, v
+            outside = s["soft"] < 0.5
+            xa = s["xa"]
+            # Chest wall and apex: outside the lung but lateral to its medial border (the
+            # mediastinum is not a wall a pneumothorax peels the lung from).
+            wall[crop] = outside & (cy_ < s["dome"] - 2.0) & (
+                (xa > s["medial"] + 2.0) | ((cy_ < g.apex_y + 3.0) & (xa > g.mediastinum))
+            )
+            bone[crop] += _draw_ribs(g, side, s, cy_, edge)
+        lung_soft += soft_full
+        raw = raw_soft > 0.5
+        hx, hy = g.hilum[side]
+        fields.append(
+            _LungField(name=side, soft=soft_full, mask=soft_full > 0.5, raw=raw, u=u_full, v=v_full,
+                       hilum=(hx, hy), cp=(g.shift + sign * width, g.cp_y[side]), wall=wall,
+                       sign=sign, apex_y=g.apex_y)
+        )  # fmt: skip
+        anatomy[f"lung_{side}"] = fields[-1].mask
+
     # Breast shadows over the lower zones, with a sharp curved lower margin.
     if g.breast > 0.05:
         for sign in (-1.0, 1.0):
-            bx, by = sign * 0.55 * lw + g.shift, g.cp_y["right"] - 22.0
-            r = np.hypot((x - bx) / 78.0, (y - by) / 58.0)
-            lower = np.clip((y - (by - 58.0)) / 116.0, 0.0, 1.0)
-            tissue += 0.13 * g.breast * _ramp((1.0 - r) * 58.0, 3.0) * lower
-    tissue += HEART_DENSITY * heart_soft * (0.55 + 0.45 * np.sqrt(np.clip(1.0 - rho * rho, 0.0, 1.0)))
+            bx, by = sign * 0.58 * wmax + g.shift, g.cp_y["right"] - 18.0
+            bc = frame.crop(bx - 85, bx + 85, by - 65, by + 65)
+            if bc is None:
+                continue
+            r = _length((x[bc] - bx) * (1.0 / 80.0), (y[bc] - by) * (1.0 / 60.0))
+            lower = _unit((y[bc] - (by - 60.0)) * (1.0 / 120.0))
+            tissue[bc] += (0.14 * g.breast) * _ramp((1.0 - r) * 60.0, 3.0) * lower
 
-    # Lung air: deepest in the mid zones, thinner at the apex, laterally and behind the heart.
-    air = np.zeros(shape, dtype=np.float32)
-    lung_soft = np.zeros(shape, dtype=np.float32)
-    fields: list[_LungField] = []
-    for side, s in sides.items():
-        soft_raw = s["soft"]
-        u, v = s["u"], s["v"]
-        width_full = g.width[side] - g.mediastinum
-        depth = np.clip((1.0 - u) / 0.35, 0.0, 1.0) ** 0.55 * (0.80 + 0.20 * np.clip(u / 0.15, 0.0, 1.0))
-        depth *= np.clip(s["span"] / (0.55 * width_full), 0.0, 1.0) ** 0.6
-        depth *= 0.86 + 0.14 * v
-        air += LUNG_AIR * soft_raw * depth * (1.0 - 0.8 * heart_soft)
-        soft = soft_raw * (1.0 - heart_soft)
-        lung_soft += soft
-        raw = soft_raw > 0.5
-        mask = soft > 0.5
-        xa, lateral = s["xa"], s["lateral"]
-        wall = (~raw) & (xa > s["x_apex"] * 0.6) & (y < s["dome"] - 2.0) & (xa > s["medial"])
-        wall |= (~raw) & (y < g.apex_y + 2.0) & (xa > g.mediastinum)
-        hx, hy = g.hilum[side]
-        fields.append(
-            _LungField(
-                name=side, soft=soft, mask=mask, raw=raw, u=u, v=v, hilum=(hx + g.shift, hy),
-                cp=(s["sign"] * g.width[side] + g.shift, g.cp_y[side]), wall=wall, sign=s["sign"],
-            )
-        )  # fmt: skip
-        del lateral
+    _draw_mediastinum(frame, g, tissue, air, edge)
+    _draw_frontal_bones(frame, g, bone, edge)
 
-    # Trachea and main bronchi: the air column in the midline.
-    carina = (g.shift, g.apex_y + CARINA_BELOW_APEX_MM)
-    tr_x = g.shift - 3.0 * np.exp(-(((y - (g.apex_y + 62.0)) / 20.0) ** 2))
-    trachea = np.clip(1.0 - ((x - tr_x) / TRACHEA_HALF_WIDTH_MM) ** 2, 0.0, 1.0) ** 0.5
-    trachea *= _ramp(carina[1] - y, 4.0)
-    for end in ((g.shift - 26.0, carina[1] + 22.0), (g.shift + 38.0, carina[1] + 30.0)):
-        d = _segment_distance(x, y, carina, end)
-        trachea = np.maximum(trachea, np.clip(1.0 - (d / 6.0) ** 2, 0.0, 1.0) ** 0.5 * 0.8)
-    air += 0.16 * trachea
-
-    # Stomach gas bubble under the left hemidiaphragm.
-    gx = g.shift + 0.5 * lw
-    gy = dome_left_at(gx) + 30.0
-    bubble = _ramp((1.0 - np.hypot((x - gx) / 34.0, (y - gy) / 17.0)) * 17.0, 3.0)
-    air += 0.22 * bubble * (rng.random() < 0.8)
-
-    # Hila: pulmonary arteries as lobulated densities.
-    for f in fields:
-        hx, hy = f.hilum
-        hil = np.exp(-(((x - hx - f.sign * 6.0) / 13.0) ** 2 + ((y - hy) / 26.0) ** 2))
-        tissue += 0.09 * hil
-
-    bone = _draw_frontal_bones(frame, g, sides, edge)
-
-    # Lung markings: 7-9 trunks per lung fanning up, out and down (larger to the bases).
+    # Lung markings: trunks fanning up, out and down from each hilum.
     trees = []
-    for f in fields:
-        n = 8
-        base = np.linspace(-math.pi * 0.55, math.pi * 0.55, n) + rng.normal(0.0, 0.1, n)
-        angles = np.where(f.sign > 0, base, math.pi - base)
-        trees.append(_vessel_tree(rng, f.hilum, angles, 30.0 * (g.width["right"] / THORAX_HALF_WIDTH_MM))[0])
-    vessels, bronchi = _draw_vessel_layers(frame, rng, trees)
+    for lung in fields:
+        n = 9
+        base = np.linspace(-math.pi * 0.58, math.pi * 0.58, n) + rng.normal(0.0, 0.1, n)
+        angles = base if lung.sign > 0 else math.pi - base
+        trees.append(_vessel_tree(rng, lung.hilum, angles, 28.0 * (wmax / THORAX_HALF_WIDTH_MM)))
+    vessels, bronchi = _draw_vessel_layers(frame, trees)
     # Upright: the lower-zone vessels are the larger ones (gravity).
-    vessels *= 0.75 + 0.45 * np.clip((y - g.apex_y) / (g.cp_y["right"] - g.apex_y), 0.0, 1.0)
+    vessels *= 0.7 + 0.5 * _unit((y - g.apex_y) * (1.0 / (g.cp_y["right"] - g.apex_y)))
 
-    texture = 0.6 * _smooth_noise(rng, shape, max(1.2 / frame.spacing * 1.5, 0.6))
+    texture = 0.6 * _smooth_noise(rng, shape, max(1.6 / frame.spacing, 0.6))
     texture += 0.4 * _smooth_noise(rng, shape, 5.0 / frame.spacing)
 
-    anatomy = {
-        "lung_right": fields[0].mask,
-        "lung_left": fields[1].mask,
-        "heart": heart_mask,
-    }
-    for f in fields:
-        cx, cy = f.cp
-        r = np.hypot(x - (cx - f.sign * 14.0), y - (cy - 14.0))
-        anatomy[f"costophrenic_{f.name}"] = (r < 16.0) & f.raw
+    anatomy["heart"] = heart_mask
+    for lung in fields:
+        # A 16 mm disc just inside the costophrenic angle (for tests and demos).
+        cpx, cpy = lung.cp[0] - lung.sign * 14.0, lung.cp[1] - 14.0
+        cp_mask = np.zeros(shape, dtype=bool)
+        cc = frame.crop(cpx - 18.0, cpx + 18.0, cpy - 18.0, cpy + 18.0)
+        if cc is not None:
+            cp_mask[cc] = (_length(x[cc] - cpx, y[cc] - cpy) < 16.0) & lung.raw[cc]
+        anatomy[f"costophrenic_{lung.name}"] = cp_mask
+    # Stomach gas bubble under the left hemidiaphragm.
+    if g.bubble < 0.8:
+        gx = g.shift + 0.52 * g.width["left"]
+        gy = _dome_at(g, "left", gx) + 26.0
+        bc = frame.crop(gx - 40, gx + 40, gy - 22, gy + 22)
+        if bc is not None:
+            r = _length((x[bc] - gx) * (1.0 / 26.0), (y[bc] - gy) * (1.0 / 11.0))
+            air[bc] += 0.09 * _ramp((1.0 - r) * 11.0, 3.0)
     return _Canvas(
-        frame=frame, geometry=g, tissue=tissue.astype(np.float32), bone=bone, air=air,
-        vessels=vessels, bronchi=bronchi, texture=texture.astype(np.float32),
-        extra=np.zeros(shape, dtype=np.float32), fields=fields, heart=heart_mask,
-        lung_soft=np.clip(lung_soft, 0.0, 1.0), anatomy=anatomy,
+        frame=frame, geometry=g, tissue=tissue, bone=bone, air=air, vessels=vessels,
+        bronchi=bronchi, texture=texture, extra=np.zeros(shape, dtype=np.float32),
+        fields=fields, heart=heart_mask, lung_soft=_unit(lung_soft), anatomy=anatomy,
     )  # fmt: skip
 
 
-def _draw_frontal_bones(frame: _Frame, g: _Geometry, sides: dict, edge: float) -> np.ndarray:
-    """Ribs, clavicles, scapulae, humeral heads and spine for a frontal film."""
+def _draw_mediastinum(frame: _Frame, g: _Geometry, tissue: np.ndarray, air: np.ndarray, edge: float) -> None:
+    """Trachea, main bronchi and hila (in place)."""
     x, y = frame.x, frame.y
-    bone = np.zeros(x.shape, dtype=np.float32)
-    half_span = max(g.width.values())
-    for side, s in sides.items():
-        xa = s["xa"]
+    carina = (g.shift, g.apex_y + CARINA_BELOW_APEX_MM)
+    tc = frame.crop(g.shift - 60, g.shift + 60, -1e3, carina[1] + 45)
+    if tc is not None:
+        cx_, cy_ = x[tc], y[tc]
+        kd = (cy_ - (g.apex_y + 62.0)) * (1.0 / 20.0)
+        tr_x = g.shift - 3.0 * np.exp(-kd * kd)  # the aortic arch nudges the trachea right
+        rt = (cx_ - tr_x) * (1.0 / TRACHEA_HALF_WIDTH_MM)
+        trachea = np.sqrt(_unit(1.0 - rt * rt)) * _ramp(carina[1] - cy_, 4.0)
+        for end in ((g.shift - 26.0, carina[1] + 22.0), (g.shift + 38.0, carina[1] + 30.0)):
+            d = _segment_distance(cx_, cy_, carina, end) * (1.0 / 6.0)
+            trachea = np.maximum(trachea, 0.8 * np.sqrt(_unit(1.0 - d * d)))
+        air[tc] += 0.15 * trachea
+    for side in ("right", "left"):
+        hx, hy = g.hilum[side]
+        sign = -1.0 if side == "right" else 1.0
+        hc = frame.crop(hx - 45, hx + 45, hy - 70, hy + 70)
+        if hc is None:
+            continue
+        dx = (x[hc] - hx - sign * 4.0) * (1.0 / 12.0)
+        dy = (y[hc] - hy) * (1.0 / 26.0)
+        tissue[hc] += 0.10 * np.exp(-(dx * dx + dy * dy))
+
+
+def _draw_ribs(g: _Geometry, side: str, s: dict, y: np.ndarray, edge: float) -> np.ndarray:
+    """Posterior and anterior ribs of one hemithorax (inside the side's crop)."""
+    xa = s["xa"]
+    width = g.width[side]
+    # Posterior ribs: one warped phase field draws all of them at once. Each arches up from
+    # the spine and drops towards the lateral wall; the spacing grows downwards.
+    wall = np.maximum(s["lateral"], 0.62 * width) + 8.0
+    t = np.clip((xa - 16.0) / (wall - 16.0), 0.0, 1.25)
+    level = np.clip((y - g.apex_y) * (1.0 / (g.cp_y[side] - g.apex_y)), 0.0, 1.2)
+    drop = RIB_DROP_MM[0] + (RIB_DROP_MM[1] - RIB_DROP_MM[0]) * level
+    warped = y + (RIB_ARCH_MM * 4.0) * t * (1.0 - t) - drop * (t * t * t)
+    d0, gr = g.rib_spacing, g.rib_growth
+    z = np.maximum(warped - g.rib_first, -d0)
+    r = (np.sqrt(np.maximum(d0 * d0 + 2.0 * gr * z, 0.0)) - d0) * (1.0 / gr)
+    nearest = np.round(r)
+    dist = np.abs(r - nearest) * (d0 + gr * nearest)
+    half = RIB_HALF_THICKNESS_MM[0] + (RIB_HALF_THICKNESS_MM[1] - RIB_HALF_THICKNESS_MM[0]) * _unit(r * (1.0 / N_POSTERIOR_RIBS))
+    rel = _unit(dist / half)
+    band = _ramp(half - dist, edge) * (0.7 + 0.5 * rel * rel * rel)  # tubular bone: bright margins
+    valid = _ramp(r + 0.5, 0.2) * _ramp((N_POSTERIOR_RIBS - 0.5) - r, 0.2)
+    valid *= _ramp(xa - 16.0, 4.0) * _unit((1.08 - t) * (1.0 / 0.14))
+    out = RIB_DENSITY * band * valid
+    # Anterior ribs: fainter, sloping down towards the midline, invisible medially where
+    # they turn into costal cartilage.
+    ta = np.clip(xa / wall, 0.0, 1.2)
+    warped_a = y - 40.0 * (1.0 - ta) - 14.0 * ta * ta
+    pitch = g.rib_spacing * 1.6
+    ra = (warped_a - (g.rib_first + 6.0)) * (1.0 / pitch)
+    fa = np.abs(ra - np.round(ra)) * pitch
+    band_a = _ramp(5.0 - fa, edge) * _ramp(ra + 0.5, 0.2) * _ramp((N_ANTERIOR_RIBS - 0.5) - ra, 0.2)
+    band_a *= _unit((ta - 0.35) * (1.0 / 0.15)) * _unit((1.1 - ta) * (1.0 / 0.1))
+    out += (0.5 * RIB_DENSITY) * band_a
+    # Below the diaphragm the ribs overlie 20+ cm of liver/abdomen: far less conspicuous.
+    return out * (0.25 + 0.75 * _unit((s["dome"] + 10.0 - y) * (1.0 / 25.0)))
+
+
+def _draw_frontal_bones(frame: _Frame, g: _Geometry, bone: np.ndarray, edge: float) -> None:
+    """Clavicles, scapulae, humeri and spine for a frontal film (in place)."""
+    x, y = frame.x, frame.y
+    wmax = max(g.width.values())
+    for side in ("right", "left"):
+        sign = -1.0 if side == "right" else 1.0
         width = g.width[side]
-        # Posterior ribs: one warped phase field draws all of them at once. Each rib arches
-        # up from the spine and drops towards the lateral wall; spacing grows downwards.
-        wall = np.maximum(s["lateral"], 0.6 * width) + 8.0
-        t = np.clip((xa - 16.0) / (wall - 16.0), 0.0, 1.25)
-        level = np.clip((y - g.apex_y) / (g.cp_y[side] - g.apex_y), 0.0, 1.2)
-        drop = RIB_DROP_MM[0] + (RIB_DROP_MM[1] - RIB_DROP_MM[0]) * level
-        warped = y + RIB_ARCH_MM * 4.0 * t * (1.0 - t) - drop * t**3
-        d0, gr = g.rib_spacing, g.rib_growth
-        z = np.maximum(warped - g.rib_first, -d0)
-        r = (-d0 + np.sqrt(np.maximum(d0 * d0 + 2.0 * gr * z, 0.0))) / gr
-        frac = r - np.round(r)
-        dist = np.abs(frac) * (d0 + gr * np.round(r))
-        half = RIB_HALF_THICKNESS_MM[0] + (RIB_HALF_THICKNESS_MM[1] - RIB_HALF_THICKNESS_MM[0]) * np.clip(r / N_POSTERIOR_RIBS, 0, 1)
-        band = _ramp(half - dist, edge)
-        cortex = 0.7 + 0.5 * np.clip(dist / half, 0.0, 1.0) ** 3  # tubular bone: bright margins
-        valid = _ramp(r + 0.5, 0.2) * _ramp(N_POSTERIOR_RIBS - 0.5 - r, 0.2)
-        valid *= _ramp(xa - 16.0, 4.0) * np.clip((1.22 - t) / 0.12, 0.0, 1.0)
-        bone += RIB_DENSITY * band * cortex * valid
-        # Anterior ribs: fainter, sloping down towards the midline, invisible medially
-        # (costal cartilage).
-        ta = np.clip(xa / wall, 0.0, 1.2)
-        warped_a = y - 42.0 * (1.0 - ta) - 12.0 * ta * ta
-        ra = (warped_a - (g.rib_first + 10.0)) / (g.rib_spacing * 1.55)
-        fa = np.abs(ra - np.round(ra)) * g.rib_spacing * 1.55
-        band_a = _ramp(5.0 - fa, edge) * _ramp(ra + 0.5, 0.2) * _ramp(N_ANTERIOR_RIBS - 0.5 - ra, 0.2)
-        band_a *= np.clip((ta - 0.35) / 0.15, 0.0, 1.0) * np.clip((1.1 - ta) / 0.1, 0.0, 1.0)
-        bone += 0.45 * RIB_DENSITY * band_a
-
-        # Clavicle: an S-curved bar from the sternal notch to the acromion.
-        length = width + 25.0
-        tc = (xa - 14.0) / length
-        yc = g.clavicle_y - g.clavicle_rise * tc + 5.0 * np.sin(2.0 * np.pi * np.clip(tc, 0, 1))
-        half_c = CLAVICLE_HALF_THICKNESS_MM * (1.15 - 0.3 * np.clip(tc, 0, 1))
-        dc = np.abs(y - yc)
-        clav = _ramp(half_c - dc, edge) * _ramp(tc * length, 4.0) * _ramp((1.0 - tc) * length, 6.0)
-        bone += CLAVICLE_DENSITY * clav * (0.75 + 0.45 * np.clip(dc / half_c, 0, 1) ** 3)
-
-        # Scapula: triangle, medial border vertical-ish; over the lungs only on AP films.
+        xs = sorted((g.shift + sign * 8.0, g.shift + sign * (width + 60.0)))
+        # Clavicle: an S-curved bar rising from the sternal notch to the acromion.
+        cc = frame.crop(xs[0], xs[1], g.clavicle_y - g.clavicle_rise - 30.0, g.clavicle_y + 25.0)
+        if cc is not None:
+            xa = (x[cc] - g.shift) * sign
+            length = width + 28.0
+            tc = (xa - 12.0) * (1.0 / length)
+            tcc = _unit(tc)
+            yc = g.clavicle_y - g.clavicle_rise * tc - 5.0 * np.sin(np.pi * tcc)
+            half_c = CLAVICLE_HALF_THICKNESS_MM * (1.2 - 0.35 * tcc)
+            dc = np.abs(y[cc] - yc)
+            rel = _unit(dc / half_c)
+            clav = _ramp(half_c - dc, edge) * _ramp(tc * length, 4.0) * _ramp((1.0 - tc) * length, 6.0)
+            bone[cc] += CLAVICLE_DENSITY * clav * (0.75 + 0.45 * rel * rel * rel)
+        # Scapula: a triangle whose medial border overlies the lungs only on AP films.
         top = g.apex_y - 10.0
-        xm = g.scapula_x + 0.06 * (y - top)
-        gl = (half_span + 30.0, top + 12.0)
-        ia = (g.scapula_x + 14.0, top + 150.0)
-        lat_border = ia[1] + (xa - ia[0]) * (gl[1] - ia[1]) / (gl[0] - ia[0])
-        scap = _ramp(xa - xm, edge) * _ramp(y - top, 4.0) * _ramp(lat_border - y, 3.0)
-        bone += 0.075 * scap * (0.7 + 0.3 * np.clip((xa - xm) / 40.0, 0, 1))
-        # Humeral head at the glenoid.
-        hh = np.hypot(xa - (half_span + 46.0), y - (top + 4.0))
-        bone += 0.20 * _ramp(26.0 - hh, 2.0) * (0.7 + 0.3 * np.clip(hh / 26.0, 0, 1) ** 4)
-        shaft = _ramp(13.0 - np.abs(xa - (half_span + 52.0) - 0.12 * (y - top)), 2.0) * _ramp(y - top, 4.0)
-        bone += 0.16 * shaft
+        xs2 = sorted((g.shift + sign * (g.scapula_x - 10.0), g.shift + sign * (wmax + 80.0)))
+        sc = frame.crop(xs2[0], xs2[1], top - 5.0, top + 160.0)
+        if sc is not None:
+            xa = (x[sc] - g.shift) * sign
+            ys = y[sc]
+            xm = g.scapula_x + 0.06 * (ys - top)
+            gl = (wmax + 30.0, top + 12.0)
+            ia = (g.scapula_x + 14.0, top + 150.0)
+            lat_border = ia[1] + (xa - ia[0]) * ((gl[1] - ia[1]) / (gl[0] - ia[0]))
+            scap = _ramp(xa - xm, edge) * _ramp(ys - top, 4.0) * _ramp(lat_border - ys, 3.0)
+            bone[sc] += 0.05 * scap * (0.6 + 0.4 * _unit((xa - xm) * (1.0 / 40.0)))
+        # Humeral head at the glenoid, shaft going down the arm.
+        hxc = wmax + 48.0
+        hc = frame.crop(g.shift + sign * (hxc - 40.0), g.shift + sign * (hxc + 40.0), top - 35.0, top + 200.0)
+        if hc is not None:
+            xa = (x[hc] - g.shift) * sign
+            ys = y[hc]
+            hh = _length(xa - hxc, ys - (top + 6.0))
+            rel = _unit(hh * (1.0 / 26.0))
+            bone[hc] += 0.18 * _ramp(26.0 - hh, 2.0) * (0.7 + 0.3 * rel * rel * rel * rel)
+            shaft = _ramp(12.0 - np.abs(xa - (hxc + 4.0) - 0.1 * (ys - top)), 2.0) * _ramp(ys - top - 10.0, 4.0)
+            bone[hc] += 0.15 * shaft
 
-    # Spine: vertebral bodies with discs and pedicle rings, behind the mediastinum.
-    xs = x - g.shift * 0.3
-    level = np.clip((y - g.apex_y) / 330.0, 0.0, 1.0)
+    # Spine: vertebral bodies with discs, pedicle rings and spinous processes, seen
+    # through the mediastinum.
+    spc = frame.crop(g.shift - 45, g.shift + 45, -1e3, 1e3)
+    if spc is None:
+        return
+    xs = x[spc] - 0.3 * g.shift
+    ys = y[spc]
+    level = _unit((ys - g.apex_y) * (1.0 / 330.0))
     hw = SPINE_HALF_WIDTH_MM[0] + (SPINE_HALF_WIDTH_MM[1] - SPINE_HALF_WIDTH_MM[0]) * level
-    column = np.clip(1.0 - (xs / hw) ** 2, 0.0, 1.0) ** 0.35
-    pv = (y - (g.apex_y - 60.0)) / VERTEBRA_HEIGHT_MM
-    fv = pv - np.floor(pv)  # 0..1 within a vertebra, disc near 0/1
-    disc = np.clip(np.minimum(fv, 1.0 - fv) / 0.1, 0.0, 1.0)
-    bone += SPINE_DENSITY * column * (0.45 + 0.55 * disc)
-    cy_v = (np.floor(pv) + 0.5) * VERTEBRA_HEIGHT_MM + (g.apex_y - 60.0)
-    ped = np.hypot((np.abs(xs) - 0.72 * hw) / 4.0, (y - cy_v + 3.0) / 6.0)
-    bone += 0.06 * np.clip(1.0 - np.abs(ped - 0.85) / 0.35, 0.0, 1.0)
-    spinous = np.hypot(xs / 3.5, (y - cy_v - 6.0) / 7.0)
-    bone += 0.04 * _ramp(1.0 - spinous, 0.3)
-    return bone
+    rel = xs / hw
+    column = np.sqrt(np.sqrt(_unit(1.0 - rel * rel)))
+    origin = g.apex_y - 60.0
+    pv = (ys - origin) * (1.0 / VERTEBRA_HEIGHT_MM)
+    whole = np.floor(pv)
+    fv = pv - whole
+    disc = _unit(np.minimum(fv, 1.0 - fv) * (1.0 / 0.1))
+    out = SPINE_DENSITY * column * (0.45 + 0.55 * disc)
+    cy_v = (whole + 0.5) * VERTEBRA_HEIGHT_MM + origin
+    px = (np.abs(xs) - 0.72 * hw) * (1.0 / 4.0)
+    py = (ys - cy_v + 3.0) * (1.0 / 6.0)
+    ped = np.sqrt(px * px + py * py)
+    out += 0.025 * _unit(1.0 - np.abs(ped - 0.85) * (1.0 / 0.35))
+    sx, sy = xs * (1.0 / 3.5), (ys - cy_v - 6.0) * (1.0 / 7.0)
+    out += 0.02 * _ramp(1.0 - np.sqrt(sx * sx + sy * sy), 0.3)
+    bone[spc] += out
 
 
-def _lateral_borders(g: _Geometry, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray | float]:
+def _lateral_borders(g: _Geometry, x: np.ndarray, y: np.ndarray) -> dict:
     """Analytic sagittal lung field: anterior/posterior walls, apex, two diaphragm domes."""
     depth = LATERAL_DEPTH_RATIO * (g.width["right"] + g.width["left"])
     apex = g.apex_y
     height = g.cp_y["right"] - apex
-    ant = -0.46 * depth + 38.0 * np.clip((apex + 95.0 - y) / 95.0, 0.0, 1.0) ** 1.4
-    post = 0.50 * depth - 14.0 * ((y - (apex + 0.45 * height)) / (0.9 * height)) ** 2
-    x_top = 0.12 * depth
-    top = apex + 70.0 * ((x - x_top) / (0.5 * depth)) ** 2
-    x_peak = -0.10 * depth
+    c = _unit((apex + 100.0 - y) * (1.0 / 100.0))
+    ant = -0.46 * depth + 48.0 * c * np.sqrt(c)  # the thoracic inlet slopes: anterior is lower
+    pm = (y - (apex + 0.45 * height)) * (1.0 / (0.9 * height))
+    post = 0.50 * depth - 16.0 * pm * pm  # convex back (kyphosis)
+    tq = (x - 0.10 * depth) * (1.0 / (0.5 * depth))
+    top = apex + 75.0 * tq * tq
+    x_peak = -0.12 * depth
     domes = {}
     for side in ("right", "left"):
-        pk = g.dome_peak_y[side] + 6.0
-        y_ant = pk + 24.0
-        y_post = g.cp_y[side] + 30.0  # the posterior sulcus is the lowest point of the lung
-        domes[side] = np.where(
-            x < x_peak,
-            pk + (y_ant - pk) * np.clip((x_peak - x) / (x_peak + 0.46 * depth), 0, None) ** 2,
-            pk + (y_post - pk) * np.clip((x - x_peak) / (0.5 * depth - x_peak), 0, None) ** 2.4,
-        )
-    return {"depth": depth, "ant": ant, "post": post, "top": top, "domes": domes, "x_peak": x_peak}
+        pk = g.dome_peak_y[side] + 4.0
+        y_ant = pk + 22.0
+        y_post = g.cp_y[side] + 32.0  # the posterior sulcus is the lowest point of the lung
+        ta = _unit((x_peak - x) * (1.0 / (x_peak + 0.46 * depth)))
+        tp = np.maximum((x - x_peak) * (1.0 / (0.5 * depth - x_peak)), 0.0)
+        domes[side] = pk + (y_ant - pk) * ta * ta + (y_post - pk) * tp * tp * np.sqrt(tp)
+    return {"depth": depth, "ant": ant, "post": post, "top": top, "domes": domes, "x_peak": x_peak,
+            "pk": {side: g.dome_peak_y[side] + 4.0 for side in ("right", "left")}}  # fmt: skip
+
+
+def _lateral_dome_at(g: _Geometry, side: str, xv: float) -> float:
+    """Scalar hemidiaphragm height (mm) on a lateral film at AP position ``xv``."""
+    b = _lateral_borders(g, np.array([xv], dtype=np.float32), np.array([0.0], dtype=np.float32))
+    return float(b["domes"][side][0])
 
 
 def _draw_lateral(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Canvas:
@@ -1002,117 +1180,115 @@ def _draw_lateral(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Can
     depth_ap, ant, post, top = b["depth"], b["ant"], b["post"], b["top"]
     domes = b["domes"]
     apex = g.apex_y
-
-    # Heart: anterior and inferior, resting on the diaphragm behind the lower sternum.
-    scale = g.ctr / 0.43
-    a = 0.29 * depth_ap * scale
-    bb = 0.24 * depth_ap * (0.6 + 0.4 * scale)
-    phi = math.radians(-32.0)
-    cx = -0.46 * depth_ap + 8.0 + a * 0.92
-    x_peak = b["x_peak"]
-    cy = g.dome_peak_y["right"] + 6.0 - 0.55 * bb
-    rho = _ellipse_rho(x, y, cx, cy, a, bb, phi)
-    heart_soft = _ramp((1.0 - rho) * bb, edge)
     dome_lo = np.maximum(domes["right"], domes["left"])
-    heart_vis = heart_soft * _ramp(domes["right"] - y + 4.0, edge)
-    heart_mask = heart_vis > 0.5
-    del x_peak
 
-    # Body: chest wall in front, back muscles behind, shoulders and arms up top.
-    skin_a = ant - 26.0 - 30.0 * g.breast * np.exp(-(((y - (apex + 190.0)) / 45.0) ** 2))
-    skin_p = post + 58.0
-    neck = np.clip((apex - 20.0 - y) / 60.0, 0.0, 1.0)
-    skin_a = skin_a + neck * 55.0
+    # Heart: anterior and inferior, its lower third sunk into the left hemidiaphragm and
+    # its front against the lower sternum, so only the upper/posterior outline shows
+    # against lung. Its antero-posterior size follows the patient's cardiothoracic ratio.
+    scale = g.ctr / 0.43
+    ha = 0.29 * depth_ap * scale
+    hb = 0.20 * depth_ap * (0.6 + 0.4 * scale)
+    phi = math.radians(-38.0)
+    hcx = -0.46 * depth_ap + 0.72 * ha + 4.0
+    hcy = _lateral_dome_at(g, "left", hcx) - 0.35 * hb
+    rho = _ellipse_rho(x, y, hcx, hcy, ha, hb, phi)
+    heart_soft = _ramp((1.0 - rho) * hb, edge)
+    heart_mask = (heart_soft * _ramp(domes["right"] - y, edge)) > 0.5
+
+    # Body: chest wall in front, back muscles behind, neck above; shoulders and upper arms
+    # overlap the upper chest, which is why the apices are so bright on a lateral film.
+    bz = (y - (apex + 200.0)) * (1.0 / 45.0)
+    skin_a = ant - 24.0 - (30.0 * g.breast) * np.exp(-bz * bz)
+    skin_p = post + 62.0
+    neck = _unit((apex - 20.0 - y) * (1.0 / 70.0))
+    skin_a = skin_a + 55.0 * neck
+    skin_p = skin_p - 30.0 * neck
     centre = 0.5 * (skin_a + skin_p)
     half = 0.5 * (skin_p - skin_a)
-    body = np.clip(1.0 - ((x - centre) / half) ** 2, 0.0, 1.0) ** 0.25
-    body *= _ramp(half - np.abs(x - centre), edge)
-    shoulders = 0.30 * np.clip((apex + 60.0 - y) / 80.0, 0.0, 1.0) * body
-    tissue = g.tissue * (1.15 * body + shoulders)
-    tissue += HEART_DENSITY * 1.1 * heart_soft * (0.5 + 0.5 * np.sqrt(np.clip(1.0 - rho * rho, 0.0, 1.0)))
+    rel = (x - centre) / half
+    body = np.sqrt(np.sqrt(_unit(1.0 - rel * rel))) * _ramp(half - np.abs(x - centre), edge)
+    sh = _unit((apex + 80.0 - y) * (1.0 / 110.0))
+    tissue = g.tissue * body * (1.0 + 0.35 * sh * sh)
+    tissue += HEART_DENSITY * heart_soft
 
     # The two lungs overlap: each contributes half the air above its own hemidiaphragm.
-    inside = _ramp(post - x, edge) * _ramp(x - ant, edge) * _ramp(y - top, edge)
+    # Walls are curved surfaces seen edge-on: soft, not knife-sharp, except the domes.
+    inside = _ramp(post - x, 6.0) * _ramp(x - ant, 3.0) * _ramp(y - top, 14.0)
     span = np.maximum(post - ant, 1.0)
-    u = np.clip((x - ant) / span, 0.0, 1.0)
-    depth = np.clip(np.sin(np.pi * np.clip(u * 0.92 + 0.06, 0, 1)), 0.0, 1.0) ** 0.45
+    u = _unit((x - ant) / span)
+    depth = np.sqrt(np.sqrt(_unit(np.sin(np.pi * _unit(u * 0.9 + 0.05)))))
     per_side = 0.5 * (_ramp(domes["right"] - y, edge) + _ramp(domes["left"] - y, edge))
     soft_raw = inside * _ramp(dome_lo - y, edge)
-    air = 1.05 * LUNG_AIR * inside * per_side * depth * (1.0 - 0.75 * heart_soft)
-    v = np.clip((y - top) / np.maximum(dome_lo - top, 1.0), 0.0, 1.0)
+    air = (1.15 * LUNG_AIR) * inside * per_side * depth * (1.0 - 0.92 * heart_soft)
+    air *= 0.8 + 0.2 * _unit((y - apex) * (1.0 / 120.0))
+    v = _unit((y - top) / np.maximum(dome_lo - top, 1.0))
     soft = soft_raw * (1.0 - heart_soft)
     raw = soft_raw > 0.5
-    mask = soft > 0.5
     wall = (~raw) & (y < domes["right"] - 4.0)
 
-    # Trachea: from the neck down and slightly back to the carina.
-    carina = (0.04 * depth_ap, apex + 100.0)
-    d = _segment_distance(x, y, (-0.10 * depth_ap, apex - 120.0), carina)
-    air += 0.14 * np.clip(1.0 - (d / 8.0) ** 2, 0.0, 1.0) ** 0.5
-    hilum = (0.02 * depth_ap, apex + 118.0)
-    tissue += 0.10 * np.exp(-(((x - hilum[0]) / 24.0) ** 2 + ((y - hilum[1]) / 22.0) ** 2))
+    # Trachea: from the neck down and slightly back to the carina; hilum below it.
+    carina = (0.02 * depth_ap, apex + 100.0)
+    d = _segment_distance(x, y, (-0.12 * depth_ap, apex - 150.0), carina) * (1.0 / 9.0)
+    air += 0.13 * np.sqrt(_unit(1.0 - d * d))
+    hilum = (0.0, apex + 122.0)
+    hx, hy = (x - hilum[0]) * (1.0 / 22.0), (y - hilum[1]) * (1.0 / 28.0)
+    tissue += 0.10 * np.exp(-(hx * hx + hy * hy))
 
-    # Bones: sternum, thoracic spine (rectangular bodies), scapulae, posterior ribs.
+    # Bones: sternum, thoracic spine (block-like bodies), scapulae, posterior ribs.
     bone = np.zeros(shape, dtype=np.float32)
-    st = _ramp(6.0 - np.abs(x - (ant - 7.0)), edge) * _ramp(y - (apex + 15.0), 4.0)
-    st *= _ramp(g.dome_peak_y["right"] + 10.0 - y, 4.0)
-    bone += 0.13 * st
-    x_sp = post - 42.0
-    pv = (y - (apex - 60.0)) / VERTEBRA_HEIGHT_MM
+    st = _ramp(6.0 - np.abs(x - (ant - 9.0)), edge) * _ramp(y - (apex + 20.0), 4.0)
+    st *= _ramp(b["pk"]["right"] + 15.0 - y, 4.0)
+    bone += 0.10 * st
+    x_sp = post - 44.0 + 0.05 * (y - apex)
+    vh = VERTEBRA_HEIGHT_MM * 0.95
+    pv = (y - (apex - 60.0)) * (1.0 / vh)
     fv = pv - np.floor(pv)
-    body_v = _ramp(np.minimum(fv, 1.0 - fv) * VERTEBRA_HEIGHT_MM - 2.5, edge)
+    gap = np.minimum(fv, 1.0 - fv) * vh - 2.5
     xb = np.abs(x - x_sp)
-    vert = _ramp(19.0 - xb, edge) * body_v
-    rim = np.clip(1.0 - np.minimum(19.0 - xb, np.minimum(fv, 1 - fv) * VERTEBRA_HEIGHT_MM - 2.5) / 3.0, 0.0, 1.0)
-    bone += (0.10 + 0.08 * rim) * vert
-    post_el = _ramp(x - (x_sp + 22.0), edge) * _ramp(x_sp + 60.0 - x, 6.0)
-    bone += 0.06 * post_el * (0.6 + 0.4 * np.cos(2 * np.pi * fv) ** 2)
-    scap = _ramp(x - (post - 30.0), 4.0) * _ramp(post + 20.0 - x, 8.0)
-    scap *= _ramp(y - (apex - 20.0), 4.0) * _ramp(apex + 140.0 - y, 10.0)
-    bone += 0.07 * scap
-    ribs_phase = (y + 0.55 * (post - x) - apex) / (g.rib_spacing * 1.2)
-    rf = np.abs(ribs_phase - np.round(ribs_phase)) * g.rib_spacing * 1.2
-    bone += 0.45 * RIB_DENSITY * _ramp(4.0 - rf, edge) * np.clip((x - 0.0) / 40.0, 0, 1) * inside
-    hh = np.hypot(x - (-0.05 * depth_ap), y - (apex - 25.0))
-    bone += 0.10 * _ramp(27.0 - hh, 2.0)
+    vert = _ramp(17.0 - xb, 2.0) * _ramp(gap, 2.0)
+    rim = _unit(1.0 - np.minimum(17.0 - xb, gap) * (1.0 / 3.0))
+    bone += (0.05 + 0.05 * rim) * vert
+    post_el = _ramp(x - (x_sp + 20.0), 3.0) * _ramp(x_sp + 62.0 - x, 8.0)
+    cf = np.cos((2.0 * np.pi) * fv)
+    bone += 0.04 * post_el * (0.6 + 0.4 * cf * cf)
+    scap = _ramp(x - (post - 36.0), 6.0) * _ramp(post + 18.0 - x, 10.0)
+    scap *= _ramp(y - (apex - 20.0), 6.0) * _ramp(apex + 140.0 - y, 16.0)
+    bone += 0.05 * scap
+    pitch = g.rib_spacing * 1.2
+    ribs_phase = (y + 0.5 * (post - x) - apex) * (1.0 / pitch)
+    rf = np.abs(ribs_phase - np.round(ribs_phase)) * pitch
+    bone += (0.3 * RIB_DENSITY) * _ramp(4.0 - rf, edge) * _unit(x * (1.0 / 60.0)) * inside
+    hh = _length(x + 0.10 * depth_ap, y - (apex - 35.0))
+    bone += 0.08 * _ramp(28.0 - hh, 3.0)
 
-    # Lung markings from the hilum in every direction but the mediastinum/heart.
-    n = 10
+    # Lung markings from the hilum in every direction but into the heart.
+    n = 11
     angles = np.linspace(-math.pi * 0.95, math.pi * 0.55, n) + rng.normal(0.0, 0.12, n)
-    tree = _vessel_tree(rng, hilum, angles, 30.0)[0]
-    vessels, bronchi = _draw_vessel_layers(frame, rng, [tree])
-    texture = 0.6 * _smooth_noise(rng, shape, max(1.8 / frame.spacing, 0.6))
+    tree = _vessel_tree(rng, hilum, angles, 28.0)
+    vessels, bronchi = _draw_vessel_layers(frame, [tree])
+    texture = 0.6 * _smooth_noise(rng, shape, max(1.6 / frame.spacing, 0.6))
     texture += 0.4 * _smooth_noise(rng, shape, 5.0 / frame.spacing)
 
-    # Stomach bubble under the left dome, anteriorly.
-    gx = -0.2 * depth_ap
-    gy = float(np.interp(gx, [-1e9, 1e9], [0, 0])) + g.dome_peak_y["left"] + 40.0
-    bubble = _ramp((1.0 - np.hypot((x - gx) / 30.0, (y - gy) / 15.0)) * 15.0, 3.0)
-    air += 0.15 * bubble * (rng.random() < 0.6)
+    if g.bubble < 0.6:  # stomach bubble under the left dome, anteriorly
+        gx = -0.22 * depth_ap
+        gy = _lateral_dome_at(g, "left", gx) + 22.0
+        r = _length((x - gx) * (1.0 / 26.0), (y - gy) * (1.0 / 11.0))
+        air += 0.08 * _ramp((1.0 - r) * 11.0, 3.0)
 
-    cp = (0.5 * depth_ap - 14.0 * 0.0, g.cp_y["left"] + 30.0)
-    fields = [
-        _LungField(
-            name="both", soft=soft, mask=mask, raw=raw, u=u, v=v, hilum=hilum, cp=cp,
-            wall=wall, sign=1.0,
-        )
-    ]  # fmt: skip
-    r = np.hypot(x - (cp[0] - 18.0), y - (cp[1] - 16.0))
-    anatomy = {
-        "lungs": mask,
-        "heart": heart_mask,
-        "costophrenic_posterior": (r < 18.0) & raw,
-    }
+    cp = (0.5 * depth_ap - 16.0 * 0.25, g.cp_y["left"] + 32.0)
+    fields = [_LungField(name="both", soft=soft, mask=soft > 0.5, raw=raw, u=u, v=v, hilum=hilum,
+                         cp=cp, wall=wall, sign=1.0, apex_y=apex)]  # fmt: skip
+    r = _length(x - (cp[0] - 20.0), y - (cp[1] - 18.0))
+    anatomy = {"lungs": fields[0].mask, "heart": heart_mask, "costophrenic_posterior": (r < 18.0) & raw}
     return _Canvas(
-        frame=frame, geometry=g, tissue=tissue.astype(np.float32), bone=bone,
-        air=air.astype(np.float32), vessels=vessels, bronchi=bronchi,
-        texture=texture.astype(np.float32), extra=np.zeros(shape, dtype=np.float32),
-        fields=fields, heart=heart_mask, lung_soft=np.clip(soft, 0.0, 1.0), anatomy=anatomy,
+        frame=frame, geometry=g, tissue=tissue, bone=bone, air=air, vessels=vessels,
+        bronchi=bronchi, texture=texture, extra=np.zeros(shape, dtype=np.float32),
+        fields=fields, heart=heart_mask, lung_soft=_unit(soft), anatomy=anatomy,
     )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
-# Findings
+# Findings: each modifies the canvas layers and returns its ground-truth mask
 # --------------------------------------------------------------------------------------
 
 
@@ -1120,143 +1296,151 @@ def _plan_findings(rng_for: Callable[[str], np.random.Generator], findings: set[
     """Draw the finding parameters that alter normal anatomy (volume loss)."""
     plan = _FindingPlan(cardiomegaly="Cardiomegaly" in findings)
     if "Atelectasis" in findings:
-        r = rng_for("Atelectasis")
-        u = [float(v) for v in r.random(4)]
+        u = [float(v) for v in rng_for("Atelectasis").random(4)]
         plan.atelectasis_side = "right" if u[0] < 0.55 else "left"
         plan.atelectasis_kind = "plate" if u[1] < 0.5 else "wedge"
-        # Volume loss: the hemidiaphragm rises and the mediastinum shifts towards the
-        # collapsed side.
-        raise_mm = (8.0 + 8.0 * u[2]) if plan.atelectasis_kind == "plate" else (14.0 + 14.0 * u[2])
-        plan.raised_dome[plan.atelectasis_side] = raise_mm
-        if view != "LATERAL":
+        # Volume loss: the hemidiaphragm rises, and with lobar collapse the mediastinum
+        # shifts towards the collapsed side.
+        wedge = plan.atelectasis_kind == "wedge"
+        plan.raised_dome[plan.atelectasis_side] = (14.0 + 14.0 * u[2]) if wedge else (8.0 + 8.0 * u[2])
+        if view != "LATERAL" and wedge:
             toward = -1.0 if plan.atelectasis_side == "right" else 1.0
-            plan.mediastinal_shift = toward * (2.0 + 6.0 * u[3]) * (plan.atelectasis_kind == "wedge")
+            plan.mediastinal_shift = toward * (3.0 + 6.0 * u[3])
     return plan
 
 
 def _pick_center(
-    rng: np.random.Generator, canvas: _Canvas, lung: _LungField, clearance_mm: float, vmin: float = 0.05
+    rng: np.random.Generator, canvas: _Canvas, lung: _LungField, clearance_mm: float
 ) -> tuple[float, float, float]:
     """A random point inside the lung at least ``clearance_mm`` from its edge.
 
-    Returns (x_mm, y_mm, clearance actually available in mm).
+    Returns (x_mm, y_mm, clearance available there in mm).
     """
-    inside_px = ndimage.distance_transform_edt(lung.mask) * canvas.frame.spacing
-    ok = (inside_px >= clearance_mm) & (lung.v > vmin)
-    available = clearance_mm
+    inside_mm = ndimage.distance_transform_edt(lung.mask) * canvas.frame.spacing
+    ok = (inside_mm >= clearance_mm) & (lung.v > 0.05)
     if not ok.any():
-        available = float(inside_px.max())
-        ok = inside_px >= 0.8 * available
+        ok = inside_mm >= 0.9 * float(inside_mm.max())
     idx = np.flatnonzero(ok)
     k = int(idx[rng.integers(idx.size)])
-    return float(canvas.frame.x.flat[k]), float(canvas.frame.y.flat[k]), available
+    return float(canvas.frame.x.flat[k]), float(canvas.frame.y.flat[k]), float(inside_mm.flat[k])
 
 
 def _finding_nodule(canvas: _Canvas, rng: np.random.Generator, *, mass: bool) -> np.ndarray:
     """Round (nodule) or lobulated (mass) solid opacity inside a lung."""
     lung = canvas.fields[int(rng.integers(len(canvas.fields)))]
     lo, hi = MASS_DIAMETER_MM if mass else NODULE_DIAMETER_MM
-    diameter = lo + (hi - lo) * rng.random() ** (1.3 if mass else 1.0)
+    u = [float(v) for v in rng.random(9)]
+    diameter = lo + (hi - lo) * (u[0] ** 1.4 if mass else u[0])
     radius = diameter / 2.0
-    lobes = 0.12 if mass else 0.03
-    cx, cy, available = _pick_center(rng, canvas, lung, radius * (1.0 + lobes) + 3.0)
-    if available < radius * (1.0 + lobes) + 3.0:
-        # Small lungs (tiny images): shrink to fit but stay on the right side of 3 cm.
-        radius = max(min(radius, (available - 3.0) / (1.0 + lobes)), (lo / 2.0) * (1.02 if mass else 1.0))
-    x, y = canvas.frame.x, canvas.frame.y
-    r = np.hypot(x - cx, y - cy)
-    theta = np.arctan2(y - cy, x - cx)
-    wobble = np.ones_like(r)
-    for k in (2, 3, 5):
-        # Mass: lobulated outline; each lobe adds area, so 2*radius stays a lower bound.
-        wobble += lobes * rng.uniform(0.3, 1.0) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    lobes = 0.10 if mass else 0.03
+    cx, cy, available = _pick_center(rng, canvas, lung, radius * (1.0 + 2 * lobes) + 2.0)
+    if available < radius * (1.0 + 2 * lobes) + 2.0:
+        # Small lungs: shrink to fit, but stay on the correct side of 3 cm.
+        floor = lo / 2.0 * 1.02 if mass else lo / 2.0
+        radius = max(min(radius, (available - 2.0) / (1.0 + 2 * lobes)), floor)
+    frame = canvas.frame
+    reach = radius * (1.0 + 3 * lobes) + 4.0
+    crop = frame.crop(cx - reach, cx + reach, cy - reach, cy + reach)
+    mask = np.zeros((frame.size, frame.size), dtype=bool)
+    if crop is None:
+        return mask
+    dx, dy = frame.x[crop] - cx, frame.y[crop] - cy
+    r = _length(dx, dy)
+    theta = np.arctan2(dy, dx)
+    wobble = 1.0
+    for i, k in enumerate((2, 3, 5)):
+        # Lobulation only adds area on average, so the equivalent diameter stays >= 2r.
+        wobble = wobble + (lobes * (0.3 + 0.7 * u[1 + i])) * np.cos(k * theta + 2.0 * np.pi * u[4 + i])
     rr = radius * wobble
     rn = r / rr
-    edge = max(canvas.frame.spacing * 0.6, 0.5)
+    edge = max(frame.spacing * 0.6, 0.5)
     solid = _ramp((1.0 - rn) * rr, edge)
-    profile = np.sqrt(np.clip(1.0 - rn * rn, 0.0, 1.0)) * 0.7 + 0.3 * solid
-    # A sphere replaces air: density grows with size but is visible even when small.
-    contrast = (0.10 + 0.10 * rng.random()) * (1.0 + (0.6 if mass else 0.25) * min(diameter / 40.0, 1.5))
-    canvas.extra += contrast * profile * solid
-    canvas.vessels *= 1.0 - 0.5 * solid
-    return rn <= 1.0
+    profile = np.sqrt(_unit(1.0 - rn * rn)) * 0.6 + 0.4 * solid
+    # A sphere replaces lung air: denser when larger, but visible even when small.
+    contrast = ((0.16 if mass else 0.19) + 0.10 * u[7]) * (1.0 + (0.3 if mass else 0.2) * min(diameter / 40.0, 1.5))
+    canvas.extra[crop] += contrast * profile * solid
+    canvas.vessels[crop] *= 1.0 - 0.5 * solid
+    mask[crop] = rn <= 1.0
+    return mask
 
 
 def _finding_effusion(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
     """Basal fluid with a meniscus rising laterally; it blunts the costophrenic angle."""
     u = [float(v) for v in rng.random(8)]
-    names = [f.name for f in canvas.fields]
+    names = [lung.name for lung in canvas.fields]
     if len(names) == 2:
-        chosen = names if u[0] < 0.35 else [names[0] if u[1] < 0.5 else names[1]]
+        chosen = names if u[0] < 0.35 else [names[0] if u[1] < 0.55 else names[1]]
     else:
         chosen = names
-    x, y = canvas.frame.x, canvas.frame.y
-    total = np.zeros(x.shape, dtype=bool)
+    y = canvas.frame.y
+    total = np.zeros(y.shape, dtype=bool)
     for i, name in enumerate(chosen):
         lung = canvas.field(name)
-        cp_y = lung.cp[1]
-        # Lateral height 18-110 mm above the costophrenic angle; medial height smaller.
-        h_lat = 18.0 + 90.0 * u[2 + i] ** 1.5
-        h_med = h_lat * (0.0 + 0.55 * u[4 + i]) - 12.0
-        level = cp_y - h_med - (h_lat - h_med) * lung.u**2.2  # concave-up meniscus
-        ramp_mm = 4.0 + 6.0 * u[6]
-        frac = np.clip((y - level) / ramp_mm, 0.0, 1.0)
-        region = frac * _ramp(lung.raw.astype(np.float32) - 0.5, 1.0)  # inside the pleura
-        # Fluid replaces air (homogeneous), hides the vessels and the diaphragm outline.
+        # Height of the fluid at the lateral chest wall above the costophrenic angle: 18 mm
+        # (just a blunted angle) to ~12 cm (a large effusion). Medially it stands at about
+        # half that, so small effusions stay below the dome and large ones cover it; the
+        # surface is concave upwards (the meniscus).
+        h_lat = 18.0 + 100.0 * u[2 + i]
+        medial_fraction = 0.40 + 0.15 * u[4 + i]
+        uu = lung.u * lung.u
+        level = lung.cp[1] - h_lat * (medial_fraction + (1.0 - medial_fraction) * uu)
+        ramp_mm = 3.0 + 6.0 * u[6]
+        region = _unit((y - level) * (1.0 / ramp_mm)) * lung.raw
+        # Fluid replaces air (homogeneous), hides vessels and the diaphragm outline.
         canvas.air *= 1.0 - 0.95 * region
         canvas.vessels *= 1.0 - region
         canvas.texture *= 1.0 - region
-        canvas.extra += 0.05 * region  # fluid also covers the dome: silhouette sign
+        canvas.extra += 0.04 * region
         total |= (region > 0.5) & lung.raw
     return total
 
 
 def _finding_pneumothorax(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
-    """Apical/lateral rim of air with no lung markings and a thin visceral pleural line."""
+    """Apical/lateral rim of air without lung markings, bounded by a thin pleural line."""
     lung = canvas.fields[int(rng.integers(len(canvas.fields)))]
-    u = [float(v) for v in rng.random(3)]
+    u = [float(v) for v in rng.random(4)]
     sp = canvas.frame.spacing
-    wall_dist = ndimage.distance_transform_edt(~lung.wall) * sp
-    g = canvas.geometry
-    gap = 10.0 + 24.0 * u[0]  # apical gap, mm
-    extent = 70.0 + 160.0 * u[1]  # how far down the lateral wall it reaches
+    wall_dist = (ndimage.distance_transform_edt(~lung.wall) * sp).astype(np.float32)
+    gap = 7.0 + 25.0 * u[0] ** 1.3  # apical gap, mm (small ones are the common, subtle kind)
+    extent = 60.0 + 190.0 * u[1]  # how far down the lateral wall the rim reaches
     y = canvas.frame.y
-    gap_y = gap * np.clip(1.0 - (y - g.apex_y) / extent, 0.0, 1.0) ** 0.5
-    gap_y = np.maximum(gap_y, 0.0)
-    rim = lung.raw & (wall_dist < gap_y)
-    rim_soft = np.clip((gap_y - wall_dist) / max(sp, 0.5) + 0.5, 0.0, 1.0) * lung.raw
-    # Pure air in the rim: darker than aerated lung and without vessels or texture.
-    full_air = LUNG_AIR * 1.05
-    canvas.air = canvas.air * (1.0 - rim_soft) + full_air * rim_soft
+    gap_y = gap * np.sqrt(_unit(1.0 - (y - lung.apex_y) * (1.0 / extent)))
+    raw = lung.raw
+    rim = raw & (wall_dist < gap_y)
+    rim_soft = _unit((gap_y - wall_dist) * (1.0 / max(sp, 0.5)) + 0.5) * raw
+    # Pure air in the rim: a little darker than aerated lung, with no vessels or texture
+    # (ribs stay). Aim at the typical lung attenuation minus a margin.
+    base = canvas.tissue - canvas.air
+    lung_level = float(np.median(base[lung.mask])) if lung.mask.any() else 0.4
+    target_air = canvas.tissue - (lung_level - 0.025 * u[2])
+    canvas.air += rim_soft * np.maximum(target_air - canvas.air, 0.02)
     canvas.vessels *= 1.0 - rim_soft
     canvas.texture *= 1.0 - rim_soft
     # The retracted lung edge: a thin bright visceral pleural line.
-    line_w = max(0.55 * sp, 0.5)
-    line = np.exp(-(((wall_dist - gap_y) / line_w) ** 2)) * (gap_y > 1.0) * lung.raw
-    canvas.extra += (0.07 + 0.05 * u[2]) * line
-    # The collapsed lung is a little denser.
-    collapsed = lung.raw & ~rim
-    canvas.air *= 1.0 - 0.06 * collapsed
+    line_w = max(0.5 * sp, 0.5)
+    dl = (wall_dist - gap_y) * (1.0 / line_w)
+    line = np.exp(-dl * dl) * (gap_y > 1.0) * raw
+    canvas.extra += (0.06 + 0.04 * u[3]) * line
+    canvas.air *= 1.0 - 0.06 * (raw & ~rim)  # the collapsed lung is a little denser
     return rim
 
 
-def _lobe_region(canvas: _Canvas, lung: _LungField, zone: str) -> np.ndarray:
-    """Soft region of a lobe-like zone, sharp along the fissure side."""
+def _lobe_region(lung: _LungField, zone: str) -> np.ndarray:
+    """Soft region of a lobe-like zone, sharp on its fissure side."""
     u, v = lung.u, lung.v
-    if lung.name == "both":  # lateral film: u anterior -> posterior
+    if lung.name == "both":  # lateral film: u runs anterior -> posterior
         if zone == "upper":
             r = _ramp(0.42 - v, 0.04)
         elif zone == "middle":
             r = _ramp(0.55 - u, 0.06) * _ramp(v - 0.40, 0.03) * _ramp(0.92 - v, 0.1)
         else:
             r = _ramp(u - 0.40, 0.03) * _ramp(v - 0.45, 0.1)
+    elif zone == "upper":
+        r = _ramp(0.42 - v, 0.02)  # the fissure gives a sharp lower margin
+    elif zone == "middle":
+        r = _ramp(v - 0.40, 0.02) * _ramp(0.80 - v, 0.12) * _ramp(0.75 - u, 0.2)
     else:
-        if zone == "upper":
-            r = _ramp(0.42 - v, 0.02)  # horizontal/oblique fissure: a sharp lower margin
-        elif zone == "middle":
-            r = _ramp(v - 0.40, 0.02) * _ramp(0.78 - v, 0.12) * _ramp(0.75 - u, 0.2)
-        else:
-            r = _ramp(v - 0.55, 0.12)
+        r = _ramp(v - 0.52, 0.12)
     return r * lung.soft
 
 
@@ -1264,22 +1448,22 @@ def _finding_consolidation(canvas: _Canvas, rng: np.random.Generator) -> np.ndar
     """Dense patchy lobar opacity with air bronchograms."""
     lung = canvas.fields[int(rng.integers(len(canvas.fields)))]
     zone = ("upper", "middle", "lower")[int(rng.choice(3, p=[0.3, 0.25, 0.45]))]
-    region = _lobe_region(canvas, lung, zone)
-    sigma_px = 7.0 / canvas.frame.spacing
-    patch = _smooth_noise(rng, region.shape, sigma_px)
-    coverage = 0.4 + 0.5 * rng.random()
-    bias = float(np.quantile(patch[region > 0.5], 1.0 - coverage)) if (region > 0.5).any() else 0.0
-    f = np.clip((patch - bias) / 0.5 + 0.5, 0.0, 1.0) * region
-    f = ndimage.gaussian_filter(f, 1.0 / canvas.frame.spacing * 2.0)
-    density = 0.75 + 0.2 * rng.random()
+    u = [float(v) for v in rng.random(3)]
+    region = _lobe_region(lung, zone)
+    sp = canvas.frame.spacing
+    patch = 0.7 * _smooth_noise(rng, region.shape, 9.0 / sp) + 0.3 * _smooth_noise(rng, region.shape, 3.0 / sp)
+    inside = region > 0.5
+    coverage = 0.6 + 0.35 * u[0]
+    bias = float(np.quantile(patch[inside], 1.0 - coverage)) if inside.any() else 0.0
+    f = _unit((patch - bias) * 2.0 + 0.5) * region
+    f = ndimage.gaussian_filter(f, 2.5 / sp, truncate=2.5)
+    density = 0.6 + 0.35 * u[1]
     canvas.air *= 1.0 - density * f
     canvas.vessels *= 1.0 - f
-    canvas.texture *= 1.0 - 0.7 * f
-    # Air bronchograms: aerated bronchi become visible against the dense lung.
-    if rng.random() < 0.7:
-        canvas.extra -= 0.10 * np.clip(canvas.bronchi, 0.0, 1.5) * np.clip((f - 0.4) / 0.4, 0.0, 1.0)
-    mask = (f > 0.45) & lung.mask
-    return mask
+    canvas.texture *= 1.0 - 0.6 * f
+    if u[2] < 0.75:  # air bronchograms: aerated bronchi outlined by the dense alveoli
+        canvas.extra -= 0.06 * np.minimum(canvas.bronchi, 1.0) * _unit((f - 0.5) * 2.5)
+    return (f > 0.45) & lung.mask
 
 
 def _finding_edema(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
@@ -1288,75 +1472,71 @@ def _finding_edema(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
     x, y = canvas.frame.x, canvas.frame.y
     sp = canvas.frame.spacing
     patch = _smooth_noise(rng, x.shape, 8.0 / sp)
-    severity = 0.55 + 0.45 * u[0]
+    severity = 0.4 + 0.6 * u[0]
     total = np.zeros(x.shape, dtype=bool)
     haze_all = np.zeros(x.shape, dtype=np.float32)
+    reach_x, reach_y = 70.0 + 30.0 * u[1], 85.0 + 35.0 * u[2]
     for lung in canvas.fields:
         hx, hy = lung.hilum
-        reach_x = 70.0 + 30.0 * u[1]
-        reach_y = 85.0 + 35.0 * u[2]
-        d = np.hypot((x - hx) / reach_x, (y - hy) / reach_y)
-        haze = np.exp(-(d**2) * 1.6) * (1.0 + 0.25 * patch)
-        haze = np.clip(haze, 0.0, 1.0) * lung.soft * severity
+        dx, dy = (x - hx) * (1.0 / reach_x), (y - hy) * (1.0 / reach_y)
+        haze = _unit(np.exp(-1.6 * (dx * dx + dy * dy)) * (1.0 + 0.25 * patch)) * lung.soft * severity
         haze_all += haze
         total |= (haze > 0.30) & lung.mask
     canvas.air *= 1.0 - 0.55 * haze_all
-    # Vascular blurring: interstitial fluid smears the vessel outlines; cephalisation.
+    # Interstitial fluid blurs the vessel outlines.
     blurred = ndimage.gaussian_filter(canvas.vessels, 2.5 / sp)
-    canvas.vessels = (1.0 - 0.7 * severity) * canvas.vessels + 0.9 * severity * blurred
+    canvas.vessels = (1.0 - 0.7 * severity) * canvas.vessels + (0.9 * severity) * blurred
     canvas.texture *= 1.0 + 0.6 * severity
-    # Kerley B: short horizontal lines reaching the lateral pleura at the bases.
-    if u[3] < 0.7:
-        spacing = 7.0 + 4.0 * u[4]
-        phase = y / spacing
-        lines = np.exp(-(((phase - np.round(phase)) * spacing / 0.9) ** 2))
+    if u[3] < 0.7:  # Kerley B: short horizontal lines reaching the lateral pleura at the bases
+        pitch = 7.0 + 4.0 * u[4]
+        phase = y * (1.0 / pitch)
+        dl = (phase - np.round(phase)) * (pitch / 0.9)
+        lines = np.exp(-dl * dl)
         for lung in canvas.fields:
-            zone = np.clip((lung.u - 0.80) / 0.08, 0.0, 1.0) * np.clip((lung.v - 0.55) / 0.1, 0.0, 1.0)
+            zone = _unit((lung.u - 0.80) * (1.0 / 0.08)) * _unit((lung.v - 0.55) * 10.0)
             canvas.extra += 0.05 * lines * zone * lung.soft
     return total
 
 
 def _finding_atelectasis(canvas: _Canvas, rng: np.random.Generator, plan: _FindingPlan) -> np.ndarray:
-    """Plate-like band or lobar wedge of collapsed lung (volume loss drawn in the anatomy)."""
+    """Plate-like band or lobar wedge of collapsed lung (volume loss is in the anatomy)."""
     lung = canvas.field(plan.atelectasis_side) if len(canvas.fields) > 1 else canvas.fields[0]
     x, y = canvas.frame.x, canvas.frame.y
     sp = canvas.frame.spacing
     edge = max(sp * 0.6, 0.5)
+    u = [float(v) for v in rng.random(6)]
     if plan.atelectasis_kind == "plate":
-        # Subsegmental (plate) atelectasis: a 4-10 mm band in the lower zone, near horizontal.
-        cand = lung.mask & (lung.v > 0.55) & (lung.v < 0.88) & (lung.u > 0.15) & (lung.u < 0.8)
+        # Plate (discoid) atelectasis: a 5-12 mm band in the lower zone, near horizontal.
+        cand = lung.mask & (lung.v > 0.55) & (lung.v < 0.88) & (lung.u > 0.2) & (lung.u < 0.8)
         if not cand.any():
             cand = lung.mask
         idx = np.flatnonzero(cand)
         k = int(idx[rng.integers(idx.size)])
         cx, cy = float(x.flat[k]), float(y.flat[k])
-        length = 40.0 + 45.0 * rng.random()
-        thick = 2.5 + 3.5 * rng.random()
-        ang = math.radians(rng.uniform(-18.0, 18.0))
-        p0 = (cx - 0.5 * length * math.cos(ang), cy - 0.5 * length * math.sin(ang))
-        p1 = (cx + 0.5 * length * math.cos(ang), cy + 0.5 * length * math.sin(ang))
-        d = _segment_distance(x, y, p0, p1)
+        length = 40.0 + 45.0 * u[0]
+        thick = 2.5 + 3.5 * u[1]
+        ang = math.radians(-18.0 + 36.0 * u[2])
+        half = (0.5 * length * math.cos(ang), 0.5 * length * math.sin(ang))
+        d = _segment_distance(x, y, (cx - half[0], cy - half[1]), (cx + half[0], cy + half[1]))
         f = _ramp(thick - d, edge) * lung.soft
         canvas.air *= 1.0 - 0.9 * f
         canvas.extra += 0.03 * f
         canvas.vessels *= 1.0 - f
         return (f > 0.5) & lung.mask
-    # Lobar collapse: a dense wedge from the hilum to the pleura.
+    # Lobar collapse: a dense wedge from the hilum towards the pleura.
     hx, hy = lung.hilum
-    if lung.name == "both":
-        centre, spread = math.radians(rng.uniform(125.0, 150.0)), math.radians(rng.uniform(14.0, 22.0))
+    if lung.name == "both":  # middle lobe on a lateral: a wedge pointing antero-inferiorly
+        centre, spread = math.radians(125.0 + 25.0 * u[0]), math.radians(14.0 + 8.0 * u[1])
     else:
-        upper = rng.random() < 0.4
-        base = -70.0 if upper else 70.0  # up or down from the hilum (image coordinates)
-        base += rng.uniform(-12.0, 12.0)
-        lat = base if lung.sign > 0 else 180.0 - base
-        centre, spread = math.radians(lat), math.radians(rng.uniform(14.0, 24.0))
-    theta = np.arctan2(y - hy, x - hx)
-    dtheta = np.angle(np.exp(1j * (theta - centre)))
-    r = np.hypot(x - hx, y - hy)
-    reach = 60.0 + 70.0 * rng.random()
-    wedge = _ramp(np.radians(1.0) * 0 + (spread - np.abs(dtheta)) * r, edge * 2.0) * _ramp(reach - r, 8.0)
-    wedge *= _ramp(r - 6.0, 4.0) * lung.soft
+        base = (-70.0 if u[3] < 0.4 else 72.0) + (-12.0 + 24.0 * u[0])  # upper or lower lobe
+        centre = math.radians(base if lung.sign > 0 else 180.0 - base)
+        spread = math.radians(14.0 + 10.0 * u[1])
+    dx, dy = x - hx, y - hy
+    r = _length(dx, dy)
+    dtheta = np.abs(np.angle(np.exp(1j * (np.arctan2(dy, dx) - centre))))
+    reach = 60.0 + 70.0 * u[2]
+    wedge = _ramp((spread - dtheta) * r, edge * 2.0) * _ramp(reach - r, 10.0) * _ramp(r - 6.0, 4.0)
+    wedge = ndimage.gaussian_filter(wedge.astype(np.float32), 1.2 / sp) * lung.soft
     canvas.air *= 1.0 - 0.85 * wedge
     canvas.vessels *= 1.0 - wedge
     canvas.extra += 0.03 * wedge
@@ -1375,15 +1555,15 @@ def _clean_mask(mask: np.ndarray, min_pixels: int) -> np.ndarray:
 
 
 def _mask_boxes(mask: np.ndarray) -> list[tuple[float, float, float, float]]:
-    """One [x, y, w, h] box (pixels) per 8-connected component, largest first."""
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    """One [x, y, w, h] pixel box per 8-connected component, largest first."""
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     boxes = []
     for sl in ndimage.find_objects(labels):
         if sl is None:
             continue
         rows, cols = sl
         boxes.append((float(cols.start), float(rows.start), float(cols.stop - cols.start), float(rows.stop - rows.start)))
-    boxes.sort(key=lambda b: -b[2] * b[3])
+    boxes.sort(key=lambda box: -box[2] * box[3])
     return boxes
 
 
@@ -1392,40 +1572,62 @@ def _mask_boxes(mask: np.ndarray) -> list[tuple[float, float, float, float]]:
 # --------------------------------------------------------------------------------------
 
 
+_COARSE_CACHE: dict[tuple[int, float], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _coarse_operators(size: int, sigma_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Matrices for a large Gaussian blur done as downsample-blur-upsample (separable).
+
+    ``up @ (down @ img @ down.T) @ up.T`` approximates a ``sigma_px`` Gaussian blur of
+    ``img`` with a few small BLAS calls instead of a wide convolution.
+    """
+    key = (size, round(sigma_px, 1))
+    ops = _COARSE_CACHE.get(key)
+    if ops is None:
+        m = max(size // 8, 2)
+        centres = (np.arange(m) + 0.5) * (size / m) - 0.5
+        pix = np.arange(size)
+        blur = np.exp(-0.5 * ((pix[None, :] - centres[:, None]) / max(key[1], 1.0)) ** 2)
+        down = (blur / blur.sum(axis=1, keepdims=True)).astype(np.float32)  # (m, size)
+        # Linear interpolation back to full size, clamped at the borders.
+        pos = np.clip((pix + 0.5) * (m / size) - 0.5, 0, m - 1)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, m - 1)
+        frac = pos - lo
+        up = np.zeros((size, m), dtype=np.float32)
+        np.add.at(up, (pix, lo), 1.0 - frac)
+        np.add.at(up, (pix, hi), frac)
+        ops = (down, up)
+        _COARSE_CACHE[key] = ops
+    return ops
+
+
 def _expose(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
-    """Attenuation -> blur -> quantum noise -> processing -> windowed display in [0, 1]."""
+    """Attenuation -> blur -> quantum noise -> DR processing -> windowed display in [0, 1]."""
     g = canvas.geometry
     sp = canvas.frame.spacing
     lungs = canvas.lung_soft
-    vessels = canvas.vessels
-    if canvas.vessel_blur > 0:
-        vessels = ndimage.gaussian_filter(vessels, canvas.vessel_blur / sp)
-    attenuation = (
-        canvas.tissue
-        + canvas.bone
-        - canvas.air
-        + VESSEL_DENSITY * vessels * np.clip(lungs * 1.6, 0.0, 1.0)
-        + 0.012 * canvas.texture * lungs
-        + canvas.extra
-    )
-    attenuation = ndimage.gaussian_filter(attenuation, g.blur_mm / sp * 0.6)
-    # Poisson statistics: counts ~ N0 exp(-kappa A); the log-signal noise grows where
-    # fewer photons arrive (bone, abdomen), as on a real detector.
+    attenuation = canvas.tissue + canvas.bone - canvas.air + canvas.extra
+    attenuation += (VESSEL_DENSITY * canvas.vessels + 0.012 * canvas.texture) * lungs
+    attenuation = _blur(attenuation, max(g.blur_mm / sp * 0.6, 0.3))
+    # Poisson statistics: counts ~ N0 exp(-kappa A), so the log-signal noise grows where
+    # fewer photons arrive (bone, abdomen), as on a real detector. Coarser pixels collect
+    # more photons each.
     counts = g.counts * (sp / REFERENCE_SPACING_MM) ** 2
-    sigma = np.exp(0.5 * ATTENUATION_KAPPA * np.clip(attenuation, 0.0, None)) / (
-        ATTENUATION_KAPPA * math.sqrt(counts)
+    sigma = np.exp((0.5 * ATTENUATION_KAPPA) * np.maximum(attenuation, 0.0)) * (
+        1.0 / (ATTENUATION_KAPPA * math.sqrt(counts))
     )
-    noisy = attenuation + sigma * rng.standard_normal(attenuation.shape, dtype=np.float32)
-    noisy = ndimage.gaussian_filter(noisy, 0.35)
-    # Digital radiography processing: mild unsharp masking at a coarse scale (equalises the
-    # lung fields against the mediastinum) computed on a 4x smaller grid for speed.
-    small = ndimage.zoom(noisy, 0.25, order=1)
-    small = ndimage.gaussian_filter(small, 16.0 / (sp * 4.0))
-    coarse = ndimage.zoom(small, (noisy.shape[0] / small.shape[0], noisy.shape[1] / small.shape[1]), order=1)
+    # White noise from a per-process bank (random window and flips): drawing 65k normals
+    # per image costs more than the rest of the exposure.
+    noisy = attenuation + sigma * _smooth_noise(rng, attenuation.shape, 0.0)
+    noisy = _blur(noisy, 0.4)
+    # Digital radiography processing: unsharp masking at a coarse scale equalises the lung
+    # fields against the mediastinum (computed on a 4x smaller grid for speed).
+    down, up = _coarse_operators(noisy.shape[0], 18.0 / sp)
+    coarse = up @ (down @ noisy @ down.T) @ up.T
     processed = noisy + g.edge_enhance * (noisy - coarse)
-    display = (processed - g.window_lo) / (g.window_hi - g.window_lo)
-    display = np.clip(display, 0.0, 1.0) ** g.gamma
-    return display.astype(np.float32)
+    display = _unit((processed - g.window_lo) * (1.0 / (g.window_hi - g.window_lo)))
+    return (display**g.gamma).astype(np.float32)
 
 
 def render_case(
@@ -1438,28 +1640,28 @@ def render_case(
 ) -> PhantomCase:
     """Draw one phantom radiograph with exactly the requested findings.
 
-    The random stream is split up front (anatomy, each finding, noise), so the same
+    The random stream is split up front (patient, pose, each finding, noise), so the same
     generator state with and without a finding gives the same patient, pose and noise:
-    the difference between the two images is the finding itself.
+    the difference between the two images is the finding (and its volume loss) itself.
 
     Args:
         rng: the random generator (consumed).
         size: image side in pixels (square).
-        view: "PA", "AP" or "LATERAL".
-        findings: names from ``PHANTOM_FINDINGS``; any order, no duplicates needed.
+        view: "PA", "AP" or "LATERAL" ("LL"/"RL" accepted).
+        findings: names from ``PHANTOM_FINDINGS``, any order.
         patient: shared traits for follow-up images; drawn from ``rng`` when None.
 
     Returns:
-        The image with its masks, boxes, spacing and cardiothoracic ratio.
+        The image with its masks, boxes, pixel spacing and cardiothoracic ratio.
 
     Raises:
         ValueError: unknown view or finding, or a size below 32.
 
     Example:
         >>> case = render_case(np.random.default_rng(7), size=256, view="PA",
-        ...                    findings=("Cardiomegaly", "Effusion"))
-        >>> case.image.shape, case.ctr > 0.5, sorted(case.masks)
-        ((256, 256), True, ['Cardiomegaly', 'Effusion'])
+        ...                    findings=("Effusion", "Cardiomegaly"))
+        >>> case.image.shape, case.findings, case.ctr > 0.5
+        ((256, 256), ('Cardiomegaly', 'Effusion'), True)
     """
     view = view.upper()
     if view in ("LL", "RL", "LAT"):
@@ -1472,14 +1674,15 @@ def render_case(
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     wanted = set(findings)
-    seeds = rng.integers(0, 2**63 - 1, size=6)
+    seeds = [int(s) for s in rng.integers(0, 2**63 - 1, size=5)]
     if patient is None:
         patient = sample_patient(np.random.default_rng(seeds[0]))
     finding_rngs: dict[str, np.random.Generator] = {}
 
     def rng_for(name: str) -> np.random.Generator:
+        # One independent stream per finding: adding a finding never changes another's.
         if name not in finding_rngs:
-            finding_rngs[name] = np.random.default_rng([int(seeds[2]), PHANTOM_FINDINGS.index(name)])
+            finding_rngs[name] = np.random.default_rng([seeds[2], PHANTOM_FINDINGS.index(name)])
         return finding_rngs[name]
 
     plan = _plan_findings(rng_for, wanted, view)
@@ -1487,9 +1690,11 @@ def render_case(
     spacing = geometry.fov / size
     frame = _Frame.make(size, spacing, geometry.angle, geometry.tx, geometry.ty)
     anatomy_rng = np.random.default_rng(seeds[3])
-    canvas = _draw_lateral(frame, geometry, anatomy_rng) if view == "LATERAL" else _draw_frontal(frame, geometry, anatomy_rng)
+    draw = _draw_lateral if view == "LATERAL" else _draw_frontal
+    canvas = draw(frame, geometry, anatomy_rng)
 
     masks: dict[str, np.ndarray] = {}
+    min_px = max(3, int(round(6.0 / (spacing * spacing))))  # ~6 mm^2: smaller is a crumb
     for name in PHANTOM_FINDINGS:  # fixed order: later findings see earlier ones' changes
         if name not in wanted:
             continue
@@ -1510,14 +1715,12 @@ def render_case(
             mask = _finding_edema(canvas, r)
         else:
             mask = _finding_atelectasis(canvas, r, plan)
-        min_px = max(3, int(round(4.0 / (spacing * spacing))))  # ~4 mm^2
         masks[name] = _clean_mask(mask, min_px)
 
     image = _expose(canvas, np.random.default_rng(seeds[4]))
-    present = tuple(f for f in PHANTOM_FINDINGS if f in wanted)
     return PhantomCase(
         image=image,
-        findings=present,
+        findings=tuple(f for f in PHANTOM_FINDINGS if f in wanted),
         masks=masks,
         boxes={name: _mask_boxes(m) for name, m in masks.items()},
         view_position=view,
@@ -1528,3 +1731,494 @@ def render_case(
         sex=patient.sex,
         anatomy=canvas.anatomy,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Cohort writing: NIH-style folder, PNG or DICOM
+# --------------------------------------------------------------------------------------
+
+# SOP classes written (both with an X-ray modality, unlike Secondary Capture).
+_DX_PRESENTATION_SOP = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image - For Presentation
+_CR_SOP = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image
+_DICOM_MAX_VALUE = 4095  # BitsStored 12
+# Detector pixel spacing = patient-plane spacing * radiographic magnification.
+_MAGNIFICATION = {"PA": 1.08, "AP": 1.15, "LATERAL": 1.12}
+_PATIENT_ORIENTATION = {"PA": ["L", "F"], "AP": ["L", "F"], "LATERAL": ["P", "F"]}
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One image to render and write (picklable, for worker processes)."""
+
+    index: int
+    patient: int
+    followup: int
+    view: str
+    findings: tuple[str, ...]
+    transfer_syntax: str
+    monochrome1: bool
+    intercept: int
+    windowed: bool
+    modality: str
+
+
+@dataclass(frozen=True)
+class _Settings:
+    images_dir: str
+    masks_dir: str | None
+    size: int
+    seed: int
+    image_format: str
+    verify: bool
+
+
+def _image_name(patient: int, followup: int, image_format: str) -> str:
+    return f"{patient:08d}_{followup:03d}.{'dcm' if image_format == 'dicom' else 'png'}"
+
+
+def _patient_traits(seed: int, number: int) -> PhantomPatient:
+    return sample_patient(np.random.default_rng([seed, number, 0x9A7]), number=number)
+
+
+def _render_job(job: _Job, settings: _Settings) -> dict:
+    """Render one image, write it (and its masks); return its label-file rows."""
+    patient = _patient_traits(settings.seed, job.patient)
+    rng = np.random.default_rng([settings.seed, job.patient, job.followup, 0x1A6E])
+    case = render_case(rng, size=settings.size, view=job.view, findings=job.findings, patient=patient)
+    name = _image_name(job.patient, job.followup, settings.image_format)
+    path = Path(settings.images_dir) / name
+    if settings.image_format == "dicom":
+        _write_dicom(path, case, job, settings)
+    else:
+        _write_png(path, np.round(case.image * 255.0).astype(np.uint8))
+    if settings.masks_dir is not None and case.masks:
+        folder = Path(settings.masks_dir) / Path(name).stem
+        folder.mkdir(parents=True, exist_ok=True)
+        for finding, mask in case.masks.items():
+            _write_png(folder / f"{finding}.png", mask.astype(np.uint8) * 255)
+    return {
+        "name": name,
+        "labels": case.labels,
+        "findings": case.findings,
+        "followup": job.followup,
+        "patient": job.patient,
+        "age": min(patient.age + job.followup // 2, 99),
+        "sex": patient.sex,
+        "view": DICOM_VIEW_POSITION[job.view],
+        "size": settings.size,
+        "spacing": case.pixel_spacing[1],
+        "boxes": [(f, box) for f in case.findings for box in case.boxes.get(f, [])],
+    }
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    # Low zlib effort: PNG stays lossless, writing is ~3x faster than the default.
+    Image.fromarray(array).save(path, format="PNG", compress_level=1)
+
+
+def _write_dicom(path: Path, case: PhantomCase, job: _Job, settings: _Settings) -> None:
+    """Write a real DICOM DX/CR object with deterministic UIDs and verify it reads back."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+    values = np.round(case.image * _DICOM_MAX_VALUE).astype(np.uint16)
+    # MONOCHROME1: minimum value is white, so the stored values are inverted; a reader
+    # that honours the photometric interpretation shows the same picture.
+    stored = (_DICOM_MAX_VALUE - values).astype(np.uint16) if job.monochrome1 else values
+
+    def uid(*parts: object) -> str:
+        return generate_uid(entropy_srcs=["cxrtool-phantom", str(settings.seed), *map(str, parts)])
+
+    number = f"{job.patient:05d}"
+    sop_class = _DX_PRESENTATION_SOP if job.modality == "DX" else _CR_SOP
+    sop_instance = uid("sop", job.patient, job.followup)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_instance
+    ds.StudyInstanceUID = uid("study", job.patient, job.followup)
+    ds.SeriesInstanceUID = uid("series", job.patient, job.followup)
+    date = f"2020{1 + job.followup % 12:02d}{1 + job.patient % 28:02d}"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = f"{8 + job.index % 10:02d}{job.index % 60:02d}00"
+    ds.AccessionNumber = f"PHA{job.patient:05d}{job.followup:02d}"
+    ds.Modality = job.modality
+    ds.Manufacturer = "cxrtool phantom"
+    ds.InstitutionName = "Phantom General Hospital"
+    ds.ReferringPhysicianName = "Referrer^Phantom"
+    ds.StudyDescription = "CHEST"
+    ds.SeriesDescription = f"CHEST {DICOM_VIEW_POSITION[job.view]}"
+    # Fake identifiers on purpose: tests check that cxrtool never echoes them.
+    ds.PatientName = f"Phantom^{number}"
+    ds.PatientID = f"PHANTOM-{number}"
+    ds.PatientBirthDate = f"{2020 - case.age}0101"
+    ds.PatientSex = case.sex
+    ds.PatientAge = f"{case.age:03d}Y"
+    ds.StudyID = f"{job.followup + 1}"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = DICOM_VIEW_POSITION[job.view]
+    ds.PatientOrientation = _PATIENT_ORIENTATION[job.view]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+    if job.modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.ImageLaterality = "U"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    spacing = case.pixel_spacing
+    magnification = _MAGNIFICATION[job.view]
+    ds.PixelSpacing = [f"{spacing[0]:.6f}", f"{spacing[1]:.6f}"]
+    ds.ImagerPixelSpacing = [f"{spacing[0] * magnification:.6f}", f"{spacing[1] * magnification:.6f}"]
+    ds.EstimatedRadiographicMagnificationFactor = f"{magnification:.2f}"
+    ds.PixelSpacingCalibrationType = "GEOMETRY"
+    ds.set_pixel_data(
+        stored, "MONOCHROME1" if job.monochrome1 else "MONOCHROME2", 12, generate_instance_uid=False
+    )
+    ds.RescaleIntercept = str(job.intercept)
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "US"
+    if job.windowed:
+        lo, hi = int(stored.min()), int(stored.max())
+        ds.WindowCenter = f"{(lo + hi) / 2.0 + job.intercept:.1f}"
+        ds.WindowWidth = f"{max(hi - lo + 1, 2)}"
+        ds.VOILUTFunction = "LINEAR"
+    ts = TRANSFER_SYNTAXES[job.transfer_syntax]
+    if ts != ExplicitVRLittleEndian:
+        ds.compress(ts, stored, generate_instance_uid=False)
+    ds.save_as(path, enforce_file_format=True)
+    if settings.verify:
+        back = dcmread(path).pixel_array
+        if back.shape != stored.shape or not np.array_equal(back, stored):
+            raise RuntimeError(f"{path.name}: {job.transfer_syntax} round trip is not lossless")
+
+
+def _plan_cohort(
+    *,
+    n_images: int,
+    seed: int,
+    views: Sequence[str],
+    view_probabilities: dict[str, float] | None,
+    transfer_syntaxes: Sequence[str],
+    images_per_patient: int | range,
+    first_patient_id: int,
+) -> list[_Job]:
+    """Decide every image up front (patients, follow-ups, views, findings, encodings)."""
+    probs = view_probabilities or DEFAULT_VIEW_PROBABILITIES
+    weights = np.array([float(probs.get(v, 0.0)) for v in views])
+    if weights.sum() <= 0:
+        weights = np.ones(len(views))
+    weights = weights / weights.sum()
+    followups = range(1, images_per_patient + 1) if isinstance(images_per_patient, int) else images_per_patient
+    choices = [int(n) for n in followups if int(n) >= 1]
+    if not choices:
+        raise ValueError(f"images_per_patient gives no count >= 1: {images_per_patient!r}")
+    rng = np.random.default_rng([seed, 0xC0407])
+    jobs: list[_Job] = []
+    patient = first_patient_id
+    n_ts = len(transfer_syntaxes)
+    while len(jobs) < n_images:
+        count = choices[int(rng.integers(len(choices)))]
+        for followup in range(count):
+            if len(jobs) >= n_images:
+                break
+            i = len(jobs)
+            view = views[int(rng.choice(len(views), p=weights))]
+            findings = sample_findings(rng)
+            jobs.append(
+                _Job(
+                    index=i,
+                    patient=patient,
+                    followup=followup,
+                    view=view,
+                    findings=findings,
+                    # Encodings cycle fastest; each block of one pass through them flips
+                    # photometric, window and rescale choices, so every syntax sees both
+                    # photometric interpretations within 2 * len(transfer_syntaxes) images.
+                    transfer_syntax=transfer_syntaxes[i % n_ts],
+                    monochrome1=bool((i // n_ts) % 2),
+                    intercept=-1024 if (i // n_ts) % 3 == 2 else 0,
+                    windowed=(i // n_ts) % 4 in (1, 2),
+                    modality="CR" if (i // n_ts) % 5 in (1, 3) else "DX",
+                )
+            )
+        patient += 1
+    return jobs
+
+
+def _default_workers(n_images: int) -> int:
+    if n_images < 64:
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _limit_blas_threads() -> None:
+    """Worker initialiser: one BLAS thread per process (they would only fight)."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        pass
+
+
+def generate_cohort(
+    out_dir: str | os.PathLike,
+    *,
+    n_images: int,
+    size: int = 256,
+    seed: int = 0,
+    image_format: str = "png",
+    views: Sequence[str] = VIEWS,
+    view_probabilities: dict[str, float] | None = None,
+    transfer_syntaxes: Sequence[str] = ("explicit", "rle", "jpeg-ls", "jpeg2000"),
+    images_per_patient: int | range = range(1, 4),
+    first_patient_id: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    write_masks: bool = True,
+    workers: int | None = None,
+    verify_dicom: bool = True,
+    image_subdir: str = "images",
+) -> CohortInfo:
+    """Write a phantom cohort laid out like NIH ChestX-ray14.
+
+    Files: ``<image_subdir>/{patient:08d}_{followup:03d}.png|.dcm``, ``Data_Entry.csv`` and
+    ``BBox_List.csv`` in the exact NIH layouts, and (``write_masks``)
+    ``masks/<image stem>/<Finding>.png`` (uint8 0/255). The output depends only on the
+    arguments (not on ``workers``): the same seed gives byte-identical files.
+
+    DICOM files are DX (For Presentation) or CR objects, 16-bit with BitsStored 12,
+    alternating MONOCHROME2/MONOCHROME1 (inverted values), RescaleIntercept 0 or -1024,
+    sometimes a window, cycling through ``transfer_syntaxes`` (``explicit``, ``rle``,
+    ``jpeg-ls``, ``jpeg2000``, all lossless); every file is read back and compared when
+    ``verify_dicom``. ViewPosition is PA, AP or LL (lateral).
+
+    Args:
+        out_dir: folder to create/fill.
+        n_images: number of images.
+        size: image side in pixels.
+        seed: random seed; everything (pixels, labels, UIDs) follows from it.
+        image_format: "png" or "dicom".
+        views: views to draw from.
+        view_probabilities: relative frequency per view (default PA 0.6, AP 0.3, LATERAL 0.1).
+        transfer_syntaxes: DICOM encodings to cycle through (keys of ``TRANSFER_SYNTAXES``).
+        images_per_patient: follow-up count per patient: an int n means 1..n, or a range.
+        first_patient_id: the first NIH-style patient number (use distinct ranges for
+            cohorts that must not share patients).
+        progress: called as ``progress(done, total)`` after each image.
+        write_masks: also write per-finding masks.
+        workers: processes (default: all CPUs up to 8 for 64+ images; 1 = in-process).
+        verify_dicom: read each DICOM back and check the pixels are unchanged.
+        image_subdir: folder for the images inside ``out_dir`` ("" for ``out_dir`` itself).
+
+    Returns:
+        What was written, with per-finding counts and the wall time.
+
+    Raises:
+        ValueError: bad format, view, transfer syntax or count.
+
+    Example:
+        >>> info = generate_cohort("phantoms", n_images=2000, size=256, seed=0)
+        >>> info.data_entry_csv.name, info.finding_counts["No Finding"] > 0
+        ('Data_Entry.csv', True)
+    """
+    started = time.perf_counter()
+    if image_format not in ("png", "dicom"):
+        raise ValueError(f"image_format must be 'png' or 'dicom', got {image_format!r}")
+    if n_images < 0:
+        raise ValueError(f"n_images must be >= 0, got {n_images}")
+    views = tuple("LATERAL" if v.upper() in ("LL", "RL", "LAT") else v.upper() for v in views)
+    bad_views = [v for v in views if v not in VIEWS]
+    if bad_views or not views:
+        raise ValueError(f"unknown view(s) {bad_views}; expected some of {', '.join(VIEWS)}")
+    bad_ts = [t for t in transfer_syntaxes if t not in TRANSFER_SYNTAXES]
+    if bad_ts or not transfer_syntaxes:
+        raise ValueError(f"unknown transfer syntax(es) {bad_ts}; expected some of {', '.join(TRANSFER_SYNTAXES)}")
+    out = Path(out_dir)
+    images_dir = out / image_subdir if image_subdir else out
+    images_dir.mkdir(parents=True, exist_ok=True)
+    masks_dir = out / "masks" if write_masks else None
+    if masks_dir is not None:
+        masks_dir.mkdir(parents=True, exist_ok=True)
+    jobs = _plan_cohort(
+        n_images=n_images,
+        seed=seed,
+        views=views,
+        view_probabilities=view_probabilities,
+        transfer_syntaxes=tuple(transfer_syntaxes),
+        images_per_patient=images_per_patient,
+        first_patient_id=first_patient_id,
+    )
+    settings = _Settings(
+        images_dir=str(images_dir),
+        masks_dir=str(masks_dir) if masks_dir is not None else None,
+        size=size,
+        seed=seed,
+        image_format=image_format,
+        verify=verify_dicom,
+    )
+    n_workers = _default_workers(n_images) if workers is None else max(1, int(workers))
+    rows: list[dict] = []
+    if n_workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            rows.append(_render_job(job, settings))
+            if progress is not None:
+                progress(len(rows), len(jobs))
+    else:
+        # fork starts workers instantly and needs no __main__ guard; the workers only run
+        # numpy/scipy/PIL/pydicom code.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        with ProcessPoolExecutor(n_workers, mp_context=context, initializer=_limit_blas_threads) as pool:
+            chunk = max(1, min(32, len(jobs) // (4 * n_workers)))
+            for row in pool.map(_render_job, jobs, [settings] * len(jobs), chunksize=chunk):
+                rows.append(row)
+                if progress is not None:
+                    progress(len(rows), len(jobs))
+
+    data_entry = out / "Data_Entry.csv"
+    bbox_list = out / "BBox_List.csv"
+    _write_label_files(rows, data_entry, bbox_list)
+    counts = {name: 0 for name in (*PHANTOM_FINDINGS, NO_FINDING)}
+    for row in rows:
+        for finding in row["findings"] or (NO_FINDING,):
+            counts[finding] += 1
+    return CohortInfo(
+        out_dir=out,
+        images_dir=images_dir,
+        data_entry_csv=data_entry,
+        bbox_csv=bbox_list,
+        masks_dir=masks_dir,
+        n_images=len(rows),
+        n_patients=len({row["patient"] for row in rows}),
+        finding_counts=counts,
+        image_format=image_format,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _write_label_files(rows: list[dict], data_entry: Path, bbox_list: Path) -> None:
+    """NIH ``Data_Entry_2017`` and ``BBox_List_2017`` layouts, byte for byte."""
+    with open(data_entry, "w", newline="", encoding="utf-8") as fh:
+        # The header's bracketed pairs hold unquoted commas, exactly as NIH ships it: the
+        # header has 11 comma-separated fields and so has every data row.
+        fh.write(NIH_DATA_ENTRY_HEADER + "\n")
+        writer = csv.writer(fh, lineterminator="\n")
+        for r in rows:
+            spacing = repr(round(r["spacing"], 6))
+            writer.writerow([r["name"], r["labels"], r["followup"], r["patient"], r["age"], r["sex"],
+                             r["view"], r["size"], r["size"], spacing, spacing])  # fmt: skip
+    with open(bbox_list, "w", newline="", encoding="utf-8") as fh:
+        fh.write(NIH_BBOX_HEADER + "\n")
+        writer = csv.writer(fh, lineterminator="\n")
+        for r in rows:
+            for finding, (bx, by, bw, bh) in r["boxes"]:
+                writer.writerow([r["name"], finding, repr(bx), repr(by), repr(bw), repr(bh)])
+
+
+def write_study_folder(
+    out_dir: str | os.PathLike,
+    *,
+    n_images: int,
+    seed: int = 1,
+    size: int = 256,
+    views: Sequence[str] = VIEWS,
+    transfer_syntaxes: Sequence[str] = ("explicit", "rle", "jpeg-ls", "jpeg2000"),
+    first_patient_id: int = 90001,
+    write_masks: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
+) -> CohortInfo:
+    """Write a flat folder of DICOM studies (a held-out test set) with NIH label files.
+
+    The ``.dcm`` files go straight into ``out_dir`` next to ``Data_Entry.csv`` and
+    ``BBox_List.csv`` (which study discovery ignores), so ``cxrtool predict out_dir`` and
+    ``cxrtool evaluate`` work on it directly. Patient numbers start at ``first_patient_id``
+    (default 90001) so they never collide with a default training cohort. Masks, when
+    asked for, go to ``out_dir/masks`` (PNG: keep them out of folders you predict on).
+
+    Args:
+        out_dir: folder to create/fill.
+        n_images: number of studies.
+        seed: random seed (use one different from the training cohort's).
+        size: image side in pixels.
+        views: views to draw from.
+        transfer_syntaxes: DICOM encodings to cycle through.
+        first_patient_id: first patient number.
+        write_masks: also write masks.
+        progress: called as ``progress(done, total)``.
+        workers: processes (see :func:`generate_cohort`).
+
+    Example:
+        >>> info = write_study_folder("heldout", n_images=200, seed=1)
+        >>> sorted(p.suffix for p in info.images_dir.iterdir())[0]
+        '.csv'
+    """
+    return generate_cohort(
+        out_dir,
+        n_images=n_images,
+        size=size,
+        seed=seed,
+        image_format="dicom",
+        views=views,
+        transfer_syntaxes=transfer_syntaxes,
+        first_patient_id=first_patient_id,
+        write_masks=write_masks,
+        progress=progress,
+        workers=workers,
+        image_subdir="",
+    )
+
+
+def contact_sheet(
+    cases: Sequence[PhantomCase],
+    path: str | os.PathLike,
+    *,
+    columns: int = 4,
+    outline_masks: bool = True,
+) -> Path:
+    """Save a grid of phantoms as one RGB PNG, finding masks outlined in colour.
+
+    Args:
+        cases: the phantoms (any sizes; each tile takes the largest).
+        path: output PNG.
+        columns: tiles per row.
+        outline_masks: draw each finding's mask outline.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> cases = [render_case(rng, view=v) for v in ("PA", "AP", "LATERAL")]
+        >>> contact_sheet(cases, "/tmp/sheet.png", columns=3).name
+        'sheet.png'
+    """
+    from PIL import Image
+
+    palette = {
+        "Atelectasis": (255, 190, 0), "Cardiomegaly": (255, 80, 80), "Effusion": (70, 170, 255),
+        "Mass": (255, 0, 255), "Nodule": (0, 255, 120), "Pneumothorax": (255, 255, 0),
+        "Consolidation": (255, 120, 0), "Edema": (0, 230, 230),
+    }  # fmt: skip
+    tile = max(c.image.shape[0] for c in cases)
+    rows = math.ceil(len(cases) / columns)
+    sheet = np.zeros((rows * tile, columns * tile, 3), dtype=np.uint8)
+    for i, case in enumerate(cases):
+        grey = np.round(case.image * 255).astype(np.uint8)
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+        if outline_masks:
+            for finding, mask in case.masks.items():
+                edge = mask & ~ndimage.binary_erosion(mask)
+                rgb[edge] = palette.get(finding, (255, 0, 0))
+        r, c = divmod(i, columns)
+        h, w = grey.shape
+        sheet[r * tile : r * tile + h, c * tile : c * tile + w] = rgb
+    out = Path(path)
+    Image.fromarray(sheet).save(out)
+    return out

@@ -19,6 +19,7 @@ from cxrtool.evaluate.classification import (
     evaluate,
     macro_average,
     micro_metrics,
+    recorded_thresholds,
     render_table,
     threshold_metrics,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "evaluate",
     "macro_average",
     "micro_metrics",
+    "recorded_thresholds",
     "render_table",
     "threshold_metrics",
 ]

@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from cxrtool.data.labels import LabelTable, read_labels
+from cxrtool.io.outputs import atomic_write
 from cxrtool.registry import resolve_finding
 
 __all__ = [
@@ -666,24 +666,10 @@ def _match(files: Sequence[str], table: LabelTable) -> tuple[np.ndarray, np.ndar
 
 
 def _atomic_write(path: Path, write: Callable[[io.IOBase], None], binary: bool = False) -> None:
-    """Write through a temp file in the same folder, then rename over ``path``.
-
-    A reader never sees a half-written file, and a crash leaves the old one intact.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        mode = "wb" if binary else "w"
-        kwargs: dict[str, Any] = {} if binary else {"encoding": "utf-8", "newline": ""}
-        with os.fdopen(fd, mode, **kwargs) as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write through :func:`cxrtool.io.outputs.atomic_write` (temp file, then rename)."""
+    kwargs: dict[str, Any] = {} if binary else {"encoding": "utf-8", "newline": ""}
+    with atomic_write(path, "wb" if binary else "w", **kwargs) as fh:
+        write(fh)
 
 
 def _write_csv(path: Path, report: EvaluationReport) -> None:
@@ -939,3 +925,19 @@ def render_table(report: EvaluationReport) -> Any:
             style="italic" if row.finding in ("macro", "micro") else None,
         )
     return table
+
+
+def recorded_thresholds(predictions_csv: str | os.PathLike[str]) -> dict[str, float] | None:
+    """The decision thresholds ``predict`` recorded beside its CSV (the model's own), if any.
+
+    ``cxrtool predict`` writes ``cxrtool_predictions.json`` next to each
+    ``cxrtool_predictions.csv`` with the thresholds stored in the checkpoint.
+    """
+    recorded = Path(predictions_csv).with_suffix(".json")
+    if not recorded.is_file():
+        return None
+    try:
+        values = json.loads(recorded.read_text(encoding="utf-8")).get("thresholds", {})
+        return {str(k): float(v) for k, v in values.items()}
+    except (ValueError, AttributeError, TypeError):
+        return None

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 SIDECAR_SUFFIX = ".cxrtool.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 FOLDER_CSV = "cxrtool_predictions.csv"
 FOLDER_JSON = "cxrtool_predictions.json"
 
@@ -34,6 +36,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates 0600 files; results are meant to be shared like any other file.
+    os.chmod(tmp_name, 0o666 & ~_UMASK)
     try:
         with os.fdopen(descriptor, mode, **open_kwargs) as handle:
             yield handle

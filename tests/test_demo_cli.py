@@ -1,0 +1,62 @@
+"""The demo end to end (phantoms -> train -> predict DICOMs -> evaluate), the CLI surface."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from cxrtool.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_phantoms(tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "--train-images", "120", "--test-images", "24",
+                                 "--epochs", "1", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "held-out mean AUROC" in result.output
+    study = out / "study" / "images"
+    dicoms = sorted(study.glob("*.dcm"))
+    assert len(dicoms) == 24
+    assert all((study / f"{d.name}.cxrtool.json").is_file() for d in dicoms)
+    sidecar = json.loads((study / f"{dicoms[0].name}.cxrtool.json").read_text())
+    assert set(sidecar["findings"]) >= {"Cardiomegaly", "Effusion", "Nodule", "Mass", "Pneumothorax"}
+    assert "PHANTOM" not in (study / "cxrtool_predictions.csv").read_text()  # no patient IDs leak
+    report = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert report["matching"]["matched"] == 24
+    card = runner.invoke(app, ["models", str(out / "model" / "model.safetensors")])
+    assert card.exit_code == 0 and "resnet18" in card.output
+
+
+def test_models_lists_architectures_and_refuses_non_checkpoints(tmp_path):
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    assert "densenet121" in result.output and "features.norm5" in result.output
+    bogus = tmp_path / "x.safetensors"
+    bogus.write_text("nope")
+    result = runner.invoke(app, ["models", str(bogus)])
+    assert result.exit_code == 2 and "not a safetensors file" in result.output
+
+
+def test_python_dash_m_and_version():
+    completed = subprocess.run([sys.executable, "-m", "cxrtool", "--version"], capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.startswith("cxrtool ")
+
+
+def test_import_is_light():
+    code = "import sys, cxrtool, cxrtool.registry, cxrtool.cli; print('torch' in sys.modules)"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.stdout.strip() == "False", completed.stderr
+
+
+def test_torchvision_imports_next_to_this_torch():
+    code = ("from cxrtool._compat import ensure_torchvision_importable as e; stubbed = e(); "
+            "import torchvision, timm; print(stubbed, torchvision.__version__)")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
