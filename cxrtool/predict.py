@@ -8,6 +8,7 @@ the number of inputs: only paths and the small result rows are kept, never pixel
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -208,7 +209,7 @@ def predict(
         pin_memory=torch_device.type == "cuda",
         prefetch_factor=2 if n_workers else None,
     )
-    autocast = torch.autocast("cuda", dtype=torch.float16) if torch_device.type == "cuda" else _no_context()
+    autocast = torch.autocast("cuda", dtype=torch.float16) if torch_device.type == "cuda" else contextlib.nullcontext()
     try:
         for items in loader:
             decoded = [item for item in items if "tensor" in item]
@@ -248,14 +249,6 @@ def predict(
             )
         summary.folders = sorted(tables.tables)
     return summary
-
-
-class _no_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _read_previous(path: Path) -> dict[str, Any] | None:

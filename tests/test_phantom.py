@@ -115,6 +115,13 @@ def test_masks_exactly_for_present_findings_and_boxes_match() -> None:
             assert covered[mask].all()
 
 
+def test_tiny_images_still_mask_every_finding() -> None:
+    for seed in range(6):
+        case = _case(seed, ("PA", "AP", "LATERAL")[seed % 3], tuple(PHANTOM_FINDINGS), size=40)
+        assert all(mask.any() for mask in case.masks.values())
+        assert all(case.boxes[name] for name in case.findings)
+
+
 @pytest.mark.parametrize("view", ["PA", "AP", "LATERAL"])
 def test_ctr_above_half_iff_cardiomegaly(view: str) -> None:
     for seed in range(8):
@@ -240,7 +247,9 @@ def test_sample_findings_prevalences_and_correlations() -> None:
     assert conditional("Edema", "Cardiomegaly", True) > 2 * conditional("Edema", "Cardiomegaly", False)
     assert conditional("Edema", "Effusion", True) > 2 * conditional("Edema", "Effusion", False)
     assert conditional("Atelectasis", "Effusion", True) > conditional("Atelectasis", "Effusion", False)
-    assert conditional("Atelectasis", "Consolidation", True) > conditional("Atelectasis", "Consolidation", False)
+    assert conditional("Atelectasis", "Consolidation", True) > conditional(
+        "Atelectasis", "Consolidation", False
+    )
     assert max(len(s) for s in samples) >= 4  # a long tail of multi-finding images
     again = [sample_findings(np.random.default_rng(0)) for _ in range(3)]
     assert again[0] == again[1] == again[2] == samples[0]
@@ -400,7 +409,8 @@ def test_study_folder_is_flat_dicom_with_labels(tmp_path: Path) -> None:
 def test_contact_sheet(tmp_path: Path) -> None:
     from PIL import Image
 
-    cases = [_case(i, v, f) for i, (v, f) in enumerate([("PA", ("Mass",)), ("AP", ()), ("LATERAL", ("Effusion",))])]
+    specs = [("PA", ("Mass",)), ("AP", ()), ("LATERAL", ("Effusion",))]
+    cases = [_case(i, v, f) for i, (v, f) in enumerate(specs)]
     path = contact_sheet(cases, tmp_path / "sheet.png", columns=2)
     sheet = np.array(Image.open(path))
     assert sheet.shape == (2 * SMALL, 2 * SMALL, 3)
@@ -412,7 +422,8 @@ def test_contact_sheet(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def shared_data_nih_header() -> str | None:
     """The real NIH Data_Entry header, when the shared data is here."""
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih" / "Data_Entry_2017_v2020.csv.gz"
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    path = shared / "nih" / "Data_Entry_2017_v2020.csv.gz"
     if not path.is_file():
         return None
     with gzip.open(path, "rt", encoding="utf-8") as fh:

@@ -53,7 +53,7 @@ def demo(
             )
             task = bar.add_task("held-out studies (DICOM)", total=n_test, status="")
             study = generate_cohort(
-                study_dir, n_images=n_test, size=2 * DEMO_INPUT_SIZE, seed=seed + 10_000, image_format="dicom",
+                study_dir, n_images=n_test, size=2 * DEMO_INPUT_SIZE, seed=seed + 10_000, image_format="dicom", first_patient_id=90_001,
                 progress=lambda done, total: bar.update(task, completed=done),
             )
         note(f"phantoms: {n_train} training PNGs in {cohort_dir}, {n_test} held-out DICOMs in {study_dir / 'images'}")

@@ -7,6 +7,7 @@ DistributedDataParallel.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -82,7 +83,7 @@ def train(
 
     with handle_interrupt():
         try:
-            with bar if main_process else _quiet():
+            with bar if main_process else contextlib.nullcontext():
                 result = run_train(settings, resume=resume, progress=on_event)
         except (ValueError, FileNotFoundError, CheckpointError) as error:
             fail(str(error))
@@ -91,11 +92,3 @@ def train(
              f"({result.n_train} train / {result.n_val} validation images)")
         note(f"  checkpoint: {result.checkpoint}")
         note(f"  config:     {result.config_path}")
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

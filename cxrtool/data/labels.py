@@ -387,6 +387,18 @@ def read_labels(
     )
 
 
+def _row_values(row, names, cols, value_map, describe) -> list[float]:
+    """One CSV row's label cells as numbers; ``describe(name, column, cell)`` words the error."""
+    values = []
+    for name, column in zip(names, cols):
+        cell = row[column].strip() if column < len(row) else ""
+        value = value_map.get(cell)
+        if value is None:
+            raise ValueError(describe(name, column, cell))
+        values.append(value)
+    return values
+
+
 _Parsed = tuple[tuple[str, ...], list[str], list[str], list[str], np.ndarray]
 
 
@@ -485,17 +497,11 @@ def _parse_chexpert(
         if not row or not any(cell.strip() for cell in row):
             continue
         image = row[i_path].strip()
-        values = []
-        for name, c in zip(names, cols):
-            cell = row[c].strip() if c < len(row) else ""
-            value = value_map.get(cell)
-            if value is None:
-                raise ValueError(
-                    f"{path.name} line {line_no}: {name!r} has {cell!r}; CheXpert labels must "
-                    "be 1.0, 0.0, -1.0 or blank"
-                )
-            values.append(value)
-        rows.append(values)
+        rows.append(
+            _row_values(row, names, cols, value_map,
+                        lambda name, c, cell: f"{path.name} line {line_no}: {name!r} has {cell!r}; "
+                        "CheXpert labels must be 1.0, 0.0, -1.0 or blank")
+        )
         images.append(image)
         patients.append(_chexpert_patient(image, row[i_subject] if i_subject is not None else ""))
         if i_lateral is not None and row[i_lateral].strip().lower() == "lateral":
@@ -564,17 +570,11 @@ def _parse_generic(
         image = row[i_path].strip()
         if not image:
             raise ValueError(f"{path.name} line {line_no}: empty path")
-        values = []
-        for name, c in zip(names, cols):
-            cell = row[c].strip() if c < len(row) else ""
-            value = value_map.get(cell)
-            if value is None:
-                raise ValueError(
-                    f"{path.name} line {line_no}: column {header[c]!r} has {cell!r}; generic "
-                    "label columns must be 0, 1 or blank (pass findings=[...] to pick columns)"
-                )
-            values.append(value)
-        rows.append(values)
+        rows.append(
+            _row_values(row, names, cols, value_map,
+                        lambda name, c, cell: f"{path.name} line {line_no}: column {header[c]!r} has {cell!r}; "
+                        "generic label columns must be 0, 1 or blank (pass findings=[...] to pick columns)")
+        )
         images.append(image)
         patient = row[i_patient].strip() if i_patient is not None and i_patient < len(row) else ""
         patients.append(patient or _stem(image))

@@ -49,6 +49,7 @@ __all__ = [
     "PhantomCase",
     "PhantomPatient",
     "CohortInfo",
+    "CTR_THRESHOLD",
     "VIEWS",
     "TRANSFER_SYNTAXES",
     "NIH_DATA_ENTRY_HEADER",
@@ -407,8 +408,7 @@ def _noise_bank(size: int, sigma_px: float) -> np.ndarray:
     bank = _NOISE_BANK.get(key)
     if bank is None:
         seed = [size, int(round(sigma_px * 100)), 0x50A7]  # fixed: same bank in every worker
-        side = 4 * size if sigma_px == 0 else 2 * size
-        bank = np.random.default_rng(seed).standard_normal((side, side), dtype=np.float32)
+        bank = np.random.default_rng(seed).standard_normal((2 * size, 2 * size), dtype=np.float32)
         if sigma_px > 0:
             bank = ndimage.gaussian_filter(bank, sigma_px, mode="wrap")
             bank *= 1.0 / float(bank.std())
@@ -423,12 +423,13 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_px: fl
     so a random window (offset, flips) of a per-process bank is used instead; the
     correlation length is rounded to 0.25 px to keep the banks few.
     """
-    size = shape[0]
+    size = max(shape)
     sigma = 0.0 if sigma_px == 0 else max(round(sigma_px * 4.0) / 4.0, 0.5)
-    bank = _noise_bank(size, sigma)
+    # Canvas sizes vary a little with the patient's rotation: share banks per 64 pixels.
+    bank = _noise_bank(64 * math.ceil(size / 64), sigma)
     span = bank.shape[0] - size
     r0, c0, flips = (int(v) for v in rng.integers(0, (span, span, 4)))
-    window = bank[r0 : r0 + size, c0 : c0 + shape[1]]
+    window = bank[r0 : r0 + shape[0], c0 : c0 + shape[1]]
     if flips & 1:
         window = window[::-1]
     if flips & 2:
@@ -465,12 +466,23 @@ Crop = tuple[slice, slice]
 
 @dataclass
 class _Frame:
-    """Detector grid and the rigid patient placement (rotation, shift) on it."""
+    """Where the patient is drawn, and how that maps onto the detector.
 
-    size: int
-    spacing: float  # mm per pixel
-    x: np.ndarray  # patient-frame x (mm) of each pixel
-    y: np.ndarray  # patient-frame y (mm) of each pixel
+    Anatomy is drawn on an axis-aligned "canvas" in patient millimetres, so every
+    coordinate grid is separable: ``x`` is a (1, n) row and ``y`` an (n, 1) column, and
+    anything that depends on one coordinate only (lung borders against height, the
+    diaphragm against width...) costs n operations, not n^2. The patient's rotation and
+    shift on the detector are applied once at the end by :meth:`warp` (bilinear) and
+    :meth:`warp_mask` (nearest). The canvas has a margin so rotated corners stay inside.
+    """
+
+    size: int  # detector (output) side in pixels
+    spacing: float  # mm per pixel, canvas and detector alike
+    n: int  # canvas side in pixels
+    x: np.ndarray  # (1, n) patient x (mm) of canvas columns
+    y: np.ndarray  # (n, 1) patient y (mm) of canvas rows
+    x0: float
+    y0: float
     cos: float
     sin: float
     tx: float
@@ -478,37 +490,56 @@ class _Frame:
 
     @classmethod
     def make(cls, size: int, spacing: float, angle_deg: float, tx: float, ty: float) -> _Frame:
-        ux, uy = _unit_grid(size)
         c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
-        xd = ux * spacing - tx
-        yd = uy * spacing - ty
-        x = c * xd + s * yd
-        y = c * yd - s * xd
-        return cls(size, spacing, x, y, c, s, tx, ty)
+        margin = int(math.ceil(0.5 * size * (abs(c) + abs(s) - 1.0))) + 2
+        n = size + 2 * margin
+        # The detector centre in patient coordinates becomes the canvas centre.
+        cx, cy = -(c * tx + s * ty), -(c * ty - s * tx)
+        x0 = cx - 0.5 * (n - 1) * spacing
+        y0 = cy - 0.5 * (n - 1) * spacing
+        axis = np.arange(n, dtype=np.float32) * np.float32(spacing)
+        x = (axis + np.float32(x0))[None, :]
+        y = (axis + np.float32(y0))[:, None]
+        return cls(size, spacing, n, x, y, x0, y0, c, s, tx, ty)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Canvas shape."""
+        return (self.n, self.n)
 
     def to_pixel(self, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Patient mm -> (column, row) pixel coordinates (pixel centres at integers)."""
-        xd = self.cos * px - self.sin * py + self.tx
-        yd = self.sin * px + self.cos * py + self.ty
-        half = self.size / 2.0 - 0.5
-        return xd / self.spacing + half, yd / self.spacing + half
+        """Patient mm -> canvas (column, row) coordinates (pixel centres at integers)."""
+        return (px - self.x0) / self.spacing, (py - self.y0) / self.spacing
 
     def crop(self, x0: float, x1: float, y0: float, y1: float) -> Crop | None:
-        """Pixel slices covering the patient-frame rectangle [x0, x1] x [y0, y1] (mm)."""
-        col, row = self.to_pixel(np.array([x0, x1, x0, x1]), np.array([y0, y0, y1, y1]))
-        c0, c1 = max(int(math.floor(col.min())), 0), min(int(math.ceil(col.max())) + 1, self.size)
-        r0, r1 = max(int(math.floor(row.min())), 0), min(int(math.ceil(row.max())) + 1, self.size)
+        """Canvas slices covering the patient rectangle [x0, x1] x [y0, y1] (mm)."""
+        c0 = max(int(math.floor((x0 - self.x0) / self.spacing)), 0)
+        c1 = min(int(math.ceil((x1 - self.x0) / self.spacing)) + 1, self.n)
+        r0 = max(int(math.floor((y0 - self.y0) / self.spacing)), 0)
+        r1 = min(int(math.ceil((y1 - self.y0) / self.spacing)) + 1, self.n)
         if c0 >= c1 or r0 >= r1:
             return None
         return slice(r0, r1), slice(c0, c1)
 
+    def grid(self, crop: Crop | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The (1, w) x and (h, 1) y coordinates of a crop (or of the whole canvas)."""
+        if crop is None:
+            return self.x, self.y
+        rows, cols = crop
+        return self.x[:, cols], self.y[rows, :]
+
+    def point(self, flat_index: int) -> tuple[float, float]:
+        """Patient (x, y) in mm of a flat canvas index."""
+        r, c = divmod(int(flat_index), self.n)
+        return float(self.x[0, c]), float(self.y[r, 0])
+
     def splat(self, px: np.ndarray, py: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Accumulate point weights onto the grid with bilinear splatting."""
+        """Accumulate point weights onto the canvas with bilinear splatting."""
         col, row = self.to_pixel(px, py)
         c0 = np.floor(col).astype(np.int64)
         r0 = np.floor(row).astype(np.int64)
         fc, fr = col - c0, row - r0
-        n = self.size
+        n = self.n
         rr = np.concatenate([r0, r0, r0 + 1, r0 + 1])
         cc = np.concatenate([c0, c0 + 1, c0, c0 + 1])
         ww = np.concatenate([(1 - fr) * (1 - fc), (1 - fr) * fc, fr * (1 - fc), fr * fc])
@@ -516,6 +547,38 @@ class _Frame:
         ok = (rr >= 0) & (rr < n) & (cc >= 0) & (cc < n)
         out = np.bincount(rr[ok] * n + cc[ok], weights=ww[ok], minlength=n * n)
         return out.reshape(n, n).astype(np.float32)
+
+    def _maps(self) -> tuple[np.ndarray, ...]:
+        maps = getattr(self, "_cached_maps", None)
+        if maps is None:
+            ux, uy = _unit_grid(self.size)
+            xd = ux * self.spacing - self.tx
+            yd = uy * self.spacing - self.ty
+            col = ((self.cos * xd + self.sin * yd) - self.x0) / self.spacing
+            row = ((self.cos * yd - self.sin * xd) - self.y0) / self.spacing
+            n = self.n
+            c0 = np.clip(np.floor(col), 0, n - 2)
+            r0 = np.clip(np.floor(row), 0, n - 2)
+            fc = np.clip(col - c0, 0.0, 1.0).astype(np.float32)
+            fr = np.clip(row - r0, 0.0, 1.0).astype(np.float32)
+            base = (r0 * n + c0).astype(np.intp)
+            nearest = (np.clip(np.rint(row), 0, n - 1) * n + np.clip(np.rint(col), 0, n - 1)).astype(np.intp)
+            maps = (base, fc, fr, nearest)
+            object.__setattr__(self, "_cached_maps", maps)
+        return maps
+
+    def warp(self, canvas: np.ndarray) -> np.ndarray:
+        """Canvas -> detector image (bilinear), applying the patient's rotation and shift."""
+        base, fc, fr, _ = self._maps()
+        flat = canvas.ravel()
+        n = self.n
+        top = flat[base] + fc * (flat[base + 1] - flat[base])
+        bottom = flat[base + n] + fc * (flat[base + n + 1] - flat[base + n])
+        return top + fr * (bottom - top)
+
+    def warp_mask(self, mask: np.ndarray) -> np.ndarray:
+        """Canvas mask -> detector mask (nearest neighbour)."""
+        return mask.ravel()[self._maps()[3]]
 
 
 # --------------------------------------------------------------------------------------
@@ -603,7 +666,8 @@ def _sample_geometry(
     if ap:
         # The heart lies far from the detector on an AP film and projects 10-15% larger:
         # draw the true (PA-equivalent) ratio magnified, kept inside its class's range.
-        magnification = AP_HEART_MAGNIFICATION[0] + (AP_HEART_MAGNIFICATION[1] - AP_HEART_MAGNIFICATION[0]) * u[6]
+        mag_lo, mag_hi = AP_HEART_MAGNIFICATION
+        magnification = mag_lo + (mag_hi - mag_lo) * u[6]
         t_lo, t_hi = AP_TRUE_CARDIOMEGALY_CTR if plan.cardiomegaly else AP_TRUE_NORMAL_CTR
         true_ratio = t_lo + (t_hi - t_lo) * q
         ctr = min(max(true_ratio * magnification, lo), hi)
@@ -753,7 +817,7 @@ def _draw_vessel_layers(frame: _Frame, trees: list[list[np.ndarray]]) -> tuple[n
     """Splat vessel trees into a lung-marking layer and a thin bronchial layer."""
     # Thick proximal vessels get a wide blur, distal ones a narrow one (tapering).
     groups = ((0, 2, 2.4, 1.0), (2, 9, 1.1, 0.45))
-    vessels = np.zeros((frame.size, frame.size), dtype=np.float32)
+    vessels = np.zeros(frame.shape, dtype=np.float32)
     bronchi = vessels
     for lo, hi, sigma_mm, weight in groups:
         pts = [tree[level] for tree in trees for level in range(lo, min(hi, len(tree)))]
@@ -798,7 +862,8 @@ def _frontal_lung(g: _Geometry, x: np.ndarray, y: np.ndarray, side: str, edge: f
         ky = (y - (apex + (knob_y - APEX_Y_MM))) * (1.0 / sd)
         medial += bulge * np.exp(-ky * ky)
     dome = _dome_grid(g, side, x)
-    soft = _ramp(lateral - xa, edge) * _ramp(xa - medial, edge) * _ramp(dome - y, edge) * _ramp(y - apex, edge)
+    soft = _ramp(lateral - xa, edge) * _ramp(xa - medial, edge)
+    soft = soft * (_ramp(dome - y, edge) * _ramp(y - apex, edge))
     span = np.maximum(lateral - medial, 1e-3)
     u = _unit((xa - medial) / span)
     v = _unit((y - apex) / np.maximum(dome - apex, 1e-3))
@@ -846,7 +911,9 @@ def _heart_ellipse(g: _Geometry) -> tuple[float, float, float, float, float]:
     return cx, cy, a, b, phi
 
 
-def _ellipse_rho(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float, phi: float) -> np.ndarray:
+def _ellipse_rho(
+    x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float, phi: float
+) -> np.ndarray:
     """Normalised elliptical radius (1 on the outline) of a tilted ellipse."""
     dx, dy = x - cx, y - cy
     c, s = math.cos(phi), math.sin(phi)
@@ -857,11 +924,10 @@ def _ellipse_rho(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b
 
 def _draw_frontal(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Canvas:
     """Normal PA/AP anatomy as attenuation layers."""
-    size = frame.size
     x, y = frame.x, frame.y
     edge = max(frame.spacing, 0.5)
     ap = g.view == "AP"
-    shape = (size, size)
+    shape = frame.shape
     tissue = np.zeros(shape, dtype=np.float32)
     bone = np.zeros(shape, dtype=np.float32)
     air = np.zeros(shape, dtype=np.float32)
@@ -901,7 +967,7 @@ def _draw_frontal(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Can
     heart_vis = np.zeros(shape, dtype=np.float32)
     hc = frame.crop(hcx - ha - 4, hcx + ha + 4, hcy - ha - 4, hcy + ha + 4)
     if hc is not None:
-        hx_, hy_ = x[hc], y[hc]
+        hx_, hy_ = frame.grid(hc)
         rho = _ellipse_rho(hx_, hy_, hcx, hcy, ha, hb, hphi)
         heart_soft[hc] = _ramp((1.0 - rho) * hb, edge)
         left = (hx_ >= g.shift).astype(np.float32)
@@ -921,7 +987,7 @@ def _draw_frontal(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Can
         v_full = np.zeros(shape, dtype=np.float32)
         wall = np.zeros(shape, dtype=bool)
         if crop is not None:
-            cx_, cy_ = x[crop], y[crop]
+            cx_, cy_ = frame.grid(crop)
             s = _frontal_lung(g, cx_, cy_, side, edge)
             sides[side] = s
             hs = heart_soft[crop]
@@ -961,8 +1027,9 @@ def _draw_frontal(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Can
             bc = frame.crop(bx - 85, bx + 85, by - 65, by + 65)
             if bc is None:
                 continue
-            r = _length((x[bc] - bx) * (1.0 / 80.0), (y[bc] - by) * (1.0 / 60.0))
-            lower = _unit((y[bc] - (by - 60.0)) * (1.0 / 120.0))
+            bx_, by_ = frame.grid(bc)
+            r = _length((bx_ - bx) * (1.0 / 80.0), (by_ - by) * (1.0 / 60.0))
+            lower = _unit((by_ - (by - 60.0)) * (1.0 / 120.0))
             tissue[bc] += (0.14 * g.breast) * _ramp((1.0 - r) * 60.0, 3.0) * lower
 
     _draw_mediastinum(frame, g, tissue, air, edge)
@@ -989,7 +1056,8 @@ def _draw_frontal(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Can
         cp_mask = np.zeros(shape, dtype=bool)
         cc = frame.crop(cpx - 18.0, cpx + 18.0, cpy - 18.0, cpy + 18.0)
         if cc is not None:
-            cp_mask[cc] = (_length(x[cc] - cpx, y[cc] - cpy) < 16.0) & lung.raw[cc]
+            gx_, gy_ = frame.grid(cc)
+            cp_mask[cc] = (_length(gx_ - cpx, gy_ - cpy) < 16.0) & lung.raw[cc]
         anatomy[f"costophrenic_{lung.name}"] = cp_mask
     # Stomach gas bubble under the left hemidiaphragm.
     if g.bubble < 0.8:
@@ -997,7 +1065,8 @@ def _draw_frontal(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Can
         gy = _dome_at(g, "left", gx) + 26.0
         bc = frame.crop(gx - 40, gx + 40, gy - 22, gy + 22)
         if bc is not None:
-            r = _length((x[bc] - gx) * (1.0 / 26.0), (y[bc] - gy) * (1.0 / 11.0))
+            bx_, by_ = frame.grid(bc)
+            r = _length((bx_ - gx) * (1.0 / 26.0), (by_ - gy) * (1.0 / 11.0))
             air[bc] += 0.09 * _ramp((1.0 - r) * 11.0, 3.0)
     return _Canvas(
         frame=frame, geometry=g, tissue=tissue, bone=bone, air=air, vessels=vessels,
@@ -1012,7 +1081,7 @@ def _draw_mediastinum(frame: _Frame, g: _Geometry, tissue: np.ndarray, air: np.n
     carina = (g.shift, g.apex_y + CARINA_BELOW_APEX_MM)
     tc = frame.crop(g.shift - 60, g.shift + 60, -1e3, carina[1] + 45)
     if tc is not None:
-        cx_, cy_ = x[tc], y[tc]
+        cx_, cy_ = frame.grid(tc)
         kd = (cy_ - (g.apex_y + 62.0)) * (1.0 / 20.0)
         tr_x = g.shift - 3.0 * np.exp(-kd * kd)  # the aortic arch nudges the trachea right
         rt = (cx_ - tr_x) * (1.0 / TRACHEA_HALF_WIDTH_MM)
@@ -1027,8 +1096,9 @@ def _draw_mediastinum(frame: _Frame, g: _Geometry, tissue: np.ndarray, air: np.n
         hc = frame.crop(hx - 45, hx + 45, hy - 70, hy + 70)
         if hc is None:
             continue
-        dx = (x[hc] - hx - sign * 4.0) * (1.0 / 12.0)
-        dy = (y[hc] - hy) * (1.0 / 26.0)
+        hx_, hy_ = frame.grid(hc)
+        dx = (hx_ - hx - sign * 4.0) * (1.0 / 12.0)
+        dy = (hy_ - hy) * (1.0 / 26.0)
         tissue[hc] += 0.10 * np.exp(-(dx * dx + dy * dy))
 
 
@@ -1048,7 +1118,8 @@ def _draw_ribs(g: _Geometry, side: str, s: dict, y: np.ndarray, edge: float) -> 
     r = (np.sqrt(np.maximum(d0 * d0 + 2.0 * gr * z, 0.0)) - d0) * (1.0 / gr)
     nearest = np.round(r)
     dist = np.abs(r - nearest) * (d0 + gr * nearest)
-    half = RIB_HALF_THICKNESS_MM[0] + (RIB_HALF_THICKNESS_MM[1] - RIB_HALF_THICKNESS_MM[0]) * _unit(r * (1.0 / N_POSTERIOR_RIBS))
+    thin, thick = RIB_HALF_THICKNESS_MM
+    half = thin + (thick - thin) * _unit(r * (1.0 / N_POSTERIOR_RIBS))
     rel = _unit(dist / half)
     band = _ramp(half - dist, edge) * (0.7 + 0.5 * rel * rel * rel)  # tubular bone: bright margins
     valid = _ramp(r + 0.5, 0.2) * _ramp((N_POSTERIOR_RIBS - 0.5) - r, 0.2)
@@ -1079,13 +1150,14 @@ def _draw_frontal_bones(frame: _Frame, g: _Geometry, bone: np.ndarray, edge: flo
         # Clavicle: an S-curved bar rising from the sternal notch to the acromion.
         cc = frame.crop(xs[0], xs[1], g.clavicle_y - g.clavicle_rise - 30.0, g.clavicle_y + 25.0)
         if cc is not None:
-            xa = (x[cc] - g.shift) * sign
+            gx_, gy_ = frame.grid(cc)
+            xa = (gx_ - g.shift) * sign
             length = width + 28.0
             tc = (xa - 12.0) * (1.0 / length)
             tcc = _unit(tc)
             yc = g.clavicle_y - g.clavicle_rise * tc - 5.0 * np.sin(np.pi * tcc)
             half_c = CLAVICLE_HALF_THICKNESS_MM * (1.2 - 0.35 * tcc)
-            dc = np.abs(y[cc] - yc)
+            dc = np.abs(gy_ - yc)
             rel = _unit(dc / half_c)
             clav = _ramp(half_c - dc, edge) * _ramp(tc * length, 4.0) * _ramp((1.0 - tc) * length, 6.0)
             bone[cc] += CLAVICLE_DENSITY * clav * (0.75 + 0.45 * rel * rel * rel)
@@ -1094,8 +1166,8 @@ def _draw_frontal_bones(frame: _Frame, g: _Geometry, bone: np.ndarray, edge: flo
         xs2 = sorted((g.shift + sign * (g.scapula_x - 10.0), g.shift + sign * (wmax + 80.0)))
         sc = frame.crop(xs2[0], xs2[1], top - 5.0, top + 160.0)
         if sc is not None:
-            xa = (x[sc] - g.shift) * sign
-            ys = y[sc]
+            gx_, ys = frame.grid(sc)
+            xa = (gx_ - g.shift) * sign
             xm = g.scapula_x + 0.06 * (ys - top)
             gl = (wmax + 30.0, top + 12.0)
             ia = (g.scapula_x + 14.0, top + 150.0)
@@ -1106,12 +1178,13 @@ def _draw_frontal_bones(frame: _Frame, g: _Geometry, bone: np.ndarray, edge: flo
         hxc = wmax + 48.0
         hc = frame.crop(g.shift + sign * (hxc - 40.0), g.shift + sign * (hxc + 40.0), top - 35.0, top + 200.0)
         if hc is not None:
-            xa = (x[hc] - g.shift) * sign
-            ys = y[hc]
+            gx_, ys = frame.grid(hc)
+            xa = (gx_ - g.shift) * sign
             hh = _length(xa - hxc, ys - (top + 6.0))
             rel = _unit(hh * (1.0 / 26.0))
             bone[hc] += 0.18 * _ramp(26.0 - hh, 2.0) * (0.7 + 0.3 * rel * rel * rel * rel)
-            shaft = _ramp(12.0 - np.abs(xa - (hxc + 4.0) - 0.1 * (ys - top)), 2.0) * _ramp(ys - top - 10.0, 4.0)
+            shaft = _ramp(12.0 - np.abs(xa - (hxc + 4.0) - 0.1 * (ys - top)), 2.0)
+            shaft = shaft * _ramp(ys - top - 10.0, 4.0)
             bone[hc] += 0.15 * shaft
 
     # Spine: vertebral bodies with discs, pedicle rings and spinous processes, seen
@@ -1119,8 +1192,8 @@ def _draw_frontal_bones(frame: _Frame, g: _Geometry, bone: np.ndarray, edge: flo
     spc = frame.crop(g.shift - 45, g.shift + 45, -1e3, 1e3)
     if spc is None:
         return
-    xs = x[spc] - 0.3 * g.shift
-    ys = y[spc]
+    gx_, ys = frame.grid(spc)
+    xs = gx_ - 0.3 * g.shift
     level = _unit((ys - g.apex_y) * (1.0 / 330.0))
     hw = SPINE_HALF_WIDTH_MM[0] + (SPINE_HALF_WIDTH_MM[1] - SPINE_HALF_WIDTH_MM[0]) * level
     rel = xs / hw
@@ -1175,7 +1248,7 @@ def _draw_lateral(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Can
     """Normal left-lateral anatomy (anterior to the image left) as attenuation layers."""
     x, y = frame.x, frame.y
     edge = max(frame.spacing, 0.5)
-    shape = x.shape
+    shape = frame.shape
     b = _lateral_borders(g, x, y)
     depth_ap, ant, post, top = b["depth"], b["ant"], b["post"], b["top"]
     domes = b["domes"]
@@ -1275,7 +1348,7 @@ def _draw_lateral(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Can
         r = _length((x - gx) * (1.0 / 26.0), (y - gy) * (1.0 / 11.0))
         air += 0.08 * _ramp((1.0 - r) * 11.0, 3.0)
 
-    cp = (0.5 * depth_ap - 16.0 * 0.25, g.cp_y["left"] + 32.0)
+    cp = (0.5 * depth_ap - 4.0, g.cp_y["left"] + 32.0)  # the posterior costophrenic sulcus
     fields = [_LungField(name="both", soft=soft, mask=soft > 0.5, raw=raw, u=u, v=v, hilum=hilum,
                          cp=cp, wall=wall, sign=1.0, apex_y=apex)]  # fmt: skip
     r = _length(x - (cp[0] - 20.0), y - (cp[1] - 18.0))
@@ -1292,7 +1365,9 @@ def _draw_lateral(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Can
 # --------------------------------------------------------------------------------------
 
 
-def _plan_findings(rng_for: Callable[[str], np.random.Generator], findings: set[str], view: str) -> _FindingPlan:
+def _plan_findings(
+    rng_for: Callable[[str], np.random.Generator], findings: set[str], view: str
+) -> _FindingPlan:
     """Draw the finding parameters that alter normal anatomy (volume loss)."""
     plan = _FindingPlan(cardiomegaly="Cardiomegaly" in findings)
     if "Atelectasis" in findings:
@@ -1322,7 +1397,8 @@ def _pick_center(
         ok = inside_mm >= 0.9 * float(inside_mm.max())
     idx = np.flatnonzero(ok)
     k = int(idx[rng.integers(idx.size)])
-    return float(canvas.frame.x.flat[k]), float(canvas.frame.y.flat[k]), float(inside_mm.flat[k])
+    px, py = canvas.frame.point(k)
+    return px, py, float(inside_mm.flat[k])
 
 
 def _finding_nodule(canvas: _Canvas, rng: np.random.Generator, *, mass: bool) -> np.ndarray:
@@ -1341,10 +1417,11 @@ def _finding_nodule(canvas: _Canvas, rng: np.random.Generator, *, mass: bool) ->
     frame = canvas.frame
     reach = radius * (1.0 + 3 * lobes) + 4.0
     crop = frame.crop(cx - reach, cx + reach, cy - reach, cy + reach)
-    mask = np.zeros((frame.size, frame.size), dtype=bool)
+    mask = np.zeros(frame.shape, dtype=bool)
     if crop is None:
         return mask
-    dx, dy = frame.x[crop] - cx, frame.y[crop] - cy
+    gx_, gy_ = frame.grid(crop)
+    dx, dy = gx_ - cx, gy_ - cy
     r = _length(dx, dy)
     theta = np.arctan2(dy, dx)
     wobble = 1.0
@@ -1357,7 +1434,8 @@ def _finding_nodule(canvas: _Canvas, rng: np.random.Generator, *, mass: bool) ->
     solid = _ramp((1.0 - rn) * rr, edge)
     profile = np.sqrt(_unit(1.0 - rn * rn)) * 0.6 + 0.4 * solid
     # A sphere replaces lung air: denser when larger, but visible even when small.
-    contrast = ((0.16 if mass else 0.19) + 0.10 * u[7]) * (1.0 + (0.3 if mass else 0.2) * min(diameter / 40.0, 1.5))
+    contrast = (0.16 if mass else 0.19) + 0.10 * u[7]
+    contrast *= 1.0 + (0.3 if mass else 0.2) * min(diameter / 40.0, 1.5)
     canvas.extra[crop] += contrast * profile * solid
     canvas.vessels[crop] *= 1.0 - 0.5 * solid
     mask[crop] = rn <= 1.0
@@ -1373,7 +1451,7 @@ def _finding_effusion(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
     else:
         chosen = names
     y = canvas.frame.y
-    total = np.zeros(y.shape, dtype=bool)
+    total = np.zeros(canvas.frame.shape, dtype=bool)
     for i, name in enumerate(chosen):
         lung = canvas.field(name)
         # Height of the fluid at the lateral chest wall above the costophrenic angle: 18 mm
@@ -1407,6 +1485,8 @@ def _finding_pneumothorax(canvas: _Canvas, rng: np.random.Generator) -> np.ndarr
     gap_y = gap * np.sqrt(_unit(1.0 - (y - lung.apex_y) * (1.0 / extent)))
     raw = lung.raw
     rim = raw & (wall_dist < gap_y)
+    if not rim.any():  # coarse pixels: the gap is narrower than a pixel, keep the outer row
+        rim = raw & (wall_dist <= 1.01 * sp) & (gap_y > 0.0)
     rim_soft = _unit((gap_y - wall_dist) * (1.0 / max(sp, 0.5)) + 0.5) * raw
     # Pure air in the rim: a little darker than aerated lung, with no vessels or texture
     # (ribs stay). Aim at the typical lung attenuation minus a margin.
@@ -1451,7 +1531,8 @@ def _finding_consolidation(canvas: _Canvas, rng: np.random.Generator) -> np.ndar
     u = [float(v) for v in rng.random(3)]
     region = _lobe_region(lung, zone)
     sp = canvas.frame.spacing
-    patch = 0.7 * _smooth_noise(rng, region.shape, 9.0 / sp) + 0.3 * _smooth_noise(rng, region.shape, 3.0 / sp)
+    patch = 0.7 * _smooth_noise(rng, region.shape, 9.0 / sp)
+    patch = patch + 0.3 * _smooth_noise(rng, region.shape, 3.0 / sp)
     inside = region > 0.5
     coverage = 0.6 + 0.35 * u[0]
     bias = float(np.quantile(patch[inside], 1.0 - coverage)) if inside.any() else 0.0
@@ -1471,10 +1552,11 @@ def _finding_edema(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
     u = [float(v) for v in rng.random(5)]
     x, y = canvas.frame.x, canvas.frame.y
     sp = canvas.frame.spacing
-    patch = _smooth_noise(rng, x.shape, 8.0 / sp)
+    shape = canvas.frame.shape
+    patch = _smooth_noise(rng, shape, 8.0 / sp)
     severity = 0.4 + 0.6 * u[0]
-    total = np.zeros(x.shape, dtype=bool)
-    haze_all = np.zeros(x.shape, dtype=np.float32)
+    total = np.zeros(shape, dtype=bool)
+    haze_all = np.zeros(shape, dtype=np.float32)
     reach_x, reach_y = 70.0 + 30.0 * u[1], 85.0 + 35.0 * u[2]
     for lung in canvas.fields:
         hx, hy = lung.hilum
@@ -1506,21 +1588,21 @@ def _finding_atelectasis(canvas: _Canvas, rng: np.random.Generator, plan: _Findi
     edge = max(sp * 0.6, 0.5)
     u = [float(v) for v in rng.random(6)]
     if plan.atelectasis_kind == "plate":
-        # Plate (discoid) atelectasis: a 5-12 mm band in the lower zone, near horizontal.
+        # Plate (discoid) atelectasis: a 4-10 mm band in the lower zone, near horizontal.
         cand = lung.mask & (lung.v > 0.55) & (lung.v < 0.88) & (lung.u > 0.2) & (lung.u < 0.8)
         if not cand.any():
             cand = lung.mask
         idx = np.flatnonzero(cand)
         k = int(idx[rng.integers(idx.size)])
-        cx, cy = float(x.flat[k]), float(y.flat[k])
+        cx, cy = canvas.frame.point(k)
         length = 40.0 + 45.0 * u[0]
-        thick = 2.5 + 3.5 * u[1]
+        thick = 2.0 + 3.0 * u[1]
         ang = math.radians(-18.0 + 36.0 * u[2])
         half = (0.5 * length * math.cos(ang), 0.5 * length * math.sin(ang))
         d = _segment_distance(x, y, (cx - half[0], cy - half[1]), (cx + half[0], cy + half[1]))
         f = _ramp(thick - d, edge) * lung.soft
-        canvas.air *= 1.0 - 0.9 * f
-        canvas.extra += 0.03 * f
+        canvas.air *= 1.0 - (0.55 + 0.3 * u[3]) * f
+        canvas.extra += 0.02 * f
         canvas.vessels *= 1.0 - f
         return (f > 0.5) & lung.mask
     # Lobar collapse: a dense wedge from the hilum towards the pleura.
@@ -1536,11 +1618,36 @@ def _finding_atelectasis(canvas: _Canvas, rng: np.random.Generator, plan: _Findi
     dtheta = np.abs(np.angle(np.exp(1j * (np.arctan2(dy, dx) - centre))))
     reach = 60.0 + 70.0 * u[2]
     wedge = _ramp((spread - dtheta) * r, edge * 2.0) * _ramp(reach - r, 10.0) * _ramp(r - 6.0, 4.0)
-    wedge = ndimage.gaussian_filter(wedge.astype(np.float32), 1.2 / sp) * lung.soft
+    # On a lateral film the collapsed middle lobe projects over the heart: keep that part.
+    inside = lung.raw if lung.name == "both" else lung.soft
+    wedge = _blur(wedge.astype(np.float32), 1.2 / sp) * inside
     canvas.air *= 1.0 - 0.85 * wedge
     canvas.vessels *= 1.0 - wedge
-    canvas.extra += 0.03 * wedge
-    return (wedge > 0.5) & lung.mask
+    canvas.extra += 0.05 * wedge
+    return (wedge > 0.5) & (lung.raw if lung.name == "both" else lung.mask)
+
+
+def _detector_mask(frame: _Frame, canvas_mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Canvas finding mask -> detector mask without crumbs, never empty when drawn.
+
+    On tiny images a small finding can shrink below the crumb size or fall between the
+    sampled pixels; it then keeps at least the pixel nearest its centre, so every finding
+    present has a mask and a box.
+    """
+    warped = frame.warp_mask(canvas_mask)
+    cleaned = _clean_mask(warped, min_pixels)
+    if cleaned.any() or not canvas_mask.any():
+        return cleaned
+    if warped.any():
+        return warped
+    rows, cols = np.nonzero(canvas_mask)
+    px, py = frame.point(int(rows.mean().round()) * frame.n + int(cols.mean().round()))
+    # Patient mm -> detector pixel (inverse of the placement used by the warp).
+    col = (frame.cos * px - frame.sin * py + frame.tx) / frame.spacing + frame.size / 2.0 - 0.5
+    row = (frame.sin * px + frame.cos * py + frame.ty) / frame.spacing + frame.size / 2.0 - 0.5
+    out = np.zeros_like(warped)
+    out[min(max(int(round(row)), 0), frame.size - 1), min(max(int(round(col)), 0), frame.size - 1)] = True
+    return out
 
 
 def _clean_mask(mask: np.ndarray, min_pixels: int) -> np.ndarray:
@@ -1562,7 +1669,8 @@ def _mask_boxes(mask: np.ndarray) -> list[tuple[float, float, float, float]]:
         if sl is None:
             continue
         rows, cols = sl
-        boxes.append((float(cols.start), float(rows.start), float(cols.stop - cols.start), float(rows.stop - rows.start)))
+        x, y = float(cols.start), float(rows.start)
+        boxes.append((x, y, float(cols.stop) - x, float(rows.stop) - y))
     boxes.sort(key=lambda box: -box[2] * box[3])
     return boxes
 
@@ -1609,7 +1717,9 @@ def _expose(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
     lungs = canvas.lung_soft
     attenuation = canvas.tissue + canvas.bone - canvas.air + canvas.extra
     attenuation += (VESSEL_DENSITY * canvas.vessels + 0.012 * canvas.texture) * lungs
-    attenuation = _blur(attenuation, max(g.blur_mm / sp * 0.6, 0.3))
+    # Project the patient onto the detector (rotation, shift), then detector blur.
+    attenuation = canvas.frame.warp(attenuation)
+    attenuation = _blur(attenuation, max(g.blur_mm / sp * 0.5, 0.25))
     # Poisson statistics: counts ~ N0 exp(-kappa A), so the log-signal noise grows where
     # fewer photons arrive (bone, abdomen), as on a real detector. Coarser pixels collect
     # more photons each.
@@ -1622,7 +1732,7 @@ def _expose(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
     noisy = attenuation + sigma * _smooth_noise(rng, attenuation.shape, 0.0)
     noisy = _blur(noisy, 0.4)
     # Digital radiography processing: unsharp masking at a coarse scale equalises the lung
-    # fields against the mediastinum (computed on a 4x smaller grid for speed).
+    # fields against the mediastinum (as small matrix products, for speed).
     down, up = _coarse_operators(noisy.shape[0], 18.0 / sp)
     coarse = up @ (down @ noisy @ down.T) @ up.T
     processed = noisy + g.edge_enhance * (noisy - coarse)
@@ -1699,6 +1809,7 @@ def render_case(
         if name not in wanted:
             continue
         r = rng_for(name)
+        before = canvas.extra - canvas.air  # to locate the change if the mask comes out empty
         if name == "Cardiomegaly":
             mask = canvas.heart.copy()
         elif name == "Effusion":
@@ -1715,7 +1826,11 @@ def render_case(
             mask = _finding_edema(canvas, r)
         else:
             mask = _finding_atelectasis(canvas, r, plan)
-        masks[name] = _clean_mask(mask, min_px)
+        if not mask.any():
+            # Drawn thinner than a pixel (tiny images): the mask is where it changed most.
+            change = np.abs((canvas.extra - canvas.air) - before)
+            mask = change >= 0.5 * float(change.max()) if change.max() > 0 else mask
+        masks[name] = _detector_mask(frame, mask, min_px)
 
     image = _expose(canvas, np.random.default_rng(seeds[4]))
     return PhantomCase(
@@ -1729,7 +1844,7 @@ def render_case(
         patient_id=patient.patient_id,
         age=patient.age,
         sex=patient.sex,
-        anatomy=canvas.anatomy,
+        anatomy={name: frame.warp_mask(m) for name, m in canvas.anatomy.items()},
     )
 
 
@@ -1820,7 +1935,6 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 
 def _write_dicom(path: Path, case: PhantomCase, job: _Job, settings: _Settings) -> None:
     """Write a real DICOM DX/CR object with deterministic UIDs and verify it reads back."""
-    from pydicom import dcmread
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
@@ -1896,9 +2010,26 @@ def _write_dicom(path: Path, case: PhantomCase, job: _Job, settings: _Settings) 
         ds.compress(ts, stored, generate_instance_uid=False)
     ds.save_as(path, enforce_file_format=True)
     if settings.verify:
-        back = dcmread(path).pixel_array
+        back = _decode(path, job.transfer_syntax)
         if back.shape != stored.shape or not np.array_equal(back, stored):
             raise RuntimeError(f"{path.name}: {job.transfer_syntax} round trip is not lossless")
+
+
+# Fastest installed decoder per syntax for the read-back check (pydicom's default order
+# prefers GDCM, ~1.6x slower for JPEG-LS); any other installed plugin works too.
+_VERIFY_DECODER = {"jpeg-ls": "pyjpegls"}
+
+
+def _decode(path: Path, transfer_syntax: str) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    plugin = _VERIFY_DECODER.get(transfer_syntax, "")
+    try:
+        return pixel_array(path, decoding_plugin=plugin)
+    except (RuntimeError, ValueError):
+        if not plugin:
+            raise
+        return pixel_array(path)
 
 
 def _plan_cohort(
@@ -1917,7 +2048,9 @@ def _plan_cohort(
     if weights.sum() <= 0:
         weights = np.ones(len(views))
     weights = weights / weights.sum()
-    followups = range(1, images_per_patient + 1) if isinstance(images_per_patient, int) else images_per_patient
+    followups = images_per_patient
+    if isinstance(images_per_patient, int):
+        followups = range(1, images_per_patient + 1)
     choices = [int(n) for n in followups if int(n) >= 1]
     if not choices:
         raise ValueError(f"images_per_patient gives no count >= 1: {images_per_patient!r}")
@@ -2041,7 +2174,8 @@ def generate_cohort(
         raise ValueError(f"unknown view(s) {bad_views}; expected some of {', '.join(VIEWS)}")
     bad_ts = [t for t in transfer_syntaxes if t not in TRANSFER_SYNTAXES]
     if bad_ts or not transfer_syntaxes:
-        raise ValueError(f"unknown transfer syntax(es) {bad_ts}; expected some of {', '.join(TRANSFER_SYNTAXES)}")
+        known = ", ".join(TRANSFER_SYNTAXES)
+        raise ValueError(f"unknown transfer syntax(es) {bad_ts}; expected some of {known}")
     out = Path(out_dir)
     images_dir = out / image_subdir if image_subdir else out
     images_dir.mkdir(parents=True, exist_ok=True)
