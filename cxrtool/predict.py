@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,9 @@ class _StudyInputs:
             }
             if self.include_patient_id and study.source_format == "dicom":
                 item["patient_id"] = _patient_id(path)
+            if study.pixels.size > _TRIM_ABOVE_PIXELS:
+                del study
+                _release_freed_memory()
             return item
         except StudyReadError as error:
             return {"index": index, "error": str(error)}
@@ -80,6 +84,21 @@ class _StudyInputs:
             # A decoder failing in a way the readers did not anticipate must not stop the
             # batch: record it as this file's reason.
             return {"index": index, "error": f"{type(error).__name__}: {_one_line(error)}"}
+
+
+# Decoding a large radiograph allocates tens of MB that glibc keeps for the process after
+# they are freed; over thousands of studies of mixed sizes the workers' memory would creep.
+_TRIM_ABOVE_PIXELS = 2_000_000
+
+
+def _release_freed_memory() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc (e.g. musl): nothing to trim
 
 
 def _patient_id(path: Path) -> str:
@@ -210,6 +229,12 @@ def predict(
         prefetch_factor=2 if n_workers else None,
     )
     autocast = torch.autocast("cuda", dtype=torch.float16) if torch_device.type == "cuda" else contextlib.nullcontext()
+    previous_threads = torch.get_num_threads()
+    if torch_device.type == "cpu" and n_workers:
+        # Decoders and the model share the cores: OpenMP threads that spin between layers
+        # would starve the decoding workers (measured: 1 model thread + 2 workers is 1.3x
+        # faster than 2 + 2 on 2 cores).
+        torch.set_num_threads(max(1, min(previous_threads, (os.cpu_count() or 1) - n_workers)))
     try:
         for items in loader:
             decoded = [item for item in items if "tensor" in item]
@@ -235,6 +260,7 @@ def predict(
                 summary.predicted += 1
                 report({**record, "path": str(path), "status": "predicted"})
     finally:
+        torch.set_num_threads(previous_threads)
         tables.flush()
         for folder in tables.tables:
             write_json(
