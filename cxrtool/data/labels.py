@@ -499,7 +499,7 @@ def _parse_chexpert(
         image = row[i_path].strip()
         rows.append(
             _row_values(row, names, cols, value_map,
-                        lambda name, c, cell: f"{path.name} line {line_no}: {name!r} has {cell!r}; "
+                        lambda name, c, cell, line_no=line_no: f"{path.name} line {line_no}: {name!r} has {cell!r}; "
                         "CheXpert labels must be 1.0, 0.0, -1.0 or blank")
         )
         images.append(image)
@@ -572,7 +572,7 @@ def _parse_generic(
             raise ValueError(f"{path.name} line {line_no}: empty path")
         rows.append(
             _row_values(row, names, cols, value_map,
-                        lambda name, c, cell: f"{path.name} line {line_no}: column {header[c]!r} has {cell!r}; "
+                        lambda name, c, cell, line_no=line_no: f"{path.name} line {line_no}: column {header[c]!r} has {cell!r}; "
                         "generic label columns must be 0, 1 or blank (pass findings=[...] to pick columns)")
         )
         images.append(image)

@@ -794,7 +794,7 @@ def _vessel_tree(
     start[:, 1] = hilum[1] + 18.0 * np.sin(ang) + rng.normal(0.0, 4.0, n)
     length = trunk_mm * rng.uniform(0.8, 1.2, n)
     points: list[np.ndarray] = []
-    for level in range(depth):
+    for _ in range(depth):
         # ~1 mm between samples so the blurred points read as continuous lines.
         k = max(4, int(math.ceil(float(length.max()) / VESSEL_SAMPLE_MM)))
         t = np.linspace(0.0, 1.0, k, endpoint=False)
@@ -1077,7 +1077,6 @@ def _draw_frontal(frame: _Frame, g: _Geometry, rng: np.random.Generator) -> _Can
 
 def _draw_mediastinum(frame: _Frame, g: _Geometry, tissue: np.ndarray, air: np.ndarray, edge: float) -> None:
     """Trachea, main bronchi and hila (in place)."""
-    x, y = frame.x, frame.y
     carina = (g.shift, g.apex_y + CARINA_BELOW_APEX_MM)
     tc = frame.crop(g.shift - 60, g.shift + 60, -1e3, carina[1] + 45)
     if tc is not None:
@@ -1141,7 +1140,6 @@ def _draw_ribs(g: _Geometry, side: str, s: dict, y: np.ndarray, edge: float) -> 
 
 def _draw_frontal_bones(frame: _Frame, g: _Geometry, bone: np.ndarray, edge: float) -> None:
     """Clavicles, scapulae, humeri and spine for a frontal film (in place)."""
-    x, y = frame.x, frame.y
     wmax = max(g.width.values())
     for side in ("right", "left"):
         sign = -1.0 if side == "right" else 1.0
