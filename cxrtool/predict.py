@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cxrtool.io.outputs import FOLDER_JSON, FolderTables, sidecar_path, write_json
-from cxrtool.io.studies import StudyReadError, find_studies, read_study
+from cxrtool.io.studies import StudyReadError, find_studies, one_line, read_study
 from cxrtool.preprocess import Preprocessing, prepare
 
 ResultCallback = Callable[[dict[str, Any]], None]
@@ -83,7 +83,7 @@ class _StudyInputs:
         except (OSError, ValueError, MemoryError) as error:
             # A decoder failing in a way the readers did not anticipate must not stop the
             # batch: record it as this file's reason.
-            return {"index": index, "error": f"{type(error).__name__}: {_one_line(error)}"}
+            return {"index": index, "error": f"{type(error).__name__}: {one_line(str(error), limit=None) or type(error).__name__}"}
 
 
 # Decoding a large radiograph allocates tens of MB that glibc keeps for the process after
@@ -119,10 +119,6 @@ def _worker_init(_: int) -> None:
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def output_root(paths: Sequence[Path]) -> Path | None:

@@ -25,6 +25,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, conve
 from pydicom.pixels import get_decoder
 
 from cxrtool.io.studies import Study, StudyReadError, sniff_format
+from cxrtool.io.studies import one_line as _one_line
 
 __all__ = ["read_dicom"]
 
@@ -34,7 +35,6 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _REQUIRED_IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation")
 # ITU-R BT.601 luma weights, the same ones Pillow uses for RGB -> "L".
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-_MAX_REASON = 200
 _MARKER_TERMINATED = frozenset(
     [*uid.JPEGTransferSyntaxes, *uid.JPEGLSTransferSyntaxes, *uid.JPEG2000TransferSyntaxes]
 )
@@ -601,9 +601,3 @@ def _view_position(ds: Dataset) -> str:
         return "LATERAL"
     return "UNKNOWN"
 
-
-def _one_line(message: str) -> str:
-    """Collapse whitespace, blank out control bytes from corrupt values, cap the length."""
-    text = " ".join(message.split())
-    text = "".join(char if char.isprintable() else "?" for char in text)
-    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxrtool.io.studies import Study, StudyReadError
+from cxrtool.io.studies import one_line as _one_line
 
 __all__ = ["read_image"]
 
@@ -128,8 +129,3 @@ def _scaled(array: np.ndarray, top: float) -> np.ndarray:
     out /= np.float32(top)
     np.clip(out, 0.0, 1.0, out=out)  # only matters for out-of-range (e.g. negative) "I" data
     return out
-
-
-def _one_line(message: str, limit: int = 200) -> str:
-    text = " ".join(message.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -27,6 +27,19 @@ class StudyReadError(Exception):
     """A file that cannot be read as a study; the message is the one-line reason."""
 
 
+def one_line(message: str, limit: int | None = 200) -> str:
+    """A failure reason fit for one CSV cell and one stderr line.
+
+    Collapses whitespace, blanks out control bytes (corrupt header values carry them) and,
+    when ``limit`` is given, caps the length.
+    """
+    text = " ".join(message.split())
+    text = "".join(char if char.isprintable() else "?" for char in text)
+    if limit is None or len(text) <= limit:
+        return text
+    return text[: limit - 3] + "..."
+
+
 @dataclass
 class Study:
     """One radiograph, decoded and ready for preprocessing.
