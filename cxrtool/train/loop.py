@@ -80,18 +80,10 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 
 def mean_auroc(targets: np.ndarray, scores: np.ndarray) -> tuple[float, list[float]]:
     """Mean over findings with both classes present in the known (non-NaN) labels."""
-    from sklearn.metrics import roc_auc_score
+    from cxrtool.evaluate.classification import auroc, macro_average
 
-    per_finding = []
-    for column in range(targets.shape[1]):
-        known = ~np.isnan(targets[:, column])
-        y = targets[known, column]
-        if y.size == 0 or y.min() == y.max():
-            per_finding.append(math.nan)
-            continue
-        per_finding.append(float(roc_auc_score(y, scores[known, column])))
-    defined = [v for v in per_finding if not math.isnan(v)]
-    return (float(np.mean(defined)) if defined else math.nan), per_finding
+    per_finding = [float(v) for v in np.atleast_1d(auroc(targets, scores))]
+    return macro_average(per_finding), per_finding
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[TrainEvent], None] | None = None) -> TrainResult:
