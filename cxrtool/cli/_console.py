@@ -9,9 +9,11 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -62,6 +64,31 @@ def progress_bar(*, transient: bool = False) -> Progress:
         transient=transient,
         disable=os.environ.get("CXRTOOL_NO_PROGRESS") == "1",
     )
+
+
+def training_progress(bar: Progress, *, label: str = "epoch") -> Callable[[Any], None]:
+    """A callback drawing the training loop's events (``cxrtool.train.loop.TrainEvent``) on
+    ``bar``: image caching, one bar per epoch with the running loss, then validation."""
+    tasks: dict[str, Any] = {}
+
+    def on_event(event: Any) -> None:
+        if event.kind == "message":
+            bar.console.print(event.message, soft_wrap=True)
+        elif event.kind == "cache":
+            if "cache" not in tasks:
+                tasks["cache"] = bar.add_task("reading images", total=event.steps, status="")
+            bar.update(tasks["cache"], completed=event.step)
+        elif event.kind == "batch":
+            key = f"epoch{event.epoch}"
+            if key not in tasks:
+                tasks[key] = bar.add_task(f"{label} {event.epoch}/{event.epochs}", total=event.steps, status="")
+            bar.update(tasks[key], completed=event.step, status=f"loss {event.loss:.4f}")
+        elif event.kind == "epoch" and f"epoch{event.epoch}" in tasks:
+            auroc = "n/a" if math.isnan(event.val_auroc) else f"{event.val_auroc:.4f}"
+            bar.update(tasks[f"epoch{event.epoch}"],
+                       status=f"loss {event.loss:.4f}  val mean AUROC {auroc}  (best {event.best_auroc:.4f})")
+
+    return on_event
 
 
 @contextmanager

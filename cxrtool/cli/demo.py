@@ -7,14 +7,13 @@ evaluates against their ground truth, and prints where everything is.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import EXIT_OK, fail, handle_interrupt, note, out, progress_bar
+from cxrtool.cli._console import EXIT_OK, fail, handle_interrupt, note, out, progress_bar, training_progress
 
 # Sized for a CPU run of minutes that still learns every finding. Of the backbones tried on
 # 2 cores (ResNet-18 at 128 px, RegNetX-200MF at 128 and 192 px, with and without
@@ -71,20 +70,7 @@ def demo(
             "findings": list(PHANTOM_FINDINGS),
         })
         bar = progress_bar()
-        tasks: dict[str, int] = {}
-
-        def on_event(event) -> None:
-            if event.kind == "batch":
-                key = f"e{event.epoch}"
-                if key not in tasks:
-                    tasks[key] = bar.add_task(f"train epoch {event.epoch}/{event.epochs}", total=event.steps, status="")
-                bar.update(tasks[key], completed=event.step, status=f"loss {event.loss:.4f}")
-            elif event.kind == "epoch" and f"e{event.epoch}" in tasks:
-                auroc = "n/a" if math.isnan(event.val_auroc) else f"{event.val_auroc:.3f}"
-                bar.update(tasks[f"e{event.epoch}"], status=f"loss {event.loss:.4f}  val mean AUROC {auroc}")
-            elif event.kind == "message":
-                bar.console.print(event.message, soft_wrap=True)
-
+        on_event = training_progress(bar, label="train epoch")
         with bar:
             result = train(config, progress=on_event)
 

@@ -8,14 +8,13 @@ DistributedDataParallel.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cxrtool.cli._console import fail, handle_interrupt, note, progress_bar
+from cxrtool.cli._console import fail, handle_interrupt, note, progress_bar, training_progress
 
 
 def train(
@@ -61,25 +60,7 @@ def train(
 
     main_process = int(os.environ.get("RANK", "0")) == 0
     bar = progress_bar()
-    tasks: dict[str, int] = {}
-
-    def on_event(event) -> None:
-        if event.kind == "message":
-            bar.console.print(event.message, soft_wrap=True)
-        elif event.kind == "cache":
-            if "cache" not in tasks:
-                tasks["cache"] = bar.add_task("reading images", total=event.steps, status="")
-            bar.update(tasks["cache"], completed=event.step)
-        elif event.kind == "batch":
-            key = f"epoch{event.epoch}"
-            if key not in tasks:
-                tasks[key] = bar.add_task(f"epoch {event.epoch}/{event.epochs}", total=event.steps, status="")
-            bar.update(tasks[key], completed=event.step, status=f"loss {event.loss:.4f}")
-        elif event.kind == "epoch":
-            key = f"epoch{event.epoch}"
-            auroc = "n/a" if math.isnan(event.val_auroc) else f"{event.val_auroc:.4f}"
-            if key in tasks:
-                bar.update(tasks[key], status=f"loss {event.loss:.4f}  val mean AUROC {auroc}  (best {event.best_auroc:.4f})")
+    on_event = training_progress(bar)
 
     with handle_interrupt():
         try:
