@@ -26,6 +26,32 @@ FOLDER_JSON = "cxrtool_predictions.json"
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (safetensors,
+    savefig); on success it is synced and renamed over ``path``, on failure removed.
+
+    Example:
+        >>> with atomic_path("run/model.safetensors") as tmp:
+        ...     save_file(tensors, str(tmp))
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    # mkstemp creates 0600 files; results are meant to be shared like any other file.
+    os.chmod(tmp_name, 0o666 & ~_UMASK)
+    try:
+        yield Path(tmp_name)
+        with open(tmp_name, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[Any]:
     """Open a temporary file beside ``path``; on success rename it over ``path``.
 
@@ -33,21 +59,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
         >>> with atomic_write("out/result.json") as handle:
         ...     handle.write("{}")
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    # mkstemp creates 0600 files; results are meant to be shared like any other file.
-    os.chmod(tmp_name, 0o666 & ~_UMASK)
-    try:
-        with os.fdopen(descriptor, mode, **open_kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as handle:
+        yield handle
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:

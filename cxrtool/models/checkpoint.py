@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxrtool.io.outputs import atomic_path
+
 CARD_KEY = "cxrtool_card"
 TREE_KEY = "cxrtool_tree"
 FORMAT = "cxrtool-checkpoint"
@@ -73,11 +75,6 @@ class ModelCard:
         return float(self.thresholds.get(finding, 0.5))
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def save_checkpoint(path: str | os.PathLike, model, card: ModelCard) -> Path:
     """Write the model's weights and card to one safetensors file, atomically."""
     from safetensors.torch import save_file
@@ -89,9 +86,8 @@ def save_checkpoint(path: str | os.PathLike, model, card: ModelCard) -> Path:
     card.created = card.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     module = getattr(model, "module", model)  # unwrap DistributedDataParallel
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    tmp = _atomic_target(path)
-    save_file(tensors, str(tmp), metadata={CARD_KEY: card.to_json()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={CARD_KEY: card.to_json()})
     return path
 
 
@@ -175,9 +171,8 @@ def save_tree(path: str | os.PathLike, tree: Mapping[str, Any]) -> Path:
 
     structure = strip(tree, "")
     path = Path(path)
-    tmp = _atomic_target(path)
-    save_file(tensors, str(tmp), metadata={TREE_KEY: json.dumps(structure)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={TREE_KEY: json.dumps(structure)})
     return path
 
 
