@@ -40,8 +40,14 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
-def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0.05) -> tuple[int, float, float, str]:
-    """Run ``cmd``; return (exit code, wall seconds, peak tree PSS in MiB, output)."""
+def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0.05, sample_memory: bool = True) -> tuple[int, float, float, str]:
+    """Run ``cmd``; return (exit code, wall seconds, peak tree PSS in MiB, output).
+
+    Reading a process's PSS makes the kernel walk its page tables (about 9 ms for a process
+    holding torch), so sampling costs a noticeable share of a 2-core machine, more so for a
+    run with several worker processes: time with ``sample_memory=False`` (peak is then 0) and
+    measure memory in a separate run.
+    """
     started = time.perf_counter()
     process = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0
@@ -54,8 +60,10 @@ def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0
             time.sleep(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    if sample_memory:
+        sampler.start()
     output, _ = process.communicate()
     done.set()
-    sampler.join()
+    if sample_memory:
+        sampler.join()
     return process.returncode, time.perf_counter() - started, peak / 1024, output

@@ -9,6 +9,7 @@ the number of inputs: only paths and the small result rows are kept, never pixel
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -112,13 +113,59 @@ def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items  # stacking happens in the main process, only for items that decoded
 
 
-def _worker_init(_: int) -> None:
+class _ScoreInWorker:
+    """Collate function that also runs the model, inside the decoding worker (CPU only).
+
+    On a CPU the model competes with the decoders for the same cores; intra-op threads in
+    one process scale poorly for a small model and spin while waiting. Each worker instead
+    decodes a chunk and scores it with its own copy-on-write view of the weights, so every
+    core does whole studies end to end and the main process only writes the results.
+    """
+
+    def __init__(self, network) -> None:
+        self.network = network
+
+    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        decoded = [item for item in items if "tensor" in item]
+        if decoded:
+            for item, scores in zip(decoded, _forward(self.network, [item.pop("tensor") for item in decoded], None)):
+                item["scores"] = scores
+        return items
+
+
+def _forward(network, tensors: list[np.ndarray], device) -> np.ndarray:
+    """Probabilities for a list of preprocessed studies, as float64 (n, findings)."""
+    import torch
+
+    batch = torch.from_numpy(np.stack(tensors))
+    autocast = contextlib.nullcontext()
+    if device is not None and device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+        autocast = torch.autocast("cuda", dtype=torch.float16)
+    with torch.inference_mode(), autocast:
+        logits = network(batch.contiguous(memory_format=torch.channels_last))
+    return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
+
+
+def _worker_init(_: int, threads: int = 1) -> None:
     # Each worker decodes one image at a time; extra threads would only fight the model.
     import cv2
     import torch
 
     cv2.setNumThreads(1)
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+
+
+def _regroup(chunks: Iterable[list[dict[str, Any]]], size: int) -> Iterable[list[dict[str, Any]]]:
+    """Regroup the loader's small chunks into model batches of ``size`` (the last may be short)."""
+    pending: list[dict[str, Any]] = []
+    for chunk in chunks:
+        pending.extend(chunk)
+        if len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]
+    if pending:
+        yield pending
 
 
 def output_root(paths: Sequence[Path]) -> Path | None:
@@ -215,33 +262,30 @@ def predict(
 
     dataset = _StudyInputs(todo, prep, include_patient_id=include_patient_id)
     n_workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    if torch_device.type == "cpu" and n_workers:
+        # Workers decode and score chunks of a few studies (see _ScoreInWorker); small
+        # chunks keep a run of slow studies (large JPEG 2000 DICOMs) from piling up in one
+        # worker while the others idle.
+        chunk, collate = min(batch_size, 8), _ScoreInWorker(network)
+        init = functools.partial(_worker_init, threads=max(1, (os.cpu_count() or 1) // n_workers))
+    else:
+        # The model runs here on the device; workers hand over one study at a time and
+        # the model batches are formed from them as they arrive.
+        chunk, collate, init = 1, _collate, _worker_init
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=chunk,
         num_workers=n_workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if n_workers else None,
-        pin_memory=torch_device.type == "cuda",
-        prefetch_factor=2 if n_workers else None,
+        collate_fn=collate,
+        worker_init_fn=init if n_workers else None,
+        prefetch_factor=max(2, batch_size // chunk) if n_workers else None,
     )
-    autocast = torch.autocast("cuda", dtype=torch.float16) if torch_device.type == "cuda" else contextlib.nullcontext()
-    previous_threads = torch.get_num_threads()
-    if torch_device.type == "cpu" and n_workers:
-        # Decoders and the model share the cores: OpenMP threads that spin between layers
-        # would starve the decoding workers (measured: 1 model thread + 2 workers is 1.3x
-        # faster than 2 + 2 on 2 cores).
-        torch.set_num_threads(max(1, min(previous_threads, (os.cpu_count() or 1) - n_workers)))
     try:
-        for items in loader:
+        for items in _regroup(loader, batch_size):
             decoded = [item for item in items if "tensor" in item]
-            probabilities: dict[int, np.ndarray] = {}
             if decoded:
-                batch = torch.from_numpy(np.stack([item["tensor"] for item in decoded]))
-                batch = batch.to(torch_device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), autocast:
-                    logits = network(batch)
-                scores = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
-                probabilities = {item["index"]: score for item, score in zip(decoded, scores)}
+                for item, scores in zip(decoded, _forward(network, [item.pop("tensor") for item in decoded], torch_device)):
+                    item["scores"] = scores
             for item in items:
                 path = todo[item["index"]]
                 folder = destination(path)
@@ -250,13 +294,12 @@ def predict(
                     tables.update(folder, path.name, {"error": item["error"]})
                     report({"file": path.name, "path": str(path), "status": "failed", "error": item["error"]})
                     continue
-                record = _record(path, item, probabilities[item["index"]], card, thresholds, model_info, __version__)
+                record = _record(path, item, item["scores"], card, thresholds, model_info, __version__)
                 write_json(sidecar_path(folder, path.name), record)
                 tables.update(folder, path.name, _row_values(record))
                 summary.predicted += 1
                 report({**record, "path": str(path), "status": "predicted"})
     finally:
-        torch.set_num_threads(previous_threads)
         tables.flush()
         for folder in tables.tables:
             write_json(

@@ -19,8 +19,8 @@ def predict(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write into a mirror tree here instead of beside the inputs.")] = None,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON object per study to stdout.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict again studies already done by this model.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Studies per forward pass.")] = 16,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes (default: CPU count, max 8).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Studies per forward pass (on the CPU each decoding worker scores up to 8 at a time).")] = 16,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes; on the CPU they also run the model (default: CPU count, max 8).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
 ) -> None:
