@@ -44,13 +44,16 @@ class PredictSummary:
         return 1 if self.failed else 0
 
 
-class _StudyInputs:
+class StudyInputs:
     """Map-style dataset: index -> decoded, preprocessed study (or the reason it failed)."""
 
-    def __init__(self, paths: Sequence[Path], prep: Preprocessing, *, include_patient_id: bool = False):
+    def __init__(
+        self, paths: Sequence[Path], prep: Preprocessing, *, include_patient_id: bool = False, display_size: int | None = None
+    ):
         self.paths = paths
         self.prep = prep
         self.include_patient_id = include_patient_id
+        self.display_size = display_size  # also hand over the geometry and a uint8 picture this big
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -64,6 +67,7 @@ class _StudyInputs:
             tensor, geometry = prepare(study.pixels, self.prep)
             item = {
                 "index": index,
+                "path": str(path),
                 "tensor": tensor,
                 "view_position": study.view_position,
                 "pixel_spacing": study.pixel_spacing,
@@ -71,6 +75,9 @@ class _StudyInputs:
                 "image_size": list(study.shape),
                 "sha256": file_sha256(path),
             }
+            if self.display_size:
+                item["geometry"] = geometry
+                item["display"] = _display(study.pixels, self.display_size)
             if self.include_patient_id and study.source_format == "dicom":
                 item["patient_id"] = _patient_id(path)
             if study.pixels.size > _TRIM_ABOVE_PIXELS:
@@ -85,6 +92,17 @@ class _StudyInputs:
             # A decoder failing in a way the readers did not anticipate must not stop the
             # batch: record it as this file's reason.
             return {"index": index, "error": f"{type(error).__name__}: {one_line(str(error), limit=None) or type(error).__name__}"}
+
+
+def _display(pixels: np.ndarray, longest: int) -> np.ndarray:
+    """The radiograph as uint8 with its longer side at most ``longest`` pixels, for pictures."""
+    import cv2
+
+    height, width = pixels.shape
+    ratio = min(1.0, longest / max(height, width))
+    if ratio < 1.0:
+        pixels = cv2.resize(pixels, (max(1, round(width * ratio)), max(1, round(height * ratio))), interpolation=cv2.INTER_AREA)
+    return np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 # Decoding a large radiograph allocates tens of MB that glibc keeps for the process after
@@ -109,27 +127,44 @@ def _patient_id(path: Path) -> str:
     return str(dataset.get("PatientID", ""))
 
 
-def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return items  # stacking happens in the main process, only for items that decoded
+@dataclass
+class RunContext:
+    """What a chunk processor needs to turn decoded studies into written results."""
+
+    network: Any
+    card: Any
+    thresholds: np.ndarray
+    model_info: dict[str, Any]
+    device: Any
+    folders: list[Path]  # output folder of each study to do, by dataset index
+    version: str
 
 
-class _ScoreInWorker:
-    """Collate function that also runs the model, inside the decoding worker (CPU only).
+class ScoreChunk:
+    """The chunk processor of ``predict``: score decoded studies, write their sidecars.
 
-    On a CPU the model competes with the decoders for the same cores; intra-op threads in
-    one process scale poorly for a small model and spin while waiting. Each worker instead
-    decodes a chunk and scores it with its own copy-on-write view of the weights, so every
-    core does whole studies end to end and the main process only writes the results.
+    It runs where the model runs: inside the decoding workers on a CPU (each core then does
+    whole studies end to end, no intra-op threads fighting the decoders), in the main
+    process on a GPU. Items come back with a ``record`` (or their ``error``).
     """
 
-    def __init__(self, network) -> None:
-        self.network = network
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
 
     def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        context = self.context
         decoded = [item for item in items if "tensor" in item]
         if decoded:
-            for item, scores in zip(decoded, _forward(self.network, [item.pop("tensor") for item in decoded], None)):
-                item["scores"] = scores
+            scores = _forward(context.network, [item.pop("tensor") for item in decoded], context.device)
+            for item, row in zip(decoded, scores):
+                path = Path(item["path"])
+                record = prediction_record(path, item, row, context.card, context.thresholds, context.model_info, context.version)
+                target = sidecar_path(context.folders[item["index"]], path.name)
+                previous = read_sidecar(target)
+                if previous and "explanations" in previous and _same_model(previous, context.model_info):
+                    record["explanations"] = previous["explanations"]  # explain's boxes stay valid
+                write_json(target, record)
+                item["record"] = record
         return items
 
 
@@ -139,7 +174,7 @@ def _forward(network, tensors: list[np.ndarray], device) -> np.ndarray:
 
     batch = torch.from_numpy(np.stack(tensors))
     autocast = contextlib.nullcontext()
-    if device is not None and device.type == "cuda":
+    if device.type == "cuda":
         batch = batch.pin_memory().to(device, non_blocking=True)
         autocast = torch.autocast("cuda", dtype=torch.float16)
     with torch.inference_mode(), autocast:
@@ -147,7 +182,7 @@ def _forward(network, tensors: list[np.ndarray], device) -> np.ndarray:
     return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
 
 
-def _worker_init(_: int, threads: int = 1) -> None:
+def worker_init(_: int, threads: int = 1) -> None:
     # Each worker decodes one image at a time; extra threads would only fight the model.
     import cv2
     import torch
@@ -156,7 +191,7 @@ def _worker_init(_: int, threads: int = 1) -> None:
     torch.set_num_threads(threads)
 
 
-def _regroup(chunks: Iterable[list[dict[str, Any]]], size: int) -> Iterable[list[dict[str, Any]]]:
+def regroup(chunks: Iterable[list[dict[str, Any]]], size: int) -> Iterable[list[dict[str, Any]]]:
     """Regroup the loader's small chunks into model batches of ``size`` (the last may be short)."""
     pending: list[dict[str, Any]] = []
     for chunk in chunks:
@@ -176,40 +211,32 @@ def output_root(paths: Sequence[Path]) -> Path | None:
     return Path(os.path.commonpath(sorted(parents)))
 
 
-def predict(
+ChunkFactory = Callable[[RunContext], Callable[[list[dict[str, Any]]], list[dict[str, Any]]]]
+
+
+def run_studies(
     inputs: Iterable[str | os.PathLike],
     *,
     model: str | os.PathLike,
+    make_processor: ChunkFactory,
+    is_done: Callable[[dict[str, Any], dict[str, Any]], bool],
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     batch_size: int = 16,
     workers: int | None = None,
     device: str = "auto",
     include_patient_id: bool = False,
+    display_size: int | None = None,
     on_result: ResultCallback | None = None,
     progress: ProgressCallback | None = None,
+    on_finish: Callable[[list[Path]], None] | None = None,
     stdin=None,
 ) -> PredictSummary:
-    """Run a checkpoint over studies and write sidecars and folder CSVs.
+    """The journey ``predict`` and ``explain`` share: find, skip, decode, process, tabulate.
 
-    Args:
-        inputs: files, folders (recursive), globs, or ``-`` for paths on stdin.
-        model: a cxrtool checkpoint (``.safetensors``).
-        out: write into a mirror tree under this folder instead of beside the inputs.
-        overwrite: predict again studies whose sidecar (from this model) exists.
-        batch_size: studies per forward pass.
-        workers: decoding processes (default: the CPU count, at most 8; 0 decodes inline).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        include_patient_id: add the DICOM PatientID to outputs (off: outputs carry no IDs).
-        on_result: called with each study's record (done, skipped or failed), in order.
-        progress: called with (studies finished, total).
-
-    Returns:
-        A :class:`PredictSummary`.
-
-    Example:
-        >>> summary = predict(["study/"], model="demo.safetensors")
-        >>> summary.predicted, summary.exit_code
+    ``make_processor(context)`` gives the callable that turns a chunk of decoded studies
+    into written results (see :class:`ScoreChunk`); ``is_done(previous_sidecar,
+    model_info)`` says whether a study's existing sidecar already holds this run's result.
     """
     import torch
 
@@ -247,31 +274,33 @@ def predict(
         if progress is not None:
             progress(finished, summary.total)
 
-    # Studies already done by this model are skipped; their rows still go into the CSV so
-    # that it stays complete.
+    # Studies already done are skipped; their rows still go into the CSV so that it stays
+    # complete.
     todo: list[Path] = []
     for path in paths:
         folder = destination(path)
-        previous = _read_previous(sidecar_path(folder, path.name)) if not overwrite else None
-        if previous is not None and previous.get("model", {}).get("sha256") == model_info["sha256"]:
+        previous = read_sidecar(sidecar_path(folder, path.name)) if not overwrite else None
+        if previous is not None and is_done(previous, model_info):
             summary.skipped += 1
-            tables.update(folder, path.name, _row_values(previous))
-            report({**previous, "status": "skipped"})
+            tables.update(folder, path.name, csv_values(previous))
+            report({**previous, "path": str(path), "status": "skipped"})
         else:
             todo.append(path)
 
-    dataset = _StudyInputs(todo, prep, include_patient_id=include_patient_id)
+    context = RunContext(network, card, thresholds, model_info, torch_device, [destination(p) for p in todo], __version__)
+    processor = make_processor(context)
+    dataset = StudyInputs(todo, prep, include_patient_id=include_patient_id, display_size=display_size)
     n_workers = min(os.cpu_count() or 1, 8) if workers is None else workers
-    if torch_device.type == "cpu" and n_workers:
-        # Workers decode and score chunks of a few studies (see _ScoreInWorker); small
-        # chunks keep a run of slow studies (large JPEG 2000 DICOMs) from piling up in one
-        # worker while the others idle.
-        chunk, collate = min(batch_size, 8), _ScoreInWorker(network)
-        init = functools.partial(_worker_init, threads=max(1, (os.cpu_count() or 1) // n_workers))
+    in_workers = torch_device.type == "cpu" and n_workers > 0
+    if in_workers:
+        # Workers decode and process chunks of a few studies; small chunks keep a run of
+        # slow studies (large JPEG 2000 DICOMs) from piling up in one worker.
+        chunk, collate = min(batch_size, 8), processor
+        init = functools.partial(worker_init, threads=max(1, (os.cpu_count() or 1) // n_workers))
     else:
         # The model runs here on the device; workers hand over one study at a time and
-        # the model batches are formed from them as they arrive.
-        chunk, collate, init = 1, _collate, _worker_init
+        # the batches are formed from them as they arrive.
+        chunk, collate, init = 1, _collate, worker_init
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=chunk,
@@ -281,22 +310,19 @@ def predict(
         prefetch_factor=max(2, batch_size // chunk) if n_workers else None,
     )
     try:
-        for items in _regroup(loader, batch_size):
-            decoded = [item for item in items if "tensor" in item]
-            if decoded:
-                for item, scores in zip(decoded, _forward(network, [item.pop("tensor") for item in decoded], torch_device)):
-                    item["scores"] = scores
+        for items in regroup(loader, batch_size):
+            if not in_workers:
+                items = processor(items)
             for item in items:
                 path = todo[item["index"]]
-                folder = destination(path)
+                folder = context.folders[item["index"]]
                 if "error" in item:
                     summary.failed.append((str(path), item["error"]))
                     tables.update(folder, path.name, {"error": item["error"]})
                     report({"file": path.name, "path": str(path), "status": "failed", "error": item["error"]})
                     continue
-                record = _record(path, item, item["scores"], card, thresholds, model_info, __version__)
-                write_json(sidecar_path(folder, path.name), record)
-                tables.update(folder, path.name, _row_values(record))
+                record = item["record"]
+                tables.update(folder, path.name, csv_values(record))
                 summary.predicted += 1
                 report({**record, "path": str(path), "status": "predicted"})
     finally:
@@ -313,10 +339,63 @@ def predict(
                 },
             )
         summary.folders = sorted(tables.tables)
+        if on_finish is not None:
+            on_finish(summary.folders)
     return summary
 
 
-def _read_previous(path: Path) -> dict[str, Any] | None:
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items  # batches are stacked by the processor, only from items that decoded
+
+
+def predict(
+    inputs: Iterable[str | os.PathLike],
+    *,
+    model: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    batch_size: int = 16,
+    workers: int | None = None,
+    device: str = "auto",
+    include_patient_id: bool = False,
+    on_result: ResultCallback | None = None,
+    progress: ProgressCallback | None = None,
+    stdin=None,
+) -> PredictSummary:
+    """Run a checkpoint over studies and write sidecars and folder CSVs.
+
+    Args:
+        inputs: files, folders (recursive), globs, or ``-`` for paths on stdin.
+        model: a cxrtool checkpoint (``.safetensors``).
+        out: write into a mirror tree under this folder instead of beside the inputs.
+        overwrite: predict again studies whose sidecar (from this model) exists.
+        batch_size: studies per forward pass.
+        workers: decoding processes (default: the CPU count, at most 8; 0 decodes inline).
+            On a CPU they also run the model.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        include_patient_id: add the DICOM PatientID to outputs (off: outputs carry no IDs).
+        on_result: called with each study's record (done, skipped or failed), in order.
+        progress: called with (studies finished, total).
+
+    Returns:
+        A :class:`PredictSummary`.
+
+    Example:
+        >>> summary = predict(["study/"], model="demo.safetensors")
+        >>> summary.predicted, summary.exit_code
+    """
+    return run_studies(
+        inputs, model=model, make_processor=ScoreChunk, is_done=_same_model, out=out, overwrite=overwrite,
+        batch_size=batch_size, workers=workers, device=device, include_patient_id=include_patient_id,
+        on_result=on_result, progress=progress, stdin=stdin,
+    )
+
+
+def _same_model(previous: dict[str, Any], model_info: dict[str, Any]) -> bool:
+    return previous.get("model", {}).get("sha256") == model_info["sha256"]
+
+
+def read_sidecar(path: Path) -> dict[str, Any] | None:
     import json
 
     if not path.is_file():
@@ -329,7 +408,7 @@ def _read_previous(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and "findings" in record else None
 
 
-def _record(path, item, scores, card, thresholds, model_info, version) -> dict[str, Any]:
+def prediction_record(path, item, scores, card, thresholds, model_info, version) -> dict[str, Any]:
     findings = {
         name: {
             "probability": round(float(p), 6),
@@ -355,7 +434,7 @@ def _record(path, item, scores, card, thresholds, model_info, version) -> dict[s
     return record
 
 
-def _row_values(record: dict[str, Any]) -> dict[str, Any]:
+def csv_values(record: dict[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {name: v["probability"] for name, v in record.get("findings", {}).items()}
     values["view_position"] = record.get("view_position", "")
     return values

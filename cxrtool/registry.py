@@ -89,7 +89,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("convnext_nano", "stages.3"),
         Architecture("efficientnet_b0", "conv_head"),
         Architecture("efficientnet_b3", "conv_head"),
-        Architecture("mobilenetv3_large_100", "conv_head"),
+        Architecture("mobilenetv3_large_100", "blocks"),
         Architecture("regnetx_002", "s4", "RegNetX-200MF: fastest to train on a CPU"),
         Architecture("regnetx_004", "s4"),
     )

@@ -8,7 +8,7 @@ from cxrtool import __version__
 
 app = typer.Typer(
     name="cxrtool",
-    help="Chest X-ray AI from the command line: read real studies, train, predict, evaluate.",
+    help="Chest X-ray AI from the command line: read real studies, train, predict, explain, evaluate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -30,11 +30,12 @@ def _root(
 
 
 def _register() -> None:
-    from cxrtool.cli import demo, evaluate, models, predict, train
+    from cxrtool.cli import demo, evaluate, explain, models, predict, train
 
     app.command("demo")(demo.demo)
     app.command("train")(train.train)
     app.command("predict")(predict.predict)
+    app.command("explain")(explain.explain)
     app.command("evaluate")(evaluate.evaluate)
     app.command("models")(models.models)
 

@@ -99,3 +99,46 @@ def handle_interrupt():
     except KeyboardInterrupt:
         note("[yellow]interrupted:[/] finished outputs are kept; run the same command again to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_word: str) -> Any:
+    """Drive ``run(on_result=..., progress=...)`` (predict or explain) with a progress bar,
+    failures on stderr as they happen, ``--jsonl`` records on stdout, and the summary lines.
+
+    Returns the run's summary; usage errors raised by it (ValueError, CheckpointError) exit 2.
+    """
+    import json
+    import sys
+
+    from cxrtool.models.checkpoint import CheckpointError
+
+    bar = progress_bar()
+    task = bar.add_task(label, total=None, status="")
+    counts = {"predicted": 0, "skipped": 0, "failed": 0}
+
+    def on_result(record: dict) -> None:
+        status = record.get("status", "")
+        counts[status] = counts.get(status, 0) + 1
+        if status == "failed":
+            bar.console.print(f"[red]failed[/] {record['path']}: {record['error']}", soft_wrap=True)
+        if jsonl:
+            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
+
+    def on_progress(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total,
+                   status=f"{counts['predicted']} new, {counts['skipped']} done before, {counts['failed']} failed")
+
+    with handle_interrupt():
+        try:
+            with bar:
+                summary = run(on_result=on_result, progress=on_progress)
+        except (CheckpointError, ValueError) as error:
+            fail(str(error))
+    if summary.total == 0:
+        fail("no studies found in the given inputs", EXIT_USAGE)
+    note(
+        f"[green]{summary.predicted} {done_word}[/], {summary.skipped} already done, "
+        f"[{'red' if summary.failed else 'green'}]{len(summary.failed)} failed[/] of {summary.total} studies"
+    )
+    return summary

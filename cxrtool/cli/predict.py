@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import sys
+import functools
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cxrtool.cli._console import EXIT_USAGE, fail, handle_interrupt, note, progress_bar, warn
+from cxrtool.cli._console import note, run_over_studies, warn
 
 
 def predict(
@@ -29,40 +28,13 @@ def predict(
     Exit status: 0 all studies done, 1 some failed (reasons on stderr and in the CSV's
     error column), 2 usage error, 130 interrupted (re-run to resume).
     """
-    from cxrtool.models.checkpoint import CheckpointError
     from cxrtool.predict import predict as run_predict
 
-    bar = progress_bar()
-    task = bar.add_task("predict", total=None, status="")
-    counts = {"predicted": 0, "skipped": 0, "failed": 0}
-
-    def on_result(record: dict) -> None:
-        status = record.get("status", "")
-        counts[status] = counts.get(status, 0) + 1
-        if status == "failed":
-            bar.console.print(f"[red]failed[/] {record['path']}: {record['error']}", soft_wrap=True)
-        if jsonl:
-            sys.stdout.write(json.dumps(record) + "\n")
-            sys.stdout.flush()
-
-    def on_progress(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total,
-                   status=f"{counts['predicted']} new, {counts['skipped']} done before, {counts['failed']} failed")
-
-    with handle_interrupt():
-        try:
-            with bar:
-                summary = run_predict(
-                    inputs, model=model, out=out, overwrite=overwrite, batch_size=batch_size, workers=workers,
-                    device=device, include_patient_id=include_patient_id, on_result=on_result, progress=on_progress,
-                )
-        except (CheckpointError, ValueError) as error:
-            fail(str(error))
-    if summary.total == 0:
-        fail("no studies found in the given inputs", EXIT_USAGE)
-    note(
-        f"[green]{summary.predicted} predicted[/], {summary.skipped} already done, "
-        f"[{'red' if summary.failed else 'green'}]{len(summary.failed)} failed[/] of {summary.total} studies"
+    summary = run_over_studies(
+        "predict",
+        functools.partial(run_predict, inputs, model=model, out=out, overwrite=overwrite, batch_size=batch_size,
+                          workers=workers, device=device, include_patient_id=include_patient_id),
+        jsonl=jsonl, done_word="predicted",
     )
     for folder in summary.folders[:5]:
         note(f"  {folder / 'cxrtool_predictions.csv'}")

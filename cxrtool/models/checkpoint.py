@@ -41,6 +41,7 @@ class ModelCard:
     preprocessing: dict[str, Any]
     name: str = "cxrtool-model"
     head: str = "linear"
+    output_stride: int = 32
     thresholds: dict[str, float] = field(default_factory=dict)
     threshold_method: str = "f1"
     training: dict[str, Any] = field(default_factory=dict)
@@ -123,7 +124,10 @@ def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu"):
     card = read_card(path)
     if card.head != "linear":
         raise CheckpointError(f"{path}: head {card.head!r} is not supported by this cxrtool version")
-    model = CXRClassifier(card.architecture, card.findings)
+    try:
+        model = CXRClassifier(card.architecture, card.findings, output_stride=card.output_stride)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot build the card's backbone: {error}") from error
     state = load_file(str(path), device="cpu")
     try:
         model.load_state_dict(state, strict=True)

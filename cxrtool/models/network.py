@@ -36,6 +36,7 @@ class CXRClassifier(nn.Module):
         *,
         pretrained: bool = False,
         drop_rate: float = 0.0,
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         if not findings:
@@ -44,12 +45,18 @@ class CXRClassifier(nn.Module):
             close = timm.list_models(f"*{architecture.split('_')[0]}*")[:8]
             hint = f" (close names: {', '.join(close)})" if close else ""
             raise ValueError(f"unknown timm architecture {architecture!r}{hint}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         self.architecture = architecture
         self.findings = tuple(findings)
+        self.output_stride = output_stride
+        # A smaller output stride dilates the last stages instead of striding them: the
+        # same weights' shapes, a finer feature map (finer CAMs) for more compute.
+        extra = {"output_stride": output_stride} if output_stride != 32 else {}
         # in_chans=1: timm sums the first convolution's RGB weights when loading ImageNet
         # weights, the usual way to start a grey-input model from them.
         self.backbone = timm.create_model(
-            architecture, pretrained=pretrained, num_classes=0, in_chans=1, drop_rate=drop_rate
+            architecture, pretrained=pretrained, num_classes=0, in_chans=1, drop_rate=drop_rate, **extra
         )
         # Some backbones (MobileNetV3) widen features after pooling: head_hidden_size.
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features

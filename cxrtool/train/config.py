@@ -36,6 +36,7 @@ class TrainConfig:
     pretrained: bool = False  # ImageNet weights from the hub: needs the network
     input_size: int = 224
     drop_rate: float = 0.0
+    output_stride: int = 32  # 16 or 8 dilate the last stage(s): finer feature maps and CAMs
     # optimisation
     epochs: int = 10
     batch_size: int = 32
@@ -62,6 +63,7 @@ class TrainConfig:
         """Refuse impossible values early, naming the key."""
         checks = [
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (self.output_stride in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {self.output_stride}"),
             (self.threshold_method in THRESHOLD_METHODS,
              f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, got {self.threshold_method!r}"),
             (self.uncertain in UNCERTAIN_POLICIES,

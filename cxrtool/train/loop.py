@@ -31,7 +31,7 @@ CHECKPOINT_NAME = "model.safetensors"
 STATE_NAME = "last_state.safetensors"
 CONFIG_NAME = "config.yaml"
 # Settings that must not change when resuming, or the saved state would not fit the run.
-_RESUME_INVARIANTS = ("architecture", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size")
+_RESUME_INVARIANTS = ("architecture", "output_stride", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size")
 
 
 @dataclass
@@ -142,7 +142,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         train_view = torch.utils.data.Subset(train_set, train_idx)
         val_set = LabelledStudies(paths, table.targets, prep, cache=cache, seed=config.seed)
 
-        model = CXRClassifier(config.architecture, findings, pretrained=config.pretrained, drop_rate=config.drop_rate)
+        model = CXRClassifier(config.architecture, findings, pretrained=config.pretrained, drop_rate=config.drop_rate,
+                              output_stride=config.output_stride)
         # Channels-last: about 1.3x faster convolutions on CPU (oneDNN) and on tensor cores.
         model = model.to(device, memory_format=torch.channels_last)
         wrapped: torch.nn.Module = model
@@ -321,6 +322,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
     thresholds = choose_thresholds(val_targets, val_scores, method=config.threshold_method)
     return ModelCard(
         architecture=config.architecture,
+        output_stride=config.output_stride,
         findings=list(findings),
         preprocessing=prep.to_dict(),
         name=config.name or Path(config.out).name,

@@ -1,0 +1,70 @@
+"""``cxrtool explain``: where the evidence is, as overlays, maps, masks and boxes."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cxrtool.cli._console import fail, note, run_over_studies, warn
+from cxrtool.explain import CAM_METHOD_NAMES
+
+
+def explain(
+    inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - to read paths from stdin.")],
+    *,
+    model: Annotated[Path, typer.Option("--model", "-m", envvar="CXRTOOL_MODEL", help="A cxrtool checkpoint (.safetensors).")],
+    cam: Annotated[str, typer.Option("--cam", help=f"CAM method: {', '.join(CAM_METHOD_NAMES)}.")] = "gradcam",
+    finding: Annotated[Optional[list[str]], typer.Option(
+        "--finding", "-f", help="Finding to map (repeatable; 'all' for every finding). Default: each study's positive calls.")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Target layer's module name (default: the backbone's last feature stage).")] = None,
+    threshold: Annotated[str, typer.Option("--threshold", help="Regions: a fraction of the map's peak, or 'otsu'.")] = "0.5",
+    map_format: Annotated[str, typer.Option("--map-format", help="Raw map as 'png' (16-bit, divided by its peak) or 'npy' (float32).")] = "png",
+    overlay_size: Annotated[int, typer.Option("--overlay-size", min=64, help="Longest side of the overlay pictures, in pixels.")] = 1024,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write into a mirror tree here instead of beside the inputs.")] = None,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON object per study to stdout.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Explain again studies already explained with these settings.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Studies per forward pass (on the CPU each worker takes up to 8).")] = 16,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes; on the CPU they also run the CAMs (default: CPU count, max 8).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
+) -> None:
+    """Class activation maps per study and finding: overlay PNGs, raw maps, region masks,
+    boxes in the JSON sidecar, and a contact sheet (cxrtool_explain.html) per folder.
+
+    Exit status: 0 all studies done, 1 some failed (reasons on stderr and in the CSV's
+    error column), 2 usage error (unknown method, finding or layer), 130 interrupted.
+    """
+    from cxrtool.explain import ExplainSettings
+    from cxrtool.explain import explain as run_explain
+    from cxrtool.models.checkpoint import CheckpointError, read_card
+
+    findings: tuple[str, ...] | None = None
+    if finding:
+        if any(name.lower() == "all" for name in finding):
+            try:
+                findings = tuple(read_card(model).findings)
+            except (CheckpointError, OSError) as error:
+                fail(str(error))
+        else:
+            findings = tuple(dict.fromkeys(finding))
+    try:
+        settings = ExplainSettings(method=cam.lower(), layer=layer, findings=findings, threshold=threshold,
+                                   map_format=map_format.lower(), display_size=overlay_size)
+    except ValueError as error:
+        fail(str(error))
+    summary = run_over_studies(
+        "explain",
+        functools.partial(run_explain, inputs, model=model, settings=settings, out=out, overwrite=overwrite,
+                          batch_size=batch_size, workers=workers, device=device, include_patient_id=include_patient_id),
+        jsonl=jsonl, done_word="explained",
+    )
+    for folder in summary.folders[:5]:
+        note(f"  {folder / 'cxrtool_explain.html'}")
+    if len(summary.folders) > 5:
+        note(f"  ... and {len(summary.folders) - 5} more folders")
+    if summary.failed:
+        warn(f"{len(summary.failed)} studies could not be read; see the error column of cxrtool_predictions.csv")
+    raise typer.Exit(summary.exit_code)

@@ -1,0 +1,231 @@
+"""Localization, measured: the boxes and maps ``explain`` wrote against radiologists' boxes.
+
+The protocol of the ChestX-ray14 paper (Wang et al., 2017): for each (image, finding) with
+a true box, the localization is correct at threshold T when one of explain's region boxes
+for that finding overlaps a true box by IoU > T (intersection over union) or by IoBB > T
+(intersection over the *predicted* box's area), T = 0.1 ... 0.7. And the pointing game
+(Zhang et al., 2016): a hit when the map's peak lies inside a true box, optionally within a
+tolerance in pixels. Pairs that explain did not map count as misses, and are counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxrtool.data.labels import read_boxes
+from cxrtool.io.outputs import SIDECAR_SUFFIX, atomic_write, write_json
+
+OVERLAP_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+BoxXYWH = Sequence[float]
+
+
+def iou(a: BoxXYWH, b: BoxXYWH) -> float:
+    """Intersection over union of two [x, y, w, h] boxes."""
+    inter = _intersection(a, b)
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def iobb(predicted: BoxXYWH, truth: BoxXYWH) -> float:
+    """Intersection over the predicted box's area (the ChestX-ray14 paper's IoBB)."""
+    area = predicted[2] * predicted[3]
+    return _intersection(predicted, truth) / area if area > 0 else 0.0
+
+
+def _intersection(a: BoxXYWH, b: BoxXYWH) -> float:
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(0.0, width) * max(0.0, height)
+
+
+def inside(point: Sequence[float], box: BoxXYWH, tolerance: float = 0.0) -> bool:
+    """Whether an (x, y) point lies in an [x, y, w, h] box grown by ``tolerance`` pixels."""
+    x, y = point
+    return (box[0] - tolerance <= x <= box[0] + box[2] + tolerance
+            and box[1] - tolerance <= y <= box[1] + box[3] + tolerance)
+
+
+@dataclass
+class LocalizationMetrics:
+    """One finding's (or all findings') localization scores over (image, finding) pairs."""
+
+    finding: str
+    pairs: int = 0  # (image, finding) pairs with a true box
+    mapped: int = 0  # of those, how many explain mapped
+    iou_hits: dict[float, int] = field(default_factory=lambda: dict.fromkeys(OVERLAP_THRESHOLDS, 0))
+    iobb_hits: dict[float, int] = field(default_factory=lambda: dict.fromkeys(OVERLAP_THRESHOLDS, 0))
+    pointing_hits: int = 0
+
+    def add(self, truth: list[BoxXYWH], entry: dict[str, Any] | None, tolerance: float) -> None:
+        self.pairs += 1
+        if entry is None:
+            return
+        self.mapped += 1
+        predicted = [region["box"] for region in entry.get("regions", [])]
+        best_iou = max((iou(p, t) for p in predicted for t in truth), default=0.0)
+        best_iobb = max((iobb(p, t) for p in predicted for t in truth), default=0.0)
+        for threshold in OVERLAP_THRESHOLDS:
+            self.iou_hits[threshold] += best_iou > threshold
+            self.iobb_hits[threshold] += best_iobb > threshold
+        peak = entry.get("peak")
+        if peak is not None and any(inside(peak, t, tolerance) for t in truth):
+            self.pointing_hits += 1
+
+    def merge(self, other: "LocalizationMetrics") -> None:
+        self.pairs += other.pairs
+        self.mapped += other.mapped
+        self.pointing_hits += other.pointing_hits
+        for threshold in OVERLAP_THRESHOLDS:
+            self.iou_hits[threshold] += other.iou_hits[threshold]
+            self.iobb_hits[threshold] += other.iobb_hits[threshold]
+
+    def rate(self, hits: int) -> float:
+        return hits / self.pairs if self.pairs else float("nan")
+
+    @property
+    def pointing(self) -> float:
+        return self.rate(self.pointing_hits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "finding": self.finding,
+            "pairs": self.pairs,
+            "mapped": self.mapped,
+            "pointing_game": _round(self.pointing),
+            "iou_accuracy": {str(t): _round(self.rate(h)) for t, h in self.iou_hits.items()},
+            "iobb_accuracy": {str(t): _round(self.rate(h)) for t, h in self.iobb_hits.items()},
+        }
+
+
+def _round(value: float) -> float | None:
+    return None if value != value else round(value, 4)
+
+
+@dataclass
+class LocalizationReport:
+    findings: dict[str, LocalizationMetrics]
+    overall: LocalizationMetrics
+    tolerance: float
+    studies: int  # explained studies found
+    unmatched_boxes: int  # true boxes whose image has no explained study
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "protocol": "ChestX-ray14 IoU/IoBB accuracy at T (correct when > T); pointing game on the map's peak",
+            "pointing_tolerance_px": self.tolerance,
+            "explained_studies": self.studies,
+            "boxes_without_study": self.unmatched_boxes,
+            "overall": self.overall.to_dict(),
+            "findings": [m.to_dict() for m in self.findings.values()],
+        }
+
+
+def read_explanations(predictions_csv: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """File name -> explained findings, from the sidecars beside a predictions CSV.
+
+    The CSV names the studies of its folder; their sidecars (``NAME.cxrtool.json``) hold
+    what explain found. Studies never explained are left out.
+    """
+    csv_path = Path(predictions_csv)
+    folder = csv_path.parent
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        names = [row["file"] for row in csv.DictReader(handle) if row.get("file")]
+    found: dict[str, dict[str, Any]] = {}
+    for name in names:
+        sidecar = folder / f"{Path(name).name}{SIDECAR_SUFFIX}"
+        try:
+            record = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        explained = record.get("explanations", {}).get("findings") if isinstance(record, dict) else None
+        if isinstance(explained, dict):
+            found[Path(name).name] = explained
+    return found
+
+
+def evaluate_localization(
+    predictions_csv: str | os.PathLike,
+    boxes_csv: str | os.PathLike,
+    *,
+    tolerance: float = 0.0,
+    out_dir: str | os.PathLike | None = None,
+) -> LocalizationReport:
+    """Score explain's boxes and map peaks against true boxes (NIH or generic box CSV).
+
+    Raises:
+        ValueError: when no explained study matches any box's image.
+    """
+    explained = read_explanations(predictions_csv)
+    if not explained:
+        raise ValueError(f"no explained studies beside {predictions_csv}: run cxrtool explain on that folder first")
+    by_stem = {Path(name).stem: name for name in explained}
+    truth: dict[tuple[str, str], list[BoxXYWH]] = defaultdict(list)
+    unmatched = 0
+    for box in read_boxes(boxes_csv):
+        name = box.image if box.image in explained else by_stem.get(Path(box.image).stem)
+        if name is None:
+            unmatched += 1
+            continue
+        truth[(name, box.finding)].append((box.x, box.y, box.w, box.h))
+    if not truth:
+        raise ValueError(f"none of the boxes in {boxes_csv} belongs to an explained study beside {predictions_csv}")
+    findings: dict[str, LocalizationMetrics] = {}
+    for (name, finding), boxes in sorted(truth.items(), key=lambda item: (item[0][1], item[0][0])):
+        metrics = findings.setdefault(finding, LocalizationMetrics(finding))
+        metrics.add(boxes, explained[name].get(finding), tolerance)
+    overall = LocalizationMetrics("overall")
+    for metrics in findings.values():
+        overall.merge(metrics)
+    report = LocalizationReport(findings, overall, tolerance, len(explained), unmatched)
+    folder = Path(out_dir) if out_dir is not None else Path(predictions_csv).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    report.paths["json"] = write_json(folder / "localization.json", report.to_dict())
+    report.paths["csv"] = _write_csv(folder / "localization.csv", report)
+    return report
+
+
+def _write_csv(path: Path, report: LocalizationReport) -> Path:
+    header = ["finding", "pairs", "mapped", "pointing_game"]
+    header += [f"iou_{t}" for t in OVERLAP_THRESHOLDS] + [f"iobb_{t}" for t in OVERLAP_THRESHOLDS]
+    with atomic_write(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for metrics in [*report.findings.values(), report.overall]:
+            row = metrics.to_dict()
+            writer.writerow([metrics.finding, metrics.pairs, metrics.mapped, row["pointing_game"],
+                             *row["iou_accuracy"].values(), *row["iobb_accuracy"].values()])
+    return path
+
+
+def render_localization(report: LocalizationReport, thresholds: Iterable[float] = (0.1, 0.3, 0.5)) -> Any:
+    """A rich table: pairs, pointing game, and IoU/IoBB accuracy at a few thresholds."""
+    from rich.table import Table
+
+    thresholds = list(thresholds)
+    table = Table(title=f"localization ({report.studies} explained studies)", title_justify="left")
+    table.add_column("finding", no_wrap=True)
+    table.add_column("pairs", justify="right")
+    table.add_column("mapped", justify="right")
+    table.add_column("pointing", justify="right", no_wrap=True)
+    for t in thresholds:
+        table.add_column(f"IoU>{t}", justify="right", no_wrap=True)
+    for t in thresholds:
+        table.add_column(f"IoBB>{t}", justify="right", no_wrap=True)
+
+    def cells(m: LocalizationMetrics) -> list[str]:
+        values = [m.pointing] + [m.rate(m.iou_hits[t]) for t in thresholds] + [m.rate(m.iobb_hits[t]) for t in thresholds]
+        return [m.finding, str(m.pairs), str(m.mapped), *("n/a" if v != v else f"{v:.3f}" for v in values)]
+
+    for metrics in report.findings.values():
+        table.add_row(*cells(metrics))
+    table.add_section()
+    table.add_row(*cells(report.overall), style="bold")
+    return table

@@ -1,0 +1,196 @@
+"""Class activation maps through the grad-cam package, for a whole batch and many findings.
+
+The CAM methods are pytorch-grad-cam's own classes: their ``get_cam_image`` (and the
+``get_cam_weights`` behind it) turn a layer's activations and gradients into a map. What
+this module adds is the driving, shaped for multi-label radiographs:
+
+- one forward pass per batch, then one cheap backward pass per finding asked for, instead
+  of a forward and a full backward for every (image, finding) pair;
+- the autograd graph starts at the target layer: the weights are frozen and the layer's
+  output is handed on as a fresh leaf, so a backward pass only runs through the layers
+  after it (for the last convolutional stage: the pooling and the head). The gradients
+  with respect to that layer's output, all that the CAM methods read, are unchanged;
+- each image gets its own map for each of its own findings (images in a batch are
+  independent, so one summed backward pass yields every image's gradient at once);
+- maps stay in the method's raw units (no per-map min-max scaling), so an all-zero map
+  reads as "no evidence" rather than being stretched into noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from cxrtool._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
+import torch  # noqa: E402
+from pytorch_grad_cam import (  # noqa: E402
+    AblationCAM,
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+
+CAM_METHODS = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+    "scorecam": ScoreCAM,
+    "ablationcam": AblationCAM,
+}
+
+
+Wanted = Sequence[Sequence[int]] | Callable[[np.ndarray], Sequence[Sequence[int]]]
+
+
+class ExplainUsageError(ValueError):
+    """A request explain cannot serve (unknown method, layer or finding); names the choices."""
+
+
+def layer_choices(network: torch.nn.Module, limit: int = 12) -> list[str]:
+    """Module names a user could pass as ``--layer``: the backbone's top-level blocks."""
+    names = [name for name, _ in network.named_modules() if name.count(".") == 1 and name.startswith("backbone.")]
+    return names[:limit]
+
+
+def resolve_layer(network: torch.nn.Module, name: str | None) -> tuple[str, torch.nn.Module]:
+    """The target layer by module name (``get_submodule``), defaulting to the card's record."""
+    if not name:
+        name = getattr(network, "cam_layer", None)
+        if not name:
+            architecture = getattr(network, "architecture", "this backbone")
+            raise ExplainUsageError(
+                f"{architecture} has no known CAM layer; pass --layer with a module name, e.g. "
+                + ", ".join(layer_choices(network))
+            )
+    try:
+        return name, network.get_submodule(name)
+    except AttributeError:
+        raise ExplainUsageError(
+            f"no layer {name!r} in this model; choose a module name such as " + ", ".join(layer_choices(network))
+        ) from None
+
+
+def _graph_starts_here(module, inputs, output):
+    # Forward hook on the target layer: what follows sees a leaf that requires grad, so
+    # autograd records only the layers after it.
+    if isinstance(output, torch.Tensor):
+        return output.detach().requires_grad_(True)
+    return output
+
+
+@dataclass
+class BatchMaps:
+    """The result for one batch: probabilities for every image, maps for what was asked."""
+
+    probabilities: np.ndarray  # (B, n_findings) float64
+    maps: dict[tuple[int, int], np.ndarray]  # (image index, finding index) -> (S, S) float32, raw units
+
+
+class CamEngine:
+    """A CAM method on a classifier's target layer, computed batch by batch.
+
+    Use as a context manager, so the hooks are removed when done.
+
+    Example:
+        >>> with CamEngine(network, "gradcam") as engine:
+        ...     result = engine(batch, [[2], [2, 5]])  # finding indices per image
+        >>> result.maps[(1, 5)].shape
+        (224, 224)
+    """
+
+    def __init__(self, network: torch.nn.Module, method: str = "gradcam", layer: str | None = None) -> None:
+        if method not in CAM_METHODS:
+            raise ExplainUsageError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+        self.method = method
+        self.network = network.eval().requires_grad_(False)
+        self.layer_name, self.layer = resolve_layer(network, layer)
+        self._handles = []
+        cam_class = CAM_METHODS[method]
+        self.cam = cam_class(model=self.network, target_layers=[self.layer])
+        self.uses_gradients = bool(self.cam.uses_gradients)
+        if self.uses_gradients:
+            # prepend: must run before the package's own hooks, which attach the gradient
+            # hook to the layer's output.
+            self._handles.append(self.layer.register_forward_hook(_graph_starts_here, prepend=True))
+
+    def __enter__(self) -> "CamEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.cam.activations_and_grads.release()
+
+    def __call__(self, batch: torch.Tensor, wanted: Wanted) -> BatchMaps:
+        """Probabilities for the batch and a map per (image, finding index) in ``wanted``.
+
+        ``wanted`` lists finding indices per image, or is a function of the batch's
+        probabilities (B, n_findings) that returns them (e.g. each image's positive calls).
+        """
+        recorder = self.cam.activations_and_grads
+        size = (batch.shape[-2], batch.shape[-1])
+        grad_mode = torch.enable_grad() if self.uses_gradients else torch.no_grad()
+        with grad_mode:
+            outputs = recorder(batch)
+        self.cam.outputs = outputs  # AblationCAM reads the unablated scores from here
+        probabilities = torch.sigmoid(outputs.detach().float()).cpu().numpy().astype(np.float64)
+        if callable(wanted):
+            wanted = wanted(probabilities)
+        activations = recorder.activations[0].numpy()
+        maps: dict[tuple[int, int], np.ndarray] = {}
+        findings = sorted({f for per_image in wanted for f in per_image})
+        target_free: np.ndarray | None = None
+        for index, finding in enumerate(findings):
+            rows = [i for i, per_image in enumerate(wanted) if finding in per_image]
+            targets = [ClassifierOutputTarget(finding) for _ in rows]
+            gradients = None
+            if self.uses_gradients:
+                recorder.gradients = []
+                score = outputs[:, finding].sum()  # images are independent: one pass, every image's gradient
+                score.backward(retain_graph=index < len(findings) - 1)
+                gradients = recorder.gradients[0].numpy()[rows]
+            if self.method == "eigencam":
+                # The first principal component of the activations: the same for every finding.
+                if target_free is None:
+                    target_free = self._cam_image(batch, targets, activations, None)
+                raw = target_free[rows]
+            else:
+                raw = self._cam_image(batch[rows], targets, activations[rows], gradients)
+            for row, cam in zip(rows, raw):
+                maps[(row, finding)] = _upsample(cam, size)
+        recorder.activations.clear()
+        recorder.gradients = []
+        return BatchMaps(probabilities, maps)
+
+    def _cam_image(self, inputs, targets, activations, gradients) -> np.ndarray:
+        # ScoreCAM and AblationCAM draw tqdm bars of their own; keep the terminal ours.
+        quiet = contextlib.redirect_stderr(io.StringIO()) if self.method in ("scorecam", "ablationcam") else contextlib.nullcontext()
+        with quiet:
+            cam = self.cam.get_cam_image(inputs, self.layer, targets, activations, gradients, eigen_smooth=False)
+        cam = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        return np.maximum(cam, 0.0)
+
+
+def _upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A feature-grid map to the input grid, bilinear as pytorch-grad-cam scales its maps."""
+    return cv2.resize(cam, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)

@@ -1,0 +1,123 @@
+"""From a map on the model's input grid to what a clinician and a pipeline can use.
+
+A CAM is computed on the square input; :func:`to_original` undoes the letterbox (crop the
+padding, resize to the radiograph's own size). :func:`find_regions` thresholds it (a
+fraction of its maximum, or Otsu) and labels the connected regions, strongest first, with
+boxes ``[x, y, w, h]`` in original pixels (and millimetres when the spacing is known).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from cxrtool.preprocess import Geometry
+
+MAX_REGIONS = 255  # the mask PNG is uint8: pixel value k is region k
+
+
+def to_original(cam: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A map on the (S, S) input grid, resampled onto the original (H, W) pixels."""
+    new_h = max(1, round(geometry.original_height * geometry.scale_y))
+    new_w = max(1, round(geometry.original_width * geometry.scale_x))
+    crop = cam[geometry.pad_y : geometry.pad_y + new_h, geometry.pad_x : geometry.pad_x + new_w]
+    return cv2.resize(crop, (geometry.original_width, geometry.original_height), interpolation=cv2.INTER_LINEAR)
+
+
+@dataclass
+class Region:
+    """One connected region of a thresholded map; activations are fractions of the map's peak."""
+
+    label: int
+    x: int
+    y: int
+    width: int
+    height: int
+    area_px: int
+    peak: float
+    mean: float
+
+    def to_dict(self, spacing: tuple[float, float] | None) -> dict:
+        out = {
+            "label": self.label,
+            "box": [self.x, self.y, self.width, self.height],
+            "area_px": self.area_px,
+            "peak": round(self.peak, 4),
+            "mean": round(self.mean, 4),
+        }
+        if spacing:
+            row, col = spacing
+            out["box_mm"] = [round(self.x * col, 2), round(self.y * row, 2), round(self.width * col, 2), round(self.height * row, 2)]
+            out["area_mm2"] = round(self.area_px * row * col, 2)
+        return out
+
+
+@dataclass
+class MapRegions:
+    """A map's thresholding result: the level used, the regions, and the label image."""
+
+    level: float  # the threshold, as a fraction of the map's peak
+    regions: list[Region]
+    labels: np.ndarray  # uint8 (H, W): 0 outside, k inside region k
+    dropped: int = 0  # regions beyond MAX_REGIONS (the weakest), left out of the mask
+
+
+def parse_threshold(value: str | float) -> float | str:
+    """``--threshold``: a fraction in (0, 1) of the map's peak, or ``otsu``."""
+    if isinstance(value, str) and value.strip().lower() == "otsu":
+        return "otsu"
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a fraction in (0, 1) or 'otsu', got {value!r}") from None
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"threshold must be a fraction in (0, 1) or 'otsu', got {value!r}")
+    return fraction
+
+
+def find_regions(cam: np.ndarray, threshold: float | str = 0.5) -> MapRegions | None:
+    """Threshold a map and label its connected regions (8-connected), strongest first.
+
+    Returns None for a map with no evidence (all zero, or not finite anywhere).
+    """
+    peak = float(np.max(cam)) if cam.size else 0.0
+    if not np.isfinite(peak) or peak <= 0.0:
+        return None
+    scaled = np.clip(np.nan_to_num(cam / peak, nan=0.0), 0.0, 1.0).astype(np.float32)
+    if threshold == "otsu":
+        as_bytes = np.round(scaled * 255).astype(np.uint8)
+        otsu, _ = cv2.threshold(as_bytes, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        level = float(otsu) / 255.0
+        inside = as_bytes > otsu
+        if not inside.any():  # a flat map: Otsu cannot split it
+            inside = as_bytes >= otsu
+    else:
+        level = float(threshold)
+        inside = scaled >= level
+    count, components = cv2.connectedComponents(inside.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return MapRegions(level, [], np.zeros(cam.shape, dtype=np.uint8))
+    index = np.arange(1, count)
+    peaks = ndimage.maximum(scaled, components, index)
+    means = ndimage.mean(scaled, components, index)
+    areas = ndimage.sum_labels(np.ones_like(scaled), components, index)
+    slices = ndimage.find_objects(components)
+    order = np.argsort(-np.asarray(peaks), kind="stable")
+    kept = order[:MAX_REGIONS]
+    regions = []
+    relabel = np.zeros(count, dtype=np.uint8)
+    for rank, k in enumerate(kept, start=1):
+        rows, cols = slices[k]
+        regions.append(Region(rank, int(cols.start), int(rows.start), int(cols.stop - cols.start), int(rows.stop - rows.start),
+                              int(areas[k]), float(peaks[k]), float(means[k])))
+        relabel[k + 1] = rank
+    return MapRegions(level, regions, relabel[components], dropped=max(0, len(order) - MAX_REGIONS))
+
+
+def peak_point(cam: np.ndarray) -> tuple[int, int]:
+    """(x, y) of the map's maximum, in the map's pixels."""
+    y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    return int(x), int(y)

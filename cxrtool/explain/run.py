@@ -1,0 +1,253 @@
+"""The Python API behind ``cxrtool explain``: studies -> batches -> CAMs -> pictures, masks, boxes.
+
+``explain`` walks the same path as ``predict`` (same reading, preprocessing, batching,
+skipping and folder CSV; the sidecar gets the same prediction record) and adds one stage:
+for each study and each finding asked for (by default the ones the model calls positive),
+a class activation map from the grad-cam package, written as
+
+- ``NAME.cxrtool.<Finding>.overlay.png``: the heatmap on the radiograph, with the finding,
+  its probability and the regions' boxes in the picture;
+- ``NAME.cxrtool.<Finding>.map.png`` (16-bit, the map divided by its peak; the peak's raw
+  value is ``map_max`` in the sidecar) or ``.map.npy`` (raw float32), at the radiograph's
+  own resolution;
+- ``NAME.cxrtool.<Finding>.mask.png``: the thresholded map's regions at the radiograph's
+  resolution, pixel value k for region k (strongest first), 0 outside;
+- in the sidecar ``NAME.cxrtool.json``: ``explanations``, with each region's box
+  ``[x, y, w, h]`` in original pixels (and millimetres), peak and mean activation, and the
+  map's peak point;
+
+and a contact sheet per folder, ``cxrtool_explain.html``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from cxrtool.explain.regions import find_regions, parse_threshold, peak_point, to_original
+from cxrtool.explain.render import contact_sheet, overlay, write_png
+from cxrtool.io.outputs import atomic_write, sidecar_path, write_json
+from cxrtool.predict import PredictSummary, ProgressCallback, ResultCallback, RunContext, prediction_record, run_studies
+
+METHOD_LABELS = {
+    "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM", "xgradcam": "XGrad-CAM",
+    "layercam": "LayerCAM", "eigencam": "Eigen-CAM", "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM",
+}
+MAP_FORMATS = ("png", "npy")
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """What to explain and how; recorded in each sidecar, so a re-run can skip work done.
+
+    Attributes:
+        method: a key of :data:`cxrtool.explain.cams.CAM_METHODS`.
+        layer: target layer's module name; None takes the one the checkpoint's backbone is known by.
+        findings: finding names to map for every study, or None for each study's positive calls.
+        threshold: fraction of a map's peak, or "otsu", for the regions.
+        map_format: "png" (16-bit) or "npy" (raw float32).
+        display_size: longest side of the overlay pictures, in pixels.
+    """
+
+    method: str = "gradcam"
+    layer: str | None = None
+    findings: tuple[str, ...] | None = None
+    threshold: float | str = 0.5
+    map_format: str = "png"
+    display_size: int = 1024
+
+    def __post_init__(self) -> None:
+        from cxrtool.explain.cams import CAM_METHODS, ExplainUsageError
+
+        if self.method not in CAM_METHODS:
+            raise ExplainUsageError(f"unknown CAM method {self.method!r}; choose one of {', '.join(CAM_METHODS)}")
+        if self.map_format not in MAP_FORMATS:
+            raise ExplainUsageError(f"map format must be one of {', '.join(MAP_FORMATS)}, got {self.map_format!r}")
+        if self.display_size < 64:
+            raise ExplainUsageError(f"overlay size must be at least 64 pixels, got {self.display_size}")
+        object.__setattr__(self, "threshold", parse_threshold(self.threshold))
+
+    def request(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["findings"] = list(self.findings) if self.findings is not None else "positive"
+        return values
+
+
+def file_slug(finding: str) -> str:
+    """A finding's name as it appears in file names: ``Pleural Thickening`` -> ``Pleural_Thickening``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", finding).strip("_") or "finding"
+
+
+class ExplainChunk:
+    """The chunk processor of ``explain`` (see :class:`cxrtool.predict.ScoreChunk`).
+
+    Runs where the model runs (inside the decoding workers on a CPU); builds its
+    :class:`CamEngine` on first use, in that process, so the hooks live where the model does.
+    """
+
+    def __init__(self, context: RunContext, settings: ExplainSettings) -> None:
+        self.context = context
+        self.settings = settings
+        findings = list(context.card.findings)
+        self.fixed = [findings.index(name) for name in settings.findings] if settings.findings is not None else None
+        self._engine = None
+
+    def engine(self):
+        from cxrtool.explain.cams import CamEngine
+
+        if self._engine is None:
+            self._engine = CamEngine(self.context.network, self.settings.method, self.settings.layer)
+        return self._engine
+
+    def _wanted(self, probabilities: np.ndarray) -> list[list[int]]:
+        if self.fixed is not None:
+            return [list(self.fixed) for _ in range(len(probabilities))]
+        return [[int(i) for i in np.flatnonzero(row >= self.context.thresholds)] for row in probabilities]
+
+    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import torch
+
+        decoded = [item for item in items if "tensor" in item]
+        if not decoded:
+            return items
+        context, engine = self.context, self.engine()
+        batch = torch.from_numpy(np.stack([item.pop("tensor") for item in decoded]))
+        batch = batch.to(context.device).contiguous(memory_format=torch.channels_last)
+        wanted: list[list[int]] = []
+
+        def choose(probabilities: np.ndarray) -> list[list[int]]:
+            wanted.extend(self._wanted(probabilities))
+            return wanted
+
+        result = engine(batch, choose)
+        for row, item in enumerate(decoded):
+            path = Path(item["path"])
+            folder = context.folders[item["index"]]
+            record = prediction_record(path, item, result.probabilities[row], context.card, context.thresholds,
+                                       context.model_info, context.version)
+            explained: dict[str, Any] = {}
+            for finding in wanted[row]:
+                name = context.card.findings[finding]
+                explained[name] = self._explain_one(path, folder, item, record["findings"][name], name, result.maps[(row, finding)])
+            explanations: dict[str, Any] = {
+                "method": self.settings.method,
+                "layer": engine.layer_name,
+                "request": self.settings.request(),
+                "findings": explained,
+            }
+            if not explained:
+                explanations["note"] = "no positive findings at the model's thresholds: nothing to explain"
+            record["explanations"] = explanations
+            write_json(sidecar_path(folder, path.name), record)
+            item["record"] = record
+            item.pop("display", None)  # keep what travels back to the main process small
+        return items
+
+    def _explain_one(self, path: Path, folder: Path, item: dict, call: dict, finding: str, cam_input: np.ndarray) -> dict:
+        settings = self.settings
+        geometry = item["geometry"]
+        spacing = tuple(item["pixel_spacing"]) if item["pixel_spacing"] else None
+        cam = to_original(cam_input, geometry)
+        entry: dict[str, Any] = {"probability": call["probability"], "positive": call["positive"]}
+        peak = float(np.max(cam)) if cam.size else 0.0
+        regions = find_regions(cam, settings.threshold)
+        if regions is None:
+            entry.update(map_max=0.0, regions=[], note="no evidence: the map is zero everywhere, so no regions")
+            return entry
+        x, y = peak_point(cam)
+        entry.update(map_max=round(peak, 6), peak=[x, y])
+        if spacing:
+            entry["peak_mm"] = [round(x * spacing[1], 2), round(y * spacing[0], 2)]
+        entry["threshold"] = round(regions.level, 4)
+        entry["regions"] = [region.to_dict(spacing) for region in regions.regions]
+        if regions.dropped:
+            entry["note"] = f"{regions.dropped} weakest regions beyond the first {len(regions.regions)} left out"
+        stem = f"{path.name}.cxrtool.{file_slug(finding)}"
+        files: dict[str, str] = {}
+        scaled = cam / peak
+        if settings.map_format == "npy":
+            files["map"] = f"{stem}.map.npy"
+            with atomic_write(folder / files["map"], "wb") as handle:
+                np.save(handle, cam.astype(np.float32))
+        else:
+            files["map"] = f"{stem}.map.png"
+            write_png(folder / files["map"], np.round(scaled * 65535.0).astype(np.uint16))
+        files["mask"] = f"{stem}.mask.png"
+        write_png(folder / files["mask"], regions.labels)
+        display = item["display"]
+        ratio = display.shape[1] / cam.shape[1]
+        small = cv2.resize(scaled, (display.shape[1], display.shape[0]), interpolation=cv2.INTER_AREA) if ratio < 1 else scaled
+        caption = (f"{finding}  p={call['probability']:.2f}  {'positive' if call['positive'] else 'negative'}  "
+                   f"{METHOD_LABELS[settings.method]}")
+        files["overlay"] = f"{stem}.overlay.png"
+        boxes = [region["box"] for region in entry["regions"]]
+        write_png(folder / files["overlay"], overlay(display, small, caption, boxes, ratio))
+        entry["files"] = files
+        return entry
+
+
+def explain(
+    inputs: Iterable[str | os.PathLike],
+    *,
+    model: str | os.PathLike,
+    settings: ExplainSettings | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    batch_size: int = 16,
+    workers: int | None = None,
+    device: str = "auto",
+    include_patient_id: bool = False,
+    on_result: ResultCallback | None = None,
+    progress: ProgressCallback | None = None,
+    stdin=None,
+) -> PredictSummary:
+    """Explain a checkpoint's calls on studies: maps, masks, boxes, overlays, contact sheets.
+
+    Arguments are those of :func:`cxrtool.predict.predict`, plus ``settings``. A study whose
+    sidecar already holds explanations from this model with the same settings is skipped
+    unless ``overwrite``.
+
+    Raises:
+        ExplainUsageError: an unknown method, layer or finding (before any study is read).
+
+    Example:
+        >>> settings = ExplainSettings(method="gradcam", findings=("Effusion",))
+        >>> summary = explain(["study/"], model="demo.safetensors", settings=settings)
+    """
+    from cxrtool.explain.cams import ExplainUsageError, resolve_layer
+    from cxrtool.models.checkpoint import load_checkpoint
+
+    settings = settings or ExplainSettings()
+    # Check the request against the model before any study is read: a wrong finding or
+    # layer is a usage error, not 400 failed studies.
+    network, card = load_checkpoint(model)
+    if settings.findings is not None:
+        unknown = [name for name in settings.findings if name not in card.findings]
+        if unknown:
+            raise ExplainUsageError(f"the model has no finding {', '.join(map(repr, unknown))}; "
+                                    f"its findings are: {', '.join(card.findings)}")
+    resolve_layer(network, settings.layer)
+    del network
+    request = settings.request()
+
+    def is_done(previous: dict[str, Any], model_info: dict[str, Any]) -> bool:
+        done = previous.get("explanations", {})
+        return previous.get("model", {}).get("sha256") == model_info["sha256"] and done.get("request") == request
+
+    def finish(folders: Sequence[Path]) -> None:
+        for folder in folders:
+            contact_sheet(folder)
+
+    return run_studies(
+        inputs, model=model, make_processor=lambda context: ExplainChunk(context, settings), is_done=is_done,
+        out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
+        include_patient_id=include_patient_id, display_size=settings.display_size, on_result=on_result,
+        progress=progress, on_finish=finish, stdin=stdin,
+    )
