@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrtool._workers import fork_safe_opencv, worker_init
 from cxrtool.io.outputs import FOLDER_JSON, FolderTables, sidecar_path, write_json
 from cxrtool.io.studies import StudyReadError, find_studies, one_line, read_study
 from cxrtool.preprocess import Preprocessing, prepare
@@ -182,15 +183,6 @@ def _forward(network, tensors: list[np.ndarray], device) -> np.ndarray:
     return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
 
 
-def worker_init(_: int, threads: int = 1) -> None:
-    # Each worker decodes one image at a time; extra threads would only fight the model.
-    import cv2
-    import torch
-
-    cv2.setNumThreads(1)
-    torch.set_num_threads(threads)
-
-
 def regroup(chunks: Iterable[list[dict[str, Any]]], size: int) -> Iterable[list[dict[str, Any]]]:
     """Regroup the loader's small chunks into model batches of ``size`` (the last may be short)."""
     pending: list[dict[str, Any]] = []
@@ -309,8 +301,10 @@ def run_studies(
         worker_init_fn=init if n_workers else None,
         prefetch_factor=max(2, batch_size // chunk) if n_workers else None,
     )
+    with fork_safe_opencv():
+        chunks = iter(loader)  # starts (forks) the workers
     try:
-        for items in regroup(loader, batch_size):
+        for items in regroup(chunks, batch_size):
             if not in_workers:
                 items = processor(items)
             for item in items:

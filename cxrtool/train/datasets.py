@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import torch
 
+from cxrtool._workers import fork_safe_opencv
 from cxrtool.io.studies import StudyReadError, read_study
 from cxrtool.preprocess import Preprocessing, fit_to_square, normalise
 
@@ -71,7 +72,7 @@ class ImageCache:
         self.failed: dict[int, str] = {}
         jobs = [(str(p), prep) for p in paths]
         if workers > 1 and len(jobs) > 16:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with fork_safe_opencv(), ProcessPoolExecutor(max_workers=workers) as pool:
                 results = pool.map(_load_square, jobs, chunksize=16)
                 self._fill(results, len(jobs), progress)
         else:
@@ -141,7 +142,3 @@ class LabelledStudies(torch.utils.data.Dataset):
             square = self.augment(square, rng)
         return torch.from_numpy(normalise(square, self.prep)), torch.from_numpy(targets)
 
-
-def worker_init(_: int) -> None:
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)

@@ -24,7 +24,8 @@ from cxrtool.models.network import CXRClassifier, pick_device
 from cxrtool.preprocess import Preprocessing
 from cxrtool.train import _distributed as distributed
 from cxrtool.train.config import TrainConfig, write_config
-from cxrtool.train.datasets import Augmentation, ImageCache, LabelledStudies, worker_init
+from cxrtool._workers import fork_safe_opencv, worker_init
+from cxrtool.train.datasets import Augmentation, ImageCache, LabelledStudies
 from cxrtool.train.losses import build_loss
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -212,7 +213,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             wrapped.train()
             running, seen = 0.0, 0
             started = time.monotonic()
-            for step, (images, targets) in enumerate(loader):
+            with fork_safe_opencv():
+                batches = iter(loader)
+            for step, (images, targets) in enumerate(batches):
                 if step >= steps_per_epoch:
                     break
                 images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -305,7 +308,9 @@ def _validate(model, val_set, val_idx, config, device, info, use_amp, amp_dtype)
         worker_init_fn=worker_init if config.workers else None,
     )
     scores = []
-    for images, _ in loader:
+    with fork_safe_opencv():
+        batches = iter(loader)
+    for images, _ in batches:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             logits = model(images.to(device).contiguous(memory_format=torch.channels_last))
         scores.append(torch.sigmoid(logits.float()).cpu().numpy())
