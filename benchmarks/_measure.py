@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -67,3 +68,58 @@ def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0
     if sample_memory:
         sampler.join()
     return process.returncode, time.perf_counter() - started, peak / 1024, output
+
+
+def collect_inputs(data: Path, limit: int | None) -> list[Path]:
+    pngs = sorted((data / "nih" / "images").glob("*.png"))
+    dicoms = sorted((data / "dicom").rglob("*.dcm"))
+    inputs = pngs + dicoms
+    if not inputs:
+        sys.exit(f"no images found under {data}; pass --data")
+    return inputs[:limit] if limit else inputs
+
+
+def link_inputs(inputs: list[Path], folder: Path, copies: int) -> Path:
+    """``copies`` distinct names per input (symlinks), so no skip or dedup applies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for copy in range(copies):
+        for index, source in enumerate(inputs):
+            (folder / f"c{copy:02d}_{index:04d}_{source.name}").symlink_to(source.resolve())
+    return folder
+
+
+def make_model(path: Path, arch: str, input_size: int) -> Path:
+    import torch
+
+    from cxrtool.models.checkpoint import ModelCard, save_checkpoint
+    from cxrtool.models.network import CXRClassifier
+    from cxrtool.preprocess import Preprocessing
+    from cxrtool.registry import NIH_FINDINGS
+
+    torch.manual_seed(0)
+    model = CXRClassifier(arch, NIH_FINDINGS)
+    card = ModelCard(arch, list(NIH_FINDINGS), Preprocessing(input_size=input_size).to_dict(), name=f"bench-{arch}")
+    return save_checkpoint(path, model, card)
+
+
+def best_of_alternating(commands: dict[str, list[str]], repeat: int, *, env: dict | None = None) -> dict[str, dict]:
+    """Run each command ``repeat`` times, alternating, unobserved; keep each one's fastest.
+
+    Each command prints a JSON line ``{"items": N, "seconds": S}`` last. Alternating and
+    keeping the best run lets a burst of load on a shared machine hit every side alike.
+    """
+    import json
+
+    best: dict[str, dict] = {}
+    for attempt in range(repeat):
+        for label, cmd in commands.items():
+            code, _, _, output = run_measured(cmd, env=env, sample_memory=False)
+            if code != 0:
+                sys.exit(f"{label} failed:\n{output}")
+            run = json.loads(output.strip().splitlines()[-1])
+            rate = run["items"] / run["seconds"]
+            print(f"  run {attempt + 1}/{repeat} {label:>10}: {run['items']} in {run['seconds']:6.1f} s = {rate:7.2f}/s",
+                  file=sys.stderr, flush=True)
+            if label not in best or rate > best[label]["per_s"]:
+                best[label] = {"items": run["items"], "seconds": round(run["seconds"], 2), "per_s": round(rate, 2)}
+    return best

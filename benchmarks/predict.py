@@ -29,38 +29,6 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
 
 
-def collect_inputs(data: Path, limit: int | None) -> list[Path]:
-    pngs = sorted((data / "nih" / "images").glob("*.png"))
-    dicoms = sorted((data / "dicom").rglob("*.dcm"))
-    inputs = pngs + dicoms
-    if not inputs:
-        sys.exit(f"no images found under {data}; pass --data")
-    return inputs[:limit] if limit else inputs
-
-
-def link_inputs(inputs: list[Path], folder: Path, copies: int) -> Path:
-    """``copies`` distinct names per input (symlinks), so no skip or dedup applies."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for copy in range(copies):
-        for index, source in enumerate(inputs):
-            (folder / f"c{copy:02d}_{index:04d}_{source.name}").symlink_to(source.resolve())
-    return folder
-
-
-def make_model(path: Path, arch: str, input_size: int) -> Path:
-    import torch
-
-    from cxrtool.models.checkpoint import ModelCard, save_checkpoint
-    from cxrtool.models.network import CXRClassifier
-    from cxrtool.preprocess import Preprocessing
-    from cxrtool.registry import NIH_FINDINGS
-
-    torch.manual_seed(0)
-    model = CXRClassifier(arch, NIH_FINDINGS)
-    card = ModelCard(arch, list(NIH_FINDINGS), Preprocessing(input_size=input_size).to_dict(), name=f"bench-{arch}")
-    return save_checkpoint(path, model, card)
-
-
 # ---- the two sides, each run in a child process ------------------------------------
 
 
@@ -143,7 +111,7 @@ def main() -> None:
         child(args)
         return
 
-    from _measure import run_measured  # benchmarks/ is the script's own folder
+    from _measure import collect_inputs, link_inputs, make_model, run_measured  # benchmarks/ is the script's own folder
 
     inputs = collect_inputs(args.data, args.limit)
     with tempfile.TemporaryDirectory(prefix="cxrtool-bench-") as tmp:

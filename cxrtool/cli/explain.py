@@ -22,7 +22,7 @@ def explain(
     layer: Annotated[Optional[str], typer.Option("--layer", help="Target layer's module name (default: the backbone's last feature stage).")] = None,
     threshold: Annotated[str, typer.Option("--threshold", help="Regions: a fraction of the map's peak, or 'otsu'.")] = "0.5",
     map_format: Annotated[str, typer.Option("--map-format", help="Raw map as 'png' (16-bit, divided by its peak) or 'npy' (float32).")] = "png",
-    overlay_size: Annotated[int, typer.Option("--overlay-size", min=64, help="Longest side of the overlay pictures, in pixels.")] = 1024,
+    overlay_size: Annotated[int, typer.Option("--overlay-size", min=64, help="Longest side of the overlay pictures, in pixels.")] = 512,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write into a mirror tree here instead of beside the inputs.")] = None,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON object per study to stdout.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Explain again studies already explained with these settings.")] = False,

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 from cxrtool.preprocess import Geometry
 
@@ -97,24 +96,22 @@ def find_regions(cam: np.ndarray, threshold: float | str = 0.5) -> MapRegions | 
     else:
         level = float(threshold)
         inside = scaled >= level
-    count, components = cv2.connectedComponents(inside.astype(np.uint8), connectivity=8)
+    count, components, stats, _ = cv2.connectedComponentsWithStats(inside.astype(np.uint8), connectivity=8)
     if count <= 1:
         return MapRegions(level, [], np.zeros(cam.shape, dtype=np.uint8))
-    index = np.arange(1, count)
-    peaks = ndimage.maximum(scaled, components, index)
-    means = ndimage.mean(scaled, components, index)
-    areas = ndimage.sum_labels(np.ones_like(scaled), components, index)
-    slices = ndimage.find_objects(components)
-    order = np.argsort(-np.asarray(peaks), kind="stable")
-    kept = order[:MAX_REGIONS]
+    found = []
+    for k in range(1, count):
+        x, y, w, h, area = (int(v) for v in stats[k])
+        # peak and mean inside the region, looked at only within its box
+        values = scaled[y : y + h, x : x + w][components[y : y + h, x : x + w] == k]
+        found.append((float(values.max()), float(values.mean()), k, x, y, w, h, area))
+    found.sort(key=lambda region: -region[0])  # stable: ties keep the scan order
     regions = []
     relabel = np.zeros(count, dtype=np.uint8)
-    for rank, k in enumerate(kept, start=1):
-        rows, cols = slices[k]
-        regions.append(Region(rank, int(cols.start), int(rows.start), int(cols.stop - cols.start), int(rows.stop - rows.start),
-                              int(areas[k]), float(peaks[k]), float(means[k])))
-        relabel[k + 1] = rank
-    return MapRegions(level, regions, relabel[components], dropped=max(0, len(order) - MAX_REGIONS))
+    for rank, (peak_value, mean_value, k, x, y, w, h, area) in enumerate(found[:MAX_REGIONS], start=1):
+        regions.append(Region(rank, x, y, w, h, area, peak_value, mean_value))
+        relabel[k] = rank
+    return MapRegions(level, regions, relabel[components], dropped=max(0, len(found) - MAX_REGIONS))
 
 
 def peak_point(cam: np.ndarray) -> tuple[int, int]:

@@ -45,7 +45,9 @@ def write_png(path: Path, image: np.ndarray) -> Path:
     """Write a grey (uint8/uint16) or RGB image as PNG, atomically."""
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    # OpenCV's default PNG settings (fast deflate with run-length strategy) are the quickest
+    # for smooth maps, sparse masks and overlays alike, and compress them well.
+    ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"could not encode {path.name} as PNG")
     with atomic_write(path, "wb") as handle:

@@ -61,7 +61,7 @@ class ExplainSettings:
     findings: tuple[str, ...] | None = None
     threshold: float | str = 0.5
     map_format: str = "png"
-    display_size: int = 1024
+    display_size: int = 512
 
     def __post_init__(self) -> None:
         from cxrtool.explain.cams import CAM_METHODS, ExplainUsageError
