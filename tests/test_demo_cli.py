@@ -30,6 +30,14 @@ def test_demo_runs_end_to_end_on_phantoms(tmp_path):
     assert "PHANTOM" not in (study / "cxrtool_predictions.csv").read_text()  # no patient IDs leak
     report = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert report["matching"]["matched"] == 24
+    # the held-out studies are explained, and localization is scored against the phantoms' boxes
+    assert "pointing game" in result.output
+    assert sidecar["explanations"]["method"] == "gradcam" and set(sidecar["explanations"]["findings"]) == set(sidecar["findings"])
+    assert (study / "cxrtool_explain.html").is_file()
+    for entry in sidecar["explanations"]["findings"].values():  # a 1-epoch model's map may be empty: then it says so
+        assert entry.get("files", {}).get("overlay") or "no evidence" in entry["note"]
+    located = json.loads((out / "evaluation" / "localization.json").read_text())
+    assert located["overall"]["pairs"] > 0 and located["overall"]["mapped"] == located["overall"]["pairs"]
     card = runner.invoke(app, ["models", str(out / "model" / "model.safetensors")])
     assert card.exit_code == 0 and "resnet18" in card.output
 

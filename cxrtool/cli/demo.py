@@ -16,14 +16,18 @@ import typer
 from cxrtool.cli._console import EXIT_OK, fail, handle_interrupt, note, out, progress_bar, training_progress
 
 # Sized for a CPU run of minutes that still learns every finding. Of the backbones tried on
-# 2 cores (ResNet-18 at 128 px, RegNetX-200MF at 128 and 192 px, with and without
-# augmentation), ResNet-18 at 128 px without augmentation learned fastest per minute. The
-# phantoms already vary in pose, size and exposure; augmentation slowed convergence more than
-# it helped at this length. More phantoms beat more epochs: 1600 images x 12 epochs gave a
-# held-out mean AUROC of 0.885, 2400 x 10 gave 0.906.
+# 2 cores (ResNet-18 at 128 and 192 px, RegNetX-200MF at 128, 192 and 256 px, with and
+# without augmentation), ResNet-18 at 128 px without augmentation learned fastest per minute.
+# The phantoms already vary in pose, size and exposure; augmentation slowed convergence more
+# than it helped at this length. More phantoms beat more epochs: 1600 images x 12 epochs gave
+# a held-out mean AUROC of 0.885, 2400 x 10 gave 0.906. Output stride 16 (a dilated last
+# stage: 8x8 CAMs instead of 4x4) kept the AUROC (0.904 in 8 epochs) and localizes better
+# (Grad-CAM pointing game, cardiomegaly 0.62 -> 0.87, pneumothorax 0.38 -> 0.69).
 DEMO_ARCHITECTURE = "resnet18"
 DEMO_INPUT_SIZE = 128
+DEMO_OUTPUT_STRIDE = 16
 PHANTOM_SIZE = 256
+FOCAL_FINDINGS = ("Nodule", "Mass", "Effusion", "Pneumothorax", "Cardiomegaly")
 
 
 def demo(
@@ -31,14 +35,17 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the cohort, model and results.")] = Path("cxrtool-demo"),
     n_train: Annotated[int, typer.Option("--train-images", min=40, help="Phantom training images.")] = 2400,
     n_test: Annotated[int, typer.Option("--test-images", min=10, help="Held-out phantom DICOM studies.")] = 300,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 8,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     workers: Annotated[int, typer.Option("--workers", "-j", min=0)] = 2,
 ) -> None:
-    """Generate phantoms, train, predict on held-out DICOMs and evaluate, end to end."""
+    """Generate phantoms, train, predict on held-out DICOMs, explain them (Grad-CAM) and
+    evaluate classification and localization against the phantoms' ground truth."""
     from cxrtool.data.phantom import generate_cohort
     from cxrtool.evaluate import evaluate
+    from cxrtool.evaluate.localization import evaluate_localization, render_localization
+    from cxrtool.explain import ExplainSettings, explain
     from cxrtool.evaluate.classification import render_table
     from cxrtool.models.checkpoint import read_card
     from cxrtool.predict import predict
@@ -65,6 +72,7 @@ def demo(
 
         config = load_config(None, {
             "labels": str(cohort.data_entry_csv), "architecture": DEMO_ARCHITECTURE, "input_size": DEMO_INPUT_SIZE,
+            "output_stride": DEMO_OUTPUT_STRIDE,
             "epochs": epochs, "batch_size": 32, "lr": 3e-3, "loss": "bce", "augment": False, "out": str(model_dir), "name": "cxrtool-demo",
             "seed": seed, "device": device, "workers": workers, "val_fraction": 0.15,
             "findings": list(PHANTOM_FINDINGS),
@@ -83,16 +91,31 @@ def demo(
             )
         if summary.failed:
             fail(f"{len(summary.failed)} held-out studies failed to predict: {summary.failed[0][1]}")
+        bar = progress_bar()
+        with bar:
+            task = bar.add_task("explain held-out DICOMs (Grad-CAM)", total=n_test, status="")
+            explained = explain(
+                [study_dir / "images"], model=result.checkpoint, device=device, workers=workers,
+                settings=ExplainSettings(findings=tuple(PHANTOM_FINDINGS)),
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        if explained.failed:
+            fail(f"{len(explained.failed)} held-out studies failed to explain: {explained.failed[0][1]}")
         predictions_csv = study_dir / "images" / "cxrtool_predictions.csv"
         card = read_card(result.checkpoint)
         report = evaluate(predictions_csv, study.data_entry_csv, thresholds=card.thresholds,
                           out_dir=out_dir / "evaluation", n_boot=200, seed=seed)
 
+    located = evaluate_localization(predictions_csv, study.bbox_csv, out_dir=out_dir / "evaluation")
     out.print(render_table(report))
+    out.print(render_localization(located))
     note(f"[bold green]held-out mean AUROC {report.macro.auroc:.3f}[/] on {report.matching['matched']} phantom DICOM studies "
          f"({time.monotonic() - started:.0f} s in all)")
+    pointing = ", ".join(f"{name} {located.findings[name].pointing:.2f}" for name in FOCAL_FINDINGS if name in located.findings)
+    note(f"[bold]Grad-CAM pointing game[/] (map peak inside a true box) on the focal findings: {pointing}")
     note(f"  model:        {result.checkpoint}  (cxrtool models {result.checkpoint})")
     note(f"  predictions:  {predictions_csv} and a .cxrtool.json beside each DICOM")
-    note(f"  evaluation:   {out_dir / 'evaluation'}")
+    note(f"  explanations: overlays, maps and masks beside each DICOM; {study_dir / 'images' / 'cxrtool_explain.html'}")
+    note(f"  evaluation:   {out_dir / 'evaluation'} (evaluation.json, localization.json, curves)")
     note(f"  try:          cxrtool predict {study_dir / 'images'} --model {result.checkpoint} --overwrite")
     raise typer.Exit(EXIT_OK)

@@ -205,24 +205,25 @@ def _write_csv(path: Path, report: LocalizationReport) -> Path:
     return path
 
 
-def render_localization(report: LocalizationReport, thresholds: Iterable[float] = (0.1, 0.3, 0.5)) -> Any:
-    """A rich table: pairs, pointing game, and IoU/IoBB accuracy at a few thresholds."""
+def render_localization(report: LocalizationReport, thresholds: Iterable[float] = (0.1, 0.5)) -> Any:
+    """A rich table (fits 80 columns): pairs, pointing game, IoU/IoBB accuracy at two thresholds;
+    every threshold is in localization.json and .csv."""
+    from rich import box
     from rich.table import Table
 
     thresholds = list(thresholds)
-    table = Table(title=f"localization ({report.studies} explained studies)", title_justify="left")
-    table.add_column("finding", no_wrap=True)
-    table.add_column("pairs", justify="right")
-    table.add_column("mapped", justify="right")
-    table.add_column("pointing", justify="right", no_wrap=True)
-    for t in thresholds:
-        table.add_column(f"IoU>{t}", justify="right", no_wrap=True)
-    for t in thresholds:
-        table.add_column(f"IoBB>{t}", justify="right", no_wrap=True)
+    table = Table(title=f"localization ({report.studies} explained studies; IoU/IoBB: accuracy at > T)",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("finding", no_wrap=True, min_width=11)
+    for header in ("pairs", "mapped", "pointing"):
+        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
+    for kind in ("IoU", "IoBB"):
+        for t in thresholds:
+            table.add_column(f"{kind} {t}", justify="right", no_wrap=True, min_width=len(kind) + 4)
 
     def cells(m: LocalizationMetrics) -> list[str]:
         values = [m.pointing] + [m.rate(m.iou_hits[t]) for t in thresholds] + [m.rate(m.iobb_hits[t]) for t in thresholds]
-        return [m.finding, str(m.pairs), str(m.mapped), *("n/a" if v != v else f"{v:.3f}" for v in values)]
+        return [m.finding, str(m.pairs), str(m.mapped), *("n/a" if v != v else f"{v:.2f}" for v in values)]
 
     for metrics in report.findings.values():
         table.add_row(*cells(metrics))
