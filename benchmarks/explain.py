@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--limit", type=int, default=120, help="use only the first N inputs (0: all)")
+    parser.add_argument("--copies", type=int, default=1, help="use every input this many times (for fast devices)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs of each side, alternating; the best counts")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--mode", choices=["plain", "explain"], default=None, help=argparse.SUPPRESS)
@@ -125,7 +126,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cxrtool-bench-") as tmp:
         tmp_path = Path(tmp)
         model = make_model(tmp_path / "model.safetensors", args.arch, args.input_size)
-        folder = link_inputs(inputs, tmp_path / "in", 1)
+        folder = link_inputs(inputs, tmp_path / "in", args.copies)
         commands = {}
         for mode in ("plain", "explain"):
             cmd = [sys.executable, __file__, "--mode", mode, "--folder", str(folder), "--model", str(model),
@@ -137,11 +138,11 @@ def main() -> None:
     ratio = results["explain"]["per_s"] / results["plain"]["per_s"]
     for mode, run in results.items():
         print(f"{mode:>8}: {run['items']} maps in {run['seconds']:6.1f} s = {run['per_s']:7.2f} maps/s")
-    print(f"explain over plain pytorch-grad-cam: {ratio:.2f}x ({len(inputs)} studies, {len(FINDINGS)} findings each, "
+    print(f"explain over plain pytorch-grad-cam: {ratio:.2f}x ({len(inputs) * args.copies} studies, {len(FINDINGS)} findings each, "
           f"Grad-CAM, {args.arch} at {args.input_size} px, {args.device}; target >= 3x on 2 CPU cores)")
     if args.json:
         args.json.write_text(json.dumps({"arch": args.arch, "input_size": args.input_size, "device": args.device,
-                                         "cpus": os.cpu_count(), "studies": len(inputs), "findings_per_study": len(FINDINGS),
+                                         "cpus": os.cpu_count(), "studies": len(inputs) * args.copies, "findings_per_study": len(FINDINGS),
                                          "runs": results, "ratio": round(ratio, 2)}, indent=2) + "\n")
 
 

@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N inputs")
     parser.add_argument("--scale", type=int, default=10, help="input multiple for the memory check")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="use every input this many times (a GPU run over a small data subset is otherwise all start-up)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs of each side, alternating; the best counts")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     # child-process mode
@@ -117,8 +119,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cxrtool-bench-") as tmp:
         tmp_path = Path(tmp)
         model = make_model(tmp_path / "model.safetensors", args.arch, args.input_size)
-        single = link_inputs(inputs, tmp_path / "x1", 1)
-        scaled = link_inputs(inputs, tmp_path / f"x{args.scale}", args.scale)
+        single = link_inputs(inputs, tmp_path / "x1", args.copies)
+        scaled = link_inputs(inputs, tmp_path / f"x{args.scale}", args.scale * args.copies)
         serial = 0
 
         def measure(mode: str, folder: Path, *, memory: bool) -> dict:

@@ -98,6 +98,7 @@ class ExplainChunk:
         findings = list(context.card.findings)
         self.fixed = [findings.index(name) for name in settings.findings] if settings.findings is not None else None
         self._engine = None
+        self._threads = None
 
     def engine(self):
         from cxrtool.explain.cams import CamEngine
@@ -127,28 +128,50 @@ class ExplainChunk:
             return wanted
 
         result = engine(batch, choose)
-        for row, item in enumerate(decoded):
-            path = Path(item["path"])
-            folder = context.folders[item["index"]]
-            record = prediction_record(path, item, result.probabilities[row], context.card, context.thresholds,
-                                       context.model_info, context.version)
-            explained: dict[str, Any] = {}
-            for finding in wanted[row]:
-                name = context.card.findings[finding]
-                explained[name] = self._explain_one(path, folder, item, record["findings"][name], name, result.maps[(row, finding)])
-            explanations: dict[str, Any] = {
-                "method": self.settings.method,
-                "layer": engine.layer_name,
-                "request": self.settings.request(),
-                "findings": explained,
-            }
-            if not explained:
-                explanations["note"] = "no positive findings at the model's thresholds: nothing to explain"
-            record["explanations"] = explanations
-            write_json(sidecar_path(folder, path.name), record)
-            item["record"] = record
-            item.pop("display", None)  # keep what travels back to the main process small
+        jobs = [(row, item, {f: result.maps.pop((row, f)) for f in wanted[row]}) for row, item in enumerate(decoded)]
+        if context.device.type == "cpu":
+            for row, item, maps in jobs:  # a decoding worker: one core, one study at a time
+                self._finish(row, item, maps, result.probabilities, engine.layer_name)
+        else:
+            # On a GPU the main process turns maps into files: spread that over threads
+            # (OpenCV and zlib release the GIL), or the device waits on one core.
+            list(self._pool().map(lambda job: self._finish(*job, result.probabilities, engine.layer_name), jobs))
         return items
+
+    def _pool(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="cxrtool-explain")
+        return self._threads
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to worker processes (spawn/forkserver) without its engine or threads.
+        return {**self.__dict__, "_engine": None, "_threads": None}
+
+    def _finish(self, row: int, item: dict, maps: dict[int, np.ndarray], probabilities: np.ndarray, layer: str) -> None:
+        """One study's record, maps, masks, overlays and sidecar."""
+        context = self.context
+        path = Path(item["path"])
+        folder = context.folders[item["index"]]
+        record = prediction_record(path, item, probabilities[row], context.card, context.thresholds,
+                                   context.model_info, context.version)
+        explained: dict[str, Any] = {}
+        for finding, cam in maps.items():
+            name = context.card.findings[finding]
+            explained[name] = self._explain_one(path, folder, item, record["findings"][name], name, cam)
+        explanations: dict[str, Any] = {
+            "method": self.settings.method,
+            "layer": layer,
+            "request": self.settings.request(),
+            "findings": explained,
+        }
+        if not explained:
+            explanations["note"] = "no positive findings at the model's thresholds: nothing to explain"
+        record["explanations"] = explanations
+        write_json(sidecar_path(folder, path.name), record)
+        item["record"] = record
+        item.pop("display", None)  # keep what travels back to the main process small
 
     def _explain_one(self, path: Path, folder: Path, item: dict, call: dict, finding: str, cam_input: np.ndarray) -> dict:
         settings = self.settings
