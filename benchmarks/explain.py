@@ -77,7 +77,11 @@ def explain_side(folder: Path, model_path: Path, out: Path, device: str, batch_s
 
 
 def child(args: argparse.Namespace) -> None:
+    # Both sides import what they use before the clock starts (the same for both).
     import cxrtool.models.network  # noqa: F401  (torchvision op names before pytorch_grad_cam)
+    import cxrtool.explain.cams  # noqa: F401
+    import cxrtool.explain.run  # noqa: F401
+    import cxrtool.io.studies  # noqa: F401
     import torch
 
     if args.device == "cpu":

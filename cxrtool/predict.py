@@ -295,7 +295,7 @@ def run_studies(
         chunk, collate, init = 1, _collate, worker_init
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=chunk,
+        batch_sampler=_chunks(len(dataset), chunk, tail=n_workers * chunk),
         num_workers=n_workers,
         collate_fn=collate,
         worker_init_fn=init if n_workers else None,
@@ -336,6 +336,13 @@ def run_studies(
         if on_finish is not None:
             on_finish(summary.folders)
     return summary
+
+
+def _chunks(n: int, size: int, *, tail: int) -> list[list[int]]:
+    """Indices 0..n-1 in order, in chunks of ``size``, but one by one for the last ``tail``:
+    the workers then finish together instead of one of them decoding a last chunk alone."""
+    split = max(0, n - tail)
+    return [list(range(i, min(i + size, split))) for i in range(0, split, size)] + [[i] for i in range(split, n)]
 
 
 def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -101,12 +101,11 @@ def handle_interrupt():
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
-def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_word: str) -> Any:
+def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_word: str, listed: str) -> NoReturn:
     """Drive ``run(on_result=..., progress=...)`` (predict or explain) with a progress bar,
-    failures on stderr as they happen, ``--jsonl`` records on stdout, and the summary lines.
-
-    Returns the run's summary; usage errors raised by it (ValueError, CheckpointError) exit 2.
-    """
+    failures on stderr as they happen, ``--jsonl`` records on stdout, the summary lines and
+    each output folder's ``listed`` file; then exit with the run's status (usage errors
+    raised by it, ValueError and CheckpointError, exit 2)."""
     import json
     import sys
 
@@ -141,4 +140,10 @@ def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_w
         f"[green]{summary.predicted} {done_word}[/], {summary.skipped} already done, "
         f"[{'red' if summary.failed else 'green'}]{len(summary.failed)} failed[/] of {summary.total} studies"
     )
-    return summary
+    for folder in summary.folders[:5]:
+        note(f"  {folder / listed}")
+    if len(summary.folders) > 5:
+        note(f"  ... and {len(summary.folders) - 5} more folders")
+    if summary.failed:
+        warn(f"{len(summary.failed)} studies could not be read; see the error column of cxrtool_predictions.csv")
+    raise typer.Exit(summary.exit_code)

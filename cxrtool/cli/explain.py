@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrtool.cli._console import fail, note, run_over_studies, warn
+from cxrtool.cli._console import fail, run_over_studies
 from cxrtool.explain import CAM_METHOD_NAMES
 
 
@@ -55,16 +55,10 @@ def explain(
                                    map_format=map_format.lower(), display_size=overlay_size)
     except ValueError as error:
         fail(str(error))
-    summary = run_over_studies(
+    run_over_studies(
         "explain",
         functools.partial(run_explain, inputs, model=model, settings=settings, out=out, overwrite=overwrite,
                           batch_size=batch_size, workers=workers, device=device, include_patient_id=include_patient_id),
-        jsonl=jsonl, done_word="explained",
+        jsonl=jsonl, listed="cxrtool_explain.html", done_word="explained",
     )
-    for folder in summary.folders[:5]:
-        note(f"  {folder / 'cxrtool_explain.html'}")
-    if len(summary.folders) > 5:
-        note(f"  ... and {len(summary.folders) - 5} more folders")
-    if summary.failed:
-        warn(f"{len(summary.failed)} studies could not be read; see the error column of cxrtool_predictions.csv")
-    raise typer.Exit(summary.exit_code)
+

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrtool.cli._console import note, run_over_studies, warn
+from cxrtool.cli._console import run_over_studies
 
 
 def predict(
@@ -30,16 +30,10 @@ def predict(
     """
     from cxrtool.predict import predict as run_predict
 
-    summary = run_over_studies(
+    run_over_studies(
         "predict",
         functools.partial(run_predict, inputs, model=model, out=out, overwrite=overwrite, batch_size=batch_size,
                           workers=workers, device=device, include_patient_id=include_patient_id),
-        jsonl=jsonl, done_word="predicted",
+        jsonl=jsonl, listed="cxrtool_predictions.csv", done_word="predicted",
     )
-    for folder in summary.folders[:5]:
-        note(f"  {folder / 'cxrtool_predictions.csv'}")
-    if len(summary.folders) > 5:
-        note(f"  ... and {len(summary.folders) - 5} more folders")
-    if summary.failed:
-        warn(f"{len(summary.failed)} studies could not be read; see the error column of the CSV")
-    raise typer.Exit(summary.exit_code)
+
