@@ -83,7 +83,7 @@ def test_evaluate_boxes_cli_and_its_errors(tmp_path, nih_dir):
     folder = _explained_folder(tmp_path / "study")
     result = runner.invoke(app, ["evaluate", str(folder / "cxrtool_predictions.csv"), "--boxes", str(folder / "boxes.csv")])
     assert result.exit_code == 0, result.output
-    assert "localization (3 explained studies)" in result.output and "count as misses" in result.output
+    assert "localization (3 explained studies;" in result.output and "count as misses" in result.output
     nothing = runner.invoke(app, ["evaluate", str(folder / "cxrtool_predictions.csv")])
     assert nothing.exit_code == 2 and "--boxes" in nothing.output
     # NIH's own box file (Infiltrate spelt as in the labels) against studies never explained
