@@ -96,7 +96,8 @@ class ExplainChunk:
         self.context = context
         self.settings = settings
         findings = list(context.card.findings)
-        self.fixed = [findings.index(name) for name in settings.findings] if settings.findings is not None else None
+        fixed = dict.fromkeys(settings.findings) if settings.findings is not None else None  # in order, once each
+        self.fixed = [findings.index(name) for name in fixed] if fixed is not None else None
         self._engine = None
         self._threads = None
 
