@@ -31,8 +31,10 @@ def explain(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
 ) -> None:
-    """Class activation maps per study and finding: overlay PNGs, raw maps, region masks,
-    boxes in the JSON sidecar, and a contact sheet (cxrtool_explain.html) per folder.
+    """Where the evidence is: class activation maps as overlays, maps, masks and boxes.
+
+    Per study and finding: an overlay PNG, the raw map, a region mask and the regions' boxes
+    in the JSON sidecar; per folder a contact sheet (cxrtool_explain.html).
 
     Exit status: 0 all studies done, 1 some failed (reasons on stderr and in the CSV's
     error column), 2 usage error (unknown method, finding or layer), 130 interrupted.
