@@ -165,3 +165,54 @@ def test_an_interrupted_batch_resumes_without_losing_or_repeating_rows(tmp_path,
     assert [row["mask"] for row in table] == [job.mask for job in jobs]  # each once, in job order
     again = run_regions(jobs, out, params=params, workers=1)
     assert again.measured == 0 and again.resumed == 7
+
+
+def test_cli_from_cam_on_real_nih_images_masks_csv_and_bad_params(tmp_path, nih_dir):
+    import shutil
+
+    import torch
+    from typer.testing import CliRunner
+
+    from cxrtool.cli import app
+    from cxrtool.models.checkpoint import ModelCard, save_checkpoint
+    from cxrtool.models.network import CXRClassifier
+    from cxrtool.preprocess import Preprocessing
+
+    runner = CliRunner()
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "m.safetensors", CXRClassifier("resnet18", ["Effusion", "Nodule"]),
+                            ModelCard("resnet18", ["Effusion", "Nodule"], Preprocessing(input_size=64).to_dict()))
+    study = tmp_path / "study"
+    study.mkdir()
+    for png in sorted((nih_dir / "images").glob("*.png"))[:3]:
+        shutil.copy(png, study / png.name)
+    explained = runner.invoke(app, ["explain", str(study), "-m", str(model), "-f", "all", "--workers", "0"])
+    assert explained.exit_code == 0, explained.output
+    params = tmp_path / "params.yaml"
+    params.write_text("imageType:\n  Original: {}\nfeatureClass:\n  firstorder:\n  shape2D:\nsetting:\n  binWidth: 0.02\n")
+    result = runner.invoke(app, ["radiomics", str(study), "--from-cam", "--params", str(params), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    with open(study / "cxrtool_radiomics.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    expected = 0
+    for sidecar in study.glob("*.cxrtool.json"):
+        import json
+
+        findings = json.loads(sidecar.read_text())["explanations"]["findings"]
+        expected += sum(len(entry["regions"]) for entry in findings.values())
+    assert expected > 0 and len(table) == expected
+    assert {row["finding"] for row in table} <= {"Effusion", "Nodule"} and all(row["status"] == "ok" for row in table)
+    # the same command again: every row from the journal, nothing measured twice
+    again = runner.invoke(app, ["radiomics", str(study), "--from-cam", "--params", str(params)])
+    assert f"0 regions measured, {expected} from an earlier run" in again.output
+    # whole images, and a parameter file that fails PyRadiomics' schema
+    whole = runner.invoke(app, ["radiomics", str(study), "--params", str(params), "--out", str(tmp_path / "whole.csv")])
+    assert whole.exit_code == 0 and len((tmp_path / "whole.csv").read_text().splitlines()) == 4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("setting:\n  binWidht: 5\n")
+    refused = runner.invoke(app, ["radiomics", str(study), "--params", str(bad)])
+    assert refused.exit_code == 2 and "binWidht" in refused.output
+    # the mask CSV path through the CLI, with a failing row: exit 1
+    _batch(tmp_path, nih_dir)
+    batch = runner.invoke(app, ["radiomics", "--masks", str(tmp_path / "regions.csv"), "--params", str(params)])
+    assert batch.exit_code == 1 and "4 failed of 7" in batch.output

@@ -30,12 +30,13 @@ def _root(
 
 
 def _register() -> None:
-    from cxrtool.cli import demo, evaluate, explain, models, predict, train
+    from cxrtool.cli import demo, evaluate, explain, models, predict, radiomics, train
 
     app.command("demo")(demo.demo)
     app.command("train")(train.train)
     app.command("predict")(predict.predict)
     app.command("explain")(explain.explain)
+    app.command("radiomics")(radiomics.radiomics)
     app.command("evaluate")(evaluate.evaluate)
     app.command("models")(models.models)
 

@@ -222,3 +222,28 @@ def _cell(value: Any) -> str:
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, default=_json_default)
     return str(value)
+
+
+def jobs_from_cam(studies: Iterable[Path]) -> tuple[list[RegionJob], list[str]]:
+    """One job per region of every finding ``cxrtool explain`` mapped for these studies
+    (its mask ``NAME.cxrtool.<Finding>.mask.png`` holds region k as pixel value k).
+
+    Returns the jobs, and the studies that had no explanations (for a note).
+    """
+    from cxrtool.io.outputs import sidecar_path
+
+    jobs: list[RegionJob] = []
+    unexplained: list[str] = []
+    for study in studies:
+        sidecar = sidecar_path(study.parent, study.name)
+        try:
+            record = json.loads(sidecar.read_text(encoding="utf-8"))
+            explained = record["explanations"]["findings"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            unexplained.append(str(study))
+            continue
+        for finding, entry in explained.items():
+            mask = entry.get("files", {}).get("mask")
+            for region in entry.get("regions", []) if mask else []:
+                jobs.append(RegionJob(str(study), str(study.parent / mask), int(region["label"]), finding, int(region["label"])))
+    return jobs, unexplained

@@ -1,0 +1,74 @@
+"""``cxrtool radiomics``: PyRadiomics features of regions of studies, as one table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cxrtool.cli._console import EXIT_USAGE, fail, handle_interrupt, note, progress_bar, warn
+
+
+def radiomics(
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Studies: files, folders, globs or - (not needed with --masks).")] = None,
+    *,
+    masks: Annotated[Optional[Path], typer.Option("--masks", help="CSV of image,mask[,label] rows (PyRadiomics' batch format).")] = None,
+    from_cam: Annotated[bool, typer.Option("--from-cam", help="Measure the regions `cxrtool explain` wrote for these studies.")] = False,
+    params: Annotated[Optional[Path], typer.Option("--params", help="PyRadiomics parameter file (YAML); default: cxrtool's 2D set.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output CSV (default: cxrtool_radiomics.csv beside the inputs).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Processes (default: all cores).")] = None,
+) -> None:
+    """Radiomic features per (study, region): from a mask CSV, from explain's CAM regions, or
+    of whole images. One CSV row per region; interrupted runs resume where they stopped.
+
+    Exit status: 0 all rows measured, 1 some rows failed (reason in the error column),
+    2 usage error (e.g. an invalid parameter file), 130 interrupted.
+    """
+    from cxrtool.io.studies import find_studies
+    from cxrtool.predict import output_root
+    from cxrtool.radiomics.batch import RegionJob, jobs_from_cam, jobs_from_csv, run_regions
+    from cxrtool.radiomics.features import ParamsError, load_params
+
+    settings = None
+    if params is not None:
+        try:
+            settings = load_params(params)  # refused before any work, naming the key
+        except ParamsError as error:
+            fail(str(error))
+    if masks is not None:
+        if inputs or from_cam:
+            fail("--masks names the images itself: give no inputs and no --from-cam with it")
+        if not masks.is_file():
+            fail(f"{masks}: no such mask CSV")
+        try:
+            jobs = jobs_from_csv(masks)
+        except ValueError as error:
+            fail(str(error))
+        default_folder = masks.parent
+    else:
+        if not inputs:
+            fail("give studies (with --from-cam for explain's regions), or --masks CSV")
+        studies = list(find_studies(inputs))
+        if from_cam:
+            jobs, unexplained = jobs_from_cam(studies)
+            if unexplained:
+                warn(f"{len(unexplained)} studies have no explanations (run cxrtool explain first), e.g. {unexplained[0]}")
+        else:
+            jobs = [RegionJob(str(path)) for path in studies]
+        default_folder = output_root(studies) or Path(".")
+    if not jobs:
+        fail("no regions to measure", EXIT_USAGE)
+    table = out or default_folder / "cxrtool_radiomics.csv"
+    bar = progress_bar()
+    task = bar.add_task("radiomics", total=len(jobs), status="")
+    with handle_interrupt(), bar:
+        summary = run_regions(jobs, table, params=settings, workers=workers or os.cpu_count() or 1,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    note(f"[green]{summary.measured} regions measured[/], {summary.resumed} from an earlier run, "
+         f"[{'red' if summary.failed else 'green'}]{len(summary.failed)} failed[/] of {summary.total}")
+    note(f"  {summary.table}")
+    if summary.failed:
+        warn(f"{len(summary.failed)} regions could not be measured, e.g. {summary.failed[0][0]}: {summary.failed[0][1]}")
+    raise typer.Exit(summary.exit_code)
