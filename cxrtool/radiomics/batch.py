@@ -118,6 +118,8 @@ def measure(job: RegionJob, params: dict[str, Any] | None) -> dict[str, Any]:
         row.update(extract(pixels, mask, spacing=study.pixel_spacing, label=job.label, params=params))
     except (StudyReadError, RegionError, ValueError, FileNotFoundError, OSError) as error:
         row.update(status="failed", error=" ".join(str(error).split()) or type(error).__name__)
+    except Exception as error:  # noqa: BLE001 - a row boundary: one region's surprise must not end the batch
+        row.update(status="failed", error=f"{type(error).__name__}: {' '.join(str(error).split())}"[:300])
     return row
 
 
