@@ -8,6 +8,7 @@ the epoch in flight.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import time
@@ -283,6 +284,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         say(TrainEvent("done", epochs=config.epochs, best_auroc=best_auroc))
         return result
     finally:
+        # The DDP wrapper's reducer talks to the process group when it is destroyed: let it
+        # go first. Freed after the group (when this frame is), it can wait on the other
+        # rank for ever.
+        wrapped = model = None  # noqa: F841
+        gc.collect()
         distributed.teardown(dist_info)
 
 
