@@ -139,6 +139,7 @@ class RunContext:
     device: Any
     folders: list[Path]  # output folder of each study to do, by dataset index
     version: str
+    overwrite: bool = False  # studies done before by this model are being done again
 
 
 class ScoreChunk:
@@ -161,7 +162,9 @@ class ScoreChunk:
                 path = Path(item["path"])
                 record = prediction_record(path, item, row, context.card, context.thresholds, context.model_info, context.version)
                 target = sidecar_path(context.folders[item["index"]], path.name)
-                previous = read_sidecar(target)
+                # Only a study redone by the same model (--overwrite) can have explanations to
+                # keep; any other study here had no sidecar from this model.
+                previous = read_sidecar(target) if context.overwrite else None
                 if previous and "explanations" in previous and _same_model(previous, context.model_info):
                     record["explanations"] = previous["explanations"]  # explain's boxes stay valid
                 write_json(target, record)
@@ -222,13 +225,16 @@ def run_studies(
     on_result: ResultCallback | None = None,
     progress: ProgressCallback | None = None,
     on_finish: Callable[[list[Path]], None] | None = None,
+    check_model: Callable[[Any, Any], None] | None = None,
     stdin=None,
 ) -> PredictSummary:
     """The journey ``predict`` and ``explain`` share: find, skip, decode, process, tabulate.
 
     ``make_processor(context)`` gives the callable that turns a chunk of decoded studies
     into written results (see :class:`ScoreChunk`); ``is_done(previous_sidecar,
-    model_info)`` says whether a study's existing sidecar already holds this run's result.
+    model_info)`` says whether a study's existing sidecar already holds this run's result;
+    ``check_model(network, card)`` may refuse the request (by raising) before any study is
+    looked at.
     """
     import torch
 
@@ -238,6 +244,8 @@ def run_studies(
 
     torch_device = pick_device(device)
     network, card = load_checkpoint(model, device=str(torch_device))
+    if check_model is not None:
+        check_model(network, card)
     # Channels-last convolutions are markedly faster on CPUs (oneDNN) and tensor cores.
     network = network.to(memory_format=torch.channels_last)
     model_info = {"name": card.name, "architecture": card.architecture, "sha256": file_sha256(model)}
@@ -279,7 +287,8 @@ def run_studies(
         else:
             todo.append(path)
 
-    context = RunContext(network, card, thresholds, model_info, torch_device, [destination(p) for p in todo], __version__)
+    context = RunContext(network, card, thresholds, model_info, torch_device, [destination(p) for p in todo], __version__,
+                         overwrite)
     processor = make_processor(context)
     dataset = StudyInputs(todo, prep, include_patient_id=include_patient_id, display_size=display_size)
     n_workers = min(os.cpu_count() or 1, 8) if workers is None else workers

@@ -246,19 +246,19 @@ def explain(
         >>> summary = explain(["study/"], model="demo.safetensors", settings=settings)
     """
     from cxrtool.explain.cams import ExplainUsageError, resolve_layer
-    from cxrtool.models.checkpoint import load_checkpoint
 
     settings = settings or ExplainSettings()
-    # Check the request against the model before any study is read: a wrong finding or
-    # layer is a usage error, not 400 failed studies.
-    network, card = load_checkpoint(model)
-    if settings.findings is not None:
-        unknown = [name for name in settings.findings if name not in card.findings]
-        if unknown:
-            raise ExplainUsageError(f"the model has no finding {', '.join(map(repr, unknown))}; "
-                                    f"its findings are: {', '.join(card.findings)}")
-    resolve_layer(network, settings.layer)
-    del network
+
+    def check_model(network, card) -> None:
+        # A wrong finding or layer is a usage error, not 400 failed studies: refused as
+        # soon as the model is loaded, before any study is looked at.
+        if settings.findings is not None:
+            unknown = [name for name in settings.findings if name not in card.findings]
+            if unknown:
+                raise ExplainUsageError(f"the model has no finding {', '.join(map(repr, unknown))}; "
+                                        f"its findings are: {', '.join(card.findings)}")
+        resolve_layer(network, settings.layer)
+
     request = settings.request()
 
     def is_done(previous: dict[str, Any], model_info: dict[str, Any]) -> bool:
@@ -273,5 +273,5 @@ def explain(
         inputs, model=model, make_processor=lambda context: ExplainChunk(context, settings), is_done=is_done,
         out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
         include_patient_id=include_patient_id, display_size=settings.display_size, on_result=on_result,
-        progress=progress, on_finish=finish, stdin=stdin,
+        progress=progress, on_finish=finish, check_model=check_model, stdin=stdin,
     )
