@@ -265,6 +265,7 @@ def test_nih_rgba_pngs_become_grey() -> None:
         with Image.open(path) as image:
             grey = np.asarray(image.convert("L"), dtype=np.float32) / 255
         assert study.shape == (1024, 1024)
+        assert "converted_from" not in study.identity  # grey in RGBA is not colour
         # Pillow's "L" rounds the same BT.601 luminance to 8 bits.
         assert np.abs(study.pixels - grey).max() <= 1 / 255 + 1e-6
 
@@ -292,11 +293,11 @@ def test_png_16_bit_grey(tmp_path: Path) -> None:
 
 def test_mode_i_scale_inferred_from_data() -> None:
     twelve_bit = np.array([[0, 2048, 4095]], dtype=np.int32)
-    np.testing.assert_allclose(_to_unit_grey(Image.fromarray(twelve_bit)), twelve_bit / 4095)
+    np.testing.assert_allclose(_to_unit_grey(Image.fromarray(twelve_bit))[0], twelve_bit / 4095)
     eight_bit = np.array([[0, 255]], dtype=np.int32)
-    np.testing.assert_allclose(_to_unit_grey(Image.fromarray(eight_bit)), [[0, 1]])
+    np.testing.assert_allclose(_to_unit_grey(Image.fromarray(eight_bit))[0], [[0, 1]])
     sixteen_bit = np.array([[0, 65535]], dtype=np.int32)
-    np.testing.assert_allclose(_to_unit_grey(Image.fromarray(sixteen_bit)), [[0, 1]])
+    np.testing.assert_allclose(_to_unit_grey(Image.fromarray(sixteen_bit))[0], [[0, 1]])
 
 
 def test_rgb_jpeg_becomes_luminance(tmp_path: Path) -> None:
@@ -304,7 +305,7 @@ def test_rgb_jpeg_becomes_luminance(tmp_path: Path) -> None:
     rgb[...] = (200, 100, 50)  # flat colour: JPEG keeps it almost exactly
     Image.fromarray(rgb).save(tmp_path / "colour.jpg", quality=95)
     study = read_study(tmp_path / "colour.jpg")
-    assert study.source_format == "jpeg" and study.identity == {"format": "jpeg"}
+    assert study.source_format == "jpeg" and study.identity == {"format": "jpeg", "converted_from": "RGB"}
     luminance = (0.299 * 200 + 0.587 * 100 + 0.114 * 50) / 255
     assert study.pixels.shape == (16, 16)
     assert np.abs(study.pixels - luminance).max() < 3 / 255

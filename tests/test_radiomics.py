@@ -125,7 +125,8 @@ def _batch(tmp_path, nih_dir):
 
 
 def test_batch_from_a_mask_csv_reports_bad_rows_and_goes_on(tmp_path, nih_dir):
-    from cxrtool.radiomics.batch import jobs_from_csv, measure, run_regions
+    from cxrtool.radiomics.batch import measure, run_regions
+    from cxrtool.radiomics.sources import jobs_from_csv
 
     params = {"imageType": {"Original": {}}, "featureClass": {"firstorder": None, "shape2D": None},
               "setting": {"binWidth": 0.02}}
@@ -148,7 +149,8 @@ def test_batch_from_a_mask_csv_reports_bad_rows_and_goes_on(tmp_path, nih_dir):
 def test_an_interrupted_batch_resumes_without_losing_or_repeating_rows(tmp_path, nih_dir):
     import json
 
-    from cxrtool.radiomics.batch import jobs_from_csv, measure, run_regions
+    from cxrtool.radiomics.batch import measure, run_regions
+    from cxrtool.radiomics.sources import jobs_from_csv
 
     params = {"imageType": {"Original": {}}, "featureClass": {"firstorder": None}, "setting": {"binWidth": 0.02}}
     _batch(tmp_path, nih_dir)
@@ -216,3 +218,117 @@ def test_cli_from_cam_on_real_nih_images_masks_csv_and_bad_params(tmp_path, nih_
     _batch(tmp_path, nih_dir)
     batch = runner.invoke(app, ["radiomics", "--masks", str(tmp_path / "regions.csv"), "--params", str(params)])
     assert batch.exit_code == 1 and "4 failed of 7" in batch.output
+
+
+# ------------------------------------------------------------------ DICOM SEG, masks beside, colour, JSON
+
+FAST = "imageType:\n  Original: {}\nfeatureClass:\n  firstorder:\n  shape2D:\nsetting:\n  binWidth: 8\n"
+
+
+def _write_seg(path, source_path, boxes, *, fractional=False):
+    """A SEG on one real radiograph, written by highdicom (the field's SEG writer):
+    one segment per (label, (x, y, w, h)) box."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    source = pydicom.dcmread(source_path)
+    planes = np.zeros((1, source.Rows, source.Columns, len(boxes)), np.float32 if fractional else bool)
+    descriptions = []
+    for number, (label, (x, y, w, h)) in enumerate(boxes, start=1):
+        planes[0, y : y + h, x : x + w, number - 1] = 0.8 if fractional else True
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label,
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Nodule,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL))
+    seg = hd.seg.Segmentation(
+        source_images=[source], pixel_array=planes,
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=9,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="cxrtool tests",
+        manufacturer_model_name="test", software_versions="0", device_serial_number="0",
+        **({"max_fractional_value": 255} if fractional else {}))
+    seg.save_as(path)
+    return path
+
+
+def test_dicom_seg_masks_among_the_inputs_and_in_a_mask_csv(tmp_path, dicom_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cxrtool.cli import app
+    from cxrtool.io.studies import StudyReadError, read_study
+
+    rg2, rg3, other = dicom_dir / "wg04" / "RG2_UNC.dcm", dicom_dir / "wg04" / "RG3_UNC.dcm", dicom_dir / "wg04" / "RG3_RLE.dcm"
+    _write_seg(tmp_path / "rg2.seg.dcm", rg2, [("Nodule", (400, 500, 60, 60)), ("Mass", (900, 1000, 120, 90))])
+    _write_seg(tmp_path / "rg3.seg.dcm", rg3, [("Effusion", (300, 700, 80, 50))], fractional=True)
+    orphan = _write_seg(tmp_path / "orphan.seg.dcm", other, [("Nodule", (10, 10, 20, 20))])
+    params = tmp_path / "fast.yaml"
+    params.write_text(FAST)
+    runner = CliRunner()
+    result = runner.invoke(app, ["radiomics", str(rg2), str(rg3), str(tmp_path / "rg2.seg.dcm"), str(tmp_path / "rg3.seg.dcm"),
+                                 str(orphan), "--params", str(params), "--out", str(tmp_path / "seg.csv"), "--json", "-j", "1"])
+    assert result.exit_code == 0, result.output
+    assert "3 regions from DICOM SEG" in result.output and "1 DICOM SEG objects reference none" in result.output
+    with open(tmp_path / "seg.csv", newline="") as handle:
+        table = {row["finding"]: row for row in csv.DictReader(handle)}
+    assert set(table) == {"Nodule", "Mass", "Effusion"}
+    assert (table["Nodule"]["label"], table["Mass"]["label"], table["Effusion"]["label"]) == ("1", "2", "1")
+    spacing = read_study(rg2).pixel_spacing
+    # the pixel spacing reaches PyRadiomics: the area is in mm^2
+    assert float(table["Mass"]["original_shape2D_PixelSurface"]) == pytest.approx(120 * 90 * spacing[0] * spacing[1])
+    assert read_study(rg3).pixel_spacing is None  # RG3 carries none: areas in pixels
+    assert float(table["Effusion"]["original_shape2D_PixelSurface"]) == pytest.approx(80 * 50)
+    # the same values as PyRadiomics on the same region given as a plain array
+    study = read_study(rg2, keep_rescaled=True)
+    plain = np.zeros(study.shape, np.uint8)
+    plain[500:560, 400:460] = 1
+    direct = extract(study.rescaled, plain, spacing=spacing, params=load_params(params))
+    assert float(table["Nodule"]["original_firstorder_Mean"]) == pytest.approx(direct["original_firstorder_Mean"])
+    document = json.loads((tmp_path / "seg.json").read_text())
+    assert len(document["regions"]) == 3 and document["regions"][0]["features"]["original_firstorder_Mean"]
+    assert "Versions_PyRadiomics" in document["regions"][0]["diagnostics"]
+    # a mask CSV naming a SEG without a label: one row per segment; a wrong segment: a reason
+    (tmp_path / "masks.csv").write_text(f"image,mask,label\n{rg2},rg2.seg.dcm,\n{rg2},rg2.seg.dcm,7\n{rg3},rg2.seg.dcm,1\n")
+    result = runner.invoke(app, ["radiomics", "--masks", str(tmp_path / "masks.csv"), "--params", str(params), "-j", "1"])
+    assert result.exit_code == 1
+    with open(tmp_path / "cxrtool_radiomics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["finding"], row["status"]) for row in rows] == [("Nodule", "ok"), ("Mass", "ok"), ("", "failed"), ("Nodule", "failed")]
+    assert "has no segment 7; its segments are 1 Nodule, 2 Mass" in rows[2]["error"]
+    assert "does not reference this image" in rows[3]["error"]
+    # predict and explain do not take a SEG for a radiograph
+    with pytest.raises(StudyReadError, match="Segmentation"):
+        read_study(tmp_path / "rg2.seg.dcm")
+
+
+def test_masks_beside_the_studies_and_colour_images(tmp_path, nih_dir):
+    import shutil
+
+    import cv2
+    from typer.testing import CliRunner
+
+    from cxrtool.cli import app
+
+    first, second = sorted((nih_dir / "images").glob("*.png"))[:2]
+    shutil.copy(first, tmp_path / "a.png")
+    shutil.copy(second, tmp_path / "b.png")
+    mask = np.zeros((1024, 1024), np.uint8)
+    mask[300:400, 200:330] = 1
+    cv2.imwrite(str(tmp_path / "a.mask.png"), mask)
+    colour = cv2.applyColorMap(cv2.imread(str(first), cv2.IMREAD_GRAYSCALE), cv2.COLORMAP_JET)
+    cv2.imwrite(str(tmp_path / "overlay.png"), colour)  # an overlay given by mistake
+    params = tmp_path / "fast.yaml"
+    params.write_text(FAST.replace("binWidth: 8", "binWidth: 0.02"))
+    result = CliRunner().invoke(app, ["radiomics", str(tmp_path), "--params", str(params), "-j", "1"])
+    assert result.exit_code == 1, result.output  # the colour image's row failed
+    assert "0 regions from DICOM SEG, 1 from masks beside the studies, 2 whole images" in result.output
+    with open(tmp_path / "cxrtool_radiomics.csv", newline="") as handle:
+        rows = {row["image"].rsplit("/", 1)[-1]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"a.png", "b.png", "overlay.png"}  # the mask is not a study
+    assert rows["a.png"]["mask"].endswith("a.mask.png")
+    assert float(rows["a.png"]["original_shape2D_PixelSurface"]) == 100 * 130
+    assert rows["b.png"]["mask"] == "" and rows["b.png"]["status"] == "ok"
+    assert rows["overlay.png"]["status"] == "failed" and "image is colour" in rows["overlay.png"]["error"]

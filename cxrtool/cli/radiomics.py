@@ -12,24 +12,29 @@ from cxrtool.cli._console import EXIT_USAGE, fail, handle_interrupt, note, progr
 
 
 def radiomics(
-    inputs: Annotated[Optional[list[str]], typer.Argument(help="Studies: files, folders, globs or - (not needed with --masks).")] = None,
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Studies: files, folders, globs or - (not needed with --masks). "
+                                                          "DICOM SEG objects and NAME.mask.png / NAME_mask.nii.gz files among them are masks.")] = None,
     *,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="CSV of image,mask[,label] rows (PyRadiomics' batch format).")] = None,
     from_cam: Annotated[bool, typer.Option("--from-cam", help="Measure the regions `cxrtool explain` wrote for these studies.")] = False,
     params: Annotated[Optional[Path], typer.Option("--params", help="PyRadiomics parameter file (YAML); default: cxrtool's 2D set.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output CSV (default: cxrtool_radiomics.csv beside the inputs).")] = None,
+    json_too: Annotated[bool, typer.Option("--json", help="Also write the rows as JSON beside the CSV (same name, .json).")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Processes (default: all cores).")] = None,
 ) -> None:
-    """Radiomic features per (study, region): from a mask CSV, from explain's CAM regions, or
-    of whole images. One CSV row per region; interrupted runs resume where they stopped.
+    """Radiomic features per (study, region): from a mask CSV, from explain's CAM regions,
+    from masks beside the studies (PNG/NIfTI named NAME.mask.*, or DICOM SEG objects among
+    the inputs), or of whole images. One CSV row per region; interrupted runs resume where
+    they stopped.
 
     Exit status: 0 all rows measured, 1 some rows failed (reason in the error column),
     2 usage error (e.g. an invalid parameter file), 130 interrupted.
     """
     from cxrtool.io.studies import find_studies
     from cxrtool.predict import output_root
-    from cxrtool.radiomics.batch import RegionJob, jobs_from_cam, jobs_from_csv, run_regions
+    from cxrtool.radiomics.batch import run_regions
     from cxrtool.radiomics.features import ParamsError, load_params
+    from cxrtool.radiomics.sources import jobs_from_cam, jobs_from_csv, jobs_from_studies
 
     settings = None
     if params is not None:
@@ -56,7 +61,12 @@ def radiomics(
             if unexplained:
                 warn(f"{len(unexplained)} studies have no explanations (run cxrtool explain first), e.g. {unexplained[0]}")
         else:
-            jobs = [RegionJob(str(path)) for path in studies]
+            jobs, counts = jobs_from_studies(studies)
+            if counts["seg"] or counts["beside"]:
+                note(f"{counts['seg']} regions from DICOM SEG, {counts['beside']} from masks beside the studies, "
+                     f"{counts['whole']} whole images")
+            if counts["unmatched_seg"]:
+                warn(f"{counts['unmatched_seg']} DICOM SEG objects reference none of the input images (give the images too)")
         default_folder = output_root(studies) or Path(".")
     if not jobs:
         fail("no regions to measure", EXIT_USAGE)
@@ -65,10 +75,11 @@ def radiomics(
     task = bar.add_task("radiomics", total=len(jobs), status="")
     with handle_interrupt(), bar:
         summary = run_regions(jobs, table, params=settings, workers=workers or os.cpu_count() or 1,
-                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+                              progress=lambda done, total: bar.update(task, completed=done, total=total),
+                              json_out=table.with_suffix(".json") if json_too else None)
     note(f"[green]{summary.measured} regions measured[/], {summary.resumed} from an earlier run, "
          f"[{'red' if summary.failed else 'green'}]{len(summary.failed)} failed[/] of {summary.total}")
-    note(f"  {summary.table}")
+    note(f"  {summary.table}" + (f"\n  {summary.json}" if summary.json else ""))
     if summary.failed:
         warn(f"{len(summary.failed)} regions could not be measured, e.g. {summary.failed[0][0]}: {summary.failed[0][1]}")
     raise typer.Exit(summary.exit_code)

@@ -24,6 +24,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, convert_color_space
 from pydicom.pixels import get_decoder
 
+from cxrtool.io.seg import SEG_SOP_CLASSES
 from cxrtool.io.studies import Study, StudyReadError, sniff_format
 from cxrtool.io.studies import one_line as _one_line
 
@@ -187,6 +188,8 @@ def _transfer_syntax(ds: Dataset) -> uid.UID:
 
 
 def _check_is_single_image(ds: Dataset) -> None:
+    if str(ds.get("SOPClassUID", "")) in SEG_SOP_CLASSES or _text(ds, "Modality") == "SEG":
+        raise StudyReadError("a DICOM Segmentation (SEG), not a radiograph: a mask for cxrtool radiomics")
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         sop_class = _sop_class_name(ds)
         if sop_class == "unknown" and "Modality" not in ds:

@@ -84,44 +84,51 @@ def read_image(path: Path) -> Study:
             image.load()
             if source_format == "jpeg":
                 image = ImageOps.exif_transpose(image)
-            pixels = _to_unit_grey(image)
+            pixels, coloured = _to_unit_grey(image)
         except _DECODE_ERRORS as error:
             raise StudyReadError(_one_line(f"truncated or corrupt image: {error}")) from error
 
+    identity = {"format": source_format}
+    if coloured:
+        # Real colour (e.g. an overlay saved by mistake), not grey stored as RGB: the
+        # luminance is fine for display and the model, but not for quantitative work.
+        identity["converted_from"] = "RGB"
     return Study(
         path=path,
         pixels=pixels,
         source_format=source_format,
-        identity={"format": source_format},
+        identity=identity,
     )
 
 
-def _to_unit_grey(image: Image.Image) -> np.ndarray:
-    """Float32 (H, W) in [0, 1] from any Pillow mode, converting to float32 once."""
+def _to_unit_grey(image: Image.Image) -> tuple[np.ndarray, bool]:
+    """Float32 (H, W) in [0, 1] from any Pillow mode, converting to float32 once; and
+    whether the image had real colour (channels that differ somewhere)."""
     mode = image.mode
     if mode == "L":
-        return _scaled(np.asarray(image), 255.0)
+        return _scaled(np.asarray(image), 255.0), False
     if mode in _SIXTEEN_BIT_MODES:
         # np.asarray honours the mode's byte order (e.g. ">u2" for I;16B).
-        return _scaled(np.asarray(image), 65535.0)
+        return _scaled(np.asarray(image), 65535.0), False
     if mode == "I":
         array = np.asarray(image)
         top = int(array.max()) if array.size else 0
         # A 32-bit container: guess the stored depth from the data (8, 12 or 16 bits).
         scale = 255.0 if top <= 255 else 4095.0 if top <= 4095 else 65535.0
-        return _scaled(array, scale)
+        return _scaled(array, scale), False
     if mode == "LA":
-        return _scaled(np.asarray(image)[..., 0], 255.0)
+        return _scaled(np.asarray(image)[..., 0], 255.0), False
     if mode == "1":
-        return np.asarray(image, dtype=np.float32)
+        return np.asarray(image, dtype=np.float32), False
     if mode not in ("RGB", "RGBA", "RGBX"):
         # P, PA, CMYK, YCbCr, LAB, ...: let Pillow map them to RGB first.
         image = image.convert("RGB")
     rgb = np.asarray(image)[..., :3]  # drops alpha (RGBA, RGBX) without a copy
+    coloured = bool(np.any(rgb[..., 0] != rgb[..., 1]) or np.any(rgb[..., 1] != rgb[..., 2]))
     grey = rgb.astype(np.float32) @ _LUMA
     grey *= np.float32(1.0 / 255.0)
     np.clip(grey, 0.0, 1.0, out=grey)
-    return grey
+    return grey, coloured
 
 
 def _scaled(array: np.ndarray, top: float) -> np.ndarray:

@@ -21,23 +21,9 @@ from typing import Any
 import numpy as np
 
 from cxrtool.io.outputs import atomic_write
+from cxrtool.radiomics.sources import RegionJob, read_mask
 
 ID_COLUMNS = ("image", "mask", "label", "finding", "region", "status", "error")
-
-
-@dataclass(frozen=True)
-class RegionJob:
-    """One region to measure: ``mask == label`` in ``mask`` (None: the whole image)."""
-
-    image: str
-    mask: str | None = None
-    label: int = 1
-    finding: str = ""
-    region: int | None = None
-
-    @property
-    def key(self) -> str:
-        return json.dumps([self.image, self.mask or "", self.label])
 
 
 @dataclass
@@ -47,62 +33,11 @@ class RadiomicsSummary:
     resumed: int = 0  # rows taken from the journal of an earlier, interrupted run
     failed: list[tuple[str, str]] = field(default_factory=list)
     table: Path | None = None
+    json: Path | None = None
 
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
-
-
-def jobs_from_csv(csv_path: str | os.PathLike) -> list[RegionJob]:
-    """Jobs from a CSV with ``image`` and ``mask`` columns and an optional ``label``
-    (PyRadiomics' batch CSV spells them Image, Mask, Label). Relative paths are taken
-    from the CSV's folder.
-
-    Raises:
-        ValueError: no image or mask column, or a label that is not an integer.
-    """
-    path = Path(csv_path)
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = {name.strip().lower(): name for name in reader.fieldnames or []}
-        if "image" not in columns or "mask" not in columns:
-            raise ValueError(f"{path.name}: expected columns image,mask[,label], got {', '.join(reader.fieldnames or [])}")
-        jobs = []
-        for line, row in enumerate(reader, start=2):
-            image, mask = row[columns["image"]].strip(), row[columns["mask"]].strip()
-            label_text = (row.get(columns.get("label", ""), "") or "1").strip()
-            try:
-                label = int(float(label_text))
-            except ValueError:
-                raise ValueError(f"{path.name} line {line}: label {label_text!r} is not an integer") from None
-            jobs.append(RegionJob(str(_resolve(path.parent, image)), str(_resolve(path.parent, mask)), label))
-    return jobs
-
-
-def _resolve(folder: Path, name: str) -> Path:
-    candidate = Path(name)
-    return candidate if candidate.is_absolute() else folder / candidate
-
-
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A label image: PNG (8/16-bit), NIfTI, or anything SimpleITK reads; 2D."""
-    import cv2
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such mask {path}")
-    if path.suffix.lower() == ".png":
-        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if mask is None:
-            raise ValueError(f"mask {path.name} is not a readable PNG")
-        return mask
-    import SimpleITK as sitk
-
-    try:
-        array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-    except RuntimeError as error:
-        raise ValueError(f"mask {path.name} cannot be read ({' '.join(str(error).split())[:120]})") from None
-    return np.squeeze(array) if array.ndim == 3 and 1 in array.shape else array
 
 
 def measure(job: RegionJob, params: dict[str, Any] | None) -> dict[str, Any]:
@@ -113,8 +48,14 @@ def measure(job: RegionJob, params: dict[str, Any] | None) -> dict[str, Any]:
     row: dict[str, Any] = {**asdict(job), "status": "ok", "error": ""}
     try:
         study = read_study(job.image, keep_rescaled=True)
+        if study.identity.get("converted_from"):
+            raise RegionError(f"image is colour ({study.identity['converted_from']}), not a grey radiograph "
+                              "(an overlay?); radiomics measures grey values only")
         pixels = study.rescaled if study.rescaled is not None else study.pixels
-        mask = read_mask(job.mask) if job.mask else np.ones(pixels.shape, dtype=np.uint8)
+        if job.mask:
+            mask = read_mask(job.mask, label=job.label, image_uid=study.identity.get("sop_instance_uid"))
+        else:
+            mask = np.ones(pixels.shape, dtype=np.uint8)
         row.update(extract(pixels, mask, spacing=study.pixel_spacing, label=job.label, params=params))
     except (StudyReadError, RegionError, ValueError, FileNotFoundError, OSError) as error:
         row.update(status="failed", error=" ".join(str(error).split()) or type(error).__name__)
@@ -144,8 +85,10 @@ def run_regions(
     params: dict[str, Any] | None = None,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    json_out: str | os.PathLike | None = None,
 ) -> RadiomicsSummary:
-    """Measure every job (in worker processes), journaling each row; then write the table.
+    """Measure every job (in worker processes), journaling each row; then write the table
+    (and, with ``json_out``, the same rows as JSON).
 
     The table has the identifying columns first (image, mask, label, finding, region,
     status, error), then the features, then PyRadiomics' diagnostics (versions, settings,
@@ -189,6 +132,8 @@ def run_regions(
     summary.measured = len(todo)
     summary.failed = [(row["image"], row["error"]) for row in rows if row["status"] != "ok"]
     summary.table = _write_table(out_csv, rows)
+    if json_out is not None:
+        summary.json = _write_json(Path(json_out), rows)
     return summary
 
 
@@ -218,34 +163,33 @@ def _write_table(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
     return path
 
 
+def _write_json(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """The rows as JSON: the identifying fields, then ``features`` and ``diagnostics``."""
+    from cxrtool import __version__
+
+    records = []
+    for row in rows:
+        record: dict[str, Any] = {key: row.get(key) for key in ID_COLUMNS}
+        record["features"] = {
+            k: _finite(v) for k, v in row.items() if k not in ID_COLUMNS and not k.startswith("diagnostics_")
+        }
+        record["diagnostics"] = {k[len("diagnostics_"):]: _finite(v) for k, v in row.items() if k.startswith("diagnostics_")}
+        records.append(record)
+    document = {"cxrtool_version": __version__, "regions": records}
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=1, default=_json_default, allow_nan=False)
+        handle.write("\n")
+    return path
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities (PyRadiomics gives them for degenerate regions) as JSON null."""
+    return None if isinstance(value, float) and not np.isfinite(value) else value
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, default=_json_default)
     return str(value)
-
-
-def jobs_from_cam(studies: Iterable[Path]) -> tuple[list[RegionJob], list[str]]:
-    """One job per region of every finding ``cxrtool explain`` mapped for these studies
-    (its mask ``NAME.cxrtool.<Finding>.mask.png`` holds region k as pixel value k).
-
-    Returns the jobs, and the studies that had no explanations (for a note).
-    """
-    from cxrtool.io.outputs import sidecar_path
-
-    jobs: list[RegionJob] = []
-    unexplained: list[str] = []
-    for study in studies:
-        sidecar = sidecar_path(study.parent, study.name)
-        try:
-            record = json.loads(sidecar.read_text(encoding="utf-8"))
-            explained = record["explanations"]["findings"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            unexplained.append(str(study))
-            continue
-        for finding, entry in explained.items():
-            mask = entry.get("files", {}).get("mask")
-            for region in entry.get("regions", []) if mask else []:
-                jobs.append(RegionJob(str(study), str(study.parent / mask), int(region["label"]), finding, int(region["label"])))
-    return jobs, unexplained

@@ -1,0 +1,212 @@
+"""Where the regions to measure come from: a mask CSV, explain's CAM masks, masks beside
+the studies (including DICOM SEG objects among them), or whole images.
+
+A mask is a label image (PNG, NIfTI or anything SimpleITK reads) or a DICOM SEG; a region
+is ``mask == label`` (for a SEG, the label is the segment number).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxrtool.io.seg import SegError, is_seg, read_seg, sop_instance_uid
+
+# Masks beside a study, by name: "chest.png" -> "chest.mask.png", "chest_mask.nii.gz", ...
+MASK_MARKERS = (".mask", "_mask")
+MASK_SUFFIXES = (".png", ".nii.gz", ".nii", ".nrrd", ".mha")  # a SEG pairs by its references
+
+
+@dataclass(frozen=True)
+class RegionJob:
+    """One region to measure: ``mask == label`` in ``mask`` (None: the whole image)."""
+
+    image: str
+    mask: str | None = None
+    label: int = 1
+    finding: str = ""
+    region: int | None = None
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.image, self.mask or "", self.label])
+
+
+def jobs_from_csv(csv_path: str | os.PathLike) -> list[RegionJob]:
+    """Jobs from a CSV with ``image`` and ``mask`` columns and an optional ``label``
+    (PyRadiomics' batch CSV spells them Image, Mask, Label). Relative paths are taken
+    from the CSV's folder. A DICOM SEG row without a label gives one job per segment.
+
+    Raises:
+        ValueError: no image or mask column, or a label that is not an integer.
+    """
+    path = Path(csv_path)
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = {name.strip().lower(): name for name in reader.fieldnames or []}
+        if "image" not in columns or "mask" not in columns:
+            raise ValueError(f"{path.name}: expected columns image,mask[,label], got {', '.join(reader.fieldnames or [])}")
+        jobs = []
+        for line, row in enumerate(reader, start=2):
+            image = str(_resolve(path.parent, row[columns["image"]].strip()))
+            mask = str(_resolve(path.parent, row[columns["mask"]].strip()))
+            label_text = (row.get(columns.get("label", ""), "") or "").strip()
+            if not label_text:
+                jobs.extend(_default_jobs(image, mask))
+                continue
+            try:
+                label = int(float(label_text))
+            except ValueError:
+                raise ValueError(f"{path.name} line {line}: label {label_text!r} is not an integer") from None
+            jobs.append(RegionJob(image, mask, label, _segment_label(mask, label)))
+    return jobs
+
+
+def _resolve(folder: Path, name: str) -> Path:
+    candidate = Path(name)
+    return candidate if candidate.is_absolute() else folder / candidate
+
+
+def _default_jobs(image: str, mask: str) -> list[RegionJob]:
+    """Label 1 of an ordinary mask; every segment of a SEG (named by its label)."""
+    if Path(mask).suffix.lower() == ".dcm" or is_seg(mask):
+        try:
+            segments = read_seg(mask, pixels=False).segments
+        except SegError:
+            return [RegionJob(image, mask)]  # measure() reports why, on its row
+        return [RegionJob(image, mask, number, label) for number, label in sorted(segments.items())]
+    return [RegionJob(image, mask)]
+
+
+def _segment_label(mask: str, label: int) -> str:
+    if Path(mask).suffix.lower() != ".dcm":
+        return ""
+    try:
+        return read_seg(mask, pixels=False).segments.get(label, "")
+    except SegError:
+        return ""
+
+
+def jobs_from_studies(studies: Iterable[Path]) -> tuple[list[RegionJob], dict[str, int]]:
+    """Jobs for studies given as inputs, with no mask CSV.
+
+    * DICOM SEG objects among the inputs are masks, not studies: each segment is measured
+      on each image it references that is among the inputs;
+    * a mask beside a study, named like it (``chest.png`` -> ``chest.mask.png``,
+      ``chest_mask.nii.gz``), is that study's mask (label 1), and not a study itself;
+    * any other study is measured whole.
+
+    Returns the jobs and counts by source ("seg", "beside", "whole", "unmatched_seg").
+    """
+    studies = list(studies)
+    segs = [path for path in studies if path.suffix.lower() in ("", ".dcm", ".dicom") and is_seg(path)]
+    seg_set = set(segs)
+    images = [path for path in studies if path not in seg_set]
+    beside = _masks_beside(images)
+    images = [path for path in images if path not in set(beside.values())]
+    by_uid: dict[str, Path] = {}
+    for path in images:
+        if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            uid = sop_instance_uid(path)
+            if uid:
+                by_uid[uid] = path
+    jobs: list[RegionJob] = []
+    counts = {"seg": 0, "beside": 0, "whole": 0, "unmatched_seg": 0}
+    segmented: set[Path] = set()
+    for seg_path in segs:
+        try:
+            seg = read_seg(seg_path, pixels=False)
+        except SegError:
+            counts["unmatched_seg"] += 1
+            continue
+        targets = [by_uid[uid] for uid in seg.sources if uid in by_uid]
+        if not targets:
+            counts["unmatched_seg"] += 1
+        for image in targets:
+            segmented.add(image)
+            for number, label in sorted(seg.segments.items()):
+                jobs.append(RegionJob(str(image), str(seg_path), number, label))
+                counts["seg"] += 1
+    for image in images:
+        if image in beside:
+            jobs.append(RegionJob(str(image), str(beside[image])))
+            counts["beside"] += 1
+        elif image not in segmented:
+            jobs.append(RegionJob(str(image)))
+            counts["whole"] += 1
+    return jobs, counts
+
+
+def _masks_beside(studies: list[Path]) -> dict[Path, Path]:
+    """study -> its mask, for the masks (also listed as studies, or only on disk) named
+    after a study in the same folder."""
+    found: dict[Path, Path] = {}
+    for study in studies:
+        stem = study.name[: -len(study.suffix)] if study.suffix else study.name
+        for marker in MASK_MARKERS:
+            for suffix in MASK_SUFFIXES:
+                candidate = study.with_name(stem + marker + suffix)
+                if candidate != study and candidate.is_file():
+                    found.setdefault(study, candidate)
+    return found
+
+
+def jobs_from_cam(studies: Iterable[Path]) -> tuple[list[RegionJob], list[str]]:
+    """One job per region of every finding ``cxrtool explain`` mapped for these studies
+    (its mask ``NAME.cxrtool.<Finding>.mask.png`` holds region k as pixel value k).
+
+    Returns the jobs, and the studies that had no explanations (for a note).
+    """
+    from cxrtool.io.outputs import sidecar_path
+
+    jobs: list[RegionJob] = []
+    unexplained: list[str] = []
+    for study in studies:
+        sidecar = sidecar_path(study.parent, study.name)
+        try:
+            record = json.loads(sidecar.read_text(encoding="utf-8"))
+            explained = record["explanations"]["findings"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            unexplained.append(str(study))
+            continue
+        for finding, entry in explained.items():
+            mask = entry.get("files", {}).get("mask")
+            for region in entry.get("regions", []) if mask else []:
+                jobs.append(RegionJob(str(study), str(study.parent / mask), int(region["label"]), finding, int(region["label"])))
+    return jobs, unexplained
+
+
+def read_mask(path: str | os.PathLike, *, label: int = 1, image_uid: str | None = None) -> np.ndarray:
+    """A 2D label image: PNG (8/16-bit), NIfTI or anything SimpleITK reads, or the segment
+    ``label`` of a DICOM SEG on the image ``image_uid``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, or a SEG without that segment or that image.
+    """
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such mask {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if mask is None:
+            raise ValueError(f"mask {path.name} is not a readable PNG")
+        return mask
+    if suffix in ("", ".dcm", ".dicom") and is_seg(path):
+        return read_seg(path).mask(label, image_uid)
+    import SimpleITK as sitk
+
+    try:
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except RuntimeError as error:
+        raise ValueError(f"mask {path.name} cannot be read ({' '.join(str(error).split())[:120]})") from None
+    return np.squeeze(array) if array.ndim == 3 and 1 in array.shape else array
