@@ -42,26 +42,45 @@ class RadiomicsSummary:
 
 def measure(job: RegionJob, params: dict[str, Any] | None) -> dict[str, Any]:
     """One row: the job's identity, ``status`` ok/failed, the reason, and the features."""
+    return measure_image([job], params)[0]
+
+
+def measure_image(jobs: Sequence[RegionJob], params: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The rows of regions of one image (read once): each row the job's identity,
+    ``status`` ok/failed, the reason, and the features."""
     from cxrtool.io.studies import StudyReadError, read_study
     from cxrtool.radiomics.features import RegionError, extract
 
-    row: dict[str, Any] = {**asdict(job), "status": "ok", "error": ""}
+    expected = (StudyReadError, RegionError, ValueError, FileNotFoundError, OSError)
+    rows: list[dict[str, Any]] = [{**asdict(job), "status": "ok", "error": ""} for job in jobs]
     try:
-        study = read_study(job.image, keep_rescaled=True)
+        study = read_study(jobs[0].image, keep_rescaled=True)
         if study.identity.get("converted_from"):
             raise RegionError(f"image is colour ({study.identity['converted_from']}), not a grey radiograph "
                               "(an overlay?); radiomics measures grey values only")
-        pixels = study.rescaled if study.rescaled is not None else study.pixels
-        if job.mask:
-            mask = read_mask(job.mask, label=job.label, image_uid=study.identity.get("sop_instance_uid"))
-        else:
-            mask = np.ones(pixels.shape, dtype=np.uint8)
-        row.update(extract(pixels, mask, spacing=study.pixel_spacing, label=job.label, params=params))
-    except (StudyReadError, RegionError, ValueError, FileNotFoundError, OSError) as error:
-        row.update(status="failed", error=" ".join(str(error).split()) or type(error).__name__)
-    except Exception as error:  # noqa: BLE001 - a row boundary: one region's surprise must not end the batch
-        row.update(status="failed", error=f"{type(error).__name__}: {' '.join(str(error).split())}"[:300])
-    return row
+    except Exception as error:  # noqa: BLE001 - every region of this image fails with the reason
+        reason = _reason(error, expected)
+        for row in rows:
+            row.update(status="failed", error=reason)
+        return rows
+    pixels = study.rescaled if study.rescaled is not None else study.pixels
+    for job, row in zip(jobs, rows):
+        try:
+            if job.mask:
+                mask = read_mask(job.mask, label=job.label, image_uid=study.identity.get("sop_instance_uid"))
+            else:
+                mask = np.ones(pixels.shape, dtype=np.uint8)
+            row.update(extract(pixels, mask, spacing=study.pixel_spacing, label=job.label, params=params))
+        except Exception as error:  # noqa: BLE001 - a row boundary: one region's surprise must not end the batch
+            row.update(status="failed", error=_reason(error, expected))
+    return rows
+
+
+def _reason(error: Exception, expected: tuple[type[Exception], ...]) -> str:
+    text = " ".join(str(error).split())
+    if isinstance(error, expected):
+        return text or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:300]  # a surprise: name its kind
 
 
 def _read_journal(path: Path) -> dict[str, dict[str, Any]]:
@@ -121,13 +140,18 @@ def run_regions(
             if progress:
                 progress(finished, summary.total)
 
-        if n_workers == 1 or len(todo) < 2:
-            for job in todo:
-                record(measure(job, params))
-        else:
-            with fork_safe_opencv(), ProcessPoolExecutor(max_workers=n_workers) as pool:
-                for row in pool.map(measure, todo, [params] * len(todo), chunksize=1):
+        groups = _by_image(todo, n_workers)
+        if n_workers == 1 or len(groups) < 2:
+            for group in groups:
+                for row in measure_image(group, params):
                     record(row)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // n_workers)
+            with fork_safe_opencv(), ProcessPoolExecutor(max_workers=n_workers, initializer=_worker_init,
+                                                         initargs=(threads,)) as pool:
+                for rows in pool.map(measure_image, groups, [params] * len(groups), chunksize=1):
+                    for row in rows:
+                        record(row)
     rows = [done[job.key] for job in unique]
     summary.measured = len(todo)
     summary.failed = [(row["image"], row["error"]) for row in rows if row["status"] != "ok"]
@@ -135,6 +159,27 @@ def run_regions(
     if json_out is not None:
         summary.json = _write_json(Path(json_out), rows)
     return summary
+
+
+def _by_image(jobs: Sequence[RegionJob], workers: int) -> list[list[RegionJob]]:
+    """Jobs in groups that share an image, so each image is read once for its regions; a
+    group holds at most 8 regions, fewer when there are few jobs for the workers (so that
+    one image with many regions still spreads over them, and an interruption loses little)."""
+    cap = max(1, min(8, len(jobs) // (4 * workers)))
+    by_image: dict[str, list[RegionJob]] = {}
+    for job in jobs:
+        by_image.setdefault(job.image, []).append(job)
+    return [group[start : start + cap] for group in by_image.values() for start in range(0, len(group), cap)]
+
+
+def _worker_init(threads: int) -> None:
+    """A worker's share of the cores: SimpleITK's filters (LoG, wavelet, resampling) would
+    otherwise each start a thread per core in every worker."""
+    import SimpleITK as sitk
+    from threadpoolctl import threadpool_limits
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    threadpool_limits(threads)
 
 
 def _json_default(value: Any) -> Any:

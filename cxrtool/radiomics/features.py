@@ -10,6 +10,8 @@ the reason, so a batch can record it for that row and go on.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 from typing import Any
@@ -92,11 +94,19 @@ def load_params(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def extractor_for(params: dict[str, Any]):
-    """A PyRadiomics feature extractor for ``params`` (already validated)."""
+    """A PyRadiomics feature extractor for ``params`` (already validated), made once per
+    process for each parameter set: building one validates the parameters against the
+    schema, about a tenth of the time of measuring a region. (``execute`` works on a copy of
+    the extractor's settings, so one extractor serves any number of regions.)"""
+    return _extractor(json.dumps(params, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=16)
+def _extractor(params_json: str):
     _quiet_radiomics()
     from radiomics import featureextractor
 
-    return featureextractor.RadiomicsFeatureExtractor(dict(params))
+    return featureextractor.RadiomicsFeatureExtractor(json.loads(params_json))
 
 
 def as_sitk(pixels: np.ndarray, spacing: tuple[float, float] | None):
