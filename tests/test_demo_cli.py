@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -36,6 +37,14 @@ def test_demo_runs_end_to_end_on_phantoms(tmp_path):
     assert (study / "cxrtool_explain.html").is_file()
     for entry in sidecar["explanations"]["findings"].values():  # a 1-epoch model's map may be empty: then it says so
         assert entry.get("files", {}).get("overlay") or "no evidence" in entry["note"]
+    # radiomics of the positive calls' CAM regions: one row per region, none missing
+    regions = 0
+    for dicom in dicoms:
+        findings = json.loads((study / f"{dicom.name}.cxrtool.json").read_text())["explanations"]["findings"]
+        regions += sum(len(entry["regions"]) for entry in findings.values() if entry["positive"])
+    with open(study / "cxrtool_radiomics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == regions and "Radiomics of the positive calls" in result.output
     located = json.loads((out / "evaluation" / "localization.json").read_text())
     assert located["overall"]["pairs"] > 0 and located["overall"]["mapped"] == located["overall"]["pairs"]
     card = runner.invoke(app, ["models", str(out / "model" / "model.safetensors")])

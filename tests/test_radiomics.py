@@ -68,6 +68,7 @@ def test_bad_regions_are_refused_with_a_reason(region):
         (image, np.zeros_like(mask), 1, "mask is empty"),
         (image, mask * 255, 1, "pass label 255"),
         (image, mask * 2, 1, "no pixel labelled 1; its labels are [2]"),
+        (image, np.pad(np.ones((15, 1), np.uint8), ((0, 81), (40, 39))), 1, "region 1 is 1x15 pixels, a line"),
     ]
     for pixels, labels, label, reason in cases:
         with pytest.raises(RegionError, match=reason.replace("[", r"\[").replace("]", r"\]")):
@@ -170,6 +171,7 @@ def test_an_interrupted_batch_resumes_without_losing_or_repeating_rows(tmp_path,
 
 
 def test_cli_from_cam_on_real_nih_images_masks_csv_and_bad_params(tmp_path, nih_dir):
+    import json
     import shutil
 
     import torch
@@ -198,12 +200,20 @@ def test_cli_from_cam_on_real_nih_images_masks_csv_and_bad_params(tmp_path, nih_
         table = list(csv.DictReader(handle))
     expected = 0
     for sidecar in study.glob("*.cxrtool.json"):
-        import json
-
         findings = json.loads(sidecar.read_text())["explanations"]["findings"]
         expected += sum(len(entry["regions"]) for entry in findings.values())
     assert expected > 0 and len(table) == expected
     assert {row["finding"] for row in table} <= {"Effusion", "Nodule"} and all(row["status"] == "ok" for row in table)
+    # only the findings the model called positive
+    positive = runner.invoke(app, ["radiomics", str(study), "--from-cam", "--positive-only", "--params", str(params),
+                                   "--out", str(tmp_path / "positive.csv")])
+    assert positive.exit_code == 0, positive.output
+    with open(tmp_path / "positive.csv", newline="") as handle:
+        positive_rows = list(csv.DictReader(handle))
+    calls = {(sidecar.name.split(".cxrtool.")[0], finding) for sidecar in study.glob("*.cxrtool.json")
+             for finding, entry in json.loads(sidecar.read_text())["explanations"]["findings"].items() if entry["positive"]}
+    assert {(row["image"].rsplit("/", 1)[-1], row["finding"]) for row in positive_rows} == calls
+    assert calls and len(positive_rows) < len(table)
     # the same command again: every row from the journal, nothing measured twice
     again = runner.invoke(app, ["radiomics", str(study), "--from-cam", "--params", str(params)])
     assert f"0 regions measured, {expected} from an earlier run" in again.output

@@ -40,15 +40,19 @@ def demo(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     workers: Annotated[int, typer.Option("--workers", "-j", min=0)] = 2,
 ) -> None:
-    """Generate phantoms, train, predict on held-out DICOMs, explain them (Grad-CAM) and
-    evaluate classification and localization against the phantoms' ground truth."""
+    """Generate phantoms, train, predict on held-out DICOMs, explain them (Grad-CAM), measure
+    radiomic features of the regions of the positive calls, and evaluate classification and
+    localization against the phantoms' ground truth."""
     from cxrtool.data.phantom import generate_cohort
     from cxrtool.evaluate import evaluate
     from cxrtool.evaluate.localization import evaluate_localization, render_localization
     from cxrtool.explain import ExplainSettings, explain
     from cxrtool.evaluate.classification import render_table
     from cxrtool.models.checkpoint import read_card
+    from cxrtool.io.studies import find_studies
     from cxrtool.predict import predict
+    from cxrtool.radiomics.batch import run_regions
+    from cxrtool.radiomics.sources import jobs_from_cam
     from cxrtool.train.config import load_config
     from cxrtool.registry import PHANTOM_FINDINGS
     from cxrtool.train.loop import train
@@ -101,6 +105,12 @@ def demo(
             )
         if explained.failed:
             fail(f"{len(explained.failed)} held-out studies failed to explain: {explained.failed[0][1]}")
+        jobs, _ = jobs_from_cam(find_studies([study_dir / "images"]), positive_only=True)
+        bar = progress_bar()
+        with bar:
+            task = bar.add_task("radiomics of the positive calls' CAM regions", total=len(jobs), status="")
+            radiomics = run_regions(jobs, study_dir / "images" / "cxrtool_radiomics.csv", workers=max(1, workers),
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
         predictions_csv = study_dir / "images" / "cxrtool_predictions.csv"
         card = read_card(result.checkpoint)
         report = evaluate(predictions_csv, study.data_entry_csv, thresholds=card.thresholds,
@@ -109,6 +119,7 @@ def demo(
     located = evaluate_localization(predictions_csv, study.bbox_csv, out_dir=out_dir / "evaluation")
     out.print(render_table(report))
     out.print(render_localization(located))
+    out.print(_radiomics_table(radiomics.table))
     note(f"[bold green]held-out mean AUROC {report.macro.auroc:.3f}[/] on {report.matching['matched']} phantom DICOM studies "
          f"({time.monotonic() - started:.0f} s in all)")
     pointing = ", ".join(f"{name} {located.findings[name].pointing:.2f}" for name in FOCAL_FINDINGS if name in located.findings)
@@ -116,6 +127,33 @@ def demo(
     note(f"  model:        {result.checkpoint}  (cxrtool models {result.checkpoint})")
     note(f"  predictions:  {predictions_csv} and a .cxrtool.json beside each DICOM")
     note(f"  explanations: overlays, maps and masks beside each DICOM; {study_dir / 'images' / 'cxrtool_explain.html'}")
+    failed = f"; {len(radiomics.failed)} could not be measured, e.g. {radiomics.failed[0][1]}" if radiomics.failed else ""
+    note(f"  radiomics:    {radiomics.table} ({radiomics.total} CAM regions{failed})")
     note(f"  evaluation:   {out_dir / 'evaluation'} (evaluation.json, localization.json, curves)")
     note(f"  try:          cxrtool predict {study_dir / 'images'} --model {result.checkpoint} --overwrite")
     raise typer.Exit(EXIT_OK)
+
+
+def _radiomics_table(table: Path):
+    """Per finding: the CAM regions measured and the medians of a few features."""
+    import csv
+    from statistics import median
+
+    from rich.table import Table
+
+    with open(table, newline="", encoding="utf-8") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["status"] == "ok"]
+    if not rows:
+        return "Radiomics of the positive calls' Grad-CAM regions: the model called nothing positive to measure"
+    columns = {"area mm2": ("original_shape2D_PixelSurface", "{:,.0f}"), "elongation": ("original_shape2D_Elongation", "{:.2f}"),
+               "mean value": ("original_firstorder_Mean", "{:,.0f}"), "GLCM contrast": ("original_glcm_Contrast", "{:.3g}")}
+    view = Table(title="Radiomics of the positive calls' Grad-CAM regions (medians)", title_justify="left")
+    view.add_column("finding")
+    view.add_column("regions", justify="right")
+    for name in columns:
+        view.add_column(name, justify="right")
+    for finding in sorted({row["finding"] for row in rows}):
+        mine = [row for row in rows if row["finding"] == finding]
+        cells = [form.format(median(float(row[key]) for row in mine)) for key, form in columns.values()]
+        view.add_row(finding, str(len(mine)), *cells)
+    return view

@@ -17,6 +17,7 @@ def radiomics(
     *,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="CSV of image,mask[,label] rows (PyRadiomics' batch format).")] = None,
     from_cam: Annotated[bool, typer.Option("--from-cam", help="Measure the regions `cxrtool explain` wrote for these studies.")] = False,
+    positive_only: Annotated[bool, typer.Option("--positive-only", help="With --from-cam: only the findings the model called positive.")] = False,
     params: Annotated[Optional[Path], typer.Option("--params", help="PyRadiomics parameter file (YAML); default: cxrtool's 2D set.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output CSV (default: cxrtool_radiomics.csv beside the inputs).")] = None,
     json_too: Annotated[bool, typer.Option("--json", help="Also write the rows as JSON beside the CSV (same name, .json).")] = False,
@@ -43,7 +44,7 @@ def radiomics(
         except ParamsError as error:
             fail(str(error))
     if masks is not None:
-        if inputs or from_cam:
+        if inputs or from_cam or positive_only:
             fail("--masks names the images itself: give no inputs and no --from-cam with it")
         if not masks.is_file():
             fail(f"{masks}: no such mask CSV")
@@ -56,8 +57,10 @@ def radiomics(
         if not inputs:
             fail("give studies (with --from-cam for explain's regions), or --masks CSV")
         studies = list(find_studies(inputs))
+        if positive_only and not from_cam:
+            fail("--positive-only goes with --from-cam")
         if from_cam:
-            jobs, unexplained = jobs_from_cam(studies)
+            jobs, unexplained = jobs_from_cam(studies, positive_only=positive_only)
             if unexplained:
                 warn(f"{len(unexplained)} studies have no explanations (run cxrtool explain first), e.g. {unexplained[0]}")
         else:

@@ -123,7 +123,8 @@ def check_region(image: np.ndarray, mask: np.ndarray, label: int) -> None:
     """Refuse what PyRadiomics cannot measure, with the reason.
 
     Raises:
-        RegionError: RGB image, size mismatch, empty mask, or a label the mask does not hold.
+        RegionError: RGB image, size mismatch, empty mask, a label the mask does not hold,
+            or a region one pixel thin.
     """
     if image.ndim != 2:
         raise RegionError(f"image is not grey ({'x'.join(map(str, image.shape))}); radiomics needs one channel")
@@ -133,10 +134,15 @@ def check_region(image: np.ndarray, mask: np.ndarray, label: int) -> None:
         raise RegionError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.shape[1]}x{image.shape[0]}")
     if not np.any(mask):
         raise RegionError("mask is empty")
-    if not np.any(mask == label):
+    inside = mask == label
+    if not np.any(inside):
         present = sorted(int(v) for v in np.unique(mask) if v)[:6]
         hint = " (a 0/255 mask: pass label 255)" if present == [255] else ""
         raise RegionError(f"mask has no pixel labelled {label}; its labels are {present}{hint}")
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    height, width = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+    if height < 2 or width < 2:
+        raise RegionError(f"region {label} is {width}x{height} pixels, a line: 2D features need at least 2 pixels each way")
 
 
 def extract(

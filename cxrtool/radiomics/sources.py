@@ -157,9 +157,10 @@ def _masks_beside(studies: list[Path]) -> dict[Path, Path]:
     return found
 
 
-def jobs_from_cam(studies: Iterable[Path]) -> tuple[list[RegionJob], list[str]]:
+def jobs_from_cam(studies: Iterable[Path], *, positive_only: bool = False) -> tuple[list[RegionJob], list[str]]:
     """One job per region of every finding ``cxrtool explain`` mapped for these studies
-    (its mask ``NAME.cxrtool.<Finding>.mask.png`` holds region k as pixel value k).
+    (its mask ``NAME.cxrtool.<Finding>.mask.png`` holds region k as pixel value k); with
+    ``positive_only``, only of the findings the model called positive.
 
     Returns the jobs, and the studies that had no explanations (for a note).
     """
@@ -176,6 +177,8 @@ def jobs_from_cam(studies: Iterable[Path]) -> tuple[list[RegionJob], list[str]]:
             unexplained.append(str(study))
             continue
         for finding, entry in explained.items():
+            if positive_only and not entry.get("positive"):
+                continue
             mask = entry.get("files", {}).get("mask")
             for region in entry.get("regions", []) if mask else []:
                 jobs.append(RegionJob(str(study), str(study.parent / mask), int(region["label"]), finding, int(region["label"])))
