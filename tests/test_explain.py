@@ -153,6 +153,10 @@ def test_regions_are_labelled_strongest_first_and_otsu_splits_a_bimodal_map():
     assert find_regions(cam, 0.7).regions[0].area_px == 100 and len(find_regions(cam, 0.7).regions) == 1
     otsu = find_regions(cam, "otsu")
     assert 0.0 <= otsu.level < 0.6 and len(otsu.regions) == 2  # Otsu: pixels above the level
+    sliver = cam.copy()
+    sliver[10:25, 35] = 0.9  # a one-pixel-thin ridge above the threshold is not a region
+    thin = find_regions(sliver, 0.5)
+    assert len(thin.regions) == 2 and not thin.labels[10:25, 35].any()
     spacing = (0.5, 0.25)
     as_dict = regions.regions[0].to_dict(spacing)
     assert as_dict["box_mm"] == [5.0, 10.0, 2.5, 5.0] and as_dict["area_mm2"] == 12.5

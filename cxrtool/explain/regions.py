@@ -78,7 +78,8 @@ def parse_threshold(value: str | float) -> float | str:
 
 
 def find_regions(cam: np.ndarray, threshold: float | str = 0.5) -> MapRegions | None:
-    """Threshold a map and label its connected regions (8-connected), strongest first.
+    """Threshold a map and label its connected regions (8-connected), strongest first;
+    lines one pixel thin are not regions.
 
     Returns None for a map with no evidence (all zero, or not finite anywhere).
     """
@@ -102,6 +103,10 @@ def find_regions(cam: np.ndarray, threshold: float | str = 0.5) -> MapRegions | 
     found = []
     for k in range(1, count):
         x, y, w, h, area = (int(v) for v in stats[k])
+        if w < 2 or h < 2:
+            # a line one pixel thin: where a smooth upsampled map grazes the threshold
+            # (a ridge or a saddle), not a region of evidence; it is left out of the mask
+            continue
         # peak and mean inside the region, looked at only within its box
         values = scaled[y : y + h, x : x + w][components[y : y + h, x : x + w] == k]
         found.append((float(values.max()), float(values.mean()), k, x, y, w, h, area))

@@ -20,6 +20,7 @@ from cxrtool.io.seg import SegError, is_seg, read_seg, sop_instance_uid
 
 # Masks beside a study, by name: "chest.png" -> "chest.mask.png", "chest_mask.nii.gz", ...
 MASK_MARKERS = (".mask", "_mask")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_SUFFIXES = (".png", ".nii.gz", ".nii", ".nrrd", ".mha")  # a SEG pairs by its references
 
 
@@ -75,7 +76,7 @@ def _resolve(folder: Path, name: str) -> Path:
 
 def _default_jobs(image: str, mask: str) -> list[RegionJob]:
     """Label 1 of an ordinary mask; every segment of a SEG (named by its label)."""
-    if Path(mask).suffix.lower() == ".dcm" or is_seg(mask):
+    if is_seg(mask):
         try:
             segments = read_seg(mask, pixels=False).segments
         except SegError:
@@ -85,7 +86,7 @@ def _default_jobs(image: str, mask: str) -> list[RegionJob]:
 
 
 def _segment_label(mask: str, label: int) -> str:
-    if Path(mask).suffix.lower() != ".dcm":
+    if not is_seg(mask):
         return ""
     try:
         return read_seg(mask, pixels=False).segments.get(label, "")
@@ -105,14 +106,14 @@ def jobs_from_studies(studies: Iterable[Path]) -> tuple[list[RegionJob], dict[st
     Returns the jobs and counts by source ("seg", "beside", "whole", "unmatched_seg").
     """
     studies = list(studies)
-    segs = [path for path in studies if path.suffix.lower() in ("", ".dcm", ".dicom") and is_seg(path)]
+    segs = [path for path in studies if path.suffix.lower() not in PICTURE_SUFFIXES and is_seg(path)]
     seg_set = set(segs)
     images = [path for path in studies if path not in seg_set]
     beside = _masks_beside(images)
     images = [path for path in images if path not in set(beside.values())]
     by_uid: dict[str, Path] = {}
-    for path in images:
-        if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+    for path in images if segs else []:
+        if path.suffix.lower() not in PICTURE_SUFFIXES:
             uid = sop_instance_uid(path)
             if uid:
                 by_uid[uid] = path
@@ -204,7 +205,7 @@ def read_mask(path: str | os.PathLike, *, label: int = 1, image_uid: str | None 
         if mask is None:
             raise ValueError(f"mask {path.name} is not a readable PNG")
         return mask
-    if suffix in ("", ".dcm", ".dicom") and is_seg(path):
+    if suffix not in PICTURE_SUFFIXES and is_seg(path):
         return read_seg(path).mask(label, image_uid)
     import SimpleITK as sitk
 
