@@ -70,7 +70,8 @@ def radiomics(
                      f"{counts['whole']} whole images")
             if counts["unmatched_seg"]:
                 warn(f"{counts['unmatched_seg']} DICOM SEG objects reference none of the input images (give the images too)")
-        default_folder = output_root(studies) or Path(".")
+        root = output_root(studies) or Path.cwd()
+        default_folder = Path(os.path.relpath(root)) if root.is_relative_to(Path.cwd()) else root
     if not jobs:
         fail("no regions to measure", EXIT_USAGE)
     table = out or default_folder / "cxrtool_radiomics.csv"
