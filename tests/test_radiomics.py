@@ -148,9 +148,7 @@ def test_batch_from_a_mask_csv_reports_bad_rows_and_goes_on(tmp_path, nih_dir):
 
 
 def test_an_interrupted_batch_resumes_without_losing_or_repeating_rows(tmp_path, nih_dir):
-    import json
-
-    from cxrtool.radiomics.batch import measure, run_regions
+    from cxrtool.radiomics.batch import run_regions
     from cxrtool.radiomics.sources import jobs_from_csv
 
     params = {"imageType": {"Original": {}}, "featureClass": {"firstorder": None}, "setting": {"binWidth": 0.02}}
@@ -159,15 +157,23 @@ def test_an_interrupted_batch_resumes_without_losing_or_repeating_rows(tmp_path,
     out = tmp_path / "radiomics.csv"
     journal = tmp_path / "radiomics.csv.journal.jsonl"
     # as a killed run leaves it: two rows done, the third torn mid-line
-    first, second = measure(jobs[0], params), measure(jobs[1], params)
-    journal.write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n" + json.dumps(measure(jobs[2], params))[:50])
+    run_regions(jobs[:3], out, params=params, workers=1)
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 4  # the settings, then a row per region
+    journal.write_text("\n".join(lines[:3]) + "\n" + lines[3][:50])
     summary = run_regions(jobs, out, params=params, workers=1)
-    assert (summary.resumed, summary.measured, summary.total) == (2, 5, 7)
+    assert (summary.resumed, summary.measured, summary.total, summary.restarted) == (2, 5, 7, False)
     with open(out, newline="") as handle:
         table = list(csv.DictReader(handle))
     assert [row["mask"] for row in table] == [job.mask for job in jobs]  # each once, in job order
     again = run_regions(jobs, out, params=params, workers=1)
     assert again.measured == 0 and again.resumed == 7
+    # other settings: the earlier rows are not theirs, so all is measured afresh
+    other = run_regions(jobs, out, params=params, classes=("shape2D",), workers=1)
+    assert other.restarted and other.measured == 7 and other.resumed == 0
+    with open(out, newline="") as handle:
+        first = next(csv.DictReader(handle))
+    assert "original_shape2D_PixelSurface" in first and "original_firstorder_Mean" not in first
 
 
 def test_cli_from_cam_on_real_nih_images_masks_csv_and_bad_params(tmp_path, nih_dir):
@@ -220,6 +226,8 @@ def test_cli_from_cam_on_real_nih_images_masks_csv_and_bad_params(tmp_path, nih_
     # whole images, and a parameter file that fails PyRadiomics' schema
     whole = runner.invoke(app, ["radiomics", str(study), "--params", str(params), "--out", str(tmp_path / "whole.csv")])
     assert whole.exit_code == 0 and len((tmp_path / "whole.csv").read_text().splitlines()) == 4
+    wrong = runner.invoke(app, ["radiomics", str(study), "--classes", "firstorder,texture"])
+    assert wrong.exit_code == 2 and "unknown feature class texture; choose from" in wrong.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("setting:\n  binWidht: 5\n")
     refused = runner.invoke(app, ["radiomics", str(study), "--params", str(bad)])
@@ -309,6 +317,21 @@ def test_dicom_seg_masks_among_the_inputs_and_in_a_mask_csv(tmp_path, dicom_dir)
     assert [(row["finding"], row["status"]) for row in rows] == [("Nodule", "ok"), ("Mass", "ok"), ("", "failed"), ("Nodule", "failed")]
     assert "has no segment 7; its segments are 1 Nodule, 2 Mass" in rows[2]["error"]
     assert "does not reference this image" in rows[3]["error"]
+    # NIfTI masks: on the image's grid they are measured; with another pixel spacing refused
+    import SimpleITK as sitk
+
+    plain_nii = sitk.GetImageFromArray(plain)
+    for name, mm in (("same.nii.gz", spacing), ("other.nii.gz", (0.5, 0.5))):
+        plain_nii.SetSpacing((mm[1], mm[0]))
+        sitk.WriteImage(plain_nii, str(tmp_path / name))
+    (tmp_path / "nifti.csv").write_text(f"image,mask\n{rg2},same.nii.gz\n{rg2},other.nii.gz\n")
+    result = runner.invoke(app, ["radiomics", "--masks", str(tmp_path / "nifti.csv"), "--params", str(params), "-j", "1",
+                                 "--out", str(tmp_path / "nifti_out.csv")])
+    with open(tmp_path / "nifti_out.csv", newline="") as handle:
+        same, other = list(csv.DictReader(handle))
+    assert result.exit_code == 1 and same["status"] == "ok"
+    assert float(same["original_firstorder_Mean"]) == pytest.approx(direct["original_firstorder_Mean"])
+    assert "has pixel spacing 0.5 x 0.5 mm but the image 0.2 x 0.2 mm" in other["error"]
     # predict and explain do not take a SEG for a radiograph
     with pytest.raises(StudyReadError, match="Segmentation"):
         read_study(tmp_path / "rg2.seg.dcm")

@@ -19,6 +19,7 @@ def radiomics(
     from_cam: Annotated[bool, typer.Option("--from-cam", help="Measure the regions `cxrtool explain` wrote for these studies.")] = False,
     positive_only: Annotated[bool, typer.Option("--positive-only", help="With --from-cam: only the findings the model called positive.")] = False,
     params: Annotated[Optional[Path], typer.Option("--params", help="PyRadiomics parameter file (YAML); default: cxrtool's 2D set.")] = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="Only these feature classes, e.g. firstorder,shape2D,glcm.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output CSV (default: cxrtool_radiomics.csv beside the inputs).")] = None,
     json_too: Annotated[bool, typer.Option("--json", help="Also write the rows as JSON beside the CSV (same name, .json).")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Processes (default: all cores).")] = None,
@@ -34,15 +35,18 @@ def radiomics(
     from cxrtool.io.studies import find_studies
     from cxrtool.predict import output_root
     from cxrtool.radiomics.batch import run_regions
-    from cxrtool.radiomics.features import ParamsError, load_params
+    from cxrtool.radiomics.features import ParamsError, check_classes, load_params
     from cxrtool.radiomics.sources import jobs_from_cam, jobs_from_csv, jobs_from_studies
 
     settings = None
-    if params is not None:
-        try:
+    chosen = None
+    try:
+        if params is not None:
             settings = load_params(params)  # refused before any work, naming the key
-        except ParamsError as error:
-            fail(str(error))
+        if classes is not None:
+            chosen = check_classes([name.strip() for name in classes.split(",") if name.strip()]) or None
+    except ParamsError as error:
+        fail(str(error))
     if masks is not None:
         if inputs or from_cam or positive_only:
             fail("--masks names the images itself: give no inputs and no --from-cam with it")
@@ -78,9 +82,11 @@ def radiomics(
     bar = progress_bar()
     task = bar.add_task("radiomics", total=len(jobs), status="")
     with handle_interrupt(), bar:
-        summary = run_regions(jobs, table, params=settings, workers=workers or os.cpu_count() or 1,
+        summary = run_regions(jobs, table, params=settings, classes=chosen, workers=workers or os.cpu_count() or 1,
                               progress=lambda done, total: bar.update(task, completed=done, total=total),
                               json_out=table.with_suffix(".json") if json_too else None)
+    if summary.restarted:
+        warn(f"{summary.table}: the earlier run there used other settings; measured afresh")
     note(f"[green]{summary.measured} regions measured[/], {summary.resumed} from an earlier run, "
          f"[{'red' if summary.failed else 'green'}]{len(summary.failed)} failed[/] of {summary.total}")
     note(f"  {summary.table}" + (f"\n  {summary.json}" if summary.json else ""))

@@ -4,12 +4,15 @@ Each finished row (features, or the reason the region could not be measured) is 
 to a journal beside the output (``OUT.journal.jsonl``) as one JSON line and flushed. An
 interrupted run starts again from the journal: rows already there are not measured again,
 a last line torn by the interruption is dropped (and measured again), and the table
-``OUT`` is rebuilt from the journal, each row once, in the order of the jobs.
+``OUT`` is rebuilt from the journal, each row once, in the order of the jobs. The journal's
+first line records the settings (parameters, feature classes, cxrtool's version): a run
+with other settings does not reuse its rows but starts afresh.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +27,7 @@ from cxrtool.io.outputs import atomic_write
 from cxrtool.radiomics.sources import RegionJob, read_mask
 
 ID_COLUMNS = ("image", "mask", "label", "finding", "region", "status", "error")
+JOURNAL_KIND = "cxrtool radiomics"
 
 
 @dataclass
@@ -31,6 +35,7 @@ class RadiomicsSummary:
     total: int = 0
     measured: int = 0
     resumed: int = 0  # rows taken from the journal of an earlier, interrupted run
+    restarted: bool = False  # an earlier run's journal had other settings: measured afresh
     failed: list[tuple[str, str]] = field(default_factory=list)
     table: Path | None = None
     json: Path | None = None
@@ -40,12 +45,14 @@ class RadiomicsSummary:
         return 1 if self.failed else 0
 
 
-def measure(job: RegionJob, params: dict[str, Any] | None) -> dict[str, Any]:
+def measure(job: RegionJob, params: dict[str, Any] | None, classes: tuple[str, ...] | None = None) -> dict[str, Any]:
     """One row: the job's identity, ``status`` ok/failed, the reason, and the features."""
-    return measure_image([job], params)[0]
+    return measure_image([job], params, classes)[0]
 
 
-def measure_image(jobs: Sequence[RegionJob], params: dict[str, Any] | None) -> list[dict[str, Any]]:
+def measure_image(
+    jobs: Sequence[RegionJob], params: dict[str, Any] | None, classes: tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
     """The rows of regions of one image (read once): each row the job's identity,
     ``status`` ok/failed, the reason, and the features."""
     from cxrtool.io.studies import StudyReadError, read_study
@@ -67,10 +74,11 @@ def measure_image(jobs: Sequence[RegionJob], params: dict[str, Any] | None) -> l
     for job, row in zip(jobs, rows):
         try:
             if job.mask:
-                mask = read_mask(job.mask, label=job.label, image_uid=study.identity.get("sop_instance_uid"))
+                mask = read_mask(job.mask, label=job.label, image_uid=study.identity.get("sop_instance_uid"),
+                                 image_spacing=study.pixel_spacing)
             else:
                 mask = np.ones(pixels.shape, dtype=np.uint8)
-            row.update(extract(pixels, mask, spacing=study.pixel_spacing, label=job.label, params=params))
+            row.update(extract(pixels, mask, spacing=study.pixel_spacing, label=job.label, params=params, classes=classes))
         except Exception as error:  # noqa: BLE001 - a row boundary: one region's surprise must not end the batch
             row.update(status="failed", error=_reason(error, expected))
     return rows
@@ -83,11 +91,26 @@ def _reason(error: Exception, expected: tuple[type[Exception], ...]) -> str:
     return f"{type(error).__name__}: {text}"[:300]  # a surprise: name its kind
 
 
-def _read_journal(path: Path) -> dict[str, dict[str, Any]]:
+def _settings_key(params: dict[str, Any] | None, classes: tuple[str, ...] | None) -> str:
+    from cxrtool import __version__
+
+    text = json.dumps({"params": params, "classes": classes, "cxrtool": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_journal(path: Path, settings: str) -> dict[str, dict[str, Any]] | None:
+    """The rows of an earlier run with the same settings; None when the journal is of other
+    settings (its rows would not be comparable: the run starts afresh)."""
     done: dict[str, dict[str, Any]] = {}
     if not path.is_file():
         return done
     with open(path, encoding="utf-8") as handle:
+        try:
+            header = json.loads(handle.readline())
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(header, dict) or header.get("journal") != JOURNAL_KIND or header.get("settings") != settings:
+            return None
         for line in handle:
             try:
                 row = json.loads(line)
@@ -102,12 +125,14 @@ def run_regions(
     out_csv: str | os.PathLike,
     *,
     params: dict[str, Any] | None = None,
+    classes: tuple[str, ...] | None = None,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     json_out: str | os.PathLike | None = None,
 ) -> RadiomicsSummary:
     """Measure every job (in worker processes), journaling each row; then write the table
-    (and, with ``json_out``, the same rows as JSON).
+    (and, with ``json_out``, the same rows as JSON). ``classes`` limits the feature classes
+    of ``params`` (or of the default).
 
     The table has the identifying columns first (image, mask, label, finding, region,
     status, error), then the features, then PyRadiomics' diagnostics (versions, settings,
@@ -118,17 +143,23 @@ def run_regions(
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     journal = out_csv.with_name(out_csv.name + ".journal.jsonl")
-    done = _read_journal(journal)
+    settings = _settings_key(params, classes)
+    earlier = _read_journal(journal, settings)
+    stale = earlier is None
+    done = earlier or {}
     unique = list({job.key: job for job in jobs}.values())
-    summary = RadiomicsSummary(total=len(unique))
+    summary = RadiomicsSummary(total=len(unique), restarted=stale)
     todo = [job for job in unique if job.key not in done]
     summary.resumed = len(unique) - len(todo)
     finished = summary.resumed
     if progress:
         progress(finished, summary.total)
     n_workers = max(1, os.cpu_count() or 1) if workers is None else max(1, workers)
-    with open(journal, "a", encoding="utf-8") as handle:
-        if done:  # a torn last line would otherwise run into the next row
+    fresh = stale or not journal.is_file()
+    with open(journal, "w" if fresh else "a", encoding="utf-8") as handle:
+        if fresh:
+            handle.write(json.dumps({"journal": JOURNAL_KIND, "settings": settings}) + "\n")
+        else:  # a torn last line would otherwise run into the next row
             handle.write("\n")
 
         def record(row: dict[str, Any]) -> None:
@@ -143,13 +174,13 @@ def run_regions(
         groups = _by_image(todo, n_workers)
         if n_workers == 1 or len(groups) < 2:
             for group in groups:
-                for row in measure_image(group, params):
+                for row in measure_image(group, params, classes):
                     record(row)
         else:
             threads = max(1, (os.cpu_count() or 1) // n_workers)
             with fork_safe_opencv(), ProcessPoolExecutor(max_workers=n_workers, initializer=_worker_init,
                                                          initargs=(threads,)) as pool:
-                for rows in pool.map(measure_image, groups, [params] * len(groups), chunksize=1):
+                for rows in pool.map(measure_image, groups, [params] * len(groups), [classes] * len(groups), chunksize=1):
                     for row in rows:
                         record(row)
     rows = [done[job.key] for job in unique]

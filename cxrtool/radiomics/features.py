@@ -53,6 +53,22 @@ def default_params(bin_width: float) -> dict[str, Any]:
     }
 
 
+def check_classes(names: list[str]) -> tuple[str, ...]:
+    """Feature class names as PyRadiomics spells them (any case accepted).
+
+    Raises:
+        ParamsError: a name PyRadiomics does not have (the valid ones are listed).
+    """
+    _quiet_radiomics()
+    import radiomics
+
+    known = {name.lower(): name for name in radiomics.getFeatureClasses()}
+    unknown = [name for name in names if name.lower() not in known]
+    if unknown:
+        raise ParamsError(f"unknown feature class {', '.join(unknown)}; choose from {', '.join(sorted(known.values()))}")
+    return tuple(known[name.lower()] for name in names)
+
+
 def _quiet_radiomics() -> None:
     # PyRadiomics logs extraction details and schema failures on stderr (and sets its own
     # levels when imported, hence after the import); the reasons reach the user through
@@ -152,6 +168,7 @@ def extract(
     spacing: tuple[float, float] | None = None,
     label: int = 1,
     params: dict[str, Any] | None = None,
+    classes: tuple[str, ...] | None = None,
     extractor=None,
 ) -> dict[str, Any]:
     """PyRadiomics features (and its diagnostics) of the region ``mask == label``.
@@ -161,6 +178,7 @@ def extract(
         mask: (H, W) integer labels.
         spacing: (row, column) pixel spacing in mm, when known.
         params: PyRadiomics parameters; default :func:`default_params` for this image.
+        classes: only these feature classes (replacing the parameters' ``featureClass``).
         extractor: a prepared extractor (from :func:`extractor_for`), to reuse across regions.
 
     Raises:
@@ -168,7 +186,10 @@ def extract(
     """
     check_region(image, mask, label)
     if extractor is None:
-        extractor = extractor_for(params or default_params(default_bin_width(image)))
+        params = params or default_params(default_bin_width(image))
+        if classes:
+            params = {**params, "featureClass": {name: None for name in classes}}
+        extractor = extractor_for(params)
     sitk_image = as_sitk(image.astype(np.float32, copy=False), spacing)
     sitk_mask = as_sitk(mask.astype(np.int32, copy=False), spacing)
     try:

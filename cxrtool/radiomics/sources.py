@@ -186,13 +186,19 @@ def jobs_from_cam(studies: Iterable[Path], *, positive_only: bool = False) -> tu
     return jobs, unexplained
 
 
-def read_mask(path: str | os.PathLike, *, label: int = 1, image_uid: str | None = None) -> np.ndarray:
+def read_mask(
+    path: str | os.PathLike, *, label: int = 1, image_uid: str | None = None, image_spacing: tuple[float, float] | None = None
+) -> np.ndarray:
     """A 2D label image: PNG (8/16-bit), NIfTI or anything SimpleITK reads, or the segment
     ``label`` of a DICOM SEG on the image ``image_uid``.
 
+    A mask file that records its own pixel spacing (NIfTI, NRRD, ...) must agree with the
+    image's ``image_spacing`` when both are known (a unit spacing counts as unrecorded).
+
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable, or a SEG without that segment or that image.
+        ValueError: unreadable, a SEG without that segment or that image, or a mask whose
+            spacing is not the image's.
     """
     import cv2
 
@@ -210,7 +216,12 @@ def read_mask(path: str | os.PathLike, *, label: int = 1, image_uid: str | None 
     import SimpleITK as sitk
 
     try:
-        array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise ValueError(f"mask {path.name} cannot be read ({' '.join(str(error).split())[:120]})") from None
+    array = sitk.GetArrayFromImage(image)
+    spacing = tuple(float(v) for v in image.GetSpacing()[:2])[::-1]  # (row, column), as the image's
+    if image_spacing and not np.allclose(spacing, 1.0) and not np.allclose(spacing, image_spacing, rtol=0.01):
+        raise ValueError(f"mask {path.name} has pixel spacing {spacing[0]:g} x {spacing[1]:g} mm but the image "
+                         f"{image_spacing[0]:g} x {image_spacing[1]:g} mm: not drawn on this image's grid")
     return np.squeeze(array) if array.ndim == 3 and 1 in array.shape else array
