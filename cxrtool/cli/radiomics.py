@@ -73,7 +73,7 @@ def radiomics(
                 note(f"{counts['seg']} regions from DICOM SEG, {counts['beside']} from masks beside the studies, "
                      f"{counts['whole']} whole images")
             if counts["unmatched_seg"]:
-                warn(f"{counts['unmatched_seg']} DICOM SEG objects reference none of the input images (give the images too)")
+                warn(f"{counts['unmatched_seg']} DICOM SEG objects reference none of the input images (give the images too) or cannot be read")
         root = output_root(studies) or Path.cwd()
         default_folder = Path(os.path.relpath(root)) if root.is_relative_to(Path.cwd()) else root
     if not jobs:

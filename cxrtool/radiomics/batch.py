@@ -260,6 +260,10 @@ def _write_json(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def _finite(value: Any) -> Any:
     """NaN and infinities (PyRadiomics gives them for degenerate regions) as JSON null."""
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
     return None if isinstance(value, float) and not np.isfinite(value) else value
 
 

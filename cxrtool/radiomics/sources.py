@@ -110,7 +110,8 @@ def jobs_from_studies(studies: Iterable[Path]) -> tuple[list[RegionJob], dict[st
     seg_set = set(segs)
     images = [path for path in studies if path not in seg_set]
     beside = _masks_beside(images)
-    images = [path for path in images if path not in set(beside.values())]
+    mask_files = set(beside.values())
+    images = [path for path in images if path not in mask_files]
     by_uid: dict[str, Path] = {}
     for path in images if segs else []:
         if path.suffix.lower() not in PICTURE_SUFFIXES:
