@@ -60,7 +60,8 @@ class DicomSeg:
         """
         if segment not in self.segments:
             raise SegError(f"SEG {self.path.name} has no segment {segment}; its segments are {self._segment_list()}")
-        assert self.frames is not None
+        if self.frames is None:
+            raise SegError(f"SEG {self.path.name} was read without its pixel data")
         picked = [
             index for index, source in enumerate(self.frame_sources)
             if source_uid is None or source is None or source == source_uid
