@@ -41,7 +41,7 @@ def step_seconds(arch: str, size: int, stride: int, device: str, repeat: int = 3
 
 
 def pointing(args: argparse.Namespace, work: Path) -> dict:
-    from cxrtool.cli.demo import PHANTOM_SIZE
+    from cxrtool.cli.demo import PHANTOM_SIZE, demo_config
     from cxrtool.data.phantom import generate_cohort
     from cxrtool.evaluate import evaluate
     from cxrtool.evaluate.localization import evaluate_localization
@@ -49,19 +49,15 @@ def pointing(args: argparse.Namespace, work: Path) -> dict:
     from cxrtool.models.checkpoint import read_card
     from cxrtool.predict import predict
     from cxrtool.registry import PHANTOM_FINDINGS
-    from cxrtool.train.config import load_config
     from cxrtool.train.loop import train
 
     started = time.perf_counter()
     cohort = generate_cohort(work / "cohort", n_images=args.train_images, size=PHANTOM_SIZE, seed=0, image_format="png")
     study = generate_cohort(work / "study", n_images=300, size=PHANTOM_SIZE, seed=10_000, image_format="dicom",
                             first_patient_id=90_001)
-    config = load_config(None, {
-        "labels": str(cohort.data_entry_csv), "architecture": args.arch, "input_size": args.input_size,
-        "output_stride": args.output_stride, "epochs": args.epochs, "batch_size": 32, "lr": 3e-3, "loss": "bce",
-        "augment": args.augment, "out": str(work / "model"), "name": "localization-bench", "seed": 0,
-        "device": args.device, "workers": args.workers, "val_fraction": 0.15, "findings": list(PHANTOM_FINDINGS),
-    })
+    config = demo_config(cohort.data_entry_csv, work / "model", epochs=args.epochs, seed=0, device=args.device,
+                         workers=args.workers, architecture=args.arch, input_size=args.input_size,
+                         output_stride=args.output_stride, augment=args.augment)
     trained = time.perf_counter()
     result = train(config)
     training = time.perf_counter() - trained

@@ -30,6 +30,21 @@ PHANTOM_SIZE = 256
 FOCAL_FINDINGS = ("Nodule", "Mass", "Effusion", "Pneumothorax", "Cardiomegaly")
 
 
+def demo_config(labels: Path, out: Path, *, epochs: int, seed: int, device: str, workers: int,
+                architecture: str = DEMO_ARCHITECTURE, input_size: int = DEMO_INPUT_SIZE,
+                output_stride: int = DEMO_OUTPUT_STRIDE, augment: bool = False):
+    """The demo's training configuration (benchmarks/localization.py varies its sizes)."""
+    from cxrtool.registry import PHANTOM_FINDINGS
+    from cxrtool.train.config import load_config
+
+    return load_config(None, {
+        "labels": str(labels), "architecture": architecture, "input_size": input_size, "output_stride": output_stride,
+        "epochs": epochs, "batch_size": 32, "lr": 3e-3, "loss": "bce", "augment": augment, "out": str(out),
+        "name": "cxrtool-demo", "seed": seed, "device": device, "workers": workers, "val_fraction": 0.15,
+        "findings": list(PHANTOM_FINDINGS),
+    })
+
+
 def demo(
     *,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the cohort, model and results.")] = Path("cxrtool-demo"),
@@ -53,7 +68,6 @@ def demo(
     from cxrtool.predict import predict
     from cxrtool.radiomics.batch import run_regions
     from cxrtool.radiomics.sources import jobs_from_cam
-    from cxrtool.train.config import load_config
     from cxrtool.registry import PHANTOM_FINDINGS
     from cxrtool.train.loop import train
 
@@ -74,13 +88,7 @@ def demo(
             )
         note(f"phantoms: {n_train} training PNGs in {cohort_dir}, {n_test} held-out DICOMs in {study_dir / 'images'}")
 
-        config = load_config(None, {
-            "labels": str(cohort.data_entry_csv), "architecture": DEMO_ARCHITECTURE, "input_size": DEMO_INPUT_SIZE,
-            "output_stride": DEMO_OUTPUT_STRIDE,
-            "epochs": epochs, "batch_size": 32, "lr": 3e-3, "loss": "bce", "augment": False, "out": str(model_dir), "name": "cxrtool-demo",
-            "seed": seed, "device": device, "workers": workers, "val_fraction": 0.15,
-            "findings": list(PHANTOM_FINDINGS),
-        })
+        config = demo_config(cohort.data_entry_csv, model_dir, epochs=epochs, seed=seed, device=device, workers=workers)
         bar = progress_bar()
         on_event = training_progress(bar, label="train epoch")
         with bar:

@@ -91,6 +91,11 @@ def _reason(error: Exception, expected: tuple[type[Exception], ...]) -> str:
     return f"{type(error).__name__}: {text}"[:300]  # a surprise: name its kind
 
 
+def _row_key(row: dict[str, Any]) -> str:
+    """The key of the job a journal row answers."""
+    return RegionJob(row["image"], row["mask"], row["label"]).key
+
+
 def _settings_key(params: dict[str, Any] | None, classes: tuple[str, ...] | None) -> str:
     from cxrtool import __version__
 
@@ -116,7 +121,7 @@ def _read_journal(path: Path, settings: str) -> dict[str, dict[str, Any]] | None
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # the line an interruption tore: measured again
-            done[RegionJob(row["image"], row["mask"], row["label"]).key] = row
+            done[_row_key(row)] = row
     return done
 
 
@@ -166,7 +171,7 @@ def run_regions(
             nonlocal finished
             handle.write(json.dumps(row, default=_json_default) + "\n")
             handle.flush()
-            done[RegionJob(row["image"], row["mask"], row["label"]).key] = row
+            done[_row_key(row)] = row
             finished += 1
             if progress:
                 progress(finished, summary.total)

@@ -8,6 +8,7 @@ is ``mask == label`` (for a SEG, the label is the segment number).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrtool.io.seg import SegError, is_seg, read_seg, sop_instance_uid
+from cxrtool.io.seg import DicomSeg, SegError, is_seg, read_seg, sop_instance_uid
 
 # Masks beside a study, by name: "chest.png" -> "chest.mask.png", "chest_mask.nii.gz", ...
 MASK_MARKERS = (".mask", "_mask")
@@ -76,22 +77,36 @@ def _resolve(folder: Path, name: str) -> Path:
 
 def _default_jobs(image: str, mask: str) -> list[RegionJob]:
     """Label 1 of an ordinary mask; every segment of a SEG (named by its label)."""
-    if is_seg(mask):
-        try:
-            segments = read_seg(mask, pixels=False).segments
-        except SegError:
-            return [RegionJob(image, mask)]  # measure() reports why, on its row
-        return [RegionJob(image, mask, number, label) for number, label in sorted(segments.items())]
-    return [RegionJob(image, mask)]
+    seg = _seg_or_none(mask)
+    if seg is None:
+        return [RegionJob(image, mask)]  # not a SEG, or an unreadable one: its row says why
+    return [RegionJob(image, mask, number, label) for number, label in sorted(seg.segments.items())]
 
 
 def _segment_label(mask: str, label: int) -> str:
-    if not is_seg(mask):
-        return ""
+    seg = _seg_or_none(mask)
+    return seg.segments.get(label, "") if seg is not None else ""
+
+
+def _is_seg_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() not in PICTURE_SUFFIXES and is_seg(path)
+
+
+def _seg_or_none(path: str | os.PathLike, *, pixels: bool = False) -> DicomSeg | None:
+    """The SEG at ``path`` (see :func:`_cached_seg`); None for other files and unreadable SEGs."""
+    if not _is_seg_file(path):
+        return None
     try:
-        return read_seg(mask, pixels=False).segments.get(label, "")
+        return _cached_seg(str(path), os.stat(path).st_mtime_ns, pixels)
     except SegError:
-        return ""
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_seg(path: str, mtime_ns: int, pixels: bool) -> DicomSeg:
+    """A SEG read once per process (and again only when the file changes): a CSV names the
+    same SEG on many rows, and each of its segments is measured on the same image."""
+    return read_seg(path, pixels=pixels)
 
 
 def jobs_from_studies(studies: Iterable[Path]) -> tuple[list[RegionJob], dict[str, int]]:
@@ -106,7 +121,7 @@ def jobs_from_studies(studies: Iterable[Path]) -> tuple[list[RegionJob], dict[st
     Returns the jobs and counts by source ("seg", "beside", "whole", "unmatched_seg").
     """
     studies = list(studies)
-    segs = [path for path in studies if path.suffix.lower() not in PICTURE_SUFFIXES and is_seg(path)]
+    segs = [path for path in studies if _is_seg_file(path)]
     seg_set = set(segs)
     images = [path for path in studies if path not in seg_set]
     beside = _masks_beside(images)
@@ -212,8 +227,8 @@ def read_mask(
         if mask is None:
             raise ValueError(f"mask {path.name} is not a readable PNG")
         return mask
-    if suffix not in PICTURE_SUFFIXES and is_seg(path):
-        return read_seg(path).mask(label, image_uid)
+    if _is_seg_file(path):
+        return _cached_seg(str(path), os.stat(path).st_mtime_ns, True).mask(label, image_uid)
     import SimpleITK as sitk
 
     try:
