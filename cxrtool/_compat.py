@@ -1,4 +1,5 @@
-"""Make torchvision importable on CPU-only machines that carry its CUDA build.
+"""Make torchvision importable on CPU-only machines that carry its CUDA build, whatever the
+import order.
 
 The only torchvision that pairs with the CPU torch wheel used here is a CUDA build. Its
 compiled ops cannot load next to CPU torch, and ``import torchvision`` (which timm and
@@ -8,6 +9,10 @@ not exist", because it registers fake kernels for ops that were never defined.
 ``ensure_torchvision_importable`` defines those op names (schemas only, no kernels) when,
 and only when, torchvision's own library cannot be loaded. On a normal install (CPU torch
 with CPU torchvision, or CUDA with CUDA) the library loads and nothing is touched.
+
+``install_import_hook`` (run by ``import cxrtool``) makes that happen on the first
+``import torchvision`` of the process, whoever imports it (timm, grad-cam,
+torchxrayvision, the user), without importing torch before it is needed.
 """
 
 from __future__ import annotations
@@ -59,6 +64,26 @@ def ensure_torchvision_importable() -> bool:
         if not _op_exists(torch, name):
             _fallback_library.define(schema)
     return True
+
+
+class _TorchvisionFirst:
+    """A meta path finder that prepares torchvision before its first import, then steps
+    aside (returns None: the normal finders import it)."""
+
+    def find_spec(self, name, path=None, target=None):  # noqa: ARG002 - the finder protocol
+        if name == "torchvision" and not _checked:
+            ensure_torchvision_importable()
+        return None
+
+
+_HOOK = _TorchvisionFirst()
+
+
+def install_import_hook() -> None:
+    """Prepare torchvision on its first import in this process, whoever imports it."""
+    if "torchvision" in sys.modules or _HOOK in sys.meta_path:
+        return
+    sys.meta_path.insert(0, _HOOK)
 
 
 def _op_exists(torch, name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Worker processes done safely: shared by predict, explain and train's DataLoaders."""
+"""Worker processes done safely: shared by predict, explain, radiomics and train's loaders."""
 
 from __future__ import annotations
 
@@ -6,11 +6,16 @@ import contextlib
 from collections.abc import Iterator
 
 
-def worker_init(_: int = 0, threads: int = 1) -> None:
-    """DataLoader worker set-up: ``threads`` torch threads (OpenCV's are set around the fork)."""
+def worker_init(_: int = 0) -> None:
+    """A forked worker's set-up: torch single-threaded.
+
+    A child forked from a process whose OpenMP thread pool was running (any process that
+    ran a torch operation on several threads: the model loaded, or a notebook that used
+    torch before) hangs in its first parallel region. One thread never enters one.
+    """
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
-"""The single source of truth for names: label sets, architectures and their CAM layers.
+"""The single source of truth for names: label sets, architectures and their CAM layers,
+losses, CAM methods, threshold methods, uncertainty policies, output formats.
 
-Import-light on purpose (no torch, no timm): the CLI queries it for its choices and
-``cxrtool models`` lists it instantly.
+Import-light on purpose (no torch, no timm): the CLI takes its choices from here and
+``cxrtool models`` lists it instantly; the modules that implement each name check their
+own tables against these.
 """
 
 from __future__ import annotations
@@ -96,6 +98,30 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 DEFAULT_ARCHITECTURE = "densenet121"
+
+# Training losses (cxrtool.train.losses builds each).
+LOSSES: dict[str, str] = {
+    "bce": "binary cross-entropy",
+    "weighted_bce": "binary cross-entropy, positives weighted by negatives/positives per finding",
+    "focal": "focal loss (Lin et al., 2017)",
+    "asl": "asymmetric loss (Ridnik et al., 2021)",
+}
+DEFAULT_LOSS = "asl"
+
+# How per-finding decision thresholds are chosen on validation data.
+THRESHOLD_METHODS: dict[str, str] = {"f1": "maximise F1", "youden": "maximise Youden's J (sensitivity + specificity - 1)"}
+
+# What a CheXpert / MIMIC-CXR "-1" (uncertain) label becomes.
+UNCERTAIN_POLICIES: dict[str, str] = {"ignore": "left out of the loss and the metrics", "positive": "1", "negative": "0"}
+
+# CAM methods of the grad-cam package (cxrtool.explain.cams maps each to its class), with
+# the label shown on overlays.
+CAM_METHOD_LABELS: dict[str, str] = {
+    "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM", "xgradcam": "XGrad-CAM",
+    "layercam": "LayerCAM", "eigencam": "Eigen-CAM", "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM",
+}
+DEFAULT_CAM_METHOD = "gradcam"
+MAP_FORMATS: tuple[str, ...] = ("png", "npy")
 
 
 def resolve_finding(name: str) -> str:

@@ -26,7 +26,7 @@ def test_demo_runs_end_to_end_on_phantoms(tmp_path):
     dicoms = sorted(study.glob("*.dcm"))
     assert len(dicoms) == 24
     assert all((study / f"{d.name}.cxrtool.json").is_file() for d in dicoms)
-    sidecar = json.loads((study / f"{dicoms[0].name}.cxrtool.json").read_text())
+    (sidecar,) = json.loads((study / f"{dicoms[0].name}.cxrtool.json").read_text())["results"]  # one model's result
     assert set(sidecar["findings"]) >= {"Cardiomegaly", "Effusion", "Nodule", "Mass", "Pneumothorax"}
     assert "PHANTOM" not in (study / "cxrtool_predictions.csv").read_text()  # no patient IDs leak
     report = json.loads((out / "evaluation" / "evaluation.json").read_text())
@@ -40,7 +40,7 @@ def test_demo_runs_end_to_end_on_phantoms(tmp_path):
     # radiomics of the positive calls' CAM regions: one row per region, none missing
     regions = 0
     for dicom in dicoms:
-        findings = json.loads((study / f"{dicom.name}.cxrtool.json").read_text())["explanations"]["findings"]
+        findings = json.loads((study / f"{dicom.name}.cxrtool.json").read_text())["results"][0]["explanations"]["findings"]
         regions += sum(len(entry["regions"]) for entry in findings.values() if entry["positive"])
     with open(study / "cxrtool_radiomics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

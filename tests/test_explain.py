@@ -201,7 +201,8 @@ def test_explain_real_nih_images_and_dicoms_writes_maps_masks_boxes_and_a_contac
     for sidecar in sidecars:
         record = json.loads(sidecar.read_text())
         height, width = record["image_size"]
-        explained = record["explanations"]["findings"]
+        (result,) = record["results"]
+        explained = result["explanations"]["findings"]
         assert set(explained) == {"Effusion", "Cardiomegaly"}
         for entry in explained.values():
             assert 0.0 <= entry["probability"] <= 1.0
@@ -238,7 +239,7 @@ def test_explain_real_nih_images_and_dicoms_writes_maps_masks_boxes_and_a_contac
                                "-f", "Nodule", "--threshold", "otsu", "--map-format", "npy", "--workers", "0"])
     assert otsu.exit_code == 0, otsu.output
     record = json.loads(next((tmp_path / "o2").glob("*.cxrtool.json")).read_text())
-    entry = record["explanations"]["findings"]["Nodule"]
+    entry = record["results"][0]["explanations"]["findings"]["Nodule"]
     raw = np.load(tmp_path / "o2" / entry["files"]["map"])
     assert raw.dtype == np.float32 and raw.max() == pytest.approx(entry["map_max"], rel=1e-4)
 

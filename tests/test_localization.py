@@ -43,9 +43,11 @@ def _explained_folder(folder: Path) -> Path:
         writer.writerow(["file", "Nodule", "Effusion", "Mass"])
         for name in [*studies, "d.png"]:
             writer.writerow([name, 0.5, 0.5, 0.5])
+    # sidecars as the first release wrote them (schema 1: one flat record): still read
     for name, findings in studies.items():
-        (folder / f"{name}.cxrtool.json").write_text(json.dumps({"file": name, "explanations": {"findings": findings}}))
-    (folder / "d.png.cxrtool.json").write_text(json.dumps({"file": "d.png", "findings": {}}))  # predicted, never explained
+        (folder / f"{name}.cxrtool.json").write_text(json.dumps({"file": name, "sha256": "0" * 64, "findings": {},
+                                                                 "explanations": {"findings": findings}}))
+    (folder / "d.png.cxrtool.json").write_text(json.dumps({"file": "d.png", "sha256": "0" * 64, "findings": {}}))  # never explained
     boxes = folder / "boxes.csv"
     boxes.write_text(
         "file,finding,x,y,w,h\n"

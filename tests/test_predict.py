@@ -86,17 +86,22 @@ def test_predict_writes_sidecars_and_folder_csvs(study, checkpoint):
     assert result.exit_code == 0, result.output
     rows = read_csv(study / FOLDER_CSV)
     assert [r["file"] for r in rows] == ["a.png", "c.dcm", "noext"]
-    assert list(rows[0])[:4] == ["file", *FINDINGS]
-    assert rows[1]["view_position"] == "PA"
+    assert list(rows[0]) == ["file", "model", "model_id", *FINDINGS, "view_position", "error"]
+    assert rows[1]["view_position"] == "PA" and rows[1]["model"] == "tiny"
     assert [r["file"] for r in read_csv(study / "sub" / FOLDER_CSV)] == ["b.png"]
     sidecar = json.loads((study / "c.dcm.cxrtool.json").read_text())
-    assert set(sidecar["findings"]) == set(FINDINGS)
-    assert sidecar["findings"]["Effusion"]["positive"] is True  # threshold 0 from the card
-    assert sidecar["findings"]["Nodule"]["positive"] is False  # threshold 1
-    assert sidecar["model"]["name"] == "tiny" and len(sidecar["sha256"]) == 64
+    assert sidecar["schema"] == "cxrtool-sidecar" and sidecar["schema_version"] == 2
+    (result,) = sidecar["results"]
+    assert set(result["findings"]) == set(FINDINGS)
+    assert result["findings"]["Effusion"]["positive"] is True  # threshold 0 from the card
+    assert result["findings"]["Nodule"]["positive"] is False  # threshold 1
+    assert result["model"]["name"] == "tiny" and len(sidecar["sha256"]) == 64
+    assert result["model"]["id"] == rows[1]["model_id"] == result["model"]["sha256"][:12]
     assert sidecar["pixel_spacing_mm"] == [0.5, 0.5] and sidecar["view_position"] == "PA"
-    assert float(rows[1]["Effusion"]) == pytest.approx(sidecar["findings"]["Effusion"]["probability"], abs=1e-6)
-    assert json.loads((study / FOLDER_JSON).read_text())["thresholds"]["Nodule"] == 1.0
+    assert sidecar["source"] == "c.dcm"
+    assert float(rows[1]["Effusion"]) == pytest.approx(result["findings"]["Effusion"]["probability"], abs=1e-6)
+    (entry,) = json.loads((study / FOLDER_JSON).read_text())["models"].values()
+    assert entry["thresholds"]["Nodule"] == 1.0 and entry["name"] == "tiny"
     # No patient identifiers anywhere unless asked, and no temporary files left behind.
     for path in study.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".csv"):
@@ -147,6 +152,9 @@ def test_out_mirror_tree_and_stdin_list(study, checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "a.png.cxrtool.json").is_file()
     assert (out / "sub" / "b.png.cxrtool.json").is_file()
+    # each sidecar in the mirror says where its study is, relative to itself
+    source = json.loads((out / "sub" / "b.png.cxrtool.json").read_text())["source"]
+    assert (out / "sub" / source).resolve() == (study / "sub" / "b.png").resolve()
     assert not (study / "a.png.cxrtool.json").exists()  # inputs untouched
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["file"] for r in lines) == ["a.png", "b.png"]
@@ -159,8 +167,10 @@ def test_glob_inputs(study, checkpoint):
 
 
 def test_include_patient_id_on_request(study, checkpoint):
-    assert invoke(str(study / "c.dcm"), "-m", str(checkpoint), "-j", "0", "--include-patient-id").exit_code == 0
+    result = invoke(str(study / "c.dcm"), "-m", str(checkpoint), "-j", "0", "--include-patient-id", "--jsonl")
+    assert result.exit_code == 0
     assert json.loads((study / "c.dcm.cxrtool.json").read_text())["patient_id"] == "SECRET-123"
+    assert json.loads(result.stdout.splitlines()[0])["patient_id"] == "SECRET-123"
 
 
 def test_usage_errors_exit_2(study, checkpoint, tmp_path):

@@ -137,7 +137,7 @@ def test_batch_from_a_mask_csv_reports_bad_rows_and_goes_on(tmp_path, nih_dir):
     assert summary.total == 7 and summary.measured == 7 and summary.exit_code == 1
     with open(summary.table, newline="") as handle:
         table = list(csv.DictReader(handle))
-    assert list(table[0])[:7] == ["image", "mask", "label", "finding", "region", "status", "error"]
+    assert list(table[0])[:8] == ["image", "mask", "label", "finding", "region", "model", "status", "error"]
     assert [row["status"] for row in table] == ["ok"] * 3 + ["failed"] * 4
     reasons = [row["error"] for row in table[3:]]
     assert "mask is 10x10 but the image is 1024x1024" in reasons[0]
@@ -167,9 +167,13 @@ def test_an_interrupted_batch_resumes_without_losing_or_repeating_rows(tmp_path,
         table = list(csv.DictReader(handle))
     assert [row["mask"] for row in table] == [job.mask for job in jobs]  # each once, in job order
     again = run_regions(jobs, out, params=params, workers=1)
-    assert again.measured == 0 and again.resumed == 7
-    # other settings: the earlier rows are not theirs, so all is measured afresh
-    other = run_regions(jobs, out, params=params, classes=("shape2D",), workers=1)
+    assert (again.measured, again.resumed, again.changed) == (1, 6, 0)  # the missing mask is looked for again
+    # other settings: the table's rows are not theirs: refused, unless asked to start afresh
+    from cxrtool.errors import UsageError
+
+    with pytest.raises(UsageError, match="other settings .*classes"):
+        run_regions(jobs, out, params=params, classes=("shape2D",), workers=1)
+    other = run_regions(jobs, out, params=params, classes=("shape2D",), workers=1, overwrite=True)
     assert other.restarted and other.measured == 7 and other.resumed == 0
     with open(out, newline="") as handle:
         first = next(csv.DictReader(handle))
@@ -206,7 +210,7 @@ def test_cli_from_cam_on_real_nih_images_masks_csv_and_bad_params(tmp_path, nih_
         table = list(csv.DictReader(handle))
     expected = 0
     for sidecar in study.glob("*.cxrtool.json"):
-        findings = json.loads(sidecar.read_text())["explanations"]["findings"]
+        findings = json.loads(sidecar.read_text())["results"][0]["explanations"]["findings"]
         expected += sum(len(entry["regions"]) for entry in findings.values())
     assert expected > 0 and len(table) == expected
     assert {row["finding"] for row in table} <= {"Effusion", "Nodule"} and all(row["status"] == "ok" for row in table)
@@ -217,7 +221,8 @@ def test_cli_from_cam_on_real_nih_images_masks_csv_and_bad_params(tmp_path, nih_
     with open(tmp_path / "positive.csv", newline="") as handle:
         positive_rows = list(csv.DictReader(handle))
     calls = {(sidecar.name.split(".cxrtool.")[0], finding) for sidecar in study.glob("*.cxrtool.json")
-             for finding, entry in json.loads(sidecar.read_text())["explanations"]["findings"].items() if entry["positive"]}
+             for finding, entry in json.loads(sidecar.read_text())["results"][0]["explanations"]["findings"].items()
+             if entry["positive"]}
     assert {(row["image"].rsplit("/", 1)[-1], row["finding"]) for row in positive_rows} == calls
     assert calls and len(positive_rows) < len(table)
     # the same command again: every row from the journal, nothing measured twice

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -38,7 +42,7 @@ out = Console(highlight=False)
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print a one-line error on stderr and exit with ``code``."""
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -47,11 +51,15 @@ def note(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
-def progress_bar(*, transient: bool = False) -> Progress:
-    """A stderr progress bar; plain (no animation) when stderr is not a terminal."""
+def progress_bar(*, transient: bool = False) -> Any:
+    """Progress on stderr: a live rich bar on a terminal; under a pipe, CI or a batch
+    scheduler, a plain line now and then (what, how far, rate, time left) instead."""
+    disabled = os.environ.get("CXRTOOL_NO_PROGRESS") == "1"
+    if not err.is_terminal:
+        return PlainProgress(err, disabled=disabled)
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
@@ -62,14 +70,105 @@ def progress_bar(*, transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=transient,
-        disable=os.environ.get("CXRTOOL_NO_PROGRESS") == "1",
+        disable=disabled,
     )
 
 
-def training_progress(bar: Progress, *, label: str = "epoch") -> Callable[[Any], None]:
+@dataclass
+class _PlainTask:
+    description: str
+    total: float | None
+    status: str = ""
+    completed: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    printed: float = field(default_factory=time.monotonic)
+    done: bool = False
+
+
+class PlainProgress:
+    """Progress for logs: the subset of rich's ``Progress`` the CLI uses, printing a plain
+    line per task every ``interval`` seconds (``CXRTOOL_PROGRESS_INTERVAL``, default 30)
+    and when it completes, e.g. ``predict: 120/300 (40%), 12.3/s, 0:00:15 left``."""
+
+    def __init__(self, console: Console, *, interval: float | None = None, disabled: bool = False) -> None:
+        self.console = console
+        self.interval = interval if interval is not None else float(os.environ.get("CXRTOOL_PROGRESS_INTERVAL", "30"))
+        self.disabled = disabled
+        self.tasks: dict[int, _PlainTask] = {}
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for task in self.tasks.values():
+            if not task.done and task.completed and exc[0] is None:
+                self._line(task)
+
+    def add_task(self, description: str, total: float | None = None, status: str = "", **_: Any) -> int:
+        key = len(self.tasks)
+        self.tasks[key] = _PlainTask(description, total, status)
+        return key
+
+    def update(self, key: int, *, completed: float | None = None, total: float | None = None,
+               advance: float | None = None, status: str | None = None, **_: Any) -> None:
+        task = self.tasks[key]
+        if total is not None:
+            task.total = total
+        if completed is not None:
+            task.completed = completed
+        if advance is not None:
+            task.completed += advance
+        if status is not None:
+            task.status = status
+        finished = task.total is not None and task.completed >= task.total
+        if finished and not task.done:
+            task.done = True
+            self._line(task)
+        elif not finished and time.monotonic() - task.printed >= self.interval:
+            self._line(task)
+
+    def _line(self, task: _PlainTask) -> None:
+        task.printed = now = time.monotonic()
+        if self.disabled:
+            return
+        elapsed = now - task.started
+        rate = task.completed / elapsed if elapsed > 0 else 0.0
+        parts = [f"{task.completed:g}/{task.total:g} ({100 * task.completed / task.total:.0f}%)"
+                 if task.total else f"{task.completed:g}"]
+        if task.status:
+            parts.append(task.status)
+        parts.append(f"{rate:.3g}/s" if rate >= 0.1 else f"{1 / rate:.3g} s each" if rate > 0 else "starting")
+        if task.done:
+            parts.append(f"done in {_clock(elapsed)}")
+        elif task.total and rate > 0:
+            parts.append(f"{_clock((task.total - task.completed) / rate)} left")
+        self.console.print(f"{task.description}: {', '.join(parts)}", soft_wrap=True, markup=False)
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def show(renderable: Any, console: Console | None = None) -> None:
+    """Print a table (or any renderable) at its natural width: never squeezed or cut to
+    the terminal's (or, in a log, rich's default 80) columns."""
+    console = console or out
+    needed = Measurement.get(console, console.options, renderable).maximum
+    if needed <= console.width:
+        console.print(renderable)
+        return
+    wide = Console(file=console.file, width=needed, force_terminal=console.is_terminal, no_color=console.no_color,
+                   highlight=False)
+    wide.print(renderable)
+
+
+def training_progress(bar: Any, *, label: str = "epoch") -> Callable[[Any], None]:
     """A callback drawing the training loop's events (``cxrtool.train.loop.TrainEvent``) on
-    ``bar``: image caching, one bar per epoch with the running loss, then validation."""
+    ``bar``: image caching, one bar per epoch with the running loss, then validation. Under
+    a log (no terminal) each epoch's summary is also a line of its own."""
     tasks: dict[str, Any] = {}
+    plain = isinstance(bar, PlainProgress)
 
     def on_event(event: Any) -> None:
         if event.kind == "message":
@@ -83,10 +182,13 @@ def training_progress(bar: Progress, *, label: str = "epoch") -> Callable[[Any],
             if key not in tasks:
                 tasks[key] = bar.add_task(f"{label} {event.epoch}/{event.epochs}", total=event.steps, status="")
             bar.update(tasks[key], completed=event.step, status=f"loss {event.loss:.4f}")
-        elif event.kind == "epoch" and f"epoch{event.epoch}" in tasks:
+        elif event.kind == "epoch":
             auroc = "n/a" if math.isnan(event.val_auroc) else f"{event.val_auroc:.4f}"
-            bar.update(tasks[f"epoch{event.epoch}"],
-                       status=f"loss {event.loss:.4f}  val mean AUROC {auroc}  (best {event.best_auroc:.4f})")
+            summary = f"loss {event.loss:.4f}  val mean AUROC {auroc}  (best {event.best_auroc:.4f})"
+            if plain:
+                bar.console.print(f"{label} {event.epoch}/{event.epochs}: {summary}", soft_wrap=True, markup=False)
+            elif f"epoch{event.epoch}" in tasks:
+                bar.update(tasks[f"epoch{event.epoch}"], status=summary)
 
     return on_event
 
@@ -105,10 +207,12 @@ def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_w
     """Drive ``run(on_result=..., progress=...)`` (predict or explain) with a progress bar,
     failures on stderr as they happen, ``--jsonl`` records on stdout, the summary lines and
     each output folder's ``listed`` file; then exit with the run's status (usage errors
-    raised by it, ValueError and CheckpointError, exit 2)."""
+    raised by it, and unusable checkpoints or records, exit 2)."""
     import json
     import sys
 
+    from cxrtool.errors import UsageError
+    from cxrtool.io.records import RecordError
     from cxrtool.models.checkpoint import CheckpointError
 
     bar = progress_bar()
@@ -119,7 +223,9 @@ def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_w
         status = record.get("status", "")
         counts[status] = counts.get(status, 0) + 1
         if status == "failed":
-            bar.console.print(f"[red]failed[/] {record['path']}: {record['error']}", soft_wrap=True)
+            bar.console.print(f"[red]failed[/] {escape(record['path'])}: {escape(record['error'])}", soft_wrap=True)
+        for warning in record.get("warnings", ()) if status == "predicted" else ():
+            bar.console.print(f"[yellow]warning:[/] {escape(record['path'])}: {escape(warning)}", soft_wrap=True)
         if jsonl:
             sys.stdout.write(json.dumps(record) + "\n")
             sys.stdout.flush()
@@ -132,7 +238,7 @@ def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_w
         try:
             with bar:
                 summary = run(on_result=on_result, progress=on_progress)
-        except (CheckpointError, ValueError) as error:
+        except (CheckpointError, UsageError, RecordError) as error:
             fail(str(error))
     if summary.total == 0:
         fail("no studies found in the given inputs", EXIT_USAGE)
@@ -140,6 +246,9 @@ def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_w
         f"[green]{summary.predicted} {done_word}[/], {summary.skipped} already done, "
         f"[{'red' if summary.failed else 'green'}]{len(summary.failed)} failed[/] of {summary.total} studies"
     )
+    if summary.stale:
+        note(f"{summary.stale} earlier results of studies whose files have changed since were removed "
+             "(they described the old files), with their pictures")
     for folder in summary.folders[:5]:
         note(f"  {folder / listed}")
     if len(summary.folders) > 5:

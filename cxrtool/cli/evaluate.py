@@ -7,17 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrtool.cli._console import fail, note, out
+from cxrtool.cli._console import fail, note, show
 
 
 def evaluate(
-    predictions: Annotated[Path, typer.Argument(help="A cxrtool_predictions.csv (file column + one probability column per finding).")],
+    predictions: Annotated[list[Path], typer.Argument(help="cxrtool_predictions.csv tables, or folders holding them (searched recursively).")],
     *,
     labels: Annotated[Optional[Path], typer.Option("--labels", "-l", help="Labels: NIH Data_Entry, CheXpert style or generic CSV.")] = None,
     boxes: Annotated[Optional[Path], typer.Option("--boxes", help="True boxes (NIH BBox_List or file,finding,x,y,w,h): score what explain wrote.")] = None,
     pointing_tolerance: Annotated[float, typer.Option("--pointing-tolerance", min=0, help="Pointing game: pixels a peak may lie outside a true box.")] = 0.0,
     labels_format: Annotated[str, typer.Option("--labels-format", help="auto, nih, chexpert or generic.")] = "auto",
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Take decision thresholds from this checkpoint.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Score this model's rows: a checkpoint (its thresholds too), or a model name or id from the table. Required when the table holds several models.")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="One threshold for every finding (overrides stored ones).")] = None,
     uncertain: Annotated[str, typer.Option("--uncertain", help="CheXpert -1 labels: ignore, positive or negative.")] = "ignore",
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for evaluation.json/.csv and curves (default: beside the CSV).")] = None,
@@ -35,24 +35,26 @@ def evaluate(
     """
     from cxrtool.evaluate import evaluate as run_evaluate
     from cxrtool.evaluate.classification import render_table
+    from cxrtool.models.checkpoint import CheckpointError
 
-    if not predictions.is_file():
-        fail(f"{predictions}: no such predictions file")
+    for source in predictions:
+        if not source.exists():
+            fail(f"{source}: no such predictions file or folder")
     if labels is None and boxes is None:
         fail("give --labels (classification), --boxes (localization), or both")
     for given in (labels, boxes):
         if given is not None and not given.is_file():
             fail(f"{given}: no such file")
     if labels is not None:
-        thresholds = _thresholds(predictions, model, threshold)
         try:
             report = run_evaluate(
-                predictions, labels, labels_format=labels_format, thresholds=thresholds, out_dir=out_dir,
+                predictions, labels, model=model, labels_format=labels_format, thresholds=threshold, out_dir=out_dir,
                 n_boot=n_boot, seed=seed, uncertain=uncertain,
             )
-        except ValueError as error:
+        except (ValueError, FileNotFoundError, CheckpointError) as error:
             fail(str(error))
-        out.print(render_table(report))
+        show(render_table(report))
+        note(f"thresholds: {report.settings['thresholds_from']}")
         for remark in report.notes:
             note(f"[yellow]note:[/] {remark}")
         for path in report.paths.values():
@@ -61,28 +63,12 @@ def evaluate(
         from cxrtool.evaluate.localization import evaluate_localization, render_localization
 
         try:
-            located = evaluate_localization(predictions, boxes, tolerance=pointing_tolerance, out_dir=out_dir)
-        except ValueError as error:
+            located = evaluate_localization(predictions, boxes, tolerance=pointing_tolerance, out_dir=out_dir, model=model)
+        except (ValueError, FileNotFoundError) as error:
             fail(str(error))
-        out.print(render_localization(located))
+        show(render_localization(located))
         if located.overall.mapped < located.overall.pairs:
             note(f"[yellow]note:[/] {located.overall.pairs - located.overall.mapped} boxed (image, finding) pairs have no map "
                  "and count as misses; explain with --finding all (or the boxed findings) to map them")
         for path in located.paths.values():
             note(f"  {path}")
-
-
-def _thresholds(predictions: Path, model: Optional[Path], threshold: Optional[float]):
-    if threshold is not None:
-        return threshold
-    if model is not None:
-        from cxrtool.models.checkpoint import CheckpointError, read_card
-
-        try:
-            card = read_card(model)
-        except CheckpointError as error:
-            fail(str(error))
-        return {f: card.threshold_for(f) for f in card.findings}
-    from cxrtool.evaluate import recorded_thresholds
-
-    return recorded_thresholds(predictions)

@@ -17,12 +17,16 @@ def radiomics(
     *,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="CSV of image,mask[,label] rows (PyRadiomics' batch format).")] = None,
     from_cam: Annotated[bool, typer.Option("--from-cam", help="Measure the regions `cxrtool explain` wrote for these studies.")] = False,
+    explanations: Annotated[Optional[Path], typer.Option("--explanations", help="Where explain wrote (its --out folder); implies --from-cam. "
+                                                          "Studies are then optional: its sidecars say where they are.")] = None,
     positive_only: Annotated[bool, typer.Option("--positive-only", help="With --from-cam: only the findings the model called positive.")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="With --from-cam: only this model's maps (its name or id), when several explained the studies.")] = None,
     params: Annotated[Optional[Path], typer.Option("--params", help="PyRadiomics parameter file (YAML); default: cxrtool's 2D set.")] = None,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Only these feature classes, e.g. firstorder,shape2D,glcm.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output CSV (default: cxrtool_radiomics.csv beside the inputs).")] = None,
     json_too: Annotated[bool, typer.Option("--json", help="Also write the rows as JSON beside the CSV (same name, .json).")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Processes (default: all cores).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Measure everything again; replaces a table measured with other settings.")] = False,
 ) -> None:
     """Radiomic features per (study, region): from a mask CSV, from explain's CAM regions,
     from masks beside the studies (PNG/NIfTI named NAME.mask.*, or DICOM SEG objects among
@@ -30,10 +34,12 @@ def radiomics(
     they stopped.
 
     Exit status: 0 all rows measured, 1 some rows failed (reason in the error column),
-    2 usage error (e.g. an invalid parameter file), 130 interrupted.
+    2 usage error (e.g. an invalid parameter file, a table measured with other settings),
+    130 interrupted.
     """
+    from cxrtool._runner import output_root
+    from cxrtool.errors import UsageError
     from cxrtool.io.studies import find_studies
-    from cxrtool.predict import output_root
     from cxrtool.radiomics.batch import run_regions
     from cxrtool.radiomics.features import ParamsError, check_classes, load_params
     from cxrtool.radiomics.sources import jobs_from_cam, jobs_from_csv, jobs_from_studies
@@ -47,6 +53,9 @@ def radiomics(
             chosen = check_classes([name.strip() for name in classes.split(",") if name.strip()]) or None
     except ParamsError as error:
         fail(str(error))
+    from_cam = from_cam or explanations is not None
+    if explanations is not None and not explanations.is_dir():
+        fail(f"{explanations}: no such folder (give the folder cxrtool explain wrote with --out)")
     if masks is not None:
         if inputs or from_cam or positive_only:
             fail("--masks names the images itself: give no inputs and no --from-cam with it")
@@ -58,15 +67,16 @@ def radiomics(
             fail(str(error))
         default_folder = masks.parent
     else:
-        if not inputs:
-            fail("give studies (with --from-cam for explain's regions), or --masks CSV")
-        studies = list(find_studies(inputs))
-        if positive_only and not from_cam:
-            fail("--positive-only goes with --from-cam")
+        if not inputs and explanations is None:
+            fail("give studies (with --from-cam for explain's regions), --explanations DIR, or --masks CSV")
+        studies = list(find_studies(inputs or []))
+        if (positive_only or model) and not from_cam:
+            fail("--positive-only and --model go with --from-cam")
         if from_cam:
-            jobs, unexplained = jobs_from_cam(studies, positive_only=positive_only)
+            jobs, unexplained = jobs_from_cam(studies, positive_only=positive_only, explanations=explanations, model=model)
             if unexplained:
-                warn(f"{len(unexplained)} studies have no explanations (run cxrtool explain first), e.g. {unexplained[0]}")
+                warn(f"{len(unexplained)} studies have no explanations (run cxrtool explain first, and give its --out "
+                     f"folder with --explanations), or changed since they were explained, e.g. {unexplained[0]}")
         else:
             jobs, counts = jobs_from_studies(studies)
             if counts["seg"] or counts["beside"]:
@@ -74,7 +84,7 @@ def radiomics(
                      f"{counts['whole']} whole images")
             if counts["unmatched_seg"]:
                 warn(f"{counts['unmatched_seg']} DICOM SEG objects reference none of the input images (give the images too) or cannot be read")
-        root = output_root(studies) or Path.cwd()
+        root = output_root(studies) or (explanations.absolute() if explanations is not None else Path.cwd())
         default_folder = Path(os.path.relpath(root)) if root.is_relative_to(Path.cwd()) else root
     if not jobs:
         fail("no regions to measure", EXIT_USAGE)
@@ -82,11 +92,19 @@ def radiomics(
     bar = progress_bar()
     task = bar.add_task("radiomics", total=len(jobs), status="")
     with handle_interrupt(), bar:
-        summary = run_regions(jobs, table, params=settings, classes=chosen, workers=workers or os.cpu_count() or 1,
-                              progress=lambda done, total: bar.update(task, completed=done, total=total),
-                              json_out=table.with_suffix(".json") if json_too else None)
+        try:
+            summary = run_regions(jobs, table, params=settings, classes=chosen, workers=workers or os.cpu_count() or 1,
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                  json_out=table.with_suffix(".json") if json_too else None, overwrite=overwrite)
+        except UsageError as error:
+            fail(str(error))
     if summary.restarted:
-        warn(f"{summary.table}: the earlier run there used other settings; measured afresh")
+        warn(f"{summary.table}: it held features measured with other settings; replaced (--overwrite)")
+    if summary.changed:
+        note(f"{summary.changed} regions measured again: their image or mask changed since")
+    if summary.stale:
+        warn(f"{summary.stale} rows of other regions left out of {summary.table}: their image or mask changed since "
+             "they were measured (measure them again to bring them back)")
     note(f"[green]{summary.measured} regions measured[/], {summary.resumed} from an earlier run, "
          f"[{'red' if summary.failed else 'green'}]{len(summary.failed)} failed[/] of {summary.total}")
     note(f"  {summary.table}" + (f"\n  {summary.json}" if summary.json else ""))

@@ -26,6 +26,7 @@ import numpy as np
 
 from cxrtool.data.labels import LabelTable, read_labels
 from cxrtool.io.outputs import atomic_write
+from cxrtool.io.records import IndexedModel, read_prediction_tables
 from cxrtool.registry import resolve_finding
 
 __all__ = [
@@ -558,62 +559,70 @@ def _pair(v: np.ndarray) -> tuple[float, float]:
 # --------------------------------------------------------------------------- evaluate
 
 
+_NOT_FINDINGS = {"file", "model", "model_id", "view_position", "error", "path"}
+
+
 def _read_predictions(
-    path: Path, label_findings: Sequence[str]
-) -> tuple[list[str], list[str], np.ndarray, dict[str, int], list[str]]:
-    """Read cxrtool's predictions CSV: files, evaluated findings, scores, counts, notes."""
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
+    sources: Sequence[Path], label_findings: Sequence[str], model: str | None
+) -> tuple[list[str], list[str], np.ndarray, dict[str, int], list[str], IndexedModel | None]:
+    """Read cxrtool's predictions tables: each row's study path, the evaluated findings,
+    the scores, counts, notes, and the model whose rows they are."""
+    for path in sources:
+        if path.is_file():
+            with open(path, encoding="utf-8-sig", newline="") as fh:
+                header = next(csv.reader(fh), None)
+            if header is None:
+                raise ValueError(f"{path}: empty predictions file, expected a header")
+            if "file" not in [h.strip().lower() for h in header]:
+                raise ValueError(f"{path.name}: predictions need a 'file' column; header has {header[:8]}")
+    tables = read_prediction_tables(sources)
+    chosen = tables.choose(model)
+    rows = tables.rows_of(chosen)
+    where = ", ".join(p.name for p in tables.sources[:3]) + (" ..." if len(tables.sources) > 3 else "")
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(c.strip() for c in row if c and c.strip().lower() not in _NOT_FINDINGS))
+    if chosen is not None and chosen.findings:
+        columns = {c: None for c in columns if resolve_finding(c) in {resolve_finding(f) for f in chosen.findings}}
+    known = set(label_findings)
+    cols = [c for c in columns if resolve_finding(c) in known]
+    names = [resolve_finding(c) for c in cols]
+    if not cols:
+        raise ValueError(
+            f"{where}: no prediction column matches a label finding (prediction columns: {list(columns)[:10]}; "
+            f"label findings: {list(label_findings)[:10]})"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: duplicate finding columns {names}")
+    files: list[str] = []
+    scores: list[list[float]] = []
+    counts = {"prediction_rows": 0, "error_rows": 0, "incomplete_rows": 0}
+    for row in rows:
+        if not any((value or "").strip() for key, value in row.items() if key != "path"):
+            continue
+        counts["prediction_rows"] += 1
+        if (row.get("error") or "").strip():
+            counts["error_rows"] += 1
+            continue
+        cells = [(row.get(c) or "").strip() for c in cols]
         try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise ValueError(f"{path}: empty predictions file, expected a header") from None
-        lower = [h.lower() for h in header]
-        if "file" not in lower:
-            raise ValueError(
-                f"{path.name}: predictions need a 'file' column; header has {header[:8]}"
-            )
-        i_file = lower.index("file")
-        i_error = lower.index("error") if "error" in lower else None
-        known = set(label_findings)
-        cols = [i for i, h in enumerate(header) if i != i_file and resolve_finding(h) in known]
-        names = [resolve_finding(header[i]) for i in cols]
-        if not cols:
-            raise ValueError(
-                f"{path.name}: no prediction column matches a label finding (prediction "
-                f"columns: {[h for i, h in enumerate(header) if i != i_file][:10]}; label "
-                f"findings: {list(label_findings)[:10]})"
-            )
-        if len(set(names)) != len(names):
-            raise ValueError(f"{path.name}: duplicate finding columns {names}")
-        files: list[str] = []
-        scores: list[list[float]] = []
-        counts = {"prediction_rows": 0, "error_rows": 0, "incomplete_rows": 0}
-        for line_no, row in enumerate(reader, start=2):
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            counts["prediction_rows"] += 1
-            if i_error is not None and i_error < len(row) and row[i_error].strip():
-                counts["error_rows"] += 1
-                continue
-            cells = [row[i].strip() if i < len(row) else "" for i in cols]
-            try:
-                values = [float(c) if c else math.nan for c in cells]
-            except ValueError:
-                raise ValueError(
-                    f"{path.name} line {line_no}: probabilities must be numbers, got {cells}"
-                ) from None
-            if any(math.isnan(v) for v in values):
-                counts["incomplete_rows"] += 1
-                continue
-            files.append(row[i_file].strip())
-            scores.append(values)
+            values = [float(c) if c else math.nan for c in cells]
+        except ValueError:
+            raise ValueError(f"{where}: probabilities must be numbers, got {cells} for {row.get('file')}") from None
+        if any(math.isnan(v) for v in values):
+            counts["incomplete_rows"] += 1
+            continue
+        files.append(row["path"])
+        scores.append(values)
     notes = []
-    ignored = [h for i, h in enumerate(header) if i not in cols and i != i_file]
+    ignored = [c for c in columns if c not in cols]
     if ignored:
         notes.append(f"prediction columns not evaluated: {', '.join(ignored)}")
+    if len(tables.models) > 1 and chosen is not None:
+        notes.append(f"rows of model {chosen.model.name or '?'} (id {chosen.model.id}) of the "
+                     f"{len(tables.models)} models in the predictions")
     array = np.asarray(scores, dtype=np.float64).reshape(len(files), len(names))
-    return files, names, array, counts, notes
+    return files, names, array, counts, notes, chosen
 
 
 def _path_parts(path: str) -> list[str]:
@@ -645,13 +654,14 @@ def _match(files: Sequence[str], table: LabelTable) -> tuple[np.ndarray, np.ndar
     for p, file in enumerate(files):
         parts = _path_parts(file)
         candidates = by_name.get(parts[-1], []) if parts else []
+        several = len(candidates) > 1
         depth = 1
         while len(candidates) > 1 and depth < len(parts):
             depth += 1
             want = tuple(parts[-depth:])
             candidates = [i for i in candidates if suffix(i, depth) == want]
         if len(candidates) != 1:
-            counts["ambiguous_predictions" if candidates else "unmatched_predictions"] += 1
+            counts["ambiguous_predictions" if candidates or several else "unmatched_predictions"] += 1
             continue
         hit = candidates[0]
         if hit in seen:
@@ -763,9 +773,10 @@ def _palette(n: int) -> list[Any]:
 
 
 def evaluate(
-    predictions_csv: str | os.PathLike[str],
+    predictions_csv: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     labels: str | os.PathLike[str] | LabelTable,
     *,
+    model: str | os.PathLike[str] | None = None,
     labels_format: str = "auto",
     thresholds: Mapping[str, float] | float | None = None,
     out_dir: str | os.PathLike[str] | None = None,
@@ -773,22 +784,33 @@ def evaluate(
     seed: int = 0,
     uncertain: str = "ignore",
 ) -> EvaluationReport:
-    """Score a cxrtool predictions CSV against a label file and write the report.
+    """Score one model's predictions against a label file and write the report.
 
-    Prediction rows join label rows on the image file name (parent folders break ties when
-    names repeat). Rows with a non-empty ``error`` or an empty probability are excluded and
-    counted; prediction columns that are not label findings are ignored. Findings evaluated
-    are those in both, in the predictions' column order.
+    Each prediction row stands for its study's path (the table's folder joined with its
+    ``file``), and joins the label row whose path ends the same way: the file name, with
+    parent folders breaking ties (``patient1/study1/view1_frontal.jpg`` in a CheXpert or
+    MIMIC tree). Rows with a non-empty ``error`` or an empty probability are excluded and
+    counted; prediction columns that are not label findings are ignored. Findings
+    evaluated are those of the model that are also labelled, in the predictions' order.
 
-    Writes, atomically, to ``out_dir`` (default: the predictions' folder):
+    Decision thresholds, first found: ``thresholds``; the card of ``model`` when it is a
+    checkpoint; those recorded beside the predictions for that model
+    (``cxrtool_predictions.json``); else 0.5. ``report.settings["thresholds_from"]`` says
+    which.
+
+    Writes, atomically, to ``out_dir`` (default: the (first) predictions' folder):
     ``evaluation.json``, ``evaluation.csv``, ``roc_curves.png``, ``pr_curves.png``.
 
     Args:
-        predictions_csv: cxrtool's predictions (``file`` + one probability column per finding).
+        predictions_csv: cxrtool's predictions tables (``file`` + one probability column per
+            finding): a CSV, a folder (every ``cxrtool_predictions.csv`` in it or below),
+            or a list of them.
         labels: a label CSV (NIH, CheXpert/MIMIC-CXR-JPG or generic) or a LabelTable.
+        model: whose rows to score when the tables hold several models' (required then):
+            a checkpoint file, or a model's name or id as the tables list them.
         labels_format: "auto", "nih", "chexpert" or "generic".
-        thresholds: decision threshold per finding (e.g. the model's stored ones);
-            findings not in it use 0.5.
+        thresholds: one decision threshold, or one per finding; findings not in it use
+            0.5.
         out_dir: where to write; created if needed.
         n_boot: bootstrap resamples for the 95% intervals (0 = none).
         seed: bootstrap seed.
@@ -798,16 +820,32 @@ def evaluate(
         The EvaluationReport (``report.paths`` holds the written files).
 
     Raises:
-        ValueError: no matching finding columns, or no prediction matched a label row.
+        ValueError: no matching finding columns, no prediction matched a label row, several
+            models and none chosen, or recorded thresholds that cannot be read.
 
     Example:
-        >>> report = evaluate("preds/predictions.csv", "labels.csv", n_boot=1000)
-        >>> report.macro.auroc, report.paths["json"]
-        (0.83, PosixPath('preds/evaluation.json'))
+        >>> report = evaluate("preds/cxrtool_predictions.csv", "labels.csv", n_boot=1000)
+        >>> report.macro.auroc, report.paths["json"], report.settings["thresholds_from"]
+        (0.83, PosixPath('preds/evaluation.json'), 'recorded beside the predictions ...')
     """
-    pred_path = Path(predictions_csv)
-    if not pred_path.is_file():
-        raise FileNotFoundError(f"predictions file not found: {pred_path}")
+    if isinstance(predictions_csv, (str, os.PathLike)):
+        sources = [Path(predictions_csv)]
+    else:
+        sources = [Path(p) for p in predictions_csv]
+    for source in sources:
+        if not source.exists():
+            raise FileNotFoundError(f"predictions file not found: {source}")
+    pred_path = sources[0]
+    card_thresholds, wanted = None, None
+    if model is not None:
+        wanted = str(model)
+        if Path(model).is_file():  # a checkpoint: its rows, by its digest, and its card's thresholds
+            from cxrtool.models.checkpoint import read_card
+            from cxrtool.io.records import sha256_file
+
+            card = read_card(model)
+            card_thresholds = {f: card.threshold_for(f) for f in card.findings}
+            wanted = sha256_file(model)
     if isinstance(labels, LabelTable):
         table = labels
         labels_name = f"<LabelTable {table.source}, {len(table)} rows>"
@@ -816,7 +854,7 @@ def evaluate(
         table = read_labels(labels, fmt=labels_format, uncertain=uncertain, require_images=False)
         labels_name = str(labels)
 
-    files, names, scores, counts, notes = _read_predictions(pred_path, table.findings)
+    files, names, scores, counts, notes, chosen = _read_predictions(sources, table.findings, wanted)
     pred_rows, label_rows, match_counts = _match(files, table)
     counts.update(match_counts)
     if len(pred_rows) == 0:
@@ -842,18 +880,27 @@ def evaluate(
     y_score = scores[pred_rows]
     if isinstance(thresholds, (int, float)):
         thresholds = {name: float(thresholds) for name in names}
+    if thresholds is not None:
+        source_of_thresholds = "given"
+    elif card_thresholds is not None:
+        thresholds, source_of_thresholds = card_thresholds, f"the checkpoint {model}"
+    elif chosen is not None and chosen.thresholds:
+        thresholds = chosen.thresholds
+        source_of_thresholds = f"recorded beside the predictions for {chosen.model.name or 'the model'} (cxrtool_predictions.json)"
+    else:
+        source_of_thresholds = "0.5 (none given or recorded)"
     given = {resolve_finding(k): float(v) for k, v in (thresholds or {}).items()}
     thr = np.array([given.get(name, 0.5) for name in names], dtype=np.float64)
     missing_thr = [name for name in names if name not in given]
     if thresholds is not None and missing_thr:
-        notes.append(f"threshold 0.5 used for {', '.join(missing_thr)} (not in the given thresholds)")
+        notes.append(f"threshold 0.5 used for {', '.join(missing_thr)} (not in the thresholds {source_of_thresholds})")
 
     rows, macro, micro, metric_notes = compute_metrics(
         y_true, y_score, names, thr, n_boot=n_boot, seed=seed
     )
     notes.extend(metric_notes)
 
-    out = Path(out_dir) if out_dir is not None else pred_path.parent
+    out = Path(out_dir) if out_dir is not None else (pred_path if pred_path.is_dir() else pred_path.parent)
     report = EvaluationReport(
         findings=rows,
         macro=macro,
@@ -867,7 +914,9 @@ def evaluate(
             "pr": out / "pr_curves.png",
         },
         settings={
-            "predictions": str(pred_path),
+            "predictions": ", ".join(str(p) for p in sources),
+            "model": chosen.model.to_dict() if chosen is not None and chosen.model.sha256 else None,
+            "thresholds_from": source_of_thresholds,
             "labels": labels_name,
             "labels_source": table.source,
             "n_boot": n_boot,
@@ -927,17 +976,17 @@ def render_table(report: EvaluationReport) -> Any:
     return table
 
 
-def recorded_thresholds(predictions_csv: str | os.PathLike[str]) -> dict[str, float] | None:
-    """The decision thresholds ``predict`` recorded beside its CSV (the model's own), if any.
+def recorded_thresholds(predictions_csv: str | os.PathLike[str], model: str | None = None) -> dict[str, float] | None:
+    """The decision thresholds ``predict`` recorded beside a predictions table for a model
+    (a name or id; may be left out when one model is recorded), or None when none are.
 
-    ``cxrtool predict`` writes ``cxrtool_predictions.json`` next to each
-    ``cxrtool_predictions.csv`` with the thresholds stored in the checkpoint.
+    Raises:
+        ValueError: a recorded index that cannot be read, or several models and none chosen.
     """
-    recorded = Path(predictions_csv).with_suffix(".json")
-    if not recorded.is_file():
+    from cxrtool.io.records import PredictionTable, read_index
+
+    entries = read_index(Path(predictions_csv))
+    if not entries:
         return None
-    try:
-        values = json.loads(recorded.read_text(encoding="utf-8")).get("thresholds", {})
-        return {str(k): float(v) for k, v in values.items()}
-    except (ValueError, AttributeError, TypeError):
-        return None
+    chosen = PredictionTable([], {entry.model.id: entry for entry in entries}, []).choose(model)
+    return dict(chosen.thresholds) if chosen is not None else None

@@ -11,7 +11,6 @@ tolerance in pixels. Pairs that explain did not map count as misses, and are cou
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -128,55 +127,73 @@ class LocalizationReport:
         }
 
 
-def read_explanations(predictions_csv: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """File name -> explained findings, from the sidecars beside a predictions CSV.
+def read_explanations(
+    predictions: str | os.PathLike | Sequence[str | os.PathLike], model: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Study path -> explained findings of one model, from the sidecars of the studies the
+    predictions tables list (a CSV, a folder searched for them, or several).
 
-    The CSV names the studies of its folder; their sidecars (``NAME.cxrtool.json``) hold
-    what explain found. Studies never explained are left out.
+    Studies never explained by that model are left out. ``model`` (a checkpoint, a name
+    or an id) chooses among several models, as in :func:`cxrtool.evaluate.evaluate`.
     """
-    csv_path = Path(predictions_csv)
-    folder = csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        names = [row["file"] for row in csv.DictReader(handle) if row.get("file")]
+    from cxrtool.io.records import read_prediction_tables, read_sidecar, sha256_file
+
+    sources = [predictions] if isinstance(predictions, (str, os.PathLike)) else list(predictions)
+    tables = read_prediction_tables(sources)
+    wanted = sha256_file(model) if model is not None and Path(model).is_file() else model
+    chosen = tables.choose(wanted)
     found: dict[str, dict[str, Any]] = {}
-    for name in names:
-        sidecar = folder / f"{Path(name).name}{SIDECAR_SUFFIX}"
-        try:
-            record = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+    for row in tables.rows_of(chosen):
+        path = Path(row["path"])
+        sidecar = read_sidecar(path.parent / f"{path.name}{SIDECAR_SUFFIX}")
+        if sidecar is None:
             continue
-        explained = record.get("explanations", {}).get("findings") if isinstance(record, dict) else None
-        if isinstance(explained, dict):
-            found[Path(name).name] = explained
+        results = [sidecar.result_for(chosen.model.id)] if chosen is not None and chosen.model.id else sidecar.results
+        for result in results:
+            if result is not None and result.explanations is not None:
+                found[str(path)] = result.explanations.get("findings", {})
+                break
     return found
 
 
 def evaluate_localization(
-    predictions_csv: str | os.PathLike,
+    predictions_csv: str | os.PathLike | Sequence[str | os.PathLike],
     boxes_csv: str | os.PathLike,
     *,
     tolerance: float = 0.0,
     out_dir: str | os.PathLike | None = None,
+    model: str | None = None,
 ) -> LocalizationReport:
     """Score explain's boxes and map peaks against true boxes (NIH or generic box CSV).
+
+    A box's image joins the explained study whose path ends the same way (the file name,
+    or its stem: boxes may name a PNG where the study is its DICOM; parent folders break
+    ties).
 
     Raises:
         ValueError: when no explained study matches any box's image.
     """
-    explained = read_explanations(predictions_csv)
+    explained = read_explanations(predictions_csv, model)
+    where = predictions_csv if isinstance(predictions_csv, (str, os.PathLike)) else ", ".join(map(str, predictions_csv))
     if not explained:
-        raise ValueError(f"no explained studies beside {predictions_csv}: run cxrtool explain on that folder first")
-    by_stem = {Path(name).stem: name for name in explained}
+        raise ValueError(f"no explained studies in {where}: run cxrtool explain on that folder first")
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for path in explained:
+        by_name[Path(path).name].append(path)
+        by_name[Path(path).stem].append(path)
     truth: dict[tuple[str, str], list[BoxXYWH]] = defaultdict(list)
     unmatched = 0
     for box in read_boxes(boxes_csv):
-        name = box.image if box.image in explained else by_stem.get(Path(box.image).stem)
-        if name is None:
+        image = box.image.replace("\\", "/")
+        candidates = list(dict.fromkeys(by_name.get(Path(image).name) or by_name.get(Path(image).stem) or []))
+        if len(candidates) > 1:
+            candidates = [c for c in candidates if c.replace("\\", "/").endswith(image)]
+        if len(candidates) != 1:
             unmatched += 1
             continue
-        truth[(name, box.finding)].append((box.x, box.y, box.w, box.h))
+        truth[(candidates[0], box.finding)].append((box.x, box.y, box.w, box.h))
     if not truth:
-        raise ValueError(f"none of the boxes in {boxes_csv} belongs to an explained study beside {predictions_csv}")
+        raise ValueError(f"none of the boxes in {boxes_csv} belongs to an explained study in {where}")
     findings: dict[str, LocalizationMetrics] = {}
     for (name, finding), boxes in sorted(truth.items(), key=lambda item: (item[0][1], item[0][0])):
         metrics = findings.setdefault(finding, LocalizationMetrics(finding))
@@ -185,7 +202,8 @@ def evaluate_localization(
     for metrics in findings.values():
         overall.merge(metrics)
     report = LocalizationReport(findings, overall, tolerance, len(explained), unmatched)
-    folder = Path(out_dir) if out_dir is not None else Path(predictions_csv).parent
+    first = Path(predictions_csv if isinstance(predictions_csv, (str, os.PathLike)) else predictions_csv[0])
+    folder = Path(out_dir) if out_dir is not None else (first if first.is_dir() else first.parent)
     folder.mkdir(parents=True, exist_ok=True)
     report.paths["json"] = write_json(folder / "localization.json", report.to_dict())
     report.paths["csv"] = _write_csv(folder / "localization.csv", report)

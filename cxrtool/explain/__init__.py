@@ -4,8 +4,9 @@ overlays, masks and boxes. ``explain`` is the Python API behind ``cxrtool explai
 Importing this package is light; the CAM machinery (torch, pytorch-grad-cam) loads on use.
 """
 
-from cxrtool.explain.run import METHOD_LABELS, ExplainSettings, explain, file_slug
+from cxrtool.explain.run import ExplainSettings, explain, file_slug
+from cxrtool.registry import CAM_METHOD_LABELS
 
-CAM_METHOD_NAMES = tuple(METHOD_LABELS)
+CAM_METHOD_NAMES = tuple(CAM_METHOD_LABELS)
 
 __all__ = ["CAM_METHOD_NAMES", "ExplainSettings", "explain", "file_slug"]

@@ -43,6 +43,8 @@ from pytorch_grad_cam import (  # noqa: E402
 )
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
+from cxrtool.errors import UsageError  # noqa: E402
+
 CAM_METHODS = {
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
@@ -58,7 +60,7 @@ CAM_METHODS = {
 Wanted = Sequence[Sequence[int]] | Callable[[np.ndarray], Sequence[Sequence[int]]]
 
 
-class ExplainUsageError(ValueError):
+class ExplainUsageError(UsageError):
     """A request explain cannot serve (unknown method, layer or finding); names the choices."""
 
 

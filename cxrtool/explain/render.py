@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import html
-import json
 import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from cxrtool.io.outputs import SIDECAR_SUFFIX, atomic_write
+from cxrtool.io.outputs import atomic_write
+from cxrtool.io.records import iter_sidecars
+from cxrtool.registry import CAM_METHOD_LABELS
 
 CONTACT_SHEET = "cxrtool_explain.html"
 
@@ -56,27 +57,22 @@ def write_png(path: Path, image: np.ndarray) -> Path:
 
 
 def contact_sheet(folder: Path) -> Path | None:
-    """One static HTML page for a folder: every explained study's overlays and probabilities.
+    """One static HTML page for a folder: every explained study's overlays and probabilities,
+    a section per study and model.
 
     Built from the sidecars in the folder, so it always shows the folder's whole state,
     whichever runs explained which studies. Returns None when nothing there is explained.
     """
-    studies = []
-    for sidecar in sorted(folder.glob(f"*{SIDECAR_SUFFIX}")):
-        try:
-            record = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(record, dict) and isinstance(record.get("explanations"), dict):
-            studies.append(record)
+    studies = [(sidecar, result) for _, sidecar in iter_sidecars(folder) for result in sidecar.results
+               if isinstance(result.explanations, dict)]
     if not studies:
         return None
     rows = []
-    for record in studies:
-        explanations = record["explanations"]
+    for sidecar, result in studies:
+        explanations = result.explanations or {}
         probabilities = "".join(
-            f"<li class='{'pos' if value.get('positive') else 'neg'}'>{html.escape(name)} {value.get('probability', 0):.3f}</li>"
-            for name, value in sorted(record.get("findings", {}).items(), key=lambda item: -item[1].get("probability", 0))
+            f"<li class='{'pos' if call.positive else 'neg'}'>{html.escape(name)} {call.probability:.3f}</li>"
+            for name, call in sorted(result.findings.items(), key=lambda item: -item[1].probability)
         )
         pictures = []
         for name, entry in explanations.get("findings", {}).items():
@@ -90,11 +86,14 @@ def contact_sheet(folder: Path) -> Path | None:
                                 f"<figcaption>{html.escape(name)}</figcaption></figure>")
         if not pictures:
             pictures.append(f"<p class='none'>{html.escape(explanations.get('note', 'no finding to explain'))}</p>")
+        method = CAM_METHOD_LABELS.get(str(explanations.get("method")), str(explanations.get("method", "")))
         rows.append(
-            f"<section><h2>{html.escape(record.get('file', ''))} <small>{html.escape(str(record.get('view_position', '')))}</small></h2>"
+            f"<section><h2>{html.escape(sidecar.file)} <small>{html.escape(sidecar.view_position)} · "
+            f"{html.escape(result.model.name)} ({html.escape(result.model.id)}) · {html.escape(method)} on "
+            f"{html.escape(str(explanations.get('layer', '')))}</small></h2>"
             f"<ul class='p'>{probabilities}</ul><div class='maps'>{''.join(pictures)}</div></section>"
         )
-    first = studies[0]["explanations"]
+    models = sorted({f"{result.model.name} ({result.model.id})" for _, result in studies})
     title = f"cxrtool explain: {folder.name}"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -110,8 +109,8 @@ figure.empty div {{ width: 256px; height: 64px; display: flex; align-items: cent
 figcaption {{ font-size: .8em; text-align: center; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>{len(studies)} studies; method {html.escape(str(first.get('method', '')))} on {html.escape(str(first.get('layer', '')))};
-model {html.escape(str(studies[0].get('model', {}).get('name', '')))}. Positive calls in orange.</p>
+<p>{len({sidecar.file for sidecar, _ in studies})} studies explained by {html.escape(', '.join(models))}.
+Positive calls in orange.</p>
 {os.linesep.join(rows)}
 </body></html>
 """

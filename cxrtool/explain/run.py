@@ -5,16 +5,19 @@ skipping and folder CSV; the sidecar gets the same prediction record) and adds o
 for each study and each finding asked for (by default the ones the model calls positive),
 a class activation map from the grad-cam package, written as
 
-- ``NAME.cxrtool.<Finding>.overlay.png``: the heatmap on the radiograph, with the finding,
-  its probability and the regions' boxes in the picture;
-- ``NAME.cxrtool.<Finding>.map.png`` (16-bit, the map divided by its peak; the peak's raw
-  value is ``map_max`` in the sidecar) or ``.map.npy`` (raw float32), at the radiograph's
-  own resolution;
-- ``NAME.cxrtool.<Finding>.mask.png``: the thresholded map's regions at the radiograph's
-  resolution, pixel value k for region k (strongest first), 0 outside;
-- in the sidecar ``NAME.cxrtool.json``: ``explanations``, with each region's box
-  ``[x, y, w, h]`` in original pixels (and millimetres), peak and mean activation, and the
-  map's peak point;
+- ``NAME.cxrtool.<model id>.<Finding>.overlay.png``: the heatmap on the radiograph, with
+  the finding, its probability and the regions' boxes in the picture;
+- ``NAME.cxrtool.<model id>.<Finding>.map.png`` (16-bit, the map divided by its peak; the
+  peak's raw value is ``map_max`` in the sidecar) or ``.map.npy`` (raw float32), at the
+  radiograph's own resolution;
+- ``NAME.cxrtool.<model id>.<Finding>.mask.png``: the thresholded map's regions at the
+  radiograph's resolution, pixel value k for region k (strongest first), 0 outside;
+- in the sidecar ``NAME.cxrtool.json``, in the model's result: ``explanations``, with each
+  region's box ``[x, y, w, h]`` in original pixels (and millimetres), peak and mean
+  activation, and the map's peak point;
+
+(the model id, the first digits of the checkpoint's SHA-256, keeps the pictures of two
+models of the same study apart)
 
 and a contact sheet per folder, ``cxrtool_explain.html``.
 """
@@ -31,16 +34,17 @@ from typing import Any
 import cv2
 import numpy as np
 
+from cxrtool._runner import ProgressCallback, ResultCallback, RunContext, RunSummary, run_studies
 from cxrtool.explain.regions import find_regions, parse_threshold, peak_point, to_original
 from cxrtool.explain.render import contact_sheet, overlay, write_png
-from cxrtool.io.outputs import atomic_write, sidecar_path, write_json
-from cxrtool.predict import PredictSummary, ProgressCallback, ResultCallback, RunContext, prediction_record, run_studies
+from cxrtool.io.outputs import atomic_write
+from cxrtool.io.records import StudyFailure, make_result, store_result
+from cxrtool.predict import PREDICT_SETTINGS
 
-METHOD_LABELS = {
-    "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM", "xgradcam": "XGrad-CAM",
-    "layercam": "LayerCAM", "eigencam": "Eigen-CAM", "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM",
-}
-MAP_FORMATS = ("png", "npy")
+from cxrtool.errors import UsageError
+from cxrtool.registry import CAM_METHOD_LABELS, MAP_FORMATS
+
+METHOD_LABELS = CAM_METHOD_LABELS  # the name the first release exported
 
 
 @dataclass(frozen=True)
@@ -64,15 +68,16 @@ class ExplainSettings:
     display_size: int = 512
 
     def __post_init__(self) -> None:
-        from cxrtool.explain.cams import CAM_METHODS, ExplainUsageError
-
-        if self.method not in CAM_METHODS:
-            raise ExplainUsageError(f"unknown CAM method {self.method!r}; choose one of {', '.join(CAM_METHODS)}")
+        if self.method not in CAM_METHOD_LABELS:
+            raise UsageError(f"unknown CAM method {self.method!r}; choose one of {', '.join(CAM_METHOD_LABELS)}")
         if self.map_format not in MAP_FORMATS:
-            raise ExplainUsageError(f"map format must be one of {', '.join(MAP_FORMATS)}, got {self.map_format!r}")
+            raise UsageError(f"map format must be one of {', '.join(MAP_FORMATS)}, got {self.map_format!r}")
         if self.display_size < 64:
-            raise ExplainUsageError(f"overlay size must be at least 64 pixels, got {self.display_size}")
-        object.__setattr__(self, "threshold", parse_threshold(self.threshold))
+            raise UsageError(f"overlay size must be at least 64 pixels, got {self.display_size}")
+        try:
+            object.__setattr__(self, "threshold", parse_threshold(self.threshold))
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
     def request(self) -> dict[str, Any]:
         values = asdict(self)
@@ -118,6 +123,7 @@ class ExplainChunk:
 
         decoded = [item for item in items if "tensor" in item]
         if not decoded:
+            self.context.settle_failures(items)
             return items
         context, engine = self.context, self.engine()
         batch = torch.from_numpy(np.stack([item.pop("tensor") for item in decoded]))
@@ -130,13 +136,14 @@ class ExplainChunk:
 
         result = engine(batch, choose)
         jobs = [(row, item, {f: result.maps.pop((row, f)) for f in wanted[row]}) for row, item in enumerate(decoded)]
-        if context.device.type == "cpu":
+        if context.in_worker:
             for row, item, maps in jobs:  # a decoding worker: one core, one study at a time
                 self._finish(row, item, maps, result.probabilities, engine.layer_name)
         else:
-            # On a GPU the main process turns maps into files: spread that over threads
-            # (OpenCV and zlib release the GIL), or the device waits on one core.
+            # In the main process (a GPU, or a CPU with spare cores) turning maps into files
+            # is spread over threads (OpenCV and zlib release the GIL), or the model waits.
             list(self._pool().map(lambda job: self._finish(*job, result.probabilities, engine.layer_name), jobs))
+        context.settle_failures(items)
         return items
 
     def _pool(self):
@@ -153,14 +160,21 @@ class ExplainChunk:
     def _finish(self, row: int, item: dict, maps: dict[int, np.ndarray], probabilities: np.ndarray, layer: str) -> None:
         """One study's record, maps, masks, overlays and sidecar."""
         context = self.context
-        path = Path(item["path"])
+        path = context.paths[item["index"]]
         folder = context.folders[item["index"]]
-        record = prediction_record(path, item, probabilities[row], context.card, context.thresholds,
-                                   context.model_info, context.version)
+        display = item.pop("display", None)  # keep what travels back to the main process small
+        try:
+            result = make_result(context.model, context.card.findings, probabilities[row], context.thresholds,
+                                 settings=dict(context.settings), version=context.version,
+                                 warnings=item.get("warnings", ()))
+        except StudyFailure as failure:
+            item["error"] = str(failure)
+            return
         explained: dict[str, Any] = {}
         for finding, cam in maps.items():
             name = context.card.findings[finding]
-            explained[name] = self._explain_one(path, folder, item, record["findings"][name], name, cam)
+            call = result.findings[name]
+            explained[name] = self._explain_one(path, folder, item, display, call, name, cam)
         explanations: dict[str, Any] = {
             "method": self.settings.method,
             "layer": layer,
@@ -169,17 +183,18 @@ class ExplainChunk:
         }
         if not explained:
             explanations["note"] = "no positive findings at the model's thresholds: nothing to explain"
-        record["explanations"] = explanations
-        write_json(sidecar_path(folder, path.name), record)
-        item["record"] = record
-        item.pop("display", None)  # keep what travels back to the main process small
+        item.pop("geometry", None)
+        result.explanations = explanations
+        update = store_result(folder, context.study_record(item), result)
+        item["sidecar"], item["stale"] = update.sidecar, len(update.stale)
 
-    def _explain_one(self, path: Path, folder: Path, item: dict, call: dict, finding: str, cam_input: np.ndarray) -> dict:
+    def _explain_one(self, path: Path, folder: Path, item: dict, display: np.ndarray, call, finding: str,
+                     cam_input: np.ndarray) -> dict:
         settings = self.settings
         geometry = item["geometry"]
         spacing = tuple(item["pixel_spacing"]) if item["pixel_spacing"] else None
         cam = to_original(cam_input, geometry)
-        entry: dict[str, Any] = {"probability": call["probability"], "positive": call["positive"]}
+        entry: dict[str, Any] = {"probability": call.probability, "positive": call.positive}
         peak = float(np.max(cam)) if cam.size else 0.0
         regions = find_regions(cam, settings.threshold)
         if regions is None:
@@ -193,7 +208,7 @@ class ExplainChunk:
         entry["regions"] = [region.to_dict(spacing) for region in regions.regions]
         if regions.dropped:
             entry["note"] = f"{regions.dropped} weakest regions beyond the first {len(regions.regions)} left out"
-        stem = f"{path.name}.cxrtool.{file_slug(finding)}"
+        stem = f"{path.name}.cxrtool.{self.context.model.id}.{file_slug(finding)}"
         files: dict[str, str] = {}
         scaled = cam / peak
         if settings.map_format == "npy":
@@ -205,11 +220,10 @@ class ExplainChunk:
             write_png(folder / files["map"], np.round(scaled * 65535.0).astype(np.uint16))
         files["mask"] = f"{stem}.mask.png"
         write_png(folder / files["mask"], regions.labels)
-        display = item["display"]
         ratio = display.shape[1] / cam.shape[1]
         small = cv2.resize(scaled, (display.shape[1], display.shape[0]), interpolation=cv2.INTER_AREA) if ratio < 1 else scaled
-        caption = (f"{finding}  p={call['probability']:.2f}  {'positive' if call['positive'] else 'negative'}  "
-                   f"{METHOD_LABELS[settings.method]}")
+        caption = (f"{finding}  p={call.probability:.2f}  {'positive' if call.positive else 'negative'}  "
+                   f"{CAM_METHOD_LABELS[settings.method]}  {self.context.model.name}")
         files["overlay"] = f"{stem}.overlay.png"
         boxes = [region["box"] for region in entry["regions"]]
         write_png(folder / files["overlay"], overlay(display, small, caption, boxes, ratio))
@@ -231,7 +245,7 @@ def explain(
     on_result: ResultCallback | None = None,
     progress: ProgressCallback | None = None,
     stdin=None,
-) -> PredictSummary:
+) -> RunSummary:
     """Explain a checkpoint's calls on studies: maps, masks, boxes, overlays, contact sheets.
 
     Arguments are those of :func:`cxrtool.predict.predict`, plus ``settings``. A study whose
@@ -259,18 +273,13 @@ def explain(
                                         f"its findings are: {', '.join(card.findings)}")
         resolve_layer(network, settings.layer)
 
-    request = settings.request()
-
-    def is_done(previous: dict[str, Any], model_info: dict[str, Any]) -> bool:
-        done = previous.get("explanations", {})
-        return previous.get("model", {}).get("sha256") == model_info["sha256"] and done.get("request") == request
-
     def finish(folders: Sequence[Path]) -> None:
         for folder in folders:
             contact_sheet(folder)
 
     return run_studies(
-        inputs, model=model, make_processor=lambda context: ExplainChunk(context, settings), is_done=is_done,
+        inputs, model=model, make_processor=lambda context: ExplainChunk(context, settings),
+        settings={"predict": PREDICT_SETTINGS, "explain": settings.request()},
         out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
         include_patient_id=include_patient_id, display_size=settings.display_size, on_result=on_result,
         progress=progress, on_finish=finish, check_model=check_model, stdin=stdin,

@@ -192,18 +192,32 @@ def _check_is_single_image(ds: Dataset) -> None:
         raise StudyReadError("a DICOM Segmentation (SEG), not a radiograph: a mask for cxrtool radiomics")
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         sop_class = _sop_class_name(ds)
-        if sop_class == "unknown" and "Modality" not in ds:
+        modality = _text(ds, "Modality").upper()
+        if sop_class == "unknown" and not modality:
             # Nothing recognisable was parsed: garbage after the "DICM" magic.
             raise StudyReadError("invalid or corrupt DICOM header: no SOP Class, no Pixel Data")
-        # pydicom drops an encapsulated Pixel Data element whose end was cut off (with a
-        # warning only), so an image object without pixel data is a truncated file.
-        if "Rows" in ds or "Columns" in ds or "Image" in sop_class:
+        kind = _non_image_kind(ds, modality)
+        if kind is None and ("Rows" in ds or "Columns" in ds or "Image" in sop_class):
+            # pydicom drops an encapsulated Pixel Data element whose end was cut off (with
+            # a warning only), so an image object without pixel data is a truncated file.
             raise StudyReadError(
                 "truncated or corrupt pixel data: Pixel Data element missing or cut off"
             )
+        what = f"a {kind}" if kind else "an object without an image"
         raise StudyReadError(
-            _one_line(f"DICOM has no pixel data (SOP Class: {sop_class}, e.g. a structured report)")
+            _one_line(f"DICOM without pixel data: {what} (SOP Class: {sop_class}"
+                      f"{f', Modality {modality}' if modality else ''}), not a radiograph")
         )
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+    except (AttributeError, TypeError, ValueError):
+        rows = columns = samples = 0  # reported below as missing or invalid attributes
+    if rows * columns * max(1, samples) > MAX_PIXELS:
+        # Before anything is decoded: a header can promise any size, and a decoder would
+        # try to allocate it (a "header size bomb").
+        raise StudyReadError(f"image too large: {columns} x {rows} pixels x {samples} samples "
+                             f"(limit {MAX_PIXELS:,}): a corrupt or malicious header?")
     missing = [name for name in _REQUIRED_IMAGE_ATTRIBUTES if name not in ds]
     if missing:
         raise StudyReadError(f"invalid DICOM image: missing {', '.join(missing)}")
@@ -213,6 +227,34 @@ def _check_is_single_image(ds: Dataset) -> None:
         raise StudyReadError(_one_line(f"invalid Number of Frames: {error}")) from error
     if frames > 1:
         raise StudyReadError(f"multi-frame DICOM ({frames} frames) is not a single radiograph")
+
+
+# SOP Class UID prefixes and modalities of objects that hold no image by design.
+_NON_IMAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.": "structured report",
+    "1.2.840.10008.5.1.4.1.1.11.": "presentation state",
+    "1.2.840.10008.5.1.4.1.1.104.": "encapsulated document",
+    "1.2.840.10008.5.1.4.1.1.9.": "waveform",
+    "1.2.840.10008.5.1.4.1.1.481.": "radiotherapy object",
+    "1.2.840.10008.5.1.4.1.1.66": "raw data or registration object",
+}
+_NON_IMAGE_MODALITIES = {"SR": "structured report", "KO": "key object selection", "PR": "presentation state",
+                         "DOC": "encapsulated document", "REG": "registration", "RTSTRUCT": "RT structure set",
+                         "RTPLAN": "RT plan", "ECG": "waveform", "AU": "audio waveform"}
+# The most pixels (times samples) a header may declare: as Pillow's decompression-bomb
+# limit for PNG and JPEG. Chest radiographs are at most about 4,300 x 4,300 (18.5 M).
+MAX_PIXELS = 89_478_485
+
+
+def _non_image_kind(ds: Dataset, modality: str) -> str | None:
+    """What a DICOM object without pixel data is by design (a structured report ...), or None."""
+    value = str(ds.get("SOPClassUID") or ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID") or "").strip("\x00 ")
+    if "Image" in _sop_class_name(ds):
+        return None  # an image class (RT Image among the RT objects): it should have pixels
+    for prefix, kind in _NON_IMAGE_CLASSES.items():
+        if value.startswith(prefix):
+            return kind
+    return _NON_IMAGE_MODALITIES.get(modality)
 
 
 def _sop_class_name(ds: Dataset) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,9 @@ from typing import TextIO
 import numpy as np
 
 VIEW_POSITIONS = ("PA", "AP", "LATERAL", "UNKNOWN")
+# Smaller than this on either side is not a radiograph (an icon, a 1x1 tracking pixel, a
+# thumbnail): it is refused rather than scored. MedMNIST-style 28 px thumbnails are too.
+MIN_SIDE = 32
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
 # Files that are never studies, even without an extension (our own outputs among them).
 _IGNORED_SUFFIXES = {".json", ".csv", ".txt", ".md", ".yaml", ".yml", ".html", ".npy", ".gz"}
@@ -55,6 +59,7 @@ class Study:
             never patient names or IDs.
         rescaled: for DICOM, the Modality-LUT output (e.g. Hounsfield-like or raw detector
             values) as float32 before windowing, when the reader was asked to keep it.
+        warnings: what the decoders warned about while reading (one line each).
     """
 
     path: Path
@@ -64,6 +69,7 @@ class Study:
     source_format: str = "png"
     identity: dict[str, str] = field(default_factory=dict)
     rescaled: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -99,8 +105,17 @@ def sniff_format(path: Path) -> str:
     raise StudyReadError("not a DICOM, PNG or JPEG file")
 
 
-def read_study(path: str | os.PathLike, *, keep_rescaled: bool = False) -> Study:
+def read_study(path: str | os.PathLike, *, keep_rescaled: bool = False, min_side: int = MIN_SIDE) -> Study:
     """Read one file as a Study, whatever its format.
+
+    What the decoders warn about (pydicom's "End of file reached ...", Pillow's ...) never
+    reaches stderr raw: it becomes part of the reason when the file cannot be used, and
+    ``Study.warnings`` when it can.
+
+    Args:
+        path: a DICOM, PNG or JPEG file (told apart by content).
+        keep_rescaled: for DICOM, also keep the Modality-LUT output (``Study.rescaled``).
+        min_side: an image smaller than this on either side is refused (not a radiograph).
 
     Example:
         >>> study = read_study("study/img001.dcm")
@@ -110,6 +125,24 @@ def read_study(path: str | os.PathLike, *, keep_rescaled: bool = False) -> Study
         StudyReadError: with a one-line reason when the file cannot be used.
     """
     path = Path(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            study = _read(path, keep_rescaled)
+        except StudyReadError as error:
+            noticed = _warning_lines(caught)
+            if noticed:
+                raise StudyReadError(one_line(f"{error} (the decoder warned: {'; '.join(noticed)})", limit=400)) from error
+            raise
+    study.warnings = _warning_lines(caught)
+    height, width = study.shape
+    if min(height, width) < min_side:
+        raise StudyReadError(f"image too small to be a radiograph: {width} x {height} pixels "
+                             f"(the minimum is {min_side} x {min_side})")
+    return study
+
+
+def _read(path: Path, keep_rescaled: bool) -> Study:
     kind = sniff_format(path)
     if kind == "dicom":
         from cxrtool.io.dicom import read_dicom
@@ -118,6 +151,20 @@ def read_study(path: str | os.PathLike, *, keep_rescaled: bool = False) -> Study
     from cxrtool.io.images import read_image
 
     return read_image(path)
+
+
+def _warning_lines(caught: list[warnings.WarningMessage]) -> list[str]:
+    lines = (one_line(f"{_origin(w)}{w.message}", limit=160) for w in caught
+             if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)))
+    return list(dict.fromkeys(lines))[:5]
+
+
+def _origin(warning: warnings.WarningMessage) -> str:
+    module = Path(warning.filename).parts
+    for name in ("pydicom", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "jpeg_ls", "gdcm"):
+        if name in module:
+            return f"{'Pillow' if name == 'PIL' else name}: "
+    return ""
 
 
 def find_studies(inputs: Iterable[str | os.PathLike], *, stdin: TextIO | None = None) -> Iterator[Path]:

@@ -81,8 +81,10 @@ def pick_device(device: str = "auto") -> torch.device:
     """Resolve ``auto|cpu|cuda|cuda:N|mps`` to an available torch device.
 
     Raises:
-        ValueError: when the requested device is not available here.
+        UsageError: when the requested device is not available here.
     """
+    from cxrtool.errors import UsageError
+
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -90,10 +92,10 @@ def pick_device(device: str = "auto") -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from error
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from error
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+            raise UsageError(f"device {device!r} requested but CUDA is not available; use --device cpu")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+            raise UsageError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
     return resolved

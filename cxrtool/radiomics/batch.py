@@ -1,18 +1,23 @@
-"""The radiomics loop over (image, region) pairs: parallel, resumable, one table at the end.
+"""The radiomics loop over (image, region) pairs: parallel, resumable, one shared table.
 
 Each finished row (features, or the reason the region could not be measured) is appended
-to a journal beside the output (``OUT.journal.jsonl``) as one JSON line and flushed. An
-interrupted run starts again from the journal: rows already there are not measured again,
-a last line torn by the interruption is dropped (and measured again), and the table
-``OUT`` is rebuilt from the journal, each row once, in the order of the jobs. The journal's
-first line records the settings (parameters, feature classes, cxrtool's version): a run
-with other settings does not reuse its rows but starts afresh.
+to a journal beside the table (``OUT.journal.jsonl``) as one JSON line, with its
+provenance: the fingerprints of the image and the mask it was measured on. An interrupted
+run starts again from the journal: rows already there whose files are unchanged are not
+measured again (:func:`cxrtool.io.records.is_done`), a last line torn by the interruption
+is dropped (and measured again). The table ``OUT`` is rebuilt from the journal at the end,
+each region once (its latest row), leaving out rows whose image or mask has changed since.
+
+The journal's first line records the settings (parameters, feature classes, versions): a
+table measured with other settings is not mixed with new rows; the run is refused unless
+``overwrite`` (which starts the table afresh). Runs into the same table at the same time
+append under the folder's lock, and each rebuild takes every run's rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -23,10 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from cxrtool.io.outputs import atomic_write
+from cxrtool.errors import UsageError
+from cxrtool.io.outputs import atomic_write, folder_lock
+from cxrtool.io.records import Fingerprint, Provenance, is_done, settings_digest
 from cxrtool.radiomics.sources import RegionJob, read_mask
 
-ID_COLUMNS = ("image", "mask", "label", "finding", "region", "status", "error")
+ID_COLUMNS = ("image", "mask", "label", "finding", "region", "model", "status", "error")
 JOURNAL_KIND = "cxrtool radiomics"
 
 
@@ -34,8 +41,10 @@ JOURNAL_KIND = "cxrtool radiomics"
 class RadiomicsSummary:
     total: int = 0
     measured: int = 0
-    resumed: int = 0  # rows taken from the journal of an earlier, interrupted run
-    restarted: bool = False  # an earlier run's journal had other settings: measured afresh
+    resumed: int = 0  # rows taken from the journal (an earlier or interrupted run)
+    restarted: bool = False  # the table held other settings and was started afresh (overwrite)
+    changed: int = 0  # journal rows whose image or mask had changed: measured again
+    stale: int = 0  # rows of other regions left out of the table: their files changed since
     failed: list[tuple[str, str]] = field(default_factory=list)
     table: Path | None = None
     json: Path | None = None
@@ -51,15 +60,23 @@ def measure(job: RegionJob, params: dict[str, Any] | None, classes: tuple[str, .
 
 
 def measure_image(
-    jobs: Sequence[RegionJob], params: dict[str, Any] | None, classes: tuple[str, ...] | None = None
+    jobs: Sequence[RegionJob], params: dict[str, Any] | None, classes: tuple[str, ...] | None = None,
+    settings: str = "",
 ) -> list[dict[str, Any]]:
     """The rows of regions of one image (read once): each row the job's identity,
-    ``status`` ok/failed, the reason, and the features."""
+    ``status`` ok/failed, the reason, the features, and (under ``_provenance``) what it
+    was measured on."""
     from cxrtool.io.studies import StudyReadError, read_study
     from cxrtool.radiomics.features import RegionError, extract
 
     expected = (StudyReadError, RegionError, ValueError, FileNotFoundError, OSError)
     rows: list[dict[str, Any]] = [{**asdict(job), "status": "ok", "error": ""} for job in jobs]
+    image_print = _fingerprint(jobs[0].image)
+    mask_prints = {job.mask: _fingerprint(job.mask) for job in jobs if job.mask}
+    for job, row in zip(jobs, rows):
+        inputs = {"image": image_print, **({"mask": mask_prints[job.mask]} if job.mask else {})}
+        if all(inputs.values()):
+            row["_provenance"] = Provenance(inputs, PRODUCER, {"radiomics": settings}).to_dict()  # type: ignore[arg-type]
     try:
         study = read_study(jobs[0].image, keep_rescaled=True)
         if study.identity.get("converted_from"):
@@ -84,6 +101,16 @@ def measure_image(
     return rows
 
 
+PRODUCER = "cxrtool radiomics"
+
+
+def _fingerprint(path: str | None) -> Fingerprint | None:
+    try:
+        return Fingerprint.of(path) if path else None
+    except OSError:
+        return None  # missing: the row fails with its reason, and is measured again next time
+
+
 def _reason(error: Exception, expected: tuple[type[Exception], ...]) -> str:
     text = " ".join(str(error).split())
     if isinstance(error, expected):
@@ -96,33 +123,46 @@ def _row_key(row: dict[str, Any]) -> str:
     return RegionJob(row["image"], row["mask"], row["label"]).key
 
 
-def _settings_key(params: dict[str, Any] | None, classes: tuple[str, ...] | None) -> str:
+def _settings(params: dict[str, Any] | None, classes: tuple[str, ...] | None) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
     from cxrtool import __version__
 
-    text = json.dumps({"params": params, "classes": classes, "cxrtool": __version__}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    try:
+        pyradiomics = version("pyradiomics-bhklab")
+    except PackageNotFoundError:  # another distribution of the same package
+        import radiomics
+
+        pyradiomics = getattr(radiomics, "__version__", "?")
+    return {"params": params, "classes": list(classes) if classes else None, "cxrtool": __version__,
+            "pyradiomics": pyradiomics}
 
 
-def _read_journal(path: Path, settings: str) -> dict[str, dict[str, Any]] | None:
-    """The rows of an earlier run with the same settings; None when the journal is of other
-    settings (its rows would not be comparable: the run starts afresh)."""
+def _read_journal(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The journal's header and its rows, each region's latest (a torn line is skipped)."""
     done: dict[str, dict[str, Any]] = {}
     if not path.is_file():
-        return done
+        return None, done
     with open(path, encoding="utf-8") as handle:
         try:
             header = json.loads(handle.readline())
         except json.JSONDecodeError:
-            return None
-        if not isinstance(header, dict) or header.get("journal") != JOURNAL_KIND or header.get("settings") != settings:
-            return None
+            header = {}
+        if not isinstance(header, dict) or header.get("journal") != JOURNAL_KIND:
+            header = {"journal": "unknown"}
         for line in handle:
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+                done[_row_key(row)] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # the line an interruption tore: measured again
-            done[_row_key(row)] = row
-    return done
+    return header, done
+
+
+def _still_valid(row: dict[str, Any], digest: str) -> bool:
+    inputs = {"image": row["image"], **({"mask": row["mask"]} if row.get("mask") else {})}
+    return is_done(Provenance.from_dict(row.get("_provenance")), inputs=inputs, producer=PRODUCER,
+                   settings={"radiomics": digest})
 
 
 def run_regions(
@@ -134,67 +174,107 @@ def run_regions(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     json_out: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> RadiomicsSummary:
-    """Measure every job (in worker processes), journaling each row; then write the table
-    (and, with ``json_out``, the same rows as JSON). ``classes`` limits the feature classes
-    of ``params`` (or of the default).
+    """Measure every job not done before (in worker processes), journaling each row; then
+    write the table (and, with ``json_out``, the same rows as JSON). ``classes`` limits
+    the feature classes of ``params`` (or of the default).
 
     The table has the identifying columns first (image, mask, label, finding, region,
-    status, error), then the features, then PyRadiomics' diagnostics (versions, settings,
-    mask statistics). Re-running after an interruption resumes from the journal.
+    model, status, error), then the features, then PyRadiomics' diagnostics (versions,
+    settings, mask statistics). Re-running after an interruption resumes from the journal;
+    a region whose image or mask changed since is measured again.
+
+    Raises:
+        UsageError: the table holds rows measured with other settings (and not ``overwrite``).
     """
     from cxrtool._workers import fork_safe_opencv
 
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     journal = out_csv.with_name(out_csv.name + ".journal.jsonl")
-    settings = _settings_key(params, classes)
-    earlier = _read_journal(journal, settings)
-    stale = earlier is None
-    done = earlier or {}
+    settings = _settings(params, classes)
+    digest = settings_digest(settings)
+    summary = RadiomicsSummary()
+    with folder_lock(out_csv.parent):
+        header, done = _read_journal(journal)
+        if header is not None and header.get("settings") != digest:
+            if not overwrite:
+                raise UsageError(
+                    f"{out_csv} holds features measured with other settings ({_difference(header, settings)}); "
+                    "give another --out, or --overwrite to replace that table")
+            summary.restarted, done = True, {}
+            for old in (journal, out_csv):
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
+        if header is None or summary.restarted:
+            with open(journal, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps({"journal": JOURNAL_KIND, "settings": digest, "recorded": settings}) + "\n")
     unique = list({job.key: job for job in jobs}.values())
-    summary = RadiomicsSummary(total=len(unique), restarted=stale)
-    todo = [job for job in unique if job.key not in done]
+    summary.total = len(unique)
+    todo = []
+    for job in unique:
+        row = done.get(job.key)
+        if row is not None and not overwrite and _still_valid(row, digest):
+            continue
+        if row is not None and not overwrite and row.get("_provenance"):
+            summary.changed += 1  # (a row without provenance failed on a missing file: tried again)
+        todo.append(job)
     summary.resumed = len(unique) - len(todo)
     finished = summary.resumed
     if progress:
         progress(finished, summary.total)
     n_workers = max(1, os.cpu_count() or 1) if workers is None else max(1, workers)
-    fresh = stale or not journal.is_file()
-    with open(journal, "w" if fresh else "a", encoding="utf-8") as handle:
-        if fresh:
-            handle.write(json.dumps({"journal": JOURNAL_KIND, "settings": settings}) + "\n")
-        else:  # a torn last line would otherwise run into the next row
-            handle.write("\n")
 
-        def record(row: dict[str, Any]) -> None:
-            nonlocal finished
-            handle.write(json.dumps(row, default=_json_default) + "\n")
-            handle.flush()
-            done[_row_key(row)] = row
-            finished += 1
-            if progress:
-                progress(finished, summary.total)
+    def record(rows: list[dict[str, Any]]) -> None:
+        nonlocal finished
+        lines = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
+        with folder_lock(out_csv.parent), open(journal, "a+b") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell():
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    lines = "\n" + lines  # a line torn by an interruption stays apart
+            handle.write(lines.encode("utf-8"))
+        finished += len(rows)
+        if progress:
+            progress(finished, summary.total)
 
-        groups = _by_image(todo, n_workers)
-        if n_workers == 1 or len(groups) < 2:
-            for group in groups:
-                for row in measure_image(group, params, classes):
-                    record(row)
-        else:
-            threads = max(1, (os.cpu_count() or 1) // n_workers)
-            with fork_safe_opencv(), ProcessPoolExecutor(max_workers=n_workers, initializer=_worker_init,
-                                                         initargs=(threads,)) as pool:
-                for rows in pool.map(measure_image, groups, [params] * len(groups), [classes] * len(groups), chunksize=1):
-                    for row in rows:
-                        record(row)
-    rows = [done[job.key] for job in unique]
+    groups = _by_image(todo, n_workers)
+    if n_workers == 1 or len(groups) < 2:
+        for group in groups:
+            record(measure_image(group, params, classes, digest))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // n_workers)
+        with fork_safe_opencv(), ProcessPoolExecutor(max_workers=n_workers, initializer=_worker_init,
+                                                     initargs=(threads,)) as pool:
+            for rows in pool.map(measure_image, groups, [params] * len(groups), [classes] * len(groups),
+                                 [digest] * len(groups), chunksize=1):
+                record(rows)
     summary.measured = len(todo)
-    summary.failed = [(row["image"], row["error"]) for row in rows if row["status"] != "ok"]
-    summary.table = _write_table(out_csv, rows)
-    if json_out is not None:
-        summary.json = _write_json(Path(json_out), rows)
+    with folder_lock(out_csv.parent):
+        _, everything = _read_journal(journal)  # every run's rows, this one's included
+        # This run's regions in the order they were asked for, then the other runs' (those
+        # whose files are unchanged) in the order they were measured.
+        mine = {job.key for job in unique}
+        rows = [everything[job.key] for job in unique if job.key in everything]
+        others = [row for key, row in everything.items() if key not in mine]
+        valid = [row for row in others if _still_valid(row, digest)]
+        rows.extend(valid)
+        summary.stale = len(others) - len(valid)
+        summary.failed = [(row["image"], row["error"]) for row in rows if _row_key(row) in mine and row["status"] != "ok"]
+        summary.table = _write_table(out_csv, rows)
+        if json_out is not None:
+            summary.json = _write_json(Path(json_out), rows)
     return summary
+
+
+def _difference(header: dict[str, Any], settings: dict[str, Any]) -> str:
+    recorded = header.get("recorded")
+    if not isinstance(recorded, dict):
+        return "an earlier cxrtool's settings"
+    changed = [key for key in settings if recorded.get(key) != settings[key]]
+    return "other " + ", ".join(changed) if changed else "other settings"
 
 
 def _by_image(jobs: Sequence[RegionJob], workers: int) -> list[list[RegionJob]]:
@@ -232,7 +312,7 @@ def _write_table(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
     diagnostics: dict[str, None] = {}
     for row in rows:
         for key in row:
-            if key in ID_COLUMNS:
+            if key in ID_COLUMNS or key.startswith("_"):
                 continue
             (diagnostics if key.startswith("diagnostics_") else features).setdefault(key, None)
     header = [*ID_COLUMNS, *features, *diagnostics]
@@ -252,7 +332,8 @@ def _write_json(path: Path, rows: list[dict[str, Any]]) -> Path:
     for row in rows:
         record: dict[str, Any] = {key: row.get(key) for key in ID_COLUMNS}
         record["features"] = {
-            k: _finite(v) for k, v in row.items() if k not in ID_COLUMNS and not k.startswith("diagnostics_")
+            k: _finite(v) for k, v in row.items()
+            if k not in ID_COLUMNS and not k.startswith("diagnostics_") and not k.startswith("_")
         }
         record["diagnostics"] = {k[len("diagnostics_"):]: _finite(v) for k, v in row.items() if k.startswith("diagnostics_")}
         records.append(record)

@@ -34,6 +34,7 @@ class RegionJob:
     label: int = 1
     finding: str = ""
     region: int | None = None
+    model: str = ""  # for a CAM region: the id of the model whose map it is
 
     @property
     def key(self) -> str:
@@ -174,32 +175,67 @@ def _masks_beside(studies: list[Path]) -> dict[Path, Path]:
     return found
 
 
-def jobs_from_cam(studies: Iterable[Path], *, positive_only: bool = False) -> tuple[list[RegionJob], list[str]]:
-    """One job per region of every finding ``cxrtool explain`` mapped for these studies
-    (its mask ``NAME.cxrtool.<Finding>.mask.png`` holds region k as pixel value k); with
-    ``positive_only``, only of the findings the model called positive.
+def jobs_from_cam(
+    studies: Iterable[Path] = (),
+    *,
+    positive_only: bool = False,
+    explanations: str | os.PathLike | None = None,
+    model: str | None = None,
+) -> tuple[list[RegionJob], list[str]]:
+    """One job per region of every finding ``cxrtool explain`` mapped (its mask
+    ``NAME.cxrtool.<model id>.<Finding>.mask.png`` holds region k as pixel value k); with
+    ``positive_only``, only of the findings the model called positive; with ``model`` (a
+    name or id), only that model's maps.
 
-    Returns the jobs, and the studies that had no explanations (for a note).
+    The sidecars are beside the studies, or under ``explanations`` (explain's ``--out``
+    tree): each sidecar there says where its study is. With both, only those studies.
+    A study whose file changed since it was explained has no valid explanations.
+
+    Returns the jobs, and the studies that had no (valid) explanations (for a note).
     """
     from cxrtool.io.outputs import sidecar_path
+    from cxrtool.io.records import iter_sidecars, read_sidecar
 
+    wanted = {Path(study).absolute() for study in studies}
+    found: list[tuple[Path, Path, object]] = []  # (study, sidecar folder, sidecar)
+    if explanations is not None:
+        for path, sidecar in iter_sidecars(Path(explanations), recursive=True):
+            study = Path(os.path.normpath(sidecar.source_path(path.parent).absolute()))
+            if not wanted or study in wanted:
+                found.append((_as_given(study), path.parent, sidecar))
+        seen = {study.absolute() for study, _, _ in found}
+        unexplained = [str(study) for study in sorted(wanted - seen)]
+    else:
+        unexplained = []
+        for study in studies:
+            sidecar = read_sidecar(sidecar_path(study.parent, study.name))
+            if sidecar is None:
+                unexplained.append(str(study))
+            else:
+                found.append((study, study.parent, sidecar))
     jobs: list[RegionJob] = []
-    unexplained: list[str] = []
-    for study in studies:
-        sidecar = sidecar_path(study.parent, study.name)
-        try:
-            record = json.loads(sidecar.read_text(encoding="utf-8"))
-            explained = record["explanations"]["findings"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    for study, folder, sidecar in found:
+        results = [r for r in sidecar.results if r.explanations and (model is None or model in (r.model.name, r.model.id))]
+        if not results or not sidecar.fingerprint.same_content(study):
             unexplained.append(str(study))
             continue
-        for finding, entry in explained.items():
-            if positive_only and not entry.get("positive"):
-                continue
-            mask = entry.get("files", {}).get("mask")
-            for region in entry.get("regions", []) if mask else []:
-                jobs.append(RegionJob(str(study), str(study.parent / mask), int(region["label"]), finding, int(region["label"])))
+        for result in results:
+            for finding, entry in result.explanations.get("findings", {}).items():
+                if positive_only and not entry.get("positive"):
+                    continue
+                mask = entry.get("files", {}).get("mask")
+                for region in entry.get("regions", []) if mask else []:
+                    jobs.append(RegionJob(str(study), str(folder / mask), int(region["label"]), finding,
+                                          int(region["label"]), result.model.id))
     return jobs, unexplained
+
+
+def _as_given(path: Path) -> Path:
+    """An absolute path relative to the working folder when it lies inside it (as users type it)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def read_mask(

@@ -1,0 +1,385 @@
+"""The journey ``predict`` and ``explain`` share: find, skip what is done, decode, process, tabulate.
+
+Decoding and preprocessing run in worker processes (a torch DataLoader over the list of
+paths); the model runs batched; each result is written as soon as its batch is done: the
+study's sidecar, and its rows in the folder's table. Memory stays flat in the number of
+inputs: only paths and small result records are kept, never pixels.
+
+Where the model runs: on a GPU, in this process. On a CPU with a worker per core, inside
+the workers (each core then does whole studies, and no intra-op threads fight the
+decoders); with fewer workers than cores, in this process with the spare cores as threads,
+the workers only decoding. Forked workers always run torch single-threaded: a child forked
+from a process whose OpenMP pool was running hangs in its first parallel region.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrtool._workers import fork_safe_opencv, worker_init
+from cxrtool.io.records import (
+    FolderOutputs,
+    Fingerprint,
+    ModelRef,
+    RecordError,
+    Sidecar,
+    index_entry,
+    is_done,
+    read_sidecar,
+    relative_source,
+)
+from cxrtool.io.outputs import sidecar_path
+from cxrtool.io.studies import StudyReadError, find_studies, one_line, read_study
+from cxrtool.preprocess import Preprocessing, prepare
+
+ResultCallback = Callable[[dict[str, Any]], None]
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class RunSummary:
+    """What a run over studies did; ``exit_code`` follows the CLI's convention."""
+
+    total: int = 0
+    predicted: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
+    stale: int = 0  # earlier results dropped because their study's file changed since
+
+    @property
+    def exit_code(self) -> int:
+        if self.total == 0:
+            return 2
+        return 1 if self.failed else 0
+
+
+PredictSummary = RunSummary  # the name the first release exported
+
+
+class StudyInputs:
+    """Map-style dataset: index -> decoded, preprocessed study (or the reason it failed)."""
+
+    def __init__(
+        self, paths: Sequence[Path], prep: Preprocessing, *, include_patient_id: bool = False, display_size: int | None = None
+    ):
+        self.paths = paths
+        self.prep = prep
+        self.include_patient_id = include_patient_id
+        self.display_size = display_size  # also hand over the geometry and a uint8 picture this big
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
+        item: dict[str, Any] = {"index": index}
+        try:
+            item["fingerprint"] = Fingerprint.of(path)
+        except OSError:
+            pass  # missing or unreadable: read_study below says which
+        try:
+            study = read_study(path)
+            tensor, geometry = prepare(study.pixels, self.prep)
+            item.update(
+                tensor=tensor,
+                view_position=study.view_position,
+                pixel_spacing=study.pixel_spacing,
+                identity=study.identity,
+                image_size=list(study.shape),
+                warnings=study.warnings,
+            )
+            if self.display_size:
+                item["geometry"] = geometry
+                item["display"] = _display(study.pixels, self.display_size)
+            if self.include_patient_id and study.source_format == "dicom":
+                item["patient_id"] = _patient_id(path)
+            if study.pixels.size > _TRIM_ABOVE_PIXELS:
+                del study
+                _release_freed_memory()
+        except StudyReadError as error:
+            item["error"] = str(error)
+        except (OSError, ValueError, MemoryError) as error:
+            # A decoder failing in a way the readers did not anticipate must not stop the
+            # batch: record it as this file's reason.
+            item["error"] = f"{type(error).__name__}: {one_line(str(error)) or type(error).__name__}"
+        return item
+
+
+def _display(pixels: np.ndarray, longest: int) -> np.ndarray:
+    """The radiograph as uint8 with its longer side at most ``longest`` pixels, for pictures."""
+    import cv2
+
+    height, width = pixels.shape
+    ratio = min(1.0, longest / max(height, width))
+    if ratio < 1.0:
+        pixels = cv2.resize(pixels, (max(1, round(width * ratio)), max(1, round(height * ratio))), interpolation=cv2.INTER_AREA)
+    return np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+# Decoding a large radiograph allocates tens of MB that glibc keeps for the process after
+# they are freed; over thousands of studies of mixed sizes the workers' memory would creep.
+_TRIM_ABOVE_PIXELS = 2_000_000
+
+
+def _release_freed_memory() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc (e.g. musl): nothing to trim
+
+
+def _patient_id(path: Path) -> str:
+    import pydicom
+
+    dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    return str(dataset.get("PatientID", ""))
+
+
+@dataclass
+class RunContext:
+    """What a chunk processor needs to turn decoded studies into written results."""
+
+    network: Any
+    card: Any
+    thresholds: np.ndarray
+    model: ModelRef
+    device: Any
+    paths: list[Path]  # the studies to do, by dataset index
+    folders: list[Path]  # output folder of each study to do, by dataset index
+    version: str
+    settings: dict[str, Any]  # stage -> settings, recorded with each result
+    in_worker: bool = False  # the processor runs inside a decoding worker
+
+    def study_record(self, item: dict[str, Any]) -> Sidecar:
+        """The study's identity (no results yet) from a decoded item."""
+        path, folder = self.paths[item["index"]], self.folders[item["index"]]
+        spacing = item.get("pixel_spacing")
+        return Sidecar(
+            file=path.name,
+            source=relative_source(path, folder),
+            fingerprint=item["fingerprint"],
+            view_position=item["view_position"],
+            pixel_spacing_mm=[round(float(v), 6) for v in spacing] if spacing else None,
+            image_size=item["image_size"],
+            identity=dict(item["identity"]),
+            patient_id=item.get("patient_id"),
+        )
+
+    def settle_failures(self, items: list[dict[str, Any]]) -> None:
+        """Studies that failed now: their stale results go (see :func:`settle_failure`)."""
+        from cxrtool.io.records import settle_failure
+
+        for item in items:
+            if "error" in item:
+                path = self.paths[item["index"]]
+                update = settle_failure(self.folders[item["index"]], path.name, item.get("fingerprint"), self.model.id)
+                item["sidecar"], item["stale"] = update.sidecar, len(update.stale)
+
+
+ChunkFactory = Callable[[RunContext], Callable[[list[dict[str, Any]]], list[dict[str, Any]]]]
+
+
+def output_root(paths: Sequence[Path]) -> Path | None:
+    """The folder that ``--out`` mirrors: the common parent of all input folders."""
+    if not paths:
+        return None
+    parents = {str(p.absolute().parent) for p in paths}
+    return Path(os.path.commonpath(sorted(parents)))
+
+
+def regroup(chunks: Iterable[list[dict[str, Any]]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """Regroup the loader's small chunks into model batches of ``size`` (the last may be short)."""
+    pending: list[dict[str, Any]] = []
+    for chunk in chunks:
+        pending.extend(chunk)
+        if len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]
+    if pending:
+        yield pending
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` intra-op threads, and give the caller's setting back afterwards."""
+    import torch
+
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_studies(
+    inputs: Iterable[str | os.PathLike],
+    *,
+    model: str | os.PathLike,
+    make_processor: ChunkFactory,
+    settings: dict[str, Any],
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    batch_size: int = 16,
+    workers: int | None = None,
+    device: str = "auto",
+    include_patient_id: bool = False,
+    display_size: int | None = None,
+    on_result: ResultCallback | None = None,
+    progress: ProgressCallback | None = None,
+    on_finish: Callable[[list[Path]], None] | None = None,
+    check_model: Callable[[Any, Any], None] | None = None,
+    stdin=None,
+) -> RunSummary:
+    """Run a stage (predict, explain) over studies.
+
+    ``make_processor(context)`` gives the callable that turns a chunk of decoded studies
+    into written results (see :class:`cxrtool.predict.ScoreChunk`); a study whose sidecar
+    holds a result of this model made from the same file content with these ``settings``
+    (stage -> settings) is already done (:func:`cxrtool.io.records.is_done`) and skipped
+    unless ``overwrite``. ``check_model(network, card)`` may refuse the request (by
+    raising) before any study is looked at.
+    """
+    import torch
+
+    from cxrtool import __version__
+    from cxrtool.models.checkpoint import file_sha256, load_checkpoint
+    from cxrtool.models.network import pick_device
+
+    torch_device = pick_device(device)
+    network, card = load_checkpoint(model, device=str(torch_device))
+    if check_model is not None:
+        check_model(network, card)
+    # Channels-last convolutions are markedly faster on CPUs (oneDNN) and tensor cores.
+    network = network.to(memory_format=torch.channels_last)
+    model_ref = ModelRef(card.name, card.architecture, file_sha256(model))
+    prep = Preprocessing.from_dict(card.preprocessing)
+    thresholds = np.array([card.threshold_for(f) for f in card.findings], dtype=np.float64)
+
+    paths = list(find_studies(inputs, stdin=stdin))
+    summary = RunSummary(total=len(paths))
+    root = output_root(paths)
+    out_dir = Path(out) if out is not None else None
+    outputs = FolderOutputs(model_ref, index_entry(model_ref, card, thresholds, __version__))
+
+    def destination(path: Path) -> Path:
+        if out_dir is None:
+            return path.parent
+        relative = path.absolute().parent.relative_to(root) if root else Path()
+        return out_dir / relative
+
+    finished = 0
+
+    def report(record: dict[str, Any]) -> None:
+        nonlocal finished
+        finished += 1
+        if on_result is not None:
+            on_result(record)
+        if progress is not None:
+            progress(finished, summary.total)
+
+    todo: list[Path] = []
+    for path in paths:
+        folder = destination(path)
+        previous = None if overwrite else read_sidecar(sidecar_path(folder, path.name))
+        if previous is not None and is_done(previous.provenance(model_ref.id), inputs={"image": path},
+                                            producer=model_ref.sha256, settings=settings):
+            summary.skipped += 1
+            outputs.study(folder, path.name, previous)  # the table stays complete
+            result = previous.result_for(model_ref.id)
+            report({**previous.flat(result), "path": str(path), "status": "skipped"})  # type: ignore[arg-type]
+        else:
+            todo.append(path)
+
+    cores = os.cpu_count() or 1
+    n_workers = min(cores, 8) if workers is None else workers
+    in_workers = torch_device.type == "cpu" and n_workers >= cores and n_workers > 0
+    context = RunContext(network, card, thresholds, model_ref, torch_device, todo, [destination(p) for p in todo],
+                         __version__, settings, in_worker=in_workers)
+    processor = make_processor(context)
+    dataset = StudyInputs(todo, prep, include_patient_id=include_patient_id, display_size=display_size)
+    if in_workers:
+        # Workers decode and process chunks of a few studies; small chunks keep a run of
+        # slow studies (large JPEG 2000 DICOMs) from piling up in one worker.
+        chunk, collate = min(batch_size, 8), processor
+    else:
+        # The model runs here; workers hand over one study at a time and the batches are
+        # formed from them as they arrive.
+        chunk, collate = 1, _collate
+    threads = max(1, cores - n_workers) if torch_device.type == "cpu" and not in_workers else None
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=_chunks(len(dataset), chunk, tail=n_workers * chunk),
+        num_workers=n_workers,
+        collate_fn=collate,
+        worker_init_fn=worker_init if n_workers else None,
+        prefetch_factor=max(2, batch_size // chunk) if n_workers else None,
+    )
+    try:
+        with _torch_threads(threads):
+            with fork_safe_opencv():
+                chunks = iter(loader)  # starts (forks) the workers
+            for items in regroup(chunks, batch_size):
+                if not in_workers:
+                    items = processor(items)
+                for item in items:
+                    path = todo[item["index"]]
+                    folder = context.folders[item["index"]]
+                    summary.stale += item.get("stale", 0)
+                    if "error" in item:
+                        summary.failed.append((str(path), item["error"]))
+                        outputs.study(folder, path.name, item.get("sidecar"), failure=item["error"],
+                                      stale=bool(item.get("stale")))
+                        report({"file": path.name, "path": str(path), "status": "failed", "error": item["error"]})
+                        continue
+                    sidecar: Sidecar = item["sidecar"]
+                    outputs.study(folder, path.name, sidecar, stale=bool(item.get("stale")))
+                    summary.predicted += 1
+                    report({**sidecar.flat(sidecar.result_for(model_ref.id)), "path": str(path),  # type: ignore[arg-type]
+                            "status": "predicted"})
+    finally:
+        summary.folders = outputs.finish()
+        if on_finish is not None:
+            on_finish(summary.folders)
+    return summary
+
+
+def _chunks(n: int, size: int, *, tail: int) -> list[list[int]]:
+    """Indices 0..n-1 in order, in chunks of ``size``, but one by one for the last ``tail``:
+    the workers then finish together instead of one of them decoding a last chunk alone."""
+    split = max(0, n - tail)
+    return [list(range(i, min(i + size, split))) for i in range(0, split, size)] + [[i] for i in range(split, n)]
+
+
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items  # batches are stacked by the processor, only from items that decoded
+
+
+__all__ = [
+    "ChunkFactory",
+    "PredictSummary",
+    "ProgressCallback",
+    "RecordError",
+    "ResultCallback",
+    "RunContext",
+    "RunSummary",
+    "StudyInputs",
+    "output_root",
+    "regroup",
+    "run_studies",
+]
