@@ -41,7 +41,9 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
-def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0.05, sample_memory: bool = True) -> tuple[int, float, float, str]:
+def run_measured(
+    cmd: list[str], *, env: dict | None = None, interval: float = 0.05, sample_memory: bool = True
+) -> tuple[int, float, float, str]:
     """Run ``cmd``; return (exit code, wall seconds, peak tree PSS in MiB, output).
 
     Reading a process's PSS makes the kernel walk its page tables (about 9 ms for a process

@@ -35,13 +35,13 @@ def plain_loop(folder: Path, model_path: Path, out: Path, device: str) -> int:
     import cv2
     import numpy as np
     import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from cxrtool.io.studies import StudyReadError, find_studies, read_study
     from cxrtool.models.checkpoint import load_checkpoint
     from cxrtool.preprocess import Preprocessing, prepare
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model, card = load_checkpoint(model_path, device=device)
     prep = Preprocessing.from_dict(card.preprocessing)
@@ -78,11 +78,12 @@ def explain_side(folder: Path, model_path: Path, out: Path, device: str, batch_s
 
 def child(args: argparse.Namespace) -> None:
     # Both sides import what they use before the clock starts (the same for both).
-    import cxrtool.models.network  # noqa: F401  (torchvision op names before pytorch_grad_cam)
-    import cxrtool.explain.cams  # noqa: F401
-    import cxrtool.explain.run  # noqa: F401
-    import cxrtool.io.studies  # noqa: F401
     import torch
+
+    import cxrtool.explain.cams
+    import cxrtool.explain.run
+    import cxrtool.io.studies
+    import cxrtool.models.network  # noqa: F401  (torchvision op names before pytorch_grad_cam)
 
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)

@@ -57,7 +57,7 @@ def plain_loop(folder: Path, model_path: Path, out: Path, device: str) -> int:
             tensor, _ = prepare(study.pixels, prep)
             with torch.inference_mode():
                 scores = torch.sigmoid(model(torch.from_numpy(tensor[None]).to(device))).cpu().numpy()[0]
-            write_json(out / f"{path.name}.json", {f: float(s) for f, s in zip(card.findings, np.asarray(scores))})
+            write_json(out / f"{path.name}.json", {f: float(s) for f, s in zip(card.findings, np.asarray(scores), strict=True)})
             writer.writerow([path.name, *(f"{s:.6f}" for s in scores)])
             done += 1
     return done
@@ -75,8 +75,8 @@ def child(args: argparse.Namespace) -> None:
 
     # Both sides import what they use before the clock starts: the figure is the pipeline's,
     # not Python's import time (about 2 s here, the same for both).
-    import cxrtool.io.studies  # noqa: F401
-    import cxrtool.models.network  # noqa: F401
+    import cxrtool.io.studies
+    import cxrtool.models.network
     import cxrtool.predict  # noqa: F401
 
     if args.device == "cpu":
@@ -150,8 +150,8 @@ def main() -> None:
             for mode in ("plain", "pipeline"):
                 run = measure(mode, single, memory=False)
                 rate = run["images"] / run["seconds"]
-                print(f"  speed run {repeat + 1}/{args.repeat} {mode:>8}: {run['images']} images in {run['seconds']:6.1f} s = {rate:6.1f} images/s",
-                      file=sys.stderr, flush=True)
+                print(f"  speed run {repeat + 1}/{args.repeat} {mode:>8}: {run['images']} images in {run['seconds']:6.1f} s "
+                      f"= {rate:6.1f} images/s", file=sys.stderr, flush=True)
                 if mode not in speed or rate > speed[mode]["images_per_s"]:
                     speed[mode] = {"images": run["images"], "seconds": round(run["seconds"], 2), "images_per_s": round(rate, 2)}
         # Memory: separate, sampled runs.

@@ -70,7 +70,7 @@ class _TorchvisionFirst:
     """A meta path finder that prepares torchvision before its first import, then steps
     aside (returns None: the normal finders import it)."""
 
-    def find_spec(self, name, path=None, target=None):  # noqa: ARG002 - the finder protocol
+    def find_spec(self, name, path=None, target=None):
         if name == "torchvision" and not _checked:
             ensure_torchvision_importable()
         return None

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from cxrtool._workers import fork_safe_opencv, worker_init
+from cxrtool.io.outputs import sidecar_path
 from cxrtool.io.records import (
-    FolderOutputs,
     Fingerprint,
+    FolderOutputs,
     ModelRef,
     RecordError,
     Sidecar,
@@ -36,7 +37,6 @@ from cxrtool.io.records import (
     read_sidecar,
     relative_source,
 )
-from cxrtool.io.outputs import sidecar_path
 from cxrtool.io.studies import StudyReadError, find_studies, one_line, read_study
 from cxrtool.preprocess import Preprocessing, prepare
 

@@ -48,7 +48,7 @@ class ScoreChunk:
         decoded = [item for item in items if "tensor" in item]
         if decoded:
             scores = forward(context.network, [item.pop("tensor") for item in decoded], context.device)
-            for item, row in zip(decoded, scores):
+            for item, row in zip(decoded, scores, strict=True):
                 try:
                     result = make_result(context.model, context.card.findings, row, context.thresholds,
                                          settings=dict(context.settings), version=context.version,

@@ -111,6 +111,9 @@ DEFAULT_LOSS = "asl"
 # How per-finding decision thresholds are chosen on validation data.
 THRESHOLD_METHODS: dict[str, str] = {"f1": "maximise F1", "youden": "maximise Youden's J (sensitivity + specificity - 1)"}
 
+# Label table layouts ("auto" detects them from the header).
+LABEL_FORMATS: tuple[str, ...] = ("auto", "nih", "chexpert", "generic")
+
 # What a CheXpert / MIMIC-CXR "-1" (uncertain) label becomes.
 UNCERTAIN_POLICIES: dict[str, str] = {"ignore": "left out of the loss and the metrics", "positive": "1", "negative": "0"}
 

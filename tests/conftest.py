@@ -36,3 +36,29 @@ def dicom_dir(shared_data: Path) -> Path:
     if not folder.is_dir():
         pytest.skip(f"DICOM data not found in {folder}")
     return folder
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """A function writing a small random ResNet-18 checkpoint (64 px input) with given findings."""
+    made: dict[tuple, Path] = {}
+
+    def make(findings: tuple[str, ...] = ("Effusion", "Nodule", "Cardiomegaly"), *, name: str = "tiny", seed: int = 0,
+             thresholds: dict[str, float] | None = None) -> Path:
+        key = (tuple(findings), name, seed, tuple(sorted((thresholds or {}).items())))
+        if key not in made:
+            import torch
+
+            from cxrtool.models.checkpoint import ModelCard, save_checkpoint
+            from cxrtool.models.network import CXRClassifier
+            from cxrtool.preprocess import Preprocessing
+
+            torch.manual_seed(seed)
+            model = CXRClassifier("resnet18", list(findings))
+            card = ModelCard("resnet18", list(findings), Preprocessing(input_size=64).to_dict(), name=name,
+                             thresholds=dict(thresholds or {}))
+            folder = tmp_path_factory.mktemp("checkpoints")
+            made[key] = save_checkpoint(folder / f"{name}.safetensors", model, card)
+        return made[key]
+
+    return make

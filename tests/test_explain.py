@@ -10,18 +10,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from typer.testing import CliRunner
 
+import cxrtool.models.network  # noqa: F401  (torchvision op names, before the grad-cam imports below)
 from cxrtool.cli import app
+from cxrtool.explain.cams import CAM_METHODS, CamEngine, ExplainUsageError
 from cxrtool.explain.regions import find_regions, peak_point, to_original
 from cxrtool.models.checkpoint import ModelCard, save_checkpoint
 from cxrtool.preprocess import Preprocessing, fit_to_square
-
-import cxrtool.models.network  # noqa: F401  (torchvision op names, before the grad-cam imports below)
-import torch  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
-
-from cxrtool.explain.cams import CAM_METHODS, CamEngine, ExplainUsageError  # noqa: E402
 
 FINDINGS = ["Effusion", "Nodule", "Cardiomegaly"]
 runner = CliRunner()

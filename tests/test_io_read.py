@@ -23,7 +23,7 @@ from pydicom.pixels import apply_windowing, convert_color_space, get_decoder
 
 from cxrtool.io.dicom import _patch_sequential_scan_end, _plugins, read_dicom
 from cxrtool.io.images import _to_unit_grey, read_image
-from cxrtool.io.studies import MIN_SIDE, Study, StudyReadError, find_studies, sniff_format
+from cxrtool.io.studies import Study, StudyReadError, find_studies, sniff_format
 from cxrtool.io.studies import read_study as _read_study
 
 

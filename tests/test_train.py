@@ -76,7 +76,8 @@ def test_train_predict_evaluate_on_real_nih_images(nih_dir, tmp_path):
     assert (run / "config.yaml").is_file()
 
     out = tmp_path / "pred"
-    result = runner.invoke(app, ["predict", str(nih_dir / "images"), "-m", str(run / CHECKPOINT_NAME), "--out", str(out), "-j", "2", "-b", "32"])
+    result = runner.invoke(app, ["predict", str(nih_dir / "images"), "-m", str(run / CHECKPOINT_NAME), "--out", str(out),
+                                 "-j", "2", "-b", "32"])
     assert result.exit_code == 0, result.output
     predictions = out / "cxrtool_predictions.csv"
     with open(predictions) as handle:
@@ -169,3 +170,24 @@ def test_bad_training_settings_exit_2(tmp_path):
     assert result.exit_code == 2
     result = runner.invoke(app, ["train", str(labels), "--set", "epoch=3"])
     assert result.exit_code == 2 and "unknown setting 'epoch'" in result.output
+
+
+def test_a_run_config_repeats_from_any_working_folder(tmp_path, monkeypatch):
+    """Paths in a YAML config are relative to the file: runs/x/config.yaml repeats (and
+    resumes) the run from anywhere."""
+    make_generic_dataset(tmp_path / "data", n=24)
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "data/labels.csv", "--out", "runs/x", "--arch", "resnet18", "--input-size", "32", "-b", "8",
+            "-j", "0", "--device", "cpu", "--epochs", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    written = (tmp_path / "runs" / "x" / "config.yaml").read_text()
+    assert "labels: ../../data/labels.csv" in written and "out: ." in written
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    config = load_config("../../runs/x/config.yaml")
+    assert Path(config.labels).resolve() == (tmp_path / "data" / "labels.csv").resolve()
+    assert Path(config.out).resolve() == (tmp_path / "runs" / "x").resolve()
+    resumed = runner.invoke(app, ["train", "--config", "../../runs/x/config.yaml", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after epoch 1 of 1" in resumed.output

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -38,6 +38,18 @@ EXIT_INTERRUPTED = 130
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
+
+
+def one_of(choices: Iterable[str]) -> Callable[[Any], Any]:
+    """A typer option callback accepting only ``choices`` (names from the registry)."""
+    allowed = list(choices)
+
+    def check(value: Any) -> Any:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return check
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -82,7 +94,13 @@ class _PlainTask:
     completed: float = 0.0
     started: float = field(default_factory=time.monotonic)
     printed: float = field(default_factory=time.monotonic)
+    first: tuple[float, float] | None = None  # (completed, time) at the first update: rates start there
     done: bool = False
+
+    def rate(self, now: float) -> float | None:
+        if self.first is None or now <= self.first[1] or self.completed <= self.first[0]:
+            return None
+        return (self.completed - self.first[0]) / (now - self.first[1])
 
 
 class PlainProgress:
@@ -112,6 +130,8 @@ class PlainProgress:
     def update(self, key: int, *, completed: float | None = None, total: float | None = None,
                advance: float | None = None, status: str | None = None, **_: Any) -> None:
         task = self.tasks[key]
+        if task.first is None:
+            task.first = (task.completed, time.monotonic())
         if total is not None:
             task.total = total
         if completed is not None:
@@ -131,16 +151,16 @@ class PlainProgress:
         task.printed = now = time.monotonic()
         if self.disabled:
             return
-        elapsed = now - task.started
-        rate = task.completed / elapsed if elapsed > 0 else 0.0
+        rate = task.rate(now)
         parts = [f"{task.completed:g}/{task.total:g} ({100 * task.completed / task.total:.0f}%)"
                  if task.total else f"{task.completed:g}"]
         if task.status:
             parts.append(task.status)
-        parts.append(f"{rate:.3g}/s" if rate >= 0.1 else f"{1 / rate:.3g} s each" if rate > 0 else "starting")
+        if rate is not None:
+            parts.append(f"{rate:,.0f}/s" if rate >= 100 else f"{rate:.3g}/s" if rate >= 0.1 else f"{1 / rate:.3g} s each")
         if task.done:
-            parts.append(f"done in {_clock(elapsed)}")
-        elif task.total and rate > 0:
+            parts.append(f"done in {_clock(now - task.started)}")
+        elif task.total and rate:
             parts.append(f"{_clock((task.total - task.completed) / rate)} left")
         self.console.print(f"{task.description}: {', '.join(parts)}", soft_wrap=True, markup=False)
 
@@ -154,7 +174,7 @@ def show(renderable: Any, console: Console | None = None) -> None:
     """Print a table (or any renderable) at its natural width: never squeezed or cut to
     the terminal's (or, in a log, rich's default 80) columns."""
     console = console or out
-    needed = Measurement.get(console, console.options, renderable).maximum
+    needed = Measurement.get(console, console.options.update_width(1_000_000), renderable).maximum
     if needed <= console.width:
         console.print(renderable)
         return

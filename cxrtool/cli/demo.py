@@ -60,11 +60,11 @@ def demo(
     localization against the phantoms' ground truth."""
     from cxrtool.data.phantom import generate_cohort
     from cxrtool.evaluate import evaluate
+    from cxrtool.evaluate.classification import render_table
     from cxrtool.evaluate.localization import evaluate_localization, render_localization
     from cxrtool.explain import ExplainSettings, explain
-    from cxrtool.evaluate.classification import render_table
-    from cxrtool.models.checkpoint import read_card
     from cxrtool.io.studies import find_studies
+    from cxrtool.models.checkpoint import read_card
     from cxrtool.predict import predict
     from cxrtool.radiomics.batch import run_regions
     from cxrtool.radiomics.sources import jobs_from_cam

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import fail, note, show
+from cxrtool.cli._console import fail, note, one_of, show
+from cxrtool.registry import LABEL_FORMATS, UNCERTAIN_POLICIES
 
 
 def evaluate(
     predictions: Annotated[list[Path], typer.Argument(help="cxrtool_predictions.csv tables, or folders holding them (searched recursively).")],
     *,
-    labels: Annotated[Optional[Path], typer.Option("--labels", "-l", help="Labels: NIH Data_Entry, CheXpert style or generic CSV.")] = None,
-    boxes: Annotated[Optional[Path], typer.Option("--boxes", help="True boxes (NIH BBox_List or file,finding,x,y,w,h): score what explain wrote.")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", "-l", help="Labels: NIH Data_Entry, CheXpert style or generic CSV.")] = None,
+    boxes: Annotated[Path | None, typer.Option("--boxes", help="True boxes (NIH BBox_List or file,finding,x,y,w,h): score what explain wrote.")] = None,
     pointing_tolerance: Annotated[float, typer.Option("--pointing-tolerance", min=0, help="Pointing game: pixels a peak may lie outside a true box.")] = 0.0,
-    labels_format: Annotated[str, typer.Option("--labels-format", help="auto, nih, chexpert or generic.")] = "auto",
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Score this model's rows: a checkpoint (its thresholds too), or a model name or id from the table. Required when the table holds several models.")] = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="One threshold for every finding (overrides stored ones).")] = None,
-    uncertain: Annotated[str, typer.Option("--uncertain", help="CheXpert -1 labels: ignore, positive or negative.")] = "ignore",
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for evaluation.json/.csv and curves (default: beside the CSV).")] = None,
+    labels_format: Annotated[str, typer.Option("--labels-format", callback=one_of(LABEL_FORMATS),
+                                               help=f"Label table layout: {', '.join(LABEL_FORMATS)}.")] = "auto",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Score this model's rows: a checkpoint (its thresholds too), or a model name or id from the table. Required when the table holds several models.")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="One threshold for every finding (overrides stored ones).")] = None,
+    uncertain: Annotated[str, typer.Option("--uncertain", callback=one_of(UNCERTAIN_POLICIES),
+                                           help=f"CheXpert -1 labels: {', '.join(UNCERTAIN_POLICIES)}.")] = "ignore",
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for evaluation.json/.csv and curves (default: beside the CSV).")] = None,
     n_boot: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for 95% intervals (0 = none).")] = 1000,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:

@@ -4,30 +4,30 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from cxrtool.cli._console import fail, run_over_studies
-from cxrtool.explain import CAM_METHOD_NAMES
+from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS
 
 
 def explain(
     inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - to read paths from stdin.")],
     *,
     model: Annotated[Path, typer.Option("--model", "-m", envvar="CXRTOOL_MODEL", help="A cxrtool checkpoint (.safetensors).")],
-    cam: Annotated[str, typer.Option("--cam", help=f"CAM method: {', '.join(CAM_METHOD_NAMES)}.")] = "gradcam",
-    finding: Annotated[Optional[list[str]], typer.Option(
+    cam: Annotated[str, typer.Option("--cam", help=f"CAM method: {', '.join(CAM_METHOD_LABELS)}.")] = DEFAULT_CAM_METHOD,
+    finding: Annotated[list[str] | None, typer.Option(
         "--finding", "-f", help="Finding to map (repeatable; 'all' for every finding). Default: each study's positive calls.")] = None,
-    layer: Annotated[Optional[str], typer.Option("--layer", help="Target layer's module name (default: the backbone's last feature stage).")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", help="Target layer's module name (default: the backbone's last feature stage).")] = None,
     threshold: Annotated[str, typer.Option("--threshold", help="Regions: a fraction of the map's peak, or 'otsu'.")] = "0.5",
-    map_format: Annotated[str, typer.Option("--map-format", help="Raw map as 'png' (16-bit, divided by its peak) or 'npy' (float32).")] = "png",
+    map_format: Annotated[str, typer.Option("--map-format", help=f"Raw map as {' or '.join(MAP_FORMATS)}: png is 16-bit, divided by its peak; npy is float32.")] = MAP_FORMATS[0],
     overlay_size: Annotated[int, typer.Option("--overlay-size", min=64, help="Longest side of the overlay pictures, in pixels.")] = 512,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write into a mirror tree here instead of beside the inputs.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write into a mirror tree here instead of beside the inputs.")] = None,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON object per study to stdout.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Explain again studies already explained with these settings.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Studies per forward pass (on the CPU each worker takes up to 8).")] = 16,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes; on the CPU they also run the CAMs (default: CPU count, max 8).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding processes; on the CPU they also run the CAMs (default: CPU count, max 8).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
 ) -> None:
@@ -39,6 +39,7 @@ def explain(
     Exit status: 0 all studies done, 1 some failed (reasons on stderr and in the CSV's
     error column), 2 usage error (unknown method, finding or layer), 130 interrupted.
     """
+    from cxrtool.errors import UsageError
     from cxrtool.explain import ExplainSettings
     from cxrtool.explain import explain as run_explain
     from cxrtool.models.checkpoint import CheckpointError, read_card
@@ -55,7 +56,7 @@ def explain(
     try:
         settings = ExplainSettings(method=cam.lower(), layer=layer, findings=findings, threshold=threshold,
                                    map_format=map_format.lower(), display_size=overlay_size)
-    except ValueError as error:
+    except UsageError as error:
         fail(str(error))
     run_over_studies(
         "explain",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -13,7 +13,7 @@ from cxrtool.cli._console import fail, out
 
 
 def models(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Show this checkpoint's model card.")] = None,
+    checkpoint: Annotated[Path | None, typer.Argument(help="Show this checkpoint's model card.")] = None,
     *,
     as_json: Annotated[bool, typer.Option("--json", help="Print the card as JSON.")] = False,
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,11 +15,11 @@ def predict(
     inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - to read paths from stdin.")],
     *,
     model: Annotated[Path, typer.Option("--model", "-m", envvar="CXRTOOL_MODEL", help="A cxrtool checkpoint (.safetensors).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write into a mirror tree here instead of beside the inputs.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write into a mirror tree here instead of beside the inputs.")] = None,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON object per study to stdout.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict again studies already done by this model.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Studies per forward pass (on the CPU each decoding worker scores up to 8 at a time).")] = 16,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes; on the CPU they also run the model (default: CPU count, max 8).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding processes; on the CPU they also run the model (default: CPU count, max 8).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
 ) -> None:

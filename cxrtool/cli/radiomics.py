@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,20 +12,20 @@ from cxrtool.cli._console import EXIT_USAGE, fail, handle_interrupt, note, progr
 
 
 def radiomics(
-    inputs: Annotated[Optional[list[str]], typer.Argument(help="Studies: files, folders, globs or - (not needed with --masks). "
+    inputs: Annotated[list[str] | None, typer.Argument(help="Studies: files, folders, globs or - (not needed with --masks). "
                                                           "DICOM SEG objects and NAME.mask.png / NAME_mask.nii.gz files among them are masks.")] = None,
     *,
-    masks: Annotated[Optional[Path], typer.Option("--masks", help="CSV of image,mask[,label] rows (PyRadiomics' batch format).")] = None,
+    masks: Annotated[Path | None, typer.Option("--masks", help="CSV of image,mask[,label] rows (PyRadiomics' batch format).")] = None,
     from_cam: Annotated[bool, typer.Option("--from-cam", help="Measure the regions `cxrtool explain` wrote for these studies.")] = False,
-    explanations: Annotated[Optional[Path], typer.Option("--explanations", help="Where explain wrote (its --out folder); implies --from-cam. "
+    explanations: Annotated[Path | None, typer.Option("--explanations", help="Where explain wrote (its --out folder); implies --from-cam. "
                                                           "Studies are then optional: its sidecars say where they are.")] = None,
     positive_only: Annotated[bool, typer.Option("--positive-only", help="With --from-cam: only the findings the model called positive.")] = False,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="With --from-cam: only this model's maps (its name or id), when several explained the studies.")] = None,
-    params: Annotated[Optional[Path], typer.Option("--params", help="PyRadiomics parameter file (YAML); default: cxrtool's 2D set.")] = None,
-    classes: Annotated[Optional[str], typer.Option("--classes", help="Only these feature classes, e.g. firstorder,shape2D,glcm.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output CSV (default: cxrtool_radiomics.csv beside the inputs).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="With --from-cam: only this model's maps (its name or id), when several explained the studies.")] = None,
+    params: Annotated[Path | None, typer.Option("--params", help="PyRadiomics parameter file (YAML); default: cxrtool's 2D set.")] = None,
+    classes: Annotated[str | None, typer.Option("--classes", help="Only these feature classes, e.g. firstorder,shape2D,glcm.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output CSV (default: cxrtool_radiomics.csv beside the inputs).")] = None,
     json_too: Annotated[bool, typer.Option("--json", help="Also write the rows as JSON beside the CSV (same name, .json).")] = False,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Processes (default: all cores).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", min=1, help="Processes (default: all cores).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Measure everything again; replaces a table measured with other settings.")] = False,
 ) -> None:
     """Radiomic features per (study, region): from a mask CSV, from explain's CAM regions,

@@ -10,33 +10,35 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import fail, handle_interrupt, note, progress_bar, training_progress
+from cxrtool.cli._console import fail, handle_interrupt, note, one_of, progress_bar, training_progress
+from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_LOSS, LOSSES, UNCERTAIN_POLICIES
 
 
 def train(
-    labels: Annotated[Optional[str], typer.Argument(help="Label CSV: NIH Data_Entry, CheXpert/MIMIC style, or generic (path + 0/1 columns).")] = None,
+    labels: Annotated[str | None, typer.Argument(help="Label CSV: NIH Data_Entry, CheXpert/MIMIC style, or generic (path + 0/1 columns).")] = None,
     *,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")] = None,
-    images: Annotated[Optional[str], typer.Option("--images", help="Image root (default: beside the label CSV).")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder for checkpoint, state and config.")] = None,
-    architecture: Annotated[Optional[str], typer.Option("--arch", "-a", help="timm backbone, e.g. densenet121, resnet50, convnext_tiny.")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", "-e", min=1)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
-    loss: Annotated[Optional[str], typer.Option("--loss", help="bce, weighted_bce, focal or asl.")] = None,
-    input_size: Annotated[Optional[int], typer.Option("--input-size")] = None,
-    findings: Annotated[Optional[str], typer.Option("--findings", help="Comma-separated findings to train on (default: the label file's).")] = None,
-    uncertain: Annotated[Optional[str], typer.Option("--uncertain", help="CheXpert -1 labels: ignore, positive or negative.")] = None,
-    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--scratch", help="Start from ImageNet weights (needs the network).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")] = None,
+    images: Annotated[str | None, typer.Option("--images", help="Image root (default: beside the label CSV).")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder for checkpoint, state and config.")] = None,
+    architecture: Annotated[str | None, typer.Option("--arch", "-a", help=f"timm backbone, e.g. resnet50, convnext_tiny (default {DEFAULT_ARCHITECTURE}).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", "-e", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1)] = None,
+    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help=f"One of {', '.join(LOSSES)} (default {DEFAULT_LOSS}).")] = None,
+    input_size: Annotated[int | None, typer.Option("--input-size")] = None,
+    findings: Annotated[str | None, typer.Option("--findings", help="Comma-separated findings to train on (default: the label file's).")] = None,
+    uncertain: Annotated[str | None, typer.Option("--uncertain", callback=one_of(UNCERTAIN_POLICIES),
+                                                      help=f"CheXpert -1 labels: {', '.join(UNCERTAIN_POLICIES)}.")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--scratch", help="Start from ImageNet weights (needs the network).")] = None,
+    device: Annotated[str | None, typer.Option("--device")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0)] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any setting as key=value (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any setting as key=value (repeatable).")] = None,
 ) -> None:
     """Train and keep the best checkpoint by validation mean AUROC."""
     from cxrtool.models.checkpoint import CheckpointError

@@ -28,6 +28,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from cxrtool.registry import CHEXPERT_FINDINGS, NIH_FINDINGS, resolve_finding
+from cxrtool.registry import LABEL_FORMATS as _FORMATS
+from cxrtool.registry import UNCERTAIN_POLICIES as _POLICIES
 
 __all__ = [
     "Box",
@@ -39,8 +41,8 @@ __all__ = [
     "read_labels",
 ]
 
-UNCERTAIN_POLICIES = ("ignore", "positive", "negative")
-LABEL_FORMATS = ("auto", "nih", "chexpert", "generic")
+UNCERTAIN_POLICIES = tuple(_POLICIES)
+LABEL_FORMATS = _FORMATS
 
 # Generic-CSV columns that describe the row rather than name a finding.
 _GENERIC_PATH_COLUMNS = ("path", "file", "image", "filename")
@@ -149,7 +151,7 @@ class LabelTable:
             12
         """
         counts = np.sum(self.targets == 1, axis=0)
-        return {name: int(c) for name, c in zip(self.findings, counts)}
+        return {name: int(c) for name, c in zip(self.findings, counts, strict=True)}
 
 
 @dataclass
@@ -390,7 +392,7 @@ def read_labels(
 def _row_values(row, names, cols, value_map, describe) -> list[float]:
     """One CSV row's label cells as numbers; ``describe(name, column, cell)`` words the error."""
     values = []
-    for name, column in zip(names, cols):
+    for name, column in zip(names, cols, strict=True):
         cell = row[column].strip() if column < len(row) else ""
         value = value_map.get(cell)
         if value is None:

@@ -714,7 +714,7 @@ def _plot_curves(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     colors = _palette(len(rows))
-    for f, (row, color) in enumerate(zip(rows, colors)):
+    for f, (row, color) in enumerate(zip(rows, colors, strict=True)):
         keep = ~np.isnan(t[:, f])
         y, p = t[keep, f], s[keep, f]
         if y.size == 0 or y.min() == y.max():
@@ -840,8 +840,8 @@ def evaluate(
     if model is not None:
         wanted = str(model)
         if Path(model).is_file():  # a checkpoint: its rows, by its digest, and its card's thresholds
-            from cxrtool.models.checkpoint import read_card
             from cxrtool.io.records import sha256_file
+            from cxrtool.models.checkpoint import read_card
 
             card = read_card(model)
             card_thresholds = {f: card.threshold_for(f) for f in card.findings}

@@ -77,7 +77,7 @@ class LocalizationMetrics:
         if peak is not None and any(inside(peak, t, tolerance) for t in truth):
             self.pointing_hits += 1
 
-    def merge(self, other: "LocalizationMetrics") -> None:
+    def merge(self, other: LocalizationMetrics) -> None:
         self.pairs += other.pairs
         self.mapped += other.mapped
         self.pointing_hits += other.pointing_hits

@@ -131,7 +131,7 @@ class CamEngine:
             # hook to the layer's output.
             self._handles.append(self.layer.register_forward_hook(_graph_starts_here, prepend=True))
 
-    def __enter__(self) -> "CamEngine":
+    def __enter__(self) -> CamEngine:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -178,7 +178,7 @@ class CamEngine:
                 raw = target_free[rows]
             else:
                 raw = self._cam_image(batch[rows], targets, activations[rows], gradients)
-            for row, cam in zip(rows, raw):
+            for row, cam in zip(rows, raw, strict=True):
                 maps[(row, finding)] = _upsample(cam, size)
         recorder.activations.clear()
         recorder.gradients = []

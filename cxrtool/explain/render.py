@@ -105,7 +105,8 @@ ul.p {{ list-style: none; padding: 0; margin: .2em 0; display: flex; flex-wrap: 
 li.pos {{ color: #ffb347; font-weight: bold; }} li.neg {{ color: #888; }}
 .maps {{ display: flex; flex-wrap: wrap; gap: .6em; }}
 figure {{ margin: 0; }} img {{ width: 256px; display: block; }}
-figure.empty div {{ width: 256px; height: 64px; display: flex; align-items: center; justify-content: center; background: #222; color: #888; font-size: .8em; }}
+figure.empty div {{ width: 256px; height: 64px; display: flex; align-items: center; justify-content: center;
+                   background: #222; color: #888; font-size: .8em; }}
 figcaption {{ font-size: .8em; text-align: center; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>

@@ -35,13 +35,12 @@ import cv2
 import numpy as np
 
 from cxrtool._runner import ProgressCallback, ResultCallback, RunContext, RunSummary, run_studies
+from cxrtool.errors import UsageError
 from cxrtool.explain.regions import find_regions, parse_threshold, peak_point, to_original
 from cxrtool.explain.render import contact_sheet, overlay, write_png
 from cxrtool.io.outputs import atomic_write
 from cxrtool.io.records import StudyFailure, make_result, store_result
 from cxrtool.predict import PREDICT_SETTINGS
-
-from cxrtool.errors import UsageError
 from cxrtool.registry import CAM_METHOD_LABELS, MAP_FORMATS
 
 METHOD_LABELS = CAM_METHOD_LABELS  # the name the first release exported

@@ -21,8 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, convert_color_space
-from pydicom.pixels import get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, convert_color_space, get_decoder
 
 from cxrtool.io.seg import SEG_SOP_CLASSES
 from cxrtool.io.studies import Study, StudyReadError, sniff_format
@@ -155,11 +154,11 @@ def _read_dataset(path: Path) -> Dataset:
         raise StudyReadError("is a directory, not a file") from error
     except OSError as error:
         raise StudyReadError(_one_line(f"cannot open: {error.strerror or error}")) from error
-    except Exception as error:  # noqa: BLE001 - pydicom raises many types on bad headers
+    except Exception as error:
         raise StudyReadError(_one_line(f"invalid or corrupt DICOM header: {error}")) from error
     try:
         ds = pydicom.dcmread(path, force=True)
-    except Exception as error:  # noqa: BLE001 - as above
+    except Exception as error:
         raise StudyReadError(_one_line(f"invalid or corrupt DICOM header: {error}")) from error
     if not isinstance(ds, Dataset) or len(ds) == 0:
         raise StudyReadError("invalid or corrupt DICOM header: no data elements")

@@ -534,13 +534,13 @@ def make_result(
     Raises:
         StudyFailure: when a probability is not a finite number (the study fails, alone).
     """
-    bad = [name for name, p in zip(findings, probabilities) if not math.isfinite(float(p))]
+    bad = [name for name, p in zip(findings, probabilities, strict=True) if not math.isfinite(float(p))]
     if bad:
-        shown = ", ".join(f"{name} ({float(p)})" for name, p in zip(findings, probabilities) if name in bad[:4])
+        shown = ", ".join(f"{name} ({float(p)})" for name, p in zip(findings, probabilities, strict=True) if name in bad[:4])
         raise StudyFailure(f"the model's output is not a finite number for {len(bad)} of {len(findings)} findings: {shown}")
     calls = {
         name: FindingCall(round(float(p), 6), round(float(t), 6), bool(p >= t))
-        for name, p, t in zip(findings, probabilities, thresholds)
+        for name, p, t in zip(findings, probabilities, thresholds, strict=True)
     }
     return Result(model, calls, settings=settings, warnings=list(warnings), cxrtool_version=version, created=now())
 
@@ -625,7 +625,7 @@ def index_entry(model: ModelRef, card: Any, thresholds: Sequence[float], version
     return {
         **model.to_dict(),
         "findings": list(card.findings),
-        "thresholds": {f: round(float(t), 6) for f, t in zip(card.findings, thresholds)},
+        "thresholds": {f: round(float(t), 6) for f, t in zip(card.findings, thresholds, strict=True)},
         "threshold_method": card.threshold_method,
         "cxrtool_version": version,
     }

@@ -55,7 +55,7 @@ class ModelCard:
         )
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "checkpoint") -> "ModelCard":
+    def from_json(cls, text: str, *, source: str = "checkpoint") -> ModelCard:
         try:
             values = json.loads(text)
         except json.JSONDecodeError as error:

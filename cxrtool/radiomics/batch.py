@@ -73,7 +73,7 @@ def measure_image(
     rows: list[dict[str, Any]] = [{**asdict(job), "status": "ok", "error": ""} for job in jobs]
     image_print = _fingerprint(jobs[0].image)
     mask_prints = {job.mask: _fingerprint(job.mask) for job in jobs if job.mask}
-    for job, row in zip(jobs, rows):
+    for job, row in zip(jobs, rows, strict=True):
         inputs = {"image": image_print, **({"mask": mask_prints[job.mask]} if job.mask else {})}
         if all(inputs.values()):
             row["_provenance"] = Provenance(inputs, PRODUCER, {"radiomics": settings}).to_dict()  # type: ignore[arg-type]
@@ -88,7 +88,7 @@ def measure_image(
             row.update(status="failed", error=reason)
         return rows
     pixels = study.rescaled if study.rescaled is not None else study.pixels
-    for job, row in zip(jobs, rows):
+    for job, row in zip(jobs, rows, strict=True):
         try:
             if job.mask:
                 mask = read_mask(job.mask, label=job.label, image_uid=study.identity.get("sop_instance_uid"),

@@ -102,7 +102,7 @@ def load_params(path: str | os.PathLike) -> dict[str, Any]:
         raise ParamsError(f"{path}: expected a mapping of imageType / featureClass / setting")
     try:
         featureextractor.RadiomicsFeatureExtractor(dict(params))
-    except Exception as error:  # pykwalify's SchemaError, or PyRadiomics' own ValueError
+    except Exception as error:  # noqa: BLE001 - pykwalify's SchemaError, or PyRadiomics' own ValueError
         messages = getattr(error, "msg", None) or str(error)
         reason = " ".join(str(messages).split())
         raise ParamsError(f"{path}: {reason}") from None

@@ -1,21 +1,26 @@
 """Training configuration: defaults < YAML file < command-line overrides.
 
 The resolved configuration is written beside the checkpoint as ``config.yaml`` so that a run
-can be repeated exactly (``cxrtool train --config runs/x/config.yaml``).
+can be repeated exactly (``cxrtool train --config runs/x/config.yaml``), from any working
+folder: paths in a YAML file (``labels``, ``images``, ``out``) are relative to the file's own
+folder, and ``config.yaml`` is written that way; paths given on the command line are
+relative to the working folder, as usual.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
-LOSSES = ("bce", "weighted_bce", "focal", "asl")
-THRESHOLD_METHODS = ("f1", "youden")
-UNCERTAIN_POLICIES = ("ignore", "positive", "negative")
+from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_LOSS, LOSSES, THRESHOLD_METHODS, UNCERTAIN_POLICIES
+
+# Settings that are paths: in a YAML file they are relative to the file's folder.
+PATH_SETTINGS = ("labels", "images", "out")
 
 
 @dataclass
@@ -32,7 +37,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     cache_images: bool = True  # keep preprocessed inputs in memory (uint8) after first read
     # model
-    architecture: str = "densenet121"
+    architecture: str = DEFAULT_ARCHITECTURE
     pretrained: bool = False  # ImageNet weights from the hub: needs the network
     input_size: int = 224
     drop_rate: float = 0.0
@@ -43,7 +48,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
-    loss: str = "asl"
+    loss: str = DEFAULT_LOSS
     focal_gamma: float = 2.0
     asl_gamma_neg: float = 4.0
     asl_gamma_pos: float = 0.0
@@ -119,6 +124,9 @@ def _coerce(name: str, kind: Any, raw: Any) -> Any:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the YAML file, then overrides (None values are ignored).
 
+    Relative paths in the YAML file are taken from the file's folder; relative paths in
+    ``overrides`` from the working folder.
+
     Example:
         >>> cfg = load_config("train.yaml", {"epochs": 3, "loss": "focal"})
 
@@ -139,6 +147,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 values.update(value)
             else:
                 values[key] = value
+        folder = Path(path).parent
+        for key in PATH_SETTINGS:
+            value = values.get(key)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                values[key] = os.path.normpath(folder / value)
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
@@ -161,8 +174,27 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 
 
 def write_config(config: TrainConfig, path: Path) -> Path:
+    """Write the settings as YAML, paths relative to the file's folder (so that
+    ``cxrtool train --config PATH`` repeats the run from any working folder)."""
     from cxrtool.io.outputs import atomic_write
 
+    values = config.to_dict()
+    for key in PATH_SETTINGS:
+        if values.get(key):
+            values[key] = relative_to(values[key], Path(path).parent)
     with atomic_write(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
+        yaml.safe_dump(values, handle, sort_keys=False)
     return path
+
+
+def relative_to(target: str | os.PathLike, folder: str | os.PathLike) -> str:
+    """``target`` as a path relative to ``folder`` (absolute when on another drive)."""
+    try:
+        return os.path.relpath(Path(target).expanduser().absolute(), Path(folder).absolute())
+    except ValueError:
+        return str(Path(target).expanduser().absolute())
+
+
+def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """Settings with their paths made absolute: comparable across working folders."""
+    return {k: (os.path.abspath(Path(v).expanduser()) if k in PATH_SETTINGS and v else v) for k, v in values.items()}

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrtool._workers import fork_safe_opencv, worker_init
 from cxrtool.models.checkpoint import ModelCard, load_tree, save_checkpoint, save_tree
 from cxrtool.models.network import CXRClassifier, pick_device
 from cxrtool.preprocess import Preprocessing
 from cxrtool.train import _distributed as distributed
-from cxrtool.train.config import TrainConfig, write_config
-from cxrtool._workers import fork_safe_opencv, worker_init
+from cxrtool.train.config import TrainConfig, absolute_paths, write_config
 from cxrtool.train.datasets import Augmentation, ImageCache, LabelledStudies
 from cxrtool.train.losses import build_loss
 
@@ -136,7 +136,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                                    progress=lambda done, total: say(TrainEvent("cache", step=done, steps=total)))
                 if cache.failed:
                     first = next(iter(cache.failed.items()))
-                    say(TrainEvent("message", message=f"{len(cache.failed)} unreadable images ignored (e.g. {paths[first[0]]}: {first[1]})"))
+                    ignored = f"{len(cache.failed)} unreadable images ignored (e.g. {paths[first[0]]}: {first[1]})"
+                    say(TrainEvent("message", message=ignored))
 
         train_set = LabelledStudies(
             paths, table.targets, prep, augment=Augmentation() if config.augment else None, cache=cache, seed=config.seed
@@ -177,8 +178,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         start_epoch, best_auroc, best_epoch, history = 0, -math.inf, -1, []
         if resume and state_path.exists():
             state = load_tree(state_path)
-            saved = state["config"]
-            changed = [k for k in _RESUME_INVARIANTS if saved.get(k) != getattr(config, k)]
+            saved, current = absolute_paths(state["config"]), absolute_paths(config.to_dict())
+            changed = [k for k in _RESUME_INVARIANTS if saved.get(k) != current.get(k)]
             if changed:
                 raise ValueError(
                     f"cannot resume {state_path}: {', '.join(changed)} differ from the interrupted run "
@@ -253,7 +254,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                 save_tree(
                     state_path,
                     {
-                        "config": config.to_dict(),
+                        "config": absolute_paths(config.to_dict()),
                         "epoch": epoch,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
@@ -287,7 +288,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         # The DDP wrapper's reducer talks to the process group when it is destroyed: let it
         # go first. Freed after the group (when this frame is), it can wait on the other
         # rank for ever.
-        wrapped = model = None  # noqa: F841
+        wrapped = model = None
         gc.collect()
         distributed.teardown(dist_info)
 
@@ -322,7 +323,7 @@ def _validate(model, val_set, val_idx, config, device, info, use_amp, amp_dtype)
         scores.append(torch.sigmoid(logits.float()).cpu().numpy())
     mine = np.concatenate(scores) if scores else np.zeros((0, len(model.findings)), dtype=np.float32)
     parts = distributed.gather_objects(info, (share, mine))
-    index = {position: row for part_share, part_scores in parts for position, row in zip(part_share, part_scores)}
+    index = {position: row for part_share, part_scores in parts for position, row in zip(part_share, part_scores, strict=True)}
     ordered = np.stack([index[i] for i in val_idx])
     return val_set.targets[list(val_idx)], ordered
 
@@ -337,7 +338,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
         findings=list(findings),
         preprocessing=prep.to_dict(),
         name=config.name or Path(config.out).name,
-        thresholds={f: round(float(t), 6) for f, t in zip(findings, thresholds)},
+        thresholds={f: round(float(t), 6) for f, t in zip(findings, thresholds, strict=True)},
         threshold_method=config.threshold_method,
         training={
             "labels": str(config.labels),
@@ -357,7 +358,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
         },
         metrics={
             "val_mean_auroc": None if math.isnan(auroc) else round(auroc, 6),
-            "val_auroc": {f: (None if math.isnan(v) else round(v, 6)) for f, v in zip(findings, per_finding)},
+            "val_auroc": {f: (None if math.isnan(v) else round(v, 6)) for f, v in zip(findings, per_finding, strict=True)},
             "history": history,
         },
     )

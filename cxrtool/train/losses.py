@@ -81,4 +81,6 @@ def build_loss(name: str, *, targets=None, focal_gamma=2.0, asl_gamma_neg=4.0, a
         return FocalLoss(focal_gamma)
     if name == "asl":
         return AsymmetricLoss(asl_gamma_neg, asl_gamma_pos, asl_clip)
-    raise ValueError(f"unknown loss {name!r}; choose bce, weighted_bce, focal or asl")
+    from cxrtool.registry import LOSSES
+
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
