@@ -2,9 +2,11 @@
 
 Runs what `cxrtool demo` runs (phantom cohort, training, predict and explain on 300
 held-out phantom DICOMs, localization against their true boxes) with the backbone, input
-size, output stride, epochs and cohort size given, and prints the held-out AUROC and the
-pointing game of each finding. `--step-cost` instead times one training step (a batch of
-32) of that network against the demo's own, on this device, and prints the ratio.
+size, output stride, epochs and cohort size given (by default those of `cxrtool demo
+--full`), and prints the held-out AUROC and the pointing game of each finding.
+`--step-cost` instead times one training step (a batch of 32) of that network against the
+`--full` demo's own (ResNet-18 at 128 px, output stride 16), on this device, and prints the
+ratio.
 
     python benchmarks/localization.py --step-cost --input-size 256 --output-stride 8
     python benchmarks/localization.py --device cuda --input-size 256 --output-stride 8 --epochs 40 --train-images 9600 --augment
@@ -92,11 +94,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import cxrtool.models.network  # noqa: F401  (torchvision op names before timm)
-    from cxrtool.cli.demo import DEMO_ARCHITECTURE, DEMO_INPUT_SIZE, DEMO_OUTPUT_STRIDE
+    from cxrtool.cli.demo import DEMO_ARCHITECTURE, DEMO_OUTPUT_STRIDE, FULL
 
     setup = f"{args.arch} at {args.input_size} px, output stride {args.output_stride}"
     if args.step_cost:
-        demo = step_seconds(DEMO_ARCHITECTURE, DEMO_INPUT_SIZE, DEMO_OUTPUT_STRIDE, args.device)
+        demo = step_seconds(DEMO_ARCHITECTURE, FULL.input_size, DEMO_OUTPUT_STRIDE, args.device)
         this = step_seconds(args.arch, args.input_size, args.output_stride, args.device)
         results = {"demo_step_s": round(demo, 3), "step_s": round(this, 3), "ratio": round(this / demo, 2)}
         print(f"training step, batch 32, {args.device}: the demo's network {demo:.3f} s, {setup} {this:.3f} s = {this / demo:.2f}x")

@@ -111,6 +111,8 @@ class StudyInputs:
             # A decoder failing in a way the readers did not anticipate must not stop the
             # batch: record it as this file's reason.
             item["error"] = f"{type(error).__name__}: {one_line(str(error)) or type(error).__name__}"
+        if "error" not in item and "fingerprint" not in item:
+            item["error"] = "the file could not be read again to fingerprint its content"  # (changed while read)
         return item
 
 

@@ -8,23 +8,42 @@ evaluates against their ground truth, and prints where everything is.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import EXIT_OK, fail, handle_interrupt, note, out, progress_bar, training_progress
+from cxrtool.cli._console import EXIT_OK, fail, handle_interrupt, note, progress_bar, show, training_progress
 
 # Sized for a CPU run of minutes that still learns every finding. Of the backbones tried on
 # 2 cores (ResNet-18 at 128 and 192 px, RegNetX-200MF at 128, 192 and 256 px, with and
-# without augmentation), ResNet-18 at 128 px without augmentation learned fastest per minute.
-# The phantoms already vary in pose, size and exposure; augmentation slowed convergence more
-# than it helped at this length. More phantoms beat more epochs: 1600 images x 12 epochs gave
-# a held-out mean AUROC of 0.885, 2400 x 10 gave 0.906. Output stride 16 (a dilated last
-# stage: 8x8 CAMs instead of 4x4) kept the AUROC (0.904 in 8 epochs) and localizes better
-# (Grad-CAM pointing game, cardiomegaly 0.62 -> 0.87, pneumothorax 0.38 -> 0.69).
+# without augmentation), ResNet-18 without augmentation learned fastest per minute. The
+# phantoms already vary in pose, size and exposure; augmentation slowed convergence more
+# than it helped at this length. Output stride 16 (a dilated last stage) doubles the CAMs'
+# resolution and localizes better (at 128 px, Grad-CAM pointing game, cardiomegaly 0.62 ->
+# 0.87, pneumothorax 0.38 -> 0.69) for the same AUROC.
+#
+# The default (quick) run fits a newcomer's first minutes on 2 cores: at 96 px a training
+# step costs half of one at 128 px, and per minute of training smaller inputs with more
+# images beat larger inputs (training time, held-out mean AUROC on the same 300 phantoms,
+# 2 cores: 96 px x 2000 images x 8 epochs 168 s, 0.897; 96 x 2400 x 8, 250 s, 0.891;
+# 96 x 3200 x 5, 186 s, 0.892; 96 x 2400 x 6, 168 s, 0.865; 112 x 2000 x 8, 251 s, 0.889;
+# 128 x 1600 x 8, 273 s, 0.856; 128 x 2400 x 5, 232 s, 0.864). `--full` is the first
+# release's demo, 128 px x 2400 x 8 (finer maps, about twice the time).
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    train_images: int
+    epochs: int
+    input_size: int
+
+
+QUICK = DemoSize(train_images=2000, epochs=8, input_size=96)
+FULL = DemoSize(train_images=2400, epochs=8, input_size=128)
 DEMO_ARCHITECTURE = "resnet18"
-DEMO_INPUT_SIZE = 128
+DEMO_INPUT_SIZE = QUICK.input_size
 DEMO_OUTPUT_STRIDE = 16
 PHANTOM_SIZE = 256
 FOCAL_FINDINGS = ("Nodule", "Mass", "Effusion", "Pneumothorax", "Cardiomegaly")
@@ -48,9 +67,14 @@ def demo_config(labels: Path, out: Path, *, epochs: int, seed: int, device: str,
 def demo(
     *,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the cohort, model and results.")] = Path("cxrtool-demo"),
-    n_train: Annotated[int, typer.Option("--train-images", min=40, help="Phantom training images.")] = 2400,
+    full: Annotated[bool, typer.Option("--full", help=f"The larger run: {FULL.train_images} phantoms at {FULL.input_size} px "
+                                       "(finer maps; about twice the time).")] = False,
+    n_train: Annotated[int | None, typer.Option("--train-images", min=40, help=f"Phantom training images (default {QUICK.train_images}; "
+                                                   f"--full {FULL.train_images}).")] = None,
     n_test: Annotated[int, typer.Option("--test-images", min=10, help="Held-out phantom DICOM studies.")] = 300,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 8,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help=f"Default {QUICK.epochs}.")] = None,
+    input_size: Annotated[int | None, typer.Option("--input-size", min=32, help=f"Model input in pixels (default {QUICK.input_size}; "
+                                                      f"--full {FULL.input_size}).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     workers: Annotated[int, typer.Option("--workers", "-j", min=0)] = 2,
@@ -71,6 +95,10 @@ def demo(
     from cxrtool.registry import PHANTOM_FINDINGS
     from cxrtool.train.loop import train
 
+    size = FULL if full else QUICK
+    n_train = n_train or size.train_images
+    epochs = epochs or size.epochs
+    input_size = input_size or size.input_size
     started = time.monotonic()
     cohort_dir, study_dir, model_dir = out_dir / "cohort", out_dir / "study", out_dir / "model"
     with handle_interrupt():
@@ -88,7 +116,8 @@ def demo(
             )
         note(f"phantoms: {n_train} training PNGs in {cohort_dir}, {n_test} held-out DICOMs in {study_dir / 'images'}")
 
-        config = demo_config(cohort.data_entry_csv, model_dir, epochs=epochs, seed=seed, device=device, workers=workers)
+        config = demo_config(cohort.data_entry_csv, model_dir, epochs=epochs, seed=seed, device=device, workers=workers,
+                             input_size=input_size)
         bar = progress_bar()
         on_event = training_progress(bar, label="train epoch")
         with bar:
@@ -125,9 +154,9 @@ def demo(
                           out_dir=out_dir / "evaluation", n_boot=200, seed=seed)
 
     located = evaluate_localization(predictions_csv, study.bbox_csv, out_dir=out_dir / "evaluation")
-    out.print(render_table(report))
-    out.print(render_localization(located))
-    out.print(_radiomics_table(radiomics.table))
+    show(render_table(report))
+    show(render_localization(located))
+    show(_radiomics_table(radiomics.table))
     note(f"[bold green]held-out mean AUROC {report.macro.auroc:.3f}[/] on {report.matching['matched']} phantom DICOM studies "
          f"({time.monotonic() - started:.0f} s in all)")
     pointing = ", ".join(f"{name} {located.findings[name].pointing:.2f}" for name in FOCAL_FINDINGS if name in located.findings)

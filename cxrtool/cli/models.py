@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cxrtool.cli._console import fail, out
+from cxrtool.cli._console import fail, out, show
 
 
 def models(
@@ -28,13 +28,13 @@ def models(
         for arch in ARCHITECTURES.values():
             note = arch.note + (" (default)" if arch.name == DEFAULT_ARCHITECTURE else "")
             table.add_row(arch.name, arch.cam_layer, note)
-        out.print(table)
+        show(table)
         labels = Table(title="Label sets")
         labels.add_column("name")
         labels.add_column("findings")
         for name, findings in LABEL_SETS.items():
             labels.add_row(name, ", ".join(findings))
-        out.print(labels)
+        show(labels)
         return
 
     from cxrtool.models.checkpoint import CheckpointError, read_card
@@ -60,7 +60,7 @@ def models(
         table.add_row("loss / epochs", f"{training.get('loss', '?')} / best epoch {training.get('best_epoch', '?')} of {training.get('epochs', '?')}")
     if card.metrics.get("val_mean_auroc") is not None:
         table.add_row("validation mean AUROC", f"{card.metrics['val_mean_auroc']:.4f}")
-    out.print(table)
+    show(table)
     findings = Table(title=f"Findings (thresholds by {card.threshold_method})")
     findings.add_column("finding")
     findings.add_column("threshold", justify="right")
@@ -69,4 +69,4 @@ def models(
     for finding in card.findings:
         auroc = per.get(finding)
         findings.add_row(finding, f"{card.threshold_for(finding):.3f}", "-" if auroc is None else f"{auroc:.3f}")
-    out.print(findings)
+    show(findings)

@@ -248,8 +248,8 @@ def explain(
     """Explain a checkpoint's calls on studies: maps, masks, boxes, overlays, contact sheets.
 
     Arguments are those of :func:`cxrtool.predict.predict`, plus ``settings``. A study whose
-    sidecar already holds explanations from this model with the same settings is skipped
-    unless ``overwrite``.
+    sidecar already holds explanations of this model made from the same file content with
+    the same settings is skipped unless ``overwrite`` (:func:`cxrtool.io.records.is_done`).
 
     Raises:
         ExplainUsageError: an unknown method, layer or finding (before any study is read).

@@ -160,7 +160,11 @@ def _read_journal(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str
 
 
 def _still_valid(row: dict[str, Any], digest: str) -> bool:
+    """Whether a journal row still describes its files: made from their present content,
+    or (a row that failed on a missing file) the file is still missing."""
     inputs = {"image": row["image"], **({"mask": row["mask"]} if row.get("mask") else {})}
+    if not row.get("_provenance"):
+        return row.get("status") != "ok" and not all(Path(path).is_file() for path in inputs.values())
     return is_done(Provenance.from_dict(row.get("_provenance")), inputs=inputs, producer=PRODUCER,
                    settings={"radiomics": digest})
 
@@ -215,9 +219,9 @@ def run_regions(
     todo = []
     for job in unique:
         row = done.get(job.key)
-        if row is not None and not overwrite and _still_valid(row, digest):
-            continue
         if row is not None and not overwrite and row.get("_provenance"):
+            if _still_valid(row, digest):
+                continue
             summary.changed += 1  # (a row without provenance failed on a missing file: tried again)
         todo.append(job)
     summary.resumed = len(unique) - len(todo)
