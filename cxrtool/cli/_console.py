@@ -94,13 +94,10 @@ class _PlainTask:
     completed: float = 0.0
     started: float = field(default_factory=time.monotonic)
     printed: float = field(default_factory=time.monotonic)
-    first: tuple[float, float] | None = None  # (completed, time) at the first update: rates start there
     done: bool = False
 
     def rate(self, now: float) -> float | None:
-        if self.first is None or now <= self.first[1] or self.completed <= self.first[0]:
-            return None
-        return (self.completed - self.first[0]) / (now - self.first[1])
+        return self.completed / (now - self.started) if self.completed and now > self.started else None
 
 
 class PlainProgress:
@@ -130,8 +127,6 @@ class PlainProgress:
     def update(self, key: int, *, completed: float | None = None, total: float | None = None,
                advance: float | None = None, status: str | None = None, **_: Any) -> None:
         task = self.tasks[key]
-        if task.first is None:
-            task.first = (task.completed, time.monotonic())
         if total is not None:
             task.total = total
         if completed is not None:
@@ -267,12 +262,14 @@ def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_w
         f"[{'red' if summary.failed else 'green'}]{len(summary.failed)} failed[/] of {summary.total} studies"
     )
     if summary.stale:
-        note(f"{summary.stale} earlier results of studies whose files have changed since were removed "
-             "(they described the old files), with their pictures")
+        count = f"{summary.stale} earlier {'result' if summary.stale == 1 else 'results'}"
+        note(f"{count} of studies whose files have changed since removed (they described the old files), "
+             "with their pictures")
     for folder in summary.folders[:5]:
         note(f"  {folder / listed}")
     if len(summary.folders) > 5:
         note(f"  ... and {len(summary.folders) - 5} more folders")
     if summary.failed:
-        warn(f"{len(summary.failed)} studies could not be read; see the error column of cxrtool_predictions.csv")
+        count = f"{len(summary.failed)} {'study' if len(summary.failed) == 1 else 'studies'}"
+        warn(f"{count} could not be read or scored; see the error column of cxrtool_predictions.csv")
     raise typer.Exit(summary.exit_code)

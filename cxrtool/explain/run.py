@@ -222,7 +222,7 @@ class ExplainChunk:
         ratio = display.shape[1] / cam.shape[1]
         small = cv2.resize(scaled, (display.shape[1], display.shape[0]), interpolation=cv2.INTER_AREA) if ratio < 1 else scaled
         caption = (f"{finding}  p={call.probability:.2f}  {'positive' if call.positive else 'negative'}  "
-                   f"{CAM_METHOD_LABELS[settings.method]}  {self.context.model.name}")
+                   f"{CAM_METHOD_LABELS[settings.method]}")
         files["overlay"] = f"{stem}.overlay.png"
         boxes = [region["box"] for region in entry["regions"]]
         write_png(folder / files["overlay"], overlay(display, small, caption, boxes, ratio))

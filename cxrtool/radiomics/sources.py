@@ -196,6 +196,7 @@ def jobs_from_cam(
     from cxrtool.io.outputs import sidecar_path
     from cxrtool.io.records import iter_sidecars, read_sidecar
 
+    studies = list(studies)  # (a generator, such as find_studies, is read twice below)
     wanted = {Path(study).absolute() for study in studies}
     found: list[tuple[Path, Path, object]] = []  # (study, sidecar folder, sidecar)
     if explanations is not None:
