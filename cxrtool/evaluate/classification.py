@@ -27,7 +27,7 @@ import numpy as np
 from cxrtool.data.labels import LabelTable, read_labels
 from cxrtool.io.outputs import atomic_write
 from cxrtool.io.records import IndexedModel, read_prediction_tables
-from cxrtool.registry import resolve_finding
+from cxrtool.registry import THRESHOLD_METHODS, resolve_finding
 
 __all__ = [
     "METRICS",
@@ -291,8 +291,8 @@ def choose_thresholds(y_true: Any, y_score: Any, method: str = "f1") -> np.ndarr
         >>> choose_thresholds([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
         array([0.225])
     """
-    if method not in ("f1", "youden"):
-        raise ValueError(f"unknown threshold method {method!r}; choose 'f1' or 'youden'")
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"unknown threshold method {method!r}; choose one of {', '.join(THRESHOLD_METHODS)}")
     t, s, _ = _as_2d(y_true, y_score)
     out = np.full(t.shape[1], 0.5)
     for f, r in enumerate(_rank_findings(t, s)):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrtool.data.labels import read_boxes
-from cxrtool.io.outputs import SIDECAR_SUFFIX, atomic_write, write_json
+from cxrtool.io.outputs import atomic_write, sidecar_path, write_json
 
 OVERLAP_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 BoxXYWH = Sequence[float]
@@ -145,7 +145,7 @@ def read_explanations(
     found: dict[str, dict[str, Any]] = {}
     for row in tables.rows_of(chosen):
         path = Path(row["path"])
-        sidecar = read_sidecar(path.parent / f"{path.name}{SIDECAR_SUFFIX}")
+        sidecar = read_sidecar(sidecar_path(path.parent, path.name))
         if sidecar is None:
             continue
         results = [sidecar.result_for(chosen.model.id)] if chosen is not None and chosen.model.id else sidecar.results

@@ -44,6 +44,7 @@ from pytorch_grad_cam import (  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from cxrtool.errors import UsageError  # noqa: E402
+from cxrtool.registry import DEFAULT_CAM_METHOD  # noqa: E402
 
 CAM_METHODS = {
     "gradcam": GradCAM,
@@ -116,7 +117,7 @@ class CamEngine:
         (224, 224)
     """
 
-    def __init__(self, network: torch.nn.Module, method: str = "gradcam", layer: str | None = None) -> None:
+    def __init__(self, network: torch.nn.Module, method: str = DEFAULT_CAM_METHOD, layer: str | None = None) -> None:
         if method not in CAM_METHODS:
             raise ExplainUsageError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
         self.method = method

@@ -41,7 +41,7 @@ from cxrtool.explain.render import contact_sheet, overlay, write_png
 from cxrtool.io.outputs import atomic_write
 from cxrtool.io.records import StudyFailure, make_result, store_result
 from cxrtool.predict import PREDICT_SETTINGS
-from cxrtool.registry import CAM_METHOD_LABELS, MAP_FORMATS
+from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS
 
 METHOD_LABELS = CAM_METHOD_LABELS  # the name the first release exported
 
@@ -59,7 +59,7 @@ class ExplainSettings:
         display_size: longest side of the overlay pictures, in pixels.
     """
 
-    method: str = "gradcam"
+    method: str = DEFAULT_CAM_METHOD
     layer: str | None = None
     findings: tuple[str, ...] | None = None
     threshold: float | str = 0.5
