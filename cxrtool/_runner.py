@@ -186,7 +186,7 @@ class RunContext:
         for item in items:
             if "error" in item:
                 path = self.paths[item["index"]]
-                update = settle_failure(self.folders[item["index"]], path.name, item.get("fingerprint"), self.model.id)
+                update = settle_failure(self.folders[item["index"]], path, item.get("fingerprint"), self.model.id)
                 item["sidecar"], item["stale"] = update.sidecar, len(update.stale)
 
 

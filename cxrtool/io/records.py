@@ -61,6 +61,10 @@ class RecordError(ValueError):
     """A record cxrtool cannot read (a newer schema, a corrupt index); says what to do."""
 
 
+class NewerSchemaError(RecordError):
+    """A record written by a newer cxrtool: it is neither read nor overwritten."""
+
+
 class StudyFailure(Exception):
     """One study's failure with its one-line reason (a non-finite model output, ...)."""
 
@@ -358,7 +362,7 @@ class Sidecar:
     def from_dict(cls, values: Mapping[str, Any]) -> Sidecar:
         version = values.get("schema_version", 1)
         if isinstance(version, int) and version > SCHEMA_VERSION:
-            raise RecordError(f"sidecar written by a newer cxrtool (schema {version}); upgrade cxrtool")
+            raise NewerSchemaError(f"sidecar written by a newer cxrtool (schema {version}); upgrade cxrtool")
         fingerprint = Fingerprint.from_dict({"sha256": values.get("sha256"), "stat": values.get("file_stat")})
         if fingerprint is None:
             raise RecordError("sidecar without the study's sha256")
@@ -406,11 +410,9 @@ def read_sidecar(path: Path) -> Sidecar | None:
         return None
     try:
         return Sidecar.from_dict(values)
-    except RecordError as error:
-        if "newer" in str(error):
-            raise RecordError(f"{path}: {error}") from None
-        return None
-    except (KeyError, TypeError, ValueError):
+    except NewerSchemaError as error:
+        raise NewerSchemaError(f"{path}: {error}") from None
+    except (KeyError, TypeError, ValueError):  # RecordError included: not a usable sidecar
         return None
 
 
@@ -478,10 +480,13 @@ def store_result(
     return update
 
 
-def settle_failure(folder: Path, file_name: str, fingerprint: Fingerprint | None, model_id: str) -> SidecarUpdate:
-    """A study that failed now: results made from another content of the file are stale
-    and go (with their pictures), and so does this model's own earlier result (its latest
-    attempt failed); other models' results of the same content stay."""
+def settle_failure(folder: Path, study: Path, fingerprint: Fingerprint | None, model_id: str) -> SidecarUpdate:
+    """A study that failed now: results made from another content of the file (or of a
+    file that is gone) are stale and go, with their pictures, and so does this model's own
+    earlier result (its latest attempt failed); other models' results of the same content
+    stay, and so do they when the file is there but could not be read at all (nothing says
+    it changed)."""
+    file_name = study.name
     path = sidecar_path(folder, file_name)
     if not path.is_file():
         return SidecarUpdate(None)
@@ -489,7 +494,10 @@ def settle_failure(folder: Path, file_name: str, fingerprint: Fingerprint | None
         on_disk = read_sidecar(path)
         if on_disk is None:
             return SidecarUpdate(None)
-        same = fingerprint is not None and on_disk.sha256 == fingerprint.sha256
+        if fingerprint is None:
+            same = study.exists()  # unreadable now (permissions, a lock): no sign of a change
+        else:
+            same = on_disk.sha256 == fingerprint.sha256
         gone = [r for r in on_disk.results if not same or r.model.id == model_id]
         if not gone:
             return SidecarUpdate(on_disk)
@@ -647,7 +655,7 @@ def _parse_index(values: Any, *, where: str) -> list[IndexedModel]:
         raise RecordError(f"{where}: not a cxrtool folder index (expected a JSON object)")
     version = values.get("schema_version", 1)
     if isinstance(version, int) and version > SCHEMA_VERSION:
-        raise RecordError(f"{where}: written by a newer cxrtool (schema {version}); upgrade cxrtool")
+        raise NewerSchemaError(f"{where}: written by a newer cxrtool (schema {version}); upgrade cxrtool")
     entries = list((values.get("models") or {}).values()) if "models" in values else [
         {**(values.get("model") or {}), **{k: values.get(k) for k in ("findings", "thresholds", "threshold_method",
                                                                        "cxrtool_version")}}]
