@@ -212,6 +212,23 @@ def test_shared_table_merges_what_other_writers_flushed(tmp_path):
     assert [(r["file"], r["x"], r["y"]) for r in rows] == [("a", "3.000000", ""), ("b", "", "2.000000")]
 
 
+def test_concurrent_radiomics_runs_into_one_table_keep_every_row(tmp_path, nih_dir):
+    pngs = sorted((nih_dir / "images").glob("*.png"))[:6]
+    table = tmp_path / "radiomics.csv"
+    script = textwrap.dedent("""
+        import sys
+        from cxrtool.radiomics.batch import run_regions
+        from cxrtool.radiomics.sources import RegionJob
+        params = {"imageType": {"Original": {}}, "featureClass": {"firstorder": None}, "setting": {"binWidth": 0.02}}
+        run_regions([RegionJob(path) for path in sys.argv[2:]], sys.argv[1], params=params, workers=1)
+    """)
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(table), *map(str, half)])
+            for half in (pngs[:3], pngs[3:])]
+    assert all(process.wait(timeout=240) == 0 for process in runs)
+    rows = read_csv(table)
+    assert sorted(row["image"] for row in rows) == sorted(map(str, pngs)) and all(row["status"] == "ok" for row in rows)
+
+
 # ------------------------------------------------------------------ 4. every worker count, and a host that used torch
 
 

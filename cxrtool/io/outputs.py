@@ -19,6 +19,7 @@ import io
 import json
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,24 +96,39 @@ def sidecar_path(output_dir: Path, study_name: str) -> Path:
     return output_dir / f"{study_name}{SIDECAR_SUFFIX}"
 
 
+_held = threading.local()  # the folder locks this thread holds: folder -> depth
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold the folder's lock (a hidden ``.cxrtool.lock`` file) while a shared file there
     is read, changed and written. Works between processes, hosts sharing the folder over
-    a file system with locks, and threads of one process.
+    a file system with locks, and threads of one process; a thread may take it again
+    while it holds it (the inner block just runs).
     """
     from filelock import FileLock, Timeout
 
     folder = Path(folder)
+    held: dict[str, int] = _held.__dict__.setdefault("depth", {})
+    key = os.path.abspath(folder)
+    if held.get(key):
+        held[key] += 1
+        try:
+            yield
+        finally:
+            held[key] -= 1
+        return
     folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder / LOCK_NAME), timeout=LOCK_TIMEOUT_S, thread_local=False)
     try:
         lock.acquire()
     except Timeout:
         raise TimeoutError(f"{folder}: another cxrtool run has held {LOCK_NAME} for {LOCK_TIMEOUT_S:.0f} s") from None
+    held[key] = 1
     try:
         yield
     finally:
+        held[key] = 0
         lock.release()
 
 
@@ -126,7 +142,8 @@ class SharedTable:
     (on disk, then in this run's rows), then ``last`` columns.
 
     ``read_rows(path)`` may be given to read (and upgrade) what is on disk; by default the
-    file is read with :class:`csv.DictReader`.
+    file is read with :class:`csv.DictReader`. ``cell`` turns a value into its text (by
+    default floats get 6 decimals).
     """
 
     def __init__(
@@ -138,6 +155,7 @@ class SharedTable:
         last: Sequence[str] = (),
         read_rows: Callable[[Path], Iterable[Mapping[str, str]]] | None = None,
         sort: bool = True,
+        cell: Callable[[Any], str] | None = None,
     ) -> None:
         self.path = Path(path)
         self.key = tuple(key)
@@ -145,6 +163,7 @@ class SharedTable:
         self.last = list(last)
         self.read_rows = read_rows or read_csv_rows
         self.sort = sort
+        self.cell = cell or format_cell
         self._puts: dict[tuple[str, ...], dict[str, str]] = {}
         self._drops: list[Callable[[Mapping[str, str]], bool]] = []
 
@@ -157,7 +176,7 @@ class SharedTable:
 
     def put(self, row: Mapping[str, Any]) -> None:
         """Insert or replace the row with this row's key (values formatted as CSV cells)."""
-        cells = {str(k): format_cell(v) for k, v in row.items()}
+        cells = {str(k): self.cell(v) for k, v in row.items()}
         self._puts[self.row_key(cells)] = cells
 
     def drop(self, where: Callable[[Mapping[str, str]], bool]) -> None:

@@ -51,6 +51,9 @@ SCHEMA_VERSION = 2
 MODEL_ID_LENGTH = 12  # hex digits of a checkpoint's SHA-256 that name it in tables and file names
 TABLE_FIRST = ("file", "model", "model_id")
 TABLE_LAST = ("view_position", "error")
+# The radiomics table: these columns, then the features, then PyRadiomics' diagnostics.
+RADIOMICS_FIRST = ("image", "mask", "label", "finding", "region", "model", "status", "error")
+RADIOMICS_KEY = ("image", "mask", "label")
 IDENTITY_KEYS = ("sop_instance_uid", "transfer_syntax", "format")
 # A file modified this recently may change again within the file system's timestamp
 # resolution without its stat changing: its stat is not trusted for the quick check.

@@ -17,7 +17,6 @@ append under the folder's lock, and each rebuild takes every run's rows.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -29,11 +28,11 @@ from typing import Any
 import numpy as np
 
 from cxrtool.errors import UsageError
-from cxrtool.io.outputs import atomic_write, folder_lock
-from cxrtool.io.records import Fingerprint, Provenance, is_done, settings_digest
+from cxrtool.io.outputs import SharedTable, atomic_write, folder_lock
+from cxrtool.io.records import RADIOMICS_FIRST, RADIOMICS_KEY, Fingerprint, Provenance, is_done, settings_digest
 from cxrtool.radiomics.sources import RegionJob, read_mask
 
-ID_COLUMNS = ("image", "mask", "label", "finding", "region", "model", "status", "error")
+ID_COLUMNS = RADIOMICS_FIRST
 JOURNAL_KIND = "cxrtool radiomics"
 
 
@@ -311,20 +310,16 @@ def _json_default(value: Any) -> Any:
 
 
 def _write_table(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
-    rows = list(rows)
-    features: dict[str, None] = {}
-    diagnostics: dict[str, None] = {}
+    """The table through the one shared-table writer: the identifying columns, the
+    features, then the diagnostics. The rows are all of them (the journal holds every
+    run's), so what was on disk is replaced."""
+    rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+    diagnostics = [key for key in dict.fromkeys(k for row in rows for k in row) if key.startswith("diagnostics_")]
+    table = SharedTable(path, RADIOMICS_KEY, first=ID_COLUMNS, last=diagnostics, sort=False, cell=_cell)
+    table.drop(lambda row: True)
     for row in rows:
-        for key in row:
-            if key in ID_COLUMNS or key.startswith("_"):
-                continue
-            (diagnostics if key.startswith("diagnostics_") else features).setdefault(key, None)
-    header = [*ID_COLUMNS, *features, *diagnostics]
-    with atomic_write(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for row in rows:
-            writer.writerow([_cell(row.get(key)) for key in header])
+        table.put(row)
+    table.flush()
     return path
 
 
