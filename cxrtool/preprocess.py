@@ -1,8 +1,16 @@
 """One definition of how a Study becomes a model input, shared by train, predict and explain.
 
-The radiograph is resized so its longer side fits the model's input size (aspect ratio
-kept) and padded to a square; :class:`Geometry` records the resize and padding so that
-anything found on the input grid (a CAM peak, a box) maps back to the original pixels.
+Two ways to make the square a model sees, recorded in each checkpoint's card:
+
+* ``letterbox`` (cxrtool's own): the radiograph is resized so its longer side fits the input
+  size (aspect ratio kept) and padded to a square; ``squash`` stretches it instead.
+* ``center_crop`` (TorchXRayVision's): the longer side is cropped to the shorter one around
+  the centre, then the square is resized. With ``resample="skimage"`` the resize is XRV's own
+  (``skimage.transform.resize``, constant mode, anti-aliasing), done, as XRV does it, on the
+  normalised intensities: so an imported XRV model sees exactly what XRV's pipeline gives it.
+
+:class:`Geometry` records the crop, resize and padding so that anything found on the input
+grid (a CAM peak, a box) maps back to the original pixels.
 """
 
 from __future__ import annotations
@@ -12,6 +20,9 @@ from dataclasses import asdict, dataclass, fields
 import cv2
 import numpy as np
 
+RESIZE_MODES = ("letterbox", "squash", "center_crop")
+RESAMPLERS = ("opencv", "skimage")
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -19,22 +30,29 @@ class Preprocessing:
 
     Attributes:
         input_size: side of the square input, in pixels.
-        mean, std: normalisation applied to pixels in [0, 1].
-        resize: "letterbox" (keep aspect, pad) or "squash" (stretch to the square).
+        mean, std: normalisation applied to pixels in [0, 1]: ``(p - mean) / std``. XRV's
+            [-1024, 1024] scaling is mean 0.5, std 1/2048.
+        resize: "letterbox" (keep aspect, pad), "squash" (stretch to the square) or
+            "center_crop" (crop the longer side around the centre, then resize).
+        resample: "opencv" (area averaging when shrinking, bilinear when enlarging) or
+            "skimage" (XRV's resize, on the normalised intensities).
     """
 
     input_size: int = 224
     mean: float = 0.5
     std: float = 0.25
     resize: str = "letterbox"
+    resample: str = "opencv"
 
     def __post_init__(self) -> None:
         if self.input_size < 16:
             raise ValueError(f"input_size must be at least 16, got {self.input_size}")
         if self.std <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
-        if self.resize not in ("letterbox", "squash"):
-            raise ValueError(f"resize must be 'letterbox' or 'squash', got {self.resize!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.resample not in RESAMPLERS:
+            raise ValueError(f"resample must be one of {', '.join(RESAMPLERS)}, got {self.resample!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,11 +63,18 @@ class Preprocessing:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+# TorchXRayVision's pipeline: intensities to [-1024, 1024], centre crop, its skimage resize.
+def xrv_preprocessing(input_size: int) -> Preprocessing:
+    return Preprocessing(input_size=input_size, mean=0.5, std=1.0 / 2048.0, resize="center_crop", resample="skimage")
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where the original image sits inside the square input.
 
-    ``input = original * (scale_y, scale_x) + (pad_y, pad_x)``, in pixel units.
+    ``input = (original - crop) * scale + pad``, in pixel units, per axis; the input grid
+    shows the original's rows ``crop_y .. crop_y + crop_height`` (all of them unless
+    centre-cropped) and likewise its columns.
     """
 
     original_height: int
@@ -58,45 +83,79 @@ class Geometry:
     scale_x: float
     pad_y: int
     pad_x: int
+    crop_y: int = 0
+    crop_x: int = 0
+    crop_height: int | None = None
+    crop_width: int | None = None
+
+    @property
+    def shown(self) -> tuple[int, int, int, int]:
+        """The part of the original the input shows: (y, x, height, width)."""
+        return (self.crop_y, self.crop_x, self.crop_height or self.original_height, self.crop_width or self.original_width)
 
     def to_original(self, x: float, y: float) -> tuple[float, float]:
         """Map a point on the input grid back to original pixel coordinates."""
-        return (x - self.pad_x) / self.scale_x, (y - self.pad_y) / self.scale_y
+        return (x - self.pad_x) / self.scale_x + self.crop_x, (y - self.pad_y) / self.scale_y + self.crop_y
 
     def to_input(self, x: float, y: float) -> tuple[float, float]:
         """Map a point in original pixel coordinates onto the input grid."""
-        return x * self.scale_x + self.pad_x, y * self.scale_y + self.pad_y
+        return (x - self.crop_x) * self.scale_x + self.pad_x, (y - self.crop_y) * self.scale_y + self.pad_y
 
     def as_tuple(self) -> tuple:
-        return (self.original_height, self.original_width, self.scale_y, self.scale_x, self.pad_y, self.pad_x)
+        return (self.original_height, self.original_width, self.scale_y, self.scale_x, self.pad_y, self.pad_x,
+                *self.shown)
 
 
 def fit_to_square(pixels: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray, Geometry]:
-    """Resize and pad an (H, W) image in [0, 1] to the input square, before normalisation."""
+    """Crop or pad and resize an (H, W) image in [0, 1] to the input square, before
+    normalisation (so augmentation and caching work in [0, 1] units)."""
     if pixels.ndim != 2:
         raise ValueError(f"expected a 2D grey image, got shape {pixels.shape}")
     height, width = pixels.shape
     size = prep.input_size
     image = pixels.astype(np.float32, copy=False)
-    if prep.resize == "squash":
+    crop_y = crop_x = 0
+    if prep.resize == "center_crop":
+        side = min(height, width)
+        crop_y, crop_x = height // 2 - side // 2, width // 2 - side // 2  # as XRayCenterCrop
+        image = image[crop_y : crop_y + side, crop_x : crop_x + side]
+        new_h = new_w = size
+    elif prep.resize == "squash":
         new_h, new_w = size, size
     else:
         ratio = size / max(height, width)
         new_h, new_w = max(1, round(height * ratio)), max(1, round(width * ratio))
-    # INTER_AREA averages when shrinking (no aliasing of fine lines such as the pleura);
-    # linear when enlarging.
-    shrinking = new_h < height or new_w < width
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    resized = _resize(image, new_h, new_w, prep)
     pad_y, pad_x = (size - new_h) // 2, (size - new_w) // 2
     square = np.zeros((size, size), dtype=np.float32)
     square[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized
-    geometry = Geometry(height, width, new_h / height, new_w / width, pad_y, pad_x)
+    shown_h, shown_w = image.shape
+    geometry = Geometry(height, width, new_h / shown_h, new_w / shown_w, pad_y, pad_x, crop_y, crop_x, shown_h, shown_w)
     return square, geometry
+
+
+def _resize(image: np.ndarray, new_h: int, new_w: int, prep: Preprocessing) -> np.ndarray:
+    if prep.resample == "skimage":
+        import warnings
+
+        from skimage.transform import resize
+
+        # XRV resizes the normalised image (its zero, which the constant mode pads with, is
+        # mid-grey): do the same, then come back to [0, 1] units.
+        normalised = (image - np.float32(prep.mean)) / np.float32(prep.std)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = resize(normalised[None], (1, new_h, new_w), mode="constant", preserve_range=True)[0]
+        return (out.astype(np.float32) * np.float32(prep.std) + np.float32(prep.mean)).astype(np.float32)
+    # INTER_AREA averages when shrinking (no aliasing of fine lines such as the pleura);
+    # linear when enlarging.
+    shrinking = new_h < image.shape[0] or new_w < image.shape[1]
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
 def normalise(square: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """Normalise a fitted square to the model's input statistics, as (1, S, S) float32."""
-    return ((square - prep.mean) / prep.std)[None].astype(np.float32, copy=False)
+    return ((square - np.float32(prep.mean)) / np.float32(prep.std))[None].astype(np.float32, copy=False)
 
 
 def prepare(pixels: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray, Geometry]:

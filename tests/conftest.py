@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import cxrtool  # noqa: F401  (first: makes torchvision importable for the test modules that import grad-cam or timm)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("COLUMNS", "200")  # rich: no wrapping in asserted output
 os.environ.setdefault("CXRTOOL_NO_PROGRESS", "1")

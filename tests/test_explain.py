@@ -14,7 +14,6 @@ import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from typer.testing import CliRunner
 
-import cxrtool.models.network  # noqa: F401  (torchvision op names, before the grad-cam imports below)
 from cxrtool.cli import app
 from cxrtool.explain.cams import CAM_METHODS, CamEngine, ExplainUsageError
 from cxrtool.explain.regions import find_regions, peak_point, to_original

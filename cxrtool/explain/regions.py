@@ -1,7 +1,7 @@
 """From a map on the model's input grid to what a clinician and a pipeline can use.
 
-A CAM is computed on the square input; :func:`to_original` undoes the letterbox (crop the
-padding, resize to the radiograph's own size). :func:`find_regions` thresholds it (a
+A CAM is computed on the square input; :func:`to_original` undoes the letterbox or the
+centre crop (drop the padding, resize to the part of the radiograph the input showed). :func:`find_regions` thresholds it (a
 fraction of its maximum, or Otsu) and labels the connected regions, strongest first, with
 boxes ``[x, y, w, h]`` in original pixels (and millimetres when the spacing is known).
 """
@@ -19,11 +19,18 @@ MAX_REGIONS = 255  # the mask PNG is uint8: pixel value k is region k
 
 
 def to_original(cam: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """A map on the (S, S) input grid, resampled onto the original (H, W) pixels."""
-    new_h = max(1, round(geometry.original_height * geometry.scale_y))
-    new_w = max(1, round(geometry.original_width * geometry.scale_x))
-    crop = cam[geometry.pad_y : geometry.pad_y + new_h, geometry.pad_x : geometry.pad_x + new_w]
-    return cv2.resize(crop, (geometry.original_width, geometry.original_height), interpolation=cv2.INTER_LINEAR)
+    """A map on the (S, S) input grid, resampled onto the original (H, W) pixels; zero on
+    the parts of the original the input did not show (a centre crop's sides)."""
+    top, left, shown_h, shown_w = geometry.shown
+    new_h = max(1, round(shown_h * geometry.scale_y))
+    new_w = max(1, round(shown_w * geometry.scale_x))
+    inner = cam[geometry.pad_y : geometry.pad_y + new_h, geometry.pad_x : geometry.pad_x + new_w]
+    shown = cv2.resize(inner, (shown_w, shown_h), interpolation=cv2.INTER_LINEAR)
+    if (shown_h, shown_w) == (geometry.original_height, geometry.original_width):
+        return shown
+    full = np.zeros((geometry.original_height, geometry.original_width), dtype=shown.dtype)
+    full[top : top + shown_h, left : left + shown_w] = shown
+    return full
 
 
 @dataclass
