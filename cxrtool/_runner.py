@@ -31,13 +31,16 @@ from cxrtool.io.records import (
     FolderOutputs,
     ModelRef,
     RecordError,
+    Result,
     Sidecar,
     index_entry,
     is_done,
+    make_result,
     read_sidecar,
     relative_source,
 )
 from cxrtool.io.studies import StudyReadError, find_studies, one_line, read_study
+from cxrtool.models.calibration import Calibration
 from cxrtool.preprocess import Preprocessing, prepare
 
 ResultCallback = Callable[[dict[str, Any]], None]
@@ -163,6 +166,20 @@ class RunContext:
     version: str
     settings: dict[str, Any]  # stage -> settings, recorded with each result
     in_worker: bool = False  # the processor runs inside a decoding worker
+    calibration: Calibration | None = None  # the card's, when it calibrates probabilities
+
+    def result(self, item: dict[str, Any], probabilities: np.ndarray) -> Result:
+        """The model's result for one study from its raw probabilities: calibrated as the
+        card says, called at the card's thresholds.
+
+        Raises:
+            StudyFailure: a probability that is not a finite number.
+        """
+        calibrate = self.calibration if self.calibration is not None and self.calibration.active else None
+        return make_result(self.model, self.card.findings, calibrate(probabilities) if calibrate else probabilities,
+                           self.thresholds, settings=dict(self.settings), version=self.version,
+                           warnings=item.get("warnings", ()), raw=probabilities if calibrate else None,
+                           calibration=calibrate.describe if calibrate else None)
 
     def study_record(self, item: dict[str, Any]) -> Sidecar:
         """The study's identity (no results yet) from a decoded item."""
@@ -312,7 +329,7 @@ def run_studies(
     n_workers = min(cores, 8) if workers is None else workers
     in_workers = torch_device.type == "cpu" and n_workers >= cores and n_workers > 0
     context = RunContext(network, card, thresholds, model_ref, torch_device, todo, [destination(p) for p in todo],
-                         __version__, settings, in_worker=in_workers)
+                         __version__, settings, in_worker=in_workers, calibration=Calibration.from_card(card))
     processor = make_processor(context)
     dataset = StudyInputs(todo, prep, include_patient_id=include_patient_id, display_size=display_size)
     if in_workers:

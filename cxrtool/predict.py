@@ -24,7 +24,7 @@ from cxrtool._runner import (
     regroup,
     run_studies,
 )
-from cxrtool.io.records import Result, StudyFailure, make_result, store_result
+from cxrtool.io.records import Result, StudyFailure, store_result
 
 __all__ = ["PREDICT_SETTINGS", "PredictSummary", "RunSummary", "ScoreChunk", "output_root", "predict", "regroup"]
 
@@ -50,9 +50,7 @@ class ScoreChunk:
             scores = forward(context.network, [item.pop("tensor") for item in decoded], context.device)
             for item, row in zip(decoded, scores, strict=True):
                 try:
-                    result = make_result(context.model, context.card.findings, row, context.thresholds,
-                                         settings=dict(context.settings), version=context.version,
-                                         warnings=item.get("warnings", ()))
+                    result = context.result(item, row)
                 except StudyFailure as failure:
                     item["error"] = str(failure)
                     continue

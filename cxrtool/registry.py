@@ -99,6 +99,36 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 DEFAULT_ARCHITECTURE = "densenet121"
 
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """A weight set another library publishes that `cxrtool models import` turns into a
+    cxrtool checkpoint. Findings and operating points are read from the library itself at
+    import time (it is the authority on them)."""
+
+    name: str  # the library's own name for the set
+    library: str  # "torchxrayvision"
+    architecture: str  # the timm backbone its weights load into
+    input_size: int
+    trained_on: str
+    licence: str = "Apache-2.0 (TorchXRayVision's code and weights); the training data sets' own terms apply"
+
+
+_XRV_SETS = (
+    ("densenet121-res224-all", "densenet121", 224,
+     "NIH ChestX-ray14, PadChest, CheXpert, MIMIC-CXR (CheXpert labeller), Google, OpenI, RSNA Pneumonia"),
+    ("densenet121-res224-nih", "densenet121", 224, "NIH ChestX-ray14"),
+    ("densenet121-res224-pc", "densenet121", 224, "PadChest"),
+    ("densenet121-res224-chex", "densenet121", 224, "CheXpert"),
+    ("densenet121-res224-rsna", "densenet121", 224, "RSNA Pneumonia Challenge"),
+    ("densenet121-res224-mimic_nb", "densenet121", 224, "MIMIC-CXR (NegBio labeller)"),
+    ("densenet121-res224-mimic_ch", "densenet121", 224, "MIMIC-CXR (CheXpert labeller)"),
+    ("resnet50-res512-all", "resnet50", 512, "PadChest, NIH ChestX-ray14, RSNA Pneumonia, SIIM-ACR Pneumothorax, VinDr-CXR"),
+)
+# TorchXRayVision's classifiers, importable as `xrv:NAME`.
+XRV_WEIGHTS: dict[str, PretrainedWeights] = {
+    name: PretrainedWeights(name, "torchxrayvision", arch, size, data) for name, arch, size, data in _XRV_SETS
+}
+
 # Training losses (cxrtool.train.losses builds each).
 LOSSES: dict[str, str] = {
     "bce": "binary cross-entropy",

@@ -38,7 +38,7 @@ def _register() -> None:
     app.command("explain")(explain.explain)
     app.command("radiomics")(radiomics.radiomics)
     app.command("evaluate")(evaluate.evaluate)
-    app.command("models")(models.models)
+    app.add_typer(models.app, name="models")
 
 
 _register()

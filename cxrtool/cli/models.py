@@ -1,4 +1,5 @@
-"""``cxrtool models``: the known architectures, or a checkpoint's card."""
+"""``cxrtool models``: the known architectures and importable weight sets, a checkpoint's
+card, and ``cxrtool models import xrv:NAME`` (TorchXRayVision's classifiers)."""
 
 from __future__ import annotations
 
@@ -8,35 +9,88 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
-from cxrtool.cli._console import fail, out, show
+from cxrtool.cli._console import fail, note, out, show
 
 
+class _ShowByDefault(TyperGroup):
+    """``cxrtool models FILE`` shows FILE's card: anything that is not a subcommand is."""
+
+    def parse_args(self, ctx, args):
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=_ShowByDefault, invoke_without_command=True, no_args_is_help=False,
+                  help="Architectures and importable weight sets, a checkpoint's card, or import a weight set.")
+
+
+@app.callback()
 def models(
-    checkpoint: Annotated[Path | None, typer.Argument(help="Show this checkpoint's model card.")] = None,
+    ctx: typer.Context,
+    *,
+    available: Annotated[bool, typer.Option("--available", help="List the weight sets `cxrtool models import` can import.")] = False,
+) -> None:
+    """List architectures (with their CAM layers) and label sets; `models FILE` shows a
+    checkpoint's card; `models import xrv:NAME --out FILE` imports a TorchXRayVision classifier."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if available:
+        _available()
+        return
+    from cxrtool.registry import ARCHITECTURES, DEFAULT_ARCHITECTURE, LABEL_SETS
+
+    table = Table(title="Architectures (any timm name also works for train/predict)")
+    table.add_column("architecture")
+    table.add_column("CAM layer")
+    table.add_column("note")
+    for arch in ARCHITECTURES.values():
+        remark = arch.note + (" (default)" if arch.name == DEFAULT_ARCHITECTURE else "")
+        table.add_row(arch.name, arch.cam_layer, remark)
+    show(table)
+    labels = Table(title="Label sets")
+    labels.add_column("name")
+    labels.add_column("findings")
+    for name, findings in LABEL_SETS.items():
+        labels.add_row(name, ", ".join(findings))
+    show(labels)
+    note("pretrained weight sets to import: cxrtool models --available")
+
+
+def _available() -> None:
+    """The importable weight sets; their findings from TorchXRayVision itself when installed."""
+    from cxrtool.errors import UsageError
+    from cxrtool.models.sources.xrv import trained_outputs, xrv_table
+    from cxrtool.registry import XRV_WEIGHTS
+
+    table = Table(title="Weight sets to import (cxrtool models import xrv:NAME --out FILE)")
+    for column in ("name", "architecture", "input"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("trained on", max_width=36)  # long lists wrap by word: nothing is cut
+    table.add_column("findings", max_width=60)
+    missing = None
+    for entry in XRV_WEIGHTS.values():
+        try:
+            record = xrv_table(entry.name)
+            keep, _ = trained_outputs(list(record["labels"]), [float(p) for p in record["op_threshs"]])
+            findings = ", ".join(record["labels"][i] for i in keep)
+        except UsageError as error:
+            missing, findings = str(error), "(install TorchXRayVision to list them)"
+        table.add_row(f"xrv:{entry.name}", entry.architecture, f"{entry.input_size} px", entry.trained_on, findings)
+    show(table)
+    if missing:
+        note(missing.split(" (")[0])
+
+
+@app.command("show")
+def show_card(
+    checkpoint: Annotated[Path, typer.Argument(help="A cxrtool checkpoint (.safetensors).")],
     *,
     as_json: Annotated[bool, typer.Option("--json", help="Print the card as JSON.")] = False,
 ) -> None:
-    """List architectures (with their CAM layers) or show a checkpoint's card."""
-    from cxrtool.registry import ARCHITECTURES, DEFAULT_ARCHITECTURE, LABEL_SETS
-
-    if checkpoint is None:
-        table = Table(title="Architectures (any timm name also works for train/predict)")
-        table.add_column("architecture")
-        table.add_column("CAM layer")
-        table.add_column("note")
-        for arch in ARCHITECTURES.values():
-            note = arch.note + (" (default)" if arch.name == DEFAULT_ARCHITECTURE else "")
-            table.add_row(arch.name, arch.cam_layer, note)
-        show(table)
-        labels = Table(title="Label sets")
-        labels.add_column("name")
-        labels.add_column("findings")
-        for name, findings in LABEL_SETS.items():
-            labels.add_row(name, ", ".join(findings))
-        show(labels)
-        return
-
+    """A checkpoint's model card: findings, thresholds, preprocessing, where it came from."""
     from cxrtool.models.checkpoint import CheckpointError, read_card
 
     try:
@@ -54,19 +108,65 @@ def models(
     table.add_row("input", json.dumps(card.preprocessing))
     table.add_row("created", f"{card.created} (cxrtool {card.cxrtool_version})")
     training = card.training
-    if training:
+    if card.source:
+        source = card.source
+        table.add_row("imported from", f"{source.get('library')} {source.get('library_version', '')}: {source.get('weights')} "
+                      f"({source.get('file')}, SHA-256 {source.get('sha256')})")
+        table.add_row("licence", str(source.get("licence", "")))
+        table.add_row("trained on", str(training.get("trained_on", "?")))
+    elif training:
         table.add_row("trained on", f"{training.get('labels', '?')} ({training.get('labels_format', '?')}): "
                       f"{training.get('n_train', '?')} train / {training.get('n_val', '?')} validation images")
         table.add_row("loss / epochs", f"{training.get('loss', '?')} / best epoch {training.get('best_epoch', '?')} of {training.get('epochs', '?')}")
+        if training.get("init"):
+            init = training["init"]
+            table.add_row("fine-tuned from", f"{init.get('name')} (SHA-256 {init.get('sha256')})")
     if card.metrics.get("val_mean_auroc") is not None:
         table.add_row("validation mean AUROC", f"{card.metrics['val_mean_auroc']:.4f}")
+    if card.calibration:
+        table.add_row("calibration", f"{card.calibration.get('method')}: {card.calibration.get('positive_when', '')}")
     show(table)
+    points = (card.calibration or {}).get("operating_points", {})
     findings = Table(title=f"Findings (thresholds by {card.threshold_method})")
     findings.add_column("finding")
     findings.add_column("threshold", justify="right")
+    if points:
+        findings.add_column("operating point", justify="right")
     findings.add_column("val AUROC", justify="right")
     per = card.metrics.get("val_auroc", {})
     for finding in card.findings:
         auroc = per.get(finding)
-        findings.add_row(finding, f"{card.threshold_for(finding):.3f}", "-" if auroc is None else f"{auroc:.3f}")
+        cells = [finding, f"{card.threshold_for(finding):.3f}"]
+        if points:
+            cells.append(f"{points[finding]:.4f}")
+        findings.add_row(*cells, "-" if auroc is None else f"{auroc:.3f}")
     show(findings)
+
+
+@app.command("import")
+def import_weights(
+    spec: Annotated[str, typer.Argument(help="The weight set: xrv:NAME (see cxrtool models --available).")],
+    *,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The checkpoint to write (.safetensors).")],
+    weights: Annotated[Path | None, typer.Option("--weights", help="The set's file, downloaded elsewhere (an offline machine); "
+                                                 "default: TorchXRayVision's cache, else it downloads it.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="The model's name on its card (default xrv-NAME).")] = None,
+) -> None:
+    """Import a TorchXRayVision classifier once into an ordinary cxrtool checkpoint (the only
+    step that unpickles anything), with XRV's preprocessing and operating points on its card."""
+    from cxrtool.errors import UsageError
+    from cxrtool.models.sources.xrv import import_xrv
+
+    library, _, set_name = spec.partition(":")
+    if library != "xrv" or not set_name:
+        fail(f"expected xrv:NAME, got {spec!r} (TorchXRayVision is the one library cxrtool imports from; "
+             "cxrtool models --available lists the sets)")
+    try:
+        report = import_xrv(set_name, out, weights=weights, model_name=name, say=note)
+    except UsageError as error:
+        fail(str(error))
+    note(f"[green]{report.checkpoint}[/]: {report.weights.architecture} at {report.weights.input_size} px, "
+         f"{len(report.findings)} findings: {', '.join(report.findings)}")
+    if report.dropped:
+        note(f"  left out (XRV outputs without a trained operating point): {', '.join(report.dropped)}")
+    note(f"  card: cxrtool models {report.checkpoint}")

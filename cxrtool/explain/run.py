@@ -39,7 +39,7 @@ from cxrtool.errors import UsageError
 from cxrtool.explain.regions import find_regions, parse_threshold, peak_point, to_original
 from cxrtool.explain.render import contact_sheet, overlay, write_png
 from cxrtool.io.outputs import atomic_write
-from cxrtool.io.records import StudyFailure, make_result, store_result
+from cxrtool.io.records import StudyFailure, store_result
 from cxrtool.predict import PREDICT_SETTINGS
 from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS
 
@@ -115,7 +115,8 @@ class ExplainChunk:
     def _wanted(self, probabilities: np.ndarray) -> list[list[int]]:
         if self.fixed is not None:
             return [list(self.fixed) for _ in range(len(probabilities))]
-        return [[int(i) for i in np.flatnonzero(row >= self.context.thresholds)] for row in probabilities]
+        calls = self.context.calibration(probabilities) if self.context.calibration is not None else probabilities
+        return [[int(i) for i in np.flatnonzero(row >= self.context.thresholds)] for row in calls]
 
     def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import torch
@@ -163,9 +164,7 @@ class ExplainChunk:
         folder = context.folders[item["index"]]
         display = item.pop("display", None)  # keep what travels back to the main process small
         try:
-            result = make_result(context.model, context.card.findings, probabilities[row], context.thresholds,
-                                 settings=dict(context.settings), version=context.version,
-                                 warnings=item.get("warnings", ()))
+            result = context.result(item, probabilities[row])
         except StudyFailure as failure:
             item["error"] = str(failure)
             return

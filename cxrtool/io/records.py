@@ -229,12 +229,19 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class FindingCall:
+    """One finding's call. ``probability`` is what the call is made on: the calibrated
+    probability when the model is calibrated (then ``raw_probability`` is the model's own)."""
+
     probability: float
     threshold: float
     positive: bool
+    raw_probability: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"probability": self.probability, "threshold": self.threshold, "positive": self.positive}
+        values: dict[str, Any] = {"probability": self.probability, "threshold": self.threshold, "positive": self.positive}
+        if self.raw_probability is not None:
+            values["raw_probability"] = self.raw_probability
+        return values
 
 
 @dataclass
@@ -248,6 +255,8 @@ class Result:
         explanations: what ``explain`` found (method, layer, request, per finding: map
             peak, regions, files), or None.
         warnings: what the reader noticed about the file, for the record.
+        calibration: for a calibrated model, how its probabilities were calibrated and what
+            the calls were made on.
     """
 
     model: ModelRef
@@ -257,6 +266,7 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     cxrtool_version: str = ""
     created: str = ""
+    calibration: dict[str, Any] | None = None
 
     @property
     def positive_findings(self) -> list[str]:
@@ -276,6 +286,8 @@ class Result:
             "positive_findings": self.positive_findings,
             "settings": self.settings,
         }
+        if self.calibration:
+            record["calibration"] = self.calibration
         if self.explanations is not None:
             record["explanations"] = self.explanations
         if self.warnings:
@@ -287,7 +299,8 @@ class Result:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Result:
         findings = {
-            str(name): FindingCall(float(call["probability"]), float(call["threshold"]), bool(call["positive"]))
+            str(name): FindingCall(float(call["probability"]), float(call["threshold"]), bool(call["positive"]),
+                                   None if call.get("raw_probability") is None else float(call["raw_probability"]))
             for name, call in (values.get("findings") or {}).items()
         }
         explanations = values.get("explanations")
@@ -299,6 +312,7 @@ class Result:
             warnings=[str(w) for w in values.get("warnings") or []],
             cxrtool_version=str(values.get("cxrtool_version", "")),
             created=str(values.get("created", "")),
+            calibration=values.get("calibration") if isinstance(values.get("calibration"), dict) else None,
         )
 
 
@@ -539,8 +553,12 @@ def make_result(
     settings: dict[str, Any],
     version: str,
     warnings: Sequence[str] = (),
+    raw: Sequence[float] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> Result:
-    """A model's result from its probabilities and thresholds.
+    """A model's result from its probabilities and thresholds (for a calibrated model: the
+    calibrated probabilities, with the ``raw`` ones and a description of the
+    ``calibration``).
 
     Raises:
         StudyFailure: when a probability is not a finite number (the study fails, alone).
@@ -549,11 +567,13 @@ def make_result(
     if bad:
         shown = ", ".join(f"{name} ({float(p)})" for name, p in zip(findings, probabilities, strict=True) if name in bad[:4])
         raise StudyFailure(f"the model's output is not a finite number for {len(bad)} of {len(findings)} findings: {shown}")
+    raws = [None] * len(findings) if raw is None else [round(float(r), 6) for r in raw]
     calls = {
-        name: FindingCall(round(float(p), 6), round(float(t), 6), bool(p >= t))
-        for name, p, t in zip(findings, probabilities, thresholds, strict=True)
+        name: FindingCall(round(float(p), 6), round(float(t), 6), bool(p >= t), r)
+        for name, p, t, r in zip(findings, probabilities, thresholds, raws, strict=True)
     }
-    return Result(model, calls, settings=settings, warnings=list(warnings), cxrtool_version=version, created=now())
+    return Result(model, calls, settings=settings, warnings=list(warnings), cxrtool_version=version, created=now(),
+                  calibration=calibration)
 
 
 # ----------------------------------------------------------------------------- folder table

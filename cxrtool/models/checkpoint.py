@@ -25,7 +25,7 @@ from cxrtool.io.outputs import atomic_path
 CARD_KEY = "cxrtool_card"
 TREE_KEY = "cxrtool_tree"
 FORMAT = "cxrtool-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointError(Exception):
@@ -48,11 +48,16 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     cxrtool_version: str = ""
     created: str = ""
+    # Per-finding operating points that calibrate probabilities (see models/calibration.py).
+    calibration: dict[str, Any] = field(default_factory=dict)
+    # Where imported weights came from (weight set, file, SHA-256, library version, licence).
+    source: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"format": FORMAT, "format_version": FORMAT_VERSION, **self.__dict__}, sort_keys=False
-        )
+        # A calibrated card needs a cxrtool that knows calibration: an older one must refuse
+        # it rather than make its calls on uncalibrated probabilities.
+        version = FORMAT_VERSION if self.calibration else 1
+        return json.dumps({"format": FORMAT, "format_version": version, **self.__dict__}, sort_keys=False)
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "checkpoint") -> ModelCard:
@@ -122,6 +127,13 @@ def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu"):
     from cxrtool.models.network import CXRClassifier
 
     card = read_card(path)
+    if card.calibration:
+        from cxrtool.models.calibration import Calibration
+
+        try:
+            Calibration.from_card(card)
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: the card's calibration cannot be used ({error})") from None
     if card.head != "linear":
         raise CheckpointError(f"{path}: head {card.head!r} is not supported by this cxrtool version")
     try:

@@ -1,0 +1,231 @@
+"""TorchXRayVision's classifiers as cxrtool checkpoints: imported once, safely, exactly.
+
+XRV's DenseNet-121 weight files are pickled whole modules (its ResNet-50 file a state dict).
+:func:`import_xrv` is the one place cxrtool unpickles anything: it reads the file, says so
+with its SHA-256, maps the weights into the timm backbone cxrtool uses everywhere (the key
+names are the same; the logits are identical), keeps the outputs XRV trained (a label and
+an operating point), and writes an ordinary safetensors checkpoint whose card carries XRV's
+preprocessing (intensities in [-1024, 1024], centre crop, its skimage resize), its
+per-finding operating points (as a calibration) and where the weights came from. From then
+on nothing is unpickled: the checkpoint is used like any other.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cxrtool.errors import UsageError
+from cxrtool.registry import XRV_WEIGHTS, PretrainedWeights
+
+INSTALL_HINT = 'TorchXRayVision is not installed: pip install "cxrtool[xrv]" (or pip install torchxrayvision)'
+
+
+@dataclass
+class ImportReport:
+    """What an import read and wrote."""
+
+    weights: PretrainedWeights
+    source_file: Path
+    source_sha256: str
+    checkpoint: Path
+    findings: list[str]
+    dropped: list[str]  # XRV outputs that are not findings of the imported model, and why
+    unpickled: bool  # the file was a pickled module (DenseNet), not a plain state dict
+
+
+def xrv_module():
+    """TorchXRayVision, imported after torchvision is made importable.
+
+    Raises:
+        UsageError: it is not installed (the message says how to get it).
+    """
+    import cxrtool._compat  # noqa: F401  (its import hook prepares torchvision)
+
+    try:
+        import torchxrayvision
+    except ImportError as error:
+        raise UsageError(f"{INSTALL_HINT} ({error})") from None
+    return torchxrayvision
+
+
+def weight_set(name: str) -> PretrainedWeights:
+    """The registry entry of an XRV weight set; ``xrv:`` prefix optional.
+
+    Raises:
+        UsageError: an unknown name (the valid ones are listed).
+    """
+    name = name.removeprefix("xrv:")
+    if name not in XRV_WEIGHTS:
+        raise UsageError(f"unknown TorchXRayVision weight set {name!r}; choose one of {', '.join(XRV_WEIGHTS)}")
+    return XRV_WEIGHTS[name]
+
+
+def xrv_table(name: str) -> dict[str, Any]:
+    """XRV's own record of a weight set: url, labels, operating points, input resolution."""
+    xrv = xrv_module()
+    return xrv.models.model_urls[weight_set(name).name]
+
+
+def trained_outputs(labels: list[str], points: list[float]) -> tuple[list[int], list[str]]:
+    """The indices of XRV's outputs that are findings (a label and a finite operating
+    point), and a note for each output left out."""
+    keep, dropped = [], []
+    for index, (label, point) in enumerate(zip(labels, points, strict=True)):
+        point = float(point)
+        if not label:
+            continue  # an output this set was never trained on
+        if not math.isfinite(point):
+            dropped.append(f"{label} (no operating point: not trained in this set)")
+            continue
+        keep.append(index)
+    return keep, dropped
+
+
+def cached_file(name: str) -> Path:
+    """Where XRV keeps (or would download) the set's file."""
+    xrv = xrv_module()
+    url = xrv.models.model_urls[weight_set(name).name]["weights_url"]
+    return Path(os.path.expanduser(xrv.utils.get_cache_dir())) / os.path.basename(url)
+
+
+def locate_weights(name: str, weights: str | os.PathLike | None, say: Callable[[str], None]) -> Path:
+    """The file to import: the one given, else XRV's cached copy, else XRV downloads it.
+
+    Raises:
+        UsageError: a given file that does not exist, or a download that failed (the
+            message names the URL, for a machine with network, and ``--weights``).
+    """
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise UsageError(f"{path}: no such weights file")
+        return path
+    path = cached_file(name)
+    if path.is_file():
+        return path
+    xrv = xrv_module()
+    url = xrv.models.model_urls[weight_set(name).name]["weights_url"]
+    say(f"downloading {url} into {path.parent} (TorchXRayVision's cache)")
+    try:
+        return Path(xrv.models.get_weights(weight_set(name).name))
+    except Exception as error:  # noqa: BLE001 - requests, urllib and OS errors alike: say what to do
+        raise UsageError(f"could not download {url} ({' '.join(str(error).split())[:200]}); on a machine with network "
+                         f"download that file and give it here with --weights FILE") from None
+
+
+def _read_state(path: Path) -> tuple[dict[str, Any], bool]:
+    """The weights in an XRV file: a plain state dict is read without unpickling code; a
+    pickled module (XRV's DenseNet files) is unpickled, here and only here."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict):
+            return dict(state), False
+    except (pickle.UnpicklingError, RuntimeError):
+        pass  # not a plain state dict: a pickled module
+    module = torch.load(path, map_location="cpu", weights_only=False)
+    for sub in module.modules():  # XRV's own patch for modules pickled by an older torch
+        if not hasattr(sub, "_non_persistent_buffers_set"):
+            sub._non_persistent_buffers_set = set()
+    return dict(module.state_dict()), True
+
+
+def to_cxrtool_state(state: dict[str, Any], architecture: str, keep: list[int]) -> dict[str, Any]:
+    """XRV's state dict in cxrtool's layout: ``backbone.*`` (timm's key names, which XRV's
+    share) and ``head.*`` (the classifier's rows of the kept outputs)."""
+    head_prefix = "classifier." if architecture == "densenet121" else "fc."
+    mapped: dict[str, Any] = {}
+    for key, value in state.items():
+        if key == "op_threshs":
+            continue  # a buffer of XRV's module; the points go into the card's calibration
+        if key.startswith(head_prefix):
+            mapped["head." + key[len(head_prefix):]] = value[keep]
+        else:
+            mapped["backbone." + key] = value
+    return mapped
+
+
+def import_xrv(
+    name: str,
+    out: str | os.PathLike,
+    *,
+    weights: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    say: Callable[[str], None] = print,
+) -> ImportReport:
+    """Import a TorchXRayVision classifier into a cxrtool checkpoint.
+
+    Args:
+        name: the weight set, e.g. ``densenet121-res224-all`` (``xrv:`` prefix optional).
+        out: the checkpoint to write (``.safetensors``).
+        weights: the set's file, when downloaded elsewhere; default: XRV's cache, else XRV
+            downloads it (needs the network).
+        model_name: the card's name (default ``xrv-<set>``).
+        say: where the notes go (what is unpickled, its SHA-256, a download).
+
+    Raises:
+        UsageError: XRV not installed, an unknown set, a missing file or failed download,
+            or a file whose weights do not fit the set's architecture.
+
+    Example:
+        >>> report = import_xrv("densenet121-res224-all", "xrv-all.safetensors")
+        >>> report.findings[:3]
+        ['Atelectasis', 'Consolidation', 'Infiltration']
+    """
+    from cxrtool.io.records import sha256_file
+    from cxrtool.models.calibration import operating_point_card
+    from cxrtool.models.checkpoint import ModelCard, save_checkpoint
+    from cxrtool.models.network import CXRClassifier
+    from cxrtool.preprocess import xrv_preprocessing
+
+    entry = weight_set(name)
+    xrv = xrv_module()
+    table = xrv.models.model_urls[entry.name]
+    path = locate_weights(entry.name, weights, say)
+    digest = sha256_file(path)
+    say(f"reading {path} (SHA-256 {digest})")
+    state, unpickled = _read_state(path)
+    if unpickled:
+        say("  it is a pickled Python module (as TorchXRayVision publishes its DenseNet weights): unpickled here, "
+            "the one place cxrtool unpickles anything; import only files you trust")
+    labels, points = list(table["labels"]), [float(p) for p in table["op_threshs"]]
+    keep, dropped = trained_outputs(labels, points)
+    findings = [labels[i] for i in keep]
+    model = CXRClassifier(entry.architecture, findings)
+    try:
+        model.load_state_dict(to_cxrtool_state(state, entry.architecture, keep), strict=True)
+    except (RuntimeError, IndexError) as error:
+        first = str(error).splitlines()[0]
+        raise UsageError(f"{path}: these are not {entry.name} weights ({first})") from None
+    input_size = int(table.get("input_resolution", entry.input_size))
+    card = ModelCard(
+        architecture=entry.architecture,
+        findings=findings,
+        preprocessing=xrv_preprocessing(input_size).to_dict(),
+        name=model_name or f"xrv-{entry.name}",
+        thresholds=dict.fromkeys(findings, 0.5),
+        threshold_method="operating points (TorchXRayVision)",
+        calibration=operating_point_card(findings, [points[i] for i in keep]),
+        training={"trained_on": entry.trained_on, "by": "TorchXRayVision (Cohen et al., MIDL 2022)"},
+        source={
+            "library": "torchxrayvision",
+            "library_version": getattr(xrv, "__version__", ""),
+            "weights": entry.name,
+            "file": path.name,
+            "url": table.get("weights_url", ""),
+            "sha256": digest,
+            "licence": entry.licence,
+            "unpickled": unpickled,
+            "outputs_left_out": dropped,
+        },
+    )
+    checkpoint = save_checkpoint(out, model, card)
+    return ImportReport(entry, path, digest, Path(checkpoint), findings, dropped, unpickled)

@@ -1,0 +1,190 @@
+"""TorchXRayVision's classifiers as cxrtool models: imported once, then exactly XRV's outputs.
+
+No network: the weight files are made here, offline, with XRV's own model classes and
+seeded weights (batch-norm statistics from real radiographs, so that the logits are of
+order one and every pixel of preprocessing matters), and saved the way XRV publishes them:
+the DenseNet as a pickled module, the ResNet-50 as a state dict, under XRV's file names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cxrtool.cli import app
+
+xrv = pytest.importorskip("torchxrayvision", reason="TorchXRayVision (cxrtool[xrv], in the test extra) is not installed")
+runner = CliRunner()
+DENSE, RESNET = "densenet121-res224-nih", "resnet50-res512-all"
+
+
+def xrv_input(path: Path, size: int) -> torch.Tensor:
+    """XRV's own documented pipeline: its reading and normalisation, centre crop, resize."""
+    import torchvision
+
+    image = xrv.utils.load_image(str(path))
+    transform = torchvision.transforms.Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(size)])
+    return torch.from_numpy(transform(image))[None]
+
+
+def _settle_batch_norm(model: torch.nn.Module, batch: torch.Tensor) -> None:
+    """Running statistics from real radiographs: activations, and logits, of order one."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over what is seen
+    model.train()
+    with torch.no_grad():
+        model(batch)
+    model.eval()
+
+
+def _file_name(name: str) -> str:
+    return os.path.basename(xrv.models.model_urls[name]["weights_url"])
+
+
+@pytest.fixture(scope="module")
+def nih_pngs(nih_dir: Path) -> list[Path]:
+    return sorted((nih_dir / "images").glob("*.png"))[:6]
+
+
+@pytest.fixture(scope="module")
+def xrv_cache(tmp_path_factory, nih_pngs) -> Path:
+    """XRV-format files of a DenseNet-121 (NIH set) and a ResNet-50 (512 px set), offline."""
+    import torchvision
+
+    folder = tmp_path_factory.mktemp("xrv_cache")
+    torch.manual_seed(0)
+    dense = xrv.models.DenseNet(num_classes=18)
+    _settle_batch_norm(dense, torch.cat([xrv_input(p, 224) for p in nih_pngs]))
+    torch.save(dense, folder / _file_name(DENSE))  # a whole pickled module, as XRV's DenseNet files are
+    resnet = torchvision.models.resnet50(num_classes=18, weights=None)
+    resnet.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)  # as XRV patches it
+    _settle_batch_norm(resnet, torch.cat([xrv_input(p, 512) for p in nih_pngs[:3]]))
+    torch.save(resnet.state_dict(), folder / _file_name(RESNET))  # a state dict, as XRV's ResNet file is
+    return folder
+
+
+def _xrv_model(name: str, cache: Path) -> torch.nn.Module:
+    model_class = xrv.models.DenseNet if name.startswith("densenet") else xrv.models.ResNet
+    return model_class(weights=name, cache_dir=str(cache))
+
+
+def _import(name: str, cache: Path, out: Path):
+    return runner.invoke(app, ["models", "import", f"xrv:{name}", "--weights", str(cache / _file_name(name)),
+                               "--out", str(out)])
+
+
+def test_the_weights_are_of_order_one(xrv_cache, nih_pngs):
+    model = _xrv_model(DENSE, xrv_cache)
+    model.op_threshs = None
+    with torch.no_grad():
+        logits = model(torch.cat([xrv_input(p, 224) for p in nih_pngs]))
+    assert 0.05 < float(logits.std()) < 10, "a parity test on saturated outputs would prove nothing"
+
+
+@pytest.mark.parametrize("name", [DENSE, RESNET])
+def test_import_then_predict_gives_xrvs_own_calibrated_probabilities(name, xrv_cache, nih_pngs, tmp_path):
+    checkpoint = tmp_path / f"{name}.safetensors"
+    images = nih_pngs if name == DENSE else nih_pngs[:2]  # (ResNet-50 at 512 px: a second a study here)
+    imported = _import(name, xrv_cache, checkpoint)
+    assert imported.exit_code == 0, imported.output
+    digest = __import__("hashlib").sha256((xrv_cache / _file_name(name)).read_bytes()).hexdigest()
+    assert digest in imported.output
+    assert ("unpickled here" in imported.output) == name.startswith("densenet")  # a state dict needs no unpickling
+    result = runner.invoke(app, ["predict", *map(str, images), "-m", str(checkpoint), "--out", str(tmp_path / "out"),
+                                 "-j", "0", "--jsonl"])
+    assert result.exit_code == 0, result.output
+    records = {Path(r["path"]).name: r for r in map(json.loads, (l for l in result.stdout.splitlines() if l.startswith("{")))}
+    model = _xrv_model(name, xrv_cache)
+    labels = list(model.targets)
+    for png in images:
+        with torch.no_grad():
+            expected = model(xrv_input(png, model.input_resolution))[0].numpy()
+        findings = records[png.name]["findings"]
+        assert findings, png
+        for finding, call in findings.items():
+            assert call["probability"] == pytest.approx(float(expected[labels.index(finding)]), abs=1e-4), (png.name, finding)
+            assert call["positive"] == (call["probability"] >= 0.5) and call["threshold"] == 0.5
+            assert 0.0 <= call["raw_probability"] <= 1.0
+        assert records[png.name]["calibration"]["method"] == "xrv_operating_points"
+
+
+def test_the_imported_card_says_what_it_is(xrv_cache, tmp_path):
+    from cxrtool.models.checkpoint import load_checkpoint, read_card
+
+    checkpoint = tmp_path / "resnet.safetensors"
+    assert _import(RESNET, xrv_cache, checkpoint).exit_code == 0
+    card = read_card(checkpoint)
+    table = xrv.models.model_urls[RESNET]
+    kept = [label for label, point in zip(table["labels"], table["op_threshs"], strict=True) if label and np.isfinite(point)]
+    assert card.findings == kept and "Lung Lesion" not in card.findings  # no operating point: not a finding
+    assert card.source["weights"] == RESNET and card.source["file"] == _file_name(RESNET) and len(card.source["sha256"]) == 64
+    assert card.source["library_version"] == xrv.__version__ and card.source["licence"]
+    assert card.calibration["operating_points"]["Effusion"] == pytest.approx(table["op_threshs"][table["labels"].index("Effusion")])
+    assert card.preprocessing == {"input_size": 512, "mean": 0.5, "std": 1 / 2048, "resize": "center_crop", "resample": "skimage"}
+    network, _ = load_checkpoint(checkpoint)  # an ordinary timm backbone: nothing unpickled here
+    assert type(network.backbone).__module__.startswith("timm")
+    shown = runner.invoke(app, ["models", str(checkpoint)])
+    assert shown.exit_code == 0 and "torchxrayvision" in shown.output and "operating point" in shown.output
+
+
+def test_explain_maps_an_imported_model_on_the_radiographs_own_grid(xrv_cache, dicom_dir, tmp_path):
+    """A 2140 x 1760 radiograph, centre-cropped to 1760 x 1760 for the model: the maps come
+    back on the whole radiograph, zero on the cropped-off rows."""
+    checkpoint = tmp_path / "dense.safetensors"
+    assert _import(DENSE, xrv_cache, checkpoint).exit_code == 0
+    study = dicom_dir / "wg04" / "RG2_UNC.dcm"
+    out = tmp_path / "explained"
+    result = runner.invoke(app, ["explain", str(study), "-m", str(checkpoint), "-f", "Effusion", "--map-format", "npy",
+                                 "--out", str(out), "-j", "0"])
+    assert result.exit_code == 0, result.output
+    (sidecar,) = out.glob("*.cxrtool.json")
+    (result_record,) = json.loads(sidecar.read_text())["results"]
+    explanations = result_record["explanations"]
+    assert explanations["layer"] == "backbone.features.norm5"
+    entry = explanations["findings"]["Effusion"]
+    cam = np.load(out / entry["files"]["map"])
+    assert cam.shape == (2140, 1760)
+    top = (2140 - 1760) // 2
+    assert not cam[:top - 1].any() and not cam[top + 1760 + 1:].any() and cam[top + 1 : top + 1759].any()
+    for region in entry["regions"]:
+        x, y, w, h = region["box"]
+        assert top <= y and y + h <= top + 1760
+
+
+def test_import_from_xrvs_cache_and_bad_requests(xrv_cache, tmp_path):
+    home = tmp_path / "home"
+    cache = home / ".torchxrayvision" / "models_data"
+    cache.mkdir(parents=True)
+    (cache / _file_name(DENSE)).symlink_to(xrv_cache / _file_name(DENSE))
+    env = {**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    found = subprocess.run([sys.executable, "-m", "cxrtool", "models", "import", f"xrv:{DENSE}", "--out",
+                            str(tmp_path / "m.safetensors")], capture_output=True, text=True, env=env, timeout=240)
+    assert found.returncode == 0, found.stderr
+    assert str(cache) in found.stderr and "14 findings" in found.stderr
+    wrong = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--weights", str(xrv_cache / _file_name(RESNET)),
+                                "--out", str(tmp_path / "x.safetensors")])
+    assert wrong.exit_code == 2 and "these are not densenet121-res224-nih weights" in wrong.output
+    unknown = runner.invoke(app, ["models", "import", "xrv:densenet999", "--out", str(tmp_path / "y.safetensors")])
+    assert unknown.exit_code == 2 and "densenet121-res224-all" in unknown.output
+    other = runner.invoke(app, ["models", "import", "hub:densenet", "--out", str(tmp_path / "z.safetensors")])
+    assert other.exit_code == 2 and "expected xrv:NAME" in other.output
+    listed = runner.invoke(app, ["models", "--available"])
+    assert listed.exit_code == 0 and "xrv:resnet50-res512-all" in listed.output and "Enlarged Cardiomediastinum" in listed.output
+
+
+def test_without_torchxrayvision_the_import_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torchxrayvision", None)  # as if not installed
+    result = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--out", str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 2 and 'pip install "cxrtool[xrv]"' in result.output
+    listed = runner.invoke(app, ["models", "--available"])
+    assert listed.exit_code == 0 and "install TorchXRayVision" in listed.output
