@@ -191,3 +191,35 @@ def test_a_run_config_repeats_from_any_working_folder(tmp_path, monkeypatch):
     resumed = runner.invoke(app, ["train", "--config", "../../runs/x/config.yaml", "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert "resuming after epoch 1 of 1" in resumed.output
+
+
+def test_fine_tuning_starts_from_a_checkpoint(tmp_path):
+    """--init: the parent's backbone and input; findings it has keep their head rows, new ones
+    get new rows; the card names the parent by its SHA-256."""
+    from cxrtool.models.checkpoint import file_sha256
+    from cxrtool.models.network import CXRClassifier
+    from cxrtool.train.loop import Parent
+
+    labels = make_generic_dataset(tmp_path / "data", n=24)
+    parent_run = tmp_path / "parent"
+    assert runner.invoke(app, ["train", *tiny_settings(labels, parent_run), "--epochs", "1"]).exit_code == 0
+    parent_file = parent_run / CHECKPOINT_NAME
+    parent_card = read_card(parent_file)
+    # the initialisation itself, row by row
+    from safetensors.torch import load_file
+
+    state = load_file(str(parent_file))
+    child = CXRClassifier("resnet18", ["Bar", "Ring"])
+    Parent(parent_file, file_sha256(parent_file), parent_card, state).initialise(child)
+    bar = parent_card.findings.index("Bar")
+    assert torch.equal(child.head.weight[0], state["head.weight"][bar]) and not torch.equal(child.head.weight[1], state["head.weight"][1 - bar])
+    assert torch.equal(child.backbone.conv1.weight, state["backbone.conv1.weight"])
+    # through the command: another architecture and input are asked for, the parent's are kept
+    run = tmp_path / "child"
+    result = runner.invoke(app, ["train", *tiny_settings(labels, run), "--init", str(parent_file), "--arch", "densenet121",
+                                 "--input-size", "48", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "fine-tuning" in result.output and "architecture densenet121 -> resnet18" in result.output
+    card = read_card(run / CHECKPOINT_NAME)
+    assert card.architecture == "resnet18" and card.preprocessing == parent_card.preprocessing
+    assert card.training["init"]["sha256"] == file_sha256(parent_file) and card.training["init"]["findings_kept"] == ["Disk", "Bar"]

@@ -188,3 +188,24 @@ def test_without_torchxrayvision_the_import_says_how_to_get_it(monkeypatch, tmp_
     assert result.exit_code == 2 and 'pip install "cxrtool[xrv]"' in result.output
     listed = runner.invoke(app, ["models", "--available"])
     assert listed.exit_code == 0 and "install TorchXRayVision" in listed.output
+
+
+def test_fine_tuning_an_imported_model(xrv_cache, nih_pngs, tmp_path):
+    """--init from an imported XRV model: XRV's preprocessing and backbone carry over, the
+    findings it has keep their rows, and the new card names its parent."""
+    from cxrtool.models.checkpoint import file_sha256, read_card
+
+    checkpoint = tmp_path / "dense.safetensors"
+    assert _import(DENSE, xrv_cache, checkpoint).exit_code == 0
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,patient_id,Effusion,Ring\n" + "".join(
+        f"{png},p{i},{i % 2},{(i // 2) % 2}\n" for i, png in enumerate(nih_pngs)))
+    run = tmp_path / "tuned"
+    result = runner.invoke(app, ["train", str(labels), "--init", str(checkpoint), "--out", str(run), "-b", "2", "-j", "0",
+                                 "--epochs", "1", "--device", "cpu", "--set", "max_train_batches=1", "--set", "val_fraction=0.34"])
+    assert result.exit_code == 0, result.output
+    card = read_card(run / "model.safetensors")
+    assert card.architecture == "densenet121" and card.preprocessing["resize"] == "center_crop"
+    assert card.findings == ["Effusion", "Ring"] and not card.calibration  # thresholds chosen on validation instead
+    assert card.training["init"] == {"checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint), "name": "xrv-" + DENSE,
+                                     "findings_kept": ["Effusion"], "findings_new": ["Ring"]}

@@ -24,6 +24,8 @@ def train(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")] = None,
     images: Annotated[str | None, typer.Option("--images", help="Image root (default: beside the label CSV).")] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder for checkpoint, state and config.")] = None,
+    init: Annotated[str | None, typer.Option("--init", help="Start from this cxrtool checkpoint (trained or imported): its backbone, "
+                                             "input and preprocessing; findings it has keep their head rows, new ones get new rows.")] = None,
     architecture: Annotated[str | None, typer.Option("--arch", "-a", help=f"timm backbone, e.g. resnet50, convnext_tiny (default {DEFAULT_ARCHITECTURE}).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", "-e", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1)] = None,
@@ -46,7 +48,7 @@ def train(
     from cxrtool.train.loop import train as run_train
 
     flags = {
-        "labels": labels, "images": images, "out": out, "architecture": architecture, "epochs": epochs,
+        "labels": labels, "images": images, "out": out, "init": init, "architecture": architecture, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "loss": loss, "input_size": input_size, "uncertain": uncertain,
         "pretrained": pretrained, "device": device, "workers": workers, "seed": seed,
         "findings": [f.strip() for f in findings.split(",") if f.strip()] if findings else None,

@@ -20,7 +20,7 @@ import yaml
 from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_LOSS, LOSSES, THRESHOLD_METHODS, UNCERTAIN_POLICIES
 
 # Settings that are paths: in a YAML file they are relative to the file's folder.
-PATH_SETTINGS = ("labels", "images", "out")
+PATH_SETTINGS = ("labels", "images", "out", "init")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     cache_images: bool = True  # keep preprocessed inputs in memory (uint8) after first read
     # model
+    init: str = ""  # start from this cxrtool checkpoint (its architecture and preprocessing too)
     architecture: str = DEFAULT_ARCHITECTURE
     pretrained: bool = False  # ImageNet weights from the hub: needs the network
     input_size: int = 224
