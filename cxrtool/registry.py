@@ -58,8 +58,15 @@ PHANTOM_FINDINGS: tuple[str, ...] = (
     "Edema",
 )
 
-# Spelling differences between files of the same dataset (NIH boxes vs labels).
-FINDING_ALIASES: dict[str, str] = {"Infiltrate": "Infiltration"}
+# One finding, spelled differently by different data sets and models -> the name cxrtool
+# compares by (NIH ChestX-ray14's, which TorchXRayVision's models use too). Only true
+# synonyms: CheXpert's "Lung Lesion" and "Enlarged Cardiomediastinum" are spelled alike in
+# XRV and need no entry, and are not NIH's "Nodule"/"Mass" or "Cardiomegaly".
+FINDING_ALIASES: dict[str, str] = {
+    "Infiltrate": "Infiltration",  # NIH's box file against its labels
+    "Pleural Effusion": "Effusion",  # CheXpert, MIMIC-CXR against NIH and XRV
+    "Pleural Thickening": "Pleural_Thickening",  # PadChest-style spelling against NIH and XRV
+}
 
 LABEL_SETS: dict[str, tuple[str, ...]] = {
     "nih14": NIH_FINDINGS,

@@ -373,3 +373,20 @@ def test_a_chexpert_tree_predicted_by_cxrtool_is_evaluated_from_its_folder(tmp_p
     cli = runner.invoke(app, ["evaluate", str(root), "--labels", str(labels), "--bootstrap", "0", "--out", str(tmp_path)])
     assert cli.exit_code == 0, cli.output
     assert json.loads((tmp_path / "evaluation.json").read_text())["matching"]["matched"] == 6
+
+
+def test_findings_spelled_differently_by_the_labels_are_matched_by_the_alias_table(tmp_path: Path) -> None:
+    """An NIH/XRV-named model scored against CheXpert labels: Effusion is Pleural Effusion."""
+    from cxrtool.registry import FINDING_ALIASES
+
+    assert FINDING_ALIASES["Pleural Effusion"] == "Effusion"
+    labels = tmp_path / "valid.csv"
+    labels.write_text("Path,Frontal/Lateral,AP/PA,Pleural Effusion,Lung Lesion\n" + "".join(
+        f"CheXpert-v1.0-small/valid/patient{i:05d}/study1/view1_frontal.jpg,Frontal,PA,{i % 2}.0,{(i // 2) % 2}.0\n"
+        for i in range(8)))
+    preds = tmp_path / "cxrtool_predictions.csv"
+    preds.write_text("file,Effusion,Lung Lesion,Nodule\n" + "".join(
+        f"/x/patient{i:05d}/study1/view1_frontal.jpg,{0.2 + 0.6 * (i % 2)},{0.1 * i},0.5\n" for i in range(8)))
+    report = evaluate(preds, labels, n_boot=0)
+    assert [f.finding for f in report.findings] == ["Effusion", "Lung Lesion"] and report.findings[0].auroc == 1.0
+    assert report.matching["matched"] == 8

@@ -208,12 +208,13 @@ def test_generic_csv(tmp_path: Path) -> None:
     _touch(tmp_path / "img" / "a.png", tmp_path / "img" / "b.png", tmp_path / "img" / "c.png")
     table = read_labels(csv_path)
     assert table.source == "generic"
-    assert table.findings == ("Mass", "Infiltration")  # aliases resolved
+    assert table.findings == ("Mass", "Infiltrate")  # as the file spells them
+    assert read_labels(csv_path, findings=["Infiltration"]).findings == ("Infiltrate",)  # asked for by an alias
     assert table.skipped == 1 and len(table) == 3
     assert table.patients == ["p1", "p1", "c"]  # blank patient -> image stem
     assert table.views == ["PA", "LATERAL", "UNKNOWN"]
     np.testing.assert_array_equal(table.targets, np.array([[1, 0], [0, np.nan], [1, 1]], np.float32))
-    assert table.positives() == {"Mass": 2, "Infiltration": 1}
+    assert table.positives() == {"Mass": 2, "Infiltrate": 1}
     assert table.resolve_image(2) == (tmp_path / "img" / "c.png").resolve()
 
     sub = table.subset([2, 0])

@@ -325,11 +325,13 @@ def read_labels(
             f"unknown uncertain-label policy {uncertain!r}; choose one of "
             f"{', '.join(UNCERTAIN_POLICIES)}"
         )
-    wanted = None if findings is None else tuple(resolve_finding(f) for f in findings)
+    # Findings are asked for, and matched to columns, by name or alias (registry.FINDING_ALIASES);
+    # the table names them as the file spells them.
+    wanted = None if findings is None else tuple(findings)
     if wanted is not None:
         if not wanted:
             raise ValueError("findings is empty: name at least one finding")
-        if len(set(wanted)) != len(wanted):
+        if len({resolve_finding(f) for f in wanted}) != len(wanted):
             raise ValueError(f"findings has duplicates: {list(wanted)}")
 
     header, reader, fh = _read_csv(path)
@@ -417,7 +419,7 @@ def _parse_nih(
     path: Path, header: list[str], reader: Iterator[list[str]], wanted: tuple[str, ...] | None
 ) -> _Parsed:
     _require(header, ["Image Index", "Finding Labels"], "NIH", path)
-    names = wanted if wanted is not None else NIH_FINDINGS
+    names = tuple(resolve_finding(f) for f in wanted) if wanted is not None else NIH_FINDINGS
     unknown = [f for f in names if f not in NIH_FINDINGS]
     if unknown:
         raise ValueError(
@@ -467,13 +469,14 @@ def _parse_chexpert(
     _require(header, ["Path"], "CheXpert", path)
     col = {h: i for i, h in enumerate(header)}
     if wanted is not None:
-        missing = [f for f in wanted if f not in col]
+        by_name = {resolve_finding(h): h for h in header}
+        missing = [f for f in wanted if resolve_finding(f) not in by_name]
         if missing:
             raise ValueError(
                 f"{path.name}: finding column(s) {', '.join(map(repr, missing))} not in the "
                 f"header ({_describe_header(header)})"
             )
-        names = wanted
+        names = tuple(by_name[resolve_finding(f)] for f in wanted)
     else:
         names = tuple(f for f in CHEXPERT_FINDINGS if f in col)
         if not names:
@@ -544,20 +547,20 @@ def _parse_generic(
     id_columns = {i_path, i_patient, i_view}
     if wanted is not None:
         by_name = {resolve_finding(h): i for i, h in enumerate(header) if i not in id_columns}
-        missing = [f for f in wanted if f not in by_name]
+        missing = [f for f in wanted if resolve_finding(f) not in by_name]
         if missing:
             raise ValueError(
                 f"{path.name}: finding column(s) {', '.join(map(repr, missing))} not in the "
                 f"header ({_describe_header(header)})"
             )
-        names = wanted
-        cols = [by_name[f] for f in wanted]
+        cols = [by_name[resolve_finding(f)] for f in wanted]
+        names = tuple(header[i] for i in cols)
     else:
         cols = [i for i, h in enumerate(header) if i not in id_columns and h]
-        names = tuple(resolve_finding(header[i]) for i in cols)
+        names = tuple(header[i] for i in cols)
         if not cols:
             raise ValueError(f"{path.name}: generic CSV has a path column but no finding columns")
-        if len(set(names)) != len(names):
+        if len({resolve_finding(name) for name in names}) != len(names):
             raise ValueError(f"{path.name}: duplicate finding columns in {list(names)}")
     # Blank in our own format = unknown (NaN), not negative: nothing says otherwise.
     value_map = {"": math.nan, "0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0}

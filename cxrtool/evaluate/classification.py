@@ -584,7 +584,7 @@ def _read_predictions(
         columns.update(dict.fromkeys(c.strip() for c in row if c and c.strip().lower() not in _NOT_FINDINGS))
     if chosen is not None and chosen.findings:
         columns = {c: None for c in columns if resolve_finding(c) in {resolve_finding(f) for f in chosen.findings}}
-    known = set(label_findings)
+    known = {resolve_finding(f) for f in label_findings}  # one name per finding, whichever data set spelled it
     cols = [c for c in columns if resolve_finding(c) in known]
     names = [resolve_finding(c) for c in cols]
     if not cols:
@@ -875,7 +875,8 @@ def evaluate(
         if counts.get(key):
             notes.append(f"{counts[key]} {what} and were excluded")
 
-    columns = [table.findings.index(name) for name in names]
+    label_column = {resolve_finding(f): i for i, f in enumerate(table.findings)}
+    columns = [label_column[name] for name in names]
     y_true = table.targets[np.ix_(label_rows, columns)].astype(np.float64)
     y_score = scores[pred_rows]
     if isinstance(thresholds, (int, float)):
