@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import cxrtool  # noqa: F401  (first: makes torchvision, which TorchXRayVision imports, importable)
+
 
 def _children(pid: int) -> list[int]:
     found = []
@@ -102,6 +104,27 @@ def make_model(path: Path, arch: str, input_size: int) -> Path:
     model = CXRClassifier(arch, NIH_FINDINGS)
     card = ModelCard(arch, list(NIH_FINDINGS), Preprocessing(input_size=input_size).to_dict(), name=f"bench-{arch}")
     return save_checkpoint(path, model, card)
+
+
+def make_xrv_model(folder: Path, name: str) -> tuple[Path, Path]:
+    """An XRV-format file of random weights for ``name`` (made offline, as the tests make
+    them), and its import: for timing, where the weights' values do not matter."""
+    import torch
+    import torchvision
+    import torchxrayvision as xrv
+
+    from cxrtool.models.sources.xrv import import_xrv
+
+    file = folder / os.path.basename(xrv.models.model_urls[name]["weights_url"])
+    torch.manual_seed(0)
+    if name.startswith("resnet"):
+        model = torchvision.models.resnet50(num_classes=18, weights=None)
+        model.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        torch.save(model.state_dict(), file)
+    else:
+        torch.save(xrv.models.DenseNet(num_classes=18), file)
+    imported = import_xrv(name, folder / "xrv.safetensors", weights=file, say=lambda _: None)
+    return imported.checkpoint, file
 
 
 def best_of_alternating(commands: dict[str, list[str]], repeat: int, *, env: dict | None = None) -> dict[str, dict]:

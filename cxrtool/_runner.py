@@ -41,6 +41,7 @@ from cxrtool.io.records import (
 )
 from cxrtool.io.studies import StudyReadError, find_studies, one_line, read_study
 from cxrtool.models.calibration import Calibration
+from cxrtool.models.runtime import OnnxNetwork
 from cxrtool.preprocess import Preprocessing, prepare
 
 ResultCallback = Callable[[dict[str, Any]], None]
@@ -167,6 +168,18 @@ class RunContext:
     settings: dict[str, Any]  # stage -> settings, recorded with each result
     in_worker: bool = False  # the processor runs inside a decoding worker
     calibration: Calibration | None = None  # the card's, when it calibrates probabilities
+    onnx: OnnxNetwork | None = None  # the network's exported graph, when ONNX Runtime scores
+
+    def scores(self, tensors: list[np.ndarray]) -> np.ndarray:
+        """Raw probabilities (float64, studies x findings) of preprocessed studies."""
+        import torch
+
+        if self.onnx is not None:
+            logits = torch.from_numpy(self.onnx(np.stack(tensors)))
+            return torch.sigmoid(logits.float()).numpy().astype(np.float64)
+        from cxrtool.predict import forward
+
+        return forward(self.network, tensors, self.device)
 
     def result(self, item: dict[str, Any], probabilities: np.ndarray) -> Result:
         """The model's result for one study from its raw probabilities: calibrated as the
@@ -263,6 +276,8 @@ def run_studies(
     progress: ProgressCallback | None = None,
     on_finish: Callable[[list[Path]], None] | None = None,
     check_model: Callable[[Any, Any], None] | None = None,
+    runtime: str = "torch",
+    note: Callable[[str], None] | None = None,
     stdin=None,
 ) -> RunSummary:
     """Run a stage (predict, explain) over studies.
@@ -272,22 +287,33 @@ def run_studies(
     holds a result of this model made from the same file content with these ``settings``
     (stage -> settings) is already done (:func:`cxrtool.io.records.is_done`) and skipped
     unless ``overwrite``. ``check_model(network, card)`` may refuse the request (by
-    raising) before any study is looked at.
+    raising) before any study is looked at. ``runtime`` (auto, torch, onnx) says what runs
+    the network for the processor's ``context.scores``; ``note`` hears what the run says
+    along the way (an export, for one).
     """
     import torch
 
     from cxrtool import __version__
     from cxrtool.models.checkpoint import file_sha256, load_checkpoint
     from cxrtool.models.network import pick_device
+    from cxrtool.models.runtime import cache_folder
+    from cxrtool.models.runtime import choose as choose_runtime
+    from cxrtool.models.runtime import export as export_onnx
 
     torch_device = pick_device(device)
     network, card = load_checkpoint(model, device=str(torch_device))
     if check_model is not None:
         check_model(network, card)
-    # Channels-last convolutions are markedly faster on CPUs (oneDNN) and tensor cores.
-    network = network.to(memory_format=torch.channels_last)
     model_ref = ModelRef(card.name, card.architecture, file_sha256(model))
     prep = Preprocessing.from_dict(card.preprocessing)
+    onnx = None
+    if choose_runtime(runtime, torch_device.type) == "onnx":
+        graph = cache_folder() / "onnx"
+        if note is not None and not any(graph.glob(f"{model_ref.sha256[:16]}-*")):
+            note(f"exporting {card.name} for ONNX Runtime, once (into {graph})")
+        onnx = OnnxNetwork(export_onnx(network, prep.input_size, model_ref.sha256))
+    # Channels-last convolutions are markedly faster on CPUs (oneDNN) and tensor cores.
+    network = network.to(memory_format=torch.channels_last)
     thresholds = np.array([card.threshold_for(f) for f in card.findings], dtype=np.float64)
 
     paths = list(find_studies(inputs, stdin=stdin))
@@ -329,7 +355,7 @@ def run_studies(
     n_workers = min(cores, 8) if workers is None else workers
     in_workers = torch_device.type == "cpu" and n_workers >= cores and n_workers > 0
     context = RunContext(network, card, thresholds, model_ref, torch_device, todo, [destination(p) for p in todo],
-                         __version__, settings, in_worker=in_workers, calibration=Calibration.from_card(card))
+                         __version__, settings, in_worker=in_workers, calibration=Calibration.from_card(card), onnx=onnx)
     processor = make_processor(context)
     dataset = StudyInputs(todo, prep, include_patient_id=include_patient_id, display_size=display_size)
     if in_workers:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,7 @@ class ScoreChunk:
         context = self.context
         decoded = [item for item in items if "tensor" in item]
         if decoded:
-            scores = forward(context.network, [item.pop("tensor") for item in decoded], context.device)
+            scores = context.scores([item.pop("tensor") for item in decoded])
             for item, row in zip(decoded, scores, strict=True):
                 try:
                     result = context.result(item, row)
@@ -94,8 +94,10 @@ def predict(
     workers: int | None = None,
     device: str = "auto",
     include_patient_id: bool = False,
+    runtime: str = "auto",
     on_result: ResultCallback | None = None,
     progress: ProgressCallback | None = None,
+    note: Callable[[str], None] | None = None,
     stdin=None,
 ) -> RunSummary:
     """Run a checkpoint over studies and write sidecars and folder tables.
@@ -115,8 +117,11 @@ def predict(
             On a CPU with a worker per core they also run the model.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         include_patient_id: add the DICOM PatientID to outputs (off: outputs carry no IDs).
+        runtime: ``auto`` (ONNX Runtime on a CPU when installed, else PyTorch), ``torch`` or
+            ``onnx`` (see :mod:`cxrtool.models.runtime`).
         on_result: called with each study's record (done, skipped or failed), in order.
         progress: called with (studies finished, total).
+        note: called with what the run says along the way (a one-time export).
 
     Returns:
         A :class:`RunSummary`.
@@ -128,5 +133,6 @@ def predict(
     return run_studies(
         inputs, model=model, make_processor=ScoreChunk, settings={"predict": PREDICT_SETTINGS}, out=out,
         overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
-        include_patient_id=include_patient_id, on_result=on_result, progress=progress, stdin=stdin,
+        include_patient_id=include_patient_id, on_result=on_result, progress=progress, runtime=runtime, note=note,
+        stdin=stdin,
     )

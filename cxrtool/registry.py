@@ -161,6 +161,10 @@ CAM_METHOD_LABELS: dict[str, str] = {
     "layercam": "LayerCAM", "eigencam": "Eigen-CAM", "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM",
 }
 DEFAULT_CAM_METHOD = "gradcam"
+
+# What runs a network for predict (cxrtool.models.runtime): auto = ONNX Runtime on a CPU
+# when it is installed, else PyTorch.
+RUNTIMES: tuple[str, ...] = ("auto", "torch", "onnx")
 MAP_FORMATS: tuple[str, ...] = ("png", "npy")
 
 

@@ -195,3 +195,21 @@ def test_real_nih_and_dicom_files(nih_dir, dicom_dir, checkpoint, tmp_path):
     assert len(sidecars) == len(inputs)
     mono1 = json.loads((out / "dicom" / "wg04" / "RG3_J2KR.dcm.cxrtool.json").read_text())
     assert mono1["view_position"] == "AP"
+
+
+def test_runtime_choice_and_its_refusals(study, checkpoint, monkeypatch, tmp_path):
+    import cxrtool.models.runtime as runtime
+
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime (cxrtool[onnx]) is not installed")
+    monkeypatch.setenv("CXRTOOL_CACHE", str(tmp_path / "cache"))
+    first = invoke(str(study), "-m", str(checkpoint), "-j", "0", "--runtime", "onnx", "--out", str(tmp_path / "a"))
+    assert first.exit_code == 0 and "exporting tiny for ONNX Runtime, once" in first.output, first.output
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1
+    again = invoke(str(study), "-m", str(checkpoint), "-j", "0", "--runtime", "onnx", "--out", str(tmp_path / "b"))
+    assert again.exit_code == 0 and "exporting" not in again.output  # exported once per model
+    assert invoke(str(study), "-m", str(checkpoint), "--runtime", "tensorrt").exit_code == 2
+    monkeypatch.setattr(runtime, "onnx_installed", lambda: False)
+    refused = invoke(str(study), "-m", str(checkpoint), "-j", "0", "--runtime", "onnx", "--out", str(tmp_path / "c"))
+    assert refused.exit_code == 2 and 'pip install "cxrtool[onnx]"' in refused.output
+    fallback = invoke(str(study), "-m", str(checkpoint), "-j", "0", "--out", str(tmp_path / "d"))  # auto: PyTorch
+    assert fallback.exit_code == 0 and "exporting" not in fallback.output

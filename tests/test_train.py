@@ -212,7 +212,8 @@ def test_fine_tuning_starts_from_a_checkpoint(tmp_path):
     child = CXRClassifier("resnet18", ["Bar", "Ring"])
     Parent(parent_file, file_sha256(parent_file), parent_card, state).initialise(child)
     bar = parent_card.findings.index("Bar")
-    assert torch.equal(child.head.weight[0], state["head.weight"][bar]) and not torch.equal(child.head.weight[1], state["head.weight"][1 - bar])
+    assert torch.equal(child.head.weight[0], state["head.weight"][bar])
+    assert not torch.equal(child.head.weight[1], state["head.weight"][1 - bar])
     assert torch.equal(child.backbone.conv1.weight, state["backbone.conv1.weight"])
     # through the command: another architecture and input are asked for, the parent's are kept
     run = tmp_path / "child"

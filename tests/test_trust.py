@@ -261,16 +261,16 @@ def test_a_host_process_that_used_torch_on_several_threads_can_predict(study, ma
 
 
 def test_a_nan_output_fails_that_study_and_the_batch_goes_on(study, make_checkpoint, monkeypatch):
-    import cxrtool.predict
+    from cxrtool._runner import RunContext
 
-    real = cxrtool.predict.forward
+    real = RunContext.scores
 
-    def second_is_nan(network, tensors, device):
-        scores = real(network, tensors, device)
+    def second_is_nan(context, tensors):
+        scores = real(context, tensors)
         scores[min(1, len(scores) - 1), 0] = np.nan
         return scores
 
-    monkeypatch.setattr(cxrtool.predict, "forward", second_is_nan)
+    monkeypatch.setattr(RunContext, "scores", second_is_nan)
     result = runner.invoke(app, ["predict", str(study), "-m", str(make_checkpoint()), "-j", "0", "-b", "8"])
     assert result.exit_code == 1, result.output
     rows = read_csv(study / FOLDER_CSV)
@@ -575,9 +575,9 @@ def test_every_kind_of_file_an_archive_holds_is_read_or_refused_by_name(tmp_path
 # ------------------------------------------------------------------ golden: predict = the model on the shared preprocessing
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(("workers", "runtime"), [(0, "torch"), (2, "torch"), (2, "onnx")])
 def test_predict_equals_the_model_on_the_shared_reading_and_preprocessing(nih_dir, dicom_dir, make_checkpoint, tmp_path,
-                                                                         workers):
+                                                                         workers, runtime):
     import torch
 
     from cxrtool.io.studies import read_study
@@ -588,8 +588,10 @@ def test_predict_equals_the_model_on_the_shared_reading_and_preprocessing(nih_di
     checkpoint = make_checkpoint(seed=5)
     inputs = sorted((nih_dir / "images").glob("*.png"))[:6] + sorted(dicom_dir.rglob("*.dcm"))
     records: dict[str, dict] = {}
+    if runtime == "onnx":
+        pytest.importorskip("onnxruntime", reason="ONNX Runtime (cxrtool[onnx]) is not installed")
     summary = predict(inputs, model=checkpoint, out=tmp_path / f"out{workers}", workers=workers, batch_size=4,
-                      on_result=lambda record: records.__setitem__(record["path"], record))
+                      runtime=runtime, on_result=lambda record: records.__setitem__(record["path"], record))
     assert summary.predicted == len(inputs)
     network, card = load_checkpoint(checkpoint)
     prep = Preprocessing.from_dict(card.preprocessing)

@@ -103,7 +103,8 @@ def test_import_then_predict_gives_xrvs_own_calibrated_probabilities(name, xrv_c
     result = runner.invoke(app, ["predict", *map(str, images), "-m", str(checkpoint), "--out", str(tmp_path / "out"),
                                  "-j", "0", "--jsonl"])
     assert result.exit_code == 0, result.output
-    records = {Path(r["path"]).name: r for r in map(json.loads, (l for l in result.stdout.splitlines() if l.startswith("{")))}
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    records = {Path(record["path"]).name: record for record in map(json.loads, lines)}
     model = _xrv_model(name, xrv_cache)
     labels = list(model.targets)
     for png in images:

@@ -249,10 +249,13 @@ def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_w
         bar.update(task, completed=done, total=total,
                    status=f"{counts['predicted']} new, {counts['skipped']} done before, {counts['failed']} failed")
 
+    def on_note(message: str) -> None:
+        bar.console.print(escape(message), soft_wrap=True)
+
     with handle_interrupt():
         try:
             with bar:
-                summary = run(on_result=on_result, progress=on_progress)
+                summary = run(on_result=on_result, progress=on_progress, note=on_note)
         except (CheckpointError, UsageError, RecordError) as error:
             fail(str(error))
     if summary.total == 0:

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import run_over_studies
+from cxrtool.cli._console import one_of, run_over_studies
+from cxrtool.registry import RUNTIMES
 
 
 def predict(
@@ -22,6 +23,8 @@ def predict(
     workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding processes; on the CPU they also run the model (default: CPU count, max 8).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
+    runtime: Annotated[str, typer.Option("--runtime", callback=one_of(RUNTIMES), help="What runs the network: auto (ONNX Runtime on a CPU "
+                                         "when installed, else PyTorch), torch or onnx.")] = "auto",
 ) -> None:
     """Write each study's finding probabilities as a JSON sidecar and a per-folder CSV.
 
@@ -33,7 +36,7 @@ def predict(
     run_over_studies(
         "predict",
         functools.partial(run_predict, inputs, model=model, out=out, overwrite=overwrite, batch_size=batch_size,
-                          workers=workers, device=device, include_patient_id=include_patient_id),
+                          workers=workers, device=device, include_patient_id=include_patient_id, runtime=runtime),
         jsonl=jsonl, listed="cxrtool_predictions.csv", done_word="predicted",
     )
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +242,7 @@ def explain(
     include_patient_id: bool = False,
     on_result: ResultCallback | None = None,
     progress: ProgressCallback | None = None,
+    note: Callable[[str], None] | None = None,
     stdin=None,
 ) -> RunSummary:
     """Explain a checkpoint's calls on studies: maps, masks, boxes, overlays, contact sheets.
@@ -280,5 +281,5 @@ def explain(
         settings={"predict": PREDICT_SETTINGS, "explain": settings.request()},
         out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
         include_patient_id=include_patient_id, display_size=settings.display_size, on_result=on_result,
-        progress=progress, on_finish=finish, check_model=check_model, stdin=stdin,
+        progress=progress, on_finish=finish, check_model=check_model, note=note, stdin=stdin,
     )
