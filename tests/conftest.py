@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import cxrtool  # noqa: F401  (first: makes torchvision importable for the test 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("COLUMNS", "200")  # rich: no wrapping in asserted output
 os.environ.setdefault("CXRTOOL_NO_PROGRESS", "1")
+# Exported ONNX graphs of the tests' throwaway checkpoints stay out of the user's cache.
+os.environ.setdefault("CXRTOOL_CACHE", tempfile.mkdtemp(prefix="cxrtool-test-cache-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

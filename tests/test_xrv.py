@@ -8,6 +8,7 @@ the DenseNet as a pickled module, the ResNet-50 as a state dict, under XRV's fil
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -117,6 +118,16 @@ def test_import_then_predict_gives_xrvs_own_calibrated_probabilities(name, xrv_c
             assert call["positive"] == (call["probability"] >= 0.5) and call["threshold"] == 0.5
             assert 0.0 <= call["raw_probability"] <= 1.0
         assert records[png.name]["calibration"]["method"] == "xrv_operating_points"
+    if name == DENSE:  # evaluate scores it against CheXpert-named labels through the alias table
+        labels = tmp_path / "valid.csv"
+        labels.write_text("Path,Frontal/Lateral,AP/PA,Pleural Effusion,Cardiomegaly,Lung Lesion\n" + "".join(
+            f"images/{png.name},Frontal,PA,{i % 2}.0,{(i // 2) % 2}.0,0.0\n" for i, png in enumerate(images)))
+        scored = runner.invoke(app, ["evaluate", str(tmp_path / "out"), "--labels", str(labels), "--out", str(tmp_path / "eval"),
+                                     "--bootstrap", "0"])
+        assert scored.exit_code == 0, scored.output
+        report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+        assert [row["finding"] for row in report["findings"]] == ["Effusion", "Cardiomegaly"]
+        assert report["matching"]["matched"] == len(images)
 
 
 def test_the_imported_card_says_what_it_is(xrv_cache, tmp_path):
@@ -160,6 +171,16 @@ def test_explain_maps_an_imported_model_on_the_radiographs_own_grid(xrv_cache, d
     for region in entry["regions"]:
         x, y, w, h = region["box"]
         assert top <= y and y + h <= top + 1760
+    # PyRadiomics features of those regions, on the radiograph's own pixels
+    params = tmp_path / "params.yaml"
+    params.write_text("imageType:\n  Original: {}\nfeatureClass:\n  firstorder:\n  shape2D:\nsetting:\n  binWidth: 0.02\n")
+    mistaken = runner.invoke(app, ["radiomics", str(out), "--from-cam"])  # explain's --out folder as if it held studies
+    assert mistaken.exit_code == 2 and "give it as --explanations DIR" in mistaken.output
+    measured = runner.invoke(app, ["radiomics", "--explanations", str(out), "--params", str(params), "--workers", "1"])
+    assert measured.exit_code == 0, measured.output
+    with open(out / "cxrtool_radiomics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(entry["regions"]) > 0 and all(row["status"] == "ok" and row["finding"] == "Effusion" for row in rows)
 
 
 def test_import_from_xrvs_cache_and_bad_requests(xrv_cache, tmp_path):
@@ -172,9 +193,15 @@ def test_import_from_xrvs_cache_and_bad_requests(xrv_cache, tmp_path):
                             str(tmp_path / "m.safetensors")], capture_output=True, text=True, env=env, timeout=240)
     assert found.returncode == 0, found.stderr
     assert str(cache) in found.stderr and "14 findings" in found.stderr
-    wrong = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--weights", str(xrv_cache / _file_name(RESNET)),
-                                "--out", str(tmp_path / "x.safetensors")])
+    another = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--weights", str(xrv_cache / _file_name(RESNET)),
+                                  "--out", str(tmp_path / "x.safetensors")])
+    assert another.exit_code == 2 and f"TorchXRayVision's file of xrv:{RESNET}, not of xrv:{DENSE}" in another.output
+    renamed = tmp_path / "weights.pt"  # the sets' DenseNets share a shape: a renamed file is imported, with a note
+    renamed.symlink_to(xrv_cache / _file_name(RESNET))
+    wrong = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--weights", str(renamed), "--out", str(tmp_path / "x.safetensors")])
     assert wrong.exit_code == 2 and "these are not densenet121-res224-nih weights" in wrong.output
+    assert "weights.pt is not TorchXRayVision's name for" in wrong.output
+    assert not (tmp_path / "x.safetensors").exists()
     unknown = runner.invoke(app, ["models", "import", "xrv:densenet999", "--out", str(tmp_path / "y.safetensors")])
     assert unknown.exit_code == 2 and "densenet121-res224-all" in unknown.output
     other = runner.invoke(app, ["models", "import", "hub:densenet", "--out", str(tmp_path / "z.safetensors")])

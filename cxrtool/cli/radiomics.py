@@ -87,6 +87,9 @@ def radiomics(
         root = output_root(studies) or (explanations.absolute() if explanations is not None else Path.cwd())
         default_folder = Path(os.path.relpath(root)) if root.is_relative_to(Path.cwd()) else root
     if not jobs:
+        if from_cam and explanations is None and not studies:
+            fail("no studies in the inputs (the folder explain wrote with --out holds its outputs, not the studies: "
+                 "give it as --explanations DIR)", EXIT_USAGE)
         fail("no regions to measure", EXIT_USAGE)
     table = out or default_folder / "cxrtool_radiomics.csv"
     bar = progress_bar()

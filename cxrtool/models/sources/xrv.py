@@ -93,6 +93,22 @@ def cached_file(name: str) -> Path:
     return Path(os.path.expanduser(xrv.utils.get_cache_dir())) / os.path.basename(url)
 
 
+def _check_file_name(name: str, path: Path, say: Callable[[str], None]) -> None:
+    """XRV's DenseNet sets share one architecture and 18 outputs, so the weights alone cannot
+    tell them apart: a file under another set's published name is refused, a renamed one is
+    imported with a note (its SHA-256, printed next, is what identifies it)."""
+    xrv = xrv_module()
+    official = {os.path.basename(xrv.models.model_urls[n]["weights_url"]): n for n in XRV_WEIGHTS}
+    expected = os.path.basename(xrv.models.model_urls[weight_set(name).name]["weights_url"])
+    if path.name == expected:
+        return
+    if path.name in official:
+        raise UsageError(f"{path}: this is TorchXRayVision's file of xrv:{official[path.name]}, not of xrv:{weight_set(name).name} "
+                         f"(whose file is {expected})")
+    say(f"note: {path.name} is not TorchXRayVision's name for xrv:{weight_set(name).name} ({expected}); "
+        "the weights fit its architecture, but which set they are cannot be checked: compare the SHA-256 with your download's")
+
+
 def locate_weights(name: str, weights: str | os.PathLike | None, say: Callable[[str], None]) -> Path:
     """The file to import: the one given, else XRV's cached copy, else XRV downloads it.
 
@@ -104,6 +120,7 @@ def locate_weights(name: str, weights: str | os.PathLike | None, say: Callable[[
         path = Path(weights)
         if not path.is_file():
             raise UsageError(f"{path}: no such weights file")
+        _check_file_name(name, path, say)
         return path
     path = cached_file(name)
     if path.is_file():
