@@ -210,6 +210,42 @@ def test_import_from_xrvs_cache_and_bad_requests(xrv_cache, tmp_path):
     assert listed.exit_code == 0 and "xrv:resnet50-res512-all" in listed.output and "Enlarged Cardiomediastinum" in listed.output
 
 
+def test_a_download_through_xrv_and_files_that_are_not_weights(xrv_cache, tmp_path, monkeypatch):
+    """No network here: XRV's own download function is the one piece replaced, by a copy of
+    the offline file (then by a failure, then by a download cut short)."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # an empty XRV cache
+    asked: list[str] = []
+
+    def download(url, path):
+        asked.append(url)
+        shutil.copy(xrv_cache / _file_name(DENSE), path)
+
+    monkeypatch.setattr(xrv.utils, "download", download)
+    done = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--out", str(tmp_path / "a.safetensors")])
+    assert done.exit_code == 0, done.output
+    assert asked == [xrv.models.model_urls[DENSE]["weights_url"]] and "downloading" in done.output
+    cached = tmp_path / "home" / ".torchxrayvision" / "models_data" / _file_name(DENSE)
+    cached.unlink()
+
+    def no_network(url, path):
+        raise OSError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(xrv.utils, "download", no_network)
+    failed = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--out", str(tmp_path / "b.safetensors")])
+    assert failed.exit_code == 2 and "could not download" in failed.output and "--weights FILE" in failed.output
+    cached.write_bytes((xrv_cache / _file_name(DENSE)).read_bytes()[:100_000])  # an interrupted download
+    partial = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--out", str(tmp_path / "c.safetensors")])
+    assert partial.exit_code == 2 and "cut short or corrupt?" in partial.output and "delete it to download it again" in partial.output
+    for content in (b"hello", b""):
+        (tmp_path / "junk.pt").write_bytes(content)
+        junk = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--weights", str(tmp_path / "junk.pt"),
+                                   "--out", str(tmp_path / "d.safetensors")])
+        assert junk.exit_code == 2 and "not a readable PyTorch weights file" in junk.output, junk.output
+    assert not any(tmp_path.glob("[bcd].safetensors"))
+
+
 def test_without_torchxrayvision_the_import_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torchxrayvision", None)  # as if not installed
     result = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--out", str(tmp_path / "m.safetensors")])

@@ -106,7 +106,8 @@ def _check_file_name(name: str, path: Path, say: Callable[[str], None]) -> None:
         raise UsageError(f"{path}: this is TorchXRayVision's file of xrv:{official[path.name]}, not of xrv:{weight_set(name).name} "
                          f"(whose file is {expected})")
     say(f"note: {path.name} is not TorchXRayVision's name for xrv:{weight_set(name).name} ({expected}); "
-        "the weights fit its architecture, but which set they are cannot be checked: compare the SHA-256 with your download's")
+        "the sets' DenseNets share one shape, so which set a file holds cannot be told from its weights: "
+        "compare its SHA-256 (below) with your download's")
 
 
 def locate_weights(name: str, weights: str | os.PathLike | None, say: Callable[[str], None]) -> Path:
@@ -138,17 +139,21 @@ def locate_weights(name: str, weights: str | os.PathLike | None, say: Callable[[
 def _read_state(path: Path) -> tuple[dict[str, Any], bool]:
     """The weights in an XRV file: a plain state dict is read without unpickling code; a
     pickled module (XRV's DenseNet files) is unpickled, here and only here."""
-    import pickle
-
     import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict):
             return dict(state), False
-    except (pickle.UnpicklingError, RuntimeError):
-        pass  # not a plain state dict: a pickled module
-    module = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - the safe loader refuses a module, or chokes on a corrupt file, in many ways
+        pass  # not a plain state dict: a pickled module, or not a weights file at all (below)
+    try:
+        module = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - a corrupt pickle raises anything (KeyError, EOFError, ...)
+        reason = " ".join(str(error).split()).split(". ")[0][:160] or type(error).__name__
+        raise UsageError(f"{path}: not a readable PyTorch weights file, cut short or corrupt? ({reason})") from None
+    if not isinstance(module, torch.nn.Module):
+        raise UsageError(f"{path}: holds a {type(module).__name__}, not TorchXRayVision's weights (a model or a state dict)")
     for sub in module.modules():  # XRV's own patch for modules pickled by an older torch
         if not hasattr(sub, "_non_persistent_buffers_set"):
             sub._non_persistent_buffers_set = set()
@@ -209,7 +214,12 @@ def import_xrv(
     path = locate_weights(entry.name, weights, say)
     digest = sha256_file(path)
     say(f"reading {path} (SHA-256 {digest})")
-    state, unpickled = _read_state(path)
+    try:
+        state, unpickled = _read_state(path)
+    except UsageError as error:
+        if weights is None:  # XRV's cache: an interrupted download leaves a partial file there
+            raise UsageError(f"{error}; delete it to download it again") from None
+        raise
     if unpickled:
         say("  it is a pickled Python module (as TorchXRayVision publishes its DenseNet weights): unpickled here, "
             "the one place cxrtool unpickles anything; import only files you trust")
