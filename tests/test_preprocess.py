@@ -33,7 +33,9 @@ def radiographs(nih_dir: Path, dicom_dir: Path) -> dict[str, np.ndarray]:
     ("rg2", (slice(0, 200), slice(0, 180)), (224, 224)),  # enlarging a dark corner: the clip to the input's range matters
     ("nih", (slice(0, 300), slice(0, 900)), (224, 224)),  # one axis shrinks, the other grows
 ])
-def test_the_fast_resize_is_skimages(radiographs, name, window, size):
+def test_the_fast_resize_is_skimages(radiographs, name, window, size, monkeypatch):
+    monkeypatch.setattr(preprocess, "_OPERATORS", {})  # as a fresh process: no length seen yet
+    monkeypatch.setattr(preprocess, "_LENGTHS_SEEN", set())
     image = np.ascontiguousarray(radiographs[name][window])
     expected = skimage_reference(image, *size)
     first = preprocess.skimage_resize(image, *size)  # a new size: skimage itself
