@@ -136,7 +136,15 @@ XRV_WEIGHTS: dict[str, PretrainedWeights] = {
     name: PretrainedWeights(name, "torchxrayvision", arch, size, data) for name, arch, size, data in _XRV_SETS
 }
 
-# Training losses (cxrtool.train.losses builds each).
+# Classification heads on the backbone (cxrtool.models.heads implements each): the card's
+# `head`, train's --head.
+HEADS: dict[str, str] = {
+    "linear": "one logit per finding from the pooled feature vector (CheXNet-style)",
+}
+DEFAULT_HEAD = "linear"
+
+# Training loss terms (cxrtool.train.losses implements each), combined in a loss expression
+# such as `asl` or `asl+0.2*apcl`.
 LOSSES: dict[str, str] = {
     "bce": "binary cross-entropy",
     "weighted_bce": "binary cross-entropy, positives weighted by negatives/positives per finding",

@@ -18,11 +18,12 @@ from cxrtool.models.checkpoint import (
     save_checkpoint,
     save_tree,
 )
+from cxrtool.models.heads import ModelOutput
 from cxrtool.models.network import CXRClassifier, pick_device
 from cxrtool.preprocess import Preprocessing, prepare
 from cxrtool.registry import ARCHITECTURES
 from cxrtool.train.config import load_config, parse_overrides
-from cxrtool.train.losses import build_loss
+from cxrtool.train.losses import LossContext, build_loss
 
 FINDINGS = ["Effusion", "Nodule", "Cardiomegaly"]
 
@@ -138,10 +139,11 @@ def test_letterbox_geometry_maps_points_back():
 @pytest.mark.parametrize("name", ["bce", "weighted_bce", "focal", "asl"])
 def test_losses_ignore_nan_targets_and_learn(name):
     targets = torch.tensor([[1.0, 0.0, math.nan], [0.0, math.nan, 1.0]])
-    loss_fn = build_loss(name, targets=targets.numpy())
+    loss_fn = build_loss(name, LossContext(["a", "b", "c"], targets.numpy()))
     logits = torch.zeros(2, 3, requires_grad=True)
-    loss = loss_fn(logits, targets)
+    loss, parts = loss_fn(ModelOutput(logits=logits), {"targets": targets})
     loss.backward()
+    assert list(parts) == [name] and parts[name] == pytest.approx(float(loss.detach()))
     assert torch.isfinite(loss)
     assert logits.grad[0, 2] == 0 and logits.grad[1, 1] == 0  # ignored entries get no gradient
     assert logits.grad[0, 0] < 0 and logits.grad[0, 1] > 0  # positives pushed up, negatives down
@@ -159,7 +161,7 @@ def test_config_layers_and_errors(tmp_path):
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["epochs"])
     config = load_config(None, {"labels": "x.csv", "loss": "hinge"})
-    with pytest.raises(ValueError, match="loss must be one of"):
+    with pytest.raises(ValueError, match="unknown loss term 'hinge' in 'hinge'; choose from bce, weighted_bce, focal, asl"):
         config.validate()
 
 
@@ -174,12 +176,14 @@ def test_the_registry_is_the_one_source_of_names():
     from cxrtool.data import labels
     from cxrtool.evaluate.classification import choose_thresholds
     from cxrtool.explain.cams import CAM_METHODS
+    from cxrtool.models.heads import head_classes
     from cxrtool.train.config import TrainConfig
-    from cxrtool.train.losses import build_loss
+    from cxrtool.train.losses import LossContext, build_loss
 
     assert list(CAM_METHODS) == list(registry.CAM_METHOD_LABELS)
     for name in registry.LOSSES:
-        build_loss(name, targets=np.array([[1.0, 0.0], [0.0, 1.0]]))
+        build_loss(name, LossContext(["a", "b"], np.array([[1.0, 0.0], [0.0, 1.0]])))
+    assert set(head_classes()) == set(registry.HEADS)
     for method in registry.THRESHOLD_METHODS:
         choose_thresholds([0, 1, 1], [0.2, 0.6, 0.9], method=method)
     assert labels.UNCERTAIN_POLICIES == tuple(registry.UNCERTAIN_POLICIES)

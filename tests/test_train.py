@@ -165,7 +165,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
 def test_bad_training_settings_exit_2(tmp_path):
     labels = make_generic_dataset(tmp_path / "data", n=8)
     result = runner.invoke(app, ["train", str(labels), "--loss", "hinge", "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "loss must be one of" in result.output
+    assert result.exit_code == 2 and "unknown loss term 'hinge' in 'hinge'; choose from" in result.output
     result = runner.invoke(app, ["train", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
     result = runner.invoke(app, ["train", str(labels), "--set", "epoch=3"])

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from cxrtool.cli._console import fail, handle_interrupt, note, one_of, progress_bar, training_progress
-from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_LOSS, LOSSES, UNCERTAIN_POLICIES
+from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_HEAD, DEFAULT_LOSS, HEADS, LOSSES, UNCERTAIN_POLICIES
 
 
 def train(
@@ -27,10 +27,13 @@ def train(
     init: Annotated[str | None, typer.Option("--init", help="Start from this cxrtool checkpoint (trained or imported): its backbone, "
                                              "input and preprocessing; findings it has keep their head rows, new ones get new rows.")] = None,
     architecture: Annotated[str | None, typer.Option("--arch", "-a", help=f"timm backbone, e.g. resnet50, convnext_tiny (default {DEFAULT_ARCHITECTURE}).")] = None,
+    head: Annotated[str | None, typer.Option("--head", callback=one_of(tuple(HEADS)),
+                                             help=f"Classification head: {', '.join(HEADS)} (default {DEFAULT_HEAD}).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", "-e", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1)] = None,
     lr: Annotated[float | None, typer.Option("--lr")] = None,
-    loss: Annotated[str | None, typer.Option("--loss", help=f"One of {', '.join(LOSSES)} (default {DEFAULT_LOSS}).")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help=f"Loss terms, optionally weighted and joined by +, e.g. asl or "
+                                             f"asl+0.5*bce; terms: {', '.join(LOSSES)} (default {DEFAULT_LOSS}).")] = None,
     input_size: Annotated[int | None, typer.Option("--input-size")] = None,
     findings: Annotated[str | None, typer.Option("--findings", help="Comma-separated findings to train on (default: the label file's).")] = None,
     uncertain: Annotated[str | None, typer.Option("--uncertain", callback=one_of(UNCERTAIN_POLICIES),
@@ -48,7 +51,7 @@ def train(
     from cxrtool.train.loop import train as run_train
 
     flags = {
-        "labels": labels, "images": images, "out": out, "init": init, "architecture": architecture, "epochs": epochs,
+        "labels": labels, "images": images, "out": out, "init": init, "architecture": architecture, "head": head, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "loss": loss, "input_size": input_size, "uncertain": uncertain,
         "pretrained": pretrained, "device": device, "workers": workers, "seed": seed,
         "findings": [f.strip() for f in findings.split(",") if f.strip()] if findings else None,

@@ -41,6 +41,7 @@ class ModelCard:
     preprocessing: dict[str, Any]
     name: str = "cxrtool-model"
     head: str = "linear"
+    head_settings: dict[str, Any] = field(default_factory=dict)  # the head's constructor settings
     output_stride: int = 32
     thresholds: dict[str, float] = field(default_factory=dict)
     threshold_method: str = "f1"
@@ -124,7 +125,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu"):
     """
     from safetensors.torch import load_file
 
-    from cxrtool.models.network import CXRClassifier
+    from cxrtool.models.build import build_model
 
     card = read_card(path)
     if card.calibration:
@@ -134,12 +135,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu"):
             Calibration.from_card(card)
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{path}: the card's calibration cannot be used ({error})") from None
-    if card.head != "linear":
-        raise CheckpointError(f"{path}: head {card.head!r} is not supported by this cxrtool version")
-    try:
-        model = CXRClassifier(card.architecture, card.findings, output_stride=card.output_stride)
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: cannot build the card's backbone: {error}") from error
+    model = build_model(card, source=str(path))
     state = load_file(str(path), device="cpu")
     try:
         model.load_state_dict(state, strict=True)

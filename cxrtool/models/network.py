@@ -1,13 +1,17 @@
-"""The classifier: any timm backbone on grey input, with a multi-label head.
+"""The classifier: any timm backbone on grey input, with a registered multi-label head.
 
-The backbone is kept separate from the head so that later heads (per-finding decoders,
-projection heads) can use the spatial feature map, and so that the CAM target layer has a
-stable name: ``backbone.<layer from the registry>``.
+The backbone is kept separate from the head so that heads can use the spatial feature map
+(per-finding decoders, attention over findings), and so that the CAM target layer has a
+stable name: ``backbone.<layer from the registry>``. ``model(images)`` returns logits for
+every head, which is all ``predict``, ``explain`` and ONNX export see; training asks for
+``model(images, full=True)``, a :class:`~cxrtool.models.heads.ModelOutput` with what its loss
+terms need.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from cxrtool._compat import ensure_torchvision_importable
 
@@ -17,11 +21,12 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cxrtool.registry import ARCHITECTURES  # noqa: E402
+from cxrtool.models.heads import ModelOutput, build_head  # noqa: E402
+from cxrtool.registry import ARCHITECTURES, DEFAULT_HEAD  # noqa: E402
 
 
 class CXRClassifier(nn.Module):
-    """A timm backbone with a linear multi-label head, one logit per finding.
+    """A timm backbone with a multi-label head (``registry.HEADS``), one logit per finding.
 
     Example:
         >>> net = CXRClassifier("densenet121", ["Effusion", "Nodule"])
@@ -37,6 +42,8 @@ class CXRClassifier(nn.Module):
         pretrained: bool = False,
         drop_rate: float = 0.0,
         output_stride: int = 32,
+        head: str = DEFAULT_HEAD,
+        head_settings: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not findings:
@@ -60,15 +67,22 @@ class CXRClassifier(nn.Module):
         )
         # Some backbones (MobileNetV3) widen features after pooling: head_hidden_size.
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
-        self.head = nn.Linear(width, len(self.findings))
+        self.head = build_head(head, width, self.findings, head_settings)
+
+    @property
+    def head_name(self) -> str:
+        return self.head.name
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's spatial feature map (B, C, h, w)."""
         return self.backbone.forward_features(images)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pooled = self.backbone.forward_head(self.features(images), pre_logits=True)
-        return self.head(pooled)
+    def forward(self, images: torch.Tensor, full: bool = False) -> torch.Tensor | ModelOutput:
+        """Logits (B, K); with ``full=True`` the head's whole :class:`ModelOutput` (training:
+        under DistributedDataParallel the flag passes through its wrapper)."""
+        feature_map = self.features(images)
+        output = self.head(feature_map, self.backbone.forward_head(feature_map, pre_logits=True))
+        return output if full else output.logits
 
     @property
     def cam_layer(self) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_LOSS, LOSSES, THRESHOLD_METHODS, UNCERTAIN_POLICIES
+from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_HEAD, DEFAULT_LOSS, HEADS, THRESHOLD_METHODS, UNCERTAIN_POLICIES
 
 # Settings that are paths: in a YAML file they are relative to the file's folder.
 PATH_SETTINGS = ("labels", "images", "out", "init")
@@ -39,6 +39,7 @@ class TrainConfig:
     # model
     init: str = ""  # start from this cxrtool checkpoint (its architecture and preprocessing too)
     architecture: str = DEFAULT_ARCHITECTURE
+    head: str = DEFAULT_HEAD  # registry.HEADS
     pretrained: bool = False  # ImageNet weights from the hub: needs the network
     input_size: int = 224
     drop_rate: float = 0.0
@@ -49,7 +50,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
-    loss: str = DEFAULT_LOSS
+    loss: str = DEFAULT_LOSS  # a loss expression of registry.LOSSES terms: asl, asl+0.5*bce, ...
     focal_gamma: float = 2.0
     asl_gamma_neg: float = 4.0
     asl_gamma_pos: float = 0.0
@@ -67,8 +68,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse impossible values early, naming the key."""
+        from cxrtool.train.losses import parse_loss
+
+        parse_loss(self.loss)  # its own message: the term that is wrong, and the choices
         checks = [
-            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got {self.head!r}"),
             (self.output_stride in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {self.output_stride}"),
             (self.threshold_method in THRESHOLD_METHODS,
              f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, got {self.threshold_method!r}"),

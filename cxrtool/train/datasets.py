@@ -93,10 +93,12 @@ class ImageCache:
 
 
 class LabelledStudies(torch.utils.data.Dataset):
-    """(input tensor, targets) pairs for a subset of a label table.
+    """One dict per labelled study: ``image`` (the model input), ``targets`` (NaN where
+    unknown) and ``index`` (its row in the label table); with ``views=2`` also ``image_2``,
+    a second, independently augmented view (for contrastive loss terms).
 
     An image that cannot be read gives a blank input with all targets NaN (ignored by the
-    masked losses) rather than stopping the run; it is counted in ``unreadable``.
+    masked losses) rather than stopping the run.
     """
 
     def __init__(
@@ -108,13 +110,17 @@ class LabelledStudies(torch.utils.data.Dataset):
         augment: Augmentation | None = None,
         cache: ImageCache | None = None,
         seed: int = 0,
+        views: int = 1,
     ):
+        if views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {views}")
         self.paths = list(paths)
         self.targets = np.asarray(targets, dtype=np.float32)
         self.prep = prep
         self.augment = augment
         self.cache = cache
         self.seed = seed
+        self.views = views
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -131,14 +137,22 @@ class LabelledStudies(torch.utils.data.Dataset):
         square, error = _load_square((self.paths[index], self.prep))
         return None if square is None else square.astype(np.float32) / 255.0
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         square = self._square(index)
-        targets = self.targets[index]
+        targets = torch.from_numpy(self.targets[index])
         if square is None:
             size = self.prep.input_size
-            return torch.zeros(1, size, size), torch.full_like(torch.from_numpy(targets), math.nan)
-        if self.augment is not None:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            square = self.augment(square, rng)
-        return torch.from_numpy(normalise(square, self.prep)), torch.from_numpy(targets)
+            blank = torch.zeros(1, size, size)
+            item = {"image": blank, "targets": torch.full_like(targets, math.nan), "index": index}
+            return item | ({"image_2": blank} if self.views == 2 else {})
+        item = {"image": self._view(square, index, 0), "targets": targets, "index": index}
+        if self.views == 2:
+            item["image_2"] = self._view(square, index, 1)
+        return item
 
+    def _view(self, square: np.ndarray, index: int, view: int) -> torch.Tensor:
+        if self.augment is not None:
+            # The first view's stream is the one single-view runs always used.
+            rng = np.random.default_rng((self.seed, self.epoch, index) if view == 0 else (self.seed, self.epoch, index, view))
+            square = self.augment(square, rng)
+        return torch.from_numpy(normalise(square, self.prep))

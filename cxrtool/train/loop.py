@@ -27,14 +27,14 @@ from cxrtool.preprocess import Preprocessing
 from cxrtool.train import _distributed as distributed
 from cxrtool.train.config import TrainConfig, absolute_paths, write_config
 from cxrtool.train.datasets import Augmentation, ImageCache, LabelledStudies
-from cxrtool.train.losses import build_loss
+from cxrtool.train.losses import LossContext, build_loss, check_head_gives
 
 CHECKPOINT_NAME = "model.safetensors"
 STATE_NAME = "last_state.safetensors"
 CONFIG_NAME = "config.yaml"
 # Settings that must not change when resuming, or the saved state would not fit the run.
 _RESUME_INVARIANTS = ("architecture", "output_stride", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size",
-                      "init")
+                      "init", "head", "loss")
 
 
 @dataclass
@@ -141,16 +141,17 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                     ignored = f"{len(cache.failed)} unreadable images ignored (e.g. {paths[first[0]]}: {first[1]})"
                     say(TrainEvent("message", message=ignored))
 
-        train_set = LabelledStudies(
-            paths, table.targets, prep, augment=Augmentation() if config.augment else None, cache=cache, seed=config.seed
-        )
+        model = CXRClassifier(config.architecture, findings, pretrained=config.pretrained and parent is None,
+                              drop_rate=config.drop_rate, output_stride=config.output_stride, head=config.head)
+        if parent is not None:
+            say(TrainEvent("message", message=parent.initialise(model)))
+        criterion = build_loss(config.loss, LossContext(findings, table.targets[train_idx], config.to_dict()))
+        check_head_gives(criterion, model.head.name, model.head.gives)
+
+        train_set = LabelledStudies(paths, table.targets, prep, augment=Augmentation() if config.augment else None,
+                                    cache=cache, seed=config.seed, views=2 if "image_2" in criterion.batch_needs else 1)
         train_view = torch.utils.data.Subset(train_set, train_idx)
         val_set = LabelledStudies(paths, table.targets, prep, cache=cache, seed=config.seed)
-
-        model = CXRClassifier(config.architecture, findings, pretrained=config.pretrained and parent is None,
-                              drop_rate=config.drop_rate, output_stride=config.output_stride)
-        if parent is not None:
-            parent.initialise(model)
         # Channels-last: about 1.3x faster convolutions on CPU (oneDNN) and on tensor cores.
         model = model.to(device, memory_format=torch.channels_last)
         wrapped: torch.nn.Module = model
@@ -159,14 +160,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
 
-        criterion = build_loss(
-            config.loss,
-            targets=table.targets[train_idx],
-            focal_gamma=config.focal_gamma,
-            asl_gamma_neg=config.asl_gamma_neg,
-            asl_gamma_pos=config.asl_gamma_pos,
-            asl_clip=config.asl_clip,
-        ).to(device)
+        criterion = criterion.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         per_rank = math.ceil(len(train_idx) / dist_info.world_size)
         steps_per_epoch = max(1, math.ceil(per_rank / config.batch_size))
@@ -190,6 +184,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                     f"(start a new --out, or restore those settings)"
                 )
             model.load_state_dict(state["model"])
+            criterion.load_state_dict(state.get("loss", {}))  # terms' running state (prototypes)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
@@ -217,18 +212,20 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                 persistent_workers=False,
             )
             wrapped.train()
-            running, seen = 0.0, 0
+            running, seen, parts_sum = 0.0, 0, {}
             started = time.monotonic()
             with fork_safe_opencv():
                 batches = iter(loader)
-            for step, (images, targets) in enumerate(batches):
+            for step, batch in enumerate(batches):
                 if step >= steps_per_epoch:
                     break
-                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                targets = targets.to(device, non_blocking=True)
+                batch = _to_device(batch, device)
+                images = batch["image"]
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = wrapped(images)
-                loss = criterion(logits.float(), targets)
+                    output = wrapped(images, full=True)
+                loss, parts = criterion(output, batch)
+                for name, value in parts.items():
+                    parts_sum[name] = parts_sum.get(name, 0.0) + value * images.shape[0]
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -244,6 +241,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             record = {
                 "epoch": epoch + 1,
                 "train_loss": running / max(seen, 1),
+                **({"train_loss_terms": {name: round(value / max(seen, 1), 6) for name, value in parts_sum.items()}}
+                   if len(parts_sum) > 1 else {}),
                 "val_mean_auroc": None if math.isnan(auroc) else round(auroc, 6),
                 "seconds": round(time.monotonic() - started, 1),
             }
@@ -253,7 +252,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                 if improved or not (out / CHECKPOINT_NAME).exists():
                     best_auroc, best_epoch = (auroc if not math.isnan(auroc) else best_auroc), epoch + 1
                     card = _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores,
-                                 per_finding, auroc, epoch + 1, history, parent)
+                                 per_finding, auroc, epoch + 1, history, parent, head_settings=model.head.settings())
                     save_checkpoint(out / CHECKPOINT_NAME, model, card)
                 save_tree(
                     state_path,
@@ -261,6 +260,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                         "config": absolute_paths(config.to_dict()),
                         "epoch": epoch,
                         "model": model.state_dict(),
+                        "loss": criterion.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
@@ -297,6 +297,18 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         distributed.teardown(dist_info)
 
 
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A collated batch on the device; images channels-last (faster convolutions)."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.ndim == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+        moved[key] = value
+    return moved
+
+
 def _epoch_order(n: int, seed: int, epoch: int, info: distributed.DistInfo) -> list[int]:
     """This rank's shuffled positions for an epoch, identical however the run was resumed."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -321,9 +333,9 @@ def _validate(model, val_set, val_idx, config, device, info, use_amp, amp_dtype)
     scores = []
     with fork_safe_opencv():
         batches = iter(loader)
-    for images, _ in batches:
+    for batch in batches:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            logits = model(images.to(device).contiguous(memory_format=torch.channels_last))
+            logits = model(batch["image"].to(device).contiguous(memory_format=torch.channels_last))
         scores.append(torch.sigmoid(logits.float()).cpu().numpy())
     mine = np.concatenate(scores) if scores else np.zeros((0, len(model.findings)), dtype=np.float32)
     parts = distributed.gather_objects(info, (share, mine))
@@ -341,22 +353,24 @@ class Parent:
     card: ModelCard
     state: dict[str, torch.Tensor]
 
-    def initialise(self, model: CXRClassifier) -> None:
-        """The parent's backbone; for each finding the parent has, its head row; new
-        findings keep their fresh rows."""
-        with torch.no_grad():
-            backbone = {k[len("backbone."):]: v for k, v in self.state.items() if k.startswith("backbone.")}
-            model.backbone.load_state_dict(backbone, strict=True)
-            for row, finding in enumerate(model.findings):
-                if finding in self.card.findings:
-                    source = self.card.findings.index(finding)
-                    model.head.weight[row] = self.state["head.weight"][source]
-                    model.head.bias[row] = self.state["head.bias"][source]
+    def initialise(self, model: CXRClassifier) -> str:
+        """The parent's backbone; with the same kind of head, its weights for each finding
+        the parent has (new findings keep fresh ones); returns what was taken, to say."""
+        backbone = {k[len("backbone."):]: v for k, v in self.state.items() if k.startswith("backbone.")}
+        model.backbone.load_state_dict(backbone, strict=True)
+        self.kept = []
+        if self.card.head == model.head.name and self.card.head_settings == model.head.settings():
+            head = {k[len("head."):]: v for k, v in self.state.items() if k.startswith("head.")}
+            self.kept = model.head.inherit(head, self.card.findings)
+            return f"from {self.card.name}: its backbone, and its {model.head.name} head for {len(self.kept)} findings"
+        return (f"from {self.card.name}: its backbone only (its head is {self.card.head!r}, this run's "
+                f"{model.head.name!r}: a fresh head)")
 
     def record(self, findings: list[str]) -> dict[str, Any]:
+        kept = getattr(self, "kept", [])
         return {"checkpoint": str(self.path), "sha256": self.sha256, "name": self.card.name,
-                "findings_kept": [f for f in findings if f in self.card.findings],
-                "findings_new": [f for f in findings if f not in self.card.findings]}
+                "findings_kept": [f for f in findings if f in kept],
+                "findings_new": [f for f in findings if f not in kept]}
 
 
 def _parent(config: TrainConfig, say: Callable[[TrainEvent], None]) -> Parent:
@@ -367,8 +381,6 @@ def _parent(config: TrainConfig, say: Callable[[TrainEvent], None]) -> Parent:
 
     path = Path(config.init)
     card = read_card(path)
-    if card.head != "linear":
-        raise ValueError(f"{path}: cannot fine-tune a {card.head!r} head yet")
     kept = {"architecture": card.architecture, "output_stride": card.output_stride,
             "input_size": int(card.preprocessing.get("input_size", config.input_size))}
     changed = [f"{key} {getattr(config, key)} -> {value}" for key, value in kept.items() if getattr(config, key) != value]
@@ -380,13 +392,15 @@ def _parent(config: TrainConfig, say: Callable[[TrainEvent], None]) -> Parent:
 
 
 def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores, per_finding, auroc, epoch, history,
-          parent=None):
+          parent=None, *, head_settings=None):
     from cxrtool.evaluate.classification import choose_thresholds
 
     thresholds = choose_thresholds(val_targets, val_scores, method=config.threshold_method)
     return ModelCard(
         architecture=config.architecture,
         output_stride=config.output_stride,
+        head=config.head,
+        head_settings=dict(head_settings or {}),
         findings=list(findings),
         preprocessing=prep.to_dict(),
         name=config.name or Path(config.out).name,

@@ -1,0 +1,161 @@
+"""The open model layer: heads by name from the card, loss expressions of registered terms,
+batches as dicts, and the checkpoints of earlier versions still loading."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cxrtool import registry
+from cxrtool.cli import app
+from cxrtool.models.checkpoint import CARD_KEY, CheckpointError, ModelCard, load_checkpoint, save_checkpoint
+from cxrtool.models.heads import ModelOutput
+from cxrtool.models.network import CXRClassifier
+from cxrtool.preprocess import Preprocessing
+from cxrtool.train.losses import LossContext, LossTerm, build_loss, check_head_gives, parse_loss
+
+runner = CliRunner()
+FINDINGS = ("Effusion", "Nodule", "Cardiomegaly")
+
+
+@pytest.mark.parametrize(("expression", "terms"), [
+    ("asl", [(1.0, "asl")]),
+    ("asl+0.2*bce", [(1.0, "asl"), (0.2, "bce")]),
+    (" 0.5 * focal + weighted_bce ", [(0.5, "focal"), (1.0, "weighted_bce")]),
+    ("1e-1*asl", [(0.1, "asl")]),
+])
+def test_loss_expressions_parse(expression, terms):
+    assert parse_loss(expression) == terms
+
+
+@pytest.mark.parametrize(("expression", "message"), [
+    ("hinge", "unknown loss term 'hinge' in 'hinge'; choose from bce, weighted_bce, focal, asl"),
+    ("asl+hinge", "unknown loss term 'hinge'"),
+    ("asl++bce", "cannot read the loss expression 'asl++bce' at ''"),
+    ("2*", "cannot read the loss expression"),
+    ("asl*0.5", "cannot read the loss expression"),
+    ("asl+asl", "'asl' appears twice"),
+    ("0*asl", "weights are positive numbers"),
+    ("", "empty loss expression"),
+])
+def test_bad_loss_expressions_say_what_is_wrong(expression, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*").replace("+", r"\+")):
+        parse_loss(expression)
+
+
+def test_a_combined_loss_is_the_weighted_sum_of_its_terms():
+    targets = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 1.0]])
+    logits = torch.tensor([[0.3, -1.2, 2.0], [-0.4, 0.8, 0.1]], requires_grad=True)
+    context = LossContext(FINDINGS, targets.numpy())
+    batch = {"targets": targets}
+    total, parts = build_loss("0.3*bce+2*asl", context)(ModelOutput(logits=logits), batch)
+    bce, _ = build_loss("bce", context)(ModelOutput(logits=logits), batch)
+    asl, _ = build_loss("asl", context)(ModelOutput(logits=logits), batch)
+    assert total.item() == pytest.approx(0.3 * bce.item() + 2 * asl.item())
+    assert parts == pytest.approx({"bce": bce.item(), "asl": asl.item()})
+    total.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_a_term_needing_what_the_head_does_not_give_is_refused():
+    class NeedsFeatures(LossTerm):
+        name = "per_finding"
+        needs = frozenset({"features"})
+
+    loss = build_loss("bce", LossContext(FINDINGS))
+    loss.terms.append(NeedsFeatures())
+    loss.weights.append(1.0)
+    model = CXRClassifier("resnet18", FINDINGS)
+    with pytest.raises(ValueError, match="'per_finding' needs the head's features, which the 'linear' head does not give"):
+        check_head_gives(loss, model.head.name, model.head.gives)
+
+
+@pytest.mark.parametrize("head", list(registry.HEADS))
+def test_every_head_gives_logits_and_what_it_promises(head):
+    torch.manual_seed(0)
+    model = CXRClassifier("resnet18", FINDINGS, head=head).eval()
+    images = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        logits = model(images)
+        output = model(images, full=True)
+    assert logits.shape == (2, len(FINDINGS)) and torch.equal(output.logits, logits)
+    for name in model.head.gives:
+        value = getattr(output, name)
+        assert value is not None and value.shape[0] == 2 and torch.isfinite(value).all(), name
+    if output.features is not None:
+        assert output.features.shape[:2] == (2, len(FINDINGS))
+    if output.attention is not None:
+        assert output.attention.shape[:2] == (2, len(FINDINGS))
+
+
+def test_every_head_round_trips_through_its_card(tmp_path):
+    for head in registry.HEADS:
+        torch.manual_seed(1)
+        model = CXRClassifier("resnet18", FINDINGS, head=head).eval()
+        card = ModelCard("resnet18", list(FINDINGS), Preprocessing(input_size=64).to_dict(), head=head,
+                         head_settings=model.head.settings())
+        path = save_checkpoint(tmp_path / f"{head}.safetensors", model, card)
+        loaded, read = load_checkpoint(path)
+        assert read.head == head and type(loaded.head) is type(model.head)
+        images = torch.randn(2, 1, 64, 64)
+        with torch.no_grad():
+            assert torch.equal(loaded(images), model(images))
+
+
+def test_a_first_release_checkpoint_still_loads(tmp_path):
+    """The first release wrote an nn.Linear head and a card of format 1 without head settings."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    model = CXRClassifier("resnet18", FINDINGS).eval()
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert {"head.weight", "head.bias"} <= set(tensors)
+    card = {"format": "cxrtool-checkpoint", "format_version": 1, "architecture": "resnet18", "findings": list(FINDINGS),
+            "preprocessing": Preprocessing(input_size=64).to_dict(), "name": "old", "head": "linear", "output_stride": 32,
+            "thresholds": {}, "threshold_method": "f1", "training": {}, "metrics": {}, "cxrtool_version": "0.1.0", "created": ""}
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, str(path), metadata={CARD_KEY: json.dumps(card)})
+    loaded, read = load_checkpoint(path)
+    assert read.head_settings == {}
+    images = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+
+
+def test_a_head_this_version_does_not_know_is_a_clear_error(tmp_path):
+    model = CXRClassifier("resnet18", FINDINGS)
+    card = ModelCard("resnet18", list(FINDINGS), Preprocessing(input_size=64).to_dict(), head="hypernet")
+    path = save_checkpoint(tmp_path / "future.safetensors", model, card)
+    with pytest.raises(CheckpointError, match="head 'hypernet' is not known to this cxrtool version"):
+        load_checkpoint(path)
+    shown = runner.invoke(app, ["predict", str(path), "-m", str(path)])
+    assert shown.exit_code == 2 and "not known to this cxrtool version" in shown.output
+
+
+def test_train_refuses_unknown_heads_and_loss_terms_naming_the_choices(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,Effusion\na.png,1\n")
+    head = runner.invoke(app, ["train", str(labels), "--head", "mlp", "--out", str(tmp_path / "run")])
+    assert head.exit_code == 2 and ", ".join(registry.HEADS) in head.output
+    loss = runner.invoke(app, ["train", str(labels), "--loss", "asl+0.2*hinge", "--out", str(tmp_path / "run")])
+    assert loss.exit_code == 2 and "unknown loss term 'hinge'" in loss.output and ", ".join(registry.LOSSES) in loss.output
+
+
+def test_batches_are_dicts_and_a_second_view_is_augmented_apart(nih_dir):
+    from cxrtool.train.datasets import Augmentation, LabelledStudies
+
+    paths = [str(p) for p in sorted((nih_dir / "images").glob("*.png"))[:2]]
+    targets = np.array([[1.0, 0.0], [np.nan, 1.0]], dtype=np.float32)
+    prep = Preprocessing(input_size=64)
+    single = LabelledStudies(paths, targets, prep, augment=Augmentation(), seed=3)
+    double = LabelledStudies(paths, targets, prep, augment=Augmentation(), seed=3, views=2)
+    one, two = single[1], double[1]
+    assert set(one) == {"image", "targets", "index"} and set(two) == {"image", "targets", "index", "image_2"}
+    assert one["index"] == 1 and torch.equal(one["image"], two["image"])  # the first view is the single-view stream
+    assert not torch.equal(two["image"], two["image_2"])
+    batch = torch.utils.data.default_collate([double[0], double[1]])
+    assert batch["image"].shape == batch["image_2"].shape == (2, 1, 64, 64) and batch["index"].tolist() == [0, 1]
