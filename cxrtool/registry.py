@@ -140,6 +140,7 @@ XRV_WEIGHTS: dict[str, PretrainedWeights] = {
 # `head`, train's --head.
 HEADS: dict[str, str] = {
     "linear": "one logit per finding from the pooled feature vector (CheXNet-style)",
+    "decoder": "per-finding queries cross-attend to the spatial features, one classifier each (paper 1's decoupling)",
 }
 DEFAULT_HEAD = "linear"
 

@@ -159,3 +159,72 @@ def test_batches_are_dicts_and_a_second_view_is_augmented_apart(nih_dir):
     assert not torch.equal(two["image"], two["image_2"])
     batch = torch.utils.data.default_collate([double[0], double[1]])
     assert batch["image"].shape == batch["image_2"].shape == (2, 1, 64, 64) and batch["index"].tolist() == [0, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", list(registry.HEADS))
+def test_each_head_trains_then_predicts_and_explains(head, tmp_path):
+    """A short run on images whose labels are visible, then the model through predict (ONNX
+    Runtime where installed, PyTorch) and explain, like any other checkpoint."""
+    from test_train import make_generic_dataset, tiny_settings
+
+    from cxrtool.models.checkpoint import load_tree, read_card
+
+    labels = make_generic_dataset(tmp_path / "data", n=64)
+    run = tmp_path / "run"
+    trained = runner.invoke(app, ["train", *tiny_settings(labels, run, epochs=4, decoder_dim=32, decoder_layers=1, augment="false"),
+                                  "--head", head, "--loss", "asl+0.5*bce"])
+    assert trained.exit_code == 0, trained.output
+    card = read_card(run / "model.safetensors")
+    assert card.head == head and card.training["loss"] == "asl+0.5*bce"
+    if head == "decoder":
+        assert card.head_settings == {"dim": 32, "layers": 1, "heads": 4, "dropout": 0.1, "query_self_attention": False}
+    history = load_tree(run / "last_state.safetensors")["history"]
+    assert len(history) == 4 and history[-1]["train_loss_terms"].keys() == {"asl", "bce"}
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    images = sorted((tmp_path / "data").glob("*.png"))[:4]
+    scores = {}
+    for runtime in ("torch", "onnx") if _onnx() else ("torch",):
+        out = tmp_path / f"pred-{runtime}"
+        predicted = runner.invoke(app, ["predict", *map(str, images), "-m", str(run / "model.safetensors"), "--out", str(out),
+                                        "-j", "0", "--runtime", runtime])
+        assert predicted.exit_code == 0, predicted.output
+        scores[runtime] = (out / "cxrtool_predictions.csv").read_text()
+    assert len(set(scores.values())) == 1 or _close(*scores.values())
+    explained = runner.invoke(app, ["explain", *map(str, images[:2]), "-m", str(run / "model.safetensors"), "-f", "all",
+                                    "--out", str(tmp_path / "explained"), "-j", "0"])
+    assert explained.exit_code == 0, explained.output
+    for sidecar in (tmp_path / "explained").glob("*.cxrtool.json"):  # a map for each finding (blank where no evidence)
+        assert json.loads(sidecar.read_text())["results"][0]["explanations"]["findings"].keys() == {"Disk", "Bar"}
+
+
+def _onnx() -> bool:
+    from cxrtool.models.runtime import onnx_installed
+
+    return onnx_installed()
+
+
+def _close(first: str, second: str) -> bool:
+    """Two prediction tables equal but for the last digit of a probability."""
+    import csv
+    import io
+
+    a, b = (list(csv.DictReader(io.StringIO(text))) for text in (first, second))
+    return all(abs(float(x[k]) - float(y[k])) <= 2e-6 for x, y in zip(a, b, strict=True) for k in ("Disk", "Bar"))
+
+
+@pytest.mark.parametrize("head", list(registry.HEADS))
+def test_fine_tuning_takes_the_parents_head_for_the_findings_both_have(head):
+    from cxrtool.models.heads import build_head
+
+    torch.manual_seed(4)
+    parent = build_head(head, 64, ["Effusion", "Nodule"], {"dim": 32, "layers": 1} if head == "decoder" else {})
+    child = build_head(head, 64, ["Nodule", "Mass"], parent.settings())
+    fresh = {k: v.clone() for k, v in child.state_dict().items()}
+    assert child.inherit(parent.state_dict(), parent.findings) == ["Nodule"]
+    for key, value in child.state_dict().items():
+        if value.ndim and value.shape[0] == 2 and key.split(".")[0] in ("weight", "bias", "queries", "class_weight", "class_bias"):
+            assert torch.equal(value[0], parent.state_dict()[key][1]), key  # Nodule: the parent's row
+            assert torch.equal(value[1], fresh[key][1]), key  # Mass: new
+        else:
+            assert torch.equal(value, parent.state_dict()[key]), key  # shared layers: the parent's

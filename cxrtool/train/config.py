@@ -40,6 +40,11 @@ class TrainConfig:
     init: str = ""  # start from this cxrtool checkpoint (its architecture and preprocessing too)
     architecture: str = DEFAULT_ARCHITECTURE
     head: str = DEFAULT_HEAD  # registry.HEADS
+    decoder_dim: int = 256  # decoder head: width of the per-finding features
+    decoder_layers: int = 2  # decoder head: transformer decoder layers
+    decoder_heads: int = 4  # decoder head: attention heads
+    decoder_dropout: float = 0.1
+    decoder_self_attention: bool = False  # decoder head: let the finding queries attend to each other
     pretrained: bool = False  # ImageNet weights from the hub: needs the network
     input_size: int = 224
     drop_rate: float = 0.0

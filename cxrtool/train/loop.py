@@ -22,6 +22,7 @@ import torch
 
 from cxrtool._workers import fork_safe_opencv, worker_init
 from cxrtool.models.checkpoint import ModelCard, load_tree, save_checkpoint, save_tree
+from cxrtool.models.heads import head_classes
 from cxrtool.models.network import CXRClassifier, pick_device
 from cxrtool.preprocess import Preprocessing
 from cxrtool.train import _distributed as distributed
@@ -34,7 +35,8 @@ STATE_NAME = "last_state.safetensors"
 CONFIG_NAME = "config.yaml"
 # Settings that must not change when resuming, or the saved state would not fit the run.
 _RESUME_INVARIANTS = ("architecture", "output_stride", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size",
-                      "init", "head", "loss")
+                      "init", "head", "loss", "decoder_dim", "decoder_layers", "decoder_heads",
+                      "decoder_self_attention")
 
 
 @dataclass
@@ -142,7 +144,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                     say(TrainEvent("message", message=ignored))
 
         model = CXRClassifier(config.architecture, findings, pretrained=config.pretrained and parent is None,
-                              drop_rate=config.drop_rate, output_stride=config.output_stride, head=config.head)
+                              drop_rate=config.drop_rate, output_stride=config.output_stride, head=config.head,
+                              head_settings=head_classes()[config.head].settings_from(config.to_dict()))
         if parent is not None:
             say(TrainEvent("message", message=parent.initialise(model)))
         criterion = build_loss(config.loss, LossContext(findings, table.targets[train_idx], config.to_dict()))
