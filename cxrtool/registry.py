@@ -163,12 +163,15 @@ LABEL_FORMATS: tuple[str, ...] = ("auto", "nih", "chexpert", "generic")
 # What a CheXpert / MIMIC-CXR "-1" (uncertain) label becomes.
 UNCERTAIN_POLICIES: dict[str, str] = {"ignore": "left out of the loss and the metrics", "positive": "1", "negative": "0"}
 
-# CAM methods of the grad-cam package (cxrtool.explain.cams maps each to its class), with
-# the label shown on overlays.
+# Map methods of explain, with the label shown on overlays: the grad-cam package's CAMs
+# (cxrtool.explain.cams maps each to its class), and `attention`, the per-finding
+# cross-attention of a head that has it (the decoder head's).
 CAM_METHOD_LABELS: dict[str, str] = {
     "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM", "xgradcam": "XGrad-CAM",
     "layercam": "LayerCAM", "eigencam": "Eigen-CAM", "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM",
+    "attention": "decoder attention",
 }
+ATTENTION_METHOD = "attention"
 DEFAULT_CAM_METHOD = "gradcam"
 
 # What runs a network for predict (cxrtool.models.runtime): auto = ONNX Runtime on a CPU

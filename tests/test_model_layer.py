@@ -196,6 +196,17 @@ def test_each_head_trains_then_predicts_and_explains(head, tmp_path):
     assert explained.exit_code == 0, explained.output
     for sidecar in (tmp_path / "explained").glob("*.cxrtool.json"):  # a map for each finding (blank where no evidence)
         assert json.loads(sidecar.read_text())["results"][0]["explanations"]["findings"].keys() == {"Disk", "Bar"}
+    attention = runner.invoke(app, ["explain", *map(str, images[:2]), "-m", str(run / "model.safetensors"), "-f", "all",
+                                    "--cam", "attention", "--out", str(tmp_path / "attended"), "-j", "0", "--map-format", "npy"])
+    if "attention" not in CXRClassifier("resnet18", ["a"], head=head).head.gives:
+        assert attention.exit_code == 2 and "needs a head with attention maps" in attention.output
+        return
+    assert attention.exit_code == 0, attention.output
+    for sidecar in (tmp_path / "attended").glob("*.cxrtool.json"):
+        explanations = json.loads(sidecar.read_text())["results"][0]["explanations"]
+        assert explanations["method"] == "attention" and explanations["layer"] == "head.attention"
+        for entry in explanations["findings"].values():
+            assert np.load(tmp_path / "attended" / entry["files"]["map"]).shape == (40, 40)  # the image's own grid
 
 
 def _onnx() -> bool:

@@ -44,7 +44,7 @@ from pytorch_grad_cam import (  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from cxrtool.errors import UsageError  # noqa: E402
-from cxrtool.registry import DEFAULT_CAM_METHOD  # noqa: E402
+from cxrtool.registry import ATTENTION_METHOD, CAM_METHOD_LABELS, DEFAULT_CAM_METHOD  # noqa: E402
 
 CAM_METHODS = {
     "gradcam": GradCAM,
@@ -119,7 +119,7 @@ class CamEngine:
 
     def __init__(self, network: torch.nn.Module, method: str = DEFAULT_CAM_METHOD, layer: str | None = None) -> None:
         if method not in CAM_METHODS:
-            raise ExplainUsageError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+            raise ExplainUsageError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHOD_LABELS)}")
         self.method = method
         self.network = network.eval().requires_grad_(False)
         self.layer_name, self.layer = resolve_layer(network, layer)
@@ -197,3 +197,55 @@ class CamEngine:
 def _upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A feature-grid map to the input grid, bilinear as pytorch-grad-cam scales its maps."""
     return cv2.resize(cam, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+class AttentionEngine:
+    """The ``attention`` map method: each finding's cross-attention over the feature grid,
+    from a head that gives it (the decoder head), upsampled to the input as the CAMs are.
+
+    No gradients: one forward pass per batch gives every finding's map. The maps are
+    attention weights (each sums to 1 over the grid), so their units differ from a CAM's;
+    regions, boxes and the localization metrics treat them alike. Same interface as
+    :class:`CamEngine`.
+    """
+
+    method = ATTENTION_METHOD
+    uses_gradients = False
+
+    def __init__(self, network: torch.nn.Module, layer: str | None = None) -> None:
+        head = getattr(network, "head", None)
+        if "attention" not in getattr(head, "gives", ()):
+            raise ExplainUsageError(f"--cam {ATTENTION_METHOD} needs a head with attention maps (decoder); this model's head is "
+                                    f"{getattr(head, 'name', 'unknown')!r}: use a CAM method such as {DEFAULT_CAM_METHOD}")
+        if layer:
+            raise ExplainUsageError(f"--cam {ATTENTION_METHOD} reads the head's own attention: it takes no --layer")
+        self.network = network.eval()
+        self.layer_name = "head.attention"
+
+    def __enter__(self) -> AttentionEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def __call__(self, batch: torch.Tensor, wanted: Wanted) -> BatchMaps:
+        size = (batch.shape[-2], batch.shape[-1])
+        with torch.no_grad():
+            output = self.network(batch, full=True)
+        probabilities = torch.sigmoid(output.logits.float()).cpu().numpy().astype(np.float64)
+        if callable(wanted):
+            wanted = wanted(probabilities)
+        attention = output.attention.float().cpu().numpy()
+        maps = {(row, finding): _upsample(attention[row, finding], size) for row, per_image in enumerate(wanted)
+                for finding in per_image}
+        return BatchMaps(probabilities, maps)
+
+
+def make_engine(network: torch.nn.Module, method: str = DEFAULT_CAM_METHOD, layer: str | None = None):
+    """The engine of a map method: a grad-cam CAM, or the head's attention."""
+    if method == ATTENTION_METHOD:
+        return AttentionEngine(network, layer)
+    return CamEngine(network, method, layer)

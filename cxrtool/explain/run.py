@@ -41,7 +41,7 @@ from cxrtool.explain.render import contact_sheet, overlay, write_png
 from cxrtool.io.outputs import atomic_write
 from cxrtool.io.records import StudyFailure, store_result
 from cxrtool.predict import PREDICT_SETTINGS
-from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS
+from cxrtool.registry import ATTENTION_METHOD, CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS
 
 METHOD_LABELS = CAM_METHOD_LABELS  # the name the first release exported
 
@@ -51,7 +51,8 @@ class ExplainSettings:
     """What to explain and how; recorded in each sidecar, so a re-run can skip work done.
 
     Attributes:
-        method: a key of :data:`cxrtool.explain.cams.CAM_METHODS`.
+        method: a key of ``registry.CAM_METHOD_LABELS``: a grad-cam method, or ``attention``
+            (a decoder head's own cross-attention).
         layer: target layer's module name; None takes the one the checkpoint's backbone is known by.
         findings: finding names to map for every study, or None for each study's positive calls.
         threshold: fraction of a map's peak, or "otsu", for the regions.
@@ -106,10 +107,10 @@ class ExplainChunk:
         self._threads = None
 
     def engine(self):
-        from cxrtool.explain.cams import CamEngine
+        from cxrtool.explain.cams import make_engine
 
         if self._engine is None:
-            self._engine = CamEngine(self.context.network, self.settings.method, self.settings.layer)
+            self._engine = make_engine(self.context.network, self.settings.method, self.settings.layer)
         return self._engine
 
     def _wanted(self, probabilities: np.ndarray) -> list[list[int]]:
@@ -258,7 +259,7 @@ def explain(
         >>> settings = ExplainSettings(method="gradcam", findings=("Effusion",))
         >>> summary = explain(["study/"], model="demo.safetensors", settings=settings)
     """
-    from cxrtool.explain.cams import ExplainUsageError, resolve_layer
+    from cxrtool.explain.cams import AttentionEngine, ExplainUsageError, resolve_layer
 
     settings = settings or ExplainSettings()
 
@@ -270,7 +271,10 @@ def explain(
             if unknown:
                 raise ExplainUsageError(f"the model has no finding {', '.join(map(repr, unknown))}; "
                                         f"its findings are: {', '.join(card.findings)}")
-        resolve_layer(network, settings.layer)
+        if settings.method == ATTENTION_METHOD:
+            AttentionEngine(network, settings.layer)  # refuses a head without attention, and --layer
+        else:
+            resolve_layer(network, settings.layer)
 
     def finish(folders: Sequence[Path]) -> None:
         for folder in folders:
