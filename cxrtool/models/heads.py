@@ -11,10 +11,11 @@ any checkpoint from its card alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +31,7 @@ class ModelOutput:
     embedding: torch.Tensor | None = None  # (B, D): the image's pooled embedding
     features: torch.Tensor | None = None  # (B, K, D): one feature vector per finding
     attention: torch.Tensor | None = None  # (B, K, h, w): where each finding's feature looked
+    correlation: torch.Tensor | None = None  # (K, K): the head's global relations between findings
 
 
 class Head(nn.Module):
@@ -58,6 +60,11 @@ class Head(nn.Module):
 
     def forward(self, feature_map: torch.Tensor, pooled: torch.Tensor) -> ModelOutput:
         raise NotImplementedError
+
+    def fit_priors(self, targets: np.ndarray, config: Mapping[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+        """Fill the head's prior buffers from the training labels (and whatever else it
+        uses), once, before training; returns what to record on the card. Default: none."""
+        return {}
 
     def inherit(self, state: Mapping[str, torch.Tensor], findings: Sequence[str]) -> list[str]:
         """Take a parent's weights (this head's own keys, without the ``head.`` prefix) for
@@ -238,6 +245,125 @@ class DecoderHead(Head):
         for key in per_finding:
             taken = _rows_by_finding(getattr(self, key), state[key], self.findings, findings)
         return taken
+
+
+class LabelGraphLayer(nn.Module):
+    """Pre-norm attention among the findings' embeddings, with an additive bias on the
+    attention logits (the co-occurrence prior), then a feed-forward block."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.feed_forward = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+        self.norm_ff = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, labels: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.norm(labels)
+        attended, weights = self.attention(x, x, x, attn_mask=bias, need_weights=True, average_attn_weights=True)
+        labels = labels + self.dropout(attended)
+        return labels + self.dropout(self.feed_forward(self.norm_ff(labels))), weights
+
+
+@register_head
+class LabelGraphHead(DecoderHead):
+    """Paper 1's label graph attention (LGA) in front of its decoder.
+
+    Each finding has an embedding: the sentence-encoder embedding of its name and
+    description (``text_prior``, 384-d, projected to the decoder's width, plus a learned
+    offset), or a learned one when the encoder is not installed (``text_dim=0``). Attention
+    among these embeddings is biased by the co-occurrence prior: ``cooccurrence_bias *
+    log(P(j | i) + 1e-3)`` is added to the logit of finding i attending to finding j, P
+    counted on the training labels (ML-GCN's conditional probabilities, unthresholded), so
+    a finding listens to the findings that come with it. The refined embeddings are the
+    decoder's queries. Both priors are buffers, saved in the checkpoint: predicting needs
+    neither the labels nor the language model. Gives the label attention as
+    ``correlation`` (K, K).
+    """
+
+    name = "lga"
+    gives = DecoderHead.gives | {"correlation"}
+
+    def __init__(self, width: int, findings: Sequence[str], *, text_dim: int = 384, graph_layers: int = 1,
+                 cooccurrence_bias: float = 1.0, **decoder: Any) -> None:
+        super().__init__(width, findings, **decoder)
+        if text_dim < 0 or graph_layers < 1:
+            raise ValueError(f"text_dim must be >= 0 and graph_layers >= 1, got {text_dim} and {graph_layers}")
+        count = len(self.findings)
+        self.text_dim, self.graph_layers, self.cooccurrence_bias = int(text_dim), int(graph_layers), float(cooccurrence_bias)
+        self.register_buffer("cooccurrence", torch.eye(count))
+        if self.text_dim:
+            self.register_buffer("text_prior", torch.zeros(count, self.text_dim))
+            self.text_project = nn.Linear(self.text_dim, self.dim)
+        self.graph = nn.ModuleList(LabelGraphLayer(self.dim, self.n_heads, self.dropout_rate) for _ in range(graph_layers))
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "text_dim": self.text_dim, "graph_layers": self.graph_layers,
+                "cooccurrence_bias": self.cooccurrence_bias}
+
+    @classmethod
+    def settings_from(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        from cxrtool.models.text import ENCODER_DIM, encoder_installed
+
+        use_text = bool(config.get("lga_text", True)) and encoder_installed()
+        return {**super().settings_from(config), "text_dim": ENCODER_DIM if use_text else 0,
+                "graph_layers": int(config.get("lga_layers", 1)),
+                "cooccurrence_bias": float(config.get("lga_cooccurrence_bias", 1.0))}
+
+    def fit_priors(self, targets: np.ndarray, config: Mapping[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+        from cxrtool.data.statistics import cooccurrence
+        from cxrtool.models.text import ENCODER_NAME, TEXT_HINT, finding_embeddings
+
+        conditional, positives = cooccurrence(targets)
+        never = [f for f, n in zip(self.findings, positives, strict=True) if n == 0]
+        if never:
+            say(f"warning: {', '.join(never)} never positive in the training labels: no co-occurrence prior for "
+                f"{'it' if len(never) == 1 else 'them'} (a row of zeros)")
+        with torch.no_grad():
+            self.cooccurrence.copy_(torch.from_numpy(conditional))
+        record: dict[str, Any] = {"cooccurrence": "P(j | i) on the training labels", "never_positive": never}
+        if self.text_dim:
+            embeddings = finding_embeddings(self.findings, descriptions=config.get("descriptions") or None, say=say)
+            if embeddings is None:
+                raise ValueError(TEXT_HINT)
+            with torch.no_grad():
+                self.text_prior.copy_(torch.from_numpy(embeddings))
+            record.update(text_encoder=ENCODER_NAME, descriptions=str(config.get("descriptions") or "cxrtool's own"))
+        else:
+            say(f"note: {TEXT_HINT}; the lga head learns its label embeddings from scratch")
+            record.update(text_encoder=None)
+        return record
+
+    def label_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The findings' embeddings after the graph layers (K, dim), and the last layer's
+        attention among them (K, K)."""
+        labels = self.queries
+        if self.text_dim:
+            labels = labels + self.text_project(self.text_prior)
+        bias = self.cooccurrence_bias * torch.log(self.cooccurrence + 1e-3)
+        weights = None
+        x = labels[None]
+        for layer in self.graph:
+            x, weights = layer(x, bias)
+        return x[0], weights[0]
+
+    def label_queries(self, batch_size: int) -> torch.Tensor:
+        labels, _ = self.label_embeddings()
+        return labels[None].expand(batch_size, -1, -1)
+
+    def forward(self, feature_map: torch.Tensor, pooled: torch.Tensor) -> ModelOutput:
+        output = super().forward(feature_map, pooled)
+        output.correlation = self.label_embeddings()[1]
+        return output
+
+    def inherit(self, state: Mapping[str, torch.Tensor], findings: Sequence[str]) -> list[str]:
+        # The priors are this run's (fit_priors); the parent's learned layers and, by
+        # finding, its queries and classifiers carry over.
+        state = {k: v for k, v in state.items() if k not in ("cooccurrence", "text_prior")}
+        own = self.state_dict()
+        return super().inherit({**state, "cooccurrence": own["cooccurrence"],
+                                **({"text_prior": own["text_prior"]} if self.text_dim else {})}, findings)
 
 
 def head_classes() -> dict[str, type[Head]]:

@@ -20,7 +20,7 @@ import yaml
 from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_HEAD, DEFAULT_LOSS, HEADS, THRESHOLD_METHODS, UNCERTAIN_POLICIES
 
 # Settings that are paths: in a YAML file they are relative to the file's folder.
-PATH_SETTINGS = ("labels", "images", "out", "init")
+PATH_SETTINGS = ("labels", "images", "out", "init", "descriptions")
 
 
 @dataclass
@@ -45,6 +45,10 @@ class TrainConfig:
     decoder_heads: int = 4  # decoder head: attention heads
     decoder_dropout: float = 0.1
     decoder_self_attention: bool = False  # decoder head: let the finding queries attend to each other
+    lga_text: bool = True  # lga head: text-embedding priors (needs cxrtool[text]; else learned embeddings)
+    lga_layers: int = 1  # lga head: label graph attention layers
+    lga_cooccurrence_bias: float = 1.0  # lga head: weight of log P(j | i) on the label attention logits
+    descriptions: str = ""  # lga head: finding descriptions (YAML name -> text); default cxrtool's own
     pretrained: bool = False  # ImageNet weights from the hub: needs the network
     input_size: int = 224
     drop_rate: float = 0.0

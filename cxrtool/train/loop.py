@@ -36,7 +36,7 @@ CONFIG_NAME = "config.yaml"
 # Settings that must not change when resuming, or the saved state would not fit the run.
 _RESUME_INVARIANTS = ("architecture", "output_stride", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size",
                       "init", "head", "loss", "decoder_dim", "decoder_layers", "decoder_heads",
-                      "decoder_self_attention")
+                      "decoder_self_attention", "lga_text", "lga_layers", "lga_cooccurrence_bias")
 
 
 @dataclass
@@ -148,6 +148,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                               head_settings=head_classes()[config.head].settings_from(config.to_dict()))
         if parent is not None:
             say(TrainEvent("message", message=parent.initialise(model)))
+        priors = model.head.fit_priors(table.targets[train_idx], config.to_dict(),
+                                       lambda text: say(TrainEvent("message", message=text)))
         criterion = build_loss(config.loss, LossContext(findings, table.targets[train_idx], config.to_dict()))
         check_head_gives(criterion, model.head.name, model.head.gives)
 
@@ -255,7 +257,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                 if improved or not (out / CHECKPOINT_NAME).exists():
                     best_auroc, best_epoch = (auroc if not math.isnan(auroc) else best_auroc), epoch + 1
                     card = _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores,
-                                 per_finding, auroc, epoch + 1, history, parent, head_settings=model.head.settings())
+                                 per_finding, auroc, epoch + 1, history, parent, head_settings=model.head.settings(),
+                                 priors=priors)
                     save_checkpoint(out / CHECKPOINT_NAME, model, card)
                 save_tree(
                     state_path,
@@ -395,7 +398,7 @@ def _parent(config: TrainConfig, say: Callable[[TrainEvent], None]) -> Parent:
 
 
 def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores, per_finding, auroc, epoch, history,
-          parent=None, *, head_settings=None):
+          parent=None, *, head_settings=None, priors=None):
     from cxrtool.evaluate.classification import choose_thresholds
 
     thresholds = choose_thresholds(val_targets, val_scores, method=config.threshold_method)
@@ -425,6 +428,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
             "seed": config.seed,
             "pretrained": config.pretrained,
             **({"init": parent.record(list(findings))} if parent is not None else {}),
+            **({"priors": priors} if priors else {}),
         },
         metrics={
             "val_mean_auroc": None if math.isnan(auroc) else round(auroc, 6),
