@@ -142,6 +142,7 @@ HEADS: dict[str, str] = {
     "linear": "one logit per finding from the pooled feature vector (CheXNet-style)",
     "decoder": "per-finding queries cross-attend to the spatial features, one classifier each (paper 1's decoupling)",
     "lga": "the decoder, its queries from attention among the findings' text embeddings biased by co-occurrence (paper 1)",
+    "label_features": "a feature per finding by class-specific spatial attention, related by self-attention (paper 2)",
 }
 DEFAULT_HEAD = "linear"
 

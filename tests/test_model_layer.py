@@ -175,7 +175,7 @@ def test_each_head_trains_then_predicts_and_explains(head, tmp_path):
 
     labels = make_generic_dataset(tmp_path / "data", n=64)
     run = tmp_path / "run"
-    trained = runner.invoke(app, ["train", *tiny_settings(labels, run, epochs=4, decoder_dim=32, decoder_layers=1, augment="false"),
+    trained = runner.invoke(app, ["train", *tiny_settings(labels, run, epochs=4, head_dim=32, decoder_layers=1, augment="false"),
                                   "--head", head, "--loss", "asl+0.5*bce"])
     assert trained.exit_code == 0, trained.output
     card = read_card(run / "model.safetensors")
@@ -232,12 +232,16 @@ def test_fine_tuning_takes_the_parents_head_for_the_findings_both_have(head):
     from cxrtool.models.heads import build_head
 
     torch.manual_seed(4)
-    parent = build_head(head, 64, ["Effusion", "Nodule"], {"dim": 32, "layers": 1} if head == "decoder" else {})
+    parent = build_head(head, 64, ["Effusion", "Nodule"], {"linear": {}, "decoder": {"dim": 32, "layers": 1},
+                                                           "lga": {"dim": 32, "layers": 1, "text_dim": 8}}.get(head, {"dim": 32}))
     child = build_head(head, 64, ["Nodule", "Mass"], parent.settings())
     fresh = {k: v.clone() for k, v in child.state_dict().items()}
     assert child.inherit(parent.state_dict(), parent.findings) == ["Nodule"]
     for key, value in child.state_dict().items():
-        if value.ndim and value.shape[0] == 2 and key.split(".")[0] in ("weight", "bias", "queries", "class_weight", "class_bias"):
+        if key in ("cooccurrence", "text_prior"):
+            continue  # priors: this run's own (fit_priors), not the parent's
+        if value.ndim and value.shape[0] == 2 and key.split(".")[0] in ("weight", "bias", "queries", "class_weight", "class_bias",
+                                                                         "spatial", "label_embed"):
             assert torch.equal(value[0], parent.state_dict()[key][1]), key  # Nodule: the parent's row
             assert torch.equal(value[1], fresh[key][1]), key  # Mass: new
         else:
@@ -247,7 +251,7 @@ def test_fine_tuning_takes_the_parents_head_for_the_findings_both_have(head):
 def _lga(findings, targets, *, config=None, messages=None):
     from cxrtool.models.heads import head_classes
 
-    config = {"decoder_dim": 32, "decoder_layers": 1, **(config or {})}
+    config = {"head_dim": 32, "decoder_layers": 1, **(config or {})}
     model = CXRClassifier("resnet18", findings, head="lga", head_settings=head_classes()["lga"].settings_from(config))
     record = model.head.fit_priors(np.asarray(targets, dtype=np.float32), config,
                                    messages.append if messages is not None else lambda text: None)

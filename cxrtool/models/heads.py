@@ -55,7 +55,7 @@ class Head(nn.Module):
 
     @classmethod
     def settings_from(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        """This head's settings from a training configuration's values (``decoder_dim``...)."""
+        """This head's settings from a training configuration's values (``head_dim``...)."""
         return {}
 
     def forward(self, feature_map: torch.Tensor, pooled: torch.Tensor) -> ModelOutput:
@@ -140,6 +140,17 @@ def _rows_by_finding(target: torch.Tensor, source: torch.Tensor, findings: Seque
     return taken
 
 
+def _inherit(head: Head, state: Mapping[str, torch.Tensor], findings: Sequence[str], *, per_finding: Sequence[str]) -> list[str]:
+    """A parent head's weights: the shared ones whole, the per-finding ones (first dimension
+    one row per finding) row by row for the findings both have."""
+    shared = {k: v for k, v in state.items() if k.split(".")[0] not in per_finding}
+    head.load_state_dict({**head.state_dict(), **shared}, strict=True)
+    taken: list[str] = []
+    for key in per_finding:
+        taken = _rows_by_finding(getattr(head, key), state[key], head.findings, findings)
+    return taken
+
+
 def sine_positions(height: int, width: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:
     """The fixed 2D sine/cosine position code of a height x width grid, (height*width, dim)
     (as in DETR: half the channels encode the row, half the column)."""
@@ -216,8 +227,8 @@ class DecoderHead(Head):
 
     @classmethod
     def settings_from(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        return {"dim": int(config.get("decoder_dim", 256)), "layers": int(config.get("decoder_layers", 2)),
-                "heads": int(config.get("decoder_heads", 4)), "dropout": float(config.get("decoder_dropout", 0.1)),
+        return {"dim": int(config.get("head_dim", 256)), "layers": int(config.get("decoder_layers", 2)),
+                "heads": int(config.get("decoder_heads", 4)), "dropout": float(config.get("head_dropout", 0.1)),
                 "query_self_attention": bool(config.get("decoder_self_attention", False))}
 
     def label_queries(self, batch_size: int) -> torch.Tensor:
@@ -238,13 +249,7 @@ class DecoderHead(Head):
         return ModelOutput(logits=logits, embedding=pooled, features=features, attention=attention)
 
     def inherit(self, state: Mapping[str, torch.Tensor], findings: Sequence[str]) -> list[str]:
-        per_finding = ("queries", "class_weight", "class_bias")
-        shared = {k: v for k, v in state.items() if k.split(".")[0] not in per_finding}
-        self.load_state_dict({**self.state_dict(), **shared}, strict=True)
-        taken = []
-        for key in per_finding:
-            taken = _rows_by_finding(getattr(self, key), state[key], self.findings, findings)
-        return taken
+        return _inherit(self, state, findings, per_finding=("queries", "class_weight", "class_bias"))
 
 
 class LabelGraphLayer(nn.Module):
@@ -364,6 +369,68 @@ class LabelGraphHead(DecoderHead):
         own = self.state_dict()
         return super().inherit({**state, "cooccurrence": own["cooccurrence"],
                                 **({"text_prior": own["text_prior"]} if self.text_dim else {})}, findings)
+
+
+@register_head
+class LabelFeatureHead(Head):
+    """Paper 2's label-level features with global label correlations.
+
+    The feature map is projected to ``dim`` channels and decomposed into one feature per
+    finding by class-specific spatial attention (finding k's learned vector scores every
+    position; a softmax over positions weighs them: ``f_k = sum a_k(p) x_p``). Global label
+    correlations come from self-attention over learned label embeddings, ``G = softmax(q(L)
+    k(L)^T / sqrt(dim))`` (K, K), and pass information between the findings' features
+    (``f + G v(f)``, then layer norm); each finding is scored by its own classifier. Gives
+    the label features, the spatial attention (B, K, h, w) and ``G`` as ``correlation``, for
+    the label-correlation loss terms.
+    """
+
+    name = "label_features"
+    gives = frozenset({"embedding", "features", "attention", "correlation"})
+
+    def __init__(self, width: int, findings: Sequence[str], *, dim: int = 256, temperature: float = 1.0,
+                 dropout: float = 0.1) -> None:
+        super().__init__(width, findings)
+        if dim < 1 or temperature <= 0:
+            raise ValueError(f"dim must be positive and temperature > 0, got {dim} and {temperature}")
+        count = len(self.findings)
+        self.dim, self.temperature, self.dropout_rate = int(dim), float(temperature), float(dropout)
+        self.project = nn.Conv2d(self.width, dim, kernel_size=1)
+        self.spatial = nn.Parameter(torch.randn(count, dim) * dim**-0.5)
+        self.label_embed = nn.Parameter(torch.randn(count, dim) * 0.02)
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.class_weight = nn.Parameter(torch.randn(count, dim) * dim**-0.5)
+        self.class_bias = nn.Parameter(torch.zeros(count))
+
+    def settings(self) -> dict[str, Any]:
+        return {"dim": self.dim, "temperature": self.temperature, "dropout": self.dropout_rate}
+
+    @classmethod
+    def settings_from(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {"dim": int(config.get("head_dim", 256)), "dropout": float(config.get("head_dropout", 0.1))}
+
+    def correlation(self) -> torch.Tensor:
+        """The global label correlations (K, K), rows summing to 1."""
+        scores = self.query(self.label_embed) @ self.key(self.label_embed).T / self.dim**0.5
+        return scores.softmax(dim=-1)
+
+    def forward(self, feature_map: torch.Tensor, pooled: torch.Tensor) -> ModelOutput:
+        batch, _, height, width = feature_map.shape
+        tokens = self.project(feature_map).flatten(2).transpose(1, 2)  # (B, hw, dim)
+        attention = (torch.einsum("bnd,kd->bkn", tokens, self.spatial) / self.temperature).softmax(dim=-1)
+        features = attention @ tokens  # (B, K, dim)
+        relations = self.correlation()
+        features = self.norm(features + self.dropout(torch.einsum("kj,bjd->bkd", relations, self.value(features))))
+        logits = (features * self.class_weight).sum(-1) + self.class_bias
+        return ModelOutput(logits=logits, embedding=pooled, features=features,
+                           attention=attention.reshape(batch, len(self.findings), height, width), correlation=relations)
+
+    def inherit(self, state: Mapping[str, torch.Tensor], findings: Sequence[str]) -> list[str]:
+        return _inherit(self, state, findings, per_finding=("spatial", "label_embed", "class_weight", "class_bias"))
 
 
 def head_classes() -> dict[str, type[Head]]:

@@ -40,10 +40,10 @@ class TrainConfig:
     init: str = ""  # start from this cxrtool checkpoint (its architecture and preprocessing too)
     architecture: str = DEFAULT_ARCHITECTURE
     head: str = DEFAULT_HEAD  # registry.HEADS
-    decoder_dim: int = 256  # decoder head: width of the per-finding features
+    head_dim: int = 256  # decoder, lga and label_features heads: width of the per-finding features
     decoder_layers: int = 2  # decoder head: transformer decoder layers
     decoder_heads: int = 4  # decoder head: attention heads
-    decoder_dropout: float = 0.1
+    head_dropout: float = 0.1  # decoder, lga and label_features heads
     decoder_self_attention: bool = False  # decoder head: let the finding queries attend to each other
     lga_text: bool = True  # lga head: text-embedding priors (needs cxrtool[text]; else learned embeddings)
     lga_layers: int = 1  # lga head: label graph attention layers

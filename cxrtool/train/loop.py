@@ -35,7 +35,7 @@ STATE_NAME = "last_state.safetensors"
 CONFIG_NAME = "config.yaml"
 # Settings that must not change when resuming, or the saved state would not fit the run.
 _RESUME_INVARIANTS = ("architecture", "output_stride", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size",
-                      "init", "head", "loss", "decoder_dim", "decoder_layers", "decoder_heads",
+                      "init", "head", "loss", "head_dim", "decoder_layers", "decoder_heads",
                       "decoder_self_attention", "lga_text", "lga_layers", "lga_cooccurrence_bias")
 
 
