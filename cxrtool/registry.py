@@ -153,8 +153,17 @@ LOSSES: dict[str, str] = {
     "weighted_bce": "binary cross-entropy, positives weighted by negatives/positives per finding",
     "focal": "focal loss (Lin et al., 2017)",
     "asl": "asymmetric loss (Ridnik et al., 2021)",
+    "apcl": "adaptive prototype contrastive loss on per-finding features (paper 1)",
+    "lcc": "consistency of per-image and global label correlations (paper 2)",
+    "lcsupcon": "label-correlation-guided multi-label supervised contrastive loss (paper 2)",
 }
 DEFAULT_LOSS = "asl"
+
+# Presets: a paper's recipe as settings (train's --preset), under the YAML file and flags.
+PRESETS: dict[str, dict[str, object]] = {
+    "prototypes": {"head": "lga", "loss": "asl+0.2*apcl"},  # paper 1: LGA + decoder + ASL + APCL
+    "label-correlation": {"head": "label_features", "loss": "bce+0.1*lcc+0.2*lcsupcon"},  # paper 2
+}
 
 # How per-finding decision thresholds are chosen on validation data.
 THRESHOLD_METHODS: dict[str, str] = {"f1": "maximise F1", "youden": "maximise Youden's J (sensitivity + specificity - 1)"}

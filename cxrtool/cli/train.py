@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from cxrtool.cli._console import fail, handle_interrupt, note, one_of, progress_bar, training_progress
-from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_HEAD, DEFAULT_LOSS, HEADS, LOSSES, UNCERTAIN_POLICIES
+from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_HEAD, DEFAULT_LOSS, HEADS, LOSSES, PRESETS, UNCERTAIN_POLICIES
 
 
 def train(
@@ -29,6 +29,9 @@ def train(
     architecture: Annotated[str | None, typer.Option("--arch", "-a", help=f"timm backbone, e.g. resnet50, convnext_tiny (default {DEFAULT_ARCHITECTURE}).")] = None,
     head: Annotated[str | None, typer.Option("--head", callback=one_of(tuple(HEADS)),
                                              help=f"Classification head: {', '.join(HEADS)} (default {DEFAULT_HEAD}).")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", callback=one_of(tuple(PRESETS)),
+                                               help=f"A paper's recipe: {', '.join(PRESETS)} (its head and loss; "
+                                                    "flags and the YAML file still win).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", "-e", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1)] = None,
     lr: Annotated[float | None, typer.Option("--lr")] = None,
@@ -51,7 +54,7 @@ def train(
     from cxrtool.train.loop import train as run_train
 
     flags = {
-        "labels": labels, "images": images, "out": out, "init": init, "architecture": architecture, "head": head, "epochs": epochs,
+        "labels": labels, "images": images, "out": out, "init": init, "architecture": architecture, "head": head, "preset": preset, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "loss": loss, "input_size": input_size, "uncertain": uncertain,
         "pretrained": pretrained, "device": device, "workers": workers, "seed": seed,
         "findings": [f.strip() for f in findings.split(",") if f.strip()] if findings else None,

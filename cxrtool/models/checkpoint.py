@@ -82,8 +82,16 @@ class ModelCard:
         return float(self.thresholds.get(finding, 0.5))
 
 
-def save_checkpoint(path: str | os.PathLike, model, card: ModelCard) -> Path:
-    """Write the model's weights and card to one safetensors file, atomically."""
+TRAINING_PREFIX = "training."  # tensors kept beside the weights that predicting does not use
+
+
+def save_checkpoint(path: str | os.PathLike, model, card: ModelCard, *, training: Mapping[str, Any] | None = None) -> Path:
+    """Write the model's weights and card to one safetensors file, atomically.
+
+    ``training``: tensors of the training that made it (a loss term's prototypes) to keep
+    beside the weights, under ``training.``; loading the model ignores them
+    (:func:`read_training_tensors` reads them back).
+    """
     from safetensors.torch import save_file
 
     from cxrtool import __version__
@@ -93,6 +101,7 @@ def save_checkpoint(path: str | os.PathLike, model, card: ModelCard) -> Path:
     card.created = card.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     module = getattr(model, "module", model)  # unwrap DistributedDataParallel
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tensors.update({TRAINING_PREFIX + k: v.detach().cpu().contiguous() for k, v in (training or {}).items()})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={CARD_KEY: card.to_json()})
     return path
@@ -136,13 +145,20 @@ def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu"):
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{path}: the card's calibration cannot be used ({error})") from None
     model = build_model(card, source=str(path))
-    state = load_file(str(path), device="cpu")
+    state = {k: v for k, v in load_file(str(path), device="cpu").items() if not k.startswith(TRAINING_PREFIX)}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         first = str(error).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the card's architecture ({first})") from error
     return model.to(device).eval(), card
+
+
+def read_training_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """The tensors a checkpoint keeps of its training (e.g. ``loss.terms.0.prototypes``)."""
+    from safetensors.torch import load_file
+
+    return {k[len(TRAINING_PREFIX):]: v for k, v in load_file(str(path), device="cpu").items() if k.startswith(TRAINING_PREFIX)}
 
 
 def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:

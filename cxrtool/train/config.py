@@ -17,7 +17,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_HEAD, DEFAULT_LOSS, HEADS, THRESHOLD_METHODS, UNCERTAIN_POLICIES
+from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_HEAD, DEFAULT_LOSS, HEADS, PRESETS, THRESHOLD_METHODS, UNCERTAIN_POLICIES
 
 # Settings that are paths: in a YAML file they are relative to the file's folder.
 PATH_SETTINGS = ("labels", "images", "out", "init", "descriptions")
@@ -59,7 +59,11 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
+    preset: str = ""  # a paper's recipe (registry.PRESETS): its head and loss, under the YAML file and flags
     loss: str = DEFAULT_LOSS  # a loss expression of registry.LOSSES terms: asl, asl+0.5*bce, ...
+    apcl_momentum: float = 0.9  # apcl: moving average of the prototypes
+    apcl_temperature: float = 0.1  # apcl: temperature of the contrast over prototypes
+    supcon_temperature: float = 0.1  # lcsupcon: temperature
     focal_gamma: float = 2.0
     asl_gamma_neg: float = 4.0
     asl_gamma_pos: float = 0.0
@@ -172,6 +176,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
+    preset = values.get("preset") or ""
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        # A preset sits between the defaults and everything given: its settings fill only
+        # what the file and the flags leave unset.
+        values = {**PRESETS[preset], **values}
     config = TrainConfig(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
     return config
 

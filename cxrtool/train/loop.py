@@ -36,7 +36,7 @@ CONFIG_NAME = "config.yaml"
 # Settings that must not change when resuming, or the saved state would not fit the run.
 _RESUME_INVARIANTS = ("architecture", "output_stride", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size",
                       "init", "head", "loss", "head_dim", "decoder_layers", "decoder_heads",
-                      "decoder_self_attention", "lga_text", "lga_layers", "lga_cooccurrence_bias")
+                      "decoder_self_attention", "lga_text", "lga_layers", "lga_cooccurrence_bias", "preset")
 
 
 @dataclass
@@ -259,7 +259,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                     card = _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores,
                                  per_finding, auroc, epoch + 1, history, parent, head_settings=model.head.settings(),
                                  priors=priors)
-                    save_checkpoint(out / CHECKPOINT_NAME, model, card)
+                    save_checkpoint(out / CHECKPOINT_NAME, model, card,
+                                    training={f"loss.{k}": v for k, v in criterion.state_dict().items()})
                 save_tree(
                     state_path,
                     {
@@ -421,6 +422,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
             "skipped_rows": table.skipped,
             "positives_train": {f: int(np.nansum(table.targets[train_idx, j])) for j, f in enumerate(findings)},
             "loss": config.loss,
+            **({"preset": config.preset} if config.preset else {}),
             "epochs": config.epochs,
             "best_epoch": epoch,
             "batch_size": config.batch_size,

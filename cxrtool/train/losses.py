@@ -132,6 +132,160 @@ def _weighted_bce(context: LossContext) -> ClassificationTerm:
     return ClassificationTerm("weighted_bce", BCELoss(pos_weight=(negatives / positives.clamp(min=1)).clamp(max=100.0)))
 
 
+# ---- per-finding feature terms (papers 1 and 2) ----------------------------------------
+
+
+def _positives(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(B, K) bool: the known positive labels of the batch."""
+    targets = batch["targets"]
+    return torch.nan_to_num(targets, nan=0.0) > 0.5
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A zero loss attached to the graph (a batch with nothing to contrast)."""
+    return like.sum() * 0.0
+
+
+def _all_reduce_(*tensors: torch.Tensor) -> None:
+    """Sum across DDP ranks, when training under torchrun (running statistics stay equal)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+
+
+class PrototypeContrast(LossTerm):
+    """APCL, paper 1's adaptive prototype contrastive loss, on the head's per-finding features.
+
+    A prototype per finding, the exponential moving average (``momentum``) of the normalised
+    features of its positive examples (a buffer: saved with the training state and beside
+    the checkpoint's weights). Each positive feature z_ik is pulled to its prototype and
+    pushed from the others': a cross-entropy over ``z_ik . P_j / temperature`` with target
+    k (InfoNCE over prototypes). Adaptive weights: rarer findings count more, ``(n_max /
+    n_k) ** rarity`` from the training labels, normalised to mean 1; and findings whose
+    prototype is close to another's count more, ``1 + similarity * max(0, max_j cos(P_k,
+    P_j))``. A prototype enters the contrast once it has been seen; an unseen one starts
+    from the first batch's mean. A batch without positives gives a zero term.
+    """
+
+    name = "apcl"
+    needs = frozenset({"features"})
+
+    def __init__(self, findings: Sequence[str], dim: int, positives: np.ndarray | None, *, momentum: float = 0.9,
+                 temperature: float = 0.1, rarity: float = 0.5, similarity: float = 1.0) -> None:
+        super().__init__()
+        if not 0 <= momentum < 1 or temperature <= 0:
+            raise ValueError(f"apcl: momentum must be in [0, 1) and temperature > 0, got {momentum} and {temperature}")
+        count = len(findings)
+        self.momentum, self.temperature, self.similarity = float(momentum), float(temperature), float(similarity)
+        self.register_buffer("prototypes", torch.zeros(count, dim))
+        self.register_buffer("seen", torch.zeros(count, dtype=torch.bool))
+        n = np.ones(count) if positives is None else np.asarray(positives, dtype=np.float64)
+        weights = np.where(n > 0, (n.max() / np.maximum(n, 1)) ** rarity, 0.0)
+        weights = weights / weights[weights > 0].mean() if (weights > 0).any() else np.ones(count)
+        self.register_buffer("rarity_weights", torch.as_tensor(weights, dtype=torch.float32), persistent=False)
+
+    def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        features = F.normalize(output.features.float(), dim=-1)  # (B, K, D)
+        positive = _positives(batch)
+        with torch.no_grad():
+            sums = torch.einsum("bk,bkd->kd", positive.float(), features.detach())
+            counts = positive.sum(0).float()
+            _all_reduce_(sums, counts)
+            means = F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1)
+            fresh = (counts > 0) & ~self.seen
+            self.prototypes[fresh] = means[fresh]
+            self.seen |= fresh
+        if not positive.any():
+            return _zero(features)
+        prototypes = F.normalize(self.prototypes, dim=-1)
+        logits = torch.einsum("bkd,jd->bkj", features, prototypes) / self.temperature  # finding k's feature vs prototype j
+        logits = logits.masked_fill(~self.seen[None, None, :], float("-inf"))
+        rows, findings = positive.nonzero(as_tuple=True)
+        picked = logits[rows, findings]  # (N, K): each positive feature against every prototype
+        loss = F.cross_entropy(picked, findings, reduction="none")
+        with torch.no_grad():
+            similar = prototypes @ prototypes.T
+            similar = similar.masked_fill(torch.eye(len(similar), dtype=torch.bool, device=similar.device) | ~self.seen[None, :], -1.0)
+            closeness = similar.max(dim=1).values.clamp(min=0) if len(similar) > 1 else torch.zeros(len(similar), device=similar.device)
+            weights = self.rarity_weights.to(loss.device)[findings] * (1 + self.similarity * closeness[findings])
+        total = (weights * loss).sum() / weights.sum().clamp(min=1e-8)
+        with torch.no_grad():  # the moving average, after the loss used the prototypes as they were
+            update = (counts > 0) & ~fresh
+            blended = self.momentum * self.prototypes + (1 - self.momentum) * means
+            self.prototypes[update] = F.normalize(blended, dim=-1)[update]
+        return total
+
+
+class CorrelationConsistency(LossTerm):
+    """Paper 2's consistency of global and local label correlations.
+
+    Local: within one image, the absolute cosine similarity between its label features
+    (K, K), each row normalised to sum to 1. Global: the head's own label correlations
+    (``correlation``, rows summing to 1). The term is their mean squared difference, over
+    images and all pairs of findings.
+    """
+
+    name = "lcc"
+    needs = frozenset({"features", "correlation"})
+
+    def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        features = F.normalize(output.features.float(), dim=-1)
+        local = torch.einsum("bkd,bjd->bkj", features, features).abs()
+        local = local / local.sum(dim=-1, keepdim=True).clamp(min=1e-8)
+        return (local - output.correlation.float()[None]).pow(2).mean()
+
+
+class CorrelationSupCon(LossTerm):
+    """Paper 2's label-correlation-guided multi-label supervised contrastive loss.
+
+    Anchors are the features of each image's positive findings. For an anchor (image i,
+    finding k), the positives are finding k's features in the other images where k is
+    positive; the negatives are the features of the other positive findings (any image),
+    each weighted by ``1 - C[k, k']``, C the symmetric co-occurrence of the training labels
+    ((P(k'|k) + P(k|k'))/2): a finding that often comes with k is pushed away less. A
+    supervised-contrastive term (Khosla et al.) per anchor with at least one positive,
+    averaged; a batch without such anchors gives a zero term.
+    """
+
+    name = "lcsupcon"
+    needs = frozenset({"features"})
+
+    def __init__(self, findings: Sequence[str], targets: np.ndarray | None, *, temperature: float = 0.1) -> None:
+        super().__init__()
+        from cxrtool.data.statistics import cooccurrence
+
+        count = len(findings)
+        conditional = cooccurrence(targets)[0] if targets is not None else np.eye(count, dtype=np.float32)
+        self.temperature = float(temperature)
+        self.register_buffer("relatedness", torch.as_tensor((conditional + conditional.T) / 2), persistent=False)
+
+    def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        features = F.normalize(output.features.float(), dim=-1)
+        positive = _positives(batch)
+        rows, findings = positive.nonzero(as_tuple=True)
+        if len(rows) < 2:
+            return _zero(features)
+        z = features[rows, findings]  # (N, D): every positive finding's feature
+        similarity = z @ z.T / self.temperature
+        same_finding = findings[:, None] == findings[None, :]
+        other = ~torch.eye(len(rows), dtype=torch.bool, device=z.device)
+        positives = same_finding & (rows[:, None] != rows[None, :])
+        negatives = ~same_finding & other
+        anchors = positives.any(dim=1)
+        if not anchors.any():
+            return _zero(features)
+        weights = torch.where(negatives, 1 - self.relatedness.to(z.device)[findings[:, None], findings[None, :]], 0.0)
+        weights = weights + positives.float()
+        # log of (positives' sum + weighted negatives' sum), stable
+        logits = similarity.masked_fill(~(positives | negatives), float("-inf"))
+        log_denominator = torch.logsumexp(logits + torch.log(weights.clamp(min=1e-12)), dim=1)
+        log_probability = similarity - log_denominator[:, None]
+        per_anchor = -(log_probability * positives).sum(1) / positives.sum(1).clamp(min=1)
+        return per_anchor[anchors].mean()
+
+
 _TERM_BUILDERS: dict[str, Callable[[LossContext], LossTerm]] = {
     "bce": lambda context: ClassificationTerm("bce", BCELoss()),
     "weighted_bce": _weighted_bce,
@@ -139,6 +293,13 @@ _TERM_BUILDERS: dict[str, Callable[[LossContext], LossTerm]] = {
     "asl": lambda context: ClassificationTerm("asl", AsymmetricLoss(context.setting("asl_gamma_neg", 4.0),
                                                                     context.setting("asl_gamma_pos", 0.0),
                                                                     context.setting("asl_clip", 0.05))),
+    "apcl": lambda context: PrototypeContrast(
+        context.findings, int(context.setting("head_dim", 256)),
+        None if context.targets is None else np.nansum(np.asarray(context.targets, dtype=np.float64) > 0.5, axis=0),
+        momentum=context.setting("apcl_momentum", 0.9), temperature=context.setting("apcl_temperature", 0.1)),
+    "lcc": lambda context: CorrelationConsistency(),
+    "lcsupcon": lambda context: CorrelationSupCon(context.findings, context.targets,
+                                                  temperature=context.setting("supcon_temperature", 0.1)),
 }
 assert set(_TERM_BUILDERS) == set(LOSSES), "every loss term in the registry has a builder, and no other"
 

@@ -1,0 +1,146 @@
+"""The loss terms of papers 1 and 2 on hand-made batches with known answers, and the
+presets that put each paper's recipe together: trained, saved, resumed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from cxrtool.cli import app
+from cxrtool.models.heads import ModelOutput
+from cxrtool.train.losses import CorrelationConsistency, CorrelationSupCon, LossContext, PrototypeContrast, build_loss
+
+runner = CliRunner()
+
+
+def _batch(targets) -> dict[str, torch.Tensor]:
+    return {"targets": torch.tensor(targets, dtype=torch.float32)}
+
+
+def test_apcl_identical_features_sit_on_their_prototype_and_the_contrast_has_its_exact_value():
+    apcl = PrototypeContrast(["A", "B"], 2, np.array([5, 5]), momentum=0.5, temperature=0.5, similarity=0.0)
+    e_a, e_b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    features = torch.stack([torch.stack([e_a, e_b]), torch.stack([e_a, e_b])]).requires_grad_(True)  # (2 images, 2 findings, 2)
+    loss = apcl(ModelOutput(logits=torch.zeros(2, 2), features=features), _batch([[1, 1], [1, 1]]))
+    assert torch.allclose(apcl.prototypes, torch.eye(2))  # identical features: zero distance to their prototype
+    # each positive feature: similarity 1 to its own prototype, 0 to the other's
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1 / 0.5)), abs=1e-6)
+    loss.backward()
+    assert torch.isfinite(features.grad).all()
+    # the moving average: a second batch moves a prototype halfway (momentum 0.5), unit length
+    turned = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+    apcl(ModelOutput(logits=torch.zeros(1, 2), features=turned), _batch([[1, 0]]))
+    assert torch.allclose(apcl.prototypes[0], F.normalize(torch.tensor([0.5, 0.5]), dim=0), atol=1e-6)
+    assert torch.allclose(apcl.prototypes[1], e_b)  # not positive in that batch: unchanged
+
+
+def test_apcl_weighs_rare_findings_up():
+    common_rare = PrototypeContrast(["A", "B"], 4, np.array([100, 4]), rarity=0.5)
+    assert common_rare.rarity_weights[1] / common_rare.rarity_weights[0] == pytest.approx(5.0)
+    never = PrototypeContrast(["A", "B"], 4, np.array([10, 0]))
+    assert torch.isfinite(never.rarity_weights).all() and float(never.rarity_weights[1]) == 0.0
+
+
+@pytest.mark.parametrize("term", ["apcl", "lcsupcon", "lcc"])
+def test_a_batch_without_positives_gives_a_finite_zero_or_defined_term(term):
+    context = LossContext(["A", "B", "C"], np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32), {"head_dim": 8})
+    loss = build_loss(term, context)
+    features = torch.randn(3, 3, 8, requires_grad=True)
+    correlation = torch.full((3, 3), 1 / 3)
+    total, _ = loss(ModelOutput(logits=torch.zeros(3, 3), features=features, correlation=correlation),
+                    _batch([[0, 0, 0], [0, float("nan"), 0], [0, 0, 0]]))
+    assert torch.isfinite(total)
+    if term != "lcc":  # lcc compares correlations, positives or not
+        assert float(total) == 0.0
+    total.backward()
+    assert torch.isfinite(features.grad).all()
+
+
+def test_lcsupcon_disjoint_label_sets_give_no_positive_pair():
+    supcon = CorrelationSupCon(["A", "B"], None)
+    features = torch.randn(2, 2, 4, requires_grad=True)
+    assert float(supcon(ModelOutput(logits=torch.zeros(2, 2), features=features), _batch([[1, 0], [0, 1]]))) == 0.0
+
+
+def test_lcsupcon_pulls_the_same_finding_together_and_weighs_related_negatives_down():
+    targets = np.array([[1, 1], [1, 1], [1, 0], [0, 0]], dtype=np.float32)  # A and B co-occur: P(B|A) = 2/3, P(A|B) = 1
+    supcon = CorrelationSupCon(["A", "B"], targets, temperature=1.0)
+    assert float(supcon.relatedness[0, 1]) == pytest.approx((2 / 3 + 1) / 2)
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    together = torch.stack([torch.stack([e1, e2]), torch.stack([e1, e2])])  # finding A always e1, B always e2
+    mixed = torch.stack([torch.stack([e1, e2]), torch.stack([e2, e1])])
+    batch = _batch([[1, 1], [1, 1]])
+    assert float(supcon(ModelOutput(logits=torch.zeros(2, 2), features=together), batch)) < \
+        float(supcon(ModelOutput(logits=torch.zeros(2, 2), features=mixed), batch))
+    # the known value for "together": each anchor has 1 positive (sim 1) and 2 negatives (sim 0), weighted 1 - C
+    w = 1 - float(supcon.relatedness[0, 1])
+    expected = -math.log(math.e / (math.e + 2 * w))
+    assert float(supcon(ModelOutput(logits=torch.zeros(2, 2), features=together), batch)) == pytest.approx(expected, abs=1e-5)
+
+
+def test_lcc_is_zero_when_local_and_global_correlations_agree():
+    lcc = CorrelationConsistency()
+    same = torch.ones(2, 3, 4)  # every finding's feature alike: local correlations all 1, rows 1/3
+    assert float(lcc(ModelOutput(logits=torch.zeros(2, 3), features=same, correlation=torch.full((3, 3), 1 / 3)), {})) \
+        == pytest.approx(0.0, abs=1e-7)
+    assert float(lcc(ModelOutput(logits=torch.zeros(2, 3), features=same, correlation=torch.eye(3)), {})) > 0.1
+
+
+def _phantoms(folder, n: int = 48):
+    from cxrtool.data.phantom import generate_cohort
+
+    generate_cohort(folder, n_images=n, size=96, seed=5, write_masks=False, workers=1)
+    return folder / "Data_Entry.csv"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["prototypes", "label-correlation"])
+def test_each_preset_trains_on_phantoms_lowering_its_loss_and_resumes_exactly(preset, tmp_path):
+    from cxrtool.models.checkpoint import load_tree, read_card, read_training_tensors
+    from cxrtool.registry import PRESETS
+
+    labels = _phantoms(tmp_path / "cohort")
+    common = [str(labels), "--arch", "resnet18", "--input-size", "64", "-b", "16", "-j", "0", "--device", "cpu",
+              "--seed", "1", "--preset", preset, "--set", "head_dim=32", "--set", "decoder_layers=1", "--set", "augment=false",
+              "--set", "lr=0.003"]
+    whole = runner.invoke(app, ["train", *common, "--epochs", "4", "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    card = read_card(tmp_path / "whole" / "model.safetensors")
+    assert (card.head, card.training["loss"], card.training["preset"]) == (PRESETS[preset]["head"], PRESETS[preset]["loss"], preset)
+    history = load_tree(tmp_path / "whole" / "last_state.safetensors")["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    terms = history[-1]["train_loss_terms"]
+    assert set(terms) == {name.split("*")[-1] for name in PRESETS[preset]["loss"].split("+")}
+    assert all(math.isfinite(value) for value in terms.values())
+    # interrupted after epoch 2 (as Ctrl-C would), then resumed: the same weights and running state
+    from cxrtool.train import load_config, train
+    from cxrtool.train.config import parse_overrides
+
+    def interrupt(event):
+        if event.kind == "epoch" and event.epoch == 2:
+            raise KeyboardInterrupt
+
+    overrides = {"labels": str(labels), "architecture": "resnet18", "input_size": 64, "batch_size": 16, "workers": 0,
+                 "device": "cpu", "seed": 1, "preset": preset, "epochs": 4, "out": str(tmp_path / "half"),
+                 **parse_overrides(["head_dim=32", "decoder_layers=1", "augment=false", "lr=0.003"])}
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, overrides), progress=interrupt)
+    assert len(load_tree(tmp_path / "half" / "last_state.safetensors")["history"]) == 2
+    resumed = runner.invoke(app, ["train", *common, "--epochs", "4", "--out", str(tmp_path / "half"), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    a = load_tree(tmp_path / "whole" / "last_state.safetensors")
+    b = load_tree(tmp_path / "half" / "last_state.safetensors")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["loss"].keys() == b["loss"].keys()
+    for key, value in a["loss"].items():
+        assert torch.equal(value, b["loss"][key]), key
+    if preset == "prototypes":
+        saved = read_training_tensors(tmp_path / "whole" / "model.safetensors")
+        assert saved["loss.terms.1.prototypes"].shape == (len(card.findings), 32)
+        assert bool(saved["loss.terms.1.seen"].any())
