@@ -236,10 +236,13 @@ class DecoderHead(Head):
         return self.queries[None].expand(batch_size, -1, -1)
 
     def forward(self, feature_map: torch.Tensor, pooled: torch.Tensor) -> ModelOutput:
+        return self.decode(feature_map, pooled, self.label_queries(feature_map.shape[0]))
+
+    def decode(self, feature_map: torch.Tensor, pooled: torch.Tensor, queries: torch.Tensor) -> ModelOutput:
+        """The decoder layers from these queries (B, K, dim) over the feature map's tokens."""
         batch, _, height, width = feature_map.shape
         values = self.project(feature_map).flatten(2).transpose(1, 2)  # (B, hw, dim)
         keys = values + sine_positions(height, width, self.dim, device=values.device, dtype=values.dtype)
-        queries = self.label_queries(batch)
         weights = None
         for layer in self.layers:
             queries, weights = layer(queries, keys, values)
@@ -358,8 +361,9 @@ class LabelGraphHead(DecoderHead):
         return labels[None].expand(batch_size, -1, -1)
 
     def forward(self, feature_map: torch.Tensor, pooled: torch.Tensor) -> ModelOutput:
-        output = super().forward(feature_map, pooled)
-        output.correlation = self.label_embeddings()[1]
+        labels, relations = self.label_embeddings()  # once a batch: the same for every image
+        output = self.decode(feature_map, pooled, labels[None].expand(feature_map.shape[0], -1, -1))
+        output.correlation = relations
         return output
 
     def inherit(self, state: Mapping[str, torch.Tensor], findings: Sequence[str]) -> list[str]:
