@@ -56,6 +56,21 @@ def models(
     for name, findings in LABEL_SETS.items():
         labels.add_row(name, ", ".join(findings))
     show(labels)
+    from cxrtool.registry import DEFAULT_HEAD, DEFAULT_LOSS, HEADS, LOSSES, PRESETS
+
+    for title, names, default in (("Heads (train --head)", HEADS, DEFAULT_HEAD), ("Loss terms (train --loss, e.g. asl+0.2*apcl)", LOSSES, DEFAULT_LOSS)):
+        listing = Table(title=title)
+        listing.add_column("name")
+        listing.add_column("what it is")
+        for name, text in names.items():
+            listing.add_row(name + (" (default)" if name == default else ""), text)
+        show(listing)
+    presets = Table(title="Presets (train --preset)")
+    for column in ("name", "head", "loss"):
+        presets.add_column(column)
+    for name, values in PRESETS.items():
+        presets.add_row(name, str(values["head"]), str(values["loss"]))
+    show(presets)
     note("pretrained weight sets to import: cxrtool models --available")
 
 
@@ -105,6 +120,7 @@ def show_card(
     table.add_column("value")
     table.add_row("name", card.name)
     table.add_row("architecture", card.architecture)
+    table.add_row("head", card.head + (f" {json.dumps(card.head_settings)}" if card.head_settings else ""))
     table.add_row("input", json.dumps(card.preprocessing))
     table.add_row("created", f"{card.created} (cxrtool {card.cxrtool_version})")
     training = card.training
@@ -118,6 +134,11 @@ def show_card(
         table.add_row("trained on", f"{training.get('labels', '?')} ({training.get('labels_format', '?')}): "
                       f"{training.get('n_train', '?')} train / {training.get('n_val', '?')} validation images")
         table.add_row("loss / epochs", f"{training.get('loss', '?')} / best epoch {training.get('best_epoch', '?')} of {training.get('epochs', '?')}")
+        if training.get("preset"):
+            table.add_row("preset", str(training["preset"]))
+        if training.get("priors"):
+            priors = training["priors"]
+            table.add_row("priors", f"co-occurrence: {priors.get('cooccurrence', '-')}; text: {priors.get('text_encoder') or 'learned'}")
         if training.get("init"):
             init = training["init"]
             table.add_row("fine-tuned from", f"{init.get('name')} (SHA-256 {init.get('sha256')})")
