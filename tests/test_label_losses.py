@@ -64,7 +64,7 @@ def test_a_batch_without_positives_gives_a_finite_zero_or_defined_term(term):
 def test_lcsupcon_disjoint_label_sets_give_no_positive_pair():
     supcon = CorrelationSupCon(["A", "B"], None)
     features = torch.randn(2, 2, 4, requires_grad=True)
-    assert float(supcon(ModelOutput(logits=torch.zeros(2, 2), features=features), _batch([[1, 0], [0, 1]]))) == 0.0
+    assert supcon(ModelOutput(logits=torch.zeros(2, 2), features=features), _batch([[1, 0], [0, 1]])).item() == 0.0
 
 
 def test_lcsupcon_pulls_the_same_finding_together_and_weighs_related_negatives_down():
