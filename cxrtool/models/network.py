@@ -69,10 +69,6 @@ class CXRClassifier(nn.Module):
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.head = build_head(head, width, self.findings, head_settings)
 
-    @property
-    def head_name(self) -> str:
-        return self.head.name
-
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's spatial feature map (B, C, h, w)."""
         return self.backbone.forward_features(images)

@@ -143,14 +143,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                     ignored = f"{len(cache.failed)} unreadable images ignored (e.g. {paths[first[0]]}: {first[1]})"
                     say(TrainEvent("message", message=ignored))
 
+        settings = config.to_dict()
         model = CXRClassifier(config.architecture, findings, pretrained=config.pretrained and parent is None,
                               drop_rate=config.drop_rate, output_stride=config.output_stride, head=config.head,
-                              head_settings=head_classes()[config.head].settings_from(config.to_dict()))
+                              head_settings=head_classes()[config.head].settings_from(settings))
         if parent is not None:
             say(TrainEvent("message", message=parent.initialise(model)))
-        priors = model.head.fit_priors(table.targets[train_idx], config.to_dict(),
+        priors = model.head.fit_priors(table.targets[train_idx], settings,
                                        lambda text: say(TrainEvent("message", message=text)))
-        criterion = build_loss(config.loss, LossContext(findings, table.targets[train_idx], config.to_dict()))
+        criterion = build_loss(config.loss, LossContext(findings, table.targets[train_idx], settings))
         check_head_gives(criterion, model.head.name, model.head.gives)
 
         train_set = LabelledStudies(paths, table.targets, prep, augment=Augmentation() if config.augment else None,
@@ -359,13 +360,13 @@ class Parent:
     sha256: str
     card: ModelCard
     state: dict[str, torch.Tensor]
+    kept: list[str] = field(default_factory=list)  # the findings whose head weights were taken
 
     def initialise(self, model: CXRClassifier) -> str:
         """The parent's backbone; with the same kind of head, its weights for each finding
         the parent has (new findings keep fresh ones); returns what was taken, to say."""
         backbone = {k[len("backbone."):]: v for k, v in self.state.items() if k.startswith("backbone.")}
         model.backbone.load_state_dict(backbone, strict=True)
-        self.kept = []
         if self.card.head == model.head.name and self.card.head_settings == model.head.settings():
             head = {k[len("head."):]: v for k, v in self.state.items() if k.startswith("head.")}
             self.kept = model.head.inherit(head, self.card.findings)
@@ -374,10 +375,9 @@ class Parent:
                 f"{model.head.name!r}: a fresh head)")
 
     def record(self, findings: list[str]) -> dict[str, Any]:
-        kept = getattr(self, "kept", [])
         return {"checkpoint": str(self.path), "sha256": self.sha256, "name": self.card.name,
-                "findings_kept": [f for f in findings if f in kept],
-                "findings_new": [f for f in findings if f not in kept]}
+                "findings_kept": [f for f in findings if f in self.kept],
+                "findings_new": [f for f in findings if f not in self.kept]}
 
 
 def _parent(config: TrainConfig, say: Callable[[TrainEvent], None]) -> Parent:

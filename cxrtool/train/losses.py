@@ -346,17 +346,8 @@ class CombinedLoss(nn.Module):
         self.terms = nn.ModuleList([term for _, term in terms])
 
     @property
-    def needs(self) -> frozenset[str]:
-        return frozenset().union(*(term.needs for term in self.terms))
-
-    @property
     def batch_needs(self) -> frozenset[str]:
         return frozenset().union(*(term.batch_needs for term in self.terms))
-
-    @property
-    def expression(self) -> str:
-        return "+".join(term.name if weight == 1 else f"{weight:g}*{term.name}"
-                        for weight, term in zip(self.weights, self.terms, strict=True))
 
     def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         total, parts = None, {}
