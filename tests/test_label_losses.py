@@ -39,6 +39,39 @@ def test_apcl_identical_features_sit_on_their_prototype_and_the_contrast_has_its
     assert torch.allclose(apcl.prototypes[1], e_b)  # not positive in that batch: unchanged
 
 
+def _apcl_rank(rank: int, store: str, features: torch.Tensor, targets: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        apcl = PrototypeContrast(["A", "B", "C"], 4, np.array([3, 3, 3]), momentum=0.5)
+        half = slice(rank * 2, rank * 2 + 2)
+        for _ in range(2):  # the first batch starts the prototypes, the second moves them
+            apcl(ModelOutput(logits=torch.zeros(2, 3), features=features[half]), _batch(targets[half]))
+        torch.save(apcl.prototypes, out.format(rank))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_apcl_prototypes_stay_equal_across_ranks_and_match_one_process(tmp_path):
+    """Under torchrun each rank sees part of the batch: the prototypes' sums are all-reduced,
+    so every rank holds the prototypes one process would have made from the whole batch."""
+    import torch.multiprocessing as mp
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(4, 3, 4, generator=generator)
+    targets = [[1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 1]]  # C is positive on rank 1 only
+    out = str(tmp_path / "prototypes-{}.pt")
+    mp.start_processes(_apcl_rank, args=(str(tmp_path / "store"), features, targets, out), nprocs=2, start_method="spawn")
+    one = PrototypeContrast(["A", "B", "C"], 4, np.array([3, 3, 3]), momentum=0.5)
+    for _ in range(2):
+        one(ModelOutput(logits=torch.zeros(4, 3), features=features), _batch(targets))
+    ranks = [torch.load(out.format(rank)) for rank in range(2)]
+    assert torch.equal(ranks[0], ranks[1])
+    assert torch.allclose(ranks[0], one.prototypes, atol=1e-6)
+
+
 def test_apcl_weighs_rare_findings_up():
     common_rare = PrototypeContrast(["A", "B"], 4, np.array([100, 4]), rarity=0.5)
     assert common_rare.rarity_weights[1] / common_rare.rarity_weights[0] == pytest.approx(5.0)
@@ -59,6 +92,31 @@ def test_a_batch_without_positives_gives_a_finite_zero_or_defined_term(term):
         assert total.item() == 0.0
     total.backward()
     assert torch.isfinite(features.grad).all()
+
+
+def test_a_label_set_of_one_finding_trains_on_its_classification_term_and_says_so():
+    """One finding: each head still gives what it promises, the terms that set findings
+    against each other are defined (apcl and lcc zero, lcsupcon only pulls together), and
+    the user is told they add nothing."""
+    from cxrtool import registry
+    from cxrtool.models.network import CXRClassifier
+
+    said: list[str] = []
+    targets = np.array([[1], [0], [1]], dtype=np.float32)
+    loss = build_loss("asl+0.2*apcl+0.1*lcc+0.2*lcsupcon", LossContext(["Effusion"], targets, {"head_dim": 32}, said.append))
+    assert said == ["warning: one finding (Effusion): apcl, lcc, lcsupcon set findings against each other and add "
+                    "nothing with one; the classification term does the training"]
+    assert build_loss("asl", LossContext(["Effusion"], targets, say=said.append)) and len(said) == 1  # nothing to say
+    for head in registry.HEADS:
+        torch.manual_seed(0)
+        model = CXRClassifier("resnet18", ["Effusion"], head=head, head_settings={"dim": 32} if head != "linear" else None)
+        output = model(torch.randn(3, 1, 64, 64), full=True)
+        assert output.logits.shape == (3, 1) and torch.isfinite(output.logits).all(), head
+        if {"features", "correlation"} <= model.head.gives:
+            total, parts = loss(output, _batch(targets))
+            assert parts["apcl"] == 0.0 and parts["lcc"] == pytest.approx(0.0, abs=1e-6) and math.isfinite(parts["lcsupcon"])
+            total.backward()
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), head
 
 
 def test_lcsupcon_disjoint_label_sets_give_no_positive_pair():

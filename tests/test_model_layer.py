@@ -95,6 +95,30 @@ def test_every_head_gives_logits_and_what_it_promises(head):
         assert output.attention.shape[:2] == (2, len(FINDINGS))
 
 
+def test_lga_correlation_is_the_attention_itself_even_while_training():
+    """The label graph layer is multi-head attention written out (so the weights it returns
+    are not the dropped-out ones): the same function as nn.MultiheadAttention on the same
+    weights, and in training mode its rows still sum to 1."""
+    from cxrtool.models.heads import LabelGraphLayer
+
+    torch.manual_seed(0)
+    layer = LabelGraphLayer(32, 4, dropout=0.5)
+    reference = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(layer.qkv.weight)
+        reference.in_proj_bias.copy_(layer.qkv.bias)
+        reference.out_proj.weight.copy_(layer.out.weight)
+        reference.out_proj.bias.copy_(layer.out.bias)
+    labels, bias = torch.randn(1, 5, 32), torch.log(torch.rand(5, 5) + 1e-3)
+    _, weights = layer(labels, bias)  # training mode, dropout 0.5
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 5))
+    layer.eval()
+    _, weights = layer(labels, bias)
+    x = layer.norm(labels)
+    _, expected = reference.eval()(x, x, x, attn_mask=bias, need_weights=True, average_attn_weights=True)
+    assert torch.allclose(weights, expected, atol=1e-6)
+
+
 def test_every_head_round_trips_through_its_card(tmp_path):
     for head in registry.HEADS:
         torch.manual_seed(1)
@@ -149,19 +173,22 @@ def test_train_refuses_unknown_heads_and_loss_terms_naming_the_choices(tmp_path)
 
 
 def test_batches_are_dicts_and_a_second_view_is_augmented_apart(nih_dir):
+    from cxrtool.data.labels import VIEW_POSITIONS
     from cxrtool.train.datasets import Augmentation, LabelledStudies
 
     paths = [str(p) for p in sorted((nih_dir / "images").glob("*.png"))[:2]]
     targets = np.array([[1.0, 0.0], [np.nan, 1.0]], dtype=np.float32)
     prep = Preprocessing(input_size=64)
     single = LabelledStudies(paths, targets, prep, augment=Augmentation(), seed=3)
-    double = LabelledStudies(paths, targets, prep, augment=Augmentation(), seed=3, views=2)
+    double = LabelledStudies(paths, targets, prep, augment=Augmentation(), seed=3, views=2, view_positions=["AP", "LL?"])
     one, two = single[1], double[1]
-    assert set(one) == {"image", "targets", "index"} and set(two) == {"image", "targets", "index", "image_2"}
+    assert set(one) == {"image", "targets", "index", "view"} and set(two) == {"image", "targets", "index", "view", "image_2"}
+    assert VIEW_POSITIONS[double[0]["view"]] == "AP" and VIEW_POSITIONS[two["view"]] == VIEW_POSITIONS[one["view"]] == "UNKNOWN"
     assert one["index"] == 1 and torch.equal(one["image"], two["image"])  # the first view is the single-view stream
     assert not torch.equal(two["image"], two["image_2"])
     batch = torch.utils.data.default_collate([double[0], double[1]])
     assert batch["image"].shape == batch["image_2"].shape == (2, 1, 64, 64) and batch["index"].tolist() == [0, 1]
+    assert batch["view"].tolist() == [VIEW_POSITIONS.index("AP"), VIEW_POSITIONS.index("UNKNOWN")]
 
 
 @pytest.mark.slow

@@ -146,11 +146,16 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_torchrun_two_gloo_processes(tmp_path):
+@pytest.mark.parametrize("preset", [None, "prototypes"])
+def test_torchrun_two_gloo_processes(preset, tmp_path):
+    """Two ranks; with paper 1's recipe too (a transformer head whose forward returns features,
+    prototypes all-reduced between the ranks and saved beside the weights)."""
+    from cxrtool.models.checkpoint import read_training_tensors
+
     labels = make_generic_dataset(tmp_path / "data", n=40)
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cxrtool", "train", *tiny_settings(labels, run, epochs=2)]
+           "-m", "cxrtool", "train", *tiny_settings(labels, run, epochs=2), *(["--preset", preset] if preset else [])]
     env = {**os.environ, "CXRTOOL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -160,6 +165,11 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert int(state["epoch"]) == 1 and len(state["history"]) == 2
     # Only rank 0 talks: one summary line, not two.
     assert (completed.stdout + completed.stderr).count("best validation mean AUROC") == 1
+    if preset == "prototypes":
+        assert card.head == "lga" and (completed.stdout + completed.stderr).count("no description for Disk, Bar") == 1
+        saved = read_training_tensors(run / CHECKPOINT_NAME)
+        assert saved["loss.terms.1.seen"].all() and torch.isfinite(saved["loss.terms.1.prototypes"]).all()
+        assert torch.allclose(saved["loss.terms.1.prototypes"].norm(dim=1), torch.ones(2))
 
 
 def test_bad_training_settings_exit_2(tmp_path):

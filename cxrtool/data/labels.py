@@ -195,6 +195,10 @@ def _basename(image: str) -> str:
     return PurePosixPath(image.replace("\\", "/")).name
 
 
+VIEW_POSITIONS: tuple[str, ...] = ("PA", "AP", "LATERAL", "UNKNOWN")
+"""The projections a label table tells apart; a batch's ``view`` is an index into it."""
+
+
 def _normalize_view(value: str) -> str:
     token = value.strip().upper()
     if not token:

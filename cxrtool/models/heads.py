@@ -256,22 +256,37 @@ class DecoderHead(Head):
 
 
 class LabelGraphLayer(nn.Module):
-    """Pre-norm attention among the findings' embeddings, with an additive bias on the
-    attention logits (the co-occurrence prior), then a feed-forward block."""
+    """Pre-norm multi-head attention among the findings' embeddings, with an additive bias on
+    the attention logits (the co-occurrence prior), then a feed-forward block.
+
+    Written out rather than ``nn.MultiheadAttention``, whose returned weights are the ones
+    after dropout: the correlation it gives the loss terms is the attention itself (rows
+    summing to 1), dropout acting only on how the values are mixed.
+    """
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
+        self.heads = heads
         self.norm = nn.LayerNorm(dim)
-        self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.qkv.weight)  # as nn.MultiheadAttention starts
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.zeros_(self.out.bias)
+        self.attention_dropout = nn.Dropout(dropout)
         self.feed_forward = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
         self.norm_ff = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, labels: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.norm(labels)
-        attended, weights = self.attention(x, x, x, attn_mask=bias, need_weights=True, average_attn_weights=True)
-        labels = labels + self.dropout(attended)
-        return labels + self.dropout(self.feed_forward(self.norm_ff(labels))), weights
+        """``labels`` (B, K, dim), ``bias`` (K, K) added to the logits: the refined labels and
+        the attention among them averaged over the heads (B, K, K)."""
+        batch, count, dim = labels.shape
+        q, k, v = self.qkv(self.norm(labels)).view(batch, count, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-1, -2) * (dim // self.heads) ** -0.5 + bias).softmax(dim=-1)  # (B, heads, K, K)
+        attended = (self.attention_dropout(weights) @ v).transpose(1, 2).reshape(batch, count, dim)
+        labels = labels + self.dropout(self.out(attended))
+        return labels + self.dropout(self.feed_forward(self.norm_ff(labels))), weights.mean(dim=1)
 
 
 @register_head

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cxrtool._workers import fork_safe_opencv
+from cxrtool.data.labels import VIEW_POSITIONS
 from cxrtool.io.studies import StudyReadError, read_study
 from cxrtool.preprocess import Preprocessing, fit_to_square, normalise
 
@@ -94,8 +95,10 @@ class ImageCache:
 
 class LabelledStudies(torch.utils.data.Dataset):
     """One dict per labelled study: ``image`` (the model input), ``targets`` (NaN where
-    unknown) and ``index`` (its row in the label table); with ``views=2`` also ``image_2``,
-    a second, independently augmented view (for contrastive loss terms).
+    unknown), ``index`` (its row in the label table) and ``view`` (its projection, an index
+    into :data:`~cxrtool.data.labels.VIEW_POSITIONS`; "UNKNOWN" where the table has no
+    view); with ``views=2`` also ``image_2``, a second, independently augmented view (for
+    contrastive loss terms).
 
     An image that cannot be read gives a blank input with all targets NaN (ignored by the
     masked losses) rather than stopping the run.
@@ -111,10 +114,16 @@ class LabelledStudies(torch.utils.data.Dataset):
         cache: ImageCache | None = None,
         seed: int = 0,
         views: int = 1,
+        view_positions: Sequence[str] | None = None,
     ):
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
+        if view_positions is not None and len(view_positions) != len(paths):
+            raise ValueError(f"{len(view_positions)} view positions for {len(paths)} images")
         self.paths = list(paths)
+        unknown = VIEW_POSITIONS.index("UNKNOWN")
+        self.view_codes = [unknown] * len(self.paths) if view_positions is None else [
+            VIEW_POSITIONS.index(v) if v in VIEW_POSITIONS else unknown for v in view_positions]
         self.targets = np.asarray(targets, dtype=np.float32)
         self.prep = prep
         self.augment = augment
@@ -143,9 +152,9 @@ class LabelledStudies(torch.utils.data.Dataset):
         if square is None:
             size = self.prep.input_size
             blank = torch.zeros(1, size, size)
-            item = {"image": blank, "targets": torch.full_like(targets, math.nan), "index": index}
+            item = {"image": blank, "targets": torch.full_like(targets, math.nan), "index": index, "view": self.view_codes[index]}
             return item | ({"image_2": blank} if self.views == 2 else {})
-        item = {"image": self._view(square, index, 0), "targets": targets, "index": index}
+        item = {"image": self._view(square, index, 0), "targets": targets, "index": index, "view": self.view_codes[index]}
         if self.views == 2:
             item["image_2"] = self._view(square, index, 1)
         return item

@@ -151,13 +151,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             say(TrainEvent("message", message=parent.initialise(model)))
         priors = model.head.fit_priors(table.targets[train_idx], settings,
                                        lambda text: say(TrainEvent("message", message=text)))
-        criterion = build_loss(config.loss, LossContext(findings, table.targets[train_idx], settings))
+        criterion = build_loss(config.loss, LossContext(findings, table.targets[train_idx], settings,
+                                                        lambda text: say(TrainEvent("message", message=text))))
         check_head_gives(criterion, model.head.name, model.head.gives)
 
         train_set = LabelledStudies(paths, table.targets, prep, augment=Augmentation() if config.augment else None,
-                                    cache=cache, seed=config.seed, views=2 if "image_2" in criterion.batch_needs else 1)
+                                    cache=cache, seed=config.seed, views=2 if "image_2" in criterion.batch_needs else 1,
+                                    view_positions=table.views)
         train_view = torch.utils.data.Subset(train_set, train_idx)
-        val_set = LabelledStudies(paths, table.targets, prep, cache=cache, seed=config.seed)
+        val_set = LabelledStudies(paths, table.targets, prep, cache=cache, seed=config.seed, view_positions=table.views)
         # Channels-last: about 1.3x faster convolutions on CPU (oneDNN) and on tensor cores.
         model = model.to(device, memory_format=torch.channels_last)
         wrapped: torch.nn.Module = model

@@ -92,6 +92,7 @@ class LossContext:
     findings: Sequence[str]
     targets: np.ndarray | None = None  # (N, K) training targets, NaN unknown
     settings: Mapping[str, Any] = field(default_factory=dict)  # the training configuration's values
+    say: Callable[[str], None] | None = None  # where warnings for the user go
 
     def setting(self, name: str, default: Any) -> Any:
         return self.settings.get(name, default)
@@ -103,8 +104,10 @@ class LossTerm(nn.Module):
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
-    # Batch entries beyond image/targets/index the dataset must give (e.g. "image_2").
+    # Batch entries beyond image/targets/index/view the dataset must give (e.g. "image_2").
     batch_needs: ClassVar[frozenset[str]] = frozenset()
+    # True for terms that set findings against each other: with one finding they add nothing.
+    relates_findings: ClassVar[bool] = False
 
     def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -171,6 +174,7 @@ class PrototypeContrast(LossTerm):
 
     name = "apcl"
     needs = frozenset({"features"})
+    relates_findings = True
 
     def __init__(self, findings: Sequence[str], dim: int, positives: np.ndarray | None, *, momentum: float = 0.9,
                  temperature: float = 0.1, rarity: float = 0.5, similarity: float = 1.0) -> None:
@@ -229,6 +233,7 @@ class CorrelationConsistency(LossTerm):
 
     name = "lcc"
     needs = frozenset({"features", "correlation"})
+    relates_findings = True
 
     def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         features = F.normalize(output.features.float(), dim=-1)
@@ -251,6 +256,7 @@ class CorrelationSupCon(LossTerm):
 
     name = "lcsupcon"
     needs = frozenset({"features"})
+    relates_findings = True
 
     def __init__(self, findings: Sequence[str], targets: np.ndarray | None, *, temperature: float = 0.1) -> None:
         super().__init__()
@@ -365,7 +371,12 @@ def build_loss(expression: str, context: LossContext) -> CombinedLoss:
         >>> loss = build_loss("asl+0.5*bce", LossContext(findings=["Effusion"]))
         >>> total, parts = loss(ModelOutput(logits=torch.zeros(2, 1)), {"targets": torch.ones(2, 1)})
     """
-    return CombinedLoss([(weight, _TERM_BUILDERS[name](context)) for weight, name in parse_loss(expression)])
+    loss = CombinedLoss([(weight, _TERM_BUILDERS[name](context)) for weight, name in parse_loss(expression)])
+    relating = [term.name for term in loss.terms if term.relates_findings]
+    if context.say is not None and relating and len(context.findings) == 1:
+        context.say(f"warning: one finding ({context.findings[0]}): {', '.join(relating)} set findings against each "
+                    "other and add nothing with one; the classification term does the training")
+    return loss
 
 
 def check_head_gives(loss: CombinedLoss, head_name: str, gives: frozenset[str]) -> None:
