@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -56,6 +57,18 @@ def choose(runtime: str, device_type: str) -> str:
     return "onnx"
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """A library's logger held to errors for the duration."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def export(network: Any, input_size: int, digest: str) -> Path:
     """The network as an ONNX graph (batch size free), exported once per checkpoint digest
     and input size into the cache folder, atomically (runs at the same time agree)."""
@@ -69,8 +82,9 @@ def export(network: Any, input_size: int, digest: str) -> Path:
     network = network.eval().to(memory_format=torch.contiguous_format)
     example = (torch.zeros(2, 1, input_size, input_size),)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    # The exporter reports on stdout, which belongs to --jsonl: keep it quiet.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    # The exporter reports on stdout, which belongs to --jsonl, and its optimiser logs notes
+    # ("Skipping constant folding ...") that mean nothing to a user: keep both quiet.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet("onnxscript"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(network, example, dynamo=True, dynamic_shapes=({0: batch},),
                                     input_names=["images"], output_names=["logits"])
