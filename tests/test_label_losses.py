@@ -114,6 +114,7 @@ def test_a_label_set_of_one_finding_trains_on_its_classification_term_and_says_s
         assert output.logits.shape == (3, 1) and torch.isfinite(output.logits).all(), head
         if {"features", "correlation"} <= model.head.gives:
             total, parts = loss(output, _batch(targets))
+            parts = {name: float(value) for name, value in parts.items()}
             assert parts["apcl"] == 0.0 and parts["lcc"] == pytest.approx(0.0, abs=1e-6) and math.isfinite(parts["lcsupcon"])
             total.backward()
             assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), head

@@ -143,7 +143,7 @@ def test_losses_ignore_nan_targets_and_learn(name):
     logits = torch.zeros(2, 3, requires_grad=True)
     loss, parts = loss_fn(ModelOutput(logits=logits), {"targets": targets})
     loss.backward()
-    assert list(parts) == [name] and parts[name] == pytest.approx(float(loss.detach()))
+    assert list(parts) == [name] and float(parts[name]) == pytest.approx(float(loss.detach()))
     assert torch.isfinite(loss)
     assert logits.grad[0, 2] == 0 and logits.grad[1, 1] == 0  # ignored entries get no gradient
     assert logits.grad[0, 0] < 0 and logits.grad[0, 1] > 0  # positives pushed up, negatives down

@@ -232,14 +232,16 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     output = wrapped(images, full=True)
                 loss, parts = criterion(output, batch)
-                for name, value in parts.items():
-                    parts_sum[name] = parts_sum.get(name, 0.0) + value * images.shape[0]
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                running += float(loss.detach()) * images.shape[0]
+                # The loss and its terms read back together: one device sync a step.
+                total, *values = torch.stack([v.float() for v in (loss.detach(), *parts.values())]).tolist()
+                for name, value in zip(parts, values, strict=True):
+                    parts_sum[name] = parts_sum.get(name, 0.0) + value * images.shape[0]
+                running += total * images.shape[0]
                 seen += images.shape[0]
                 say(TrainEvent("batch", epoch=epoch + 1, epochs=config.epochs, step=step + 1,
                                steps=min(steps_per_epoch, len(loader)), loss=running / max(seen, 1)))

@@ -344,7 +344,8 @@ def parse_loss(expression: str) -> list[tuple[float, str]]:
 
 
 class CombinedLoss(nn.Module):
-    """The weighted sum of a loss expression's terms; also returns each term's value."""
+    """The weighted sum of a loss expression's terms; also returns each term's value, a
+    detached tensor (read them all at once: one device sync a step, not one a term)."""
 
     def __init__(self, terms: Sequence[tuple[float, LossTerm]]) -> None:
         super().__init__()
@@ -355,11 +356,11 @@ class CombinedLoss(nn.Module):
     def batch_needs(self) -> frozenset[str]:
         return frozenset().union(*(term.batch_needs for term in self.terms))
 
-    def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, parts = None, {}
         for weight, term in zip(self.weights, self.terms, strict=True):
             value = term(output, batch)
-            parts[term.name] = float(value.detach())
+            parts[term.name] = value.detach()
             total = weight * value if total is None else total + weight * value
         return total, parts
 
