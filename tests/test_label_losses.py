@@ -39,14 +39,14 @@ def test_apcl_identical_features_sit_on_their_prototype_and_the_contrast_has_its
     assert torch.allclose(apcl.prototypes[1], e_b)  # not positive in that batch: unchanged
 
 
-def _apcl_rank(rank: int, store: str, features: torch.Tensor, targets: torch.Tensor, out: str) -> None:
+def _apcl_rank(rank: int, store: str, batches: list, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         apcl = PrototypeContrast(["A", "B", "C"], 4, np.array([3, 3, 3]), momentum=0.5)
         half = slice(rank * 2, rank * 2 + 2)
-        for _ in range(2):  # the first batch starts the prototypes, the second moves them
+        for features, targets in batches:
             apcl(ModelOutput(logits=torch.zeros(2, 3), features=features[half]), _batch(targets[half]))
         torch.save(apcl.prototypes, out.format(rank))
     finally:
@@ -60,13 +60,19 @@ def test_apcl_prototypes_stay_equal_across_ranks_and_match_one_process(tmp_path)
     import torch.multiprocessing as mp
 
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(4, 3, 4, generator=generator)
-    targets = [[1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 1]]  # C is positive on rank 1 only
+    batches = [  # rank 0 holds images 0-1, rank 1 images 2-3
+        (torch.randn(4, 3, 4, generator=generator), [[1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 1]]),  # C on rank 1 only
+        (torch.randn(4, 3, 4, generator=generator), [[0, 1, 0], [1, 0, 1], [0, 1, 1], [1, 0, 0]]),  # every one moves
+        (torch.randn(4, 3, 4, generator=generator), [[1, 1, 0], [0, 0, 1], [0, 0, 0], [0, 0, 0]]),  # none on rank 1
+    ]
     out = str(tmp_path / "prototypes-{}.pt")
-    mp.start_processes(_apcl_rank, args=(str(tmp_path / "store"), features, targets, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_apcl_rank, args=(str(tmp_path / "store"), batches, out), nprocs=2, start_method="spawn")
     one = PrototypeContrast(["A", "B", "C"], 4, np.array([3, 3, 3]), momentum=0.5)
-    for _ in range(2):
+    history = []
+    for features, targets in batches:
         one(ModelOutput(logits=torch.zeros(4, 3), features=features), _batch(targets))
+        history.append(one.prototypes.clone())
+    assert not torch.allclose(history[1], history[0]) and not torch.allclose(history[2], history[1])  # they do move
     ranks = [torch.load(out.format(rank)) for rank in range(2)]
     assert torch.equal(ranks[0], ranks[1])
     assert torch.allclose(ranks[0], one.prototypes, atol=1e-6)
@@ -104,9 +110,12 @@ def test_a_label_set_of_one_finding_trains_on_its_classification_term_and_says_s
     said: list[str] = []
     targets = np.array([[1], [0], [1]], dtype=np.float32)
     loss = build_loss("asl+0.2*apcl+0.1*lcc+0.2*lcsupcon", LossContext(["Effusion"], targets, {"head_dim": 32}, said.append))
-    assert said == ["warning: one finding (Effusion): apcl, lcc, lcsupcon set findings against each other and add "
-                    "nothing with one; the classification term does the training"]
+    assert said == ["warning: one finding (Effusion): apcl, lcc, lcsupcon set findings against each other and have no "
+                    "other finding here; the classification term does the training"]
     assert build_loss("asl", LossContext(["Effusion"], targets, say=said.append)) and len(said) == 1  # nothing to say
+    build_loss("apcl", LossContext(["Effusion"], targets, {"head_dim": 32}, said.append))
+    assert said[-1].endswith("apcl set findings against each other and have no other finding here; "
+                             "with no classification term in the loss the model learns next to nothing")
     for head in registry.HEADS:
         torch.manual_seed(0)
         model = CXRClassifier("resnet18", ["Effusion"], head=head, head_settings={"dim": 32} if head != "linear" else None)

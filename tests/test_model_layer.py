@@ -113,10 +113,35 @@ def test_lga_correlation_is_the_attention_itself_even_while_training():
     _, weights = layer(labels, bias)  # training mode, dropout 0.5
     assert torch.allclose(weights.sum(-1), torch.ones(1, 5))
     layer.eval()
-    _, weights = layer(labels, bias)
+    refined, weights = layer(labels, bias)
     x = layer.norm(labels)
-    _, expected = reference.eval()(x, x, x, attn_mask=bias, need_weights=True, average_attn_weights=True)
+    attended, expected = reference.eval()(x, x, x, attn_mask=bias, need_weights=True, average_attn_weights=True)
     assert torch.allclose(weights, expected, atol=1e-6)
+    mixed = labels + attended
+    assert torch.allclose(refined, mixed + layer.feed_forward(layer.norm_ff(mixed)), atol=1e-5)
+
+
+def test_lga_checkpoints_with_the_former_attention_names_still_load():
+    """Before the layer was written out its weights had nn.MultiheadAttention's names; a file,
+    a resumed state or a --init parent of that time loads to the same model."""
+    torch.manual_seed(0)
+    model = CXRClassifier("resnet18", FINDINGS, head="lga", head_settings={"dim": 32, "layers": 1, "text_dim": 0}).eval()
+    renamed = {"qkv.weight": "attention.in_proj_weight", "qkv.bias": "attention.in_proj_bias",
+               "out.weight": "attention.out_proj.weight", "out.bias": "attention.out_proj.bias"}
+    former = {}
+    for key, value in model.state_dict().items():
+        for new, old in renamed.items():
+            key = key.replace(f".0.{new}", f".0.{old}")
+        former[key] = value
+    assert "head.graph.0.attention.in_proj_weight" in former and "head.graph.0.qkv.weight" not in former
+    images = torch.randn(2, 1, 64, 64)
+    again = CXRClassifier("resnet18", FINDINGS, head="lga", head_settings={"dim": 32, "layers": 1, "text_dim": 0}).eval()
+    again.load_state_dict(former, strict=True)
+    with torch.no_grad():
+        assert torch.equal(again(images), model(images))
+    child = CXRClassifier("resnet18", FINDINGS, head="lga", head_settings={"dim": 32, "layers": 1, "text_dim": 0})
+    child.head.inherit({k.removeprefix("head."): v for k, v in former.items() if k.startswith("head.")}, FINDINGS)
+    assert torch.equal(child.head.graph[0].qkv.weight, model.head.graph[0].qkv.weight)
 
 
 def test_every_head_round_trips_through_its_card(tmp_path):

@@ -283,10 +283,22 @@ class LabelGraphLayer(nn.Module):
         the attention among them averaged over the heads (B, K, K)."""
         batch, count, dim = labels.shape
         q, k, v = self.qkv(self.norm(labels)).view(batch, count, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        weights = (q @ k.transpose(-1, -2) * (dim // self.heads) ** -0.5 + bias).softmax(dim=-1)  # (B, heads, K, K)
+        q = q * (dim // self.heads) ** -0.5  # scaled before the product, as torch does (float16 stays in range)
+        weights = (q @ k.transpose(-1, -2) + bias).softmax(dim=-1)  # (B, heads, K, K)
         attended = (self.attention_dropout(weights) @ v).transpose(1, 2).reshape(batch, count, dim)
         labels = labels + self.dropout(self.out(attended))
         return labels + self.dropout(self.feed_forward(self.norm_ff(labels))), weights.mean(dim=1)
+
+    # lga checkpoints written before the attention was spelled out (cxrtool main until
+    # December 2026) hold nn.MultiheadAttention's names for the same weights.
+    _RENAMED = {"attention.in_proj_weight": "qkv.weight", "attention.in_proj_bias": "qkv.bias",
+                "attention.out_proj.weight": "out.weight", "attention.out_proj.bias": "out.bias"}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in self._RENAMED.items():
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 @register_head

@@ -100,6 +100,9 @@ class LabelledStudies(torch.utils.data.Dataset):
     view); with ``views=2`` also ``image_2``, a second, independently augmented view (for
     contrastive loss terms).
 
+    ``view_positions`` are the label table's (``LabelTable.views``, already normalised to
+    those names); any other string counts as "UNKNOWN".
+
     An image that cannot be read gives a blank input with all targets NaN (ignored by the
     masked losses) rather than stopping the run.
     """

@@ -237,7 +237,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                # The loss and its terms read back together: one device sync a step.
+                # The loss and its terms read back together, not one read-back a term.
                 total, *values = torch.stack([v.float() for v in (loss.detach(), *parts.values())]).tolist()
                 for name, value in zip(parts, values, strict=True):
                     parts_sum[name] = parts_sum.get(name, 0.0) + value * images.shape[0]

@@ -4,7 +4,7 @@ A loss expression names terms from ``cxrtool.registry.LOSSES`` with optional wei
 ``asl``, ``0.5*bce+focal``, ``asl+0.2*apcl``. Each term receives the network's whole
 :class:`~cxrtool.models.heads.ModelOutput` (logits, and per-finding features or an
 embedding where the head gives them) and the batch (a dict: ``image``, ``targets``,
-``index``, and whatever a term asks the dataset for), so a term that needs more than logits
+``index``, ``view``, and whatever a term asks the dataset for), so a term that needs more than logits
 is one more class, not an edit of the loop.
 
 The classification terms mask unknown labels (NaN targets: CheXpert's uncertain ones under
@@ -201,8 +201,16 @@ class PrototypeContrast(LossTerm):
             fresh = (counts > 0) & ~self.seen
             self.prototypes[fresh] = means[fresh]
             self.seen |= fresh
-        if not positive.any():
-            return _zero(features)
+        total = self._contrast(features, positive) if positive.any() else _zero(features)
+        with torch.no_grad():
+            # The moving average, after the loss used the prototypes as they were; on every
+            # rank, its own share of the batch positive or not, so the ranks stay equal.
+            update = (counts > 0) & ~fresh
+            blended = self.momentum * self.prototypes + (1 - self.momentum) * means
+            self.prototypes[update] = F.normalize(blended, dim=-1)[update]
+        return total
+
+    def _contrast(self, features: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
         prototypes = F.normalize(self.prototypes, dim=-1)
         logits = torch.einsum("bkd,jd->bkj", features, prototypes) / self.temperature  # finding k's feature vs prototype j
         logits = logits.masked_fill(~self.seen[None, None, :], float("-inf"))
@@ -214,12 +222,7 @@ class PrototypeContrast(LossTerm):
             similar = similar.masked_fill(torch.eye(len(similar), dtype=torch.bool, device=similar.device) | ~self.seen[None, :], -1.0)
             closeness = similar.max(dim=1).values.clamp(min=0) if len(similar) > 1 else torch.zeros(len(similar), device=similar.device)
             weights = self.rarity_weights.to(loss.device)[findings] * (1 + self.similarity * closeness[findings])
-        total = (weights * loss).sum() / weights.sum().clamp(min=1e-8)
-        with torch.no_grad():  # the moving average, after the loss used the prototypes as they were
-            update = (counts > 0) & ~fresh
-            blended = self.momentum * self.prototypes + (1 - self.momentum) * means
-            self.prototypes[update] = F.normalize(blended, dim=-1)[update]
-        return total
+        return (weights * loss).sum() / weights.sum().clamp(min=1e-8)
 
 
 class CorrelationConsistency(LossTerm):
@@ -345,7 +348,7 @@ def parse_loss(expression: str) -> list[tuple[float, str]]:
 
 class CombinedLoss(nn.Module):
     """The weighted sum of a loss expression's terms; also returns each term's value, a
-    detached tensor (read them all at once: one device sync a step, not one a term)."""
+    detached tensor (read them back together with the loss, not one read-back a term)."""
 
     def __init__(self, terms: Sequence[tuple[float, LossTerm]]) -> None:
         super().__init__()
@@ -375,8 +378,11 @@ def build_loss(expression: str, context: LossContext) -> CombinedLoss:
     loss = CombinedLoss([(weight, _TERM_BUILDERS[name](context)) for weight, name in parse_loss(expression)])
     relating = [term.name for term in loss.terms if term.relates_findings]
     if context.say is not None and relating and len(context.findings) == 1:
+        classifying = any(isinstance(term, ClassificationTerm) for term in loss.terms)
         context.say(f"warning: one finding ({context.findings[0]}): {', '.join(relating)} set findings against each "
-                    "other and add nothing with one; the classification term does the training")
+                    "other and have no other finding here; "
+                    + ("the classification term does the training" if classifying
+                       else "with no classification term in the loss the model learns next to nothing"))
     return loss
 
 
