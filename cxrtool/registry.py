@@ -190,6 +190,16 @@ DEFAULT_CAM_METHOD = "gradcam"
 RUNTIMES: tuple[str, ...] = ("auto", "torch", "onnx")
 MAP_FORMATS: tuple[str, ...] = ("png", "npy")
 
+# Bundles (cxrtool.models.sources.bundle): the routes a study can take by its projection
+# (default: any projection without its own route), and how a route's members are merged.
+BUNDLE_ROUTES: tuple[str, ...] = ("PA", "AP", "LATERAL", "default")
+ENSEMBLE_MERGES: dict[str, str] = {
+    "mean": "the mean of the members' probabilities",
+    "weighted": "the mean weighted by each member's weight",
+    "rank": "the mean of each member's percentile among its own validation scores (from models calibrate)",
+}
+DEFAULT_MERGE = "mean"
+
 
 def resolve_finding(name: str) -> str:
     """Map a finding spelling to its canonical name (e.g. ``Infiltrate`` -> ``Infiltration``)."""
