@@ -40,8 +40,7 @@ from cxrtool.io.records import (
     relative_source,
 )
 from cxrtool.io.studies import StudyReadError, find_studies, one_line, read_study
-from cxrtool.models.calibration import Calibration
-from cxrtool.models.runtime import OnnxNetwork
+from cxrtool.models.scoring import Scored, open_model
 from cxrtool.preprocess import Preprocessing, prepare
 
 ResultCallback = Callable[[dict[str, Any]], None]
@@ -70,13 +69,18 @@ PredictSummary = RunSummary  # the name the first release exported
 
 
 class StudyInputs:
-    """Map-style dataset: index -> decoded, preprocessed study (or the reason it failed)."""
+    """Map-style dataset: index -> decoded, preprocessed study (or the reason it failed).
+
+    ``preps`` (key -> preprocessing) are what the scorer asks for: each study is decoded once
+    and made into one tensor per key (``item["tensors"]``).
+    """
 
     def __init__(
-        self, paths: Sequence[Path], prep: Preprocessing, *, include_patient_id: bool = False, display_size: int | None = None
+        self, paths: Sequence[Path], preps: dict[str, Preprocessing], *, include_patient_id: bool = False,
+        display_size: int | None = None
     ):
         self.paths = paths
-        self.prep = prep
+        self.preps = preps
         self.include_patient_id = include_patient_id
         self.display_size = display_size  # also hand over the geometry and a uint8 picture this big
 
@@ -92,17 +96,18 @@ class StudyInputs:
             pass  # missing or unreadable: read_study below says which
         try:
             study = read_study(path)
-            tensor, geometry = prepare(study.pixels, self.prep)
+            prepared = {key: prepare(study.pixels, prep) for key, prep in self.preps.items()}
             item.update(
-                tensor=tensor,
+                tensors={key: tensor for key, (tensor, _) in prepared.items()},
                 view_position=study.view_position,
+                view_source="tag" if study.view_position != "UNKNOWN" else None,
                 pixel_spacing=study.pixel_spacing,
                 identity=study.identity,
                 image_size=list(study.shape),
                 warnings=study.warnings,
             )
             if self.display_size:
-                item["geometry"] = geometry
+                item["geometry"] = {key: geometry for key, (_, geometry) in prepared.items()}
                 item["display"] = _display(study.pixels, self.display_size)
             if self.include_patient_id and study.source_format == "dicom":
                 item["patient_id"] = _patient_id(path)
@@ -157,42 +162,27 @@ def _patient_id(path: Path) -> str:
 class RunContext:
     """What a chunk processor needs to turn decoded studies into written results."""
 
-    network: Any
-    card: Any
-    thresholds: np.ndarray
-    model: ModelRef
+    scorer: Any  # a CheckpointScorer or BundleScorer (cxrtool.models.scoring)
     device: Any
     paths: list[Path]  # the studies to do, by dataset index
     folders: list[Path]  # output folder of each study to do, by dataset index
     version: str
     settings: dict[str, Any]  # stage -> settings, recorded with each result
     in_worker: bool = False  # the processor runs inside a decoding worker
-    calibration: Calibration | None = None  # the card's, when it calibrates probabilities
-    onnx: OnnxNetwork | None = None  # the network's exported graph, when ONNX Runtime scores
 
-    def scores(self, tensors: list[np.ndarray]) -> np.ndarray:
-        """Raw probabilities (float64, studies x findings) of preprocessed studies."""
-        import torch
+    @property
+    def model(self) -> ModelRef:
+        return self.scorer.ref
 
-        if self.onnx is not None:
-            logits = torch.from_numpy(self.onnx(np.stack(tensors)))
-            return torch.sigmoid(logits.float()).numpy().astype(np.float64)
-        from cxrtool.predict import forward
-
-        return forward(self.network, tensors, self.device)
-
-    def result(self, item: dict[str, Any], probabilities: np.ndarray) -> Result:
-        """The model's result for one study from its raw probabilities: calibrated as the
-        card says, called at the card's thresholds.
+    def result(self, item: dict[str, Any], scored: Scored) -> Result:
+        """The model's result for one study from its scores.
 
         Raises:
             StudyFailure: a probability that is not a finite number.
         """
-        calibrate = self.calibration if self.calibration is not None and self.calibration.active else None
-        return make_result(self.model, self.card.findings, calibrate(probabilities) if calibrate else probabilities,
-                           self.thresholds, settings=dict(self.settings), version=self.version,
-                           warnings=item.get("warnings", ()), raw=probabilities if calibrate else None,
-                           calibration=calibrate.describe if calibrate else None)
+        return make_result(self.model, scored.findings, scored.probabilities, scored.thresholds,
+                           settings=dict(self.settings), version=self.version, warnings=item.get("warnings", ()),
+                           raw=scored.raw, calibration=scored.calibration, ensemble=scored.ensemble)
 
     def study_record(self, item: dict[str, Any]) -> Sidecar:
         """The study's identity (no results yet) from a decoded item."""
@@ -286,41 +276,30 @@ def run_studies(
     into written results (see :class:`cxrtool.predict.ScoreChunk`); a study whose sidecar
     holds a result of this model made from the same file content with these ``settings``
     (stage -> settings) is already done (:func:`cxrtool.io.records.is_done`) and skipped
-    unless ``overwrite``. ``check_model(network, card)`` may refuse the request (by
-    raising) before any study is looked at. ``runtime`` (auto, torch, onnx) says what runs
-    the network for the processor's ``context.scores``; ``note`` hears what the run says
-    along the way (an export, for one).
+    unless ``overwrite``. ``model`` is a checkpoint or a bundle file
+    (:func:`cxrtool.models.scoring.open_model`); ``check_model(scorer)`` may refuse the
+    request (by raising) before any study is looked at. ``runtime`` (auto, torch, onnx)
+    says what runs the networks; ``note`` hears what the run says along the way (an
+    export, for one).
     """
     import torch
 
     from cxrtool import __version__
-    from cxrtool.models.checkpoint import file_sha256, load_checkpoint
     from cxrtool.models.network import pick_device
-    from cxrtool.models.runtime import cache_folder
     from cxrtool.models.runtime import choose as choose_runtime
-    from cxrtool.models.runtime import export as export_onnx
 
     torch_device = pick_device(device)
-    network, card = load_checkpoint(model, device=str(torch_device))
+    choose_runtime(runtime, torch_device.type)  # an impossible runtime is refused before any file is read
+    scorer = open_model(model, device=torch_device, runtime=runtime, note=note)
     if check_model is not None:
-        check_model(network, card)
-    model_ref = ModelRef(card.name, card.architecture, file_sha256(model))
-    prep = Preprocessing.from_dict(card.preprocessing)
-    onnx = None
-    if choose_runtime(runtime, torch_device.type) == "onnx":
-        graph = cache_folder() / "onnx"
-        if note is not None and not any(graph.glob(f"{model_ref.sha256[:16]}-*")):
-            note(f"exporting {card.name} for ONNX Runtime, once (into {graph})")
-        onnx = OnnxNetwork(export_onnx(network, prep.input_size, model_ref.sha256))
-    # Channels-last convolutions are markedly faster on CPUs (oneDNN) and tensor cores.
-    network = network.to(memory_format=torch.channels_last)
-    thresholds = np.array([card.threshold_for(f) for f in card.findings], dtype=np.float64)
+        check_model(scorer)
+    model_ref = scorer.ref
 
     paths = list(find_studies(inputs, stdin=stdin))
     summary = RunSummary(total=len(paths))
     root = output_root(paths)
     out_dir = Path(out) if out is not None else None
-    outputs = FolderOutputs(model_ref, index_entry(model_ref, card, thresholds, __version__))
+    outputs = FolderOutputs(model_ref, index_entry(model_ref, scorer, scorer.thresholds, __version__))
 
     def destination(path: Path) -> Path:
         if out_dir is None:
@@ -354,10 +333,11 @@ def run_studies(
     cores = os.cpu_count() or 1
     n_workers = min(cores, 8) if workers is None else workers
     in_workers = torch_device.type == "cpu" and n_workers >= cores and n_workers > 0
-    context = RunContext(network, card, thresholds, model_ref, torch_device, todo, [destination(p) for p in todo],
-                         __version__, settings, in_worker=in_workers, calibration=Calibration.from_card(card), onnx=onnx)
+    context = RunContext(scorer, torch_device, todo, [destination(p) for p in todo], __version__, settings,
+                         in_worker=in_workers)
     processor = make_processor(context)
-    dataset = StudyInputs(todo, prep, include_patient_id=include_patient_id, display_size=display_size)
+    dataset = StudyInputs(todo, scorer.preprocessings, include_patient_id=include_patient_id,
+                          display_size=display_size)
     if in_workers:
         # Workers decode and process chunks of a few studies; small chunks keep a run of
         # slow studies (large JPEG 2000 DICOMs) from piling up in one worker.

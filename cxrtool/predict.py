@@ -7,12 +7,9 @@ adds the stage that scores a batch and writes each study's result.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
-
-import numpy as np
 
 from cxrtool._runner import (
     PredictSummary,
@@ -45,12 +42,13 @@ class ScoreChunk:
 
     def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         context = self.context
-        decoded = [item for item in items if "tensor" in item]
+        decoded = [item for item in items if "tensors" in item]
         if decoded:
-            scores = context.scores([item.pop("tensor") for item in decoded])
-            for item, row in zip(decoded, scores, strict=True):
+            scores = context.scorer.score(decoded)
+            for item, scored in zip(decoded, scores, strict=True):
+                del item["tensors"]
                 try:
-                    result = context.result(item, row)
+                    result = context.result(item, scored)
                 except StudyFailure as failure:
                     item["error"] = str(failure)
                     continue
@@ -68,20 +66,6 @@ def keep_explanations(previous: Result, new: Result) -> Result:
         new.explanations = previous.explanations
         new.settings = {**new.settings, "explain": previous.settings["explain"]}
     return new
-
-
-def forward(network, tensors: list[np.ndarray], device) -> np.ndarray:
-    """Probabilities for a list of preprocessed studies, as float64 (n, findings)."""
-    import torch
-
-    batch = torch.from_numpy(np.stack(tensors))
-    autocast = contextlib.nullcontext()
-    if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
-        autocast = torch.autocast("cuda", dtype=torch.float16)
-    with torch.inference_mode(), autocast:
-        logits = network(batch.contiguous(memory_format=torch.channels_last))
-    return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
 
 
 def predict(
@@ -109,7 +93,8 @@ def predict(
 
     Args:
         inputs: files, folders (recursive), globs, or ``-`` for paths on stdin.
-        model: a cxrtool checkpoint (``.safetensors``).
+        model: a cxrtool checkpoint (``.safetensors``) or a bundle (``.yaml``, see
+            :mod:`cxrtool.models.sources.bundle`).
         out: write into a mirror tree under this folder instead of beside the inputs.
         overwrite: predict again studies that are already done.
         batch_size: studies per forward pass.

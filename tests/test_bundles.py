@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -204,3 +205,98 @@ def test_a_percentile_does_not_depend_on_the_rest_of_the_batch():
     alone = np.concatenate([percentile(scores[i:i + 1], reference) for i in range(3)])
     np.testing.assert_array_equal(together, alone)
     assert percentile(np.array([reference[10]]), reference)[0] == pytest.approx(10.5 / 50)  # a tie: mid-rank
+
+
+# ------------------------------------------------------------------------------ predict
+
+
+@pytest.fixture()
+def mixed_study(tmp_path):
+    """A PA, an AP and a lateral DICOM (by their ViewPosition tag) and a PNG (no projection)."""
+    from test_predict import write_dicom, write_png
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    write_dicom(folder / "pa.dcm", view="PA")
+    write_dicom(folder / "ap.dcm", view="AP")
+    write_dicom(folder / "lat.dcm", view="LL")
+    write_png(folder / "x.png")
+    return folder
+
+
+def sidecars(folder: Path) -> dict[str, dict]:
+    return {path.name.split(".")[0]: json.loads(path.read_text()) for path in folder.glob("*.cxrtool.json")}
+
+
+def test_predict_with_a_bundle_routes_each_study_by_its_tag_and_records_the_members(members, mixed_study):
+    from cxrtool.io.outputs import FOLDER_CSV
+    from cxrtool.predict import predict
+
+    bundle = read_bundle(write(members, ROUTED))
+    summary = predict([mixed_study], model=members / "bundle.yaml", workers=0, runtime="torch")
+    assert (summary.predicted, summary.exit_code) == (4, 0)
+    results = {name: record["results"][0] for name, record in sidecars(mixed_study).items()}
+    routes = {name: result["ensemble"]["route"] for name, result in results.items()}
+    assert routes == {"pa": "PA", "ap": "AP", "lat": "LATERAL", "x": "default"}
+    assert results["pa"]["ensemble"]["projection"] == {"view_position": "PA", "source": "tag"}
+    assert results["x"]["ensemble"]["projection"] == {"view_position": "UNKNOWN", "source": "unknown"}
+    assert results["pa"]["model"]["architecture"] == "bundle" and results["pa"]["model"]["sha256"] == bundle.sha256
+    # Each route scores the findings its members have, each the mean over the members that have it.
+    assert list(results["lat"]["findings"]) == ["Effusion"]
+    assert list(results["ap"]["findings"]) == ["Effusion", "Cardiomegaly", "Edema"]
+    assert list(results["x"]["findings"]) == ["Effusion", "Nodule", "Cardiomegaly", "Edema"]
+    for name, result in results.items():
+        ensemble = result["ensemble"]
+        assert list(ensemble["members"]) == list(bundle.routes[routes[name]])
+        for finding, call in result["findings"].items():
+            scored = [m[finding] for m in ensemble["members"].values() if finding in m]
+            assert call["probability"] == pytest.approx(np.mean(scored), abs=2e-6)
+            assert call["threshold"] == 0.5
+    # A member's probabilities in the record are its own: the member alone gives them.
+    alone = predict([mixed_study / "pa.dcm"], model=members / "pa2.safetensors", workers=0, runtime="torch")
+    assert alone.predicted == 1
+    own = next(r for r in sidecars(mixed_study)["pa"]["results"] if r["model"]["name"] == "pa2")
+    for finding, value in results["pa"]["ensemble"]["members"]["pa2"].items():
+        if finding != "model_id":
+            assert value == pytest.approx(own["findings"][finding]["probability"], abs=2e-6)
+    # The folder table has the union of the findings; a route without one leaves it blank.
+    with open(mixed_study / FOLDER_CSV, newline="") as handle:
+        rows = {row["file"]: row for row in csv.DictReader(handle) if row["model"] == "routed"}
+    assert rows["lat.dcm"]["Nodule"] == "" and rows["x.png"]["Edema"] != ""
+    # Done is done; a member's file changing makes the bundle a new model.
+    assert predict([mixed_study], model=members / "bundle.yaml", workers=0, runtime="torch").skipped == 4
+    replace_file(members, "pa2.safetensors", "pa.safetensors")
+    assert predict([mixed_study], model=members / "bundle.yaml", workers=0, runtime="torch").predicted == 4
+
+
+def test_a_view_classifier_routes_studies_without_a_projection(members, mixed_study):
+    from cxrtool.predict import predict
+
+    path = write(members, "members: {pa: pa.safetensors, ap: ap.safetensors, lat: lateral.safetensors}\n"
+                          "routes: {PA: [pa], AP: [ap], LATERAL: [lat]}\nview_classifier: view.safetensors\n")
+    assert predict([mixed_study], model=path, workers=0, runtime="torch").predicted == 4
+    predict([mixed_study / "x.png"], model=members / "view.safetensors", workers=0, runtime="torch")
+    records = sidecars(mixed_study)
+    views = {name: call["probability"] for name, call in
+             next(r for r in records["x"]["results"] if r["model"]["name"] == "view")["findings"].items()}
+    expected = max(views, key=views.get)
+    bundled = next(r for r in records["x"]["results"] if r["model"]["architecture"] == "bundle")["ensemble"]
+    assert bundled["projection"]["source"] == "classifier"
+    assert bundled["projection"]["view_position"] == expected
+    assert bundled["projection"]["probability"] == pytest.approx(views[expected], abs=2e-6)
+    assert bundled["route"] == expected
+    # A study whose file names its projection is not sent to the classifier.
+    tagged = next(r for r in records["ap"]["results"] if r["model"]["architecture"] == "bundle")["ensemble"]
+    assert tagged["projection"] == {"view_position": "AP", "source": "tag"} and tagged["route"] == "AP"
+
+
+def test_a_bad_bundle_is_refused_before_any_study_is_read(members, mixed_study):
+    from typer.testing import CliRunner
+
+    from cxrtool.cli import app
+
+    path = write(members, "members: {pa: pa.safetensors, gone: gone.safetensors}\n")
+    result = CliRunner().invoke(app, ["predict", str(mixed_study), "-m", str(path), "-j", "0"])
+    assert result.exit_code == 2, result.output
+    assert "member 'gone': no such file" in result.output and "relative to the bundle's folder" in result.output
+    assert not list(mixed_study.glob("*.cxrtool.json"))

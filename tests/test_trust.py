@@ -261,16 +261,16 @@ def test_a_host_process_that_used_torch_on_several_threads_can_predict(study, ma
 
 
 def test_a_nan_output_fails_that_study_and_the_batch_goes_on(study, make_checkpoint, monkeypatch):
-    from cxrtool._runner import RunContext
+    from cxrtool.models.scoring import CheckpointScorer
 
-    real = RunContext.scores
+    real = CheckpointScorer.probabilities
 
-    def second_is_nan(context, tensors):
-        scores = real(context, tensors)
+    def second_is_nan(scorer, tensors):
+        scores = real(scorer, tensors)
         scores[min(1, len(scores) - 1), 0] = np.nan
         return scores
 
-    monkeypatch.setattr(RunContext, "scores", second_is_nan)
+    monkeypatch.setattr(CheckpointScorer, "probabilities", second_is_nan)
     result = runner.invoke(app, ["predict", str(study), "-m", str(make_checkpoint()), "-j", "0", "-b", "8"])
     assert result.exit_code == 1, result.output
     rows = read_csv(study / FOLDER_CSV)

@@ -15,7 +15,7 @@ from cxrtool.registry import RUNTIMES
 def predict(
     inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - to read paths from stdin.")],
     *,
-    model: Annotated[Path, typer.Option("--model", "-m", envvar="CXRTOOL_MODEL", help="A cxrtool checkpoint (.safetensors).")],
+    model: Annotated[Path, typer.Option("--model", "-m", envvar="CXRTOOL_MODEL", help="A cxrtool checkpoint (.safetensors), or a bundle of them (.yaml: routed by projection, ensembled).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write into a mirror tree here instead of beside the inputs.")] = None,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON object per study to stdout.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict again studies already done by this model.")] = False,

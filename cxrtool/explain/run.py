@@ -100,7 +100,8 @@ class ExplainChunk:
     def __init__(self, context: RunContext, settings: ExplainSettings) -> None:
         self.context = context
         self.settings = settings
-        findings = list(context.card.findings)
+        self.scorer = context.scorer
+        findings = list(self.scorer.findings)
         fixed = dict.fromkeys(settings.findings) if settings.findings is not None else None  # in order, once each
         self.fixed = [findings.index(name) for name in fixed] if fixed is not None else None
         self._engine = None
@@ -110,24 +111,25 @@ class ExplainChunk:
         from cxrtool.explain.cams import make_engine
 
         if self._engine is None:
-            self._engine = make_engine(self.context.network, self.settings.method, self.settings.layer)
+            self._engine = make_engine(self.scorer.network, self.settings.method, self.settings.layer)
         return self._engine
 
     def _wanted(self, probabilities: np.ndarray) -> list[list[int]]:
         if self.fixed is not None:
             return [list(self.fixed) for _ in range(len(probabilities))]
-        calls = self.context.calibration(probabilities) if self.context.calibration is not None else probabilities
-        return [[int(i) for i in np.flatnonzero(row >= self.context.thresholds)] for row in calls]
+        calls = self.scorer.calibrated(probabilities)
+        return [[int(i) for i in np.flatnonzero(row >= self.scorer.thresholds)] for row in calls]
 
     def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import torch
 
-        decoded = [item for item in items if "tensor" in item]
+        decoded = [item for item in items if "tensors" in item]
         if not decoded:
             self.context.settle_failures(items)
             return items
         context, engine = self.context, self.engine()
-        batch = torch.from_numpy(np.stack([item.pop("tensor") for item in decoded]))
+        key = self.scorer.key
+        batch = torch.from_numpy(np.stack([item.pop("tensors")[key] for item in decoded]))
         batch = batch.to(context.device).contiguous(memory_format=torch.channels_last)
         wanted: list[list[int]] = []
 
@@ -165,13 +167,13 @@ class ExplainChunk:
         folder = context.folders[item["index"]]
         display = item.pop("display", None)  # keep what travels back to the main process small
         try:
-            result = context.result(item, probabilities[row])
+            result = context.result(item, self.scorer.score_from(probabilities[row : row + 1])[0])
         except StudyFailure as failure:
             item["error"] = str(failure)
             return
         explained: dict[str, Any] = {}
         for finding, cam in maps.items():
-            name = context.card.findings[finding]
+            name = self.scorer.findings[finding]
             call = result.findings[name]
             explained[name] = self._explain_one(path, folder, item, display, call, name, cam)
         explanations: dict[str, Any] = {
@@ -190,7 +192,7 @@ class ExplainChunk:
     def _explain_one(self, path: Path, folder: Path, item: dict, display: np.ndarray, call, finding: str,
                      cam_input: np.ndarray) -> dict:
         settings = self.settings
-        geometry = item["geometry"]
+        geometry = item["geometry"][self.scorer.key]
         spacing = tuple(item["pixel_spacing"]) if item["pixel_spacing"] else None
         cam = to_original(cam_input, geometry)
         entry: dict[str, Any] = {"probability": call.probability, "positive": call.positive}
@@ -263,14 +265,18 @@ def explain(
 
     settings = settings or ExplainSettings()
 
-    def check_model(network, card) -> None:
+    def check_model(scorer) -> None:
         # A wrong finding or layer is a usage error, not 400 failed studies: refused as
         # soon as the model is loaded, before any study is looked at.
+        network = getattr(scorer, "network", None)
+        if network is None:
+            raise ExplainUsageError(f"{model}: explain runs on one checkpoint for now; name one of the bundle's "
+                                    "member files")
         if settings.findings is not None:
-            unknown = [name for name in settings.findings if name not in card.findings]
+            unknown = [name for name in settings.findings if name not in scorer.findings]
             if unknown:
                 raise ExplainUsageError(f"the model has no finding {', '.join(map(repr, unknown))}; "
-                                        f"its findings are: {', '.join(card.findings)}")
+                                        f"its findings are: {', '.join(scorer.findings)}")
         if settings.method == ATTENTION_METHOD:
             AttentionEngine(network, settings.layer)  # refuses a head without attention, and --layer
         else:

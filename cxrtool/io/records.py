@@ -257,6 +257,8 @@ class Result:
         warnings: what the reader noticed about the file, for the record.
         calibration: for a calibrated model, how its probabilities were calibrated and what
             the calls were made on.
+        ensemble: for a bundle, the study's projection (and where it came from), its route,
+            the merge, and each member's probabilities.
     """
 
     model: ModelRef
@@ -267,6 +269,7 @@ class Result:
     cxrtool_version: str = ""
     created: str = ""
     calibration: dict[str, Any] | None = None
+    ensemble: dict[str, Any] | None = None
 
     @property
     def positive_findings(self) -> list[str]:
@@ -288,6 +291,8 @@ class Result:
         }
         if self.calibration:
             record["calibration"] = self.calibration
+        if self.ensemble:
+            record["ensemble"] = self.ensemble
         if self.explanations is not None:
             record["explanations"] = self.explanations
         if self.warnings:
@@ -313,6 +318,7 @@ class Result:
             cxrtool_version=str(values.get("cxrtool_version", "")),
             created=str(values.get("created", "")),
             calibration=values.get("calibration") if isinstance(values.get("calibration"), dict) else None,
+            ensemble=values.get("ensemble") if isinstance(values.get("ensemble"), dict) else None,
         )
 
 
@@ -555,6 +561,7 @@ def make_result(
     warnings: Sequence[str] = (),
     raw: Sequence[float] | None = None,
     calibration: dict[str, Any] | None = None,
+    ensemble: dict[str, Any] | None = None,
 ) -> Result:
     """A model's result from its probabilities and thresholds (for a calibrated model: the
     calibrated probabilities, with the ``raw`` ones and a description of the
@@ -573,7 +580,7 @@ def make_result(
         for name, p, t, r in zip(findings, probabilities, thresholds, raws, strict=True)
     }
     return Result(model, calls, settings=settings, warnings=list(warnings), cxrtool_version=version, created=now(),
-                  calibration=calibration)
+                  calibration=calibration, ensemble=ensemble)
 
 
 # ----------------------------------------------------------------------------- folder table

@@ -1,0 +1,229 @@
+"""What a run scores studies with: one checkpoint, or a bundle of them.
+
+Both are a *scorer*. A scorer says which preprocessed tensors it needs of each study
+(``preprocessings``: key -> :class:`~cxrtool.preprocess.Preprocessing`; the runner makes
+each once per study, shared by every member that asks for the same one), and turns decoded
+studies into one :class:`Scored` each: the findings it scored, their probabilities
+(calibrated as the card says) and thresholds, and, for a bundle, how the study was routed
+and what each member said.
+
+:func:`open_model` is the one place a model argument (a checkpoint file or a bundle file)
+becomes a scorer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrtool.io.records import ModelRef
+from cxrtool.models.calibration import Calibration
+from cxrtool.preprocess import Preprocessing
+
+BUNDLE_ARCHITECTURE = "bundle"
+
+
+def prep_key(prep: Preprocessing) -> str:
+    """A short name for a preprocessing: equal settings, equal key."""
+    return hashlib.sha256(json.dumps(prep.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Scored:
+    """One study's scores from a scorer.
+
+    Attributes:
+        findings: the findings scored (a bundle's route may score fewer than the bundle has).
+        probabilities: what the calls are made on, one per finding.
+        thresholds: one per finding.
+        raw: the model's own probabilities when ``probabilities`` are calibrated.
+        calibration: how they were calibrated, for the record.
+        ensemble: a bundle's record of the study: projection (and where it came from),
+            route, merge, and each member's probabilities.
+    """
+
+    findings: list[str]
+    probabilities: np.ndarray
+    thresholds: np.ndarray
+    raw: np.ndarray | None = None
+    calibration: dict[str, Any] | None = None
+    ensemble: dict[str, Any] | None = None
+
+
+def forward(network, tensors: list[np.ndarray], device) -> np.ndarray:
+    """Probabilities for a list of preprocessed studies, as float64 (n, findings)."""
+    import torch
+
+    batch = torch.from_numpy(np.stack(tensors))
+    autocast = contextlib.nullcontext()
+    if device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+        autocast = torch.autocast("cuda", dtype=torch.float16)
+    with torch.inference_mode(), autocast:
+        logits = network(batch.contiguous(memory_format=torch.channels_last))
+    return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
+
+
+class CheckpointScorer:
+    """One cxrtool checkpoint: its network (PyTorch, or its ONNX graph) and its card."""
+
+    def __init__(self, path: str | os.PathLike, network, card, device, *, sha256: str, onnx=None) -> None:
+        self.path = Path(path)
+        self.network = network
+        self.card = card
+        self.device = device
+        self.onnx = onnx
+        self.ref = ModelRef(card.name, card.architecture, sha256)
+        self.prep = Preprocessing.from_dict(card.preprocessing)
+        self.key = prep_key(self.prep)
+        self.preprocessings = {self.key: self.prep}
+        self.findings = list(card.findings)
+        self.threshold_method = card.threshold_method
+        self.thresholds = np.array([card.threshold_for(f) for f in card.findings], dtype=np.float64)
+        self.calibration = Calibration.from_card(card)
+
+    def probabilities(self, tensors: list[np.ndarray]) -> np.ndarray:
+        """The network's own probabilities (float64, studies x findings)."""
+        import torch
+
+        if self.onnx is not None:
+            logits = torch.from_numpy(self.onnx(np.stack(tensors)))
+            return torch.sigmoid(logits.float()).numpy().astype(np.float64)
+        return forward(self.network, tensors, self.device)
+
+    def calibrated(self, raw: np.ndarray) -> np.ndarray:
+        return self.calibration(raw) if self.calibration.active else raw
+
+    def score(self, items: Sequence[dict[str, Any]]) -> list[Scored]:
+        return self.score_from(self.probabilities([item["tensors"][self.key] for item in items]))
+
+    def score_from(self, raw: np.ndarray) -> list[Scored]:
+        """Scores of studies from the network's own probabilities (studies x findings)."""
+        calls = self.calibrated(raw)
+        calibrated = self.calibration.active
+        return [Scored(self.findings, row, self.thresholds, raw=raw_row if calibrated else None,
+                       calibration=self.calibration.describe if calibrated else None)
+                for row, raw_row in zip(calls, raw, strict=True)]
+
+
+class BundleScorer:
+    """A bundle (:mod:`cxrtool.models.sources.bundle`): each study routed by its projection
+    (the file's, else the view classifier's) to its route's members, their probabilities
+    merged per finding over the members that have it."""
+
+    def __init__(self, bundle, members: dict[str, CheckpointScorer], view_classifier: CheckpointScorer | None) -> None:
+        self.bundle = bundle
+        self.members = members
+        self.view_classifier = view_classifier
+        self.ref = ModelRef(bundle.name, BUNDLE_ARCHITECTURE, bundle.sha256)
+        self.findings = bundle.findings
+        self.threshold_method = "bundle calibration" if bundle.calibration.get("thresholds") else "0.5"
+        self.thresholds = np.array([bundle.threshold_for(f) for f in self.findings], dtype=np.float64)
+        self.preprocessings: dict[str, Preprocessing] = {}
+        for scorer in [*members.values(), *([view_classifier] if view_classifier else [])]:
+            self.preprocessings.update(scorer.preprocessings)
+        self.references = {(member, finding): bundle.reference(member, finding)
+                           for member, scorer in members.items() for finding in scorer.findings
+                           if bundle.reference(member, finding) is not None}
+
+    def projections(self, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each study's projection and where it came from: the file (a DICOM tag) or a
+        table's metadata as the item says, else the view classifier, else unknown."""
+        found = [{"view_position": item.get("view_position", "UNKNOWN"), "source": item.get("view_source")}
+                 for item in items]
+        unknown = [i for i, entry in enumerate(found) if entry["view_position"] == "UNKNOWN"]
+        if unknown and self.view_classifier is not None:
+            classifier = self.view_classifier
+            scores = classifier.calibrated(classifier.probabilities([items[i]["tensors"][classifier.key] for i in unknown]))
+            for i, row in zip(unknown, scores, strict=True):
+                best = int(np.argmax(row))
+                found[i] = {"view_position": classifier.findings[best], "source": "classifier",
+                            "probability": round(float(row[best]), 6), "classifier": classifier.ref.id}
+        for entry in found:
+            if entry["source"] is None:
+                entry["source"] = "unknown"
+        return found
+
+    def score(self, items: Sequence[dict[str, Any]]) -> list[Scored]:
+        from cxrtool.models.sources.bundle import MemberScores, merge
+
+        projections = self.projections(items)
+        routes = [self.bundle.route(p["view_position"]) for p in projections]
+        scored: list[Scored | None] = [None] * len(items)
+        for route in dict.fromkeys(routes):
+            rows = [i for i, r in enumerate(routes) if r == route]
+            outputs = []
+            for member in self.bundle.members_of(route):
+                scorer = self.members[member.name]
+                probabilities = scorer.calibrated(scorer.probabilities([items[i]["tensors"][scorer.key] for i in rows]))
+                outputs.append(MemberScores(member.name, scorer.findings, probabilities, member.weight))
+            merged = merge(self.findings, outputs, how=self.bundle.merge, references=self.references)
+            for k, i in enumerate(rows):
+                have = np.flatnonzero(~np.isnan(merged[k]))
+                ensemble = {
+                    "projection": projections[i], "route": route, "merge": self.bundle.merge,
+                    "members": {out.name: {"model_id": self.members[out.name].ref.id,
+                                           **{f: round(float(p), 6) for f, p in zip(out.findings, out.probabilities[k],
+                                                                                    strict=True)}}
+                                for out in outputs},
+                }
+                scored[i] = Scored([self.findings[j] for j in have], merged[k, have], self.thresholds[have],
+                                   ensemble=ensemble)
+        return scored  # type: ignore[return-value]
+
+
+def open_model(model: str | os.PathLike, *, device, runtime: str = "torch",
+               note: Callable[[str], None] | None = None) -> CheckpointScorer | BundleScorer:
+    """A checkpoint or a bundle file, loaded onto ``device`` and ready to score.
+
+    Raises:
+        CheckpointError: a file that is not a usable checkpoint, or a bad bundle (its
+            :class:`~cxrtool.models.sources.bundle.BundleError` names the fix).
+    """
+    from cxrtool.models.sources.bundle import is_bundle, read_bundle
+
+    if is_bundle(model):
+        bundle = read_bundle(model)
+        loaded: dict[Path, CheckpointScorer] = {}  # a file named twice is loaded once
+
+        def load(member) -> CheckpointScorer:
+            if member.path not in loaded:
+                loaded[member.path] = _checkpoint(member.path, device, runtime, note, sha256=member.sha256)
+            return loaded[member.path]
+
+        members = {name: load(member) for name, member in bundle.members.items()}
+        view = load(bundle.view_classifier) if bundle.view_classifier is not None else None
+        return BundleScorer(bundle, members, view)
+    return _checkpoint(Path(model), device, runtime, note)
+
+
+def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = None) -> CheckpointScorer:
+    import torch
+
+    from cxrtool.models.checkpoint import file_sha256, load_checkpoint
+    from cxrtool.models.runtime import OnnxNetwork, cache_folder
+    from cxrtool.models.runtime import choose as choose_runtime
+    from cxrtool.models.runtime import export as export_onnx
+
+    network, card = load_checkpoint(path, device=str(device))
+    sha256 = sha256 or file_sha256(path)
+    onnx = None
+    if choose_runtime(runtime, device.type) == "onnx":
+        graph = cache_folder() / "onnx"
+        if note is not None and not any(graph.glob(f"{sha256[:16]}-*")):
+            note(f"exporting {card.name} for ONNX Runtime, once (into {graph})")
+        onnx = OnnxNetwork(export_onnx(network, Preprocessing.from_dict(card.preprocessing).input_size, sha256))
+    # Channels-last convolutions are markedly faster on CPUs (oneDNN) and tensor cores.
+    network = network.to(memory_format=torch.channels_last)
+    return CheckpointScorer(path, network, card, device, sha256=sha256, onnx=onnx)
+
+
+__all__ = ["BUNDLE_ARCHITECTURE", "BundleScorer", "CheckpointScorer", "Scored", "forward", "open_model", "prep_key"]
