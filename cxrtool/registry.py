@@ -190,6 +190,14 @@ DEFAULT_CAM_METHOD = "gradcam"
 RUNTIMES: tuple[str, ...] = ("auto", "torch", "onnx")
 MAP_FORMATS: tuple[str, ...] = ("png", "npy")
 
+# A radiograph's projection, as read from a DICOM tag or a label table, or predicted by a
+# view classifier (`cxrtool train --task view`, whose findings are the first three).
+VIEW_POSITIONS: tuple[str, ...] = ("PA", "AP", "LATERAL", "UNKNOWN")
+PROJECTIONS: tuple[str, ...] = VIEW_POSITIONS[:3]
+# What `cxrtool train` learns: findings (multi-label), or the projection (a view classifier).
+TASKS: dict[str, str] = {"findings": "findings of the label table (multi-label)",
+                         "view": "the projection (PA, AP, LATERAL) of the label table's view column: a view classifier"}
+
 # Bundles (cxrtool.models.sources.bundle): the routes a study can take by its projection
 # (default: any projection without its own route), and how a route's members are merged.
 BUNDLE_ROUTES: tuple[str, ...] = ("PA", "AP", "LATERAL", "default")

@@ -300,3 +300,62 @@ def test_a_bad_bundle_is_refused_before_any_study_is_read(members, mixed_study):
     assert result.exit_code == 2, result.output
     assert "member 'gone': no such file" in result.output and "relative to the bundle's folder" in result.output
     assert not list(mixed_study.glob("*.cxrtool.json"))
+
+
+# ------------------------------------------------------------------------------ a view classifier
+
+
+@pytest.mark.slow
+def test_a_view_classifier_trained_from_the_view_column_routes_studies(members, tmp_path):
+    from test_train import make_generic_dataset
+
+    from cxrtool.models.checkpoint import read_card
+    from cxrtool.predict import predict
+    from cxrtool.train import load_config, train
+
+    labels = make_generic_dataset(tmp_path / "data", n=96)
+    with open(labels, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # The projection is what the picture shows: a disk on "PA" films, none on laterals; a few
+    # rows say nothing and are left out of the view classifier's training.
+    for i, row in enumerate(rows):
+        row["view"] = "" if i % 12 == 5 else ("PA" if row["Disk"] == "1" else "LL")
+    with open(labels, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    config = load_config(None, {"task": "view", "labels": str(labels), "out": str(tmp_path / "view"),
+                                "architecture": "resnet18", "input_size": 32, "batch_size": 16, "epochs": 6,
+                                "workers": 0, "lr": 3e-3, "loss": "bce", "val_fraction": 0.3, "device": "cpu"})
+    result = train(config)
+    card = read_card(result.checkpoint)
+    assert card.findings == ["PA", "LATERAL"] and card.training["task"] == "view"
+    assert card.training["n_images"] == 96 - 8
+    assert result.best_auroc > 0.85, result.history
+
+    (members / "view.safetensors").unlink()
+    (members / "view.safetensors").symlink_to(result.checkpoint)
+    bundle = write(members, "members: {pa: pa.safetensors, lat: lateral.safetensors, ap: ap.safetensors}\n"
+                            "routes: {PA: [pa], LATERAL: [lat], default: [ap]}\nview_classifier: view.safetensors\n")
+    images = sorted((tmp_path / "data").glob("img0[0-3]*.png"))  # PNGs: no tag says their projection
+    assert predict(images, model=bundle, workers=0, runtime="torch").predicted == len(images)
+    truth = {row["path"]: "PA" if row["Disk"] == "1" else "LATERAL" for row in rows}
+    routed = {name: record["results"][0]["ensemble"] for name, record in sidecars(tmp_path / "data").items()}
+    assert all(entry["projection"]["source"] == "classifier" for entry in routed.values())
+    right = [routed[path.name.split(".")[0]]["route"] == truth[path.name] for path in images]
+    assert np.mean(right) >= 0.8, routed
+
+
+def test_a_view_task_needs_two_projections(tmp_path):
+    from test_train import make_generic_dataset
+
+    from cxrtool.train import load_config, train
+
+    labels = make_generic_dataset(tmp_path / "data", n=8)  # no view column at all
+    config = load_config(None, {"task": "view", "labels": str(labels), "out": str(tmp_path / "run"),
+                                "architecture": "resnet18", "input_size": 32, "workers": 0, "device": "cpu"})
+    with pytest.raises(ValueError, match="a view classifier needs at least two projections .* none \\(8 of 8 rows "
+                                         "of unknown projection\\)"):
+        train(config)
+    with pytest.raises(ValueError, match="findings cannot be chosen for task view"):
+        load_config(None, {"task": "view", "labels": str(labels), "findings": "Disk"}).validate()

@@ -15,13 +15,17 @@ from typing import Annotated
 import typer
 
 from cxrtool.cli._console import fail, handle_interrupt, note, one_of, progress_bar, training_progress
-from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_HEAD, DEFAULT_LOSS, HEADS, LOSSES, PRESETS, UNCERTAIN_POLICIES
+from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_HEAD, DEFAULT_LOSS, HEADS, LOSSES, PRESETS, TASKS, UNCERTAIN_POLICIES
 
 
 def train(
     labels: Annotated[str | None, typer.Argument(help="Label CSV: NIH Data_Entry, CheXpert/MIMIC style, or generic (path + 0/1 columns).")] = None,
     *,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")] = None,
+    task: Annotated[str | None, typer.Option("--task", callback=one_of(tuple(TASKS)),
+                                             help="findings (default), or view: a view classifier (PA, AP, LATERAL) from "
+                                                  "the labels' view column, for bundles to route studies without a "
+                                                  "ViewPosition tag.")] = None,
     images: Annotated[str | None, typer.Option("--images", help="Image root (default: beside the label CSV).")] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder for checkpoint, state and config.")] = None,
     init: Annotated[str | None, typer.Option("--init", help="Start from this cxrtool checkpoint (trained or imported): its backbone, "
@@ -54,7 +58,7 @@ def train(
     from cxrtool.train.loop import train as run_train
 
     flags = {
-        "labels": labels, "images": images, "out": out, "init": init, "architecture": architecture, "head": head, "preset": preset, "epochs": epochs,
+        "task": task, "labels": labels, "images": images, "out": out, "init": init, "architecture": architecture, "head": head, "preset": preset, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "loss": loss, "input_size": input_size, "uncertain": uncertain,
         "pretrained": pretrained, "device": device, "workers": workers, "seed": seed,
         "findings": [f.strip() for f in findings.split(",") if f.strip()] if findings else None,

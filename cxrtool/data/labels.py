@@ -27,13 +27,14 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from cxrtool.registry import CHEXPERT_FINDINGS, NIH_FINDINGS, resolve_finding
+from cxrtool.registry import CHEXPERT_FINDINGS, NIH_FINDINGS, PROJECTIONS, VIEW_POSITIONS, resolve_finding
 from cxrtool.registry import LABEL_FORMATS as _FORMATS
 from cxrtool.registry import UNCERTAIN_POLICIES as _POLICIES
 
 __all__ = [
     "Box",
     "LabelTable",
+    "VIEW_POSITIONS",
     "UNCERTAIN_POLICIES",
     "LABEL_FORMATS",
     "patient_split",
@@ -120,6 +121,26 @@ class LabelTable:
             row_roots=None if self.row_roots is None else [self.row_roots[i] for i in pick],
         )
 
+    def projections(self) -> LabelTable:
+        """The projections of the rows as the targets of a view classifier: one column per
+        projection the table has (of PA, AP, LATERAL), one-hot; rows of unknown projection
+        are left out.
+
+        Raises:
+            ValueError: fewer than two projections among the rows.
+        """
+        known = [i for i, view in enumerate(self.views) if view in PROJECTIONS]
+        classes = [view for view in PROJECTIONS if any(self.views[i] == view for i in known)]
+        if len(classes) < 2:
+            raise ValueError(f"a view classifier needs at least two projections in the labels' view column; "
+                             f"these have {', '.join(classes) or 'none'} ({len(self) - len(known)} of {len(self)} "
+                             "rows of unknown projection)")
+        table = self.subset(known)
+        table.findings = tuple(classes)
+        table.targets = np.array([[float(view == c) for c in classes] for view in table.views], dtype=np.float32)
+        table.targets = table.targets.reshape(len(known), len(classes))
+        return table
+
     def key_for(self, i: int) -> str:
         """The file name used to join predictions with row ``i`` (basename of its path).
 
@@ -195,8 +216,6 @@ def _basename(image: str) -> str:
     return PurePosixPath(image.replace("\\", "/")).name
 
 
-VIEW_POSITIONS: tuple[str, ...] = ("PA", "AP", "LATERAL", "UNKNOWN")
-"""The projections a label table tells apart; a batch's ``view`` is an index into it."""
 
 
 def _normalize_view(value: str) -> str:

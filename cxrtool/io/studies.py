@@ -18,7 +18,8 @@ from typing import TextIO
 
 import numpy as np
 
-VIEW_POSITIONS = ("PA", "AP", "LATERAL", "UNKNOWN")
+from cxrtool.registry import VIEW_POSITIONS  # noqa: F401  (the name this module exported)
+
 # Smaller than this on either side is not a radiograph (an icon, a 1x1 tracking pixel, a
 # thumbnail): it is refused rather than scored. MedMNIST-style 28 px thumbnails are too.
 MIN_SIDE = 32

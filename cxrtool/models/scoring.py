@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from cxrtool.io.records import ModelRef
-from cxrtool.models.calibration import Calibration
+from cxrtool.models.calibration import Calibration, operating_point_card
 from cxrtool.preprocess import Preprocessing
 
 BUNDLE_ARCHITECTURE = "bundle"
@@ -130,6 +130,9 @@ class BundleScorer:
         self.preprocessings: dict[str, Preprocessing] = {}
         for scorer in [*members.values(), *([view_classifier] if view_classifier else [])]:
             self.preprocessings.update(scorer.preprocessings)
+        if view_classifier is not None:
+            points = np.clip(view_classifier.thresholds, 1e-6, 1 - 1e-6)
+            self.view_rule = Calibration(view_classifier.findings, operating_point_card(view_classifier.findings, points))
         self.references = {(member, finding): bundle.reference(member, finding)
                            for member, scorer in members.items() for finding in scorer.findings
                            if bundle.reference(member, finding) is not None}
@@ -143,8 +146,11 @@ class BundleScorer:
         if unknown and self.view_classifier is not None:
             classifier = self.view_classifier
             scores = classifier.calibrated(classifier.probabilities([items[i]["tensors"][classifier.key] for i in unknown]))
-            for i, row in zip(unknown, scores, strict=True):
-                best = int(np.argmax(row))
+            # Each projection is judged against its own threshold (chosen on validation): the
+            # raw probabilities of a briefly trained classifier rank well but may all lean one way.
+            relative = self.view_rule(scores)
+            for i, row, margin in zip(unknown, scores, relative, strict=True):
+                best = int(np.argmax(margin))
                 found[i] = {"view_position": classifier.findings[best], "source": "classifier",
                             "probability": round(float(row[best]), 6), "classifier": classifier.ref.id}
         for entry in found:

@@ -17,7 +17,16 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_HEAD, DEFAULT_LOSS, HEADS, PRESETS, THRESHOLD_METHODS, UNCERTAIN_POLICIES
+from cxrtool.registry import (
+    DEFAULT_ARCHITECTURE,
+    DEFAULT_HEAD,
+    DEFAULT_LOSS,
+    HEADS,
+    PRESETS,
+    TASKS,
+    THRESHOLD_METHODS,
+    UNCERTAIN_POLICIES,
+)
 
 # Settings that are paths: in a YAML file they are relative to the file's folder.
 PATH_SETTINGS = ("labels", "images", "out", "init", "descriptions")
@@ -29,6 +38,7 @@ class TrainConfig:
     ``--set key=value`` names."""
 
     # data
+    task: str = "findings"  # registry.TASKS: findings, or view (a view classifier from the view column)
     labels: str = ""  # NIH Data_Entry CSV, CheXpert/MIMIC-style CSV, or generic CSV
     images: str = ""  # image root (default: beside the CSV)
     labels_format: str = "auto"  # auto | nih | chexpert | generic
@@ -85,6 +95,9 @@ class TrainConfig:
 
         parse_loss(self.loss)  # its own message: the term that is wrong, and the choices
         checks = [
+            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
+            (self.task != "view" or not self.findings,
+             "findings cannot be chosen for task view: its classes are the projections the labels' view column has"),
             (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got {self.head!r}"),
             (self.output_stride in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {self.output_stride}"),
             (self.threshold_method in THRESHOLD_METHODS,

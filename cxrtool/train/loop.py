@@ -34,7 +34,7 @@ CHECKPOINT_NAME = "model.safetensors"
 STATE_NAME = "last_state.safetensors"
 CONFIG_NAME = "config.yaml"
 # Settings that must not change when resuming, or the saved state would not fit the run.
-_RESUME_INVARIANTS = ("architecture", "output_stride", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size",
+_RESUME_INVARIANTS = ("task", "architecture", "output_stride", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size",
                       "init", "head", "loss", "head_dim", "decoder_layers", "decoder_heads",
                       "decoder_self_attention", "lga_text", "lga_layers", "lga_cooccurrence_bias", "preset")
 
@@ -121,6 +121,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             findings=config.findings or None,
             uncertain=config.uncertain,
         )
+        if config.task == "view":
+            table = table.projections()
+            counts = ", ".join(f"{int(table.targets[:, j].sum())} {name}" for j, name in enumerate(table.findings))
+            say(TrainEvent("message", message=f"a view classifier: {counts}"))
         findings = list(table.findings)
         if len(table) < 4:
             raise ValueError(f"{config.labels}: only {len(table)} labelled images with files on disk; need at least 4")
@@ -185,7 +189,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         if resume and state_path.exists():
             state = load_tree(state_path)
             saved, current = absolute_paths(state["config"]), absolute_paths(config.to_dict())
-            changed = [k for k in _RESUME_INVARIANTS if saved.get(k) != current.get(k)]
+            defaults = TrainConfig().to_dict()  # a setting newer than the interrupted run had its default then
+            changed = [k for k in _RESUME_INVARIANTS if saved.get(k, defaults[k]) != current.get(k)]
             if changed:
                 raise ValueError(
                     f"cannot resume {state_path}: {', '.join(changed)} differ from the interrupted run "
@@ -420,6 +425,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
         training={
             "labels": str(config.labels),
             "labels_format": table.source,
+            "task": config.task,
             "n_images": len(table),
             "n_train": len(train_idx),
             "n_val": len(val_idx),

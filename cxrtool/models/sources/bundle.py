@@ -44,12 +44,11 @@ from typing import Any
 import numpy as np
 
 from cxrtool.models.checkpoint import CheckpointError, ModelCard, file_sha256, read_card
-from cxrtool.registry import BUNDLE_ROUTES, DEFAULT_MERGE, ENSEMBLE_MERGES
+from cxrtool.registry import BUNDLE_ROUTES, DEFAULT_MERGE, ENSEMBLE_MERGES, PROJECTIONS
 
 BUNDLE_SUFFIXES = (".yaml", ".yml")
 CALIBRATION_SUFFIX = ".calibration.json"
-# A view classifier's findings are projections: it is trained with `cxrtool train --task view`.
-VIEW_CLASSES: tuple[str, ...] = ("PA", "AP", "LATERAL")
+VIEW_CLASSES = PROJECTIONS  # a view classifier's findings (`cxrtool train --task view`)
 _TOP_KEYS = {"name", "merge", "members", "routes", "view_classifier", "description"}
 _MEMBER_KEYS = {"path", "weight"}
 
