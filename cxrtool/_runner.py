@@ -38,6 +38,7 @@ from cxrtool.io.records import (
     make_result,
     read_sidecar,
     relative_source,
+    sha256_file,
 )
 from cxrtool.io.studies import StudyReadError, find_studies, one_line, read_study
 from cxrtool.models.scoring import Scored, open_model
@@ -77,10 +78,11 @@ class StudyInputs:
 
     def __init__(
         self, paths: Sequence[Path], preps: dict[str, Preprocessing], *, include_patient_id: bool = False,
-        display_size: int | None = None
+        display_size: int | None = None, views: Sequence[str | None] | None = None
     ):
         self.paths = paths
         self.preps = preps
+        self.views = views  # per path: the projection a table gives, used where the file gives none
         self.include_patient_id = include_patient_id
         self.display_size = display_size  # also hand over the geometry and a uint8 picture this big
 
@@ -97,10 +99,13 @@ class StudyInputs:
         try:
             study = read_study(path)
             prepared = {key: prepare(study.pixels, prep) for key, prep in self.preps.items()}
+            view, source = study.view_position, ("tag" if study.view_position != "UNKNOWN" else None)
+            if source is None and self.views is not None and self.views[index]:
+                view, source = self.views[index], "metadata"
             item.update(
                 tensors={key: tensor for key, (tensor, _) in prepared.items()},
-                view_position=study.view_position,
-                view_source="tag" if study.view_position != "UNKNOWN" else None,
+                view_position=view,
+                view_source=source,
                 pixel_spacing=study.pixel_spacing,
                 identity=study.identity,
                 image_size=list(study.shape),
@@ -193,6 +198,7 @@ class RunContext:
             source=relative_source(path, folder),
             fingerprint=item["fingerprint"],
             view_position=item["view_position"],
+            view_source=item.get("view_source"),
             pixel_spacing_mm=[round(float(v), 6) for v in spacing] if spacing else None,
             image_size=item["image_size"],
             identity=dict(item["identity"]),
@@ -268,6 +274,7 @@ def run_studies(
     check_model: Callable[[Any, Any], None] | None = None,
     runtime: str = "torch",
     note: Callable[[str], None] | None = None,
+    views: str | os.PathLike | None = None,
     stdin=None,
 ) -> RunSummary:
     """Run a stage (predict, explain) over studies.
@@ -280,7 +287,8 @@ def run_studies(
     (:func:`cxrtool.models.scoring.open_model`); ``check_model(scorer)`` may refuse the
     request (by raising) before any study is looked at. ``runtime`` (auto, torch, onnx)
     says what runs the networks; ``note`` hears what the run says along the way (an
-    export, for one).
+    export, for one). ``views`` is a label or metadata table giving the projection of
+    studies whose files do not (:func:`cxrtool.data.labels.read_views`).
     """
     import torch
 
@@ -290,10 +298,14 @@ def run_studies(
 
     torch_device = pick_device(device)
     choose_runtime(runtime, torch_device.type)  # an impossible runtime is refused before any file is read
+    table_views = _read_views(views)
     scorer = open_model(model, device=torch_device, runtime=runtime, note=note)
     if check_model is not None:
         check_model(scorer)
     model_ref = scorer.ref
+    if views is not None and getattr(scorer, "routes_by_projection", False):
+        # The table decides routes, so its content is part of what made each result.
+        settings = {**settings, "views": sha256_file(views)}
 
     paths = list(find_studies(inputs, stdin=stdin))
     summary = RunSummary(total=len(paths))
@@ -337,7 +349,8 @@ def run_studies(
                          in_worker=in_workers)
     processor = make_processor(context)
     dataset = StudyInputs(todo, scorer.preprocessings, include_patient_id=include_patient_id,
-                          display_size=display_size)
+                          display_size=display_size,
+                          views=[table_views.get(p.name) or table_views.get(p.stem) for p in todo] if table_views else None)
     if in_workers:
         # Workers decode and process chunks of a few studies; small chunks keep a run of
         # slow studies (large JPEG 2000 DICOMs) from piling up in one worker.
@@ -382,6 +395,23 @@ def run_studies(
         if on_finish is not None:
             on_finish(summary.folders)
     return summary
+
+
+def _read_views(table: str | os.PathLike | None) -> dict[str, str]:
+    """The projections a table gives, by file name and stem (empty without a table).
+
+    Raises:
+        UsageError: a table that cannot be read, before any study is.
+    """
+    from cxrtool.data.labels import read_views
+    from cxrtool.errors import UsageError
+
+    if table is None:
+        return {}
+    try:
+        return read_views(table)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--views: {error}") from None
 
 
 def _chunks(n: int, size: int, *, tail: int) -> list[list[int]]:

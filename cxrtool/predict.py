@@ -82,6 +82,7 @@ def predict(
     on_result: ResultCallback | None = None,
     progress: ProgressCallback | None = None,
     note: Callable[[str], None] | None = None,
+    views: str | os.PathLike | None = None,
     stdin=None,
 ) -> RunSummary:
     """Run a checkpoint over studies and write sidecars and folder tables.
@@ -107,6 +108,9 @@ def predict(
         on_result: called with each study's record (done, skipped or failed), in order.
         progress: called with (studies finished, total).
         note: called with what the run says along the way (a one-time export).
+        views: a label or metadata table (NIH, CheXpert, MIMIC-CXR metadata, or path and
+            view columns) giving the projection of studies whose files do not say it; a
+            bundle routes by it.
 
     Returns:
         A :class:`RunSummary`.
@@ -119,5 +123,5 @@ def predict(
         inputs, model=model, make_processor=ScoreChunk, settings={"predict": PREDICT_SETTINGS}, out=out,
         overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
         include_patient_id=include_patient_id, on_result=on_result, progress=progress, runtime=runtime, note=note,
-        stdin=stdin,
+        views=views, stdin=stdin,
     )

@@ -359,3 +359,60 @@ def test_a_view_task_needs_two_projections(tmp_path):
         train(config)
     with pytest.raises(ValueError, match="findings cannot be chosen for task view"):
         load_config(None, {"task": "view", "labels": str(labels), "findings": "Disk"}).validate()
+
+
+# ------------------------------------------------------------------------------ projection from a table
+
+
+def test_read_views_from_the_tables_of_the_field(tmp_path, nih_dir):
+    from cxrtool.data.labels import read_views
+
+    nih = read_views(next(nih_dir.glob("Data_Entry*.csv*")))
+    assert nih["00000001_000.png"] == nih["00000001_000"] in {"PA", "AP"}
+    chexpert = write(tmp_path, "Path,Sex,Frontal/Lateral,AP/PA,Edema\n"
+                               "CheXpert-v1.0/train/patient1/study1/view1_frontal.jpg,F,Frontal,AP,1\n"
+                               "CheXpert-v1.0/train/patient1/study1/view2_lateral.jpg,F,Lateral,,\n"
+                               "CheXpert-v1.0/train/patient2/study1/view1_frontal.jpg,M,Frontal,,0\n", "chexpert.csv")
+    views = read_views(chexpert)
+    assert views["view1_frontal.jpg"] == "AP"  # the first patient's; the second says nothing and is left out
+    assert views["view2_lateral.jpg"] == "LATERAL"
+    mimic = write(tmp_path, "dicom_id,subject_id,study_id,ViewPosition,Rows\n"
+                            "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014,10000032,50414267,PA,3056\n"
+                            "174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962,10000032,50414267,LATERAL,3056\n"
+                            "2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab,10000032,53189527,,3056\n", "mimic.csv")
+    views = read_views(mimic)
+    assert views["02aa804e-bde0afdd-112c0b34-7bc16630-4e384014"] == "PA"  # as x.dcm or x.jpg: by stem
+    assert views["174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962"] == "LATERAL"
+    assert "2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab" not in views
+    with pytest.raises(ValueError, match="no image and view columns"):
+        read_views(write(tmp_path, "path,Effusion\na.png,1\n", "noview.csv"))
+
+
+def test_a_table_gives_the_projection_a_file_does_not(members, mixed_study):
+    from typer.testing import CliRunner
+
+    from cxrtool.cli import app
+
+    table = write(mixed_study.parent, "path,view\nx.png,AP\npa.dcm,LL\n", "views.csv")
+    bundle = write(members, ROUTED)
+    args = ["predict", str(mixed_study), "-m", str(bundle), "-j", "0", "--runtime", "torch", "--views", str(table)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = sidecars(mixed_study)
+    assert (records["x"]["view_position"], records["x"]["view_source"]) == ("AP", "metadata")
+    assert records["x"]["results"][0]["ensemble"]["projection"] == {"view_position": "AP", "source": "metadata"}
+    assert records["x"]["results"][0]["ensemble"]["route"] == "AP"
+    # The file's own tag wins over the table.
+    assert (records["pa"]["view_position"], records["pa"]["view_source"]) == ("PA", "tag")
+    assert records["pa"]["results"][0]["ensemble"]["route"] == "PA"
+    # The table decides routes: another table makes the bundle's results again; the same is done.
+    assert "0 predicted, 4 already done" in CliRunner().invoke(app, args).output
+    table.write_text("path,view\nx.png,LATERAL\n")
+    assert "4 predicted" in CliRunner().invoke(app, args).output
+    assert sidecars(mixed_study)["x"]["results"][0]["ensemble"]["route"] == "LATERAL"
+    # A single checkpoint does not route: the table only fills in the sidecar's projection.
+    single = ["predict", str(mixed_study), "-m", str(members / "pa.safetensors"), "-j", "0", "--runtime", "torch"]
+    assert CliRunner().invoke(app, single).exit_code == 0
+    assert "0 predicted, 4 already done" in CliRunner().invoke(app, [*single, "--views", str(table)]).output
+    bad = CliRunner().invoke(app, [*single, "--views", str(mixed_study / "nope.csv")])
+    assert bad.exit_code == 2 and "--views: view table not found" in bad.output

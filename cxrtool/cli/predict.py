@@ -25,6 +25,9 @@ def predict(
     include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
     runtime: Annotated[str, typer.Option("--runtime", callback=one_of(RUNTIMES), help="What runs the network: auto (ONNX Runtime on a CPU "
                                          "when installed, else PyTorch), torch or onnx.")] = "auto",
+    views: Annotated[Path | None, typer.Option("--views", help="A label or metadata table (NIH Data_Entry, CheXpert/MIMIC "
+                                                "CSV, MIMIC-CXR metadata, or path,view) giving the projection of studies "
+                                                "whose files do not; a bundle routes by it.")] = None,
 ) -> None:
     """Write each study's finding probabilities as a JSON sidecar and a per-folder CSV.
 
@@ -36,7 +39,8 @@ def predict(
     run_over_studies(
         "predict",
         functools.partial(run_predict, inputs, model=model, out=out, overwrite=overwrite, batch_size=batch_size,
-                          workers=workers, device=device, include_patient_id=include_patient_id, runtime=runtime),
+                          workers=workers, device=device, include_patient_id=include_patient_id, runtime=runtime,
+                          views=views),
         jsonl=jsonl, listed="cxrtool_predictions.csv", done_word="predicted",
     )
 

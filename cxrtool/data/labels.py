@@ -40,6 +40,7 @@ __all__ = [
     "patient_split",
     "read_boxes",
     "read_labels",
+    "read_views",
 ]
 
 UNCERTAIN_POLICIES = tuple(_POLICIES)
@@ -611,6 +612,57 @@ def _parse_generic(
         )
     targets = np.asarray(rows, dtype=np.float32).reshape(len(images), len(names))
     return tuple(names), images, patients, views, targets
+
+
+# --------------------------------------------------------------------------- projections
+
+# Columns that name a row's image, and columns that give its projection, in the tables of
+# NIH (Image Index, View Position), CheXpert (Path, Frontal/Lateral, AP/PA), MIMIC-CXR's
+# metadata (dicom_id, ViewPosition) and cxrtool's generic format (path, view).
+_IMAGE_COLUMNS = ("image index", "path", "dicom_id", *_GENERIC_PATH_COLUMNS)
+_VIEW_COLUMNS = ("view position", "viewposition", "ap/pa", *_GENERIC_VIEW_COLUMNS)
+
+
+def read_views(csv_path: str | os.PathLike[str]) -> dict[str, str]:
+    """Each image's projection from a label or metadata table: file name (and stem) ->
+    "PA", "AP" or "LATERAL"; rows of unknown projection are left out.
+
+    Reads NIH ``Data_Entry`` files, CheXpert and MIMIC-CXR-JPG label files, MIMIC-CXR's
+    metadata file (``dicom_id``: keyed by the stem a DICOM or JPEG of it has) and generic
+    tables with a path and a view column; a CheXpert ``Frontal/Lateral`` of Lateral wins
+    over its ``AP/PA``.
+
+    Raises:
+        ValueError: no image or no view column in the header.
+        FileNotFoundError: ``csv_path`` does not exist.
+    """
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"view table not found: {path}")
+    header, reader, fh = _read_csv(path)
+    with fh:
+        lower = [h.strip().lower() for h in header]
+        i_image = next((lower.index(c) for c in _IMAGE_COLUMNS if c in lower), None)
+        i_view = next((lower.index(c) for c in _VIEW_COLUMNS if c in lower), None)
+        i_lateral = lower.index("frontal/lateral") if "frontal/lateral" in lower else None
+        if i_image is None or (i_view is None and i_lateral is None):
+            raise ValueError(f"{path.name}: no image and view columns (e.g. 'Image Index' and 'View Position', or "
+                             f"path and view) in the header ({_describe_header(header)})")
+        views: dict[str, str] = {}
+        for row in reader:
+            if len(row) <= i_image or not row[i_image].strip():
+                continue
+            view = "UNKNOWN"
+            if i_lateral is not None and i_lateral < len(row) and row[i_lateral].strip().lower() == "lateral":
+                view = "LATERAL"
+            elif i_view is not None and i_view < len(row):
+                view = _normalize_view(row[i_view])
+            if view == "UNKNOWN":
+                continue
+            name = _basename(row[i_image].strip())
+            views[name] = view
+            views.setdefault(PurePosixPath(name).stem, view)
+    return views
 
 
 # --------------------------------------------------------------------------- splitting

@@ -334,6 +334,7 @@ class Sidecar:
     source: str
     fingerprint: Fingerprint
     view_position: str = "UNKNOWN"
+    view_source: str | None = None  # where the projection came from: "tag" (DICOM) or "metadata" (a table)
     pixel_spacing_mm: list[float] | None = None
     image_size: list[int] | None = None
     identity: dict[str, str] = field(default_factory=dict)
@@ -373,6 +374,7 @@ class Sidecar:
             "file_stat": self.fingerprint.to_dict()["stat"],
             **{k: v for k, v in self.identity.items() if k in IDENTITY_KEYS},
             "view_position": self.view_position,
+            **({"view_source": self.view_source} if self.view_source else {}),
             "pixel_spacing_mm": self.pixel_spacing_mm,
             "image_size": self.image_size,
         }
@@ -402,6 +404,7 @@ class Sidecar:
             source=str(values.get("source") or values.get("file", "")),
             fingerprint=fingerprint,
             view_position=str(values.get("view_position", "UNKNOWN")),
+            view_source=values.get("view_source") if isinstance(values.get("view_source"), str) else None,
             pixel_spacing_mm=values.get("pixel_spacing_mm"),
             image_size=values.get("image_size"),
             identity={k: str(values[k]) for k in IDENTITY_KEYS if values.get(k)},

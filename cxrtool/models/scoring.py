@@ -75,6 +75,8 @@ def forward(network, tensors: list[np.ndarray], device) -> np.ndarray:
 class CheckpointScorer:
     """One cxrtool checkpoint: its network (PyTorch, or its ONNX graph) and its card."""
 
+    routes_by_projection = False  # its scores do not depend on the study's projection
+
     def __init__(self, path: str | os.PathLike, network, card, device, *, sha256: str, onnx=None) -> None:
         self.path = Path(path)
         self.network = network
@@ -118,6 +120,8 @@ class BundleScorer:
     """A bundle (:mod:`cxrtool.models.sources.bundle`): each study routed by its projection
     (the file's, else the view classifier's) to its route's members, their probabilities
     merged per finding over the members that have it."""
+
+    routes_by_projection = True
 
     def __init__(self, bundle, members: dict[str, CheckpointScorer], view_classifier: CheckpointScorer | None) -> None:
         self.bundle = bundle
