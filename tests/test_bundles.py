@@ -416,3 +416,21 @@ def test_a_table_gives_the_projection_a_file_does_not(members, mixed_study):
     assert "0 predicted, 4 already done" in CliRunner().invoke(app, [*single, "--views", str(table)]).output
     bad = CliRunner().invoke(app, [*single, "--views", str(mixed_study / "nope.csv")])
     assert bad.exit_code == 2 and "--views: view table not found" in bad.output
+
+
+def test_evaluate_scores_a_bundles_predictions(members, mixed_study):
+    from cxrtool.evaluate import evaluate
+    from cxrtool.predict import predict
+
+    bundle = write(members, ROUTED)
+    predict([mixed_study], model=bundle, workers=0, runtime="torch")
+    predict([mixed_study], model=members / "pa.safetensors", workers=0, runtime="torch")  # another model's rows
+    labels = write(mixed_study.parent, "path,Effusion,Nodule,Cardiomegaly,Edema\n"
+                                       "pa.dcm,1,0,0,0\nap.dcm,0,1,1,1\nlat.dcm,1,0,1,0\nx.png,0,1,0,1\n", "labels.csv")
+    report = evaluate(mixed_study, labels, model=bundle, n_boot=0, out_dir=mixed_study.parent / "eval")
+    assert report.matching["matched"] == 4, report.matching
+    rows = {row.finding: row for row in report.findings}
+    # Effusion was scored on every route; Nodule only where a member has it (PA and default routes).
+    assert rows["Effusion"].n == 4 and rows["Nodule"].n == 2
+    assert any("left out of that finding's metrics: Cardiomegaly 1, Edema 2, Nodule 2" in n for n in report.notes), \
+        report.notes

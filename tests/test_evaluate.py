@@ -211,7 +211,7 @@ def _evaluation_inputs(tmp_path: Path) -> tuple[Path, Path, np.ndarray, np.ndarr
         w.writerow(["/data/study/broken.dcm", "", "", "", "", "cannot decode"])
         w.writerow(["/data/study/case_000.png", "0.5", "0.5", "0.1", "PA", ""])  # duplicate
         w.writerow(["/data/study/stranger.png", "0.5", "0.5", "0.1", "PA", ""])  # unmatched
-        w.writerow(["/data/study/half.png", "0.5", "", "0.1", "PA", ""])  # incomplete
+        w.writerow(["/data/study/half.png", "", "", "0.1", "PA", ""])  # no probabilities of the evaluated findings
     return preds, labels, y, score
 
 

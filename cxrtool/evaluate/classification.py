@@ -609,9 +609,11 @@ def _read_predictions(
             values = [float(c) if c else math.nan for c in cells]
         except ValueError:
             raise ValueError(f"{where}: probabilities must be numbers, got {cells} for {row.get('file')}") from None
-        if any(math.isnan(v) for v in values):
+        if all(math.isnan(v) for v in values):
             counts["incomplete_rows"] += 1
             continue
+        # Some empty: findings this study was not scored for (a bundle's route without
+        # them); they are left out of those findings' metrics only.
         files.append(row["path"])
         scores.append(values)
     notes = []
@@ -839,13 +841,10 @@ def evaluate(
     card_thresholds, wanted = None, None
     if model is not None:
         wanted = str(model)
-        if Path(model).is_file():  # a checkpoint: its rows, by its digest, and its card's thresholds
-            from cxrtool.io.records import sha256_file
-            from cxrtool.models.checkpoint import read_card
+        if Path(model).is_file():  # a checkpoint or bundle: its rows, by its digest, and its thresholds
+            from cxrtool.models.scoring import identify
 
-            card = read_card(model)
-            card_thresholds = {f: card.threshold_for(f) for f in card.findings}
-            wanted = sha256_file(model)
+            wanted, card_thresholds = identify(model)
     if isinstance(labels, LabelTable):
         table = labels
         labels_name = f"<LabelTable {table.source}, {len(table)} rows>"
@@ -870,7 +869,7 @@ def evaluate(
         ("ambiguous_predictions", "prediction rows matched several label rows"),
         ("duplicate_predictions", "prediction rows repeated an already matched image"),
         ("error_rows", "prediction rows had an error"),
-        ("incomplete_rows", "prediction rows had empty probabilities"),
+        ("incomplete_rows", "prediction rows had no probabilities"),
     ):
         if counts.get(key):
             notes.append(f"{counts[key]} {what} and were excluded")
@@ -879,6 +878,13 @@ def evaluate(
     columns = [label_column[name] for name in names]
     y_true = table.targets[np.ix_(label_rows, columns)].astype(np.float64)
     y_score = scores[pred_rows]
+    unscored = np.isnan(y_score) & ~np.isnan(y_true)
+    if unscored.any():
+        y_true[np.isnan(y_score)] = np.nan
+        per = ", ".join(f"{names[j]} {int(n)}" for j, n in enumerate(unscored.sum(axis=0)) if n)
+        notes.append(f"{int(unscored.sum())} labelled (study, finding) pairs had no probability (the model did not "
+                     f"score that finding on that study, e.g. a bundle route without it) and were left out of that "
+                     f"finding's metrics: {per}")
     if isinstance(thresholds, (int, float)):
         thresholds = {name: float(thresholds) for name in names}
     if thresholds is not None:

@@ -190,6 +190,19 @@ class BundleScorer:
         return scored  # type: ignore[return-value]
 
 
+def identify(model: str | os.PathLike) -> tuple[str, dict[str, float]]:
+    """A checkpoint's or bundle's identity (the SHA-256 its results carry) and its decision
+    thresholds, read without loading any weights."""
+    from cxrtool.models.checkpoint import file_sha256, read_card
+    from cxrtool.models.sources.bundle import is_bundle, read_bundle
+
+    if is_bundle(model):
+        bundle = read_bundle(model)
+        return bundle.sha256, {f: bundle.threshold_for(f) for f in bundle.findings}
+    card = read_card(model)
+    return file_sha256(model), {f: card.threshold_for(f) for f in card.findings}
+
+
 def open_model(model: str | os.PathLike, *, device, runtime: str = "torch",
                note: Callable[[str], None] | None = None) -> CheckpointScorer | BundleScorer:
     """A checkpoint or a bundle file, loaded onto ``device`` and ready to score.
@@ -236,4 +249,5 @@ def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = 
     return CheckpointScorer(path, network, card, device, sha256=sha256, onnx=onnx)
 
 
-__all__ = ["BUNDLE_ARCHITECTURE", "BundleScorer", "CheckpointScorer", "Scored", "forward", "open_model", "prep_key"]
+__all__ = ["BUNDLE_ARCHITECTURE", "BundleScorer", "CheckpointScorer", "Scored", "forward", "identify", "open_model",
+           "prep_key"]
