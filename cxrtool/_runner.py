@@ -41,7 +41,7 @@ from cxrtool.io.records import (
     sha256_file,
 )
 from cxrtool.io.studies import StudyReadError, find_studies, one_line, read_study
-from cxrtool.models.scoring import Scored, open_model
+from cxrtool.models.scoring import NO_TTA, Scored, open_model
 from cxrtool.preprocess import Preprocessing, prepare
 
 ResultCallback = Callable[[dict[str, Any]], None]
@@ -275,6 +275,7 @@ def run_studies(
     runtime: str = "torch",
     note: Callable[[str], None] | None = None,
     views: str | os.PathLike | None = None,
+    tta: Any = None,
     stdin=None,
 ) -> RunSummary:
     """Run a stage (predict, explain) over studies.
@@ -288,7 +289,8 @@ def run_studies(
     request (by raising) before any study is looked at. ``runtime`` (auto, torch, onnx)
     says what runs the networks; ``note`` hears what the run says along the way (an
     export, for one). ``views`` is a label or metadata table giving the projection of
-    studies whose files do not (:func:`cxrtool.data.labels.read_views`).
+    studies whose files do not (:func:`cxrtool.data.labels.read_views`); ``tta`` a
+    :class:`~cxrtool.models.scoring.TestTimeAugmentation` the model scores with.
     """
     import torch
 
@@ -299,7 +301,7 @@ def run_studies(
     torch_device = pick_device(device)
     choose_runtime(runtime, torch_device.type)  # an impossible runtime is refused before any file is read
     table_views = _read_views(views)
-    scorer = open_model(model, device=torch_device, runtime=runtime, note=note)
+    scorer = open_model(model, device=torch_device, runtime=runtime, note=note, tta=tta or NO_TTA)
     if check_model is not None:
         check_model(scorer)
     model_ref = scorer.ref

@@ -22,11 +22,13 @@ from cxrtool._runner import (
     run_studies,
 )
 from cxrtool.io.records import Result, StudyFailure, store_result
+from cxrtool.models.scoring import NO_TTA, TestTimeAugmentation
 
 __all__ = ["PREDICT_SETTINGS", "PredictSummary", "RunSummary", "ScoreChunk", "output_root", "predict", "regroup"]
 
-# What of predict changes a result beyond the model and the file: nothing yet (test-time
-# augmentation will). Recorded with each result; a change makes studies be done again.
+# What of predict changes a result beyond the model and the file: test-time augmentation
+# (TestTimeAugmentation.settings), nothing without it. Recorded with each result; a change
+# makes studies be done again.
 PREDICT_SETTINGS: dict[str, Any] = {}
 
 
@@ -60,9 +62,10 @@ class ScoreChunk:
 
 
 def keep_explanations(previous: Result, new: Result) -> Result:
-    """Predicting a study again with the same model and content gives the same
-    probabilities: the maps ``explain`` made of them stay valid and stay with the result."""
-    if previous.explanations is not None and "explain" in previous.settings:
+    """Predicting a study again with the same model, content and predict settings gives the
+    same probabilities: the maps ``explain`` made of them stay valid and stay with the result."""
+    same = previous.settings.get("predict", {}) == new.settings.get("predict", {})
+    if previous.explanations is not None and "explain" in previous.settings and same:
         new.explanations = previous.explanations
         new.settings = {**new.settings, "explain": previous.settings["explain"]}
     return new
@@ -83,6 +86,7 @@ def predict(
     progress: ProgressCallback | None = None,
     note: Callable[[str], None] | None = None,
     views: str | os.PathLike | None = None,
+    tta: TestTimeAugmentation | None = None,
     stdin=None,
 ) -> RunSummary:
     """Run a checkpoint over studies and write sidecars and folder tables.
@@ -111,6 +115,9 @@ def predict(
         views: a label or metadata table (NIH, CheXpert, MIMIC-CXR metadata, or path and
             view columns) giving the projection of studies whose files do not say it; a
             bundle routes by it.
+        tta: test-time augmentation (:class:`~cxrtool.models.scoring.TestTimeAugmentation`):
+            each study's copies scored in the same forward passes, their probabilities
+            averaged; recorded with each result.
 
     Returns:
         A :class:`RunSummary`.
@@ -119,9 +126,10 @@ def predict(
         >>> summary = predict(["study/"], model="demo.safetensors")
         >>> summary.predicted, summary.exit_code
     """
+    tta = tta or NO_TTA
     return run_studies(
-        inputs, model=model, make_processor=ScoreChunk, settings={"predict": PREDICT_SETTINGS}, out=out,
+        inputs, model=model, make_processor=ScoreChunk, settings={"predict": {**PREDICT_SETTINGS, **tta.settings()}}, out=out,
         overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
         include_patient_id=include_patient_id, on_result=on_result, progress=progress, runtime=runtime, note=note,
-        views=views, stdin=stdin,
+        views=views, tta=tta, stdin=stdin,
     )

@@ -198,6 +198,15 @@ PROJECTIONS: tuple[str, ...] = VIEW_POSITIONS[:3]
 TASKS: dict[str, str] = {"findings": "findings of the label table (multi-label)",
                          "view": "the projection (PA, AP, LATERAL) of the label table's view column: a view classifier"}
 
+# Test-time augmentation of predict (cxrtool.models.scoring.TestTimeAugmentation): copies of
+# each study that go through the model in the same forward passes, their probabilities
+# averaged. A horizontal flip only when asked (--tta-flip): it moves the heart.
+TTA_MODES: dict[str, str] = {
+    "none": "the study as it is",
+    "light": "3 copies: as it is, zoomed in 10% and out 10%",
+    "strong": "7 copies: light, and shifted 5% of the side left, right, up and down",
+}
+
 # Bundles (cxrtool.models.sources.bundle): the routes a study can take by its projection
 # (default: any projection without its own route), and how a route's members are merged.
 BUNDLE_ROUTES: tuple[str, ...] = ("PA", "AP", "LATERAL", "default")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cxrtool.cli._console import one_of, run_over_studies
-from cxrtool.registry import RUNTIMES
+from cxrtool.registry import RUNTIMES, TTA_MODES
 
 
 def predict(
@@ -28,19 +28,25 @@ def predict(
     views: Annotated[Path | None, typer.Option("--views", help="A label or metadata table (NIH Data_Entry, CheXpert/MIMIC "
                                                 "CSV, MIMIC-CXR metadata, or path,view) giving the projection of studies "
                                                 "whose files do not; a bundle routes by it.")] = None,
+    tta: Annotated[str, typer.Option("--tta", callback=one_of(tuple(TTA_MODES)),
+                                     help="Test-time augmentation: none, light (3 copies: zoom in and out 10%), "
+                                          "strong (7: and shifts of 5%); the copies' probabilities averaged.")] = "none",
+    tta_flip: Annotated[bool, typer.Option("--tta-flip", help="Also score each copy mirrored left to right (it moves "
+                                                                "the heart: only for models trained with flips).")] = False,
 ) -> None:
     """Write each study's finding probabilities as a JSON sidecar and a per-folder CSV.
 
     Exit status: 0 all studies done, 1 some failed (reasons on stderr and in the CSV's
     error column), 2 usage error, 130 interrupted (re-run to resume).
     """
+    from cxrtool.models.scoring import TestTimeAugmentation
     from cxrtool.predict import predict as run_predict
 
     run_over_studies(
         "predict",
         functools.partial(run_predict, inputs, model=model, out=out, overwrite=overwrite, batch_size=batch_size,
                           workers=workers, device=device, include_patient_id=include_patient_id, runtime=runtime,
-                          views=views),
+                          views=views, tta=TestTimeAugmentation(tta, tta_flip)),
         jsonl=jsonl, listed="cxrtool_predictions.csv", done_word="predicted",
     )
 

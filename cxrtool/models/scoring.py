@@ -58,8 +58,77 @@ class Scored:
     ensemble: dict[str, Any] | None = None
 
 
-def forward(network, tensors: list[np.ndarray], device) -> np.ndarray:
-    """Probabilities for a list of preprocessed studies, as float64 (n, findings)."""
+@dataclass(frozen=True)
+class TestTimeAugmentation:
+    """Copies of each study scored with it, in the same forward passes, and averaged.
+
+    ``mode`` is a key of ``registry.TTA_MODES``; ``flip`` adds the horizontal mirror of
+    every copy. The copies are made on the model's device from the preprocessed tensor: a
+    zoom or shift about the centre, the area it uncovers filled with the letterbox's
+    background (black), so nothing of the study is invented.
+    """
+
+    mode: str = "none"
+    flip: bool = False
+
+    __test__ = False  # not a pytest test class, whatever its name says
+
+    def __post_init__(self) -> None:
+        from cxrtool.errors import UsageError
+        from cxrtool.registry import TTA_MODES
+
+        if self.mode not in TTA_MODES:
+            raise UsageError(f"unknown --tta {self.mode!r}; choose one of {', '.join(TTA_MODES)}")
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none" or self.flip
+
+    def transforms(self) -> list[tuple[float, float, float, bool]]:
+        """(zoom, shift x, shift y, mirrored) of each copy; shifts in fractions of the side."""
+        base = [(1.0, 0.0, 0.0)]
+        if self.mode in ("light", "strong"):
+            base += [(1.1, 0.0, 0.0), (1 / 1.1, 0.0, 0.0)]
+        if self.mode == "strong":
+            base += [(1.0, 0.05, 0.0), (1.0, -0.05, 0.0), (1.0, 0.0, 0.05), (1.0, 0.0, -0.05)]
+        copies = [(zoom, dx, dy, False) for zoom, dx, dy in base]
+        return copies + [(zoom, dx, dy, True) for zoom, dx, dy, _ in copies] if self.flip else copies
+
+    def settings(self) -> dict[str, Any]:
+        """What is recorded with each result (nothing without augmentation)."""
+        if not self.active:
+            return {}
+        return {"tta": self.mode, "flip": self.flip, "copies": len(self.transforms()),
+                "merge": "mean of the copies' probabilities"}
+
+    def expand(self, batch, background: float):
+        """(n, C, S, S) -> (n * copies, C, S, S), each study's copies together."""
+        import torch
+        import torch.nn.functional as F
+
+        copies = self.transforms()
+        n = batch.shape[0]
+        theta = torch.zeros(len(copies), 2, 3, dtype=batch.dtype, device=batch.device)
+        for k, (zoom, dx, dy, mirrored) in enumerate(copies):
+            # The sampling grid maps output to input coordinates in [-1, 1]: a zoom z reads
+            # a window 1/z as wide; a shift moves the content by dx of the side (2 dx units).
+            theta[k, 0, 0] = (-1.0 if mirrored else 1.0) / zoom
+            theta[k, 1, 1] = 1.0 / zoom
+            theta[k, 0, 2] = -2.0 * dx / zoom
+            theta[k, 1, 2] = -2.0 * dy / zoom
+        theta = theta.repeat(n, 1, 1)
+        source = batch.repeat_interleave(len(copies), dim=0) - background
+        grid = F.affine_grid(theta, list(source.shape), align_corners=False)
+        return F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + background
+
+
+NO_TTA = TestTimeAugmentation()
+
+
+def forward(network, tensors: list[np.ndarray], device, *, tta: TestTimeAugmentation = NO_TTA,
+            background: float = 0.0) -> np.ndarray:
+    """Probabilities for a list of preprocessed studies, as float64 (n, findings); with
+    test-time augmentation, the mean over each study's copies (one forward pass for all)."""
     import torch
 
     batch = torch.from_numpy(np.stack(tensors))
@@ -67,9 +136,15 @@ def forward(network, tensors: list[np.ndarray], device) -> np.ndarray:
     if device.type == "cuda":
         batch = batch.pin_memory().to(device, non_blocking=True)
         autocast = torch.autocast("cuda", dtype=torch.float16)
-    with torch.inference_mode(), autocast:
-        logits = network(batch.contiguous(memory_format=torch.channels_last))
-    return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
+    with torch.inference_mode():
+        if tta.active:
+            batch = tta.expand(batch, background)
+        with autocast:
+            logits = network(batch.contiguous(memory_format=torch.channels_last))
+        probabilities = torch.sigmoid(logits.float())
+        if tta.active:
+            probabilities = probabilities.reshape(len(tensors), -1, probabilities.shape[-1]).mean(dim=1)
+    return probabilities.cpu().numpy().astype(np.float64)
 
 
 class CheckpointScorer:
@@ -77,8 +152,10 @@ class CheckpointScorer:
 
     routes_by_projection = False  # its scores do not depend on the study's projection
 
-    def __init__(self, path: str | os.PathLike, network, card, device, *, sha256: str, onnx=None) -> None:
+    def __init__(self, path: str | os.PathLike, network, card, device, *, sha256: str, onnx=None,
+                 tta: TestTimeAugmentation = NO_TTA) -> None:
         self.path = Path(path)
+        self.tta = tta
         self.network = network
         self.card = card
         self.device = device
@@ -96,10 +173,16 @@ class CheckpointScorer:
         """The network's own probabilities (float64, studies x findings)."""
         import torch
 
+        background = -self.prep.mean / self.prep.std  # a black pixel, normalised
         if self.onnx is not None:
-            logits = torch.from_numpy(self.onnx(np.stack(tensors)))
-            return torch.sigmoid(logits.float()).numpy().astype(np.float64)
-        return forward(self.network, tensors, self.device)
+            batch = torch.from_numpy(np.stack(tensors))
+            if self.tta.active:
+                batch = self.tta.expand(batch, background)
+            probabilities = torch.sigmoid(torch.from_numpy(self.onnx(batch.numpy())).float())
+            if self.tta.active:
+                probabilities = probabilities.reshape(len(tensors), -1, probabilities.shape[-1]).mean(dim=1)
+            return probabilities.numpy().astype(np.float64)
+        return forward(self.network, tensors, self.device, tta=self.tta, background=background)
 
     def calibrated(self, raw: np.ndarray) -> np.ndarray:
         return self.calibration(raw) if self.calibration.active else raw
@@ -203,9 +286,11 @@ def identify(model: str | os.PathLike) -> tuple[str, dict[str, float]]:
     return file_sha256(model), {f: card.threshold_for(f) for f in card.findings}
 
 
-def open_model(model: str | os.PathLike, *, device, runtime: str = "torch",
-               note: Callable[[str], None] | None = None) -> CheckpointScorer | BundleScorer:
-    """A checkpoint or a bundle file, loaded onto ``device`` and ready to score.
+def open_model(model: str | os.PathLike, *, device, runtime: str = "torch", note: Callable[[str], None] | None = None,
+               tta: TestTimeAugmentation = NO_TTA) -> CheckpointScorer | BundleScorer:
+    """A checkpoint or a bundle file, loaded onto ``device`` and ready to score (with
+    ``tta``: each checkpoint, or each member of a bundle; a bundle's view classifier
+    scores the study as it is).
 
     Raises:
         CheckpointError: a file that is not a usable checkpoint, or a bad bundle (its
@@ -215,20 +300,22 @@ def open_model(model: str | os.PathLike, *, device, runtime: str = "torch",
 
     if is_bundle(model):
         bundle = read_bundle(model)
-        loaded: dict[Path, CheckpointScorer] = {}  # a file named twice is loaded once
+        loaded: dict[tuple, CheckpointScorer] = {}  # a file named twice is loaded once
 
-        def load(member) -> CheckpointScorer:
-            if member.path not in loaded:
-                loaded[member.path] = _checkpoint(member.path, device, runtime, note, sha256=member.sha256)
-            return loaded[member.path]
+        def load(member, augment: TestTimeAugmentation) -> CheckpointScorer:
+            key = (member.path, augment)
+            if key not in loaded:
+                loaded[key] = _checkpoint(member.path, device, runtime, note, sha256=member.sha256, tta=augment)
+            return loaded[key]
 
-        members = {name: load(member) for name, member in bundle.members.items()}
-        view = load(bundle.view_classifier) if bundle.view_classifier is not None else None
+        members = {name: load(member, tta) for name, member in bundle.members.items()}
+        view = load(bundle.view_classifier, NO_TTA) if bundle.view_classifier is not None else None
         return BundleScorer(bundle, members, view)
-    return _checkpoint(Path(model), device, runtime, note)
+    return _checkpoint(Path(model), device, runtime, note, tta=tta)
 
 
-def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = None) -> CheckpointScorer:
+def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = None,
+                tta: TestTimeAugmentation = NO_TTA) -> CheckpointScorer:
     import torch
 
     from cxrtool.models.checkpoint import file_sha256, load_checkpoint
@@ -246,8 +333,8 @@ def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = 
         onnx = OnnxNetwork(export_onnx(network, Preprocessing.from_dict(card.preprocessing).input_size, sha256))
     # Channels-last convolutions are markedly faster on CPUs (oneDNN) and tensor cores.
     network = network.to(memory_format=torch.channels_last)
-    return CheckpointScorer(path, network, card, device, sha256=sha256, onnx=onnx)
+    return CheckpointScorer(path, network, card, device, sha256=sha256, onnx=onnx, tta=tta)
 
 
-__all__ = ["BUNDLE_ARCHITECTURE", "BundleScorer", "CheckpointScorer", "Scored", "forward", "identify", "open_model",
-           "prep_key"]
+__all__ = ["BUNDLE_ARCHITECTURE", "NO_TTA", "BundleScorer", "CheckpointScorer", "Scored", "TestTimeAugmentation",
+           "forward", "identify", "open_model", "prep_key"]

@@ -1,0 +1,127 @@
+"""Test-time augmentation: the copies, their merge, one forward pass, and the record."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cxrtool.errors import UsageError
+from cxrtool.models.scoring import TestTimeAugmentation, forward
+
+S = 20
+
+
+def image_with_a_dot(y: int, x: int) -> torch.Tensor:
+    batch = torch.full((1, 1, S, S), -2.0)  # background
+    batch[0, 0, y, x] = 5.0
+    return batch
+
+
+def test_copies_are_the_study_zoomed_shifted_and_only_mirrored_when_asked():
+    tta = TestTimeAugmentation("strong")
+    assert len(tta.transforms()) == 7 and not any(m for *_, m in tta.transforms())
+    assert len(TestTimeAugmentation("light", flip=True).transforms()) == 6
+    batch = image_with_a_dot(6, 4)
+    copies = tta.expand(batch, background=-2.0)
+    assert copies.shape == (7, 1, S, S)
+    torch.testing.assert_close(copies[0], batch[0])  # the first copy is the study itself
+    # Shifts move the content by 5% of the side (1 pixel here), the way they say.
+    peaks = [divmod(int(torch.argmax(copy)), S) for copy in copies[3:]]
+    assert peaks == [(6, 5), (6, 3), (7, 4), (5, 4)]
+    # Zooming out uncovers background, never anything new.
+    out = copies[2, 0]
+    assert torch.allclose(out[0], torch.tensor(-2.0)) and torch.allclose(out[:, 0], torch.tensor(-2.0))
+    mirrored = TestTimeAugmentation("none", flip=True).expand(batch, background=-2.0)
+    assert divmod(int(torch.argmax(mirrored[1])), S) == (6, S - 1 - 4)
+
+
+def test_an_unknown_mode_is_refused():
+    with pytest.raises(UsageError, match="unknown --tta 'heavy'; choose one of none, light, strong"):
+        TestTimeAugmentation("heavy")
+    assert TestTimeAugmentation().settings() == {}
+
+
+class CountingNet(torch.nn.Module):
+    """Logits = each input's mean and its top-left quarter's mean; counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        return torch.stack([x.mean(dim=(1, 2, 3)), x[:, :, : S // 2, : S // 2].mean(dim=(1, 2, 3))], dim=1)
+
+
+def test_each_studys_copies_are_averaged_in_one_forward_pass():
+    rng = np.random.default_rng(0)
+    tensors = [rng.standard_normal((1, S, S)).astype(np.float32) for _ in range(3)]
+    tta = TestTimeAugmentation("strong", flip=True)
+    net = CountingNet()
+    merged = forward(net, tensors, torch.device("cpu"), tta=tta, background=-1.0)
+    assert net.batches == [3 * 14]  # every copy of every study, in one pass
+    for i, tensor in enumerate(tensors):
+        copies = tta.expand(torch.from_numpy(tensor[None]), background=-1.0)
+        expected = torch.sigmoid(CountingNet()(copies)).mean(dim=0).numpy()
+        np.testing.assert_allclose(merged[i], expected, rtol=1e-5)
+    plain = forward(net, tensors, torch.device("cpu"))
+    assert not np.allclose(plain, merged)
+
+
+@pytest.fixture()
+def study(tmp_path):
+    from test_predict import write_dicom, write_png
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    write_dicom(folder / "a.dcm")
+    write_png(folder / "b.png")
+    return folder
+
+
+def result_of(folder, name):
+    return json.loads((folder / f"{name}.cxrtool.json").read_text())["results"][0]
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_predict_records_the_augmentation_and_a_change_is_done_again(study, make_checkpoint, runtime, tmp_path,
+                                                                     monkeypatch):
+    from cxrtool.models.runtime import onnx_installed
+    from cxrtool.predict import predict
+
+    if runtime == "onnx" and not onnx_installed():
+        pytest.skip("ONNX Runtime not installed")
+    monkeypatch.setenv("CXRTOOL_CACHE", str(tmp_path / "cache"))
+    model = make_checkpoint()
+    plain = predict([study], model=model, workers=0, runtime=runtime)
+    assert plain.predicted == 2
+    before = result_of(study, "a.dcm")
+    assert before["settings"]["predict"] == {}
+    light = TestTimeAugmentation("light")
+    assert predict([study], model=model, workers=0, runtime=runtime, tta=light).predicted == 2  # not done yet
+    after = result_of(study, "a.dcm")
+    assert after["settings"]["predict"] == {"tta": "light", "flip": False, "copies": 3,
+                                            "merge": "mean of the copies' probabilities"}
+    assert after["findings"] != before["findings"]
+    assert predict([study], model=model, workers=0, runtime=runtime, tta=light).skipped == 2
+    if runtime == "onnx":  # the exported graph scores the same copies as PyTorch
+        predict([study], model=model, workers=0, runtime="torch", tta=light, overwrite=True)
+        torch_result = result_of(study, "a.dcm")
+        for name, call in after["findings"].items():
+            assert call["probability"] == pytest.approx(torch_result["findings"][name]["probability"], abs=1e-4)
+
+
+def test_the_cli_takes_tta(study, make_checkpoint):
+    from typer.testing import CliRunner
+
+    from cxrtool.cli import app
+
+    result = CliRunner().invoke(app, ["predict", str(study), "-m", str(make_checkpoint()), "-j", "0",
+                                      "--tta", "strong", "--tta-flip", "--runtime", "torch"])
+    assert result.exit_code == 0, result.output
+    assert result_of(study, "b.png")["settings"]["predict"]["copies"] == 14
+    bad = CliRunner().invoke(app, ["predict", str(study), "-m", str(make_checkpoint()), "--tta", "heavy"])
+    assert bad.exit_code == 2
