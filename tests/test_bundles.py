@@ -434,3 +434,77 @@ def test_evaluate_scores_a_bundles_predictions(members, mixed_study):
     assert rows["Effusion"].n == 4 and rows["Nodule"].n == 2
     assert any("left out of that finding's metrics: Cardiomegaly 1, Edema 2, Nodule 2" in n for n in report.notes), \
         report.notes
+
+
+# ------------------------------------------------------------------------------ calibrate
+
+
+def test_calibrate_chooses_the_bundles_thresholds_and_keeps_rank_references(members, mixed_study):
+    from test_predict import write_png
+    from typer.testing import CliRunner
+
+    from cxrtool.cli import app
+    from cxrtool.predict import predict
+
+    rng = np.random.default_rng(1)
+    names = ["pa.dcm", "ap.dcm", "lat.dcm", "x.png"]
+    for i in range(8):
+        write_png(mixed_study / f"v{i}.png", seed=10 + i)
+        names.append(f"v{i}.png")
+    lines = ["path,Effusion,Nodule,Cardiomegaly,Edema"]
+    lines += [f"study/{name}," + ",".join(str(int(v)) for v in rng.random(4) < 0.5) for name in names]
+    labels = write(mixed_study.parent, "\n".join(lines) + "\n", "validation.csv")
+    path = write(members, ROUTED.replace("name: routed", "name: routed\nmerge: rank"))
+    with pytest.raises(BundleError, match="merge: rank needs"):
+        read_bundle(path)
+    result = CliRunner().invoke(app, ["models", "calibrate", str(path), "--labels", str(labels), "-j", "0"])
+    assert result.exit_code == 0, result.output
+    assert "thresholds of 4 findings on 12 validation studies" in result.output
+    stored = json.loads(calibration_path(path).read_text())
+    assert stored["validation"]["labelled_per_finding"] == {"Effusion": 12, "Nodule": 10, "Cardiomegaly": 11,
+                                                           "Edema": 10}
+    # References: each member's scores over the studies of its routes (pa: PA and default).
+    assert len(stored["reference"]["pa"]["Effusion"]) == 1 + 9
+    assert len(stored["reference"]["lateral"]["Effusion"]) == 1
+    bundle = read_bundle(path)
+    assert bundle.threshold_for("Nodule") == stored["thresholds"]["Nodule"]
+    # predict then calls at the bundle's thresholds, on percentiles among the references.
+    assert predict([mixed_study], model=path, workers=0, runtime="torch").predicted == 12
+    sidecar = json.loads((mixed_study / "v0.png.cxrtool.json").read_text())
+    result = next(r for r in sidecar["results"] if r["model"]["name"] == "routed")
+    for finding, call in result["findings"].items():
+        assert call["threshold"] == stored["thresholds"][finding] and 0.0 <= call["probability"] <= 1.0
+    members_said = result["ensemble"]["members"]
+    pa_rank = percentile(np.array([members_said["pa"]["Nodule"]]), np.array(stored["reference"]["pa"]["Nodule"]))
+    assert result["findings"]["Nodule"]["probability"] == pytest.approx(float(pa_rank[0]), abs=1e-6)
+
+
+def test_calibrate_refuses_a_bad_bundle_before_reading_studies(members, tmp_path):
+    from typer.testing import CliRunner
+
+    from cxrtool.cli import app
+
+    path = write(members, "members: {pa: gone.safetensors}\n")
+    labels = write(tmp_path, "path,Effusion\nnope.png,1\n", "labels.csv")
+    result = CliRunner().invoke(app, ["models", "calibrate", str(path), "--labels", str(labels)])
+    assert result.exit_code == 2 and "member 'pa': no such file" in result.output
+
+
+def test_a_members_non_finite_output_fails_that_study_alone(members, mixed_study, monkeypatch):
+    from cxrtool.models.scoring import CheckpointScorer
+    from cxrtool.predict import predict
+
+    real = CheckpointScorer.probabilities
+
+    def broken_ap(scorer, tensors):
+        scores = real(scorer, tensors)
+        if scorer.card.name == "ap":
+            scores[:, 0] = np.nan
+        return scores
+
+    monkeypatch.setattr(CheckpointScorer, "probabilities", broken_ap)
+    summary = predict([mixed_study], model=write(members, ROUTED), workers=0, runtime="torch")
+    failed = {Path(path).name: reason for path, reason in summary.failed}
+    # The AP study and the unknown one (the default route has ap) fail; PA and lateral do not.
+    assert set(failed) == {"ap.dcm", "x.png"} and summary.predicted == 2
+    assert "not a finite number for 1 of" in failed["ap.dcm"]

@@ -191,3 +191,43 @@ def import_weights(
     if report.dropped:
         note(f"  left out (XRV outputs without a trained operating point): {', '.join(report.dropped)}")
     note(f"  card: cxrtool models {report.checkpoint}")
+
+
+@app.command("calibrate")
+def calibrate(
+    bundle: Annotated[Path, typer.Argument(help="A bundle file (.yaml).")],
+    *,
+    labels: Annotated[Path, typer.Option("--labels", "-l", help="Labelled validation studies: NIH, CheXpert/MIMIC or "
+                                         "generic CSV (not the studies the bundle's members trained on).")],
+    images: Annotated[str | None, typer.Option("--images", help="Image root (default: beside the label CSV).")] = None,
+    method: Annotated[str, typer.Option("--method", help="Threshold method: f1 or youden.")] = "f1",
+    views: Annotated[Path | None, typer.Option("--views", help="A table giving the projection of studies whose files "
+                                               "do not (as for predict).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0)] = None,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+) -> None:
+    """Choose a bundle's own thresholds on validation studies (and keep each member's
+    validation scores, which merge: rank needs), beside the bundle as NAME.calibration.json."""
+    from cxrtool.cli._console import handle_interrupt, progress_bar
+    from cxrtool.errors import UsageError
+    from cxrtool.models.checkpoint import CheckpointError
+    from cxrtool.models.sources.calibrate import calibrate_bundle
+
+    bar = progress_bar()
+    task = bar.add_task("calibrate", total=None, status="")
+    with handle_interrupt():
+        try:
+            with bar:
+                report = calibrate_bundle(bundle, labels, images=images, method=method, views=views,
+                                          batch_size=batch_size, workers=workers, device=device,
+                                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except (CheckpointError, UsageError, ValueError, FileNotFoundError) as error:
+            fail(str(error))
+    note(f"[green]{report.path}[/]: thresholds of {len(report.thresholds)} findings on {report.studies} validation studies")
+    for finding, threshold in report.thresholds.items():
+        note(f"  {finding}: {threshold:.4f} ({report.per_finding.get(finding, 0)} labelled studies)")
+    for line in report.notes:
+        note(f"  {line}")
+    if report.failed:
+        note(f"  {len(report.failed)} studies could not be scored (first: {report.failed[0][0]}: {report.failed[0][1]})")

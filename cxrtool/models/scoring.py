@@ -257,10 +257,14 @@ class BundleScorer:
             for member in self.bundle.members_of(route):
                 scorer = self.members[member.name]
                 probabilities = scorer.calibrated(scorer.probabilities([items[i]["tensors"][scorer.key] for i in rows]))
+                # Merged as recorded (6 decimals): the sidecar's member values reproduce the merge.
+                probabilities = np.round(probabilities, 6)
                 outputs.append(MemberScores(member.name, scorer.findings, probabilities, member.weight))
             merged = merge(self.findings, outputs, how=self.bundle.merge, references=self.references)
+            # The route's findings: a member's non-finite output stays in them and fails the study.
+            scored_here = {finding for out in outputs for finding in out.findings}
+            have = np.array([j for j, finding in enumerate(self.findings) if finding in scored_here], dtype=np.int64)
             for k, i in enumerate(rows):
-                have = np.flatnonzero(~np.isnan(merged[k]))
                 ensemble = {
                     "projection": projections[i], "route": route, "merge": self.bundle.merge,
                     "members": {out.name: {"model_id": self.members[out.name].ref.id,
@@ -286,9 +290,10 @@ def identify(model: str | os.PathLike) -> tuple[str, dict[str, float]]:
     return file_sha256(model), {f: card.threshold_for(f) for f in card.findings}
 
 
-def open_model(model: str | os.PathLike, *, device, runtime: str = "torch", note: Callable[[str], None] | None = None,
+def open_model(model: str | os.PathLike | Any, *, device, runtime: str = "torch", note: Callable[[str], None] | None = None,
                tta: TestTimeAugmentation = NO_TTA) -> CheckpointScorer | BundleScorer:
-    """A checkpoint or a bundle file, loaded onto ``device`` and ready to score (with
+    """A checkpoint or a bundle (a file, or a read :class:`~cxrtool.models.sources.bundle.Bundle`),
+    loaded onto ``device`` and ready to score (with
     ``tta``: each checkpoint, or each member of a bundle; a bundle's view classifier
     scores the study as it is).
 
@@ -296,10 +301,10 @@ def open_model(model: str | os.PathLike, *, device, runtime: str = "torch", note
         CheckpointError: a file that is not a usable checkpoint, or a bad bundle (its
             :class:`~cxrtool.models.sources.bundle.BundleError` names the fix).
     """
-    from cxrtool.models.sources.bundle import is_bundle, read_bundle
+    from cxrtool.models.sources.bundle import Bundle, is_bundle, read_bundle
 
-    if is_bundle(model):
-        bundle = read_bundle(model)
+    if isinstance(model, Bundle) or is_bundle(model):
+        bundle = model if isinstance(model, Bundle) else read_bundle(model)
         loaded: dict[tuple, CheckpointScorer] = {}  # a file named twice is loaded once
 
         def load(member, augment: TestTimeAugmentation) -> CheckpointScorer:

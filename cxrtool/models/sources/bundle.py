@@ -124,8 +124,11 @@ class Bundle:
 # ------------------------------------------------------------------------------- reading
 
 
-def read_bundle(path: str | os.PathLike) -> Bundle:
+def read_bundle(path: str | os.PathLike, *, calibrated: bool = True) -> Bundle:
     """Read a bundle file and check it whole (members' cards included, not their weights).
+
+    ``calibrated=False`` leaves out the calibration beside it (``models calibrate`` reads
+    the bundle so, to make a new one).
 
     Raises:
         BundleError: anything that would make the bundle fail on some study; the message
@@ -157,11 +160,11 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
 
     bundle = Bundle(path=path, name=str(values.get("name") or path.stem), merge=merge, members=members,
                     routes=routes, view_classifier=view_classifier)
-    bundle.calibration = _read_calibration(bundle)
-    if merge == "rank" and not bundle.calibration.get("reference"):
+    bundle.calibration = _read_calibration(bundle) if calibrated else {}
+    if calibrated and merge == "rank" and not bundle.calibration.get("reference"):
         raise BundleError(f"{where}: merge: rank needs each member's validation scores; run "
                           f"cxrtool models calibrate {path.name} --labels LABELS (or choose merge: mean)")
-    bundle.sha256 = _digest(values, bundle)
+    bundle.sha256 = digest(bundle)
     return bundle
 
 
@@ -323,7 +326,7 @@ def _read_calibration(bundle: Bundle) -> dict[str, Any]:
     return values
 
 
-def _digest(values: Mapping[str, Any], bundle: Bundle) -> str:
+def digest(bundle: Bundle) -> str:
     """What makes a bundle's results: its file's settings, each member's checkpoint digest
     and weight, the view classifier's, and its calibration."""
     record = {

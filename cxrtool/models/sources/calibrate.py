@@ -1,0 +1,160 @@
+"""``cxrtool models calibrate BUNDLE --labels ...``: a bundle's own thresholds, chosen on
+validation data, and each member's validation scores for rank merging.
+
+The validation studies go through ``predict``'s own runner (decoding in workers, routing,
+every member's probabilities recorded) into a scratch folder. From what each member said on
+the studies its routes scored come its reference scores (:func:`reference_scores`: up to
+1,001 quantiles per finding), with which the bundle's merge is applied as ``predict``
+applies it; the thresholds are then chosen on the merged scores against the labels, per
+finding, over the studies that had that finding scored. All of it is written beside the
+bundle (``NAME.calibration.json``, atomically), tied to the digests of its member files:
+a member changed since makes the bundle refuse the calibration until it is made again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrtool.models.sources.bundle import Bundle, MemberScores, calibration_path, digest, merge, read_bundle
+
+CALIBRATION_SCHEMA = "cxrtool-bundle-calibration"
+REFERENCE_POINTS = 1001  # quantiles kept of a member's validation scores of a finding
+
+
+@dataclass
+class BundleCalibration:
+    """What ``calibrate_bundle`` chose and wrote."""
+
+    path: Path
+    thresholds: dict[str, float]
+    studies: int
+    per_finding: dict[str, int] = field(default_factory=dict)  # labelled studies each threshold was chosen on
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def reference_scores(values: np.ndarray) -> list[float]:
+    """A member's validation scores of a finding, kept for rank merging: all of them, or
+    their quantiles when there are more than :data:`REFERENCE_POINTS`."""
+    values = np.sort(np.asarray(values, dtype=np.float64))
+    if len(values) > REFERENCE_POINTS:
+        values = np.quantile(values, np.linspace(0.0, 1.0, REFERENCE_POINTS))
+    return [round(float(v), 6) for v in values]
+
+
+def calibrate_bundle(
+    bundle_path: str | os.PathLike,
+    labels: str | os.PathLike,
+    *,
+    images: str | os.PathLike | None = None,
+    method: str = "f1",
+    views: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    workers: int | None = None,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> BundleCalibration:
+    """Choose a bundle's thresholds (and its members' reference scores) on labelled
+    validation studies and write them beside the bundle.
+
+    Raises:
+        BundleError: a bad bundle (before any study is read).
+        ValueError: labels that cannot be read, or no study that could be scored.
+    """
+    from cxrtool.data.labels import read_labels
+    from cxrtool.evaluate.classification import choose_thresholds
+    from cxrtool.io.outputs import write_json
+    from cxrtool.io.records import MODEL_ID_LENGTH, iter_sidecars, now
+    from cxrtool.predict import ScoreChunk
+    from cxrtool.registry import THRESHOLD_METHODS
+
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"unknown threshold method {method!r}; choose one of {', '.join(THRESHOLD_METHODS)}")
+    bundle = read_bundle(bundle_path, calibrated=False)
+    table = read_labels(labels, image_root=images)
+    if len(table) == 0:
+        raise ValueError(f"{labels}: no labelled study with its image on disk ({table.skipped} rows without one)")
+    paths = [table.resolve_image(i) for i in range(len(table))]
+    row_of = {os.path.normpath(os.path.abspath(p)): i for i, p in enumerate(paths)}
+
+    # Every member's own probabilities, routed as predict routes: the plain mean needs no
+    # calibration, and the sidecars record each member's probabilities beside it.
+    plain = dataclasses.replace(bundle, merge="mean", calibration={})
+    plain.sha256 = digest(plain)
+    from cxrtool._runner import run_studies
+
+    with tempfile.TemporaryDirectory(prefix="cxrtool-calibrate-") as scratch:
+        summary = run_studies(paths, model=plain, make_processor=ScoreChunk, settings={"predict": {}}, out=scratch,
+                              overwrite=True, batch_size=batch_size, workers=workers, device=device,
+                              progress=progress, views=views)
+        routed: list[tuple[int, dict[str, Any]]] = []
+        for folder, sidecar in ((p.parent, s) for p, s in iter_sidecars(Path(scratch), recursive=True)):
+            source = os.path.normpath(os.path.abspath(sidecar.source_path(folder)))
+            result = sidecar.result_for(plain.sha256[:MODEL_ID_LENGTH])
+            if result is not None and result.ensemble and source in row_of:
+                routed.append((row_of[source], result.ensemble))
+    if not routed:
+        raise ValueError(f"none of the {len(paths)} validation studies could be scored "
+                         f"({len(summary.failed)} failed; first: {summary.failed[0][1] if summary.failed else '-'})")
+
+    reference = _references(bundle, routed)
+    lookup = {(member, finding): np.asarray(values) for member, by in reference.items() for finding, values in by.items()}
+    findings = bundle.findings
+    scores = np.full((len(routed), len(findings)), np.nan)
+    for k, (_, ensemble) in enumerate(routed):
+        outputs = [MemberScores(name, [f for f in values if f != "model_id"],
+                                np.array([[values[f] for f in values if f != "model_id"]]),
+                                bundle.members[name].weight)
+                   for name, values in ensemble["members"].items()]
+        scores[k] = merge(findings, outputs, how=bundle.merge, references=lookup)[0]
+    rows = [row for row, _ in routed]
+    label_column = {name: j for j, name in enumerate(table.findings)}
+    truth = np.full_like(scores, np.nan)
+    for j, finding in enumerate(findings):
+        if finding in label_column:
+            truth[:, j] = table.targets[rows, label_column[finding]]
+    truth[np.isnan(scores)] = np.nan
+    chosen = choose_thresholds(truth, np.nan_to_num(scores, nan=0.0), method=method)
+    labelled = {f: int(np.sum(~np.isnan(truth[:, j]))) for j, f in enumerate(findings)}
+    notes = [f"{f}: not in the labels, threshold 0.5" for f in findings if f not in label_column]
+    thresholds = {f: round(float(t), 6) for f, t in zip(findings, chosen, strict=True)}
+
+    record = {
+        "schema": CALIBRATION_SCHEMA,
+        "schema_version": 1,
+        "bundle": Path(bundle_path).name,
+        "members": {name: member.sha256 for name, member in bundle.members.items()},
+        "merge": bundle.merge,
+        "threshold_method": method,
+        "thresholds": thresholds,
+        "reference": reference,
+        "validation": {"labels": str(labels), "studies": len(routed), "labelled_per_finding": labelled,
+                       "failed": len(summary.failed)},
+        "created": now(),
+    }
+    path = calibration_path(bundle_path)
+    write_json(path, record)
+    return BundleCalibration(path, thresholds, len(routed), labelled, list(summary.failed), notes)
+
+
+def _references(bundle: Bundle, routed: list[tuple[int, dict[str, Any]]]) -> dict[str, dict[str, list[float]]]:
+    """Each member's reference scores per finding, over the studies its routes scored."""
+    collected: dict[str, dict[str, list[float]]] = {name: {} for name in bundle.members}
+    for _, ensemble in routed:
+        for name, values in ensemble["members"].items():
+            for finding, value in values.items():
+                if finding != "model_id":
+                    collected[name].setdefault(finding, []).append(float(value))
+    return {name: {finding: reference_scores(np.array(values)) for finding, values in by.items()}
+            for name, by in collected.items() if by}
+
+
+__all__ = ["CALIBRATION_SCHEMA", "BundleCalibration", "calibrate_bundle", "reference_scores"]
