@@ -508,3 +508,48 @@ def test_a_members_non_finite_output_fails_that_study_alone(members, mixed_study
     # The AP study and the unknown one (the default route has ap) fail; PA and lateral do not.
     assert set(failed) == {"ap.dcm", "x.png"} and summary.predicted == 2
     assert "not a finite number for 1 of" in failed["ap.dcm"]
+
+
+# ------------------------------------------------------------------------------ explain
+
+
+def test_explain_on_a_bundle_averages_its_members_maps_on_the_studys_grid(members, mixed_study):
+    from cxrtool.explain.run import ExplainSettings, explain
+
+    bundle = write(members, ROUTED)
+    settings = ExplainSettings(method="gradcam", findings=("Effusion",), map_format="npy")
+    summary = explain([mixed_study], model=bundle, settings=settings, workers=0)
+    assert (summary.predicted, summary.exit_code) == (4, 0)
+    record = next(r for r in sidecars(mixed_study)["pa"]["results"] if r["model"]["name"] == "routed")
+    entry = record["explanations"]["findings"]["Effusion"]
+    assert set(entry["members"]) == {"pa", "pa2"} and record["explanations"]["layer"] == {"pa": "backbone.layer4", "pa2": "backbone.layer4"}
+    averaged = np.load(mixed_study / entry["files"]["map"])
+    assert averaged.shape == (48, 40)  # the DICOM's own pixel grid
+    # Each member alone, scaled to its peak, then averaged: the bundle's map.
+    own = []
+    for name in ("pa", "pa2"):
+        explain([mixed_study / "pa.dcm"], model=members / f"{name}.safetensors", settings=settings, workers=0)
+        result = next(r for r in sidecars(mixed_study)["pa"]["results"] if r["model"]["name"] == name)
+        alone = result["explanations"]["findings"]["Effusion"]
+        if "files" not in alone:  # no evidence: a map of zeros, which counts as such in the mean
+            assert alone["map_max"] == entry["members"][name] == 0.0
+            own.append(np.zeros_like(averaged))
+            continue
+        single = np.load(mixed_study / alone["files"]["map"])
+        assert float(single.max()) == pytest.approx(entry["members"][name], rel=1e-4)
+        own.append(single / single.max())
+    np.testing.assert_allclose(averaged, np.mean(own, axis=0), atol=1e-5)
+    lateral = next(r for r in sidecars(mixed_study)["lat"]["results"] if r["model"]["name"] == "routed")
+    assert set(lateral["explanations"]["findings"]["Effusion"]["members"]) == {"lateral"}
+
+
+def test_explain_on_a_bundle_refuses_a_layer_and_unknown_findings(members, mixed_study):
+    from cxrtool.explain.cams import ExplainUsageError
+    from cxrtool.explain.run import ExplainSettings, explain
+
+    bundle = write(members, ROUTED)
+    with pytest.raises(ExplainUsageError, match="leave --layer out"):
+        explain([mixed_study], model=bundle, settings=ExplainSettings(layer="layer3"), workers=0)
+    with pytest.raises(ExplainUsageError, match="no finding 'Hernia'"):
+        explain([mixed_study], model=bundle, settings=ExplainSettings(findings=("Hernia",)), workers=0)
+    assert not list(mixed_study.glob("*.cxrtool.json"))

@@ -93,26 +93,34 @@ def file_slug(finding: str) -> str:
 class ExplainChunk:
     """The chunk processor of ``explain`` (see :class:`cxrtool.predict.ScoreChunk`).
 
-    Runs where the model runs (inside the decoding workers on a CPU); builds its
-    :class:`CamEngine` on first use, in that process, so the hooks live where the model does.
+    Runs where the model runs (inside the decoding workers on a CPU); builds its CAM
+    engines on first use, in that process, so the hooks live where the model does.
+
+    One checkpoint: one pass gives the probabilities and the maps. A bundle: the bundle
+    scores the studies (routes, merge, its thresholds), then each member of a study's route
+    maps the findings asked for that it has; each member's map, on the study's own pixel
+    grid and scaled to its peak, is averaged over the members that scored that finding.
     """
 
     def __init__(self, context: RunContext, settings: ExplainSettings) -> None:
         self.context = context
         self.settings = settings
         self.scorer = context.scorer
+        self.bundle = getattr(self.scorer, "bundle", None)
         findings = list(self.scorer.findings)
         fixed = dict.fromkeys(settings.findings) if settings.findings is not None else None  # in order, once each
         self.fixed = [findings.index(name) for name in fixed] if fixed is not None else None
-        self._engine = None
+        self._engines: dict[str, Any] = {}
         self._threads = None
 
-    def engine(self):
+    def engine(self, name: str = ""):
+        """The map engine of the checkpoint (or of the bundle's member ``name``)."""
         from cxrtool.explain.cams import make_engine
 
-        if self._engine is None:
-            self._engine = make_engine(self.scorer.network, self.settings.method, self.settings.layer)
-        return self._engine
+        if name not in self._engines:
+            network = self.scorer.members[name].network if name else self.scorer.network
+            self._engines[name] = make_engine(network, self.settings.method, None if name else self.settings.layer)
+        return self._engines[name]
 
     def _wanted(self, probabilities: np.ndarray) -> list[list[int]]:
         if self.fixed is not None:
@@ -121,14 +129,25 @@ class ExplainChunk:
         return [[int(i) for i in np.flatnonzero(row >= self.scorer.thresholds)] for row in calls]
 
     def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        decoded = [item for item in items if "tensors" in item]
+        if decoded:
+            jobs = self._bundle_jobs(decoded) if self.bundle is not None else self._checkpoint_jobs(decoded)
+            if self.context.in_worker:
+                for job in jobs:  # a decoding worker: one core, one study at a time
+                    self._finish(*job)
+            else:
+                # In the main process (a GPU, or a CPU with spare cores) turning maps into
+                # files is spread over threads (OpenCV and zlib release the GIL), or the
+                # model waits.
+                list(self._pool().map(lambda job: self._finish(*job), jobs))
+        self.context.settle_failures(items)
+        return items
+
+    def _checkpoint_jobs(self, decoded: list[dict[str, Any]]) -> list[tuple]:
+        """One pass of the checkpoint: every study's probabilities and its maps."""
         import torch
 
-        decoded = [item for item in items if "tensors" in item]
-        if not decoded:
-            self.context.settle_failures(items)
-            return items
-        context, engine = self.context, self.engine()
-        key = self.scorer.key
+        context, engine, key = self.context, self.engine(), self.scorer.key
         batch = torch.from_numpy(np.stack([item.pop("tensors")[key] for item in decoded]))
         batch = batch.to(context.device).contiguous(memory_format=torch.channels_last)
         wanted: list[list[int]] = []
@@ -138,16 +157,58 @@ class ExplainChunk:
             return wanted
 
         result = engine(batch, choose)
-        jobs = [(row, item, {f: result.maps.pop((row, f)) for f in wanted[row]}) for row, item in enumerate(decoded)]
-        if context.in_worker:
-            for row, item, maps in jobs:  # a decoding worker: one core, one study at a time
-                self._finish(row, item, maps, result.probabilities, engine.layer_name)
-        else:
-            # In the main process (a GPU, or a CPU with spare cores) turning maps into files
-            # is spread over threads (OpenCV and zlib release the GIL), or the model waits.
-            list(self._pool().map(lambda job: self._finish(*job, result.probabilities, engine.layer_name), jobs))
-        context.settle_failures(items)
-        return items
+        scored = self.scorer.score_from(result.probabilities)
+        jobs = []
+        for row, item in enumerate(decoded):
+            geometry = item["geometry"][key]
+            maps = {self.scorer.findings[f]: (result.maps.pop((row, f)), geometry, None) for f in wanted[row]}
+            jobs.append((item, scored[row], maps, engine.layer_name))
+        return jobs
+
+    def _bundle_jobs(self, decoded: list[dict[str, Any]]) -> list[tuple]:
+        """The bundle's scores, then each route member's maps of what is asked that it has."""
+        import torch
+
+        scored = self.scorer.score(decoded)
+        asked: list[list[str]] = []
+        for result in scored:
+            if self.fixed is not None:
+                names = [self.scorer.findings[i] for i in self.fixed]
+                asked.append([name for name in names if name in result.findings])
+            else:
+                asked.append([name for name, p, t in zip(result.findings, result.probabilities, result.thresholds,
+                                                          strict=True) if p >= t])
+        sums: list[dict[str, np.ndarray]] = [{} for _ in decoded]
+        peaks: list[dict[str, dict[str, float]]] = [{} for _ in decoded]
+        layers: dict[str, str] = {}
+        routes = [result.ensemble["route"] for result in scored]
+        for route in dict.fromkeys(routes):
+            rows = [i for i, r in enumerate(routes) if r == route]
+            for member in self.bundle.members_of(route):
+                scorer = self.scorer.members[member.name]
+                mine = [[scorer.findings.index(name) for name in asked[i] if name in scorer.findings] for i in rows]
+                if not any(mine):
+                    continue
+                engine = self.engine(member.name)
+                layers[member.name] = engine.layer_name
+                batch = torch.from_numpy(np.stack([decoded[i]["tensors"][scorer.key] for i in rows]))
+                batch = batch.to(self.context.device).contiguous(memory_format=torch.channels_last)
+                maps = engine(batch, mine).maps
+                for k, i in enumerate(rows):
+                    geometry = decoded[i]["geometry"][scorer.key]
+                    for f in mine[k]:
+                        cam = to_original(maps.pop((k, f)), geometry)
+                        name, peak = scorer.findings[f], float(np.max(cam)) if cam.size else 0.0
+                        peaks[i].setdefault(name, {})[member.name] = round(peak, 6)
+                        scaled = cam / peak if peak > 0 else cam
+                        sums[i][name] = scaled if name not in sums[i] else sums[i][name] + scaled
+        jobs = []
+        for i, item in enumerate(decoded):
+            del item["tensors"]
+            maps = {name: (total / len(peaks[i][name]), None, peaks[i][name]) for name, total in sums[i].items()}
+            used = dict.fromkeys(member for by_member in peaks[i].values() for member in by_member)
+            jobs.append((item, scored[i], maps, {member: layers[member] for member in used}))
+        return jobs
 
     def _pool(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -157,25 +218,28 @@ class ExplainChunk:
         return self._threads
 
     def __getstate__(self) -> dict[str, Any]:
-        # Sent to worker processes (spawn/forkserver) without its engine or threads.
-        return {**self.__dict__, "_engine": None, "_threads": None}
+        # Sent to worker processes (spawn/forkserver) without its engines or threads.
+        return {**self.__dict__, "_engines": {}, "_threads": None}
 
-    def _finish(self, row: int, item: dict, maps: dict[int, np.ndarray], probabilities: np.ndarray, layer: str) -> None:
-        """One study's record, maps, masks, overlays and sidecar."""
+    def _finish(self, item: dict, scored, maps: dict[str, tuple], layer) -> None:
+        """One study's record, maps, masks, overlays and sidecar. ``maps``: finding -> (its
+        map, the geometry that takes it from the input grid to the study's pixel grid or
+        None when it is there already, and for a bundle each member's peak)."""
         context = self.context
         path = context.paths[item["index"]]
         folder = context.folders[item["index"]]
         display = item.pop("display", None)  # keep what travels back to the main process small
         try:
-            result = context.result(item, self.scorer.score_from(probabilities[row : row + 1])[0])
+            result = context.result(item, scored)
         except StudyFailure as failure:
             item["error"] = str(failure)
             return
         explained: dict[str, Any] = {}
-        for finding, cam in maps.items():
-            name = self.scorer.findings[finding]
-            call = result.findings[name]
-            explained[name] = self._explain_one(path, folder, item, display, call, name, cam)
+        for name, (cam, geometry, members) in maps.items():
+            cam = to_original(cam, geometry) if geometry is not None else cam
+            explained[name] = self._explain_one(path, folder, item, display, result.findings[name], name, cam)
+            if members is not None:
+                explained[name]["members"] = members  # each member's raw peak; the map averages their scaled maps
         explanations: dict[str, Any] = {
             "method": self.settings.method,
             "layer": layer,
@@ -190,11 +254,10 @@ class ExplainChunk:
         item["sidecar"], item["stale"] = update.sidecar, len(update.stale)
 
     def _explain_one(self, path: Path, folder: Path, item: dict, display: np.ndarray, call, finding: str,
-                     cam_input: np.ndarray) -> dict:
+                     cam: np.ndarray) -> dict:
+        """One finding's regions and files from its map on the study's pixel grid."""
         settings = self.settings
-        geometry = item["geometry"][self.scorer.key]
         spacing = tuple(item["pixel_spacing"]) if item["pixel_spacing"] else None
-        cam = to_original(cam_input, geometry)
         entry: dict[str, Any] = {"probability": call.probability, "positive": call.positive}
         peak = float(np.max(cam)) if cam.size else 0.0
         regions = find_regions(cam, settings.threshold)
@@ -268,19 +331,24 @@ def explain(
     def check_model(scorer) -> None:
         # A wrong finding or layer is a usage error, not 400 failed studies: refused as
         # soon as the model is loaded, before any study is looked at.
-        network = getattr(scorer, "network", None)
-        if network is None:
-            raise ExplainUsageError(f"{model}: explain runs on one checkpoint for now; name one of the bundle's "
-                                    "member files")
         if settings.findings is not None:
             unknown = [name for name in settings.findings if name not in scorer.findings]
             if unknown:
                 raise ExplainUsageError(f"the model has no finding {', '.join(map(repr, unknown))}; "
                                         f"its findings are: {', '.join(scorer.findings)}")
-        if settings.method == ATTENTION_METHOD:
-            AttentionEngine(network, settings.layer)  # refuses a head without attention, and --layer
-        else:
-            resolve_layer(network, settings.layer)
+        bundle = getattr(scorer, "bundle", None)
+        if bundle is not None and settings.layer is not None:
+            raise ExplainUsageError("--layer names one network's module; a bundle's members are each mapped at "
+                                    "their own known layer: leave --layer out")
+        networks = {name: member.network for name, member in scorer.members.items()} if bundle else {"": scorer.network}
+        for name, network in networks.items():
+            try:
+                if settings.method == ATTENTION_METHOD:
+                    AttentionEngine(network, settings.layer)  # refuses a head without attention, and --layer
+                else:
+                    resolve_layer(network, settings.layer)
+            except ExplainUsageError as error:
+                raise ExplainUsageError(f"member {name!r}: {error}" if name else str(error)) from None
 
     def finish(folders: Sequence[Path]) -> None:
         for folder in folders:
