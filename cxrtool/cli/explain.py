@@ -15,7 +15,7 @@ from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS
 def explain(
     inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - to read paths from stdin.")],
     *,
-    model: Annotated[Path, typer.Option("--model", "-m", envvar="CXRTOOL_MODEL", help="A cxrtool checkpoint (.safetensors).")],
+    model: Annotated[Path, typer.Option("--model", "-m", envvar="CXRTOOL_MODEL", help="A cxrtool checkpoint (.safetensors), or a bundle (.yaml): its members' maps averaged.")],
     cam: Annotated[str, typer.Option("--cam", help=f"CAM method: {', '.join(CAM_METHOD_LABELS)}.")] = DEFAULT_CAM_METHOD,
     finding: Annotated[list[str] | None, typer.Option(
         "--finding", "-f", help="Finding to map (repeatable; 'all' for every finding). Default: each study's positive calls.")] = None,
@@ -42,13 +42,14 @@ def explain(
     from cxrtool.errors import UsageError
     from cxrtool.explain import ExplainSettings
     from cxrtool.explain import explain as run_explain
-    from cxrtool.models.checkpoint import CheckpointError, read_card
+    from cxrtool.models.checkpoint import CheckpointError
+    from cxrtool.models.scoring import identify
 
     findings: tuple[str, ...] | None = None
     if finding:
         if any(name.lower() == "all" for name in finding):
             try:
-                findings = tuple(read_card(model).findings)
+                findings = tuple(identify(model)[1])  # the checkpoint's or bundle's findings, in order
             except (CheckpointError, OSError) as error:
                 fail(str(error))
         else:
