@@ -68,10 +68,25 @@ FINDING_ALIASES: dict[str, str] = {
     "Pleural Thickening": "Pleural_Thickening",  # PadChest-style spelling against NIH and XRV
 }
 
+# CXR-LT 2026 (PadChest and NIH, about 145,000 images): Task 1's 30 findings, spelled as the
+# challenge spells them (PadChest's lower-case names among them), and the six findings of
+# Task 2 that no training label has (scored zero-shot).
+CXR_LT_2026_FINDINGS: tuple[str, ...] = (
+    "Normal", "aortic elongation", "cardiomegaly", "pleural effusion", "Nodule", "atelectasis",
+    "pleural thickening", "aortic atheromatosis", "Support Devices", "alveolar pattern", "fracture", "Hernia",
+    "Emphysema", "azygos lobe", "Hydropneumothorax", "Kyphosis", "Mass", "Pneumothorax", "Subcutaneous Emphysema",
+    "pneumoperitoneo", "vascular hilar enlargement", "vertebral degenerative changes", "hyperinflated lung",
+    "interstitial pattern", "central venous catheter", "hypoexpansion", "bronchiectasis", "hemidiaphragm elevation",
+    "sternotomy", "calcified densities",
+)
+CXR_LT_2026_UNSEEN: tuple[str, ...] = ("Scoliosis", "Osteopenia", "Bulla", "Infarction", "Adenopathy", "Goiter")
+
 LABEL_SETS: dict[str, tuple[str, ...]] = {
     "nih14": NIH_FINDINGS,
     "chexpert14": CHEXPERT_FINDINGS,
     "phantom8": PHANTOM_FINDINGS,
+    "cxr-lt-2026": CXR_LT_2026_FINDINGS,
+    "cxr-lt-2026-unseen": CXR_LT_2026_UNSEEN,
 }
 
 
@@ -169,7 +184,7 @@ PRESETS: dict[str, dict[str, object]] = {
 THRESHOLD_METHODS: dict[str, str] = {"f1": "maximise F1", "youden": "maximise Youden's J (sensitivity + specificity - 1)"}
 
 # Label table layouts ("auto" detects them from the header).
-LABEL_FORMATS: tuple[str, ...] = ("auto", "nih", "chexpert", "generic")
+LABEL_FORMATS: tuple[str, ...] = ("auto", "nih", "chexpert", "padchest", "generic")
 
 # What a CheXpert / MIMIC-CXR "-1" (uncertain) label becomes.
 UNCERTAIN_POLICIES: dict[str, str] = {"ignore": "left out of the loss and the metrics", "positive": "1", "negative": "0"}

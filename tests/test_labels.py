@@ -337,3 +337,46 @@ def test_read_generic_boxes_and_bad_header(tmp_path: Path) -> None:
     not_numbers = _write(tmp_path / "nn.csv", "file,finding,x,y,w,h\na.png,Mass,1,two,3,4\n")
     with pytest.raises(ValueError, match="line 2: box coordinates must be numbers"):
         read_boxes(not_numbers)
+
+
+# ----------------------------------------------------------------------------- PadChest and CXR-LT
+
+
+def _padchest(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    rows = [
+        ("a.png", "0", "P1", "PA", "['pleural effusion', 'cardiomegaly']"),
+        ("b.png", "0", "P1", "L", "['normal']"),
+        ("c.png", "1", "P2", "AP_horizontal", "['nodule', ' aortic elongation', 'scoliosis']"),
+        ("d.png", "1", "P3", "COSTAL", "['exclude']"),
+        ("e.png", "1", "P4", "PA", "['Pleural Effusion']"),
+    ]
+    lines = ["ImageID,ImageDir,PatientID,Projection,Labels"]
+    for image, folder, patient, projection, labels in rows:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / folder / image)
+        lines.append(f'{image},{folder},{patient},{projection},"{labels}"')
+    return _write(tmp_path / "PADCHEST_labels.csv", "\n".join(lines) + "\n")
+
+
+def test_padchest_labels_as_lists_projections_and_numbered_folders(tmp_path):
+    from cxrtool.registry import CXR_LT_2026_FINDINGS
+
+    path = _padchest(tmp_path)
+    table = read_labels(path, findings=["cxr-lt-2026"])  # a label set's name stands for its findings
+    assert table.source == "padchest" and table.findings == CXR_LT_2026_FINDINGS and len(table) == 5
+    column = {name: j for j, name in enumerate(table.findings)}
+    assert table.views == ["PA", "LATERAL", "AP", "UNKNOWN", "PA"]
+    assert table.targets[0, column["pleural effusion"]] == 1 and table.targets[0, column["cardiomegaly"]] == 1
+    assert table.targets[2, column["Nodule"]] == 1 and table.targets[2, column["aortic elongation"]] == 1
+    assert table.targets[1, column["Normal"]] == 1 and table.targets[1].sum() == 1
+    assert np.isnan(table.targets[3]).all()  # 'exclude': not a label set, left out of losses and metrics
+    assert table.targets[4, column["pleural effusion"]] == 1  # spelled either way
+    assert table.resolve_image(2) == tmp_path / "1" / "c.png"  # found in its numbered folder
+    # Without a finding list: every label the file uses, the commonest first.
+    assert read_labels(path).findings[0] == "pleural effusion"
+    from cxrtool.data.labels import read_views
+
+    assert read_views(path) == {"a.png": "PA", "a": "PA", "b.png": "LATERAL", "b": "LATERAL", "c.png": "AP",
+                                "c": "AP", "e.png": "PA", "e": "PA"}

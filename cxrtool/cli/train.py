@@ -19,7 +19,7 @@ from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_HEAD, DEFAULT_LOSS, H
 
 
 def train(
-    labels: Annotated[str | None, typer.Argument(help="Label CSV: NIH Data_Entry, CheXpert/MIMIC style, or generic (path + 0/1 columns).")] = None,
+    labels: Annotated[str | None, typer.Argument(help="Label CSV: NIH Data_Entry, CheXpert/MIMIC style, PadChest (labels as lists), or generic (path + 0/1 columns).")] = None,
     *,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")] = None,
     task: Annotated[str | None, typer.Option("--task", callback=one_of(tuple(TASKS)),
@@ -42,7 +42,8 @@ def train(
     loss: Annotated[str | None, typer.Option("--loss", help=f"Loss terms, optionally weighted and joined by +, e.g. asl or "
                                              f"asl+0.5*bce; terms: {', '.join(LOSSES)} (default {DEFAULT_LOSS}).")] = None,
     input_size: Annotated[int | None, typer.Option("--input-size")] = None,
-    findings: Annotated[str | None, typer.Option("--findings", help="Comma-separated findings to train on (default: the label file's).")] = None,
+    findings: Annotated[str | None, typer.Option("--findings", help="Comma-separated findings to train on, or a label set's name (e.g. cxr-lt-2026; see cxrtool models) "
+                                                   "(default: the label file's).")] = None,
     uncertain: Annotated[str | None, typer.Option("--uncertain", callback=one_of(UNCERTAIN_POLICIES),
                                                       help=f"CheXpert -1 labels: {', '.join(UNCERTAIN_POLICIES)}.")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--scratch", help="Start from ImageNet weights (needs the network).")] = None,

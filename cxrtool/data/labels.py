@@ -27,7 +27,15 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from cxrtool.registry import CHEXPERT_FINDINGS, NIH_FINDINGS, PROJECTIONS, VIEW_POSITIONS, resolve_finding
+from cxrtool.registry import (
+    CHEXPERT_FINDINGS,
+    FINDING_ALIASES,
+    LABEL_SETS,
+    NIH_FINDINGS,
+    PROJECTIONS,
+    VIEW_POSITIONS,
+    resolve_finding,
+)
 from cxrtool.registry import LABEL_FORMATS as _FORMATS
 from cxrtool.registry import UNCERTAIN_POLICIES as _POLICIES
 
@@ -226,7 +234,9 @@ def _normalize_view(value: str) -> str:
     first = token.split()[0]
     if first in ("PA", "AP"):
         return first
-    if first in ("LATERAL", "LAT", "LL", "RL", "LEFT_LATERAL", "RIGHT_LATERAL"):
+    if first in ("AP_HORIZONTAL", "AP_SUPINE"):  # PadChest's supine AP films
+        return "AP"
+    if first in ("LATERAL", "LAT", "LL", "RL", "L", "LEFT_LATERAL", "RIGHT_LATERAL"):
         return "LATERAL"
     return "UNKNOWN"
 
@@ -237,7 +247,7 @@ def _describe_header(header: Sequence[str], limit: int = 12) -> str:
 
 
 def detect_format(header: Sequence[str]) -> str:
-    """Name the label CSV layout of ``header``: "nih", "chexpert" or "generic".
+    """Name the label CSV layout of ``header``: "nih", "chexpert", "padchest" or "generic".
 
     Raises:
         ValueError: the header matches none of them (the message lists what was expected).
@@ -250,6 +260,8 @@ def detect_format(header: Sequence[str]) -> str:
     lower = {h.lower() for h in columns}
     if {"Image Index", "Finding Labels"} <= columns:
         return "nih"
+    if {"ImageID", "Labels"} <= columns:
+        return "padchest"
     observations = columns & set(CHEXPERT_FINDINGS)
     if "Path" in columns and observations:
         return "chexpert"
@@ -263,7 +275,7 @@ def detect_format(header: Sequence[str]) -> str:
     raise ValueError(
         f"unrecognised label CSV header ({_describe_header(list(header))}); expected NIH "
         "('Image Index' + 'Finding Labels'), CheXpert/MIMIC-CXR-JPG ('Path' + observation "
-        "columns such as 'Cardiomegaly') or generic ('path' + 0/1 finding columns)"
+        "columns such as 'Cardiomegaly'), PadChest ('ImageID' + 'Labels') or generic ('path' + 0/1 finding columns)"
     )
 
 
@@ -352,6 +364,8 @@ def read_labels(
     # Findings are asked for, and matched to columns, by name or alias (registry.FINDING_ALIASES);
     # the table names them as the file spells them.
     wanted = None if findings is None else tuple(findings)
+    if wanted is not None and len(wanted) == 1 and wanted[0] in LABEL_SETS:
+        wanted = tuple(LABEL_SETS[wanted[0]])  # a label set's name: its findings
     if wanted is not None:
         if not wanted:
             raise ValueError("findings is empty: name at least one finding")
@@ -365,6 +379,8 @@ def read_labels(
             parsed = _parse_nih(path, header, reader, wanted)
         elif kind == "chexpert":
             parsed = _parse_chexpert(path, header, reader, wanted, uncertain)
+        elif kind == "padchest":
+            parsed = _parse_padchest(path, header, reader, wanted)
         else:
             parsed = _parse_generic(path, header, reader, wanted)
     names, images, patients, views, targets = parsed
@@ -376,6 +392,10 @@ def read_labels(
         roots = [csv_dir / "images", csv_dir]
     elif kind == "chexpert":
         roots = [csv_dir, csv_dir.parent]
+    elif kind == "padchest":
+        # PadChest ships its PNGs in numbered folders (0 ... 54); a flattened copy works too.
+        numbered = sorted((p for p in csv_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        roots = [csv_dir, csv_dir / "images", *numbered]
     else:
         roots = [csv_dir]
 
@@ -543,6 +563,77 @@ def _parse_chexpert(
     return tuple(names), images, patients, views, targets
 
 
+# PadChest labels that say the study cannot be labelled: its row is left out of the losses.
+_PADCHEST_UNUSABLE = {"exclude", "suboptimal study"}
+_LOWER_ALIASES = {alias.lower(): name.lower() for alias, name in FINDING_ALIASES.items()}
+
+
+def _label_key(name: str) -> str:
+    """A finding's name compared across spellings and case (PadChest writes lower case)."""
+    key = " ".join(name.strip().strip("'\"").lower().split())
+    return _LOWER_ALIASES.get(key, key)
+
+
+def _padchest_labels(cell: str) -> list[str]:
+    """PadChest's Labels cell, a Python-style list (``['pleural effusion', 'nodule']``), or a
+    plain comma- or |-separated list."""
+    import ast
+
+    text = cell.strip()
+    if text.startswith("["):
+        try:
+            values = ast.literal_eval(text)  # literals only: never evaluates code
+        except (ValueError, SyntaxError):
+            values = text.strip("[]").split(",")
+    else:
+        values = text.replace("|", ",").split(",")
+    return [str(v) for v in values if str(v).strip()]
+
+
+def _parse_padchest(
+    path: Path, header: list[str], reader: Iterator[list[str]], wanted: tuple[str, ...] | None
+) -> _Parsed:
+    _require(header, ["ImageID", "Labels"], "PadChest", path)
+    col = {h: i for i, h in enumerate(header)}
+    i_img, i_lab = col["ImageID"], col["Labels"]
+    i_pat, i_view = col.get("PatientID"), col.get("Projection")
+    images: list[str] = []
+    patients: list[str] = []
+    views: list[str] = []
+    rows: list[set[str] | None] = []
+    spelled: dict[str, str] = {}  # a label's key -> its first spelling in the file
+    for row in reader:
+        if not row or len(row) <= max(i_img, i_lab) or not row[i_img].strip():
+            continue
+        image = row[i_img].strip()
+        written = _padchest_labels(row[i_lab])
+        for label in written:
+            spelled.setdefault(_label_key(label), " ".join(label.strip().strip("'\"").split()))
+        labels = {_label_key(label) for label in written}
+        images.append(image)
+        patients.append(row[i_pat].strip() if i_pat is not None and i_pat < len(row) else _stem(image))
+        views.append(_normalize_view(row[i_view]) if i_view is not None and i_view < len(row) else "UNKNOWN")
+        rows.append(None if not labels or labels & _PADCHEST_UNUSABLE else labels)
+    if wanted is not None:
+        names = tuple(wanted)
+    else:  # every label the file uses, the commonest first
+        counts: dict[str, int] = {}
+        for labels in rows:
+            for label in labels or ():
+                counts[label] = counts.get(label, 0) + 1
+        names = tuple(spelled[key] for key in sorted(counts, key=lambda label: (-counts[label], label)))
+        if not names:
+            raise ValueError(f"{path.name}: no labels in the 'Labels' column")
+    keys = [_label_key(name) for name in names]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"findings name one label twice: {list(names)}")
+    targets = np.full((len(images), len(names)), np.nan, dtype=np.float32)
+    for i, labels in enumerate(rows):
+        if labels is not None:
+            targets[i] = [1.0 if key in labels else 0.0 for key in keys]
+    return names, images, patients, views, targets
+
+
 def _chexpert_patient(image: str, subject: str) -> str:
     if subject.strip():
         return subject.strip()
@@ -618,9 +709,10 @@ def _parse_generic(
 
 # Columns that name a row's image, and columns that give its projection, in the tables of
 # NIH (Image Index, View Position), CheXpert (Path, Frontal/Lateral, AP/PA), MIMIC-CXR's
-# metadata (dicom_id, ViewPosition) and cxrtool's generic format (path, view).
-_IMAGE_COLUMNS = ("image index", "path", "dicom_id", *_GENERIC_PATH_COLUMNS)
-_VIEW_COLUMNS = ("view position", "viewposition", "ap/pa", *_GENERIC_VIEW_COLUMNS)
+# metadata (dicom_id, ViewPosition), PadChest (ImageID, Projection) and cxrtool's generic
+# format (path, view).
+_IMAGE_COLUMNS = ("image index", "path", "dicom_id", "imageid", *_GENERIC_PATH_COLUMNS)
+_VIEW_COLUMNS = ("view position", "viewposition", "ap/pa", "projection", *_GENERIC_VIEW_COLUMNS)
 
 
 def read_views(csv_path: str | os.PathLike[str]) -> dict[str, str]:
