@@ -209,6 +209,10 @@ MAP_FORMATS: tuple[str, ...] = ("png", "npy")
 # view classifier (`cxrtool train --task view`, whose findings are the first three).
 VIEW_POSITIONS: tuple[str, ...] = ("PA", "AP", "LATERAL", "UNKNOWN")
 PROJECTIONS: tuple[str, ...] = VIEW_POSITIONS[:3]
+# How `cxrtool train` draws an epoch's images: every image once, shuffled; or class-aware
+# (a finding uniformly, then one of its positive images), against the long tail.
+SAMPLINGS: dict[str, str] = {"uniform": "every training image once an epoch, shuffled",
+                             "class_aware": "a finding chosen uniformly, then one of its positive images"}
 # What `cxrtool train` learns: findings (multi-label), or the projection (a view classifier).
 TASKS: dict[str, str] = {"findings": "findings of the label table (multi-label)",
                          "view": "the projection (PA, AP, LATERAL) of the label table's view column: a view classifier"}

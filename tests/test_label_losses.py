@@ -212,3 +212,45 @@ def test_each_preset_trains_on_phantoms_lowering_its_loss_and_resumes_exactly(pr
         saved = read_training_tensors(tmp_path / "whole" / "model.safetensors")
         assert saved["loss.terms.1.prototypes"].shape == (len(card.findings), 32)
         assert bool(saved["loss.terms.1.seen"].any())
+
+
+# ------------------------------------------------------------------ the long tail: logit adjustment and class-aware sampling
+
+
+def test_logit_adjustment_shifts_what_the_loss_sees_by_the_prior_log_odds():
+    from cxrtool.train.losses import LossContext, build_loss, logit_adjustment
+
+    targets = np.array([[1, 0], [0, 0], [0, 0], [1, np.nan], [1, 1]], dtype=np.float32)  # prevalences 3/5, 1/4
+    offset = logit_adjustment(targets, 1.0)
+    np.testing.assert_allclose(offset.numpy(), [np.log(0.6 / 0.4), np.log(0.25 / 0.75)], rtol=1e-6)
+    logits, batch = torch.randn(4, 2), {"targets": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])}
+    adjusted = build_loss("asl+bce", LossContext(["A", "B"], targets, {"logit_adjustment": 0.5}))
+    plain = build_loss("asl+bce", LossContext(["A", "B"], targets, {}))
+    shifted = ModelOutput(logits=logits + 0.5 * offset)
+    assert adjusted(ModelOutput(logits=logits), batch)[0] == pytest.approx(float(plain(shifted, batch)[0]), rel=1e-6)
+    assert not any("offset" in key for key in adjusted.state_dict())  # not saved: rebuilt from the labels
+
+
+def test_class_aware_sampling_draws_each_finding_about_equally_and_splits_across_ranks():
+    from cxrtool.train._distributed import DistInfo
+    from cxrtool.train.loop import _epoch_order
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    targets = np.zeros((n, 3), dtype=np.float32)
+    targets[:, 0] = rng.random(n) < 0.6  # common
+    targets[:, 1] = rng.random(n) < 0.05  # rare
+    targets[:7, 2] = 1  # very rare: 7 images
+    single = DistInfo()
+    order = _epoch_order(n, 3, 0, single, targets=targets)
+    assert len(order) == n
+    drawn = targets[order]
+    # Each finding is the drawn one a third of the time (plus co-occurrence): the 7 images of
+    # the rarest are drawn hundreds of times, where a shuffle shows them once.
+    assert drawn[:, 2].sum() > n / 3 * 0.85 and drawn[:, 1].sum() > n / 3 * 0.85
+    assert _epoch_order(n, 3, 0, single, targets=targets) == order  # a resumed run draws the same
+    assert _epoch_order(n, 3, 1, single, targets=targets) != order
+    shares = [_epoch_order(n, 3, 0, DistInfo(rank=r, local_rank=r, world_size=2), targets=targets) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(order)
+    with pytest.raises(ValueError, match="class-aware sampling needs positive labels"):
+        _epoch_order(4, 0, 0, single, targets=np.zeros((4, 2)))

@@ -237,3 +237,17 @@ def test_fine_tuning_starts_from_a_checkpoint(tmp_path):
     card = read_card(run / CHECKPOINT_NAME)
     assert card.architecture == "resnet18" and card.preprocessing == parent_card.preprocessing
     assert card.training["init"]["sha256"] == file_sha256(parent_file) and card.training["init"]["findings_kept"] == ["Disk", "Bar"]
+
+
+def test_long_tail_options_train_and_are_recorded(tmp_path):
+    from cxrtool.models.checkpoint import read_card
+
+    labels = make_generic_dataset(tmp_path / "data", n=24)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", *tiny_settings(labels, run), "--epochs", "1", "--sampling", "class_aware",
+                                 "--logit-adjustment", "1.0"])
+    assert result.exit_code == 0, result.output
+    card = read_card(run / "model.safetensors")
+    assert card.training["sampling"] == "class_aware" and card.training["logit_adjustment"] == 1.0
+    bad = runner.invoke(app, ["train", *tiny_settings(labels, tmp_path / "bad"), "--sampling", "balanced"])
+    assert bad.exit_code == 2

@@ -15,7 +15,17 @@ from typing import Annotated
 import typer
 
 from cxrtool.cli._console import fail, handle_interrupt, note, one_of, progress_bar, training_progress
-from cxrtool.registry import DEFAULT_ARCHITECTURE, DEFAULT_HEAD, DEFAULT_LOSS, HEADS, LOSSES, PRESETS, TASKS, UNCERTAIN_POLICIES
+from cxrtool.registry import (
+    DEFAULT_ARCHITECTURE,
+    DEFAULT_HEAD,
+    DEFAULT_LOSS,
+    HEADS,
+    LOSSES,
+    PRESETS,
+    SAMPLINGS,
+    TASKS,
+    UNCERTAIN_POLICIES,
+)
 
 
 def train(
@@ -41,6 +51,12 @@ def train(
     lr: Annotated[float | None, typer.Option("--lr")] = None,
     loss: Annotated[str | None, typer.Option("--loss", help=f"Loss terms, optionally weighted and joined by +, e.g. asl or "
                                              f"asl+0.5*bce; terms: {', '.join(LOSSES)} (default {DEFAULT_LOSS}).")] = None,
+    sampling: Annotated[str | None, typer.Option("--sampling", callback=one_of(tuple(SAMPLINGS)),
+                                                 help="uniform (default) or class_aware: each draw a finding chosen "
+                                                      "uniformly, then one of its positive images.")] = None,
+    logit_adjustment: Annotated[float | None, typer.Option("--logit-adjustment", min=0.0,
+                                                           help="tau: the classification loss sees logits + tau * "
+                                                                "log-odds of each finding's prevalence (0 = off).")] = None,
     input_size: Annotated[int | None, typer.Option("--input-size")] = None,
     findings: Annotated[str | None, typer.Option("--findings", help="Comma-separated findings to train on, or a label set's name (e.g. cxr-lt-2026; see cxrtool models) "
                                                    "(default: the label file's).")] = None,
@@ -60,7 +76,7 @@ def train(
 
     flags = {
         "task": task, "labels": labels, "images": images, "out": out, "init": init, "architecture": architecture, "head": head, "preset": preset, "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "loss": loss, "input_size": input_size, "uncertain": uncertain,
+        "batch_size": batch_size, "lr": lr, "loss": loss, "sampling": sampling, "logit_adjustment": logit_adjustment, "input_size": input_size, "uncertain": uncertain,
         "pretrained": pretrained, "device": device, "workers": workers, "seed": seed,
         "findings": [f.strip() for f in findings.split(",") if f.strip()] if findings else None,
     }

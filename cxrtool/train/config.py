@@ -23,6 +23,7 @@ from cxrtool.registry import (
     DEFAULT_LOSS,
     HEADS,
     PRESETS,
+    SAMPLINGS,
     TASKS,
     THRESHOLD_METHODS,
     UNCERTAIN_POLICIES,
@@ -71,6 +72,8 @@ class TrainConfig:
     warmup_epochs: float = 0.5
     preset: str = ""  # a paper's recipe (registry.PRESETS): its head and loss, under the YAML file and flags
     loss: str = DEFAULT_LOSS  # a loss expression of registry.LOSSES terms: asl, asl+0.5*bce, ...
+    sampling: str = "uniform"  # registry.SAMPLINGS: uniform, or class_aware (the long tail seen as often as the head)
+    logit_adjustment: float = 0.0  # tau: classification terms see logits + tau * log-odds of each prevalence
     apcl_momentum: float = 0.9  # apcl: moving average of the prototypes
     apcl_temperature: float = 0.1  # apcl: temperature of the contrast over prototypes
     supcon_temperature: float = 0.1  # lcsupcon: temperature
@@ -99,6 +102,8 @@ class TrainConfig:
             (self.task != "view" or not self.findings,
              "findings cannot be chosen for task view: its classes are the projections the labels' view column has"),
             (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got {self.head!r}"),
+            (self.sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}"),
+            (self.logit_adjustment >= 0, f"logit_adjustment must be 0 or more, got {self.logit_adjustment}"),
             (self.output_stride in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {self.output_stride}"),
             (self.threshold_method in THRESHOLD_METHODS,
              f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, got {self.threshold_method!r}"),

@@ -36,7 +36,8 @@ CONFIG_NAME = "config.yaml"
 # Settings that must not change when resuming, or the saved state would not fit the run.
 _RESUME_INVARIANTS = ("task", "architecture", "output_stride", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size",
                       "init", "head", "loss", "head_dim", "decoder_layers", "decoder_heads",
-                      "decoder_self_attention", "lga_text", "lga_layers", "lga_cooccurrence_bias", "preset")
+                      "decoder_self_attention", "lga_text", "lga_layers", "lga_cooccurrence_bias", "preset",
+                      "sampling", "logit_adjustment")
 
 
 @dataclass
@@ -213,7 +214,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
 
         for epoch in range(start_epoch, config.epochs):
             train_set.set_epoch(epoch)
-            order = _epoch_order(len(train_idx), config.seed, epoch, dist_info)
+            order = _epoch_order(len(train_idx), config.seed, epoch, dist_info,
+                                 targets=table.targets[train_idx] if config.sampling == "class_aware" else None)
             loader = torch.utils.data.DataLoader(
                 train_view,
                 batch_size=config.batch_size,
@@ -326,10 +328,25 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return moved
 
 
-def _epoch_order(n: int, seed: int, epoch: int, info: distributed.DistInfo) -> list[int]:
-    """This rank's shuffled positions for an epoch, identical however the run was resumed."""
+def _epoch_order(n: int, seed: int, epoch: int, info: distributed.DistInfo, *,
+                 targets: np.ndarray | None = None) -> list[int]:
+    """This rank's positions for an epoch, identical however the run was resumed: a
+    shuffle of all ``n``, or with ``targets`` (n, findings) class-aware sampling (Shen et
+    al., 2016): ``n`` draws, each a finding chosen uniformly among those with positives,
+    then one of its positive images. Rare findings are then seen as often as common ones;
+    an image with no positive label is never drawn (give "No Finding"/"Normal" a column to
+    keep normal films in training)."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(n, generator=generator).tolist()
+    if targets is None:
+        order = torch.randperm(n, generator=generator).tolist()
+    else:
+        positives = [np.flatnonzero(column == 1) for column in np.asarray(targets).T]
+        positives = [rows for rows in positives if len(rows)]
+        if not positives:
+            raise ValueError("class-aware sampling needs positive labels; the training split has none")
+        classes = torch.randint(len(positives), (n,), generator=generator).tolist()
+        picks = torch.rand(n, generator=generator, dtype=torch.float64).tolist()
+        order = [int(positives[c][int(u * len(positives[c]))]) for c, u in zip(classes, picks, strict=True)]
     if info.enabled:
         padded = order + order[: (-len(order)) % info.world_size]  # equal shares per rank
         order = padded[info.rank :: info.world_size]
@@ -433,6 +450,8 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
             "positives_train": {f: int(np.nansum(table.targets[train_idx, j])) for j, f in enumerate(findings)},
             "loss": config.loss,
             **({"preset": config.preset} if config.preset else {}),
+            **({"sampling": config.sampling} if config.sampling != "uniform" else {}),
+            **({"logit_adjustment": config.logit_adjustment} if config.logit_adjustment else {}),
             "epochs": config.epochs,
             "best_epoch": epoch,
             "batch_size": config.batch_size,

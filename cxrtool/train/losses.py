@@ -114,15 +114,35 @@ class LossTerm(nn.Module):
 
 
 class ClassificationTerm(LossTerm):
-    """A masked multi-label loss on the logits against ``batch["targets"]``."""
+    """A masked multi-label loss on the logits against ``batch["targets"]``.
+
+    With an ``offset`` (logit adjustment, :func:`logit_adjustment`) the loss sees the
+    logits plus each finding's offset; the model itself, and so predict, never does.
+    """
 
     def __init__(self, name: str, loss: MaskedMultiLabelLoss) -> None:
         super().__init__()
         self.name = name
         self.loss = loss
+        self.register_buffer("offset", None, persistent=False)
 
     def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.loss(output.logits.float(), batch["targets"])
+        logits = output.logits.float()
+        if self.offset is not None:
+            logits = logits + self.offset.to(logits.device)
+        return self.loss(logits, batch["targets"])
+
+
+def logit_adjustment(targets: np.ndarray, tau: float) -> torch.Tensor:
+    """Logit adjustment (Menon et al., ICLR 2021) for multi-label training: each finding's
+    offset is ``tau`` times the log-odds of its training prevalence. Training on shifted
+    logits leaves the model's own logits free of the prior, so a rare finding is not
+    pushed down for being rare; ``tau`` 0 is plain training, 1 the full prior."""
+    t = np.asarray(targets, dtype=np.float64)
+    known = ~np.isnan(t)
+    prevalence = np.nansum(t, axis=0) / np.maximum(known.sum(axis=0), 1)
+    prevalence = np.clip(prevalence, 1e-4, 1 - 1e-4)
+    return torch.as_tensor(tau * np.log(prevalence / (1 - prevalence)), dtype=torch.float32)
 
 
 def _weighted_bce(context: LossContext) -> ClassificationTerm:
@@ -376,6 +396,14 @@ def build_loss(expression: str, context: LossContext) -> CombinedLoss:
         >>> total, parts = loss(ModelOutput(logits=torch.zeros(2, 1)), {"targets": torch.ones(2, 1)})
     """
     loss = CombinedLoss([(weight, _TERM_BUILDERS[name](context)) for weight, name in parse_loss(expression)])
+    tau = float(context.setting("logit_adjustment", 0.0))
+    if tau:
+        if context.targets is None:
+            raise ValueError("logit_adjustment needs the training targets to know each finding's prevalence")
+        offset = logit_adjustment(context.targets, tau)
+        for term in loss.terms:
+            if isinstance(term, ClassificationTerm):
+                term.offset = offset
     relating = [term.name for term in loss.terms if term.relates_findings]
     if context.say is not None and relating and len(context.findings) == 1:
         classifying = any(isinstance(term, ClassificationTerm) for term in loss.terms)
