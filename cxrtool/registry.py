@@ -171,6 +171,7 @@ LOSSES: dict[str, str] = {
     "apcl": "adaptive prototype contrastive loss on per-finding features (paper 1)",
     "lcc": "consistency of per-image and global label correlations (paper 2)",
     "lcsupcon": "label-correlation-guided multi-label supervised contrastive loss (paper 2)",
+    "align": "image-text alignment: the image against each finding's positive and negative prompt (paper 3's dual branch)",
 }
 DEFAULT_LOSS = "asl"
 
@@ -178,6 +179,7 @@ DEFAULT_LOSS = "asl"
 PRESETS: dict[str, dict[str, object]] = {
     "prototypes": {"head": "lga", "loss": "asl+0.2*apcl"},  # paper 1: LGA + decoder + ASL + APCL
     "label-correlation": {"head": "label_features", "loss": "bce+0.1*lcc+0.2*lcsupcon"},  # paper 2
+    "dual-branch": {"zero_shot": True, "loss": "1.5*asl+align"},  # paper 3: contrastive alignment + 1.5 x ASL
 }
 
 # How per-finding decision thresholds are chosen on validation data.

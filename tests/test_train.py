@@ -251,3 +251,30 @@ def test_long_tail_options_train_and_are_recorded(tmp_path):
     assert card.training["sampling"] == "class_aware" and card.training["logit_adjustment"] == 1.0
     bad = runner.invoke(app, ["train", *tiny_settings(labels, tmp_path / "bad"), "--sampling", "balanced"])
     assert bad.exit_code == 2
+
+
+@pytest.mark.slow
+def test_a_dual_branch_model_trains_its_text_side_and_keeps_its_prompts(tmp_path):
+    from cxrtool.models.checkpoint import load_checkpoint
+    from cxrtool.models.text import encoder_installed
+
+    if not encoder_installed():
+        pytest.skip("the sentence encoder (cxrtool[text]) is not installed")
+    labels = make_generic_dataset(tmp_path / "data", n=24)
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("Disk:\n  positive: [a bright round disk, a white circle]\n  negative: [no disk]\n")
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", *tiny_settings(labels, run), "--epochs", "1", "--preset", "dual-branch",
+                                 "--set", f"prompts={prompts}"])
+    assert result.exit_code == 0, result.output
+    model, card = load_checkpoint(run / "model.safetensors")
+    assert card.text["dim"] == 384 and card.training["loss"] == "1.5*asl+align"
+    assert card.text["prompts"]["Disk"] == {"positive": ["a bright round disk", "a white circle"], "negative": ["no disk"]}
+    assert card.text["prompts"]["Bar"]["negative"] == ["no bar"]  # no description: its name against "no bar"
+    norms = model.text.prompts.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))  # the pairs travel with the weights
+    output = model(torch.zeros(2, 1, 32, 32), full=True)
+    assert output.zero_shot_logits.shape == (2, 2) and output.projection.shape == (2, 384)
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 2)  # predict's contract: logits only
+    missing = runner.invoke(app, ["train", *tiny_settings(labels, tmp_path / "bad"), "--set", "zero_shot=true"])
+    assert missing.exit_code == 2 and "zero_shot trains its text branch through the align loss term" in missing.output

@@ -25,7 +25,7 @@ from cxrtool.io.outputs import atomic_path
 CARD_KEY = "cxrtool_card"
 TREE_KEY = "cxrtool_tree"
 FORMAT = "cxrtool-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class CheckpointError(Exception):
@@ -53,11 +53,14 @@ class ModelCard:
     calibration: dict[str, Any] = field(default_factory=dict)
     # Where imported weights came from (weight set, file, SHA-256, library version, licence).
     source: dict[str, Any] = field(default_factory=dict)
+    # A dual-branch model's text side: the sentence encoder, its width, each finding's prompts.
+    text: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         # A calibrated card needs a cxrtool that knows calibration: an older one must refuse
         # it rather than make its calls on uncalibrated probabilities.
-        version = FORMAT_VERSION if self.calibration else 1
+        # Likewise a dual-branch card (its text branch's weights) needs one that knows it.
+        version = 3 if self.text else (2 if self.calibration else 1)
         return json.dumps({"format": FORMAT, "format_version": version, **self.__dict__}, sort_keys=False)
 
     @classmethod

@@ -32,6 +32,8 @@ class ModelOutput:
     features: torch.Tensor | None = None  # (B, K, D): one feature vector per finding
     attention: torch.Tensor | None = None  # (B, K, h, w): where each finding's feature looked
     correlation: torch.Tensor | None = None  # (K, K): the head's global relations between findings
+    projection: torch.Tensor | None = None  # (B, E): the image in the text encoder's space, unit length
+    zero_shot_logits: torch.Tensor | None = None  # (B, K): each finding's positive against its negative prompt
 
 
 class Head(nn.Module):

@@ -25,6 +25,36 @@ from cxrtool.models.heads import ModelOutput, build_head  # noqa: E402
 from cxrtool.registry import ARCHITECTURES, DEFAULT_HEAD  # noqa: E402
 
 
+class TextBranch(nn.Module):
+    """The image side of a dual-branch model (paper 3, after CheXzero): the pooled image
+    embedding projected into a sentence encoder's space, and each trained finding's pair of
+    prompt embeddings (positive, negative), kept with the weights.
+
+    A finding's zero-shot logit is ``scale * (cos(image, positive) - cos(image, negative))``:
+    its sigmoid is CheXzero's softmax over the prompt pair, so training on it (the ``align``
+    loss term) trains the very rule that scores a finding no label ever named.
+    """
+
+    gives = frozenset({"projection", "zero_shot_logits"})
+
+    def __init__(self, width: int, findings: Sequence[str], dim: int, hidden: int = 512) -> None:
+        super().__init__()
+        self.dim = int(dim)
+        self.projection = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, self.dim))
+        self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), CLIP's start
+        self.register_buffer("prompts", torch.zeros(len(findings), 2, self.dim))  # set before training
+
+    def embed(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Unit-length image embeddings (B, E) in the text space."""
+        return nn.functional.normalize(self.projection(pooled.float()), dim=-1)
+
+    def logits(self, embedding: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """(B, K) zero-shot logits against prompt pairs (K, 2, E) of unit-length embeddings."""
+        scale = self.logit_scale.clamp(max=4.6052).exp()  # at most 100, as CLIP
+        similarity = torch.einsum("be,kpe->bkp", embedding, prompts.to(embedding.dtype))
+        return scale * (similarity[..., 0] - similarity[..., 1])
+
+
 class CXRClassifier(nn.Module):
     """A timm backbone with a multi-label head (``registry.HEADS``), one logit per finding.
 
@@ -44,6 +74,7 @@ class CXRClassifier(nn.Module):
         output_stride: int = 32,
         head: str = DEFAULT_HEAD,
         head_settings: Mapping[str, Any] | None = None,
+        text_dim: int = 0,
     ) -> None:
         super().__init__()
         if not findings:
@@ -68,6 +99,13 @@ class CXRClassifier(nn.Module):
         # Some backbones (MobileNetV3) widen features after pooling: head_hidden_size.
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.head = build_head(head, width, self.findings, head_settings)
+        # A dual-branch model (text_dim > 0) also places images in a sentence encoder's space.
+        self.text = TextBranch(width, self.findings, text_dim) if text_dim else None
+
+    @property
+    def gives(self) -> frozenset[str]:
+        """The ModelOutput fields beyond the logits its training forward fills."""
+        return self.head.gives | (self.text.gives if self.text is not None else frozenset())
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's spatial feature map (B, C, h, w)."""
@@ -77,8 +115,20 @@ class CXRClassifier(nn.Module):
         """Logits (B, K); with ``full=True`` the head's whole :class:`ModelOutput` (training:
         under DistributedDataParallel the flag passes through its wrapper)."""
         feature_map = self.features(images)
-        output = self.head(feature_map, self.backbone.forward_head(feature_map, pre_logits=True))
-        return output if full else output.logits
+        pooled = self.backbone.forward_head(feature_map, pre_logits=True)
+        output = self.head(feature_map, pooled)
+        if not full:
+            return output.logits
+        if self.text is not None:
+            output.projection = self.text.embed(pooled)
+            output.zero_shot_logits = self.text.logits(output.projection, self.text.prompts)
+        return output
+
+    def project(self, images: torch.Tensor) -> torch.Tensor:
+        """The images' unit-length embeddings in the text space (a dual-branch model only)."""
+        if self.text is None:
+            raise ValueError("this model has no text branch: train it with --preset dual-branch (zero_shot: true)")
+        return self.text.embed(self.backbone.forward_head(self.features(images), pre_logits=True))
 
     @property
     def cam_layer(self) -> str | None:

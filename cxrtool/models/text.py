@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -111,3 +112,86 @@ def finding_embeddings(findings: Sequence[str], *, descriptions: str | os.PathLi
             f"(add them to a descriptions file: --set descriptions=FILE.yaml)")
     return encode(texts)
 
+
+
+# ------------------------------------------------------------------------ prompts (zero-shot)
+
+Prompts = dict[str, dict[str, list[str]]]  # finding -> {"positive": [...], "negative": [...]}
+
+
+def negative_prompt(finding: str) -> str:
+    """CheXzero's negative of a finding: ``no <finding>``."""
+    return f"no {finding.replace('_', ' ').lower()}"
+
+
+def read_prompts(path: str | os.PathLike) -> Prompts:
+    """A prompts file: YAML mapping each finding to its positive descriptions (a string, a
+    list, or ``{positive: [...], negative: [...]}``); a finding without negatives gets
+    ``no <finding>``. Written by hand, or generated ahead of time by any language model.
+
+    Raises:
+        ValueError: not such a mapping (the message names the finding at fault).
+    """
+    source = Path(path)
+    try:
+        values = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"{source}: cannot read prompts ({' '.join(str(error).split())[:160]})") from None
+    if not isinstance(values, dict) or not values:
+        raise ValueError(f"{source}: prompts map each finding to its descriptions (YAML)")
+    prompts: Prompts = {}
+    for finding, value in values.items():
+        positive, negative = value, None
+        if isinstance(value, dict):
+            unknown = set(value) - {"positive", "negative"}
+            if unknown:
+                raise ValueError(f"{source}: {finding}: unknown key {sorted(unknown)[0]!r} (positive, negative)")
+            positive, negative = value.get("positive"), value.get("negative")
+        prompts[str(finding)] = {"positive": _texts(source, finding, positive, "positive"),
+                                 "negative": _texts(source, finding, negative, "negative") if negative
+                                 else [negative_prompt(str(finding))]}
+    return prompts
+
+
+def _texts(source: Path, finding: Any, value: Any, side: str) -> list[str]:
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError(f"{source}: {finding}: {side} prompts must be a sentence or a list of sentences")
+    return [" ".join(t.split()) for t in texts]
+
+
+def prompt_from_text(text: str) -> tuple[str, dict[str, list[str]]]:
+    """``"Name: description"`` (predict's --zero-shot) -> (name, its prompts)."""
+    name, _, description = text.partition(":")
+    name = name.strip()
+    if not name or not description.strip():
+        raise ValueError(f"--zero-shot takes 'Finding: a description of what it looks like', got {text!r}")
+    return name, {"positive": [" ".join(text.split())], "negative": [negative_prompt(name)]}
+
+
+def training_prompts(findings: Sequence[str], *, prompts: str | os.PathLike | None = None,
+                     descriptions: str | os.PathLike | None = None) -> Prompts:
+    """Each training finding's prompts: from a prompts file where it names the finding, else
+    its description (``"Name: description"``) and its name, against ``no <name>``."""
+    given = read_prompts(prompts) if prompts else {}
+    by_canonical = {resolve_finding(name): value for name, value in given.items()}
+    texts, _ = finding_texts(findings, read_descriptions(descriptions))
+    chosen: Prompts = {}
+    for finding, text in zip(findings, texts, strict=True):
+        own = given.get(finding) or by_canonical.get(resolve_finding(finding))
+        label = finding.replace("_", " ")
+        chosen[finding] = own or {"positive": list(dict.fromkeys([text, label])), "negative": [negative_prompt(finding)]}
+    return chosen
+
+
+def prompt_pairs(prompts: Prompts) -> np.ndarray:
+    """(K, 2, 384) unit-length embeddings: each finding's positive and negative side, each the
+    normalised mean of its prompts' embeddings (CheXzero's way with several templates)."""
+    pairs = []
+    for entry in prompts.values():
+        sides = []
+        for side in ("positive", "negative"):
+            mean = encode(entry[side]).mean(axis=0)
+            sides.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+        pairs.append(np.stack(sides))
+    return np.asarray(pairs, dtype=np.float32).reshape(len(prompts), 2, ENCODER_DIM)

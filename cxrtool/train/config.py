@@ -30,7 +30,7 @@ from cxrtool.registry import (
 )
 
 # Settings that are paths: in a YAML file they are relative to the file's folder.
-PATH_SETTINGS = ("labels", "images", "out", "init", "descriptions")
+PATH_SETTINGS = ("labels", "images", "out", "init", "descriptions", "prompts")
 
 
 @dataclass
@@ -59,7 +59,9 @@ class TrainConfig:
     lga_text: bool = True  # lga head: text-embedding priors (needs cxrtool[text]; else learned embeddings)
     lga_layers: int = 1  # lga head: label graph attention layers
     lga_cooccurrence_bias: float = 1.0  # lga head: weight of log P(j | i) on the label attention logits
-    descriptions: str = ""  # lga head: finding descriptions (YAML name -> text); default cxrtool's own
+    descriptions: str = ""  # lga head and zero_shot: finding descriptions (YAML name -> text); default cxrtool's own
+    zero_shot: bool = False  # dual branch (paper 3): a text-space projection, trained by the align loss term
+    prompts: str = ""  # zero_shot: prompts file (YAML finding -> positive [and negative] descriptions)
     pretrained: bool = False  # ImageNet weights from the hub: needs the network
     input_size: int = 224
     drop_rate: float = 0.0
@@ -96,12 +98,15 @@ class TrainConfig:
         """Refuse impossible values early, naming the key."""
         from cxrtool.train.losses import parse_loss
 
-        parse_loss(self.loss)  # its own message: the term that is wrong, and the choices
+        terms = {name for _, name in parse_loss(self.loss)}  # its own message: the term that is wrong, and the choices
         checks = [
             (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
             (self.task != "view" or not self.findings,
              "findings cannot be chosen for task view: its classes are the projections the labels' view column has"),
             (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got {self.head!r}"),
+            (not self.zero_shot or "align" in terms,
+             "zero_shot trains its text branch through the align loss term: add it (e.g. loss: 1.5*asl+align, "
+             "or --preset dual-branch)"),
             (self.sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}"),
             (self.logit_adjustment >= 0, f"logit_adjustment must be 0 or more, got {self.logit_adjustment}"),
             (self.output_stride in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {self.output_stride}"),

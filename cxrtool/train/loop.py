@@ -37,7 +37,7 @@ CONFIG_NAME = "config.yaml"
 _RESUME_INVARIANTS = ("task", "architecture", "output_stride", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size",
                       "init", "head", "loss", "head_dim", "decoder_layers", "decoder_heads",
                       "decoder_self_attention", "lga_text", "lga_layers", "lga_cooccurrence_bias", "preset",
-                      "sampling", "logit_adjustment")
+                      "sampling", "logit_adjustment", "zero_shot", "prompts")
 
 
 @dataclass
@@ -149,16 +149,20 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                     say(TrainEvent("message", message=ignored))
 
         settings = config.to_dict()
+        text = _text_side(config, findings) if config.zero_shot else None
         model = CXRClassifier(config.architecture, findings, pretrained=config.pretrained and parent is None,
                               drop_rate=config.drop_rate, output_stride=config.output_stride, head=config.head,
-                              head_settings=head_classes()[config.head].settings_from(settings))
+                              head_settings=head_classes()[config.head].settings_from(settings),
+                              text_dim=text["dim"] if text else 0)
+        if text is not None:
+            model.text.prompts.copy_(torch.from_numpy(text.pop("pairs")))
         if parent is not None:
             say(TrainEvent("message", message=parent.initialise(model)))
         priors = model.head.fit_priors(table.targets[train_idx], settings,
                                        lambda text: say(TrainEvent("message", message=text)))
         criterion = build_loss(config.loss, LossContext(findings, table.targets[train_idx], settings,
                                                         lambda text: say(TrainEvent("message", message=text))))
-        check_head_gives(criterion, model.head.name, model.head.gives)
+        check_head_gives(criterion, model.head.name, model.gives)
 
         train_set = LabelledStudies(paths, table.targets, prep, augment=Augmentation() if config.augment else None,
                                     cache=cache, seed=config.seed, views=2 if "image_2" in criterion.batch_needs else 1,
@@ -270,7 +274,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                     best_auroc, best_epoch = (auroc if not math.isnan(auroc) else best_auroc), epoch + 1
                     card = _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores,
                                  per_finding, auroc, epoch + 1, history, parent, head_settings=model.head.settings(),
-                                 priors=priors)
+                                 priors=priors, text=text)
                     save_checkpoint(out / CHECKPOINT_NAME, model, card,
                                     training={f"loss.{k}": v for k, v in criterion.state_dict().items()})
                 save_tree(
@@ -326,6 +330,21 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
                 value = value.contiguous(memory_format=torch.channels_last)
         moved[key] = value
     return moved
+
+
+def _text_side(config: TrainConfig, findings: list[str]) -> dict[str, Any]:
+    """A dual-branch model's text side: the encoder, its width, each finding's prompts and
+    their embedding pairs (``pairs``, for the model's buffer; the rest goes on the card).
+
+    Raises:
+        ValueError: the sentence encoder is not installed (its training needs it).
+    """
+    from cxrtool.models.text import ENCODER_DIM, ENCODER_NAME, TEXT_HINT, encoder_installed, prompt_pairs, training_prompts
+
+    if not encoder_installed():
+        raise ValueError(f"zero_shot needs the sentence encoder: {TEXT_HINT}")
+    prompts = training_prompts(findings, prompts=config.prompts or None, descriptions=config.descriptions or None)
+    return {"encoder": ENCODER_NAME, "dim": ENCODER_DIM, "prompts": prompts, "pairs": prompt_pairs(prompts)}
 
 
 def _epoch_order(n: int, seed: int, epoch: int, info: distributed.DistInfo, *,
@@ -425,7 +444,7 @@ def _parent(config: TrainConfig, say: Callable[[TrainEvent], None]) -> Parent:
 
 
 def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores, per_finding, auroc, epoch, history,
-          parent=None, *, head_settings=None, priors=None):
+          parent=None, *, head_settings=None, priors=None, text=None):
     from cxrtool.evaluate.classification import choose_thresholds
 
     thresholds = choose_thresholds(val_targets, val_scores, method=config.threshold_method)
@@ -439,6 +458,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
         name=config.name or Path(config.out).name,
         thresholds={f: round(float(t), 6) for f, t in zip(findings, thresholds, strict=True)},
         threshold_method=config.threshold_method,
+        text=dict(text or {}),
         training={
             "labels": str(config.labels),
             "labels_format": table.source,

@@ -155,6 +155,23 @@ def _weighted_bce(context: LossContext) -> ClassificationTerm:
     return ClassificationTerm("weighted_bce", BCELoss(pos_weight=(negatives / positives.clamp(min=1)).clamp(max=100.0)))
 
 
+class PromptAlignment(LossTerm):
+    """Paper 3's image-text alignment: each labelled (image, finding) pair pulls the image's
+    text-space embedding towards the finding's positive prompt and from its negative one, or
+    the other way round for a negative label. A two-way contrast per pair, on the logits
+    zero-shot scoring uses (:class:`~cxrtool.models.network.TextBranch`)."""
+
+    name = "align"
+    needs = frozenset({"zero_shot_logits"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loss = BCELoss()
+
+    def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss(output.zero_shot_logits.float(), batch["targets"])
+
+
 # ---- per-finding feature terms (papers 1 and 2) ----------------------------------------
 
 
@@ -329,6 +346,7 @@ _TERM_BUILDERS: dict[str, Callable[[LossContext], LossTerm]] = {
     "lcc": lambda context: CorrelationConsistency(),
     "lcsupcon": lambda context: CorrelationSupCon(context.findings, context.targets,
                                                   temperature=context.setting("supcon_temperature", 0.1)),
+    "align": lambda context: PromptAlignment(),
 }
 assert set(_TERM_BUILDERS) == set(LOSSES), "every loss term in the registry has a builder, and no other"
 
@@ -423,5 +441,6 @@ def check_head_gives(loss: CombinedLoss, head_name: str, gives: frozenset[str]) 
     for term in loss.terms:
         missing = term.needs - gives
         if missing:
+            hint = " (set zero_shot: true, or --preset dual-branch)" if "zero_shot_logits" in missing else ""
             raise ValueError(f"loss term {term.name!r} needs the head's {', '.join(sorted(missing))}, "
-                             f"which the {head_name!r} head does not give")
+                             f"which the {head_name!r} head does not give{hint}")
