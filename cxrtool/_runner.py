@@ -187,7 +187,8 @@ class RunContext:
         """
         return make_result(self.model, scored.findings, scored.probabilities, scored.thresholds,
                            settings=dict(self.settings), version=self.version, warnings=item.get("warnings", ()),
-                           raw=scored.raw, calibration=scored.calibration, ensemble=scored.ensemble)
+                           raw=scored.raw, calibration=scored.calibration, ensemble=scored.ensemble,
+                           zero_shot=scored.zero_shot)
 
     def study_record(self, item: dict[str, Any]) -> Sidecar:
         """The study's identity (no results yet) from a decoded item."""
@@ -276,6 +277,7 @@ def run_studies(
     note: Callable[[str], None] | None = None,
     views: str | os.PathLike | None = None,
     tta: Any = None,
+    zero_shot: Any = None,
     stdin=None,
 ) -> RunSummary:
     """Run a stage (predict, explain) over studies.
@@ -290,7 +292,8 @@ def run_studies(
     says what runs the networks; ``note`` hears what the run says along the way (an
     export, for one). ``views`` is a label or metadata table giving the projection of
     studies whose files do not (:func:`cxrtool.data.labels.read_views`); ``tta`` a
-    :class:`~cxrtool.models.scoring.TestTimeAugmentation` the model scores with.
+    :class:`~cxrtool.models.scoring.TestTimeAugmentation` the model scores with;
+    ``zero_shot`` a :class:`~cxrtool.models.scoring.ZeroShot` of unseen findings it adds.
     """
     import torch
 
@@ -301,7 +304,7 @@ def run_studies(
     torch_device = pick_device(device)
     choose_runtime(runtime, torch_device.type)  # an impossible runtime is refused before any file is read
     table_views = _read_views(views)
-    scorer = open_model(model, device=torch_device, runtime=runtime, note=note, tta=tta or NO_TTA)
+    scorer = open_model(model, device=torch_device, runtime=runtime, note=note, tta=tta or NO_TTA, zero_shot=zero_shot)
     if check_model is not None:
         check_model(scorer)
     model_ref = scorer.ref

@@ -8,7 +8,7 @@ adds the stage that scores a batch and writes each study's result.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from cxrtool._runner import (
@@ -22,7 +22,7 @@ from cxrtool._runner import (
     run_studies,
 )
 from cxrtool.io.records import Result, StudyFailure, store_result
-from cxrtool.models.scoring import NO_TTA, TestTimeAugmentation
+from cxrtool.models.scoring import NO_TTA, TestTimeAugmentation, zero_shot_prompts
 
 __all__ = ["PREDICT_SETTINGS", "PredictSummary", "RunSummary", "ScoreChunk", "output_root", "predict", "regroup"]
 
@@ -87,6 +87,7 @@ def predict(
     note: Callable[[str], None] | None = None,
     views: str | os.PathLike | None = None,
     tta: TestTimeAugmentation | None = None,
+    zero_shot: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     stdin=None,
 ) -> RunSummary:
     """Run a checkpoint over studies and write sidecars and folder tables.
@@ -118,6 +119,10 @@ def predict(
         tta: test-time augmentation (:class:`~cxrtool.models.scoring.TestTimeAugmentation`):
             each study's copies scored in the same forward passes, their probabilities
             averaged; recorded with each result.
+        zero_shot: findings the model never trained on -> their prompts (``{"positive": [...],
+            "negative": [...]}``, see :func:`cxrtool.models.text.read_prompts`): each scored
+            from the image's text-space embedding (a dual-branch model), marked zero-shot
+            and uncalibrated (called at 0.5) in the sidecar.
 
     Returns:
         A :class:`RunSummary`.
@@ -127,9 +132,12 @@ def predict(
         >>> summary.predicted, summary.exit_code
     """
     tta = tta or NO_TTA
+    unseen = zero_shot_prompts({name: {side: list(texts) for side, texts in entry.items()}
+                                for name, entry in zero_shot.items()}) if zero_shot else None
+    settings = {**PREDICT_SETTINGS, **tta.settings(), **(unseen.settings() if unseen else {})}
     return run_studies(
-        inputs, model=model, make_processor=ScoreChunk, settings={"predict": {**PREDICT_SETTINGS, **tta.settings()}}, out=out,
+        inputs, model=model, make_processor=ScoreChunk, settings={"predict": settings}, out=out,
         overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
         include_patient_id=include_patient_id, on_result=on_result, progress=progress, runtime=runtime, note=note,
-        views=views, tta=tta, stdin=stdin,
+        views=views, tta=tta, zero_shot=unseen, stdin=stdin,
     )

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import one_of, run_over_studies
+from cxrtool.cli._console import fail, one_of, run_over_studies
 from cxrtool.registry import RUNTIMES, TTA_MODES
 
 
@@ -33,6 +33,11 @@ def predict(
                                           "strong (7: and shifts of 5%); the copies' probabilities averaged.")] = "none",
     tta_flip: Annotated[bool, typer.Option("--tta-flip", help="Also score each copy mirrored left to right (it moves "
                                                                 "the heart: only for models trained with flips).")] = False,
+    zero_shot: Annotated[list[str] | None, typer.Option("--zero-shot", help="'Finding: what it looks like' (repeatable): "
+                                                        "score a finding the model never trained on from this description "
+                                                        "(a dual-branch model); marked zero-shot and uncalibrated.")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="YAML: finding -> positive descriptions (and optionally "
+                                                 "{positive: [...], negative: [...]}), scored zero-shot.")] = None,
 ) -> None:
     """Write each study's finding probabilities as a JSON sidecar and a per-folder CSV.
 
@@ -40,13 +45,25 @@ def predict(
     error column), 2 usage error, 130 interrupted (re-run to resume).
     """
     from cxrtool.models.scoring import TestTimeAugmentation
+    from cxrtool.models.text import prompt_from_text, read_prompts
     from cxrtool.predict import predict as run_predict
+
+    unseen: dict = {}
+    try:
+        unseen.update(read_prompts(prompts) if prompts else {})
+        for text in zero_shot or []:
+            name, entry = prompt_from_text(text)
+            if name in unseen:
+                raise ValueError(f"--zero-shot {name!r} is given twice (or also in --prompts)")
+            unseen[name] = entry
+    except ValueError as error:
+        fail(str(error))
 
     run_over_studies(
         "predict",
         functools.partial(run_predict, inputs, model=model, out=out, overwrite=overwrite, batch_size=batch_size,
                           workers=workers, device=device, include_patient_id=include_patient_id, runtime=runtime,
-                          views=views, tta=TestTimeAugmentation(tta, tta_flip)),
+                          views=views, tta=TestTimeAugmentation(tta, tta_flip), zero_shot=unseen or None),
         jsonl=jsonl, listed="cxrtool_predictions.csv", done_word="predicted",
     )
 

@@ -236,11 +236,14 @@ class FindingCall:
     threshold: float
     positive: bool
     raw_probability: float | None = None
+    zero_shot: bool = False  # scored from a text description the model never trained on: uncalibrated
 
     def to_dict(self) -> dict[str, Any]:
         values: dict[str, Any] = {"probability": self.probability, "threshold": self.threshold, "positive": self.positive}
         if self.raw_probability is not None:
             values["raw_probability"] = self.raw_probability
+        if self.zero_shot:
+            values.update(zero_shot=True, calibrated=False)
         return values
 
 
@@ -305,7 +308,8 @@ class Result:
     def from_dict(cls, values: Mapping[str, Any]) -> Result:
         findings = {
             str(name): FindingCall(float(call["probability"]), float(call["threshold"]), bool(call["positive"]),
-                                   None if call.get("raw_probability") is None else float(call["raw_probability"]))
+                                   None if call.get("raw_probability") is None else float(call["raw_probability"]),
+                                   bool(call.get("zero_shot", False)))
             for name, call in (values.get("findings") or {}).items()
         }
         explanations = values.get("explanations")
@@ -565,6 +569,7 @@ def make_result(
     raw: Sequence[float] | None = None,
     calibration: dict[str, Any] | None = None,
     ensemble: dict[str, Any] | None = None,
+    zero_shot: Sequence[str] = (),
 ) -> Result:
     """A model's result from its probabilities and thresholds (for a calibrated model: the
     calibrated probabilities, with the ``raw`` ones and a description of the
@@ -578,8 +583,9 @@ def make_result(
         shown = ", ".join(f"{name} ({float(p)})" for name, p in zip(findings, probabilities, strict=True) if name in bad[:4])
         raise StudyFailure(f"the model's output is not a finite number for {len(bad)} of {len(findings)} findings: {shown}")
     raws = [None] * len(findings) if raw is None else [round(float(r), 6) for r in raw]
+    unseen = set(zero_shot)
     calls = {
-        name: FindingCall(round(float(p), 6), round(float(t), 6), bool(p >= t), r)
+        name: FindingCall(round(float(p), 6), round(float(t), 6), bool(p >= t), r, name in unseen)
         for name, p, t, r in zip(findings, probabilities, thresholds, raws, strict=True)
     }
     return Result(model, calls, settings=settings, warnings=list(warnings), cxrtool_version=version, created=now(),
@@ -668,6 +674,7 @@ def index_entry(model: ModelRef, card: Any, thresholds: Sequence[float], version
         "findings": list(card.findings),
         "thresholds": {f: round(float(t), 6) for f, t in zip(card.findings, thresholds, strict=True)},
         "threshold_method": card.threshold_method,
+        **({"zero_shot": list(card.zero_shot_findings)} if getattr(card, "zero_shot_findings", None) else {}),
         "cxrtool_version": version,
     }
 

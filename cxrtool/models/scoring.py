@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,49 @@ class Scored:
     raw: np.ndarray | None = None
     calibration: dict[str, Any] | None = None
     ensemble: dict[str, Any] | None = None
+    zero_shot: list[str] = field(default_factory=list)  # findings scored from descriptions, uncalibrated
+
+
+@dataclass(frozen=True)
+class ZeroShot:
+    """Findings a dual-branch model never trained on, scored from their descriptions
+    (CheXzero's rule: the softmax over a finding's positive and negative prompt)."""
+
+    prompts: dict[str, dict[str, list[str]]]  # finding -> {"positive": [...], "negative": [...]}
+    pairs: np.ndarray  # (Z, 2, E) unit-length prompt embeddings
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.prompts)
+
+    def settings(self) -> dict[str, Any]:
+        """Recorded with each result: other prompts make other scores."""
+        return {"zero_shot": self.prompts}
+
+
+def zero_shot_prompts(prompts: dict[str, dict[str, list[str]]]) -> ZeroShot:
+    """Embed prompts once; the embeddings are cached by the encoder and the texts (under the
+    cache folder's ``prompts``), so a re-run needs no encoder load.
+
+    Raises:
+        UsageError: the sentence encoder is not installed.
+    """
+    from cxrtool.errors import UsageError
+    from cxrtool.io.outputs import atomic_write
+    from cxrtool.models.runtime import cache_folder
+    from cxrtool.models.text import ENCODER_NAME, TEXT_HINT, encoder_installed, prompt_pairs
+
+    key = hashlib.sha256(json.dumps([ENCODER_NAME, prompts], sort_keys=True).encode()).hexdigest()[:24]
+    cached = cache_folder() / "prompts" / f"{key}.npy"
+    if cached.is_file():
+        return ZeroShot(prompts, np.load(cached))
+    if not encoder_installed():
+        raise UsageError(f"zero-shot prompts need the sentence encoder: {TEXT_HINT}")
+    pairs = prompt_pairs(prompts)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(cached, "wb") as handle:
+        np.save(handle, pairs)
+    return ZeroShot(prompts, pairs)
 
 
 @dataclass(frozen=True)
@@ -126,9 +169,11 @@ NO_TTA = TestTimeAugmentation()
 
 
 def forward(network, tensors: list[np.ndarray], device, *, tta: TestTimeAugmentation = NO_TTA,
-            background: float = 0.0) -> np.ndarray:
+            background: float = 0.0, pairs: np.ndarray | None = None) -> np.ndarray:
     """Probabilities for a list of preprocessed studies, as float64 (n, findings); with
-    test-time augmentation, the mean over each study's copies (one forward pass for all)."""
+    test-time augmentation, the mean over each study's copies (one forward pass for all);
+    with zero-shot prompt ``pairs`` (a dual-branch network), their scores after the
+    findings', from the same pass."""
     import torch
 
     batch = torch.from_numpy(np.stack(tensors))
@@ -140,7 +185,12 @@ def forward(network, tensors: list[np.ndarray], device, *, tta: TestTimeAugmenta
         if tta.active:
             batch = tta.expand(batch, background)
         with autocast:
-            logits = network(batch.contiguous(memory_format=torch.channels_last))
+            if pairs is None:
+                logits = network(batch.contiguous(memory_format=torch.channels_last))
+            else:
+                output = network(batch.contiguous(memory_format=torch.channels_last), full=True)
+                unseen = network.text.logits(output.projection.float(), torch.from_numpy(pairs).to(batch.device))
+                logits = torch.cat([output.logits.float(), unseen], dim=1)
         probabilities = torch.sigmoid(logits.float())
         if tta.active:
             probabilities = probabilities.reshape(len(tensors), -1, probabilities.shape[-1]).mean(dim=1)
@@ -153,9 +203,10 @@ class CheckpointScorer:
     routes_by_projection = False  # its scores do not depend on the study's projection
 
     def __init__(self, path: str | os.PathLike, network, card, device, *, sha256: str, onnx=None,
-                 tta: TestTimeAugmentation = NO_TTA) -> None:
+                 tta: TestTimeAugmentation = NO_TTA, zero_shot: ZeroShot | None = None) -> None:
         self.path = Path(path)
         self.tta = tta
+        self.zero_shot = zero_shot
         self.network = network
         self.card = card
         self.device = device
@@ -164,9 +215,12 @@ class CheckpointScorer:
         self.prep = Preprocessing.from_dict(card.preprocessing)
         self.key = prep_key(self.prep)
         self.preprocessings = {self.key: self.prep}
-        self.findings = list(card.findings)
+        self.zero_shot_findings = zero_shot.names if zero_shot is not None else []
+        self.findings = list(card.findings) + self.zero_shot_findings
         self.threshold_method = card.threshold_method
-        self.thresholds = np.array([card.threshold_for(f) for f in card.findings], dtype=np.float64)
+        # A zero-shot finding has no validation data: it is called at 0.5, and says it is uncalibrated.
+        self.thresholds = np.array([card.threshold_for(f) for f in card.findings] + [0.5] * len(self.zero_shot_findings),
+                                   dtype=np.float64)
         self.calibration = Calibration.from_card(card)
 
     def probabilities(self, tensors: list[np.ndarray]) -> np.ndarray:
@@ -182,10 +236,15 @@ class CheckpointScorer:
             if self.tta.active:
                 probabilities = probabilities.reshape(len(tensors), -1, probabilities.shape[-1]).mean(dim=1)
             return probabilities.numpy().astype(np.float64)
-        return forward(self.network, tensors, self.device, tta=self.tta, background=background)
+        pairs = self.zero_shot.pairs if self.zero_shot is not None else None
+        return forward(self.network, tensors, self.device, tta=self.tta, background=background, pairs=pairs)
 
     def calibrated(self, raw: np.ndarray) -> np.ndarray:
-        return self.calibration(raw) if self.calibration.active else raw
+        """The card's calibration of its own findings' probabilities (zero-shot ones as they are)."""
+        if not self.calibration.active:
+            return raw
+        known = len(self.card.findings)
+        return np.concatenate([self.calibration(raw[:, :known]), raw[:, known:]], axis=1)
 
     def score(self, items: Sequence[dict[str, Any]]) -> list[Scored]:
         return self.score_from(self.probabilities([item["tensors"][self.key] for item in items]))
@@ -195,7 +254,8 @@ class CheckpointScorer:
         calls = self.calibrated(raw)
         calibrated = self.calibration.active
         return [Scored(self.findings, row, self.thresholds, raw=raw_row if calibrated else None,
-                       calibration=self.calibration.describe if calibrated else None)
+                       calibration=self.calibration.describe if calibrated else None,
+                       zero_shot=self.zero_shot_findings)
                 for row, raw_row in zip(calls, raw, strict=True)]
 
 
@@ -291,7 +351,7 @@ def identify(model: str | os.PathLike) -> tuple[str, dict[str, float]]:
 
 
 def open_model(model: str | os.PathLike | Any, *, device, runtime: str = "torch", note: Callable[[str], None] | None = None,
-               tta: TestTimeAugmentation = NO_TTA) -> CheckpointScorer | BundleScorer:
+               tta: TestTimeAugmentation = NO_TTA, zero_shot: ZeroShot | None = None) -> CheckpointScorer | BundleScorer:
     """A checkpoint or a bundle (a file, or a read :class:`~cxrtool.models.sources.bundle.Bundle`),
     loaded onto ``device`` and ready to score (with
     ``tta``: each checkpoint, or each member of a bundle; a bundle's view classifier
@@ -304,6 +364,10 @@ def open_model(model: str | os.PathLike | Any, *, device, runtime: str = "torch"
     from cxrtool.models.sources.bundle import Bundle, is_bundle, read_bundle
 
     if isinstance(model, Bundle) or is_bundle(model):
+        if zero_shot is not None:
+            from cxrtool.errors import UsageError
+
+            raise UsageError("zero-shot prompts score with one dual-branch checkpoint, not a bundle")
         bundle = model if isinstance(model, Bundle) else read_bundle(model)
         loaded: dict[tuple, CheckpointScorer] = {}  # a file named twice is loaded once
 
@@ -316,11 +380,11 @@ def open_model(model: str | os.PathLike | Any, *, device, runtime: str = "torch"
         members = {name: load(member, tta) for name, member in bundle.members.items()}
         view = load(bundle.view_classifier, NO_TTA) if bundle.view_classifier is not None else None
         return BundleScorer(bundle, members, view)
-    return _checkpoint(Path(model), device, runtime, note, tta=tta)
+    return _checkpoint(Path(model), device, runtime, note, tta=tta, zero_shot=zero_shot)
 
 
 def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = None,
-                tta: TestTimeAugmentation = NO_TTA) -> CheckpointScorer:
+                tta: TestTimeAugmentation = NO_TTA, zero_shot: ZeroShot | None = None) -> CheckpointScorer:
     import torch
 
     from cxrtool.models.checkpoint import file_sha256, load_checkpoint
@@ -330,6 +394,9 @@ def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = 
 
     network, card = load_checkpoint(path, device=str(device))
     sha256 = sha256 or file_sha256(path)
+    if zero_shot is not None:
+        _check_zero_shot(path, card, zero_shot, runtime)
+        runtime = "torch"  # the exported graph gives logits only; the text branch runs in PyTorch
     onnx = None
     if choose_runtime(runtime, device.type) == "onnx":
         graph = cache_folder() / "onnx"
@@ -338,8 +405,25 @@ def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = 
         onnx = OnnxNetwork(export_onnx(network, Preprocessing.from_dict(card.preprocessing).input_size, sha256))
     # Channels-last convolutions are markedly faster on CPUs (oneDNN) and tensor cores.
     network = network.to(memory_format=torch.channels_last)
-    return CheckpointScorer(path, network, card, device, sha256=sha256, onnx=onnx, tta=tta)
+    return CheckpointScorer(path, network, card, device, sha256=sha256, onnx=onnx, tta=tta, zero_shot=zero_shot)
+
+
+def _check_zero_shot(path: Path, card, zero_shot: ZeroShot, runtime: str) -> None:
+    from cxrtool.errors import UsageError
+    from cxrtool.models.text import ENCODER_NAME
+
+    if not card.text:
+        raise UsageError(f"{path}: zero-shot prompts need a dual-branch model (train one with --preset dual-branch); "
+                         "this one has no text branch")
+    if card.text.get("encoder") != ENCODER_NAME:
+        raise UsageError(f"{path}: its text branch was trained against {card.text.get('encoder')}, not {ENCODER_NAME}")
+    if runtime == "onnx":
+        raise UsageError("zero-shot scoring runs in PyTorch: use --runtime torch (or auto)")
+    trained = [name for name in zero_shot.names if name in card.findings]
+    if trained:
+        raise UsageError(f"{trained[0]!r} is a finding the model was trained on: its own head scores it; "
+                         "zero-shot is for findings it never saw")
 
 
 __all__ = ["BUNDLE_ARCHITECTURE", "NO_TTA", "BundleScorer", "CheckpointScorer", "Scored", "TestTimeAugmentation",
-           "forward", "identify", "open_model", "prep_key"]
+           "ZeroShot", "forward", "identify", "open_model", "prep_key", "zero_shot_prompts"]
