@@ -1,0 +1,134 @@
+"""Zero-shot findings, measured: hold findings out of training, score them from their
+descriptions, and set the result against chance and against a supervised model.
+
+For each seed:
+
+* dual branch: ``--preset dual-branch`` (a text-space projection trained by the align term,
+  1.5 x ASL on the classification head) on every finding but the held-out ones;
+  ``predict --prompts`` then scores the held-out findings from their descriptions
+  (cxrtool's own ``findings.yaml``, ``Name: description`` against ``no name``);
+* supervised: a linear head with ASL trained with the held-out findings' labels (what
+  zero-shot would be if the labels existed), same backbone, size, epochs and seed.
+
+Both are scored on the held-out test images by ``cxrtool evaluate``. Chance is AUROC 0.5 and
+mAP equal to the finding's test prevalence.
+
+    python benchmarks/zero_shot.py --seeds 3                        # phantoms, Mass and Edema held out
+    python benchmarks/zero_shot.py --data nih --held-out Hernia,Emphysema --input-size 128 --epochs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import cxrtool  # noqa: F401  (first: makes torchvision, which timm imports, importable)
+
+
+def prompts_for(held_out: list[str], folder: Path) -> Path:
+    """A prompts file: each held-out finding's description from cxrtool's own file."""
+    from cxrtool.models.text import finding_texts, negative_prompt, read_descriptions
+
+    texts, missing = finding_texts(held_out, read_descriptions())
+    if missing:
+        sys.exit(f"no description for {', '.join(missing)} in cxrtool/resources/findings.yaml")
+    lines = []
+    for name, text in zip(held_out, texts, strict=True):
+        lines += [f"{json.dumps(name)}:", f"  positive: [{json.dumps(text)}]", f"  negative: [{json.dumps(negative_prompt(name))}]"]
+    path = folder / "prompts.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(kind: str, seed: int, data: tuple, held_out: list[str], work: Path, args: argparse.Namespace) -> dict:
+    from cxrtool.data.labels import read_labels
+    from cxrtool.evaluate import evaluate
+    from cxrtool.models.text import read_prompts
+    from cxrtool.predict import predict
+    from cxrtool.train import load_config
+    from cxrtool.train.loop import train
+
+    train_csv, test_images, test_labels = data
+    everything = list(read_labels(train_csv, require_images=False).findings)
+    seen = [f for f in everything if f not in held_out]
+    out = work / f"{kind}-seed{seed}"
+    settings = {"labels": str(train_csv), "architecture": args.arch, "input_size": args.input_size, "epochs": args.epochs,
+                "batch_size": args.batch_size, "lr": args.lr, "seed": seed, "device": args.device,
+                "workers": args.workers, "out": str(out / "model"), "val_fraction": 0.15}
+    if kind == "zero-shot":
+        settings.update(preset="dual-branch", findings=seen)
+    else:
+        settings.update(head="linear", loss="asl", findings=everything)
+    result = train(load_config(None, settings))
+    prompts = read_prompts(prompts_for(held_out, work)) if kind == "zero-shot" else None
+    predict(test_images, model=result.checkpoint, out=out / "test", device=args.device, workers=args.workers,
+            runtime="torch", zero_shot=prompts)
+    report = evaluate(out / "test", test_labels, model=result.checkpoint, n_boot=0, out_dir=out / "eval")
+    rows = {row.finding: row for row in report.findings}
+    return {"kind": kind, "seed": seed,
+            "auroc": {f: rows[f].auroc for f in held_out}, "map": {f: rows[f].auprc for f in held_out},
+            "prevalence": {f: rows[f].positives / max(1, rows[f].n) for f in held_out}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=["phantoms", "nih"], default="phantoms")
+    parser.add_argument("--held-out", default="Mass,Edema", help="findings left out of the dual branch's training")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3, help="the same for both")
+    parser.add_argument("--train-images", type=int, default=1200)
+    parser.add_argument("--test-images", type=int, default=400)
+    parser.add_argument("--phantom-size", type=int, default=128)
+    parser.add_argument("--test-fraction", type=float, default=0.33)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    held_out = [name.strip() for name in args.held_out.split(",") if name.strip()]
+
+    from ablation import nih_data, phantom_data
+
+    with tempfile.TemporaryDirectory(prefix="cxrtool-zero-shot-") as scratch:
+        work = args.work or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        data = phantom_data(work, args) if args.data == "phantoms" else nih_data(work, args)
+        runs = []
+        for seed in range(args.seeds):
+            for kind in ("zero-shot", "supervised"):
+                runs.append(run(kind, seed, data, held_out, work, args))
+                shown = ", ".join(f"{f} {runs[-1]['auroc'][f]:.3f}" for f in held_out)
+                print(f"  seed {seed} {kind}: AUROC {shown}", file=sys.stderr, flush=True)
+
+    def stat(kind: str, metric: str, finding: str) -> tuple[float, float]:
+        values = np.array([r[metric][finding] for r in runs if r["kind"] == kind], dtype=float)
+        values = values[~np.isnan(values)]
+        return (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0) if len(values) else (math.nan, 0.0)
+
+    print(f"\n{args.data}: {args.arch} at {args.input_size} px, {args.epochs} epochs, lr {args.lr}, {args.seeds} seeds; "
+          f"held out of the dual branch's training: {', '.join(held_out)}")
+    print("| finding | test prevalence (chance mAP) | zero-shot AUROC (sd) | zero-shot mAP | supervised AUROC (sd) | supervised mAP |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for finding in held_out:
+        prevalence = runs[0]["prevalence"][finding]
+        za, zs = stat("zero-shot", "auroc", finding)
+        sa, ss = stat("supervised", "auroc", finding)
+        print(f"| {finding} | {prevalence:.3f} | {za:.3f} ({zs:.3f}) | {stat('zero-shot', 'map', finding)[0]:.3f} | "
+              f"{sa:.3f} ({ss:.3f}) | {stat('supervised', 'map', finding)[0]:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "runs": runs},
+                                        indent=2, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()
