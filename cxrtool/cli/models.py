@@ -66,10 +66,10 @@ def models(
             listing.add_row(name + (" (default)" if name == default else ""), text)
         show(listing)
     presets = Table(title="Presets (train --preset)")
-    for column in ("name", "head", "loss"):
+    for column in ("name", "settings"):
         presets.add_column(column)
     for name, values in PRESETS.items():
-        presets.add_row(name, str(values["head"]), str(values["loss"]))
+        presets.add_row(name, ", ".join(f"{key}: {value}" for key, value in values.items()))
     show(presets)
     note("pretrained weight sets to import: cxrtool models --available")
 
