@@ -272,7 +272,7 @@ def run_studies(
     on_result: ResultCallback | None = None,
     progress: ProgressCallback | None = None,
     on_finish: Callable[[list[Path]], None] | None = None,
-    check_model: Callable[[Any, Any], None] | None = None,
+    check_model: Callable[[Any], None] | None = None,
     runtime: str = "torch",
     note: Callable[[str], None] | None = None,
     views: str | os.PathLike | None = None,

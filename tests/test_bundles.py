@@ -249,16 +249,17 @@ def test_predict_with_a_bundle_routes_each_study_by_its_tag_and_records_the_memb
         ensemble = result["ensemble"]
         assert list(ensemble["members"]) == list(bundle.routes[routes[name]])
         for finding, call in result["findings"].items():
-            scored = [m[finding] for m in ensemble["members"].values() if finding in m]
+            scored = [m["probabilities"][finding] for m in ensemble["members"].values() if finding in m["probabilities"]]
             assert call["probability"] == pytest.approx(np.mean(scored), abs=2e-6)
             assert call["threshold"] == 0.5
     # A member's probabilities in the record are its own: the member alone gives them.
     alone = predict([mixed_study / "pa.dcm"], model=members / "pa2.safetensors", workers=0, runtime="torch")
     assert alone.predicted == 1
     own = next(r for r in sidecars(mixed_study)["pa"]["results"] if r["model"]["name"] == "pa2")
-    for finding, value in results["pa"]["ensemble"]["members"]["pa2"].items():
-        if finding != "model_id":
-            assert value == pytest.approx(own["findings"][finding]["probability"], abs=2e-6)
+    member = results["pa"]["ensemble"]["members"]["pa2"]
+    assert member["model_id"] == own["model"]["id"]
+    for finding, value in member["probabilities"].items():
+        assert value == pytest.approx(own["findings"][finding]["probability"], abs=2e-6)
     # The folder table has the union of the findings; a route without one leaves it blank.
     with open(mixed_study / FOLDER_CSV, newline="") as handle:
         rows = {row["file"]: row for row in csv.DictReader(handle) if row["model"] == "routed"}
@@ -475,7 +476,8 @@ def test_calibrate_chooses_the_bundles_thresholds_and_keeps_rank_references(memb
     for finding, call in result["findings"].items():
         assert call["threshold"] == stored["thresholds"][finding] and 0.0 <= call["probability"] <= 1.0
     members_said = result["ensemble"]["members"]
-    pa_rank = percentile(np.array([members_said["pa"]["Nodule"]]), np.array(stored["reference"]["pa"]["Nodule"]))
+    pa_rank = percentile(np.array([members_said["pa"]["probabilities"]["Nodule"]]),
+                         np.array(stored["reference"]["pa"]["Nodule"]))
     assert result["findings"]["Nodule"]["probability"] == pytest.approx(float(pa_rank[0]), abs=1e-6)
 
 

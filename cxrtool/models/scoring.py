@@ -328,8 +328,8 @@ class BundleScorer:
                 ensemble = {
                     "projection": projections[i], "route": route, "merge": self.bundle.merge,
                     "members": {out.name: {"model_id": self.members[out.name].ref.id,
-                                           **{f: round(float(p), 6) for f, p in zip(out.findings, out.probabilities[k],
-                                                                                    strict=True)}}
+                                           "probabilities": {f: round(float(p), 6) for f, p in
+                                                             zip(out.findings, out.probabilities[k], strict=True)}}
                                 for out in outputs},
                 }
                 scored[i] = Scored([self.findings[j] for j in have], merged[k, have], self.thresholds[have],

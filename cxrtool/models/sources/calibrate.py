@@ -110,10 +110,9 @@ def calibrate_bundle(
     findings = bundle.findings
     scores = np.full((len(routed), len(findings)), np.nan)
     for k, (_, ensemble) in enumerate(routed):
-        outputs = [MemberScores(name, [f for f in values if f != "model_id"],
-                                np.array([[values[f] for f in values if f != "model_id"]]),
+        outputs = [MemberScores(name, list(entry["probabilities"]), np.array([list(entry["probabilities"].values())]),
                                 bundle.members[name].weight)
-                   for name, values in ensemble["members"].items()]
+                   for name, entry in ensemble["members"].items()]
         scores[k] = merge(findings, outputs, how=bundle.merge, references=lookup)[0]
     rows = [row for row, _ in routed]
     label_column = {name: j for j, name in enumerate(table.findings)}
@@ -149,10 +148,9 @@ def _references(bundle: Bundle, routed: list[tuple[int, dict[str, Any]]]) -> dic
     """Each member's reference scores per finding, over the studies its routes scored."""
     collected: dict[str, dict[str, list[float]]] = {name: {} for name in bundle.members}
     for _, ensemble in routed:
-        for name, values in ensemble["members"].items():
-            for finding, value in values.items():
-                if finding != "model_id":
-                    collected[name].setdefault(finding, []).append(float(value))
+        for name, entry in ensemble["members"].items():
+            for finding, value in entry["probabilities"].items():
+                collected[name].setdefault(finding, []).append(float(value))
     return {name: {finding: reference_scores(np.array(values)) for finding, values in by.items()}
             for name, by in collected.items() if by}
 
