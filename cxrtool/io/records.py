@@ -666,6 +666,7 @@ class IndexedModel:
     thresholds: dict[str, float]
     threshold_method: str = ""
     cxrtool_version: str = ""
+    zero_shot: list[str] = field(default_factory=list)  # findings scored from descriptions
 
 
 def index_entry(model: ModelRef, card: Any, thresholds: Sequence[float], version: str) -> dict[str, Any]:
@@ -687,7 +688,8 @@ def _index_with(current: Any, model: ModelRef, entry: Mapping[str, Any]) -> dict
 
 def _entry_dict(entry: IndexedModel) -> dict[str, Any]:
     return {**entry.model.to_dict(), "findings": entry.findings, "thresholds": entry.thresholds,
-            "threshold_method": entry.threshold_method, "cxrtool_version": entry.cxrtool_version}
+            "threshold_method": entry.threshold_method, **({"zero_shot": entry.zero_shot} if entry.zero_shot else {}),
+            "cxrtool_version": entry.cxrtool_version}
 
 
 def _parse_index(values: Any, *, where: str) -> list[IndexedModel]:
@@ -708,7 +710,8 @@ def _parse_index(values: Any, *, where: str) -> list[IndexedModel]:
         if any(not math.isfinite(v) for v in thresholds.values()):
             raise RecordError(f"{where}: thresholds are not finite numbers")
         parsed.append(IndexedModel(ModelRef.from_dict(entry), [str(f) for f in entry.get("findings") or []], thresholds,
-                                   str(entry.get("threshold_method") or ""), str(entry.get("cxrtool_version") or "")))
+                                   str(entry.get("threshold_method") or ""), str(entry.get("cxrtool_version") or ""),
+                                   [str(f) for f in entry.get("zero_shot") or []]))
     return parsed
 
 

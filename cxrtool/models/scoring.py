@@ -266,14 +266,19 @@ class BundleScorer:
 
     routes_by_projection = True
 
-    def __init__(self, bundle, members: dict[str, CheckpointScorer], view_classifier: CheckpointScorer | None) -> None:
+    def __init__(self, bundle, members: dict[str, CheckpointScorer], view_classifier: CheckpointScorer | None,
+                 zero_shot: ZeroShot | None = None) -> None:
         self.bundle = bundle
         self.members = members
         self.view_classifier = view_classifier
         self.ref = ModelRef(bundle.name, BUNDLE_ARCHITECTURE, bundle.sha256)
-        self.findings = bundle.findings
+        # Zero-shot findings come after the bundle's own, scored by its dual-branch members,
+        # called at 0.5 (uncalibrated, as for one checkpoint).
+        self.zero_shot_findings = zero_shot.names if zero_shot is not None else []
+        self.findings = [*bundle.findings, *self.zero_shot_findings]
         self.threshold_method = "bundle calibration" if bundle.calibration.get("thresholds") else "0.5"
-        self.thresholds = np.array([bundle.threshold_for(f) for f in self.findings], dtype=np.float64)
+        self.thresholds = np.array([bundle.threshold_for(f) for f in bundle.findings] + [0.5] * len(self.zero_shot_findings),
+                                   dtype=np.float64)
         self.preprocessings: dict[str, Preprocessing] = {}
         for scorer in [*members.values(), *([view_classifier] if view_classifier else [])]:
             self.preprocessings.update(scorer.preprocessings)
@@ -283,6 +288,12 @@ class BundleScorer:
         self.references = {(member, finding): bundle.reference(member, finding)
                            for member, scorer in members.items() for finding in scorer.findings
                            if bundle.reference(member, finding) is not None}
+
+    @property
+    def zero_shot_merge(self) -> str:
+        """How zero-shot findings are merged: as the bundle says, but ``rank`` (which needs
+        validation scores) falls back to the mean."""
+        return "mean" if self.bundle.merge == "rank" else self.bundle.merge
 
     def projections(self, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each study's projection and where it came from: the file (a DICOM tag) or a
@@ -320,20 +331,24 @@ class BundleScorer:
                 # Merged as recorded (6 decimals): the sidecar's member values reproduce the merge.
                 probabilities = np.round(probabilities, 6)
                 outputs.append(MemberScores(member.name, scorer.findings, probabilities, member.weight))
-            merged = merge(self.findings, outputs, how=self.bundle.merge, references=self.references)
+            merged = merge(self.bundle.findings, outputs, how=self.bundle.merge, references=self.references)
+            if self.zero_shot_findings:
+                # No validation scores exist for a zero-shot finding to rank against.
+                merged = np.concatenate([merged, merge(self.zero_shot_findings, outputs, how=self.zero_shot_merge)], axis=1)
             # The route's findings: a member's non-finite output stays in them and fails the study.
             scored_here = {finding for out in outputs for finding in out.findings}
             have = np.array([j for j, finding in enumerate(self.findings) if finding in scored_here], dtype=np.int64)
             for k, i in enumerate(rows):
                 ensemble = {
                     "projection": projections[i], "route": route, "merge": self.bundle.merge,
+                    **({"zero_shot_merge": self.zero_shot_merge} if self.zero_shot_findings else {}),
                     "members": {out.name: {"model_id": self.members[out.name].ref.id,
                                            "probabilities": {f: round(float(p), 6) for f, p in
                                                              zip(out.findings, out.probabilities[k], strict=True)}}
                                 for out in outputs},
                 }
                 scored[i] = Scored([self.findings[j] for j in have], merged[k, have], self.thresholds[have],
-                                   ensemble=ensemble)
+                                   ensemble=ensemble, zero_shot=[f for f in self.zero_shot_findings if f in scored_here])
         return scored  # type: ignore[return-value]
 
 
@@ -364,22 +379,20 @@ def open_model(model: str | os.PathLike | Any, *, device, runtime: str = "torch"
     from cxrtool.models.sources.bundle import Bundle, is_bundle, read_bundle
 
     if isinstance(model, Bundle) or is_bundle(model):
-        if zero_shot is not None:
-            from cxrtool.errors import UsageError
-
-            raise UsageError("zero-shot prompts score with one dual-branch checkpoint, not a bundle")
         bundle = model if isinstance(model, Bundle) else read_bundle(model)
+        readers = _text_members(bundle, zero_shot, runtime) if zero_shot is not None else set()
         loaded: dict[tuple, CheckpointScorer] = {}  # a file named twice is loaded once
 
-        def load(member, augment: TestTimeAugmentation) -> CheckpointScorer:
-            key = (member.path, augment)
+        def load(member, augment: TestTimeAugmentation, unseen: ZeroShot | None = None) -> CheckpointScorer:
+            key = (member.path, augment, unseen is not None)
             if key not in loaded:
-                loaded[key] = _checkpoint(member.path, device, runtime, note, sha256=member.sha256, tta=augment)
+                loaded[key] = _checkpoint(member.path, device, runtime, note, sha256=member.sha256, tta=augment,
+                                          zero_shot=unseen)
             return loaded[key]
 
-        members = {name: load(member, tta) for name, member in bundle.members.items()}
+        members = {name: load(member, tta, zero_shot if name in readers else None) for name, member in bundle.members.items()}
         view = load(bundle.view_classifier, NO_TTA) if bundle.view_classifier is not None else None
-        return BundleScorer(bundle, members, view)
+        return BundleScorer(bundle, members, view, zero_shot=zero_shot)
     return _checkpoint(Path(model), device, runtime, note, tta=tta, zero_shot=zero_shot)
 
 
@@ -406,6 +419,27 @@ def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = 
     # Channels-last convolutions are markedly faster on CPUs (oneDNN) and tensor cores.
     network = network.to(memory_format=torch.channels_last)
     return CheckpointScorer(path, network, card, device, sha256=sha256, onnx=onnx, tta=tta, zero_shot=zero_shot)
+
+
+def _text_members(bundle, zero_shot: ZeroShot, runtime: str) -> set[str]:
+    """The members of a bundle that score zero-shot prompts: those with a text branch.
+
+    Raises:
+        UsageError: no member has one, or a prompt names a finding of the bundle.
+    """
+    from cxrtool.errors import UsageError
+
+    trained = [name for name in zero_shot.names if name in bundle.findings]
+    if trained:
+        raise UsageError(f"{trained[0]!r} is a finding of the bundle: its members' heads score it; "
+                         "zero-shot is for findings they never saw")
+    readers = {name for name, member in bundle.members.items() if member.card.text}
+    if not readers:
+        raise UsageError(f"{bundle.path}: zero-shot prompts need a dual-branch member (train one with --preset dual-branch); "
+                         "no member of this bundle has a text branch")
+    for name in readers:
+        _check_zero_shot(bundle.members[name].path, bundle.members[name].card, zero_shot, runtime)
+    return readers
 
 
 def _check_zero_shot(path: Path, card, zero_shot: ZeroShot, runtime: str) -> None:
