@@ -362,6 +362,40 @@ def test_a_view_task_needs_two_projections(tmp_path):
         load_config(None, {"task": "view", "labels": str(labels), "findings": "Disk"}).validate()
 
 
+def test_a_route_model_trains_on_its_projections_rows_only(tmp_path):
+    from test_train import make_generic_dataset
+    from typer.testing import CliRunner
+
+    from cxrtool.cli import app
+    from cxrtool.data.labels import read_labels
+    from cxrtool.models.checkpoint import read_card
+    from cxrtool.train import load_config
+
+    labels = make_generic_dataset(tmp_path / "data", n=24)
+    with open(labels, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for i, row in enumerate(rows):
+        row["view"] = ("PA", "AP", "LL", "")[i % 4]
+    with open(labels, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    base = ["train", str(labels), "--arch", "resnet18", "--input-size", "32", "--epochs", "1", "-b", "8", "-j", "0",
+            "--device", "cpu"]
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "frontal"), "--projections", "pa,AP"])
+    assert result.exit_code == 0, result.output
+    assert "12 images of projection PA, AP" in result.output
+    card = read_card(tmp_path / "frontal" / "model.safetensors")
+    assert card.training["projections"] == ["PA", "AP"] and card.training["n_images"] == 12
+    refused = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "x"), "--projections", "PA", "--task", "view"])
+    assert refused.exit_code == 2 and "projections cannot be chosen for task view" in refused.output
+    refused = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "x"), "--projections", "OBLIQUE"])
+    assert refused.exit_code == 2 and "projections must be among PA, AP, LATERAL, UNKNOWN" in refused.output
+    with pytest.raises(ValueError, match="no row of projection LATERAL in the labels' view column \\(24 UNKNOWN\\)"):
+        read_labels(make_generic_dataset(tmp_path / "plain", n=24)).of_projections(["LATERAL"])
+    assert load_config(None, {"labels": str(labels), "projections": "PA,AP"}).projections == ["PA", "AP"]
+
+
 # ------------------------------------------------------------------------------ projection from a table
 
 

@@ -60,6 +60,9 @@ def train(
     input_size: Annotated[int | None, typer.Option("--input-size")] = None,
     findings: Annotated[str | None, typer.Option("--findings", help="Comma-separated findings to train on, or a label set's name (e.g. cxr-lt-2026; see cxrtool models) "
                                                    "(default: the label file's).")] = None,
+    projections: Annotated[str | None, typer.Option("--projections", help="Train on these projections' images only, "
+                                                       "e.g. PA or AP,PA (from the labels' view column): a model for a "
+                                                       "bundle's route.")] = None,
     uncertain: Annotated[str | None, typer.Option("--uncertain", callback=one_of(UNCERTAIN_POLICIES),
                                                       help=f"CheXpert -1 labels: {', '.join(UNCERTAIN_POLICIES)}.")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--scratch", help="Start from ImageNet weights (needs the network).")] = None,
@@ -79,6 +82,7 @@ def train(
         "batch_size": batch_size, "lr": lr, "loss": loss, "sampling": sampling, "logit_adjustment": logit_adjustment, "input_size": input_size, "uncertain": uncertain,
         "pretrained": pretrained, "device": device, "workers": workers, "seed": seed,
         "findings": [f.strip() for f in findings.split(",") if f.strip()] if findings else None,
+        "projections": [p.strip().upper() for p in projections.split(",") if p.strip()] if projections else None,
     }
     try:
         overrides = {**flags, **parse_overrides(set_ or [])}

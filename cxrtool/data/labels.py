@@ -150,6 +150,23 @@ class LabelTable:
         table.targets = table.targets.reshape(len(known), len(classes))
         return table
 
+    def of_projections(self, projections: Sequence[str]) -> LabelTable:
+        """The rows whose view column is one of ``projections`` (PA, AP, LATERAL, UNKNOWN):
+        the data of a model trained for those projections.
+
+        Raises:
+            ValueError: an unknown projection, or no row of these projections.
+        """
+        unknown = [p for p in projections if p not in VIEW_POSITIONS]
+        if unknown:
+            raise ValueError(f"unknown projection {unknown[0]!r}; choose from {', '.join(VIEW_POSITIONS)}")
+        wanted = set(projections)
+        rows = [i for i, view in enumerate(self.views) if view in wanted]
+        if not rows:
+            counts = ", ".join(f"{self.views.count(v)} {v}" for v in VIEW_POSITIONS if v in self.views)
+            raise ValueError(f"no row of projection {', '.join(projections)} in the labels' view column ({counts})")
+        return self.subset(rows)
+
     def key_for(self, i: int) -> str:
         """The file name used to join predictions with row ``i`` (basename of its path).
 

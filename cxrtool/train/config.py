@@ -27,6 +27,7 @@ from cxrtool.registry import (
     TASKS,
     THRESHOLD_METHODS,
     UNCERTAIN_POLICIES,
+    VIEW_POSITIONS,
 )
 
 # Settings that are paths: in a YAML file they are relative to the file's folder.
@@ -44,6 +45,7 @@ class TrainConfig:
     images: str = ""  # image root (default: beside the CSV)
     labels_format: str = "auto"  # auto | nih | chexpert | generic
     findings: list[str] = field(default_factory=list)  # default: the label file's own
+    projections: list[str] = field(default_factory=list)  # train on these projections' rows only (a bundle's route)
     uncertain: str = "ignore"  # CheXpert -1 labels: ignore | positive | negative
     val_fraction: float = 0.15
     cache_images: bool = True  # keep preprocessed inputs in memory (uint8) after first read
@@ -103,6 +105,10 @@ class TrainConfig:
             (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
             (self.task != "view" or not self.findings,
              "findings cannot be chosen for task view: its classes are the projections the labels' view column has"),
+            (self.task != "view" or not self.projections,
+             "projections cannot be chosen for task view: a view classifier learns to tell them apart"),
+            (all(p in VIEW_POSITIONS for p in self.projections),
+             f"projections must be among {', '.join(VIEW_POSITIONS)}, got {', '.join(self.projections)}"),
             (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got {self.head!r}"),
             (not self.zero_shot or "align" in terms,
              "zero_shot trains its text branch through the align loss term: add it (e.g. loss: 1.5*asl+align, "

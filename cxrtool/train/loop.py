@@ -37,7 +37,7 @@ CONFIG_NAME = "config.yaml"
 _RESUME_INVARIANTS = ("task", "architecture", "output_stride", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size",
                       "init", "head", "loss", "head_dim", "decoder_layers", "decoder_heads",
                       "decoder_self_attention", "lga_text", "lga_layers", "lga_cooccurrence_bias", "preset",
-                      "sampling", "logit_adjustment", "zero_shot", "prompts")
+                      "sampling", "logit_adjustment", "zero_shot", "prompts", "projections")
 
 
 @dataclass
@@ -122,6 +122,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             findings=config.findings or None,
             uncertain=config.uncertain,
         )
+        if config.projections:
+            table = table.of_projections(config.projections)
+            say(TrainEvent("message", message=f"{len(table)} images of projection {', '.join(config.projections)}"))
         if config.task == "view":
             table = table.projections()
             counts = ", ".join(f"{int(table.targets[:, j].sum())} {name}" for j, name in enumerate(table.findings))
@@ -463,6 +466,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
             "labels": str(config.labels),
             "labels_format": table.source,
             "task": config.task,
+            **({"projections": list(config.projections)} if config.projections else {}),
             "n_images": len(table),
             "n_train": len(train_idx),
             "n_val": len(val_idx),
