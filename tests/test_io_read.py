@@ -680,6 +680,8 @@ def test_find_studies(tmp_path: Path) -> None:
     (nested / "labels.csv").write_text("a,b\n")
     (nested / ".hidden.png").write_bytes((tmp_path / "study" / "a.png").read_bytes())
     (nested / "b.cxrtool.png").write_bytes((tmp_path / "study" / "a.png").read_bytes())
+    for curves in ("roc_curves.png", "pr_curves.png"):  # what evaluate leaves in an evaluated folder
+        (tmp_path / "study" / curves).write_bytes((tmp_path / "study" / "a.png").read_bytes())
 
     found = list(find_studies([tmp_path / "study"]))
     assert [p.relative_to(tmp_path).as_posix() for p in found] == [
@@ -698,6 +700,8 @@ def test_find_studies(tmp_path: Path) -> None:
     result = list(find_studies(inputs))
     assert [p.name for p in result] == [
         "a.png",
+        "pr_curves.png",
+        "roc_curves.png",
         "b.cxrtool.png",
         "1.2.840.113619.2.55.3",
         "IM0001",

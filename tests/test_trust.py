@@ -357,6 +357,29 @@ def test_long_work_under_a_pipe_prints_progress_lines_and_whole_tables(tmp_path)
     assert re.search(r"\d\.\d{3} \[\d\.\d{3}–\d\.\d{3}\]", disk) and disk.count("│") == 10, evaluated.stdout
 
 
+def test_a_slow_start_does_not_make_the_time_left_hours(monkeypatch):
+    """The rate behind "time left" is measured from the first finished item: loading a model
+    or exporting a graph before it is not spread over the rest of the run."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from cxrtool.cli import _console
+
+    out = io.StringIO()
+    bar = _console.PlainProgress(Console(file=out, width=200), interval=0)
+    start = time.monotonic()
+    task = bar.add_task("predict", total=300)
+    monkeypatch.setattr(_console.time, "monotonic", lambda: start + 40.0)
+    bar.update(task, completed=1)  # 40 s of start-up: no rate yet, so no guess of the time left
+    monkeypatch.setattr(_console.time, "monotonic", lambda: start + 41.0)
+    bar.update(task, completed=2)  # then 1 a second since the first
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "predict: 1/300 (0%)"
+    assert lines[1] == "predict: 2/300 (1%), 1/s, 0:04:58 left"
+
+
 # ------------------------------------------------------------------ 8. explain --out, then radiomics
 
 

@@ -95,9 +95,15 @@ class _PlainTask:
     started: float = field(default_factory=time.monotonic)
     printed: float = field(default_factory=time.monotonic)
     done: bool = False
+    first: tuple[float, float] | None = None  # (time, count) of the first progress: after the start-up
 
     def rate(self, now: float) -> float | None:
-        return self.completed / (now - self.started) if self.completed and now > self.started else None
+        """Items a second since the first ones finished, so that a slow start (loading a
+        model, exporting a graph) does not make the time left hours; none before that
+        (the overall rate once done)."""
+        if self.first is not None and self.completed > self.first[1] and now > self.first[0]:
+            return (self.completed - self.first[1]) / (now - self.first[0])
+        return self.completed / (now - self.started) if self.done and now > self.started else None
 
 
 class PlainProgress:
@@ -135,6 +141,8 @@ class PlainProgress:
             task.completed += advance
         if status is not None:
             task.status = status
+        if task.first is None and task.completed:
+            task.first = (time.monotonic(), task.completed)
         finished = task.total is not None and task.completed >= task.total
         if finished and not task.done:
             task.done = True

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from cxrtool.data.labels import LabelTable, read_labels
-from cxrtool.io.outputs import atomic_write
+from cxrtool.io.outputs import EVALUATION_FILES, atomic_write
 from cxrtool.io.records import IndexedModel, read_prediction_tables
 from cxrtool.registry import THRESHOLD_METHODS, resolve_finding
 
@@ -914,12 +914,7 @@ def evaluate(
         micro=micro,
         matching=counts,
         notes=notes,
-        paths={
-            "json": out / "evaluation.json",
-            "csv": out / "evaluation.csv",
-            "roc": out / "roc_curves.png",
-            "pr": out / "pr_curves.png",
-        },
+        paths={key: out / name for key, name in EVALUATION_FILES.items()},
         settings={
             "predictions": ", ".join(str(p) for p in sources),
             "model": chosen.model.to_dict() if chosen is not None and chosen.model.sha256 else None,

@@ -18,6 +18,7 @@ from typing import TextIO
 
 import numpy as np
 
+from cxrtool.io.outputs import is_own_output
 from cxrtool.registry import VIEW_POSITIONS  # noqa: F401  (the name this module exported)
 
 # Smaller than this on either side is not a radiograph (an icon, a 1x1 tracking pixel, a
@@ -211,7 +212,7 @@ def _walk(folder: Path) -> Iterator[Path]:
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if name.startswith(".") or ".cxrtool." in name:
+            if is_own_output(name):
                 continue  # hidden files and cxrtool's own outputs
             candidate = Path(root) / name
             if _looks_like_study(candidate):

@@ -124,6 +124,11 @@ def calibrate_bundle(
     chosen = choose_thresholds(truth, np.nan_to_num(scores, nan=0.0), method=method)
     labelled = {f: int(np.sum(~np.isnan(truth[:, j]))) for j, f in enumerate(findings)}
     notes = [f"{f}: not in the labels, threshold 0.5" for f in findings if f not in label_column]
+    for j, finding in enumerate(findings):
+        known = truth[~np.isnan(truth[:, j]), j]
+        if finding in label_column and (not known.any() or known.all()):
+            which = "no positive" if not known.any() else "no negative"
+            notes.append(f"{finding}: {which} among its {len(known)} labelled studies, threshold 0.5")
     thresholds = {f: round(float(t), 6) for f, t in zip(findings, chosen, strict=True)}
 
     record = {
