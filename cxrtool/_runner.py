@@ -33,6 +33,7 @@ from cxrtool.io.records import (
     RecordError,
     Result,
     Sidecar,
+    StudyFailure,
     index_entry,
     is_done,
     make_result,
@@ -183,8 +184,11 @@ class RunContext:
         """The model's result for one study from its scores.
 
         Raises:
-            StudyFailure: a probability that is not a finite number.
+            StudyFailure: a probability that is not a finite number, or a study the scorer
+                could not score.
         """
+        if scored.failure:
+            raise StudyFailure(scored.failure)
         return make_result(self.model, scored.findings, scored.probabilities, scored.thresholds,
                            settings=dict(self.settings), version=self.version, warnings=item.get("warnings", ()),
                            raw=scored.raw, calibration=scored.calibration, ensemble=scored.ensemble,
@@ -308,9 +312,10 @@ def run_studies(
     if check_model is not None:
         check_model(scorer)
     model_ref = scorer.ref
-    if views is not None and getattr(scorer, "routes_by_projection", False):
-        # The table decides routes, so its content is part of what made each result.
-        settings = {**settings, "views": sha256_file(views)}
+    if getattr(scorer, "routes_by_projection", False):
+        # The table decides routes, so its content (or its absence) is part of what made
+        # each result: a run with another table, or none, does the studies again.
+        settings = {**settings, "predict": {**settings.get("predict", {}), "views": sha256_file(views) if views else None}}
 
     paths = list(find_studies(inputs, stdin=stdin))
     summary = RunSummary(total=len(paths))
@@ -355,7 +360,7 @@ def run_studies(
     processor = make_processor(context)
     dataset = StudyInputs(todo, scorer.preprocessings, include_patient_id=include_patient_id,
                           display_size=display_size,
-                          views=[table_views.get(p.name) or table_views.get(p.stem) for p in todo] if table_views else None)
+                          views=[table_views.get(p) for p in todo] if table_views else None)
     if in_workers:
         # Workers decode and process chunks of a few studies; small chunks keep a run of
         # slow studies (large JPEG 2000 DICOMs) from piling up in one worker.
@@ -402,8 +407,8 @@ def run_studies(
     return summary
 
 
-def _read_views(table: str | os.PathLike | None) -> dict[str, str]:
-    """The projections a table gives, by file name and stem (empty without a table).
+def _read_views(table: str | os.PathLike | None):
+    """The projections a table gives (:class:`cxrtool.data.labels.ViewTable`; None without a table).
 
     Raises:
         UsageError: a table that cannot be read, before any study is.
@@ -412,7 +417,7 @@ def _read_views(table: str | os.PathLike | None) -> dict[str, str]:
     from cxrtool.errors import UsageError
 
     if table is None:
-        return {}
+        return None
     try:
         return read_views(table)
     except (OSError, ValueError) as error:

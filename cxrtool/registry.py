@@ -230,7 +230,7 @@ TTA_MODES: dict[str, str] = {
 
 # Bundles (cxrtool.models.sources.bundle): the routes a study can take by its projection
 # (default: any projection without its own route), and how a route's members are merged.
-BUNDLE_ROUTES: tuple[str, ...] = ("PA", "AP", "LATERAL", "default")
+BUNDLE_ROUTES: tuple[str, ...] = (*PROJECTIONS, "default")
 ENSEMBLE_MERGES: dict[str, str] = {
     "mean": "the mean of the members' probabilities",
     "weighted": "the mean weighted by each member's weight",

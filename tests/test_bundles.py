@@ -125,6 +125,8 @@ def test_the_identity_follows_the_member_files(members):
     ("members: {pa: pa.safetensors}\nview_classifier: ap.safetensors\n",
      "the view classifier ap.safetensors scores Effusion, Cardiomegaly, Edema, not projections"),
     ("members: {pa: bundle.yaml}\n", "member 'pa': .*bundle.yaml: not a safetensors file"),
+    ("members: {pa: pa.safetensors}\nroutes: {PA: 3, default: [pa]}\n",
+     "route PA must name members, as a name or a list \\(e.g. PA: \\[a, b\\]\\), not 3"),
     ("members: [pa.safetensors]\n", "no members; list them under 'members:'"),
     ("members: {pa: pa.safetensors\n", "not valid YAML at line 2"),
 ])
@@ -148,17 +150,38 @@ def test_a_view_classifier_lets_a_bundle_go_without_a_default(members):
     assert bundle.view_classifier is not None and bundle.view_classifier.findings == ["PA", "AP", "LATERAL"]
 
 
-def test_a_calibration_made_for_other_member_files_is_refused(members):
+def test_a_calibration_made_for_another_version_of_the_bundle_is_refused(members):
     path = write(members, "members: {pa: pa.safetensors, ap: ap.safetensors}\n")
     bundle = read_bundle(path)
-    stored = {"members": {n: m.sha256 for n, m in bundle.members.items()}, "thresholds": {"Effusion": 0.3}}
+    stored = {"members": {n: m.sha256 for n, m in bundle.members.items()}, "bundle_sha256": bundle.sha256,
+              "thresholds": {"Effusion": 0.3}}
     calibration_path(path).write_text(json.dumps(stored))
     calibrated = read_bundle(path)
-    assert calibrated.threshold_for("Effusion") == 0.3 and calibrated.threshold_for("Edema") == 0.5
+    assert calibrated.threshold_for("Effusion") == 0.3
+    assert calibrated.threshold_for("Edema") == 0.5  # not calibrated: the members' own (their cards say 0.5)
     assert calibrated.sha256 != bundle.sha256  # new thresholds, new calls: a new identity
-    replace_file(members, "pa.safetensors", "pa2.safetensors")
-    with pytest.raises(BundleError, match="made for other member files .* run cxrtool models calibrate bundle.yaml"):
+    refused = "made for another version of bundle.yaml .* run cxrtool models calibrate bundle.yaml"
+    # The bundle's own settings changed (thresholds chosen on mean scores do not fit percentiles)...
+    write(members, "merge: weighted\nmembers: {pa: pa.safetensors, ap: {path: ap.safetensors, weight: 2}}\n")
+    with pytest.raises(BundleError, match=refused):
         read_bundle(path)
+    # ...or a member's file did.
+    write(members, "members: {pa: pa.safetensors, ap: ap.safetensors}\n")
+    assert read_bundle(path).threshold_for("Effusion") == 0.3
+    replace_file(members, "pa.safetensors", "pa2.safetensors")
+    with pytest.raises(BundleError, match=refused):
+        read_bundle(path)
+
+
+def test_an_uncalibrated_bundle_calls_at_its_members_own_thresholds(make_checkpoint, tmp_path):
+    findings = ("Effusion", "Nodule")
+    (tmp_path / "a.safetensors").symlink_to(make_checkpoint(findings, name="a", thresholds={"Effusion": 0.2}))
+    (tmp_path / "b.safetensors").symlink_to(make_checkpoint(findings, name="b", thresholds={"Effusion": 0.4}))
+    bundle = read_bundle(write(tmp_path, "members: {a: a.safetensors, b: b.safetensors}\n"))
+    assert bundle.threshold_for("Effusion") == pytest.approx(0.3) and bundle.threshold_for("Nodule") == 0.5
+    weighted = read_bundle(write(tmp_path, "merge: weighted\nmembers: {a: {path: a.safetensors, weight: 3}, "
+                                           "b: b.safetensors}\n", "w.yaml"))
+    assert weighted.threshold_for("Effusion") == pytest.approx(0.25)
 
 
 # ------------------------------------------------------------------------------ arithmetic
@@ -196,6 +219,25 @@ def test_rank_averages_percentiles_among_each_members_own_validation_scores():
     np.testing.assert_allclose(merged[:, 1], [1.0, 0.0])
     with pytest.raises(ValueError, match="no validation scores of Edema for member 'b'"):
         merge(FINDINGS, [A, B], how="rank", references={k: v for k, v in references.items() if k != ("b", "Edema")})
+
+
+def test_a_non_finite_score_has_no_rank():
+    broken = MemberScores("a", ["Effusion"], np.array([[np.nan], [0.4]]))
+    merged = merge(["Effusion"], [broken], how="rank", references={("a", "Effusion"): np.array([0.1, 0.3, 0.5])})
+    assert np.isnan(merged[0, 0]) and merged[1, 0] == pytest.approx(2 / 3)  # NaN stays NaN: its study fails
+
+
+def test_rank_needs_validation_scores_of_every_members_findings(members):
+    path = write(members, "merge: rank\nmembers: {pa: pa.safetensors, lat: lateral.safetensors}\n"
+                          "routes: {LATERAL: [lat], default: [pa]}\n")
+    bundle = read_bundle(path, calibrated=False)
+    # Calibrated on studies of which none was lateral: the lateral member has no scores to rank among.
+    reference = {"pa": {f: [0.1, 0.5] for f in bundle.members["pa"].findings}}
+    calibration_path(path).write_text(json.dumps({"members": {n: m.sha256 for n, m in bundle.members.items()},
+                                                  "bundle_sha256": bundle.sha256, "reference": reference}))
+    with pytest.raises(BundleError, match="merge: rank has no validation scores of member 'lat' for Effusion \\(no "
+                                          "validation study took its route LATERAL\\)"):
+        read_bundle(path)
 
 
 def test_a_percentile_does_not_depend_on_the_rest_of_the_batch():
@@ -403,22 +445,26 @@ def test_read_views_from_the_tables_of_the_field(tmp_path, nih_dir):
     from cxrtool.data.labels import read_views
 
     nih = read_views(next(nih_dir.glob("Data_Entry*.csv*")))
-    assert nih["00000001_000.png"] == nih["00000001_000"] in {"PA", "AP"}
+    assert nih.get(tmp_path / "00000001_000.png") == nih.get(tmp_path / "00000001_000.dcm") in {"PA", "AP"}
     chexpert = write(tmp_path, "Path,Sex,Frontal/Lateral,AP/PA,Edema\n"
                                "CheXpert-v1.0/train/patient1/study1/view1_frontal.jpg,F,Frontal,AP,1\n"
                                "CheXpert-v1.0/train/patient1/study1/view2_lateral.jpg,F,Lateral,,\n"
                                "CheXpert-v1.0/train/patient2/study1/view1_frontal.jpg,M,Frontal,,0\n", "chexpert.csv")
     views = read_views(chexpert)
-    assert views["view1_frontal.jpg"] == "AP"  # the first patient's; the second says nothing and is left out
-    assert views["view2_lateral.jpg"] == "LATERAL"
+    tree = tmp_path / "CheXpert-v1.0" / "train"
+    assert views.get(tree / "patient1" / "study1" / "view1_frontal.jpg") == "AP"
+    # Every frontal film has the same name: patient 2's says nothing, and takes nothing of patient 1's.
+    assert views.get(tree / "patient2" / "study1" / "view1_frontal.jpg") is None
+    assert views.get(tmp_path / "elsewhere" / "view1_frontal.jpg") is None  # the name alone is ambiguous
+    assert views.get(tmp_path / "copy" / "patient1" / "study1" / "view2_lateral.jpg") == "LATERAL"
     mimic = write(tmp_path, "dicom_id,subject_id,study_id,ViewPosition,Rows\n"
                             "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014,10000032,50414267,PA,3056\n"
                             "174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962,10000032,50414267,LATERAL,3056\n"
                             "2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab,10000032,53189527,,3056\n", "mimic.csv")
     views = read_views(mimic)
-    assert views["02aa804e-bde0afdd-112c0b34-7bc16630-4e384014"] == "PA"  # as x.dcm or x.jpg: by stem
-    assert views["174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962"] == "LATERAL"
-    assert "2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab" not in views
+    assert views.get(tmp_path / "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.dcm") == "PA"  # by stem
+    assert views.get(tmp_path / "s1" / "174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962.jpg") == "LATERAL"
+    assert views.get(tmp_path / "2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab.dcm") is None
     with pytest.raises(ValueError, match="no image and view columns"):
         read_views(write(tmp_path, "path,Effusion\na.png,1\n", "noview.csv"))
 
@@ -440,8 +486,11 @@ def test_a_table_gives_the_projection_a_file_does_not(members, mixed_study):
     # The file's own tag wins over the table.
     assert (records["pa"]["view_position"], records["pa"]["view_source"]) == ("PA", "tag")
     assert records["pa"]["results"][0]["ensemble"]["route"] == "PA"
-    # The table decides routes: another table makes the bundle's results again; the same is done.
+    # The table decides routes: another table, or none, makes the bundle's results again; the same is done.
     assert "0 predicted, 4 already done" in CliRunner().invoke(app, args).output
+    assert "4 predicted" in CliRunner().invoke(app, args[:-2]).output
+    assert sidecars(mixed_study)["x"]["results"][0]["ensemble"]["route"] == "default"
+    assert "4 predicted" in CliRunner().invoke(app, args).output
     table.write_text("path,view\nx.png,LATERAL\n")
     assert "4 predicted" in CliRunner().invoke(app, args).output
     assert sidecars(mixed_study)["x"]["results"][0]["ensemble"]["route"] == "LATERAL"
@@ -513,6 +562,14 @@ def test_calibrate_chooses_the_bundles_thresholds_and_keeps_rank_references(memb
     pa_rank = percentile(np.array([members_said["pa"]["probabilities"]["Nodule"]]),
                          np.array(stored["reference"]["pa"]["Nodule"]))
     assert result["findings"]["Nodule"]["probability"] == pytest.approx(float(pa_rank[0]), abs=1e-6)
+    # Calibrated with the TTA predict will use: recorded; predicting otherwise says so.
+    assert stored["tta"] == {}
+    run = ["predict", str(mixed_study / "pa.dcm"), "-m", str(path), "-j", "0", "--runtime", "torch"]
+    assert "calibrated with no TTA and scores now with --tta light" in CliRunner().invoke(app, [*run, "--tta", "light"]).output
+    result = CliRunner().invoke(app, ["models", "calibrate", str(path), "--labels", str(labels), "-j", "0", "--tta", "light"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(calibration_path(path).read_text())["tta"]["tta"] == "light"
+    assert "calibrated with" not in CliRunner().invoke(app, [*run, "--tta", "light", "--overwrite"]).output
 
 
 def test_calibrate_refuses_a_bad_bundle_before_reading_studies(members, tmp_path):
@@ -544,6 +601,28 @@ def test_a_members_non_finite_output_fails_that_study_alone(members, mixed_study
     # The AP study and the unknown one (the default route has ap) fail; PA and lateral do not.
     assert set(failed) == {"ap.dcm", "x.png"} and summary.predicted == 2
     assert "not a finite number for 1 of" in failed["ap.dcm"]
+
+
+def test_a_view_classifiers_non_finite_output_fails_that_study_alone(members, mixed_study, monkeypatch):
+    from cxrtool.explain import ExplainSettings, explain
+    from cxrtool.models.scoring import CheckpointScorer
+    from cxrtool.predict import predict
+
+    real = CheckpointScorer.probabilities
+
+    def broken_view(scorer, tensors):
+        scores = real(scorer, tensors)
+        return np.full_like(scores, np.nan) if scorer.card.name == "view" else scores
+
+    monkeypatch.setattr(CheckpointScorer, "probabilities", broken_view)
+    bundle = write(members, "members: {pa: pa.safetensors, ap: ap.safetensors, lat: lateral.safetensors}\n"
+                            "routes: {PA: [pa], AP: [ap], LATERAL: [lat]}\nview_classifier: view.safetensors\n")
+    summary = predict([mixed_study], model=bundle, workers=0, runtime="torch")
+    failed = {Path(path).name: reason for path, reason in summary.failed}
+    assert list(failed) == ["x.png"] and summary.predicted == 3  # the tagged studies do not need the classifier
+    assert failed["x.png"].startswith("the view classifier's output is not a finite number")
+    summary = explain([mixed_study], model=bundle, workers=0, settings=ExplainSettings(findings=("Effusion",)))
+    assert [Path(path).name for path, _ in summary.failed] == ["x.png"] and summary.predicted == 3
 
 
 # ------------------------------------------------------------------------------ explain

@@ -378,5 +378,6 @@ def test_padchest_labels_as_lists_projections_and_numbered_folders(tmp_path):
     assert read_labels(path).findings[0] == "pleural effusion"
     from cxrtool.data.labels import read_views
 
-    assert read_views(path) == {"a.png": "PA", "a": "PA", "b.png": "LATERAL", "b": "LATERAL", "c.png": "AP",
-                                "c": "AP", "e.png": "PA", "e": "PA"}
+    views = read_views(path)
+    found = {name: views.get(tmp_path / name) for name in ("a.png", "b.png", "c.png", "d.png", "e.png", "a.dcm")}
+    assert found == {"a.png": "PA", "b.png": "LATERAL", "c.png": "AP", "d.png": None, "e.png": "PA", "a.dcm": "PA"}

@@ -98,6 +98,8 @@ def test_a_prompts_file_and_what_is_refused(dual_branch, study, make_checkpoint,
     assert plain.exit_code == 2 and "need a dual-branch model" in plain.output
     trained = runner.invoke(app, ["predict", str(study), "-m", str(dual_branch), "--zero-shot", "Nodule: a small round opacity"])
     assert trained.exit_code == 2 and "a finding the model was trained on" in trained.output
+    spelled = runner.invoke(app, ["predict", str(study), "-m", str(dual_branch), "--zero-shot", "pleural effusion: fluid"])
+    assert spelled.exit_code == 2 and "a finding the model was trained on" in spelled.output  # Effusion, spelled otherwise
     onnx = runner.invoke(app, ["predict", str(study), "-m", str(dual_branch), "--runtime", "onnx", "--prompts", str(prompts)])
     assert onnx.exit_code == 2 and "use --runtime torch" in onnx.output
     bad = runner.invoke(app, ["predict", str(study), "-m", str(dual_branch), "--zero-shot", "just words"])

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cxrtool.cli._console import fail, run_over_studies
+from cxrtool.cli.predict import ViewsOption
 from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS
 
 
@@ -30,6 +31,7 @@ def explain(
     workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding processes; on the CPU they also run the CAMs (default: CPU count, max 8).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
+    views: ViewsOption = None,
 ) -> None:
     """Where the evidence is: class activation maps as overlays, maps, masks and boxes.
 
@@ -62,7 +64,8 @@ def explain(
     run_over_studies(
         "explain",
         functools.partial(run_explain, inputs, model=model, settings=settings, out=out, overwrite=overwrite,
-                          batch_size=batch_size, workers=workers, device=device, include_patient_id=include_patient_id),
+                          batch_size=batch_size, workers=workers, device=device, include_patient_id=include_patient_id,
+                          views=views),
         jsonl=jsonl, listed="cxrtool_explain.html", done_word="explained",
     )
 

@@ -12,6 +12,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from cxrtool.cli._console import fail, note, out, show
+from cxrtool.cli.predict import TtaFlipOption, TtaOption, ViewsOption
 
 
 class _ShowByDefault(TyperGroup):
@@ -201,17 +202,20 @@ def calibrate(
                                          "generic CSV (not the studies the bundle's members trained on).")],
     images: Annotated[str | None, typer.Option("--images", help="Image root (default: beside the label CSV).")] = None,
     method: Annotated[str, typer.Option("--method", help="Threshold method: f1 or youden.")] = "f1",
-    views: Annotated[Path | None, typer.Option("--views", help="A table giving the projection of studies whose files "
-                                               "do not (as for predict).")] = None,
+    views: ViewsOption = None,
+    tta: TtaOption = "none",
+    tta_flip: TtaFlipOption = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
     workers: Annotated[int | None, typer.Option("--workers", "-j", min=0)] = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
 ) -> None:
     """Choose a bundle's own thresholds on validation studies (and keep each member's
-    validation scores, which merge: rank needs), beside the bundle as NAME.calibration.json."""
+    validation scores, which merge: rank needs), beside the bundle as NAME.calibration.json.
+    Calibrate with the --tta you will predict with."""
     from cxrtool.cli._console import handle_interrupt, progress_bar
     from cxrtool.errors import UsageError
     from cxrtool.models.checkpoint import CheckpointError
+    from cxrtool.models.scoring import TestTimeAugmentation
     from cxrtool.models.sources.calibrate import calibrate_bundle
 
     bar = progress_bar()
@@ -221,6 +225,7 @@ def calibrate(
             with bar:
                 report = calibrate_bundle(bundle, labels, images=images, method=method, views=views,
                                           batch_size=batch_size, workers=workers, device=device,
+                                          tta=TestTimeAugmentation(tta, tta_flip),
                                           progress=lambda done, total: bar.update(task, completed=done, total=total))
         except (CheckpointError, UsageError, ValueError, FileNotFoundError) as error:
             fail(str(error))

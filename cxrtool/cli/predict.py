@@ -11,6 +11,16 @@ import typer
 from cxrtool.cli._console import fail, one_of, run_over_studies
 from cxrtool.registry import RUNTIMES, TTA_MODES
 
+# Options predict shares with explain and models calibrate (one definition each).
+ViewsOption = Annotated[Path | None, typer.Option("--views", help="A label or metadata table (NIH Data_Entry, CheXpert/MIMIC "
+                                                  "CSV, MIMIC-CXR metadata, or path,view) giving the projection of studies "
+                                                  "whose files do not; a bundle routes by it.")]
+TtaOption = Annotated[str, typer.Option("--tta", callback=one_of(tuple(TTA_MODES)),
+                                        help="Test-time augmentation: none, light (3 copies: zoom in and out 10%), "
+                                             "strong (7: and shifts of 5%); the copies' probabilities averaged.")]
+TtaFlipOption = Annotated[bool, typer.Option("--tta-flip", help="Also score each copy mirrored left to right (it moves "
+                                                                "the heart: only for models trained with flips).")]
+
 
 def predict(
     inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - to read paths from stdin.")],
@@ -25,14 +35,9 @@ def predict(
     include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
     runtime: Annotated[str, typer.Option("--runtime", callback=one_of(RUNTIMES), help="What runs the network: auto (ONNX Runtime on a CPU "
                                          "when installed, else PyTorch), torch or onnx.")] = "auto",
-    views: Annotated[Path | None, typer.Option("--views", help="A label or metadata table (NIH Data_Entry, CheXpert/MIMIC "
-                                                "CSV, MIMIC-CXR metadata, or path,view) giving the projection of studies "
-                                                "whose files do not; a bundle routes by it.")] = None,
-    tta: Annotated[str, typer.Option("--tta", callback=one_of(tuple(TTA_MODES)),
-                                     help="Test-time augmentation: none, light (3 copies: zoom in and out 10%), "
-                                          "strong (7: and shifts of 5%); the copies' probabilities averaged.")] = "none",
-    tta_flip: Annotated[bool, typer.Option("--tta-flip", help="Also score each copy mirrored left to right (it moves "
-                                                                "the heart: only for models trained with flips).")] = False,
+    views: ViewsOption = None,
+    tta: TtaOption = "none",
+    tta_flip: TtaFlipOption = False,
     zero_shot: Annotated[list[str] | None, typer.Option("--zero-shot", help="'Finding: what it looks like' (repeatable): "
                                                         "score a finding the model never trained on from this description "
                                                         "(a dual-branch model); marked zero-shot and uncalibrated.")] = None,

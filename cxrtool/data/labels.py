@@ -49,6 +49,7 @@ __all__ = [
     "read_boxes",
     "read_labels",
     "read_views",
+    "ViewTable",
 ]
 
 UNCERTAIN_POLICIES = tuple(_POLICIES)
@@ -732,14 +733,57 @@ _IMAGE_COLUMNS = ("image index", "path", "dicom_id", "imageid", *_GENERIC_PATH_C
 _VIEW_COLUMNS = ("view position", "viewposition", "ap/pa", "projection", *_GENERIC_VIEW_COLUMNS)
 
 
-def read_views(csv_path: str | os.PathLike[str]) -> dict[str, str]:
-    """Each image's projection from a label or metadata table: file name (and stem) ->
-    "PA", "AP" or "LATERAL"; rows of unknown projection are left out.
+class ViewTable:
+    """Projections of images by their paths, as a table gives them: a study is matched to
+    the row whose path is the longest suffix of the study's own path (a file name alone
+    where that is unique: NIH, MIMIC's ``dicom_id``, matched by stem too), so in a
+    CheXpert tree ``patient2/study1/view1_frontal.jpg`` never takes patient 1's
+    projection. A suffix that rows of different projections share says nothing; rows of
+    unknown projection count, so a name they share with a known row is not taken either.
+    """
+
+    def __init__(self) -> None:
+        self._by_suffix: dict[tuple[str, ...], str | None] = {}
+        self.rows = 0
+
+    def add(self, image: str, view: str) -> None:
+        parts = tuple(part for part in PurePosixPath(image.replace("\\", "/")).parts if part not in ("/", "."))
+        if not parts:
+            return
+        self.rows += 1
+        stem = PurePosixPath(parts[-1]).stem
+        for k in range(1, len(parts) + 1):
+            for key in {parts[-k:], (*parts[-k:-1], stem)}:
+                known = self._by_suffix.get(key, view)
+                self._by_suffix[key] = view if known == view else None
+
+    def get(self, path: str | os.PathLike) -> str | None:
+        """The projection of the study at ``path`` (PA, AP or LATERAL), or None when the
+        table does not say or its rows disagree."""
+        parts = Path(path).absolute().parts[1:]
+        stem = Path(path).stem
+        for k in range(len(parts), 0, -1):
+            for key in (parts[-k:], (*parts[-k:-1], stem)):
+                if key in self._by_suffix:
+                    view = self._by_suffix[key]
+                    return view if view in PROJECTIONS else None
+        return None
+
+    def __bool__(self) -> bool:
+        return self.rows > 0
+
+    def __len__(self) -> int:
+        return self.rows
+
+
+def read_views(csv_path: str | os.PathLike[str]) -> ViewTable:
+    """Each image's projection from a label or metadata table (:class:`ViewTable`: looked
+    up by a study's path).
 
     Reads NIH ``Data_Entry`` files, CheXpert and MIMIC-CXR-JPG label files, MIMIC-CXR's
-    metadata file (``dicom_id``: keyed by the stem a DICOM or JPEG of it has) and generic
-    tables with a path and a view column; a CheXpert ``Frontal/Lateral`` of Lateral wins
-    over its ``AP/PA``.
+    metadata file (``dicom_id``: matched by the stem a DICOM or JPEG of it has), PadChest
+    and generic tables with a path and a view column; a CheXpert ``Frontal/Lateral`` of
+    Lateral wins over its ``AP/PA``.
 
     Raises:
         ValueError: no image or no view column in the header.
@@ -757,7 +801,7 @@ def read_views(csv_path: str | os.PathLike[str]) -> dict[str, str]:
         if i_image is None or (i_view is None and i_lateral is None):
             raise ValueError(f"{path.name}: no image and view columns (e.g. 'Image Index' and 'View Position', or "
                              f"path and view) in the header ({_describe_header(header)})")
-        views: dict[str, str] = {}
+        table = ViewTable()
         for row in reader:
             if len(row) <= i_image or not row[i_image].strip():
                 continue
@@ -766,12 +810,8 @@ def read_views(csv_path: str | os.PathLike[str]) -> dict[str, str]:
                 view = "LATERAL"
             elif i_view is not None and i_view < len(row):
                 view = _normalize_view(row[i_view])
-            if view == "UNKNOWN":
-                continue
-            name = _basename(row[i_image].strip())
-            views[name] = view
-            views.setdefault(PurePosixPath(name).stem, view)
-    return views
+            table.add(row[i_image].strip(), view)
+    return table
 
 
 # --------------------------------------------------------------------------- splitting

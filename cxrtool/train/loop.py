@@ -345,7 +345,7 @@ def _text_side(config: TrainConfig, findings: list[str]) -> dict[str, Any]:
     from cxrtool.models.text import ENCODER_DIM, ENCODER_NAME, TEXT_HINT, encoder_installed, prompt_pairs, training_prompts
 
     if not encoder_installed():
-        raise ValueError(f"zero_shot needs the sentence encoder: {TEXT_HINT}")
+        raise ValueError(f"zero_shot: {TEXT_HINT}")
     prompts = training_prompts(findings, prompts=config.prompts or None, descriptions=config.descriptions or None)
     return {"encoder": ENCODER_NAME, "dim": ENCODER_DIM, "prompts": prompts, "pairs": prompt_pairs(prompts)}
 

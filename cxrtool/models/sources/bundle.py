@@ -112,8 +112,24 @@ class Bundle:
         return [self.members[name] for name in self.routes[route]]
 
     def threshold_for(self, finding: str) -> float:
-        """The bundle's own threshold (``models calibrate``), else 0.5."""
-        return float((self.calibration.get("thresholds") or {}).get(finding, 0.5))
+        """The bundle's own threshold (``models calibrate``), else its members' (:meth:`members_threshold`)."""
+        chosen = (self.calibration.get("thresholds") or {}).get(finding)
+        return float(chosen) if chosen is not None else self.members_threshold(finding)
+
+    def members_threshold(self, finding: str, references: Mapping[tuple[str, str], np.ndarray] | None = None) -> float:
+        """The members' own thresholds of a finding (from their cards), merged as their
+        probabilities are (``rank``: as percentiles among their validation scores); 0.5
+        when that cannot be done."""
+        having = [MemberScores(name, [finding], np.array([[member.card.threshold_for(finding)]]), member.weight)
+                  for name, member in self.members.items() if finding in member.findings]
+        if references is None:
+            references = {(out.name, finding): self.reference(out.name, finding) for out in having
+                          if self.reference(out.name, finding) is not None}
+        try:
+            value = float(merge([finding], having, how=self.merge, references=references)[0, 0])
+        except ValueError:
+            return 0.5
+        return value if math.isfinite(value) else 0.5
 
     def reference(self, member: str, finding: str) -> np.ndarray | None:
         """A member's sorted validation scores of a finding (for rank merging), if calibrated."""
@@ -161,9 +177,17 @@ def read_bundle(path: str | os.PathLike, *, calibrated: bool = True) -> Bundle:
     bundle = Bundle(path=path, name=str(values.get("name") or path.stem), merge=merge, members=members,
                     routes=routes, view_classifier=view_classifier)
     bundle.calibration = _read_calibration(bundle) if calibrated else {}
-    if calibrated and merge == "rank" and not bundle.calibration.get("reference"):
-        raise BundleError(f"{where}: merge: rank needs each member's validation scores; run "
-                          f"cxrtool models calibrate {path.name} --labels LABELS (or choose merge: mean)")
+    if calibrated and merge == "rank":
+        if not bundle.calibration.get("reference"):
+            raise BundleError(f"{where}: merge: rank needs each member's validation scores; run "
+                              f"cxrtool models calibrate {path.name} --labels LABELS (or choose merge: mean)")
+        for name, member in members.items():
+            missing = [f for f in member.findings if bundle.reference(name, f) is None]
+            if missing:
+                routes_of = [route for route, names in routes.items() if name in names]
+                raise BundleError(f"{where}: merge: rank has no validation scores of member {name!r} for "
+                                  f"{missing[0]} (no validation study took its route {', '.join(routes_of)}); "
+                                  "calibrate on labels with studies of every route, or choose merge: mean")
     bundle.sha256 = digest(bundle)
     return bundle
 
@@ -261,6 +285,9 @@ def _read_routes(values: Any, where: str, members: Mapping[str, BundleMember]) -
         route = str(route)
         if route not in BUNDLE_ROUTES:
             raise BundleError(f"{where}: unknown route {route!r}; routes are {', '.join(BUNDLE_ROUTES)}")
+        if names is not None and not isinstance(names, (str, list)):
+            raise BundleError(f"{where}: route {route} must name members, as a name or a list (e.g. {route}: [a, b]), "
+                              f"not {names!r}")
         names = [names] if isinstance(names, str) else list(names or [])
         if len(set(map(str, names))) < len(names):
             raise BundleError(f"{where}: route {route} names a member twice; give each member once "
@@ -320,15 +347,17 @@ def _read_calibration(bundle: Bundle) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise BundleError(f"{path}: the bundle's calibration cannot be read ({error}); run models calibrate again") from None
     members = {name: member.sha256 for name, member in bundle.members.items()}
-    if not isinstance(values, dict) or values.get("members") != members:
-        raise BundleError(f"{path}: made for other member files than {bundle.path.name} names now; run "
-                          f"cxrtool models calibrate {bundle.path.name} --labels LABELS again, or delete it")
+    if not isinstance(values, dict) or values.get("members") != members or values.get("bundle_sha256") != digest(bundle):
+        raise BundleError(f"{path}: made for another version of {bundle.path.name} (its member files, merge, routes, "
+                          f"weights or view classifier have changed since); run cxrtool models calibrate "
+                          f"{bundle.path.name} --labels LABELS again, or delete it")
     return values
 
 
 def digest(bundle: Bundle) -> str:
     """What makes a bundle's results: its file's settings, each member's checkpoint digest
-    and weight, the view classifier's, and its calibration."""
+    and weight, the view classifier's, and its calibration. (A calibration records the
+    digest of the bundle it was made for, read without one, and is refused for any other.)"""
     record = {
         "merge": bundle.merge,
         "routes": {route: list(names) for route, names in sorted(bundle.routes.items())},
@@ -394,7 +423,8 @@ def merge(findings: Sequence[str], members: Sequence[MemberScores], *, how: str 
                 if reference is None:
                     raise ValueError(f"no validation scores of {finding} for member {member.name!r}: "
                                      "run models calibrate on the bundle")
-                values = percentile(values, reference)
+                # A non-finite score has no rank: it stays NaN (and fails its study).
+                values = np.where(np.isfinite(values), percentile(values, reference), np.nan)
             total[:, column[finding]] += weight * values
             weights[column[finding]] += weight
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrtool.models.scoring import NO_TTA, TestTimeAugmentation
 from cxrtool.models.sources.bundle import Bundle, MemberScores, calibration_path, digest, merge, read_bundle
 
 CALIBRATION_SCHEMA = "cxrtool-bundle-calibration"
@@ -61,9 +62,11 @@ def calibrate_bundle(
     workers: int | None = None,
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    tta: TestTimeAugmentation = NO_TTA,
 ) -> BundleCalibration:
     """Choose a bundle's thresholds (and its members' reference scores) on labelled
-    validation studies and write them beside the bundle.
+    validation studies and write them beside the bundle; with ``tta``, on the scores
+    ``predict --tta`` gives (the calibration records it, and predict notes a mismatch).
 
     Raises:
         BundleError: a bad bundle (before any study is read).
@@ -92,9 +95,9 @@ def calibrate_bundle(
     from cxrtool._runner import run_studies
 
     with tempfile.TemporaryDirectory(prefix="cxrtool-calibrate-") as scratch:
-        summary = run_studies(paths, model=plain, make_processor=ScoreChunk, settings={"predict": {}}, out=scratch,
-                              overwrite=True, batch_size=batch_size, workers=workers, device=device,
-                              progress=progress, views=views)
+        summary = run_studies(paths, model=plain, make_processor=ScoreChunk, settings={"predict": tta.settings()},
+                              out=scratch, overwrite=True, batch_size=batch_size, workers=workers, device=device,
+                              progress=progress, views=views, tta=tta)
         routed: list[tuple[int, dict[str, Any]]] = []
         for folder, sidecar in ((p.parent, s) for p, s in iter_sidecars(Path(scratch), recursive=True)):
             source = os.path.normpath(os.path.abspath(sidecar.source_path(folder)))
@@ -123,19 +126,24 @@ def calibrate_bundle(
     truth[np.isnan(scores)] = np.nan
     chosen = choose_thresholds(truth, np.nan_to_num(scores, nan=0.0), method=method)
     labelled = {f: int(np.sum(~np.isnan(truth[:, j]))) for j, f in enumerate(findings)}
-    notes = [f"{f}: not in the labels, threshold 0.5" for f in findings if f not in label_column]
+    notes = []
     for j, finding in enumerate(findings):
+        # Without both classes there is nothing to choose on: the members' own thresholds stand.
         known = truth[~np.isnan(truth[:, j]), j]
-        if finding in label_column and (not known.any() or known.all()):
-            which = "no positive" if not known.any() else "no negative"
-            notes.append(f"{finding}: {which} among its {len(known)} labelled studies, threshold 0.5")
+        if finding not in label_column or not known.any() or known.all():
+            chosen[j] = bundle.members_threshold(finding, lookup)
+            why = ("not in the labels" if finding not in label_column else
+                   f"{'no positive' if not known.any() else 'no negative'} among its {len(known)} labelled studies")
+            notes.append(f"{finding}: {why}; the members' own threshold, {chosen[j]:.4f}")
     thresholds = {f: round(float(t), 6) for f, t in zip(findings, chosen, strict=True)}
 
     record = {
         "schema": CALIBRATION_SCHEMA,
         "schema_version": 1,
         "bundle": Path(bundle_path).name,
+        "bundle_sha256": bundle.sha256,  # the bundle as it is now: another version refuses this calibration
         "members": {name: member.sha256 for name, member in bundle.members.items()},
+        "tta": tta.settings(),
         "merge": bundle.merge,
         "threshold_method": method,
         "thresholds": thresholds,
