@@ -99,11 +99,13 @@ class _PlainTask:
 
     def rate(self, now: float) -> float | None:
         """Items a second since the first ones finished, so that a slow start (loading a
-        model, exporting a graph) does not make the time left hours; none before that
-        (the overall rate once done)."""
+        model, exporting a graph) does not make the time left hours; none before that.
+        Once done, the whole run's rate."""
+        if self.done:
+            return self.completed / (now - self.started) if now > self.started else None
         if self.first is not None and self.completed > self.first[1] and now > self.first[0]:
             return (self.completed - self.first[1]) / (now - self.first[0])
-        return self.completed / (now - self.started) if self.done and now > self.started else None
+        return None
 
 
 class PlainProgress:
