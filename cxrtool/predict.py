@@ -22,7 +22,7 @@ from cxrtool._runner import (
     run_studies,
 )
 from cxrtool.io.records import Result, StudyFailure, store_result
-from cxrtool.models.scoring import NO_TTA, TestTimeAugmentation, zero_shot_prompts
+from cxrtool.models.scoring import NO_TTA, TestTimeAugmentation, ZeroShot
 
 __all__ = ["PREDICT_SETTINGS", "PredictSummary", "RunSummary", "ScoreChunk", "output_root", "predict", "regroup"]
 
@@ -132,8 +132,9 @@ def predict(
         >>> summary.predicted, summary.exit_code
     """
     tta = tta or NO_TTA
-    unseen = zero_shot_prompts({name: {side: list(texts) for side, texts in entry.items()}
-                                for name, entry in zero_shot.items()}) if zero_shot else None
+    # Embedded once the model is known to take prompts (open_model checks it first).
+    unseen = ZeroShot({name: {side: list(texts) for side, texts in entry.items()}
+                       for name, entry in zero_shot.items()}) if zero_shot else None
     settings = {**PREDICT_SETTINGS, **tta.settings(), **(unseen.settings() if unseen else {})}
     return run_studies(
         inputs, model=model, make_processor=ScoreChunk, settings={"predict": settings}, out=out,

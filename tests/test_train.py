@@ -278,3 +278,12 @@ def test_a_dual_branch_model_trains_its_text_side_and_keeps_its_prompts(tmp_path
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 2)  # predict's contract: logits only
     missing = runner.invoke(app, ["train", *tiny_settings(labels, tmp_path / "bad"), "--set", "zero_shot=true"])
     assert missing.exit_code == 2 and "zero_shot trains its text branch through the align loss term" in missing.output
+
+
+def test_a_finding_never_positive_in_training_is_warned_of(tmp_path):
+    labels = make_generic_dataset(tmp_path / "data", n=16)
+    rows = labels.read_text().splitlines()
+    labels.write_text("\n".join([rows[0] + ",Goiter"] + [row + ",0" for row in rows[1:]]) + "\n")
+    result = runner.invoke(app, ["train", *tiny_settings(labels, tmp_path / "run", epochs=1)])
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 of 3 findings never positive in the training split (Goiter)" in result.output

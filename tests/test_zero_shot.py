@@ -106,6 +106,17 @@ def test_a_prompts_file_and_what_is_refused(dual_branch, study, make_checkpoint,
     assert bad.exit_code == 2 and "--zero-shot takes 'Finding: a description" in bad.output
 
 
+def test_a_model_without_a_text_branch_is_refused_before_any_prompt_is_embedded(make_checkpoint, study, tmp_path,
+                                                                                 monkeypatch):
+    import cxrtool.models.text as text
+
+    monkeypatch.setenv("CXRTOOL_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(text, "encoder_installed", lambda: False)  # embedding now would fail with another reason
+    plain = CliRunner().invoke(app, ["predict", str(study), "-m", str(make_checkpoint()), "-j", "0",
+                                     "--zero-shot", "Goiter: an enlarged thyroid"])
+    assert plain.exit_code == 2 and "need a dual-branch model" in plain.output, plain.output
+
+
 def test_a_bundle_scores_a_prompt_with_its_dual_branch_members(dual_branch, make_checkpoint, tmp_path, monkeypatch):
     """The zero-shot finding is merged over the members of the study's route that have a text
     branch (a route without one leaves it out), marked in the sidecar, listed in the index."""

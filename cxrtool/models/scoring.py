@@ -66,11 +66,16 @@ class ZeroShot:
     (CheXzero's rule: the softmax over a finding's positive and negative prompt)."""
 
     prompts: dict[str, dict[str, list[str]]]  # finding -> {"positive": [...], "negative": [...]}
-    pairs: np.ndarray  # (Z, 2, E) unit-length prompt embeddings
+    pairs: np.ndarray | None = None  # (Z, 2, E) unit-length prompt embeddings, once embedded
 
     @property
     def names(self) -> list[str]:
         return list(self.prompts)
+
+    def embedded(self) -> ZeroShot:
+        """With the prompts' embeddings (:func:`zero_shot_prompts`): done once the model
+        is known to take them, so a model without a text branch is refused first."""
+        return self if self.pairs is not None else zero_shot_prompts(self.prompts)
 
     def settings(self) -> dict[str, Any]:
         """Recorded with each result: other prompts make other scores."""
@@ -393,6 +398,7 @@ def open_model(model: str | os.PathLike | Any, *, device, runtime: str = "torch"
     if isinstance(model, Bundle) or is_bundle(model):
         bundle = model if isinstance(model, Bundle) else read_bundle(model)
         readers = _text_members(bundle, zero_shot, runtime) if zero_shot is not None else set()
+        zero_shot = zero_shot.embedded() if zero_shot is not None else None  # once, for every member
         loaded: dict[tuple, CheckpointScorer] = {}  # a file named twice is loaded once
 
         def load(member, augment: TestTimeAugmentation, unseen: ZeroShot | None = None) -> CheckpointScorer:
@@ -428,6 +434,7 @@ def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = 
     sha256 = sha256 or file_sha256(path)
     if zero_shot is not None:
         _check_zero_shot(path, card, zero_shot, runtime)
+        zero_shot = zero_shot.embedded()
         runtime = "torch"  # the exported graph gives logits only; the text branch runs in PyTorch
     onnx = None
     if choose_runtime(runtime, device.type) == "onnx":

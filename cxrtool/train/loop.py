@@ -134,6 +134,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             raise ValueError(f"{config.labels}: only {len(table)} labelled images with files on disk; need at least 4")
         say(TrainEvent("message", message=f"{len(table)} images with labels ({table.skipped} rows skipped: image not on disk)"))
         train_idx, val_idx = patient_split(table, val_fraction=config.val_fraction, seed=config.seed)
+        never = [f for j, f in enumerate(findings) if not np.nansum(table.targets[train_idx, j] == 1)]
+        if never and config.task != "view":
+            # E.g. a label set's name on a table that spells a finding otherwise (PadChest's lists
+            # are open-vocabulary): the model would learn that it is never there.
+            say(TrainEvent("message", message=f"warning: {len(never)} of {len(findings)} findings never positive in "
+                                              f"the training split ({', '.join(never[:6])}{', ...' if len(never) > 6 else ''}): "
+                                              "check their spelling in the labels, or leave them out with --findings"))
         paths = [str(table.resolve_image(i)) for i in range(len(table))]
         parent = _parent(config, say) if config.init else None
         prep = Preprocessing.from_dict(parent.card.preprocessing) if parent else Preprocessing(input_size=config.input_size)
