@@ -242,3 +242,18 @@ DEFAULT_MERGE = "mean"
 def resolve_finding(name: str) -> str:
     """Map a finding spelling to its canonical name (e.g. ``Infiltrate`` -> ``Infiltration``)."""
     return FINDING_ALIASES.get(name, name)
+
+
+def _plain(name: str) -> str:
+    return " ".join(name.strip().strip("'\"").replace("_", " ").casefold().split())
+
+
+_PLAIN_ALIASES = {_plain(alias): _plain(canonical) for alias, canonical in FINDING_ALIASES.items()}
+
+
+def finding_key(name: str) -> str:
+    """A finding's name as compared across spellings: case, underscores, spaces and quotes
+    aside, aliases resolved (``'pleural effusion'``, ``Pleural_Effusion`` and ``Effusion``
+    are one finding)."""
+    key = _plain(name)
+    return _PLAIN_ALIASES.get(key, key)

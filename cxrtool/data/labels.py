@@ -29,11 +29,11 @@ import numpy as np
 
 from cxrtool.registry import (
     CHEXPERT_FINDINGS,
-    FINDING_ALIASES,
     LABEL_SETS,
     NIH_FINDINGS,
     PROJECTIONS,
     VIEW_POSITIONS,
+    finding_key,
     resolve_finding,
 )
 from cxrtool.registry import LABEL_FORMATS as _FORMATS
@@ -583,14 +583,6 @@ def _parse_chexpert(
 
 # PadChest labels that say the study cannot be labelled: its row is left out of the losses.
 _PADCHEST_UNUSABLE = {"exclude", "suboptimal study"}
-_LOWER_ALIASES = {alias.lower(): name.lower() for alias, name in FINDING_ALIASES.items()}
-
-
-def _label_key(name: str) -> str:
-    """A finding's name compared across spellings and case (PadChest writes lower case)."""
-    key = " ".join(name.strip().strip("'\"").lower().split())
-    return _LOWER_ALIASES.get(key, key)
-
 
 def _padchest_labels(cell: str) -> list[str]:
     """PadChest's Labels cell, a Python-style list (``['pleural effusion', 'nodule']``), or a
@@ -626,8 +618,8 @@ def _parse_padchest(
         image = row[i_img].strip()
         written = _padchest_labels(row[i_lab])
         for label in written:
-            spelled.setdefault(_label_key(label), " ".join(label.strip().strip("'\"").split()))
-        labels = {_label_key(label) for label in written}
+            spelled.setdefault(finding_key(label), " ".join(label.strip().strip("'\"").split()))
+        labels = {finding_key(label) for label in written}
         images.append(image)
         patients.append(row[i_pat].strip() if i_pat is not None and i_pat < len(row) else _stem(image))
         views.append(_normalize_view(row[i_view]) if i_view is not None and i_view < len(row) else "UNKNOWN")
@@ -642,7 +634,7 @@ def _parse_padchest(
         names = tuple(spelled[key] for key in sorted(counts, key=lambda label: (-counts[label], label)))
         if not names:
             raise ValueError(f"{path.name}: no labels in the 'Labels' column")
-    keys = [_label_key(name) for name in names]
+    keys = [finding_key(name) for name in names]
     if len(set(keys)) != len(keys):
         raise ValueError(f"findings name one label twice: {list(names)}")
     targets = np.full((len(images), len(names)), np.nan, dtype=np.float32)

@@ -28,6 +28,7 @@ SIDECAR_SUFFIX = ".cxrtool.json"
 FOLDER_CSV = "cxrtool_predictions.csv"
 FOLDER_JSON = "cxrtool_predictions.json"
 LOCK_NAME = ".cxrtool.lock"  # hidden: never taken for a study
+LOCK_TIMEOUT_S = 600.0
 # What evaluate writes into a folder of studies (its pictures are PNGs: never studies).
 EVALUATION_FILES = {"json": "evaluation.json", "csv": "evaluation.csv", "roc": "roc_curves.png", "pr": "pr_curves.png"}
 
@@ -37,7 +38,6 @@ def is_own_output(name: str) -> bool:
     study's sidecar and pictures (``NAME.cxrtool.*``), evaluate's report and curves. (A
     folder's tables and sheets, ``cxrtool_*.csv|json|html``, are not pictures anyway.)"""
     return name.startswith(".") or ".cxrtool." in name or name in EVALUATION_FILES.values()
-LOCK_TIMEOUT_S = 600.0
 
 
 @contextlib.contextmanager

@@ -450,18 +450,10 @@ def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = 
 def _already_scored(names: Sequence[str], findings: Sequence[str]) -> list[str]:
     """The prompted names that are trained findings under any spelling (``Pleural
     Effusion`` is ``Effusion``; case and underscores aside)."""
-    from cxrtool.registry import FINDING_ALIASES
+    from cxrtool.registry import finding_key
 
-    def plain(name: str) -> str:
-        return name.replace("_", " ").casefold()
-
-    aliases = {plain(alias): plain(canonical) for alias, canonical in FINDING_ALIASES.items()}
-
-    def key(name: str) -> str:
-        return aliases.get(plain(name), plain(name))
-
-    trained = {key(finding) for finding in findings}
-    return [name for name in names if key(name) in trained]
+    trained = {finding_key(finding) for finding in findings}
+    return [name for name in names if finding_key(name) in trained]
 
 
 def _text_members(bundle, zero_shot: ZeroShot, runtime: str) -> set[str]:

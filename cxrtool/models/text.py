@@ -114,7 +114,6 @@ def finding_embeddings(findings: Sequence[str], *, descriptions: str | os.PathLi
     return encode(texts)
 
 
-
 # ------------------------------------------------------------------------ prompts (zero-shot)
 
 Prompts = dict[str, dict[str, list[str]]]  # finding -> {"positive": [...], "negative": [...]}

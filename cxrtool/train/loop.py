@@ -134,7 +134,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             raise ValueError(f"{config.labels}: only {len(table)} labelled images with files on disk; need at least 4")
         say(TrainEvent("message", message=f"{len(table)} images with labels ({table.skipped} rows skipped: image not on disk)"))
         train_idx, val_idx = patient_split(table, val_fraction=config.val_fraction, seed=config.seed)
-        never = [f for j, f in enumerate(findings) if not np.nansum(table.targets[train_idx, j] == 1)]
+        never = [f for j, f in enumerate(findings) if not (table.targets[train_idx, j] == 1).any()]
         if never and config.task != "view":
             # E.g. a label set's name on a table that spells a finding otherwise (PadChest's lists
             # are open-vocabulary): the model would learn that it is never there.

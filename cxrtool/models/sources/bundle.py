@@ -346,8 +346,8 @@ def _read_calibration(bundle: Bundle) -> dict[str, Any]:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise BundleError(f"{path}: the bundle's calibration cannot be read ({error}); run models calibrate again") from None
-    members = {name: member.sha256 for name, member in bundle.members.items()}
-    if not isinstance(values, dict) or values.get("members") != members or values.get("bundle_sha256") != digest(bundle):
+    # The digest covers the member files, their weights, merge, routes and view classifier.
+    if not isinstance(values, dict) or values.get("bundle_sha256") != digest(bundle):
         raise BundleError(f"{path}: made for another version of {bundle.path.name} (its member files, merge, routes, "
                           f"weights or view classifier have changed since); run cxrtool models calibrate "
                           f"{bundle.path.name} --labels LABELS again, or delete it")

@@ -7,8 +7,9 @@ the studies its routes scored come its reference scores (:func:`reference_scores
 1,001 quantiles per finding), with which the bundle's merge is applied as ``predict``
 applies it; the thresholds are then chosen on the merged scores against the labels, per
 finding, over the studies that had that finding scored. All of it is written beside the
-bundle (``NAME.calibration.json``, atomically), tied to the digests of its member files:
-a member changed since makes the bundle refuse the calibration until it is made again.
+bundle (``NAME.calibration.json``, atomically), tied to the bundle's digest: a member
+file, weight, merge, route or view classifier changed since makes the bundle refuse the
+calibration until it is made again.
 """
 
 from __future__ import annotations
