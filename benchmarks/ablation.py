@@ -135,28 +135,34 @@ def print_table(title: str, rows: list[dict]) -> None:
     sys.stdout.flush()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=["phantoms", "nih", "both"], default="both")
-    parser.add_argument("--variants", default="all", help="comma-separated variant names, or all: " + "; ".join(VARIANTS))
+def add_run_arguments(parser: argparse.ArgumentParser, *, lr_help: str) -> None:
+    """The settings every compared run shares, and the data :func:`phantom_data` and
+    :func:`nih_data` read (also used by ``zero_shot.py``)."""
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3, help="the same for every variant")
-    parser.add_argument("--augment", action="store_true")
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--decoder-layers", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=3e-3, help=lr_help)
     parser.add_argument("--train-images", type=int, default=1200, help="phantoms for training and validation")
     parser.add_argument("--test-images", type=int, default=400, help="held-out phantoms")
     parser.add_argument("--phantom-size", type=int, default=128, help="phantom radiographs' side in pixels")
     parser.add_argument("--test-fraction", type=float, default=0.33, help="NIH: share of patients held out for the test")
-    parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="write every run and the summaries here")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=["phantoms", "nih", "both"], default="both")
+    parser.add_argument("--variants", default="all", help="comma-separated variant names, or all: " + "; ".join(VARIANTS))
+    add_run_arguments(parser, lr_help="the same for every variant")
+    parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--decoder-layers", type=int, default=1)
+    parser.add_argument("--bootstrap", type=int, default=500)
     args = parser.parse_args()
     names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
     unknown = [n for n in names if n not in VARIANTS]

@@ -18,7 +18,7 @@ the sentence encoder's space, scored against the held-out finding's labels; and,
 oracle bound on any such proxy, the best seen finding chosen on the test labels themselves.
 
     python benchmarks/zero_shot.py --seeds 3                        # phantoms, Mass and Edema held out
-    python benchmarks/zero_shot.py --data nih --held-out Hernia,Emphysema --input-size 128 --epochs 10
+    python benchmarks/zero_shot.py --data nih --held-out Effusion,Cardiomegaly --input-size 128 --epochs 10 --batch-size 16
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from ablation import add_run_arguments, nih_data, phantom_data  # the same data and shared settings
 
 import cxrtool  # noqa: F401  (first: makes torchvision, which timm imports, importable)
 
@@ -115,24 +116,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=["phantoms", "nih"], default="phantoms")
     parser.add_argument("--held-out", default="Mass,Edema", help="findings left out of the dual branch's training")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--input-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3, help="the same for both")
-    parser.add_argument("--train-images", type=int, default=1200)
-    parser.add_argument("--test-images", type=int, default=400)
-    parser.add_argument("--phantom-size", type=int, default=128)
-    parser.add_argument("--test-fraction", type=float, default=0.33)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--json", type=Path, default=None)
+    add_run_arguments(parser, lr_help="the same for both")
     args = parser.parse_args()
     held_out = [name.strip() for name in args.held_out.split(",") if name.strip()]
-
-    from ablation import nih_data, phantom_data
 
     with tempfile.TemporaryDirectory(prefix="cxrtool-zero-shot-") as scratch:
         work = args.work or Path(scratch)
