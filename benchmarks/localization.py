@@ -1,24 +1,43 @@
-"""How well the demo's pipeline localizes at other sizes: Grad-CAM pointing game per finding.
+"""Do the maps point at the finding, and do they explain the model? One place for both.
 
-Runs what `cxrtool demo` runs (phantom cohort, training, predict and explain on 300
-held-out phantom DICOMs, localization against their true boxes) with the backbone, input
-size, output stride, epochs and cohort size given (by default those of `cxrtool demo
---full`), and prints the held-out AUROC and the pointing game of each finding.
-`--step-cost` instead times one training step (a batch of 32) of that network against the
-`--full` demo's own (ResNet-18 at 128 px, output stride 16), on this device, and prints the
-ratio.
+For a model and held-out studies with true boxes (by default: train the demo's model on its
+phantom cohort, exactly as `cxrtool demo` does, and take its 300 held-out DICOMs), every map
+method asked for draws each boxed finding's map, and this prints per method and per finding:
 
+- localization, with the same kernels as `cxrtool evaluate --boxes`
+  (cxrtool.evaluate.localization): the pointing game with a bootstrap 95% interval, IoU and
+  IoBB accuracy at 0.1-0.7 (0.1 and 0.5 printed; all in --json), the share of the map peaks
+  in the film's border band (outer 10%, 36% of the area) and the maps explain would mark as
+  lying outside the chest;
+- faithfulness (cxrtool.explain.faithfulness): insertion AUC minus deletion AUC, higher is
+  better, with a bootstrap interval;
+- the model-randomisation check (Adebayo et al., 2018): the median rank correlation between
+  each map and the map of the same method on the model with every weight re-initialised
+  (passes below 0.5);
+- with --occlusion-test, which region the network uses: the fall of the finding's logit when
+  the true box is inpainted, against when a box of the same size on the map's peak is.
+
+    python benchmarks/localization.py                    # the default demo's model and settings
+    python benchmarks/localization.py --full             # the --full demo's (2400 phantoms at 128 px)
+    python benchmarks/localization.py --model M.safetensors --study DIR --boxes BBox_List.csv
+    python benchmarks/localization.py --methods gradcam@backbone.layer4,occlusion --occlusion-test
+    python benchmarks/localization.py --full --device cuda --input-size 256 --epochs 30 --train-images 9600
     python benchmarks/localization.py --step-cost --input-size 256 --output-stride 8
-    python benchmarks/localization.py --device cuda --input-size 256 --output-stride 8 --epochs 40 --train-images 9600 --augment
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
+
+DEFAULT_METHODS = "default,gradcam@backbone.layer4,hirescam@backbone.layer4,layercam@backbone.layer2,occlusion"
 
 
 def step_seconds(arch: str, size: int, stride: int, device: str, repeat: int = 3) -> float:
@@ -42,76 +61,264 @@ def step_seconds(arch: str, size: int, stride: int, device: str, repeat: int = 3
     return best
 
 
-def pointing(args: argparse.Namespace, work: Path) -> dict:
-    from cxrtool.cli.demo import PHANTOM_SIZE, demo_config
+def train_demo_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path, float]:
+    """The demo's cohort and model (its settings, or those given): checkpoint, study images, boxes, seconds."""
+    from cxrtool.cli.demo import FULL, PHANTOM_SIZE, QUICK, demo_config
     from cxrtool.data.phantom import generate_cohort
-    from cxrtool.evaluate import evaluate
-    from cxrtool.evaluate.localization import evaluate_localization
-    from cxrtool.explain import ExplainSettings, explain
-    from cxrtool.models.checkpoint import read_card
-    from cxrtool.predict import predict
-    from cxrtool.registry import PHANTOM_FINDINGS
     from cxrtool.train.loop import train
 
+    size = FULL if args.full else QUICK
+    cohort = generate_cohort(work / "cohort", n_images=args.train_images or size.train_images, size=PHANTOM_SIZE,
+                             seed=args.seed, image_format="png")
+    study = generate_cohort(work / "study", n_images=args.test_images, size=PHANTOM_SIZE, seed=args.seed + 10_000,
+                            image_format="dicom", first_patient_id=90_001)
+    overrides = {key: value for key, value in (("architecture", args.arch), ("output_stride", args.output_stride),
+                                               ("augment", args.augment)) if value is not None}
+    config = demo_config(cohort.data_entry_csv, work / "model", epochs=args.epochs or size.epochs, seed=args.seed,
+                         device=args.device, workers=args.workers, input_size=args.input_size or size.input_size,
+                         **overrides)
     started = time.perf_counter()
-    cohort = generate_cohort(work / "cohort", n_images=args.train_images, size=PHANTOM_SIZE, seed=0, image_format="png")
-    study = generate_cohort(work / "study", n_images=300, size=PHANTOM_SIZE, seed=10_000, image_format="dicom",
-                            first_patient_id=90_001)
-    config = demo_config(cohort.data_entry_csv, work / "model", epochs=args.epochs, seed=0, device=args.device,
-                         workers=args.workers, architecture=args.arch, input_size=args.input_size,
-                         output_stride=args.output_stride, augment=args.augment)
-    trained = time.perf_counter()
     result = train(config)
-    training = time.perf_counter() - trained
-    images = study.data_entry_csv.parent / "images"
-    predict([images], model=result.checkpoint, device=args.device, workers=args.workers)
-    explain([images], model=result.checkpoint, device=args.device, workers=args.workers,
-            settings=ExplainSettings(findings=tuple(PHANTOM_FINDINGS)))
-    predictions = images / "cxrtool_predictions.csv"
-    report = evaluate(predictions, study.data_entry_csv, thresholds=read_card(result.checkpoint).thresholds,
-                      out_dir=work / "evaluation", n_boot=10, seed=0)
-    located = evaluate_localization(predictions, study.bbox_csv, out_dir=work / "evaluation")
-    return {
-        "macro_auroc": round(report.macro.auroc, 3),
-        "auroc": {row.finding: round(row.auroc, 3) for row in report.findings},
-        "pointing": {name: round(found.pointing, 2) for name, found in located.findings.items()},
-        "training_s": round(training), "total_s": round(time.perf_counter() - started),
-    }
+    return result.checkpoint, study.data_entry_csv.parent / "images", study.bbox_csv, time.perf_counter() - started
+
+
+def held_out_auroc(network, card, squares: np.ndarray, names: list[str], labels_csv: Path, device) -> dict[str, float]:
+    """Each finding's AUROC on the studies (from a labels table beside the boxes, when there is one)."""
+    from sklearn.metrics import roc_auc_score
+
+    if not labels_csv.is_file():
+        return {}
+    with open(labels_csv, newline="", encoding="utf-8") as handle:
+        labels = {row["Image Index"]: set(row["Finding Labels"].split("|")) for row in csv.DictReader(handle)}
+    rows = [i for i, name in enumerate(names) if name in labels]
+    probabilities = scores_of(network, card, squares[rows], device)
+    found = {}
+    for k, finding in enumerate(card.findings):
+        truth = [finding in labels[names[i]] for i in rows]
+        if 0 < sum(truth) < len(truth):
+            found[finding] = float(roc_auc_score(truth, probabilities[:, k]))
+    return found
+
+
+def scores_of(network, card, squares: np.ndarray, device, chunk: int = 128) -> np.ndarray:
+    """Probabilities (N, findings) of fitted squares in [0, 1]."""
+    import torch
+
+    from cxrtool.preprocess import Preprocessing, normalise
+
+    prep = Preprocessing.from_dict(card.preprocessing)
+    out = []
+    for start in range(0, len(squares), chunk):
+        tensor = torch.from_numpy(np.stack([normalise(s, prep) for s in squares[start:start + chunk]])).to(device)
+        with torch.no_grad():
+            out.append(torch.sigmoid(network(tensor).float()).cpu().numpy())
+    return np.concatenate(out)
+
+
+def measure(args: argparse.Namespace, checkpoint: Path, images: Path, boxes_csv: Path) -> dict:
+    import torch
+
+    from cxrtool.data.labels import read_boxes
+    from cxrtool.evaluate.localization import LocalizationMetrics
+    from cxrtool.explain.cams import make_engine
+    from cxrtool.explain.chest import chest_mask, judge_map
+    from cxrtool.explain.faithfulness import (
+        box_mask,
+        faithfulness,
+        occlusion_drop,
+        randomisation_check,
+        randomised_copy,
+    )
+    from cxrtool.explain.regions import find_regions, peak_point, to_original
+    from cxrtool.io.studies import read_study
+    from cxrtool.models.checkpoint import load_checkpoint
+    from cxrtool.models.network import pick_device
+    from cxrtool.preprocess import Preprocessing, fit_to_square, normalise
+
+    device = pick_device(args.device)
+    network, card = load_checkpoint(checkpoint, device=str(device))
+    prep = Preprocessing.from_dict(card.preprocessing)
+    truth: dict[tuple[str, str], list] = defaultdict(list)
+    for box in read_boxes(boxes_csv):
+        if box.finding in card.findings:
+            truth[(Path(box.image).name, box.finding)].append((box.x, box.y, box.w, box.h))
+    names = sorted({name for name, _ in truth if (images / name).is_file()})
+    if args.limit:
+        names = names[: args.limit]
+    studies = [read_study(images / name).pixels for name in names]
+    fitted = [fit_to_square(pixels, prep) for pixels in studies]
+    squares = np.stack([square for square, _ in fitted])
+    chests = [chest_mask(pixels) for pixels in studies]
+    pairs = [(i, card.findings.index(f)) for i, name in enumerate(names) for f in card.findings if (name, f) in truth]
+    print(f"{len(names)} studies with boxes, {len(pairs)} (study, finding) pairs; model {checkpoint.name} "
+          f"({card.architecture} at {prep.input_size} px, output stride {card.output_stride})", flush=True)
+    auroc = held_out_auroc(network, card, squares, names, boxes_csv.with_name("Data_Entry.csv"), device)
+    if auroc:
+        print(f"held-out mean AUROC {np.mean(list(auroc.values())):.3f} ({len(auroc)} findings)", flush=True)
+    inputs = torch.from_numpy(np.stack([normalise(s, prep) for s in squares])).to(device)
+
+    def finding_score(net, finding: int):
+        def score(batch: np.ndarray) -> np.ndarray:
+            tensor = torch.from_numpy(np.stack([normalise(s, prep) for s in batch])).to(device)
+            with torch.no_grad():
+                return net(tensor)[:, finding].float().cpu().numpy()  # logits: they do not saturate
+        return score
+
+    def draw(net, method: str, layer: str | None) -> dict[tuple[int, int], np.ndarray]:
+        wanted = [[f for i2, f in pairs if i2 == i] for i in range(len(names))]
+        maps = {}
+        with make_engine(net, method, layer) as engine:
+            for start in range(0, len(names), args.batch_size):
+                part = wanted[start:start + args.batch_size]
+                result = engine(inputs[start:start + args.batch_size], part)
+                maps.update({(start + row, f): cam for (row, f), cam in result.maps.items()})
+        return maps
+
+    randomised = randomised_copy(network, seed=args.seed) if args.randomisation else None
+    results: dict = {"auroc": auroc, "methods": {}}
+    for spec in args.methods.split(","):
+        method, _, layer = spec.partition("@")
+        method = method.strip()
+        if method == "default":
+            from cxrtool.registry import DEFAULT_CAM_METHOD
+
+            method, layer = DEFAULT_CAM_METHOD, ""
+        label = f"{method}@{layer or getattr(network, 'cam_layer', None) or 'input'}" if method != "occlusion" else method
+        started = time.perf_counter()
+        maps = draw(network, method, layer or None)
+        seconds = time.perf_counter() - started
+        findings: dict[str, LocalizationMetrics] = {}
+        faithful_left = args.faithfulness_pairs
+        for (i, f), cam in maps.items():
+            name, finding = names[i], card.findings[f]
+            original = to_original(cam, fitted[i][1])
+            entry: dict = {}
+            regions = find_regions(original, 0.5)
+            if regions is not None:
+                x, y = peak_point(original)
+                entry = {"peak": [x, y], "regions": [r.to_dict(None) for r in regions.regions],
+                         "trust": judge_map(original, chests[i].resized(original.shape), (x, y))}
+                if faithful_left:
+                    entry["faithfulness"] = faithfulness(finding_score(network, f), squares[i], cam)
+                    faithful_left -= 1
+            findings.setdefault(finding, LocalizationMetrics(finding)).add(truth[(name, finding)], entry or None, 0.0,
+                                                                           studies[i].shape)
+        overall = LocalizationMetrics("overall")
+        for metrics in findings.values():
+            overall.merge(metrics)
+        record = {"seconds": round(seconds, 1), "overall": overall.to_dict(args.bootstrap, args.seed),
+                  "findings": {name: m.to_dict(args.bootstrap, args.seed) for name, m in sorted(findings.items())}}
+        if randomised is not None:
+            shuffled = draw(randomised, method, layer or None)
+            keys = [key for key in maps if maps[key].max() > 0]
+            check = randomisation_check([maps[k] for k in keys], [shuffled[k] for k in keys])
+            record["randomisation"] = {"median_abs_rank_correlation": round(check.median, 3), "passed": check.passed,
+                                       "maps": len(keys)}
+        if args.occlusion_test:
+            drops: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"true_box": [], "peak_box": []})
+            for (i, f), cam in maps.items():
+                if cam.max() <= 0:
+                    continue
+                finding, geometry = card.findings[f], fitted[i][1]
+                size = squares[i].shape
+                true_region = np.zeros(size, dtype=bool)
+                for bx, by, bw, bh in truth[(names[i], finding)]:
+                    x0, y0 = geometry.to_input(bx, by)
+                    x1, y1 = geometry.to_input(bx + bw, by + bh)
+                    true_region |= box_mask(size, (x0, y0, x1 - x0, y1 - y0))
+                rows, cols = np.nonzero(true_region)
+                height, width = rows.ptp() + 1, cols.ptp() + 1
+                py, px = np.unravel_index(int(np.argmax(cam)), cam.shape)
+                peak_region = box_mask(size, (px - width / 2, py - height / 2, width, height))
+                score = finding_score(network, f)
+                drops[finding]["true_box"].append(occlusion_drop(score, squares[i], true_region))
+                drops[finding]["peak_box"].append(occlusion_drop(score, squares[i], peak_region))
+            record["occlusion_test"] = {name: {k: round(float(np.median(v)), 3) for k, v in d.items()} | {"maps": len(d["true_box"])}
+                                        for name, d in sorted(drops.items())}
+        results["methods"][label] = record
+        print_method(label, record, overall, findings, args)
+    return results
+
+
+def print_method(label: str, record: dict, overall, findings: dict, args: argparse.Namespace) -> None:
+    from cxrtool.evaluate.localization import bootstrap_interval
+    from cxrtool.explain.faithfulness import border_band_share
+
+    def interval(values) -> str:
+        found = bootstrap_interval(values, args.bootstrap, args.seed)
+        return f" [{found[0]:.2f}-{found[1]:.2f}]" if found else ""
+
+    line = (f"\n{label} ({record['seconds']} s): pointing {overall.pointing:.2f}{interval(overall.hits)}, "
+            f"peaks in border band {overall.border_band:.2f} (area {border_band_share():.2f}), "
+            f"outside chest {overall.outside_chest}/{overall.mapped}")
+    if overall.faithfulness:
+        line += f", faithfulness {overall.mean_faithfulness:.3f}{interval(overall.faithfulness)} ({len(overall.faithfulness)} maps)"
+    if "randomisation" in record:
+        check = record["randomisation"]
+        line += f", randomisation rank corr. {check['median_abs_rank_correlation']:.2f} ({'passes' if check['passed'] else 'FAILS'})"
+    print(line)
+    print(f"  {'finding':<14}{'pairs':>6}  {'pointing [95% CI]':<19}{'band':>6}{'IoU.1':>7}{'IoU.5':>7}{'IoBB.1':>7}"
+          f"{'IoBB.5':>7}{'faith.':>8}" + ("   occlusion: true box / peak box" if "occlusion_test" in record else ""))
+    for name, m in sorted(findings.items()):
+        faith = f"{m.mean_faithfulness:8.3f}" if m.faithfulness else f"{'':>8}"
+        occ = record.get("occlusion_test", {}).get(name)
+        occ_text = f"   {occ['true_box']:+.2f} / {occ['peak_box']:+.2f}" if occ else ""
+        print(f"  {name:<14}{m.pairs:>6}  {m.pointing:.2f}{interval(m.hits):<15}{m.border_band:>6.2f}"
+              f"{m.rate(m.iou_hits[0.1]):>7.2f}{m.rate(m.iou_hits[0.5]):>7.2f}{m.rate(m.iobb_hits[0.1]):>7.2f}"
+              f"{m.rate(m.iobb_hits[0.5]):>7.2f}{faith}{occ_text}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--input-size", type=int, default=128)
-    parser.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--train-images", type=int, default=2400)
-    parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--model", type=Path, help="a checkpoint to measure (else the demo's is trained)")
+    parser.add_argument("--study", type=Path, help="with --model: the folder of its held-out studies")
+    parser.add_argument("--boxes", type=Path, help="with --model: their true boxes (NIH BBox_List layout)")
+    parser.add_argument("--full", action="store_true", help="the --full demo's cohort and size")
+    parser.add_argument("--arch", default=None)
+    parser.add_argument("--input-size", type=int, default=None)
+    parser.add_argument("--output-stride", type=int, default=None, choices=[8, 16, 32])
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--train-images", type=int, default=None)
+    parser.add_argument("--test-images", type=int, default=300)
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="method[@layer[+layer]] list; 'default' is explain's default (default: %(default)s)")
+    parser.add_argument("--faithfulness-pairs", type=int, default=150, help="maps a method whose faithfulness is measured")
+    parser.add_argument("--no-randomisation", dest="randomisation", action="store_false")
+    parser.add_argument("--occlusion-test", action="store_true")
+    parser.add_argument("--limit", type=int, default=0, help="at most this many studies")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--keep", type=Path, default=None, help="train into this folder and keep it")
     parser.add_argument("--step-cost", action="store_true", help="time a training step against the demo's instead")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
     import cxrtool.models.network  # noqa: F401  (torchvision op names before timm)
-    from cxrtool.cli.demo import DEMO_ARCHITECTURE, DEMO_OUTPUT_STRIDE, FULL
+    from cxrtool.cli.demo import DEMO_ARCHITECTURE, DEMO_OUTPUT_STRIDE, QUICK
 
-    setup = f"{args.arch} at {args.input_size} px, output stride {args.output_stride}"
     if args.step_cost:
-        demo = step_seconds(DEMO_ARCHITECTURE, FULL.input_size, DEMO_OUTPUT_STRIDE, args.device)
-        this = step_seconds(args.arch, args.input_size, args.output_stride, args.device)
+        demo = step_seconds(DEMO_ARCHITECTURE, QUICK.input_size, DEMO_OUTPUT_STRIDE, args.device)
+        this = step_seconds(args.arch or DEMO_ARCHITECTURE, args.input_size or QUICK.input_size,
+                            args.output_stride or DEMO_OUTPUT_STRIDE, args.device)
         results = {"demo_step_s": round(demo, 3), "step_s": round(this, 3), "ratio": round(this / demo, 2)}
-        print(f"training step, batch 32, {args.device}: the demo's network {demo:.3f} s, {setup} {this:.3f} s = {this / demo:.2f}x")
+        print(f"training step, batch 32, {args.device}: the demo's network {demo:.3f} s, this one {this:.3f} s = {this / demo:.2f}x")
+    elif args.model:
+        if not (args.study and args.boxes):
+            parser.error("--model needs --study and --boxes")
+        results = measure(args, args.model, args.study, args.boxes)
     else:
         with tempfile.TemporaryDirectory(prefix="cxrtool-bench-") as tmp:
-            results = pointing(args, Path(tmp))
-        print(f"{setup}, {args.epochs} epochs on {args.train_images} phantoms{' with augmentation' if args.augment else ''}, "
-              f"{args.device}: held-out mean AUROC {results['macro_auroc']:.3f}; training {results['training_s']} s, "
-              f"{results['total_s']} s in all")
-        for name, score in results["pointing"].items():
-            print(f"  {name:<14} AUROC {results['auroc'].get(name, float('nan')):.3f}  pointing {score:.2f}")
+            work = args.keep or Path(tmp)
+            checkpoint, images, boxes, seconds = train_demo_model(args, work)
+            print(f"trained in {seconds:.0f} s: {checkpoint}")
+            results = measure(args, checkpoint, images, boxes) | {"training_s": round(seconds)}
     if args.json:
-        args.json.write_text(json.dumps({"setup": {k: v for k, v in vars(args).items() if k != "json"}, **results}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"setup": {k: str(v) for k, v in vars(args).items() if k != "json"}, **results},
+                                        indent=2) + "\n")
 
 
 if __name__ == "__main__":

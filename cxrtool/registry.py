@@ -155,6 +155,7 @@ XRV_WEIGHTS: dict[str, PretrainedWeights] = {
 # `head`, train's --head.
 HEADS: dict[str, str] = {
     "linear": "one logit per finding from the pooled feature vector (CheXNet-style)",
+    "lse": "a score map per finding, log-sum-exp pooled (ChestX-ray14's): the logit comes from where the map is high",
     "decoder": "per-finding queries cross-attend to the spatial features, one classifier each (paper 1's decoupling)",
     "lga": "the decoder, its queries from attention among the findings' text embeddings biased by co-occurrence (paper 1)",
     "label_features": "a feature per finding by class-specific spatial attention, related by self-attention (paper 2)",
@@ -192,14 +193,18 @@ LABEL_FORMATS: tuple[str, ...] = ("auto", "nih", "chexpert", "padchest", "generi
 UNCERTAIN_POLICIES: dict[str, str] = {"ignore": "left out of the loss and the metrics", "positive": "1", "negative": "0"}
 
 # Map methods of explain, with the label shown on overlays: the grad-cam package's CAMs
-# (cxrtool.explain.cams maps each to its class), and `attention`, the per-finding
-# cross-attention of a head that has it (the decoder head's).
+# (cxrtool.explain.cams maps each to its class), `attention`, the per-finding
+# cross-attention of a head that has it (the decoder head's), and `occlusion`, the fall of
+# the finding's logit when a patch of the input is blurred away.
 CAM_METHOD_LABELS: dict[str, str] = {
     "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM", "xgradcam": "XGrad-CAM",
     "layercam": "LayerCAM", "eigencam": "Eigen-CAM", "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM",
-    "attention": "decoder attention",
+    "attention": "decoder attention", "occlusion": "occlusion",
 }
 ATTENTION_METHOD = "attention"
+# How a network's convolutions extend the image past its edge (cxrtool.models.network.set_padding).
+PADDINGS = ("zeros", "replicate")
+OCCLUSION_METHOD = "occlusion"
 DEFAULT_CAM_METHOD = "gradcam"
 
 # What runs a network for predict (cxrtool.models.runtime): auto = ONNX Runtime on a CPU

@@ -180,7 +180,7 @@ def test_the_registry_is_the_one_source_of_names():
     from cxrtool.train.config import TrainConfig
     from cxrtool.train.losses import LossContext, build_loss
 
-    assert [*CAM_METHODS, registry.ATTENTION_METHOD] == list(registry.CAM_METHOD_LABELS)
+    assert [*CAM_METHODS, registry.ATTENTION_METHOD, registry.OCCLUSION_METHOD] == list(registry.CAM_METHOD_LABELS)
     for name in registry.LOSSES:
         build_loss(name, LossContext(["a", "b"], np.array([[1.0, 0.0], [0.0, 1.0]])))
     assert set(head_classes()) == set(registry.HEADS)

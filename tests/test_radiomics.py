@@ -204,7 +204,9 @@ def test_cli_from_cam_on_real_nih_images_masks_csv_and_bad_params(tmp_path, nih_
     assert explained.exit_code == 0, explained.output
     params = tmp_path / "params.yaml"
     params.write_text("imageType:\n  Original: {}\nfeatureClass:\n  firstorder:\n  shape2D:\nsetting:\n  binWidth: 0.02\n")
-    result = runner.invoke(app, ["radiomics", str(study), "--from-cam", "--params", str(params), "--workers", "2"])
+    # a random network's maps land anywhere: measure every region, on the chest or not
+    result = runner.invoke(app, ["radiomics", str(study), "--from-cam", "--include-off-chest", "--params", str(params),
+                                 "--workers", "2"])
     assert result.exit_code == 0, result.output
     with open(study / "cxrtool_radiomics.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
@@ -215,7 +217,7 @@ def test_cli_from_cam_on_real_nih_images_masks_csv_and_bad_params(tmp_path, nih_
     assert expected > 0 and len(table) == expected
     assert {row["finding"] for row in table} <= {"Effusion", "Nodule"} and all(row["status"] == "ok" for row in table)
     # only the findings the model called positive
-    positive = runner.invoke(app, ["radiomics", str(study), "--from-cam", "--positive-only", "--params", str(params),
+    positive = runner.invoke(app, ["radiomics", str(study), "--from-cam", "--include-off-chest", "--positive-only", "--params", str(params),
                                    "--out", str(tmp_path / "positive.csv")])
     assert positive.exit_code == 0, positive.output
     with open(tmp_path / "positive.csv", newline="") as handle:
@@ -226,7 +228,7 @@ def test_cli_from_cam_on_real_nih_images_masks_csv_and_bad_params(tmp_path, nih_
     assert {(row["image"].rsplit("/", 1)[-1], row["finding"]) for row in positive_rows} == calls
     assert calls and len(positive_rows) < len(table)
     # the same command again: every row from the journal, nothing measured twice
-    again = runner.invoke(app, ["radiomics", str(study), "--from-cam", "--params", str(params)])
+    again = runner.invoke(app, ["radiomics", str(study), "--from-cam", "--include-off-chest", "--params", str(params)])
     assert f"0 regions measured, {expected} from an earlier run" in again.output
     # whole images, and a parameter file that fails PyRadiomics' schema
     whole = runner.invoke(app, ["radiomics", str(study), "--params", str(params), "--out", str(tmp_path / "whole.csv")])

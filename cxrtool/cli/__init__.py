@@ -35,7 +35,7 @@ def _register() -> None:
     app.command("demo")(demo.demo)
     app.command("train")(train.train)
     app.command("predict")(predict.predict)
-    app.command("explain")(explain.explain)
+    app.command("explain", cls=explain.BareCamCommand)(explain.explain)
     app.command("radiomics")(radiomics.radiomics)
     app.command("evaluate")(evaluate.evaluate)
     app.add_typer(models.app, name="models")

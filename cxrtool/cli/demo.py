@@ -142,7 +142,7 @@ def demo(
             )
         if explained.failed:
             fail(f"{len(explained.failed)} held-out studies failed to explain: {explained.failed[0][1]}")
-        jobs, _ = jobs_from_cam(find_studies([study_dir / "images"]), positive_only=True)
+        jobs, _, off_chest = jobs_from_cam(find_studies([study_dir / "images"]), positive_only=True)
         bar = progress_bar()
         with bar:
             task = bar.add_task("radiomics of the positive calls' CAM regions", total=len(jobs), status="")

@@ -30,8 +30,11 @@ def evaluate(
     """AUROC, AUPRC, F1, sensitivity and specificity per finding, macro and micro, with
     bootstrap 95% intervals; a table here, JSON/CSV and ROC/PR curves on disk.
 
-    With --boxes, also localization: IoU and IoBB accuracy at 0.1-0.7 and the pointing game
-    of the boxes and maps that `cxrtool explain` wrote beside the CSV (localization.json/.csv).
+    With --boxes, also localization: IoU and IoBB accuracy at 0.1-0.7, the pointing game
+    (with bootstrap intervals), the share of map peaks in the film's border band and of maps
+    marked as lying outside the chest, and the faithfulness score where explain measured it
+    (--faithfulness), of the boxes and maps that `cxrtool explain` wrote beside the CSV
+    (localization.json/.csv).
 
     Thresholds: --threshold, else --model's card, else those recorded by predict beside the
     CSV (cxrtool_predictions.json), else 0.5.
@@ -66,7 +69,8 @@ def evaluate(
         from cxrtool.evaluate.localization import evaluate_localization, render_localization
 
         try:
-            located = evaluate_localization(predictions, boxes, tolerance=pointing_tolerance, out_dir=out_dir, model=model)
+            located = evaluate_localization(predictions, boxes, tolerance=pointing_tolerance, out_dir=out_dir, model=model,
+                                            n_boot=n_boot, seed=seed)
         except (ValueError, FileNotFoundError) as error:
             fail(str(error))
         show(render_localization(located))

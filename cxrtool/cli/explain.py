@@ -7,17 +7,48 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from cxrtool.cli._console import fail, run_over_studies
 from cxrtool.cli.predict import ViewsOption
 from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS
 
 
+class BareCamCommand(TyperCommand):
+    """``explain``'s command: a bare ``--cam`` (last, or before another option or an input)
+    means the default method, as the usage line ``cxrtool explain study/ --cam`` writes it;
+    ``--cam METHOD`` names one. A word after ``--cam`` that is neither a method nor a path
+    is left for the method check to refuse with the choices."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, with_bare_cam(args))
+
+
+def with_bare_cam(args: list[str]) -> list[str]:
+    """The arguments with the default method put after each bare ``--cam``."""
+    out = []
+    for i, token in enumerate(args):
+        out.append(token)
+        if token != "--cam" or "--" in args[:i]:
+            continue
+        following = args[i + 1] if i + 1 < len(args) else None
+        if following is None or following == "-" or (following.startswith("-") and following.lower() not in CAM_METHOD_LABELS):
+            out.append(DEFAULT_CAM_METHOD)
+        elif following.lower() not in CAM_METHOD_LABELS and _looks_like_input(following):
+            out.append(DEFAULT_CAM_METHOD)
+    return out
+
+
+def _looks_like_input(token: str) -> bool:
+    return "/" in token or "\\" in token or any(c in token for c in "*?[") or Path(token).exists() \
+        or Path(token).suffix.lower() in {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
+
+
 def explain(
     inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - to read paths from stdin.")],
     *,
     model: Annotated[Path, typer.Option("--model", "-m", envvar="CXRTOOL_MODEL", help="A cxrtool checkpoint (.safetensors), or a bundle (.yaml): its members' maps averaged.")],
-    cam: Annotated[str, typer.Option("--cam", help=f"CAM method: {', '.join(CAM_METHOD_LABELS)}.")] = DEFAULT_CAM_METHOD,
+    cam: Annotated[str, typer.Option("--cam", help=f"Map method: {', '.join(CAM_METHOD_LABELS)}; a bare --cam is {DEFAULT_CAM_METHOD}.")] = DEFAULT_CAM_METHOD,
     finding: Annotated[list[str] | None, typer.Option(
         "--finding", "-f", help="Finding to map (repeatable; 'all' for every finding). Default: each study's positive calls.")] = None,
     layer: Annotated[str | None, typer.Option("--layer", help="Target layer's module name (default: the backbone's last feature stage).")] = None,
@@ -32,6 +63,7 @@ def explain(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
     views: ViewsOption = None,
+    faithfulness: Annotated[bool, typer.Option("--faithfulness", help="Also measure each map's deletion/insertion curves with the model (34 forward passes a map) into the sidecar; evaluate --boxes reports them.")] = False,
 ) -> None:
     """Where the evidence is: class activation maps as overlays, maps, masks and boxes.
 
@@ -58,7 +90,8 @@ def explain(
             findings = tuple(dict.fromkeys(finding))
     try:
         settings = ExplainSettings(method=cam.lower(), layer=layer, findings=findings, threshold=threshold,
-                                   map_format=map_format.lower(), display_size=overlay_size)
+                                   map_format=map_format.lower(), display_size=overlay_size,
+                                   faithfulness=faithfulness)
     except UsageError as error:
         fail(str(error))
     run_over_studies(

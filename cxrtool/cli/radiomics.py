@@ -21,6 +21,7 @@ def radiomics(
                                                           "Studies are then optional: its sidecars say where they are.")] = None,
     positive_only: Annotated[bool, typer.Option("--positive-only", help="With --from-cam: only the findings the model called positive.")] = False,
     model: Annotated[str | None, typer.Option("--model", "-m", help="With --from-cam: only this model's maps (its name or id), when several explained the studies.")] = None,
+    include_off_chest: Annotated[bool, typer.Option("--include-off-chest", help="With --from-cam: also measure regions off the chest, and those of maps explain marked as lying outside it (left out by default, with a count).")] = False,
     params: Annotated[Path | None, typer.Option("--params", help="PyRadiomics parameter file (YAML); default: cxrtool's 2D set.")] = None,
     classes: Annotated[str | None, typer.Option("--classes", help="Only these feature classes, e.g. firstorder,shape2D,glcm.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output CSV (default: cxrtool_radiomics.csv beside the inputs).")] = None,
@@ -70,10 +71,18 @@ def radiomics(
         if not inputs and explanations is None:
             fail("give studies (with --from-cam for explain's regions), --explanations DIR, or --masks CSV")
         studies = list(find_studies(inputs or []))
-        if (positive_only or model) and not from_cam:
-            fail("--positive-only and --model go with --from-cam")
+        if (positive_only or model or include_off_chest) and not from_cam:
+            fail("--positive-only, --model and --include-off-chest go with --from-cam")
         if from_cam:
-            jobs, unexplained = jobs_from_cam(studies, positive_only=positive_only, explanations=explanations, model=model)
+            jobs, unexplained, skipped = jobs_from_cam(studies, positive_only=positive_only, explanations=explanations,
+                                                       model=model, include_off_chest=include_off_chest)
+            if skipped:
+                reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.items())
+                left_out = (f"{sum(skipped.values())} CAM regions left out as not evidence on the chest ({reasons}); "
+                            "--include-off-chest measures them too")
+                if not jobs:
+                    fail(f"no regions to measure: {left_out}", EXIT_USAGE)
+                note(left_out)
             if unexplained:
                 warn(f"{len(unexplained)} studies have no explanations (run cxrtool explain first, and give its --out "
                      f"folder with --explanations), or changed since they were explained, e.g. {unexplained[0]}")

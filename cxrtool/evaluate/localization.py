@@ -6,6 +6,12 @@ for that finding overlaps a true box by IoU > T (intersection over union) or by 
 (intersection over the *predicted* box's area), T = 0.1 ... 0.7. And the pointing game
 (Zhang et al., 2016): a hit when the map's peak lies inside a true box, optionally within a
 tolerance in pixels. Pairs that explain did not map count as misses, and are counted.
+
+Beside them, what tells a map that points at the finding from one that points at the film:
+the share of peaks in the film's border band (its outer tenth on every side, 36% of the
+area) against that area share, the maps explain marked as lying outside the chest, and,
+where explain measured it (``--faithfulness``), the mean deletion/insertion score. The
+pointing game and the faithfulness score come with bootstrap 95% intervals over the pairs.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cxrtool.data.labels import read_boxes
+from cxrtool.explain.faithfulness import BORDER_FRACTION, border_band_share, in_border_band
 from cxrtool.io.outputs import atomic_write, sidecar_path, write_json
 
 OVERLAP_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -61,12 +70,23 @@ class LocalizationMetrics:
     iou_hits: dict[float, int] = field(default_factory=lambda: dict.fromkeys(OVERLAP_THRESHOLDS, 0))
     iobb_hits: dict[float, int] = field(default_factory=lambda: dict.fromkeys(OVERLAP_THRESHOLDS, 0))
     pointing_hits: int = 0
+    hits: list[bool] = field(default_factory=list)  # pointing, per pair (misses included): for the intervals
+    in_band: list[bool] = field(default_factory=list)  # per mapped pair with a peak: in the border band
+    outside_chest: int = 0  # mapped pairs whose map explain marked as lying outside the chest
+    faithfulness: list[float] = field(default_factory=list)  # per mapped pair that has it: insertion - deletion AUC
 
-    def add(self, truth: list[BoxXYWH], entry: dict[str, Any] | None, tolerance: float) -> None:
+    def add(self, truth: list[BoxXYWH], entry: dict[str, Any] | None, tolerance: float,
+            image_size: Sequence[int] | None = None) -> None:
         self.pairs += 1
         if entry is None:
+            self.hits.append(False)
             return
         self.mapped += 1
+        if (entry.get("trust") or {}).get("outside_chest"):
+            self.outside_chest += 1
+        score = (entry.get("faithfulness") or {}).get("score")
+        if score is not None:
+            self.faithfulness.append(float(score))
         predicted = [region["box"] for region in entry.get("regions", [])]
         best_iou = max((iou(p, t) for p in predicted for t in truth), default=0.0)
         best_iobb = max((iobb(p, t) for p in predicted for t in truth), default=0.0)
@@ -74,13 +94,20 @@ class LocalizationMetrics:
             self.iou_hits[threshold] += best_iou > threshold
             self.iobb_hits[threshold] += best_iobb > threshold
         peak = entry.get("peak")
-        if peak is not None and any(inside(peak, t, tolerance) for t in truth):
-            self.pointing_hits += 1
+        hit = peak is not None and any(inside(peak, t, tolerance) for t in truth)
+        self.pointing_hits += hit
+        self.hits.append(hit)
+        if peak is not None and image_size:
+            self.in_band.append(in_border_band(peak, (int(image_size[0]), int(image_size[1]))))
 
     def merge(self, other: LocalizationMetrics) -> None:
         self.pairs += other.pairs
         self.mapped += other.mapped
         self.pointing_hits += other.pointing_hits
+        self.hits += other.hits
+        self.in_band += other.in_band
+        self.outside_chest += other.outside_chest
+        self.faithfulness += other.faithfulness
         for threshold in OVERLAP_THRESHOLDS:
             self.iou_hits[threshold] += other.iou_hits[threshold]
             self.iobb_hits[threshold] += other.iobb_hits[threshold]
@@ -92,15 +119,48 @@ class LocalizationMetrics:
     def pointing(self) -> float:
         return self.rate(self.pointing_hits)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    @property
+    def border_band(self) -> float:
+        """The share of the peaks that lie in the film's border band."""
+        return float(np.mean(self.in_band)) if self.in_band else float("nan")
+
+    @property
+    def mean_faithfulness(self) -> float:
+        return float(np.mean(self.faithfulness)) if self.faithfulness else float("nan")
+
+    def to_dict(self, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+        out = {
             "finding": self.finding,
             "pairs": self.pairs,
             "mapped": self.mapped,
             "pointing_game": _round(self.pointing),
+            "pointing_game_ci95": _interval(self.hits, n_boot, seed),
             "iou_accuracy": {str(t): _round(self.rate(h)) for t, h in self.iou_hits.items()},
             "iobb_accuracy": {str(t): _round(self.rate(h)) for t, h in self.iobb_hits.items()},
+            "peaks_in_border_band": _round(self.border_band),
+            "outside_chest": self.outside_chest,
         }
+        if self.faithfulness:
+            out["faithfulness"] = _round(self.mean_faithfulness)
+            out["faithfulness_ci95"] = _interval(self.faithfulness, n_boot, seed)
+            out["faithfulness_maps"] = len(self.faithfulness)
+        return out
+
+
+def bootstrap_interval(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+    """A percentile bootstrap 95% interval of the mean (None for fewer than two values)."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.size < 2 or n_boot < 1:
+        return None
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(n_boot, data.size))].mean(axis=1)
+    low, high = np.percentile(means, (2.5, 97.5))
+    return float(low), float(high)
+
+
+def _interval(values: Sequence[float], n_boot: int, seed: int) -> list[float] | None:
+    found = bootstrap_interval(values, n_boot, seed)
+    return None if found is None else [round(found[0], 4), round(found[1], 4)]
 
 
 def _round(value: float) -> float | None:
@@ -114,24 +174,42 @@ class LocalizationReport:
     tolerance: float
     studies: int  # explained studies found
     unmatched_boxes: int  # true boxes whose image has no explained study
+    all_maps: dict[str, LocalizationMetrics] = field(default_factory=dict)  # every map drawn, boxed or not: border band
+    n_boot: int = 1000
+    seed: int = 0
     paths: dict[str, Path] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        every = LocalizationMetrics("all maps")
+        for metrics in self.all_maps.values():
+            every.merge(metrics)
         return {
-            "protocol": "ChestX-ray14 IoU/IoBB accuracy at T (correct when > T); pointing game on the map's peak",
+            "protocol": "ChestX-ray14 IoU/IoBB accuracy at T (correct when > T); pointing game on the map's peak; "
+                        f"border band: the film's outer {BORDER_FRACTION:.0%} on every side; bootstrap 95% intervals "
+                        "over the (image, finding) pairs",
             "pointing_tolerance_px": self.tolerance,
             "explained_studies": self.studies,
             "boxes_without_study": self.unmatched_boxes,
-            "overall": self.overall.to_dict(),
-            "findings": [m.to_dict() for m in self.findings.values()],
+            "border_band_area_share": round(border_band_share(), 4),
+            "overall": self.overall.to_dict(self.n_boot, self.seed),
+            "findings": [m.to_dict(self.n_boot, self.seed) for m in self.findings.values()],
+            "all_maps": {
+                "maps": len(every.in_band),
+                "peaks_in_border_band": _round(every.border_band),
+                "outside_chest": every.outside_chest,
+                "findings": {name: {"maps": len(m.in_band), "peaks_in_border_band": _round(m.border_band),
+                                    "outside_chest": m.outside_chest} for name, m in self.all_maps.items()},
+            },
         }
 
 
 def read_explanations(
-    predictions: str | os.PathLike | Sequence[str | os.PathLike], model: str | None = None
+    predictions: str | os.PathLike | Sequence[str | os.PathLike], model: str | None = None,
+    sizes: dict[str, list[int]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Study path -> explained findings of one model, from the sidecars of the studies the
-    predictions tables list (a CSV, a folder searched for them, or several).
+    predictions tables list (a CSV, a folder searched for them, or several); ``sizes``, when
+    given, is filled with each study's image size (rows, columns).
 
     Studies never explained by that model are left out. ``model`` (a checkpoint, a name
     or an id) chooses among several models, as in :func:`cxrtool.evaluate.evaluate`.
@@ -152,6 +230,8 @@ def read_explanations(
         for result in results:
             if result is not None and result.explanations is not None:
                 found[str(path)] = result.explanations.get("findings", {})
+                if sizes is not None and sidecar.image_size:
+                    sizes[str(path)] = list(sidecar.image_size)
                 break
     return found
 
@@ -163,6 +243,8 @@ def evaluate_localization(
     tolerance: float = 0.0,
     out_dir: str | os.PathLike | None = None,
     model: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> LocalizationReport:
     """Score explain's boxes and map peaks against true boxes (NIH or generic box CSV).
 
@@ -173,7 +255,8 @@ def evaluate_localization(
     Raises:
         ValueError: when no explained study matches any box's image.
     """
-    explained = read_explanations(predictions_csv, model)
+    sizes: dict[str, list[int]] = {}
+    explained = read_explanations(predictions_csv, model, sizes)
     where = predictions_csv if isinstance(predictions_csv, (str, os.PathLike)) else ", ".join(map(str, predictions_csv))
     if not explained:
         raise ValueError(f"no explained studies in {where}: run cxrtool explain on that folder first")
@@ -197,11 +280,16 @@ def evaluate_localization(
     findings: dict[str, LocalizationMetrics] = {}
     for (name, finding), boxes in sorted(truth.items(), key=lambda item: (item[0][1], item[0][0])):
         metrics = findings.setdefault(finding, LocalizationMetrics(finding))
-        metrics.add(boxes, explained[name].get(finding), tolerance)
+        metrics.add(boxes, explained[name].get(finding), tolerance, sizes.get(name))
     overall = LocalizationMetrics("overall")
     for metrics in findings.values():
         overall.merge(metrics)
-    report = LocalizationReport(findings, overall, tolerance, len(explained), unmatched)
+    all_maps: dict[str, LocalizationMetrics] = {}
+    for name, entries in explained.items():
+        for finding, entry in sorted(entries.items()):
+            all_maps.setdefault(finding, LocalizationMetrics(finding)).add([], entry, tolerance, sizes.get(name))
+    report = LocalizationReport(findings, overall, tolerance, len(explained), unmatched, dict(sorted(all_maps.items())),
+                                n_boot=n_boot, seed=seed)
     first = Path(predictions_csv if isinstance(predictions_csv, (str, os.PathLike)) else predictions_csv[0])
     folder = Path(out_dir) if out_dir is not None else (first if first.is_dir() else first.parent)
     folder.mkdir(parents=True, exist_ok=True)
@@ -213,35 +301,51 @@ def evaluate_localization(
 def _write_csv(path: Path, report: LocalizationReport) -> Path:
     header = ["finding", "pairs", "mapped", "pointing_game"]
     header += [f"iou_{t}" for t in OVERLAP_THRESHOLDS] + [f"iobb_{t}" for t in OVERLAP_THRESHOLDS]
+    # after the first release's columns, so scripts that read those by position keep working
+    header += ["pointing_low", "pointing_high", "border_band", "outside_chest", "faithfulness"]
     with atomic_write(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for metrics in [*report.findings.values(), report.overall]:
-            row = metrics.to_dict()
+            row = metrics.to_dict(report.n_boot, report.seed)
+            low, high = row["pointing_game_ci95"] or (None, None)
             writer.writerow([metrics.finding, metrics.pairs, metrics.mapped, row["pointing_game"],
-                             *row["iou_accuracy"].values(), *row["iobb_accuracy"].values()])
+                             *row["iou_accuracy"].values(), *row["iobb_accuracy"].values(),
+                             low, high, row["peaks_in_border_band"], row["outside_chest"], row.get("faithfulness")])
     return path
 
 
 def render_localization(report: LocalizationReport, thresholds: Iterable[float] = (0.1, 0.5)) -> Any:
-    """A rich table (fits 80 columns): pairs, pointing game, IoU/IoBB accuracy at two thresholds;
-    every threshold is in localization.json and .csv."""
+    """A rich table (fits 80 columns): pairs, pointing game with its 95% interval, the share of
+    peaks in the border band, IoU/IoBB accuracy at two thresholds, and the faithfulness score
+    where explain measured it; every threshold is in localization.json and .csv."""
     from rich import box
     from rich.table import Table
 
     thresholds = list(thresholds)
-    table = Table(title=f"localization ({report.studies} explained studies; IoU/IoBB: accuracy at > T)",
+    faithful = any(m.faithfulness for m in report.findings.values())
+    table = Table(title=f"localization ({report.studies} explained studies; IoU/IoBB: accuracy at > T; band: peaks in "
+                        f"the film's outer {BORDER_FRACTION:.0%}, {border_band_share():.0%} of its area)",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("finding", no_wrap=True, min_width=11)
-    for header in ("pairs", "mapped", "pointing"):
-        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
+    table.add_column("pairs", justify="right", no_wrap=True)
+    table.add_column("pointing [95% CI]", justify="right", no_wrap=True)
+    table.add_column("band", justify="right", no_wrap=True)
     for kind in ("IoU", "IoBB"):
         for t in thresholds:
             table.add_column(f"{kind} {t}", justify="right", no_wrap=True, min_width=len(kind) + 4)
+    if faithful:
+        table.add_column("faith.", justify="right", no_wrap=True)
+
+    def number(value: float) -> str:
+        return "n/a" if value != value else f"{value:.2f}"
 
     def cells(m: LocalizationMetrics) -> list[str]:
-        values = [m.pointing] + [m.rate(m.iou_hits[t]) for t in thresholds] + [m.rate(m.iobb_hits[t]) for t in thresholds]
-        return [m.finding, str(m.pairs), str(m.mapped), *("n/a" if v != v else f"{v:.2f}" for v in values)]
+        interval = bootstrap_interval(m.hits, report.n_boot, report.seed)
+        pointing = number(m.pointing) + (f" [{interval[0]:.2f}-{interval[1]:.2f}]" if interval else "")
+        values = [m.rate(m.iou_hits[t]) for t in thresholds] + [m.rate(m.iobb_hits[t]) for t in thresholds]
+        row = [m.finding, str(m.pairs), pointing, number(m.border_band), *map(number, values)]
+        return row + [number(m.mean_faithfulness)] if faithful else row
 
     for metrics in report.findings.values():
         table.add_row(*cells(metrics))

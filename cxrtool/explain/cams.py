@@ -44,7 +44,7 @@ from pytorch_grad_cam import (  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from cxrtool.errors import UsageError  # noqa: E402
-from cxrtool.registry import ATTENTION_METHOD, CAM_METHOD_LABELS, DEFAULT_CAM_METHOD  # noqa: E402
+from cxrtool.registry import ATTENTION_METHOD, CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, OCCLUSION_METHOD  # noqa: E402
 
 CAM_METHODS = {
     "gradcam": GradCAM,
@@ -71,8 +71,9 @@ def layer_choices(network: torch.nn.Module, limit: int = 12) -> list[str]:
     return names[:limit]
 
 
-def resolve_layer(network: torch.nn.Module, name: str | None) -> tuple[str, torch.nn.Module]:
-    """The target layer by module name (``get_submodule``), defaulting to the card's record."""
+def resolve_layer(network: torch.nn.Module, name: str | None) -> tuple[str, list[torch.nn.Module]]:
+    """The target layer(s) by module name (``get_submodule``), defaulting to the card's
+    record; ``a+b`` names several, whose maps are fused (:class:`CamEngine`)."""
     if not name:
         name = getattr(network, "cam_layer", None)
         if not name:
@@ -81,12 +82,22 @@ def resolve_layer(network: torch.nn.Module, name: str | None) -> tuple[str, torc
                 f"{architecture} has no known CAM layer; pass --layer with a module name, e.g. "
                 + ", ".join(layer_choices(network))
             )
-    try:
-        return name, network.get_submodule(name)
-    except AttributeError:
-        raise ExplainUsageError(
-            f"no layer {name!r} in this model; choose a module name such as " + ", ".join(layer_choices(network))
-        ) from None
+    names = [part.strip() for part in name.split("+")]
+    if not all(names) or len(set(names)) != len(names):
+        raise ExplainUsageError(f"--layer {name!r}: name each module once, several joined by '+' "
+                                "(e.g. backbone.layer3+backbone.layer4)")
+    modules = []
+    for part in names:
+        try:
+            modules.append(network.get_submodule(part))
+        except AttributeError:
+            raise ExplainUsageError(
+                f"no layer {part!r} in this model; choose a module name such as " + ", ".join(layer_choices(network))
+            ) from None
+    # in the order the forward pass meets them (the order of registration, for the backbones here)
+    rank = {module: k for k, (_, module) in enumerate(network.named_modules())}
+    ordered = sorted(zip(names, modules, strict=True), key=lambda pair: rank[pair[1]])
+    return "+".join(n for n, _ in ordered), [m for _, m in ordered]
 
 
 def _graph_starts_here(module, inputs, output):
@@ -122,15 +133,16 @@ class CamEngine:
             raise ExplainUsageError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHOD_LABELS)}")
         self.method = method
         self.network = network.eval().requires_grad_(False)
-        self.layer_name, self.layer = resolve_layer(network, layer)
+        self.layer_name, self.layers = resolve_layer(network, layer)
         self._handles = []
         cam_class = CAM_METHODS[method]
-        self.cam = cam_class(model=self.network, target_layers=[self.layer])
+        self.cam = cam_class(model=self.network, target_layers=self.layers)
         self.uses_gradients = bool(self.cam.uses_gradients)
         if self.uses_gradients:
             # prepend: must run before the package's own hooks, which attach the gradient
-            # hook to the layer's output.
-            self._handles.append(self.layer.register_forward_hook(_graph_starts_here, prepend=True))
+            # hook to the layer's output. Only on the first layer the forward pass meets,
+            # so the gradients of the later ones still flow back to it.
+            self._handles.append(self.layers[0].register_forward_hook(_graph_starts_here, prepend=True))
 
     def __enter__(self) -> CamEngine:
         return self
@@ -159,39 +171,58 @@ class CamEngine:
         probabilities = torch.sigmoid(outputs.detach().float()).cpu().numpy().astype(np.float64)
         if callable(wanted):
             wanted = wanted(probabilities)
-        activations = recorder.activations[0].numpy()
+        activations = [a.numpy() for a in recorder.activations]  # one per layer, in forward order
         maps: dict[tuple[int, int], np.ndarray] = {}
         findings = sorted({f for per_image in wanted for f in per_image})
-        target_free: np.ndarray | None = None
+        target_free: list[np.ndarray | None] = [None] * len(self.layers)
         for index, finding in enumerate(findings):
             rows = [i for i, per_image in enumerate(wanted) if finding in per_image]
             targets = [ClassifierOutputTarget(finding) for _ in rows]
-            gradients = None
+            gradients: list[np.ndarray | None] = [None] * len(self.layers)
             if self.uses_gradients:
                 recorder.gradients = []
                 score = outputs[:, finding].sum()  # images are independent: one pass, every image's gradient
                 score.backward(retain_graph=index < len(findings) - 1)
-                gradients = recorder.gradients[0].numpy()[rows]
-            if self.method == "eigencam":
-                # The first principal component of the activations: the same for every finding.
-                if target_free is None:
-                    target_free = self._cam_image(batch, targets, activations, None)
-                raw = target_free[rows]
-            else:
-                raw = self._cam_image(batch[rows], targets, activations[rows], gradients)
-            for row, cam in zip(rows, raw, strict=True):
-                maps[(row, finding)] = _upsample(cam, size)
+                gradients = [g.numpy()[rows] for g in recorder.gradients]
+            per_layer = []
+            for k, layer in enumerate(self.layers):
+                if self.method == "eigencam":
+                    # The first principal component of the activations: the same for every finding.
+                    if target_free[k] is None:
+                        target_free[k] = self._cam_image(batch, layer, targets, activations[k], None)
+                    raw = target_free[k][rows]
+                else:
+                    raw = self._cam_image(batch[rows], layer, targets, activations[k][rows], gradients[k])
+                per_layer.append([_upsample(cam, size) for cam in raw])
+            for j, row in enumerate(rows):
+                maps[(row, finding)] = fuse([layer_maps[j] for layer_maps in per_layer])
         recorder.activations.clear()
         recorder.gradients = []
         return BatchMaps(probabilities, maps)
 
-    def _cam_image(self, inputs, targets, activations, gradients) -> np.ndarray:
+    def _cam_image(self, inputs, layer, targets, activations, gradients) -> np.ndarray:
         # ScoreCAM and AblationCAM draw tqdm bars of their own; keep the terminal ours.
         quiet = contextlib.redirect_stderr(io.StringIO()) if self.method in ("scorecam", "ablationcam") else contextlib.nullcontext()
         with quiet:
-            cam = self.cam.get_cam_image(inputs, self.layer, targets, activations, gradients, eigen_smooth=False)
+            cam = self.cam.get_cam_image(inputs, layer, targets, activations, gradients, eigen_smooth=False)
         cam = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         return np.maximum(cam, 0.0)
+
+
+def fuse(maps: Sequence[np.ndarray]) -> np.ndarray:
+    """One map from the same finding's maps at several layers (on the input grid): each
+    divided by its own peak, then averaged, as LayerCAM's authors fuse layers (Jiang et al.,
+    2021), so a fine early layer and a coarse late one count alike. One map is returned as it
+    is (raw units); a layer whose map is zero everywhere adds nothing, and a fusion of maps
+    that are all zero stays zero (no evidence)."""
+    if len(maps) == 1:
+        return maps[0]
+    total = np.zeros_like(maps[0])
+    for cam in maps:
+        peak = float(cam.max()) if cam.size else 0.0
+        if peak > 0:
+            total += cam / peak
+    return total / len(maps)
 
 
 def _upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -244,8 +275,85 @@ class AttentionEngine:
         return BatchMaps(probabilities, maps)
 
 
+class OcclusionEngine:
+    """The ``occlusion`` map method (Zeiler and Fergus, 2014): a square patch slides over the
+    input, is filled from a heavily blurred copy of the image (the evidence taken out, the
+    exposure kept: :func:`cxrtool.explain.faithfulness.removed_canvas`), and each pixel's
+    value is the mean fall of the finding's logit over the patches that covered it, where
+    positive. No gradients and no layer: it asks the model itself which parts it needs, so
+    it is faithful by construction and costs one forward pass per patch position (121 at
+    the default size on a 96 px input). Same interface as :class:`CamEngine`.
+    """
+
+    method = OCCLUSION_METHOD
+    uses_gradients = False
+
+    def __init__(self, network: torch.nn.Module, layer: str | None = None, *, patch_fraction: float = 1 / 6,
+                 chunk: int = 128) -> None:
+        if layer:
+            raise ExplainUsageError(f"--cam {OCCLUSION_METHOD} perturbs the input: it takes no --layer")
+        self.network = network.eval()
+        self.layer_name = "input"
+        self.patch_fraction = patch_fraction
+        self.chunk = chunk
+
+    def __enter__(self) -> OcclusionEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def positions(self, size: int) -> tuple[int, list[tuple[int, int]]]:
+        """The patch side and its top-left corners: half a patch apart, the last flush with the edge."""
+        patch = max(2, round(size * self.patch_fraction))
+        stride = max(1, patch // 2)
+        starts = sorted(set(range(0, size - patch + 1, stride)) | {size - patch})
+        return patch, [(y, x) for y in starts for x in starts]
+
+    def __call__(self, batch: torch.Tensor, wanted: Wanted) -> BatchMaps:
+        from cxrtool.explain.faithfulness import removed_canvas
+
+        size = batch.shape[-1]
+        with torch.no_grad():
+            base = self.network(batch).float()
+        probabilities = torch.sigmoid(base).cpu().numpy().astype(np.float64)
+        if callable(wanted):
+            wanted = wanted(probabilities)
+        patch, corners = self.positions(size)
+        cover = np.zeros((size, size), dtype=np.float32)
+        for y, x in corners:
+            cover[y:y + patch, x:x + patch] += 1
+        maps: dict[tuple[int, int], np.ndarray] = {}
+        images = batch.detach().float().cpu().numpy()
+        for row, findings in enumerate(wanted):
+            if not findings:
+                continue
+            image = images[row, 0]
+            canvas = removed_canvas(image)
+            drops = np.empty((len(corners), base.shape[1]), dtype=np.float32)
+            for start in range(0, len(corners), self.chunk):
+                part = corners[start:start + self.chunk]
+                copies = np.repeat(image[None], len(part), axis=0)
+                for k, (y, x) in enumerate(part):
+                    copies[k, y:y + patch, x:x + patch] = canvas[y:y + patch, x:x + patch]
+                tensor = torch.from_numpy(copies[:, None]).to(batch.device, batch.dtype).contiguous(memory_format=torch.channels_last)
+                with torch.no_grad():
+                    drops[start:start + len(part)] = (base[row][None] - self.network(tensor).float()).cpu().numpy()
+            for finding in findings:
+                total = np.zeros((size, size), dtype=np.float32)
+                for k, (y, x) in enumerate(corners):
+                    total[y:y + patch, x:x + patch] += drops[k, finding]
+                maps[(row, finding)] = np.maximum(total / cover, 0.0)
+        return BatchMaps(probabilities, maps)
+
+
 def make_engine(network: torch.nn.Module, method: str = DEFAULT_CAM_METHOD, layer: str | None = None):
-    """The engine of a map method: a grad-cam CAM, or the head's attention."""
+    """The engine of a map method: a grad-cam CAM, the head's attention, or occlusion."""
     if method == ATTENTION_METHOD:
         return AttentionEngine(network, layer)
+    if method == OCCLUSION_METHOD:
+        return OcclusionEngine(network, layer)
     return CamEngine(network, method, layer)

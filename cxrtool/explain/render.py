@@ -16,8 +16,10 @@ from cxrtool.registry import CAM_METHOD_LABELS
 CONTACT_SHEET = "cxrtool_explain.html"
 
 
-def overlay(display: np.ndarray, cam: np.ndarray, caption: str, boxes: list[list[int]], scale: float) -> np.ndarray:
-    """The heatmap on the radiograph (RGB uint8), the regions' boxes and a caption on top.
+def overlay(display: np.ndarray, cam: np.ndarray, caption: str, boxes: list[list[int]], scale: float, *,
+            warning: str | None = None) -> np.ndarray:
+    """The heatmap on the radiograph (RGB uint8), the regions' boxes and a caption on top;
+    a ``warning`` (a map that cannot be trusted) on a red band at the bottom.
 
     Args:
         display: the radiograph as uint8 (h, w), already at picture size.
@@ -39,6 +41,12 @@ def overlay(display: np.ndarray, cam: np.ndarray, caption: str, boxes: list[list
     band = text_h + baseline + 2 * thickness + 4
     picture[:band] = (picture[:band] * 0.35).astype(np.uint8)
     cv2.putText(picture, caption, (4, band - baseline - 2), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), 1, cv2.LINE_AA)
+    if warning:
+        (width, _), _ = cv2.getTextSize(warning, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        small = font_scale * min(1.0, (picture.shape[1] - 8) / max(width, 1))  # the whole reason fits the width
+        picture[-band:] = (picture[-band:] * 0.3 + np.array([140, 0, 0]) * 0.7).astype(np.uint8)
+        cv2.putText(picture, warning, (4, picture.shape[0] - baseline - 2), cv2.FONT_HERSHEY_SIMPLEX, small,
+                    (255, 255, 255), 1, cv2.LINE_AA)
     return picture
 
 
@@ -79,8 +87,11 @@ def contact_sheet(folder: Path) -> Path | None:
             overlay_file = entry.get("files", {}).get("overlay")
             if overlay_file:
                 link = html.escape(overlay_file, quote=True)
+                trust = entry.get("trust", {})
+                doubt = (f" <span class='doubt' title='{html.escape(trust.get('reason', ''), quote=True)}'>"
+                         "not on the chest</span>") if trust.get("outside_chest") else ""
                 pictures.append(f"<figure><a href='{link}'><img src='{link}' loading='lazy' alt='{html.escape(name)}'></a>"
-                                f"<figcaption>{html.escape(name)}</figcaption></figure>")
+                                f"<figcaption>{html.escape(name)}{doubt}</figcaption></figure>")
             else:
                 pictures.append(f"<figure class='empty'><div>{html.escape(entry.get('note', 'no map'))}</div>"
                                 f"<figcaption>{html.escape(name)}</figcaption></figure>")
@@ -107,7 +118,7 @@ li.pos {{ color: #ffb347; font-weight: bold; }} li.neg {{ color: #888; }}
 figure {{ margin: 0; }} img {{ width: 256px; display: block; }}
 figure.empty div {{ width: 256px; height: 64px; display: flex; align-items: center; justify-content: center;
                    background: #222; color: #888; font-size: .8em; }}
-figcaption {{ font-size: .8em; text-align: center; }}
+figcaption {{ font-size: .8em; text-align: center; }} .doubt {{ color: #ff6b6b; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{len({sidecar.file for sidecar, _ in studies})} studies explained by {html.escape(', '.join(models))}.

@@ -14,7 +14,9 @@ a class activation map from the grad-cam package, written as
   radiograph's resolution, pixel value k for region k (strongest first), 0 outside;
 - in the sidecar ``NAME.cxrtool.json``, in the model's result: ``explanations``, with each
   region's box ``[x, y, w, h]`` in original pixels (and millimetres), peak and mean
-  activation, and the map's peak point;
+  activation, the map's peak point, and ``trust``: whether the map's peak and most of its
+  weight lie on the chest (:mod:`cxrtool.explain.chest`; ``outside_chest`` and a reason
+  when not, also written on the overlay);
 
 (the model id, the first digits of the checkpoint's SHA-256, keeps the pictures of two
 models of the same study apart)
@@ -36,12 +38,13 @@ import numpy as np
 
 from cxrtool._runner import ProgressCallback, ResultCallback, RunContext, RunSummary, run_studies
 from cxrtool.errors import UsageError
+from cxrtool.explain.chest import NO_CHEST, ChestMask, chest_mask, judge_map, region_chest_shares
 from cxrtool.explain.regions import find_regions, parse_threshold, peak_point, to_original
 from cxrtool.explain.render import contact_sheet, overlay, write_png
 from cxrtool.io.outputs import atomic_write
 from cxrtool.io.records import StudyFailure, store_result
 from cxrtool.predict import PREDICT_SETTINGS
-from cxrtool.registry import ATTENTION_METHOD, CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS
+from cxrtool.registry import ATTENTION_METHOD, CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS, OCCLUSION_METHOD
 
 METHOD_LABELS = CAM_METHOD_LABELS  # the name the first release exported
 
@@ -58,6 +61,9 @@ class ExplainSettings:
         threshold: fraction of a map's peak, or "otsu", for the regions.
         map_format: "png" (16-bit) or "npy" (raw float32).
         display_size: longest side of the overlay pictures, in pixels.
+        faithfulness: also measure each map's deletion and insertion curves with the model
+            (:mod:`cxrtool.explain.faithfulness`; 34 more forward passes a map) and record
+            them in the sidecar, for ``evaluate --boxes``.
     """
 
     method: str = DEFAULT_CAM_METHOD
@@ -66,6 +72,7 @@ class ExplainSettings:
     threshold: float | str = 0.5
     map_format: str = "png"
     display_size: int = 512
+    faithfulness: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in CAM_METHOD_LABELS:
@@ -82,6 +89,8 @@ class ExplainSettings:
     def request(self) -> dict[str, Any]:
         values = asdict(self)
         values["findings"] = list(self.findings) if self.findings is not None else "positive"
+        if not self.faithfulness:
+            del values["faithfulness"]  # the records of runs without it stay "already done"
         return values
 
 
@@ -158,12 +167,33 @@ class ExplainChunk:
 
         result = engine(batch, choose)
         scored = self.scorer.score_from(result.probabilities)
+        measured = self._faithfulness(batch, result.maps) if self.settings.faithfulness else {}
         jobs = []
         for row, item in enumerate(decoded):
             geometry = item["geometry"][key]
-            maps = {self.scorer.findings[f]: (result.maps.pop((row, f)), geometry, None) for f in wanted[row]}
+            maps = {self.scorer.findings[f]: (result.maps.pop((row, f)), geometry,
+                                              {"faithfulness": measured[(row, f)]} if (row, f) in measured else None)
+                    for f in wanted[row]}
             jobs.append((item, scored[row], maps, engine.layer_name))
         return jobs
+
+    def _faithfulness(self, batch, maps: dict[tuple[int, int], np.ndarray]) -> dict[tuple[int, int], dict]:
+        """Each map's deletion and insertion scores with the checkpoint itself, on the input grid."""
+        import torch
+
+        from cxrtool.explain.faithfulness import faithfulness
+
+        network = self.scorer.network
+
+        def score_of(finding: int):
+            def score(images: np.ndarray) -> np.ndarray:
+                tensor = torch.from_numpy(images[:, None]).to(batch.device, batch.dtype)
+                with torch.no_grad():
+                    return torch.sigmoid(network(tensor)[:, finding].float()).cpu().numpy()
+            return score
+
+        inputs = batch.detach().float().cpu().numpy()[:, 0]
+        return {(row, f): faithfulness(score_of(f), inputs[row], cam) for (row, f), cam in maps.items() if cam.max() > 0}
 
     def _bundle_jobs(self, decoded: list[dict[str, Any]]) -> list[tuple]:
         """The bundle's scores, then each route member's maps of what is asked that it has."""
@@ -205,7 +235,8 @@ class ExplainChunk:
         jobs = []
         for i, item in enumerate(decoded):
             del item["tensors"]
-            maps = {name: (total / len(peaks[i][name]), None, peaks[i][name]) for name, total in sums[i].items()}
+            # each member's raw peak; the map averages their scaled maps
+            maps = {name: (total / len(peaks[i][name]), None, {"members": peaks[i][name]}) for name, total in sums[i].items()}
             used = dict.fromkeys(member for by_member in peaks[i].values() for member in by_member)
             jobs.append((item, scored[i], maps, {member: layers[member] for member in used}))
         return jobs
@@ -224,7 +255,8 @@ class ExplainChunk:
     def _finish(self, item: dict, scored, maps: dict[str, tuple], layer) -> None:
         """One study's record, maps, masks, overlays and sidecar. ``maps``: finding -> (its
         map, the geometry that takes it from the input grid to the study's pixel grid or
-        None when it is there already, and for a bundle each member's peak)."""
+        None when it is there already, and what else its record holds, or None: for a
+        bundle each member's peak, with --faithfulness the map's scores)."""
         context = self.context
         path = context.paths[item["index"]]
         folder = context.folders[item["index"]]
@@ -235,11 +267,11 @@ class ExplainChunk:
             item["error"] = str(failure)
             return
         explained: dict[str, Any] = {}
-        for name, (cam, geometry, members) in maps.items():
+        chest = chest_mask(display) if maps and display is not None else NO_CHEST  # from the picture itself; once a study
+        for name, (cam, geometry, extra) in maps.items():
             cam = to_original(cam, geometry) if geometry is not None else cam
-            explained[name] = self._explain_one(path, folder, item, display, result.findings[name], name, cam)
-            if members is not None:
-                explained[name]["members"] = members  # each member's raw peak; the map averages their scaled maps
+            explained[name] = self._explain_one(path, folder, item, display, result.findings[name], name, cam, chest)
+            explained[name].update(extra or {})
         explanations: dict[str, Any] = {
             "method": self.settings.method,
             "layer": layer,
@@ -254,8 +286,9 @@ class ExplainChunk:
         item["sidecar"], item["stale"] = update.sidecar, len(update.stale)
 
     def _explain_one(self, path: Path, folder: Path, item: dict, display: np.ndarray, call, finding: str,
-                     cam: np.ndarray) -> dict:
-        """One finding's regions and files from its map on the study's pixel grid."""
+                     cam: np.ndarray, chest: ChestMask) -> dict:
+        """One finding's regions and files from its map on the study's pixel grid, and
+        whether the map lies on the chest (``trust``)."""
         settings = self.settings
         spacing = tuple(item["pixel_spacing"]) if item["pixel_spacing"] else None
         entry: dict[str, Any] = {"probability": call.probability, "positive": call.positive}
@@ -266,10 +299,14 @@ class ExplainChunk:
             return entry
         x, y = peak_point(cam)
         entry.update(map_max=round(peak, 6), peak=[x, y])
+        entry["trust"] = trust = judge_map(cam, chest.resized(cam.shape), (x, y))
         if spacing:
             entry["peak_mm"] = [round(x * spacing[1], 2), round(y * spacing[0], 2)]
         entry["threshold"] = round(regions.level, 4)
         entry["regions"] = [region.to_dict(spacing) for region in regions.regions]
+        if trust.get("chest") != "none":
+            for region, share in zip(entry["regions"], region_chest_shares(regions.labels, chest.resized(cam.shape)), strict=True):
+                region["chest_share"] = share
         if regions.dropped:
             entry["note"] = f"{regions.dropped} weakest regions beyond the first {len(regions.regions)} left out"
         stem = f"{path.name}.cxrtool.{self.context.model.id}.{file_slug(finding)}"
@@ -290,7 +327,8 @@ class ExplainChunk:
                    f"{CAM_METHOD_LABELS[settings.method]}")
         files["overlay"] = f"{stem}.overlay.png"
         boxes = [region["box"] for region in entry["regions"]]
-        write_png(folder / files["overlay"], overlay(display, small, caption, boxes, ratio))
+        warning = f"not on the chest: {trust['reason']}" if trust.get("outside_chest") else None
+        write_png(folder / files["overlay"], overlay(display, small, caption, boxes, ratio, warning=warning))
         entry["files"] = files
         return entry
 
@@ -326,7 +364,7 @@ def explain(
         >>> settings = ExplainSettings(method="gradcam", findings=("Effusion",))
         >>> summary = explain(["study/"], model="demo.safetensors", settings=settings)
     """
-    from cxrtool.explain.cams import AttentionEngine, ExplainUsageError, resolve_layer
+    from cxrtool.explain.cams import AttentionEngine, ExplainUsageError, OcclusionEngine, resolve_layer
 
     settings = settings or ExplainSettings()
 
@@ -339,6 +377,9 @@ def explain(
                 raise ExplainUsageError(f"the model has no finding {', '.join(map(repr, unknown))}; "
                                         f"its findings are: {', '.join(scorer.findings)}")
         bundle = getattr(scorer, "bundle", None)
+        if bundle is not None and settings.faithfulness:
+            raise ExplainUsageError("--faithfulness measures one network's maps with that network; a bundle's map averages "
+                                    "its members': explain a member's checkpoint to measure it")
         if bundle is not None and settings.layer is not None:
             raise ExplainUsageError("--layer names one network's module; a bundle's members are each mapped at "
                                     "their own known layer: leave --layer out")
@@ -347,6 +388,8 @@ def explain(
             try:
                 if settings.method == ATTENTION_METHOD:
                     AttentionEngine(network, settings.layer)  # refuses a head without attention, and --layer
+                elif settings.method == OCCLUSION_METHOD:
+                    OcclusionEngine(network, settings.layer)  # refuses --layer
                 else:
                     resolve_layer(network, settings.layer)
             except ExplainUsageError as error:

@@ -22,6 +22,7 @@ def build_model(card: ModelCard, *, source: str = "checkpoint"):
                               f"(it knows {', '.join(HEADS)}); upgrade cxrtool")
     try:
         return CXRClassifier(card.architecture, card.findings, output_stride=card.output_stride, head=card.head,
-                             head_settings=card.head_settings, text_dim=int((card.text or {}).get("dim", 0)))
+                             head_settings=card.head_settings, text_dim=int((card.text or {}).get("dim", 0)),
+                             padding=card.padding)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{source}: cannot build the card's network: {error}") from error

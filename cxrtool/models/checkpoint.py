@@ -43,6 +43,7 @@ class ModelCard:
     head: str = "linear"
     head_settings: dict[str, Any] = field(default_factory=dict)  # the head's constructor settings
     output_stride: int = 32
+    padding: str = "zeros"  # how the convolutions pad (registry.PADDINGS)
     thresholds: dict[str, float] = field(default_factory=dict)
     threshold_method: str = "f1"
     training: dict[str, Any] = field(default_factory=dict)

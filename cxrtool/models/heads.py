@@ -11,6 +11,7 @@ any checkpoint from its card alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -129,6 +130,52 @@ class LinearHead(Head):
                     self.bias[row] = state["bias"][source]
                     taken.append(finding)
         return taken
+
+
+@register_head
+class LSEHead(LinearHead):
+    """A score map per finding, pooled by log-sum-exp: where the logit comes from is a map.
+
+    Each finding's linear score is taken at every position of the feature grid (a 1x1
+    convolution with the linear head's weights), then pooled by
+    ``LSE_r(s) = log(mean(exp(r * s))) / r`` (Wang et al., ChestX-ray14, CVPR 2017; Pinheiro
+    and Collobert, 2015): r -> 0 is the average (the linear head), large r the maximum.
+    Under average pooling the network may spread a finding's logit over the whole film, a
+    constant offset on the film's edge included, and a class activation map then peaks
+    wherever that offset is largest; under LSE the logit rises only where the score map
+    does, so a negative film must keep every position low and the map's peak is the place
+    that made the call. Its Grad-CAM at the last stage is that score map (less the bias).
+
+    Gives ``attention``: each finding's pooling weights (softmax of ``r * s`` over the grid),
+    so ``--cam attention`` shows where the pool looked.
+    """
+
+    name = "lse"
+    gives = frozenset({"embedding", "attention"})
+
+    def __init__(self, width: int, findings: Sequence[str], r: float = 5.0) -> None:
+        super().__init__(width, findings)
+        if not r > 0:
+            raise ValueError(f"the LSE pooling's r must be positive, got {r}")
+        self.r = float(r)
+
+    def settings(self) -> dict[str, Any]:
+        return {"r": self.r}
+
+    @classmethod
+    def settings_from(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {"r": float(config.get("lse_r", 5.0))}
+
+    def score_map(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w): each finding's score at each position."""
+        return torch.einsum("bchw,kc->bkhw", feature_map.float(), self.weight.float()) + self.bias.float()[None, :, None, None]
+
+    def forward(self, feature_map: torch.Tensor, pooled: torch.Tensor) -> ModelOutput:
+        scores = self.score_map(feature_map).flatten(2)  # (B, K, hw)
+        positions = scores.shape[-1]
+        logits = (torch.logsumexp(self.r * scores, dim=-1) - math.log(positions)) / self.r
+        attention = torch.softmax(self.r * scores, dim=-1).reshape(scores.shape[0], scores.shape[1], *feature_map.shape[-2:])
+        return ModelOutput(logits=logits.to(feature_map.dtype), embedding=pooled, attention=attention)
 
 
 def _rows_by_finding(target: torch.Tensor, source: torch.Tensor, findings: Sequence[str], parent: Sequence[str]) -> list[str]:

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from cxrtool.models.heads import ModelOutput, build_head  # noqa: E402
-from cxrtool.registry import ARCHITECTURES, DEFAULT_HEAD  # noqa: E402
+from cxrtool.registry import ARCHITECTURES, DEFAULT_HEAD, PADDINGS  # noqa: E402
 
 
 class TextBranch(nn.Module):
@@ -75,6 +75,7 @@ class CXRClassifier(nn.Module):
         head: str = DEFAULT_HEAD,
         head_settings: Mapping[str, Any] | None = None,
         text_dim: int = 0,
+        padding: str = "zeros",
     ) -> None:
         super().__init__()
         if not findings:
@@ -85,6 +86,8 @@ class CXRClassifier(nn.Module):
             raise ValueError(f"unknown timm architecture {architecture!r}{hint}")
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
         self.architecture = architecture
         self.findings = tuple(findings)
         self.output_stride = output_stride
@@ -96,6 +99,8 @@ class CXRClassifier(nn.Module):
         self.backbone = timm.create_model(
             architecture, pretrained=pretrained, num_classes=0, in_chans=1, drop_rate=drop_rate, **extra
         )
+        self.padding = padding
+        set_padding(self.backbone, padding)
         # Some backbones (MobileNetV3) widen features after pooling: head_hidden_size.
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.head = build_head(head, width, self.findings, head_settings)
@@ -135,6 +140,25 @@ class CXRClassifier(nn.Module):
         """Module name of the CAM target layer, when the registry knows this backbone."""
         known = ARCHITECTURES.get(self.architecture)
         return f"backbone.{known.cam_layer}" if known else None
+
+
+def set_padding(module: nn.Module, padding: str) -> None:
+    """How every padded convolution of ``module`` extends its input past the edge.
+
+    ``zeros`` is timm's (and PyTorch's) default. ``replicate`` repeats the edge pixels: the
+    filters at the film's edge then see the film continued, not a black frame, and the
+    network cannot read its absolute position from the padding (Islam et al., "How much
+    position information do convolutional neural networks encode?", ICLR 2020). The
+    convolution keeps its padding amounts; only the mode changes, so the weights' shapes
+    and names are the same.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d) and any(p > 0 for p in _as_pair(layer.padding)):
+            layer.padding_mode = padding
+
+
+def _as_pair(padding) -> tuple[int, ...]:
+    return (padding, padding) if isinstance(padding, int) else tuple(padding) if not isinstance(padding, str) else (1,)
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -175,13 +176,23 @@ def _masks_beside(studies: list[Path]) -> dict[Path, Path]:
     return found
 
 
+class CamJobs(NamedTuple):
+    """What :func:`jobs_from_cam` found: the jobs, the studies without (valid)
+    explanations, and the count of regions left out for each reason."""
+
+    jobs: list[RegionJob]
+    unexplained: list[str]
+    skipped: dict[str, int]
+
+
 def jobs_from_cam(
     studies: Iterable[Path] = (),
     *,
     positive_only: bool = False,
     explanations: str | os.PathLike | None = None,
     model: str | None = None,
-) -> tuple[list[RegionJob], list[str]]:
+    include_off_chest: bool = False,
+) -> CamJobs:
     """One job per region of every finding ``cxrtool explain`` mapped (its mask
     ``NAME.cxrtool.<model id>.<Finding>.mask.png`` holds region k as pixel value k); with
     ``positive_only``, only of the findings the model called positive; with ``model`` (a
@@ -191,8 +202,13 @@ def jobs_from_cam(
     tree): each sidecar there says where its study is. With both, only those studies.
     A study whose file changed since it was explained has no valid explanations.
 
-    Returns the jobs, and the studies that had no (valid) explanations (for a note).
+    Regions that lie mostly off the chest, and those of a map whose peak or weight lies
+    outside it (explain's ``trust``), describe film edges, not findings: they are left out,
+    and counted by reason, unless ``include_off_chest``.
+
+    Returns the jobs, the studies that had no (valid) explanations, and the regions left out.
     """
+    from cxrtool.explain.chest import region_doubt
     from cxrtool.io.outputs import sidecar_path
     from cxrtool.io.records import iter_sidecars, read_sidecar
 
@@ -215,6 +231,7 @@ def jobs_from_cam(
             else:
                 found.append((study, study.parent, sidecar))
     jobs: list[RegionJob] = []
+    skipped: dict[str, int] = {}
     for study, folder, sidecar in found:
         results = [r for r in sidecar.results if r.explanations and (model is None or model in (r.model.name, r.model.id))]
         if not results or not sidecar.fingerprint.same_content(study):
@@ -226,9 +243,13 @@ def jobs_from_cam(
                     continue
                 mask = entry.get("files", {}).get("mask")
                 for region in entry.get("regions", []) if mask else []:
+                    doubt = None if include_off_chest else region_doubt(region, entry.get("trust"))
+                    if doubt is not None:
+                        skipped[doubt] = skipped.get(doubt, 0) + 1
+                        continue
                     jobs.append(RegionJob(str(study), str(folder / mask), int(region["label"]), finding,
                                           int(region["label"]), result.model.id))
-    return jobs, unexplained
+    return CamJobs(jobs, unexplained, skipped)
 
 
 def _as_given(path: Path) -> Path:

@@ -22,6 +22,7 @@ from cxrtool.registry import (
     DEFAULT_HEAD,
     DEFAULT_LOSS,
     HEADS,
+    PADDINGS,
     PRESETS,
     SAMPLINGS,
     TASKS,
@@ -53,6 +54,7 @@ class TrainConfig:
     init: str = ""  # start from this cxrtool checkpoint (its architecture and preprocessing too)
     architecture: str = DEFAULT_ARCHITECTURE
     head: str = DEFAULT_HEAD  # registry.HEADS
+    lse_r: float = 5.0  # lse head: sharpness of the log-sum-exp pooling (small: the average; large: the maximum)
     head_dim: int = 256  # decoder, lga and label_features heads: width of the per-finding features
     decoder_layers: int = 2  # decoder head: transformer decoder layers
     decoder_heads: int = 4  # decoder head: attention heads
@@ -68,6 +70,7 @@ class TrainConfig:
     input_size: int = 224
     drop_rate: float = 0.0
     output_stride: int = 32  # 16 or 8 dilate the last stage(s): finer feature maps and CAMs
+    padding: str = "zeros"  # zeros or replicate: how the convolutions extend the image past its edge
     # optimisation
     epochs: int = 10
     batch_size: int = 32
@@ -116,6 +119,7 @@ class TrainConfig:
             (self.sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}"),
             (self.logit_adjustment >= 0, f"logit_adjustment must be 0 or more, got {self.logit_adjustment}"),
             (self.output_stride in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {self.output_stride}"),
+            (self.padding in PADDINGS, f"padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}"),
             (self.threshold_method in THRESHOLD_METHODS,
              f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, got {self.threshold_method!r}"),
             (self.uncertain in UNCERTAIN_POLICIES,

@@ -34,8 +34,9 @@ CHECKPOINT_NAME = "model.safetensors"
 STATE_NAME = "last_state.safetensors"
 CONFIG_NAME = "config.yaml"
 # Settings that must not change when resuming, or the saved state would not fit the run.
-_RESUME_INVARIANTS = ("task", "architecture", "output_stride", "input_size", "labels", "findings", "seed", "val_fraction", "batch_size",
-                      "init", "head", "loss", "head_dim", "decoder_layers", "decoder_heads",
+_RESUME_INVARIANTS = ("task", "architecture", "output_stride", "padding", "input_size", "labels", "findings", "seed",
+                      "val_fraction", "batch_size",
+                      "init", "head", "loss", "lse_r", "head_dim", "decoder_layers", "decoder_heads",
                       "decoder_self_attention", "lga_text", "lga_layers", "lga_cooccurrence_bias", "preset",
                       "sampling", "logit_adjustment", "zero_shot", "prompts", "projections")
 
@@ -162,6 +163,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         text = _text_side(config, findings) if config.zero_shot else None
         model = CXRClassifier(config.architecture, findings, pretrained=config.pretrained and parent is None,
                               drop_rate=config.drop_rate, output_stride=config.output_stride, head=config.head,
+                              padding=config.padding,
                               head_settings=head_classes()[config.head].settings_from(settings),
                               text_dim=text["dim"] if text else 0)
         if text is not None:
@@ -443,7 +445,7 @@ def _parent(config: TrainConfig, say: Callable[[TrainEvent], None]) -> Parent:
 
     path = Path(config.init)
     card = read_card(path)
-    kept = {"architecture": card.architecture, "output_stride": card.output_stride,
+    kept = {"architecture": card.architecture, "output_stride": card.output_stride, "padding": card.padding,
             "input_size": int(card.preprocessing.get("input_size", config.input_size))}
     changed = [f"{key} {getattr(config, key)} -> {value}" for key, value in kept.items() if getattr(config, key) != value]
     for key, value in kept.items():
@@ -461,6 +463,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
     return ModelCard(
         architecture=config.architecture,
         output_stride=config.output_stride,
+        padding=config.padding,
         head=config.head,
         head_settings=dict(head_settings or {}),
         findings=list(findings),
