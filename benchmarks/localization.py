@@ -82,19 +82,23 @@ def train_demo_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path, 
     return result.checkpoint, study.data_entry_csv.parent / "images", study.bbox_csv, time.perf_counter() - started
 
 
-def held_out_auroc(network, card, squares: np.ndarray, names: list[str], labels_csv: Path, device) -> dict[str, float]:
-    """Each finding's AUROC on the studies (from a labels table beside the boxes, when there is one)."""
+def held_out_auroc(network, card, prep, images: Path, labels_csv: Path, device) -> dict[str, float]:
+    """Each finding's AUROC on every labelled study of the folder (a labels table beside the boxes)."""
     from sklearn.metrics import roc_auc_score
+
+    from cxrtool.io.studies import read_study
+    from cxrtool.preprocess import fit_to_square
 
     if not labels_csv.is_file():
         return {}
     with open(labels_csv, newline="", encoding="utf-8") as handle:
         labels = {row["Image Index"]: set(row["Finding Labels"].split("|")) for row in csv.DictReader(handle)}
-    rows = [i for i, name in enumerate(names) if name in labels]
-    probabilities = scores_of(network, card, squares[rows], device)
+    names = [name for name in sorted(labels) if (images / name).is_file()]
+    squares = np.stack([fit_to_square(read_study(images / name).pixels, prep)[0] for name in names])
+    probabilities = scores_of(network, card, squares, device)
     found = {}
     for k, finding in enumerate(card.findings):
-        truth = [finding in labels[names[i]] for i in rows]
+        truth = [finding in labels[name] for name in names]
         if 0 < sum(truth) < len(truth):
             found[finding] = float(roc_auc_score(truth, probabilities[:, k]))
     return found
@@ -152,16 +156,20 @@ def measure(args: argparse.Namespace, checkpoint: Path, images: Path, boxes_csv:
     pairs = [(i, card.findings.index(f)) for i, name in enumerate(names) for f in card.findings if (name, f) in truth]
     print(f"{len(names)} studies with boxes, {len(pairs)} (study, finding) pairs; model {checkpoint.name} "
           f"({card.architecture} at {prep.input_size} px, output stride {card.output_stride})", flush=True)
-    auroc = held_out_auroc(network, card, squares, names, boxes_csv.with_name("Data_Entry.csv"), device)
+    auroc = held_out_auroc(network, card, prep, images, boxes_csv.with_name("Data_Entry.csv"), device)
     if auroc:
-        print(f"held-out mean AUROC {np.mean(list(auroc.values())):.3f} ({len(auroc)} findings)", flush=True)
+        print(f"held-out mean AUROC {np.mean(list(auroc.values())):.3f} over the folder's labelled studies: "
+              + ", ".join(f"{name} {value:.3f}" for name, value in auroc.items()), flush=True)
     inputs = torch.from_numpy(np.stack([normalise(s, prep) for s in squares])).to(device)
 
-    def finding_score(net, finding: int):
+    def finding_score(net, finding: int, logits: bool = False):
+        # probabilities for the deletion/insertion curves (as explain --faithfulness records
+        # them); logits for the occlusion test's falls, which do not saturate
         def score(batch: np.ndarray) -> np.ndarray:
             tensor = torch.from_numpy(np.stack([normalise(s, prep) for s in batch])).to(device)
             with torch.no_grad():
-                return net(tensor)[:, finding].float().cpu().numpy()  # logits: they do not saturate
+                out = net(tensor)[:, finding].float()
+                return (out if logits else torch.sigmoid(out)).cpu().numpy()
         return score
 
     def draw(net, method: str, layer: str | None) -> dict[tuple[int, int], np.ndarray]:
@@ -172,9 +180,10 @@ def measure(args: argparse.Namespace, checkpoint: Path, images: Path, boxes_csv:
                 part = wanted[start:start + args.batch_size]
                 result = engine(inputs[start:start + args.batch_size], part)
                 maps.update({(start + row, f): cam for (row, f), cam in result.maps.items()})
-        return maps
+        return maps, engine.layer_name
 
     randomised = randomised_copy(network, seed=args.seed) if args.randomisation else None
+    pictures: list = []
     results: dict = {"auroc": auroc, "methods": {}}
     for spec in args.methods.split(","):
         method, _, layer = spec.partition("@")
@@ -183,9 +192,9 @@ def measure(args: argparse.Namespace, checkpoint: Path, images: Path, boxes_csv:
             from cxrtool.registry import DEFAULT_CAM_METHOD
 
             method, layer = DEFAULT_CAM_METHOD, ""
-        label = f"{method}@{layer or getattr(network, 'cam_layer', None) or 'input'}" if method != "occlusion" else method
         started = time.perf_counter()
-        maps = draw(network, method, layer or None)
+        maps, target = draw(network, method, layer or None)
+        label = f"{method}@{target}"
         seconds = time.perf_counter() - started
         findings: dict[str, LocalizationMetrics] = {}
         faithful_left = args.faithfulness_pairs
@@ -209,7 +218,7 @@ def measure(args: argparse.Namespace, checkpoint: Path, images: Path, boxes_csv:
         record = {"seconds": round(seconds, 1), "overall": overall.to_dict(args.bootstrap, args.seed),
                   "findings": {name: m.to_dict(args.bootstrap, args.seed) for name, m in sorted(findings.items())}}
         if randomised is not None:
-            shuffled = draw(randomised, method, layer or None)
+            shuffled, _ = draw(randomised, method, layer or None)
             keys = [key for key in maps if maps[key].max() > 0]
             check = randomisation_check([maps[k] for k in keys], [shuffled[k] for k in keys])
             record["randomisation"] = {"median_abs_rank_correlation": round(check.median, 3), "passed": check.passed,
@@ -227,17 +236,59 @@ def measure(args: argparse.Namespace, checkpoint: Path, images: Path, boxes_csv:
                     x1, y1 = geometry.to_input(bx + bw, by + bh)
                     true_region |= box_mask(size, (x0, y0, x1 - x0, y1 - y0))
                 rows, cols = np.nonzero(true_region)
-                height, width = rows.ptp() + 1, cols.ptp() + 1
+                height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
                 py, px = np.unravel_index(int(np.argmax(cam)), cam.shape)
                 peak_region = box_mask(size, (px - width / 2, py - height / 2, width, height))
-                score = finding_score(network, f)
+                score = finding_score(network, f, logits=True)
                 drops[finding]["true_box"].append(occlusion_drop(score, squares[i], true_region))
                 drops[finding]["peak_box"].append(occlusion_drop(score, squares[i], peak_region))
             record["occlusion_test"] = {name: {k: round(float(np.median(v)), 3) for k, v in d.items()} | {"maps": len(d["true_box"])}
                                         for name, d in sorted(drops.items())}
         results["methods"][label] = record
         print_method(label, record, overall, findings, args)
+        if args.picture:
+            pictures.append((label, maps))
+    if args.picture:
+        write_picture(args.picture, pictures, names, studies, fitted, truth, card, args.picture_findings.split(","))
     return results
+
+
+def write_picture(path: Path, pictures: list, names: list[str], studies: list, fitted: list, truth: dict, card,
+                  findings: list[str], per_finding: int = 3) -> None:
+    """A sheet: a row per method, a column per study (the first boxed ones of each finding),
+    each map on its radiograph with the true boxes (white) and the map's peak (green cross)."""
+    import cv2
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    from cxrtool.explain.regions import to_original
+
+    columns = [(i, card.findings.index(f)) for f in findings for i in
+               [i for i, name in enumerate(names) if (name, f) in truth][:per_finding]]
+    rows = []
+    for label, maps in pictures:
+        tiles = []
+        for i, f in columns:
+            grey = cv2.resize(studies[i].astype(np.float32), (192, 192), interpolation=cv2.INTER_AREA)
+            cam = to_original(maps[(i, f)], fitted[i][1])
+            small = cv2.resize(cam, (192, 192), interpolation=cv2.INTER_AREA)
+            peak = float(small.max())
+            tile = show_cam_on_image(np.repeat(grey[..., None], 3, axis=2), small / peak if peak > 0 else small,
+                                     use_rgb=False, image_weight=0.6)
+            scale = 192 / studies[i].shape[1]
+            for x, y, w, h in truth[(names[i], card.findings[f])]:
+                cv2.rectangle(tile, (round(x * scale), round(y * scale)), (round((x + w) * scale), round((y + h) * scale)),
+                              (255, 255, 255), 1)
+            if peak > 0:
+                y, x = np.unravel_index(int(np.argmax(small)), small.shape)
+                cv2.drawMarker(tile, (int(x), int(y)), (0, 255, 0), cv2.MARKER_CROSS, 14, 2)
+            cv2.putText(tile, f"{card.findings[f]}", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (255, 255, 255), 1, cv2.LINE_AA)
+            tiles.append(tile)
+        row = np.hstack(tiles)
+        band = np.zeros((16, row.shape[1], 3), dtype=np.uint8)
+        cv2.putText(band, label, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+        rows.append(np.vstack([band, row]))
+    cv2.imwrite(str(path), np.vstack(rows))
+    print(f"picture: {path}")
 
 
 def print_method(label: str, record: dict, overall, findings: dict, args: argparse.Namespace) -> None:
@@ -288,6 +339,8 @@ def main() -> None:
     parser.add_argument("--no-randomisation", dest="randomisation", action="store_false")
     parser.add_argument("--occlusion-test", action="store_true")
     parser.add_argument("--limit", type=int, default=0, help="at most this many studies")
+    parser.add_argument("--picture", type=Path, default=None, help="also draw a sheet of each method's maps here (PNG)")
+    parser.add_argument("--picture-findings", default="Mass,Effusion,Atelectasis", help="the findings the sheet shows")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")

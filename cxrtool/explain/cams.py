@@ -44,7 +44,13 @@ from pytorch_grad_cam import (  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from cxrtool.errors import UsageError  # noqa: E402
-from cxrtool.registry import ATTENTION_METHOD, CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, OCCLUSION_METHOD  # noqa: E402
+from cxrtool.registry import (  # noqa: E402
+    ATTENTION_METHOD,
+    CAM_METHOD_LABELS,
+    DEFAULT_CAM_METHOD,
+    FUSED_CAM_METHODS,
+    OCCLUSION_METHOD,
+)
 
 CAM_METHODS = {
     "gradcam": GradCAM,
@@ -71,9 +77,13 @@ def layer_choices(network: torch.nn.Module, limit: int = 12) -> list[str]:
     return names[:limit]
 
 
-def resolve_layer(network: torch.nn.Module, name: str | None) -> tuple[str, list[torch.nn.Module]]:
-    """The target layer(s) by module name (``get_submodule``), defaulting to the card's
-    record; ``a+b`` names several, whose maps are fused (:class:`CamEngine`)."""
+def resolve_layer(network: torch.nn.Module, name: str | None, method: str | None = None) -> tuple[str, list[torch.nn.Module]]:
+    """The target layer(s) by module name (``get_submodule``); ``a+b`` names several, whose
+    maps are fused (:class:`CamEngine`). By default the backbone's known target: the fusion
+    of its last three stages for the methods of ``registry.FUSED_CAM_METHODS``, else its
+    last stage."""
+    if not name and method in FUSED_CAM_METHODS:
+        name = getattr(network, "fused_cam_layers", None)
     if not name:
         name = getattr(network, "cam_layer", None)
         if not name:
@@ -133,7 +143,7 @@ class CamEngine:
             raise ExplainUsageError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHOD_LABELS)}")
         self.method = method
         self.network = network.eval().requires_grad_(False)
-        self.layer_name, self.layers = resolve_layer(network, layer)
+        self.layer_name, self.layers = resolve_layer(network, layer, method)
         self._handles = []
         cam_class = CAM_METHODS[method]
         self.cam = cam_class(model=self.network, target_layers=self.layers)

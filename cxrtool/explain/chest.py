@@ -2,11 +2,13 @@
 
 A map whose peak, or most of whose weight, lies outside the chest (on the film's edge, a
 shoulder, a collimator border, a label) says nothing a clinician can use, however high the
-finding's probability. :func:`chest_mask` finds the chest without a model: the body is the
-bright part of the film (Otsu on a smoothed copy, the largest piece, holes filled); the lung
-fields are the large dark regions inside the body that do not touch the film's edge; the
-chest is their convex hull, widened by a margin that takes in the lung bases (where an
-effusion hides the aerated lung), the heart's borders and the pleura. Where a lung field is not
+finding's probability. :func:`chest_mask` finds the chest without a model: the dark part of
+the film (Otsu on a smoothed copy) is air; cut at its thin links, the pieces that touch the
+film's edge are the air around the patient, the large ones that do not are lung fields, and
+the body is the rest (its largest piece, holes filled). The chest is the lung fields' convex
+hull, widened by a margin that takes in the heart's borders and the pleura, and extended
+downwards by 30% of the lungs' height: the posterior costophrenic recesses project below the
+domes, and an effusion hides the aerated bases the hull is made of. Where a lung field is not
 found on each side, the body's convex hull stands in for the chest (on a film whose lungs
 are as dark as the air around the patient, the body alone would leave them out); where no
 body is found, or its hull is too small to hold the lungs or does not reach across the
@@ -27,6 +29,8 @@ import numpy as np
 MIN_CHEST_SHARE = 0.5
 # The margin around the lung fields' hull, as a fraction of the image's longer side.
 CHEST_MARGIN = 0.06
+# How far below the lung fields the chest reaches, as a fraction of their height.
+BASE_EXTENSION = 0.3
 # A lung field is at least this share of the image's area.
 MIN_LUNG_SHARE = 0.01
 # Dark links thinner than about twice this fraction of the longer side are cut.
@@ -98,13 +102,17 @@ def chest_mask(pixels: np.ndarray) -> ChestMask:
         cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero(lungs)), 1)
         margin = max(1, round(CHEST_MARGIN * max(rows, cols)))
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
-        chest, source = cv2.dilate(hull, kernel).astype(bool), "lungs"
+        hull = cv2.dilate(hull, kernel)
+        # and downwards (a one-sided vertical dilation): the recesses and hidden bases
+        _, _, _, lung_height = cv2.boundingRect(cv2.findNonZero(lungs))
+        drop = max(1, round(BASE_EXTENSION * lung_height))
+        chest, source = cv2.dilate(hull, np.ones((drop + 1, 1), np.uint8), anchor=(0, drop)).astype(bool), "lungs"
     else:  # the body's hull: the lungs of a film whose air links them to the background are in it
         hull = np.zeros(dark.shape, dtype=np.uint8)
         cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero(body.astype(np.uint8))), 1)
         chest, source = hull.astype(bool), "body"
         middle = round(0.45 * rows)
-        reaches = chest[middle, round(0.3 * cols)] and chest[middle, round(0.7 * cols)]
+        reaches = chest[middle, round(0.2 * cols)] and chest[middle, round(0.8 * cols)]
         if chest.sum() < MIN_BODY_SHARE * chest.size or not reaches:
             # only the mediastinum and the abdomen stood out: not a body outline to judge by
             return ChestMask(np.zeros((height, width), dtype=bool), "none")

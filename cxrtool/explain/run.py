@@ -391,7 +391,7 @@ def explain(
                 elif settings.method == OCCLUSION_METHOD:
                     OcclusionEngine(network, settings.layer)  # refuses --layer
                 else:
-                    resolve_layer(network, settings.layer)
+                    resolve_layer(network, settings.layer, settings.method)
             except ExplainUsageError as error:
                 raise ExplainUsageError(f"member {name!r}: {error}" if name else str(error)) from None
 

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from cxrtool.models.heads import ModelOutput, build_head  # noqa: E402
-from cxrtool.registry import ARCHITECTURES, DEFAULT_HEAD, PADDINGS  # noqa: E402
+from cxrtool.registry import ARCHITECTURES, PADDINGS  # noqa: E402
 
 
 class TextBranch(nn.Module):
@@ -72,7 +72,7 @@ class CXRClassifier(nn.Module):
         pretrained: bool = False,
         drop_rate: float = 0.0,
         output_stride: int = 32,
-        head: str = DEFAULT_HEAD,
+        head: str = "linear",
         head_settings: Mapping[str, Any] | None = None,
         text_dim: int = 0,
         padding: str = "zeros",
@@ -140,6 +140,13 @@ class CXRClassifier(nn.Module):
         """Module name of the CAM target layer, when the registry knows this backbone."""
         known = ARCHITECTURES.get(self.architecture)
         return f"backbone.{known.cam_layer}" if known else None
+
+    @property
+    def fused_cam_layers(self) -> str | None:
+        """The last three stages' module names joined by '+' (the target the methods of
+        ``registry.FUSED_CAM_METHODS`` fuse), when the registry knows this backbone's stages."""
+        known = ARCHITECTURES.get(self.architecture)
+        return "+".join(f"backbone.{name}" for name in known.fused_layers) if known else None
 
 
 def set_padding(module: nn.Module, padding: str) -> None:
