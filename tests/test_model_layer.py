@@ -286,7 +286,7 @@ def test_fine_tuning_takes_the_parents_head_for_the_findings_both_have(head):
     from cxrtool.models.heads import build_head
 
     torch.manual_seed(4)
-    parent = build_head(head, 64, ["Effusion", "Nodule"], {"linear": {}, "decoder": {"dim": 32, "layers": 1},
+    parent = build_head(head, 64, ["Effusion", "Nodule"], {"linear": {}, "lse": {"r": 5.0}, "decoder": {"dim": 32, "layers": 1},
                                                            "lga": {"dim": 32, "layers": 1, "text_dim": 8}}.get(head, {"dim": 32}))
     child = build_head(head, 64, ["Nodule", "Mass"], parent.settings())
     fresh = {k: v.clone() for k, v in child.state_dict().items()}

@@ -394,8 +394,9 @@ def test_radiomics_measures_what_explain_wrote_under_out(study, make_checkpoint,
                    for p in out.glob("*.cxrtool.json"))
     for extra in ([str(study)], []):  # with the studies, or from the explanations alone
         table = tmp_path / f"radiomics{len(extra)}.csv"
+        # a random network's maps land anywhere: every region, on the chest or not
         result = runner.invoke(app, ["radiomics", *extra, "--explanations", str(out), "--params", str(params),
-                                     "--out", str(table), "-j", "1"])
+                                     "--out", str(table), "-j", "1", "--include-off-chest"])
         assert result.exit_code == 0, result.output
         rows = read_csv(table)
         assert expected > 0 and len(rows) == expected and {row["finding"] for row in rows} == {"Effusion"}

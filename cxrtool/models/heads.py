@@ -74,6 +74,11 @@ class Head(nn.Module):
         the findings both have; returns the findings taken. Used by ``train --init``."""
         raise ValueError(f"fine-tuning from a {self.name!r} head is not supported yet")
 
+    def takes_weights_of(self, head: str, settings: Mapping[str, Any]) -> bool:
+        """Whether :meth:`inherit` can take a parent head's weights: by default, a head of the
+        same kind with the same settings."""
+        return head == self.name and dict(settings) == self.settings()
+
 
 _HEAD_CLASSES: dict[str, type[Head]] = {}
 
@@ -119,6 +124,11 @@ class LinearHead(Head):
 
     def forward(self, feature_map: torch.Tensor, pooled: torch.Tensor) -> ModelOutput:
         return ModelOutput(logits=F.linear(pooled, self.weight, self.bias), embedding=pooled)
+
+    def takes_weights_of(self, head: str, settings: Mapping[str, Any]) -> bool:
+        # The linear and LSE heads hold the same per-finding score (a row of weights and a
+        # bias); LSE only pools it differently, so each starts from the other's rows.
+        return head in ("linear", "lse")
 
     def inherit(self, state: Mapping[str, torch.Tensor], findings: Sequence[str]) -> list[str]:
         taken = []

@@ -424,7 +424,7 @@ class Parent:
         the parent has (new findings keep fresh ones); returns what was taken, to say."""
         backbone = {k[len("backbone."):]: v for k, v in self.state.items() if k.startswith("backbone.")}
         model.backbone.load_state_dict(backbone, strict=True)
-        if self.card.head == model.head.name and self.card.head_settings == model.head.settings():
+        if model.head.takes_weights_of(self.card.head, self.card.head_settings):
             head = {k[len("head."):]: v for k, v in self.state.items() if k.startswith("head.")}
             self.kept = model.head.inherit(head, self.card.findings)
             return f"from {self.card.name}: its backbone, and its {model.head.name} head for {len(self.kept)} findings"
