@@ -30,8 +30,8 @@ from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD
 # inpainting the true box moved the logit and the peak's region did not: the network used
 # the lesion, the map did not show it. Output stride 8 (12x12 maps) brought pointing to
 # 0.40; the LSE head (a score map per finding, log-sum-exp pooled, so the logit comes from
-# where the map is high) to 0.55 with Grad-CAM and 0.60 with LayerCAM over the last three
-# stages, with the held-out mean AUROC up from 0.884 to 0.913 (one seed each). A step at
+# where the map is high) to 0.56 with Grad-CAM and 0.60 with LayerCAM over the last three
+# stages, with the held-out mean AUROC up from 0.884 to 0.916 (one seed each). A step at
 # output stride 8 costs about twice one at 16, so the quick run trains 7 epochs, not 8, to
 # stay within its 8 minutes (8 epochs took 8.4 minutes end to end on 2 cores).
 #
