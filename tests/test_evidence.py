@@ -386,9 +386,11 @@ def test_evaluate_reports_the_border_band_the_chest_flags_and_intervals(make_che
 
 @pytest.mark.slow
 def test_focal_finding_maps_of_a_small_phantom_model_do_not_gather_on_the_films_edge(tmp_path):
-    """The demo's recipe, small: the peaks of the maps of a focal finding's boxed studies lie
-    in the film's border band (its outer tenth, 36% of the area) no more often than the band's
-    share of the area, by a binomial bound (the model of the first releases put most there)."""
+    """The demo's recipe, small: the peaks of the default maps of the focal findings' boxed
+    studies lie in the film's border band (its outer tenth, 36% of the area) less often than
+    peaks placed at random would, at the 5% level of a binomial test. The first releases'
+    recipe (linear head, output stride 16, Grad-CAM) fails it: 28 of 62 peaks in the band,
+    where this bound allows 16; the default puts 15 of 81 there (bound 22)."""
     from scipy.stats import binom
 
     from cxrtool.cli.demo import PHANTOM_SIZE, demo_config
@@ -422,6 +424,6 @@ def test_focal_finding_maps_of_a_small_phantom_model_do_not_gather_on_the_films_
             peaks += 1
             in_band += in_border_band((x, y), cam.shape)
     assert peaks >= 40
-    # the largest count the band's area share allows at the 1% level
-    bound = binom.ppf(0.99, peaks, border_band_share())
+    # fewer than chance: at most the count that random peaks fall short of only 5% of the time
+    bound = binom.ppf(0.05, peaks, border_band_share())
     assert in_band <= bound, f"{in_band} of {peaks} peaks in the border band (bound {bound:.0f})"
