@@ -427,3 +427,24 @@ def test_focal_finding_maps_of_a_small_phantom_model_do_not_gather_on_the_films_
     # fewer than chance: at most the count that random peaks fall short of only 5% of the time
     bound = binom.ppf(0.05, peaks, border_band_share())
     assert in_band <= bound, f"{in_band} of {peaks} peaks in the border band (bound {bound:.0f})"
+
+
+def test_replicate_padding_is_a_recorded_setting_of_the_network(tmp_path):
+    from cxrtool.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+    from cxrtool.models.network import CXRClassifier
+    from cxrtool.preprocess import Preprocessing
+
+    torch.manual_seed(0)
+    network = CXRClassifier("resnet18", ["Effusion"], output_stride=8, padding="replicate").eval()
+    padded = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0)]
+    assert padded and all(m.padding_mode == "replicate" for m in padded)
+    # the film continued past its edge: a constant image gives the same features at the edge as inside
+    with torch.no_grad():
+        features = network.features(torch.full((1, 1, 64, 64), 0.3))
+    assert torch.allclose(features[..., 0, 0], features[..., 4, 4], atol=1e-5)
+    card = ModelCard("resnet18", ["Effusion"], Preprocessing(input_size=64).to_dict(), output_stride=8, padding="replicate")
+    path = save_checkpoint(tmp_path / "m.safetensors", network, card)
+    loaded, read = load_checkpoint(path)
+    assert read.padding == "replicate" and loaded.padding == "replicate"
+    with pytest.raises(ValueError, match="padding must be one of"):
+        CXRClassifier("resnet18", ["Effusion"], padding="reflect")
