@@ -299,13 +299,14 @@ class ExplainChunk:
             return entry
         x, y = peak_point(cam)
         entry.update(map_max=round(peak, 6), peak=[x, y])
-        entry["trust"] = trust = judge_map(cam, chest.resized(cam.shape), (x, y))
+        chest = chest.resized(cam.shape)  # the study's pixel grid
+        entry["trust"] = trust = judge_map(cam, chest, (x, y))
         if spacing:
             entry["peak_mm"] = [round(x * spacing[1], 2), round(y * spacing[0], 2)]
         entry["threshold"] = round(regions.level, 4)
         entry["regions"] = [region.to_dict(spacing) for region in regions.regions]
         if trust.get("chest") != "none":
-            for region, share in zip(entry["regions"], region_chest_shares(regions.labels, chest.resized(cam.shape)), strict=True):
+            for region, share in zip(entry["regions"], region_chest_shares(regions.labels, chest), strict=True):
                 region["chest_share"] = share
         if regions.dropped:
             entry["note"] = f"{regions.dropped} weakest regions beyond the first {len(regions.regions)} left out"
