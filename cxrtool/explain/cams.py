@@ -126,7 +126,21 @@ class BatchMaps:
     maps: dict[tuple[int, int], np.ndarray]  # (image index, finding index) -> (S, S) float32, raw units
 
 
-class CamEngine:
+class MapEngine:
+    """What every map engine shares: use it as a context manager, and ``close`` removes
+    whatever it hooked into the network (nothing, unless an engine says otherwise)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+class CamEngine(MapEngine):
     """A CAM method on a classifier's target layer, computed batch by batch.
 
     Use as a context manager, so the hooks are removed when done.
@@ -153,12 +167,6 @@ class CamEngine:
             # hook to the layer's output. Only on the first layer the forward pass meets,
             # so the gradients of the later ones still flow back to it.
             self._handles.append(self.layers[0].register_forward_hook(_graph_starts_here, prepend=True))
-
-    def __enter__(self) -> CamEngine:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         for handle in self._handles:
@@ -240,7 +248,7 @@ def _upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(cam, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
-class AttentionEngine:
+class AttentionEngine(MapEngine):
     """The ``attention`` map method: each finding's cross-attention over the feature grid,
     from a head that gives it (the decoder head), upsampled to the input as the CAMs are.
 
@@ -263,15 +271,6 @@ class AttentionEngine:
         self.network = network.eval()
         self.layer_name = "head.attention"
 
-    def __enter__(self) -> AttentionEngine:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        pass
-
     def __call__(self, batch: torch.Tensor, wanted: Wanted) -> BatchMaps:
         size = (batch.shape[-2], batch.shape[-1])
         with torch.no_grad():
@@ -285,7 +284,7 @@ class AttentionEngine:
         return BatchMaps(probabilities, maps)
 
 
-class OcclusionEngine:
+class OcclusionEngine(MapEngine):
     """The ``occlusion`` map method (Zeiler and Fergus, 2014): a square patch slides over the
     input, is filled from a heavily blurred copy of the image (the evidence taken out, the
     exposure kept: :func:`cxrtool.explain.faithfulness.removed_canvas`), and each pixel's
@@ -306,15 +305,6 @@ class OcclusionEngine:
         self.layer_name = "input"
         self.patch_fraction = patch_fraction
         self.chunk = chunk
-
-    def __enter__(self) -> OcclusionEngine:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        pass
 
     def positions(self, size: int) -> tuple[int, list[tuple[int, int]]]:
         """The patch side and its top-left corners: half a patch apart, the last flush with the edge."""
