@@ -270,6 +270,7 @@ class ExplainChunk:
         chest = chest_mask(display) if maps and display is not None else NO_CHEST  # from the picture itself; once a study
         for name, (cam, geometry, extra) in maps.items():
             cam = to_original(cam, geometry) if geometry is not None else cam
+            chest = chest.resized(cam.shape)  # once a study: its maps share the study's pixel grid
             explained[name] = self._explain_one(path, folder, item, display, result.findings[name], name, cam, chest)
             explained[name].update(extra or {})
         explanations: dict[str, Any] = {
@@ -288,7 +289,7 @@ class ExplainChunk:
     def _explain_one(self, path: Path, folder: Path, item: dict, display: np.ndarray, call, finding: str,
                      cam: np.ndarray, chest: ChestMask) -> dict:
         """One finding's regions and files from its map on the study's pixel grid, and
-        whether the map lies on the chest (``trust``)."""
+        whether the map lies on the chest (``trust``; ``chest`` is on the same grid)."""
         settings = self.settings
         spacing = tuple(item["pixel_spacing"]) if item["pixel_spacing"] else None
         entry: dict[str, Any] = {"probability": call.probability, "positive": call.positive}
@@ -299,7 +300,6 @@ class ExplainChunk:
             return entry
         x, y = peak_point(cam)
         entry.update(map_max=round(peak, 6), peak=[x, y])
-        chest = chest.resized(cam.shape)  # the study's pixel grid
         entry["trust"] = trust = judge_map(cam, chest, (x, y))
         if spacing:
             entry["peak_mm"] = [round(x * spacing[1], 2), round(y * spacing[0], 2)]
