@@ -98,13 +98,13 @@ class Architecture:
     cam_layer: str  # module name (get_submodule) of the last spatial feature layer
     note: str = ""
     # The backbone's stages, shallow to deep (their last is, or ends at, cam_layer): the
-    # methods of FUSED_CAM_METHODS fuse the last three by default. Given where the fusion was
+    # methods of FUSED_CAM_METHODS fuse the first two by default. Given where the fusion was
     # measured (the ResNets, benchmarks/localization.py); elsewhere they read cam_layer.
     stages: tuple[str, ...] = ()
 
     @property
     def fused_layers(self) -> tuple[str, ...]:
-        return self.stages[-3:] if len(self.stages) >= 3 else (self.cam_layer,)
+        return self.stages[:2] if len(self.stages) >= 2 else (self.cam_layer,)
 
 
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -216,10 +216,12 @@ CAM_METHOD_LABELS: dict[str, str] = {
     "attention": "decoder attention", "occlusion": "occlusion",
 }
 ATTENTION_METHOD = "attention"
-# Methods whose default target is a fusion of the backbone's last three stages (each stage's
-# map scaled to its peak, then averaged): LayerCAM was made to be read from several layers
-# (Jiang et al., 2021), and its elementwise positive gradients keep the shallow stages'
-# maps sharp where Grad-CAM's channel weights blur them. The others read the last stage.
+# Methods whose default target is a fusion of the backbone's two shallowest stages (each
+# stage's map scaled to its peak, then averaged): LayerCAM was made to be read from several
+# layers (Jiang et al., 2021), and its elementwise positive gradients keep the shallow
+# stages' maps sharp and class-specific where Grad-CAM's channel weights blur them; the
+# shallow stages have the finest grid (output stride 4 and 8 on a ResNet), which thin and
+# small findings need. The others read the last stage.
 FUSED_CAM_METHODS = ("layercam",)
 # How a network's convolutions extend the image past its edge (cxrtool.models.network.set_padding).
 PADDINGS = ("zeros", "replicate")

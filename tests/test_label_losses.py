@@ -27,7 +27,8 @@ def test_apcl_identical_features_sit_on_their_prototype_and_the_contrast_has_its
     e_a, e_b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     features = torch.stack([torch.stack([e_a, e_b]), torch.stack([e_a, e_b])]).requires_grad_(True)  # (2 images, 2 findings, 2)
     loss = apcl(ModelOutput(logits=torch.zeros(2, 2), features=features), _batch([[1, 1], [1, 1]]))
-    assert torch.allclose(apcl.prototypes, torch.eye(2))  # identical features: zero distance to their prototype
+    assert torch.allclose(apcl.prototypes[0], torch.eye(2))  # identical features: zero distance to their prototype
+    assert not apcl.seen[1].any()  # no finding known absent yet: no absent prototype to push from
     # each positive feature: similarity 1 to its own prototype, 0 to the other's
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1 / 0.5)), abs=1e-6)
     loss.backward()
@@ -35,8 +36,73 @@ def test_apcl_identical_features_sit_on_their_prototype_and_the_contrast_has_its
     # the moving average: a second batch moves a prototype halfway (momentum 0.5), unit length
     turned = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
     apcl(ModelOutput(logits=torch.zeros(1, 2), features=turned), _batch([[1, 0]]))
-    assert torch.allclose(apcl.prototypes[0], F.normalize(torch.tensor([0.5, 0.5]), dim=0), atol=1e-6)
-    assert torch.allclose(apcl.prototypes[1], e_b)  # not positive in that batch: unchanged
+    assert torch.allclose(apcl.prototypes[0, 0], F.normalize(torch.tensor([0.5, 0.5]), dim=0), atol=1e-6)
+    assert torch.allclose(apcl.prototypes[0, 1], e_b)  # not positive in that batch: unchanged
+    assert torch.allclose(apcl.prototypes[1, 1], e_b) and apcl.seen[1].tolist() == [False, True]  # B absent: its first absent mean
+
+
+def _collapse_batch():
+    """Labels, and three kinds of per-finding features for them: image-independent
+    (each finding's slot a constant), random, and informative (one code where the finding
+    is present, another where it is absent, plus noise)."""
+    generator = torch.Generator().manual_seed(0)
+    batch, count, dim = 64, 8, 32
+    targets = (torch.rand(batch, count, generator=generator) < 0.3).float()
+    present, absent = torch.randn(count, dim, generator=generator), torch.randn(count, dim, generator=generator)
+    collapsed = present[None].expand(batch, count, dim).clone()
+    random = torch.randn(batch, count, dim, generator=generator)
+    noise = 0.3 * torch.randn(batch, count, dim, generator=generator)
+    informative = torch.where(targets[..., None] > 0, present[None], absent[None]) + noise
+    return targets, {"collapsed": collapsed, "random": random, "informative": informative}
+
+
+@pytest.mark.parametrize("term", ["apcl", "lcsupcon"])
+def test_features_that_carry_nothing_about_the_image_no_longer_minimise_the_contrastive_terms(term):
+    """The first versions contrasted a finding's feature only with other findings': a slot
+    constant over images (each finding's slot is told apart by its own query anyway) scored
+    0.0003 (apcl) and 1.33 (lcsupcon) against 0.14 and 3.46 for random features. With the
+    same finding's absent side as negatives, informative features score best."""
+    targets, kinds = _collapse_batch()
+    count = targets.shape[1]
+    scores = {}
+    for kind, features in kinds.items():
+        loss = build_loss(term, LossContext([str(k) for k in range(count)], targets.numpy(), {"head_dim": 32}))
+        scores[kind] = float(loss(ModelOutput(logits=torch.zeros(len(targets), count), features=features), {"targets": targets})[0])
+    assert scores["informative"] < scores["collapsed"] - 0.5, scores
+    if term == "apcl":  # a constant slot sits on both of its finding's prototypes: log 2 per label
+        assert scores["collapsed"] == pytest.approx(math.log(2), abs=0.01)
+
+
+def test_label_features_start_decoupled_in_every_per_finding_head():
+    """At 0.02 the decoder's queries were swamped by the image tokens (the findings'
+    features had mean cosine 0.96 at initialisation); the label-feature head's features
+    were the same mean token for every finding (cosine 1.00)."""
+    from cxrtool.models.network import CXRClassifier
+
+    torch.manual_seed(0)
+    for head in ("decoder", "lga", "label_features"):
+        settings = {"dim": 64, **({"text_dim": 0} if head == "lga" else {})}
+        model = CXRClassifier("resnet18", [f"f{k}" for k in range(8)], head=head, head_settings=settings).eval()
+        with torch.no_grad():
+            features = F.normalize(model(torch.randn(4, 1, 64, 64), full=True).features, dim=-1)
+        cosine = features @ features.transpose(1, 2)
+        off_diagonal = (cosine.sum((1, 2)) - 8) / (8 * 7)
+        assert float(off_diagonal.abs().mean()) < 0.2, head
+
+
+def test_label_features_checkpoints_from_before_the_offsets_load_with_their_outputs_unchanged():
+    from cxrtool.models.heads import LabelFeatureHead
+
+    torch.manual_seed(0)
+    head = LabelFeatureHead(16, ["A", "B"], dim=8).eval()
+    old = {k: v for k, v in head.state_dict().items() if k != "identity"}
+    renewed = LabelFeatureHead(16, ["A", "B"], dim=8).eval()
+    renewed.load_state_dict(old)
+    assert torch.equal(renewed.identity, torch.zeros(2, 8))
+    feature_map = torch.randn(2, 16, 3, 3)
+    with torch.no_grad():
+        head.identity.zero_()
+        assert torch.allclose(renewed(feature_map, None).logits, head(feature_map, None).logits)
 
 
 def _apcl_rank(rank: int, store: str, batches: list, out: str) -> None:
@@ -101,20 +167,20 @@ def test_a_batch_without_positives_gives_a_finite_zero_or_defined_term(term):
 
 
 def test_a_label_set_of_one_finding_trains_on_its_classification_term_and_says_so():
-    """One finding: each head still gives what it promises, the terms that set findings
-    against each other are defined (apcl and lcc zero, lcsupcon only pulls together), and
-    the user is told they add nothing."""
+    """One finding: each head still gives what it promises; lcc, which only sets findings
+    against each other, is zero and the user is told it adds nothing; apcl and lcsupcon
+    still contrast the finding's present and absent features."""
     from cxrtool import registry
     from cxrtool.models.network import CXRClassifier
 
     said: list[str] = []
     targets = np.array([[1], [0], [1]], dtype=np.float32)
     loss = build_loss("asl+0.2*apcl+0.1*lcc+0.2*lcsupcon", LossContext(["Effusion"], targets, {"head_dim": 32}, said.append))
-    assert said == ["warning: one finding (Effusion): apcl, lcc, lcsupcon set findings against each other and have no "
+    assert said == ["warning: one finding (Effusion): lcc set findings against each other and have no "
                     "other finding here; the classification term does the training"]
-    assert build_loss("asl", LossContext(["Effusion"], targets, say=said.append)) and len(said) == 1  # nothing to say
-    build_loss("apcl", LossContext(["Effusion"], targets, {"head_dim": 32}, said.append))
-    assert said[-1].endswith("apcl set findings against each other and have no other finding here; "
+    assert build_loss("asl+apcl", LossContext(["Effusion"], targets, {"head_dim": 32}, said.append)) and len(said) == 1
+    build_loss("lcc", LossContext(["Effusion"], targets, {"head_dim": 32}, said.append))
+    assert said[-1].endswith("lcc set findings against each other and have no other finding here; "
                              "with no classification term in the loss the model learns next to nothing")
     for head in registry.HEADS:
         torch.manual_seed(0)
@@ -124,7 +190,8 @@ def test_a_label_set_of_one_finding_trains_on_its_classification_term_and_says_s
         if {"features", "correlation"} <= model.head.gives:
             total, parts = loss(output, _batch(targets))
             parts = {name: float(value) for name, value in parts.items()}
-            assert parts["apcl"] == 0.0 and parts["lcc"] == pytest.approx(0.0, abs=1e-6) and math.isfinite(parts["lcsupcon"])
+            assert parts["lcc"] == pytest.approx(0.0, abs=1e-6)
+            assert parts["apcl"] > 0 and math.isfinite(parts["lcsupcon"])
             total.backward()
             assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), head
 
@@ -151,12 +218,32 @@ def test_lcsupcon_pulls_the_same_finding_together_and_weighs_related_negatives_d
     assert float(supcon(ModelOutput(logits=torch.zeros(2, 2), features=together), batch)) == pytest.approx(expected, abs=1e-5)
 
 
-def test_lcc_is_zero_when_local_and_global_correlations_agree():
+def test_lcc_is_zero_when_the_features_correlate_as_the_labels_do_and_the_head_agrees():
     lcc = CorrelationConsistency()
-    same = torch.ones(2, 3, 4)  # every finding's feature alike: local correlations all 1, rows 1/3
-    assert float(lcc(ModelOutput(logits=torch.zeros(2, 3), features=same, correlation=torch.full((3, 3), 1 / 3)), {})) \
-        == pytest.approx(0.0, abs=1e-7)
-    assert float(lcc(ModelOutput(logits=torch.zeros(2, 3), features=same, correlation=torch.eye(3)), {})) > 0.1
+    e = torch.eye(4)[:3]  # three orthogonal directions
+    # image 1 has A and B (aligned features), lacks C (orthogonal); image 2 has C only
+    features = torch.stack([torch.stack([e[0], e[0], e[2]]), torch.stack([e[0], e[1], e[2]])])
+    batch = _batch([[1, 1, 0], [0, 0, 1]])
+    local = torch.tensor([[[1.0, 1, 0], [1, 1, 0], [0, 0, 1]], [[1.0, 0, 0], [0, 1, 0], [0, 0, 1]]]).mean(0)
+    agreeing = local / local.sum(-1, keepdim=True)
+    assert float(lcc(ModelOutput(logits=torch.zeros(2, 3), features=features, correlation=agreeing), batch)) \
+        == pytest.approx(0.0, abs=1e-6)
+    assert float(lcc(ModelOutput(logits=torch.zeros(2, 3), features=features, correlation=torch.full((3, 3), 1 / 3)), batch)) > 0.05
+
+
+def test_lcc_bites_where_an_images_features_disagree_with_its_labels():
+    """The first lcc compared two matrices both close to 1/K per row: about 1e-5 at
+    initialisation, with a gradient to match. Now a batch whose label features correlate
+    against its labels gives a value and a gradient of order one."""
+    torch.manual_seed(0)
+    targets = _batch([[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0]])
+    features = torch.randn(3, 4, 16)
+    features[:, 3] = features[:, 0]  # an absent finding aligned with a present one (present pairs: random)
+    features.requires_grad_(True)
+    correlation = torch.full((4, 4), 0.25)
+    value = CorrelationConsistency()(ModelOutput(logits=torch.zeros(3, 4), features=features, correlation=correlation), targets)
+    value.backward()
+    assert value.item() > 0.1 and features.grad.norm().item() > 0.05
 
 
 def _phantoms(folder, n: int = 48):
@@ -210,7 +297,7 @@ def test_each_preset_trains_on_phantoms_lowering_its_loss_and_resumes_exactly(pr
         assert torch.equal(value, b["loss"][key]), key
     if preset == "prototypes":
         saved = read_training_tensors(tmp_path / "whole" / "model.safetensors")
-        assert saved["loss.terms.1.prototypes"].shape == (len(card.findings), 32)
+        assert saved["loss.terms.1.prototypes"].shape == (2, len(card.findings), 32)  # present and absent
         assert bool(saved["loss.terms.1.seen"].any())
 
 

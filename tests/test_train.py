@@ -172,7 +172,7 @@ def test_torchrun_two_gloo_processes(preset, tmp_path):
         assert card.head == "lga" and (completed.stdout + completed.stderr).count(told) == 1
         saved = read_training_tensors(run / CHECKPOINT_NAME)
         assert saved["loss.terms.1.seen"].all() and torch.isfinite(saved["loss.terms.1.prototypes"]).all()
-        assert torch.allclose(saved["loss.terms.1.prototypes"].norm(dim=1), torch.ones(2))
+        assert torch.allclose(saved["loss.terms.1.prototypes"].norm(dim=-1), torch.ones(2, 2))
 
 
 def test_bad_training_settings_exit_2(tmp_path):
@@ -251,6 +251,38 @@ def test_long_tail_options_train_and_are_recorded(tmp_path):
     assert card.training["sampling"] == "class_aware" and card.training["logit_adjustment"] == 1.0
     bad = runner.invoke(app, ["train", *tiny_settings(labels, tmp_path / "bad"), "--sampling", "balanced"])
     assert bad.exit_code == 2
+
+
+def test_the_head_has_its_own_learning_rate_and_norms_and_embeddings_no_weight_decay(tmp_path):
+    """Parameter groups: the backbone at lr, the head at head_lr; norms, biases and the
+    decoder's label queries without weight decay; all of it on the card."""
+    import torch
+
+    from cxrtool.models.checkpoint import read_card
+    from cxrtool.models.network import CXRClassifier
+    from cxrtool.train import load_config
+    from cxrtool.train.loop import parameter_groups
+
+    labels = make_generic_dataset(tmp_path / "data", n=24)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", *tiny_settings(labels, run, head_dim=16, decoder_layers=1, head_lr=0.0002, lr=0.002),
+                                 "--head", "decoder", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    record = read_card(run / "model.safetensors").training["optimiser"]
+    assert record["backbone"]["lr"] == 0.002 and record["head"]["lr"] == 0.0002 and record["warmup_epochs"] == 1.0
+    assert {"head.queries", "backbone.bn1.weight", "backbone.bn1.bias", "head.class_bias"} <= set(record["no_decay"])
+    assert not {"backbone.conv1.weight", "head.class_weight", "head.project.weight"} & set(record["no_decay"])
+    # every trainable parameter in exactly one group, at the group's settings
+    model = CXRClassifier("resnet18", ["Disk", "Bar"], head="decoder", head_settings={"dim": 16, "layers": 1})
+    config = load_config(None, {"labels": str(labels), "lr": 0.002, "head_lr": 0.0002, "weight_decay": 0.01})
+    groups, _ = parameter_groups(model, config)
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters()) and len(set(grouped)) == len(grouped)
+    by_name = {group["name"]: group for group in groups}
+    assert by_name["head"]["lr"] == 0.0002 and by_name["backbone"]["weight_decay"] == 0.01
+    assert by_name["head (no decay)"]["weight_decay"] == 0.0
+    assert any(p is model.head.queries for p in by_name["head (no decay)"]["params"])
+    assert isinstance(torch.optim.AdamW(groups), torch.optim.AdamW)
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ def explain(
     cam: Annotated[str, typer.Option("--cam", help=f"Map method: {', '.join(CAM_METHOD_LABELS)}; a bare --cam is {DEFAULT_CAM_METHOD}.")] = DEFAULT_CAM_METHOD,
     finding: Annotated[list[str] | None, typer.Option(
         "--finding", "-f", help="Finding to map (repeatable; 'all' for every finding). Default: each study's positive calls.")] = None,
-    layer: Annotated[str | None, typer.Option("--layer", help="Target layer's module name, or several joined by + (fused). Default: layercam fuses the backbone's last three stages, the other methods read its last stage.")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", help="Target layer's module name, or several joined by + (fused). Default: layercam fuses the backbone's two shallowest stages, the other methods read its last stage.")] = None,
     threshold: Annotated[str, typer.Option("--threshold", help="Regions: a fraction of the map's peak, or 'otsu'.")] = "0.5",
     map_format: Annotated[str, typer.Option("--map-format", help=f"Raw map as {' or '.join(MAP_FORMATS)}: png is 16-bit, divided by its peak; npy is float32.")] = MAP_FORMATS[0],
     overlay_size: Annotated[int, typer.Option("--overlay-size", min=64, help="Longest side of the overlay pictures, in pixels.")] = 512,

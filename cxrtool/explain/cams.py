@@ -80,7 +80,7 @@ def layer_choices(network: torch.nn.Module, limit: int = 12) -> list[str]:
 def resolve_layer(network: torch.nn.Module, name: str | None, method: str | None = None) -> tuple[str, list[torch.nn.Module]]:
     """The target layer(s) by module name (``get_submodule``); ``a+b`` names several, whose
     maps are fused (:class:`CamEngine`). By default the backbone's known target: the fusion
-    of its last three stages for the methods of ``registry.FUSED_CAM_METHODS``, else its
+    of its two shallowest stages for the methods of ``registry.FUSED_CAM_METHODS``, else its
     last stage."""
     if not name and method in FUSED_CAM_METHODS:
         name = getattr(network, "fused_cam_layers", None)

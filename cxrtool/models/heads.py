@@ -44,6 +44,8 @@ class Head(nn.Module):
     name: ClassVar[str] = ""
     # The ModelOutput fields beyond the logits this head fills (loss terms check them).
     gives: ClassVar[frozenset[str]] = frozenset()
+    # Parameters that are embeddings (label queries and the like): trained without weight decay.
+    embeddings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, width: int, findings: Sequence[str]) -> None:
         super().__init__()
@@ -263,6 +265,7 @@ class DecoderHead(Head):
 
     name = "decoder"
     gives = frozenset({"embedding", "features", "attention"})
+    embeddings = ("queries",)
 
     def __init__(self, width: int, findings: Sequence[str], *, dim: int = 256, layers: int = 2, heads: int = 4,
                  dropout: float = 0.1, query_self_attention: bool = False) -> None:
@@ -274,7 +277,9 @@ class DecoderHead(Head):
         self.dim, self.n_layers, self.n_heads = int(dim), int(layers), int(heads)
         self.dropout_rate, self.query_self_attention = float(dropout), bool(query_self_attention)
         self.project = nn.Conv2d(self.width, dim, kernel_size=1)
-        self.queries = nn.Parameter(torch.randn(len(self.findings), dim) * 0.02)
+        # Unit variance, as Query2Label's embedding: at 0.02 the image's tokens swamp the
+        # queries and the findings' features start almost identical (mean cosine 0.96).
+        self.queries = nn.Parameter(torch.randn(len(self.findings), dim))
         self.layers = nn.ModuleList(DecoderLayer(dim, heads, dropout, query_self_attention) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.class_weight = nn.Parameter(torch.randn(len(self.findings), dim) * dim**-0.5)
@@ -477,6 +482,7 @@ class LabelFeatureHead(Head):
 
     name = "label_features"
     gives = frozenset({"embedding", "features", "attention", "correlation"})
+    embeddings = ("label_embed", "identity")
 
     def __init__(self, width: int, findings: Sequence[str], *, dim: int = 256, temperature: float = 1.0,
                  dropout: float = 0.1) -> None:
@@ -487,7 +493,10 @@ class LabelFeatureHead(Head):
         self.dim, self.temperature, self.dropout_rate = int(dim), float(temperature), float(dropout)
         self.project = nn.Conv2d(self.width, dim, kernel_size=1)
         self.spatial = nn.Parameter(torch.randn(count, dim) * dim**-0.5)
-        self.label_embed = nn.Parameter(torch.randn(count, dim) * 0.02)
+        self.label_embed = nn.Parameter(torch.randn(count, dim))
+        # Each finding's own offset on its feature: the attention-pooled tokens alone start
+        # as the same mean token for every finding (cosine 1.00 between them at initialisation)
+        self.identity = nn.Parameter(torch.randn(count, dim))
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
@@ -512,15 +521,24 @@ class LabelFeatureHead(Head):
         batch, _, height, width = feature_map.shape
         tokens = self.project(feature_map).flatten(2).transpose(1, 2)  # (B, hw, dim)
         attention = (torch.einsum("bnd,kd->bkn", tokens, self.spatial) / self.temperature).softmax(dim=-1)
-        features = attention @ tokens  # (B, K, dim)
+        features = attention @ tokens + self.identity  # (B, K, dim)
         relations = self.correlation()
         features = self.norm(features + self.dropout(torch.einsum("kj,bjd->bkd", relations, self.value(features))))
         logits = (features * self.class_weight).sum(-1) + self.class_bias
         return ModelOutput(logits=logits, embedding=pooled, features=features,
                            attention=attention.reshape(batch, len(self.findings), height, width), correlation=relations)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # label_features checkpoints written before the findings' offsets (cxrtool main until
+        # December 2026) had none: zero offsets give their outputs unchanged
+        if prefix + "spatial" in state_dict and prefix + "identity" not in state_dict:
+            state_dict[prefix + "identity"] = torch.zeros_like(self.identity)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def inherit(self, state: Mapping[str, torch.Tensor], findings: Sequence[str]) -> list[str]:
-        return _inherit(self, state, findings, per_finding=("spatial", "label_embed", "class_weight", "class_bias"))
+        if "identity" not in state:  # a parent from before the offsets: zero, as it loads
+            state = {**state, "identity": torch.zeros(len(findings), self.dim)}
+        return _inherit(self, state, findings, per_finding=("spatial", "label_embed", "identity", "class_weight", "class_bias"))
 
 
 def head_classes() -> dict[str, type[Head]]:

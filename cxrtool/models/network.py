@@ -143,7 +143,7 @@ class CXRClassifier(nn.Module):
 
     @property
     def fused_cam_layers(self) -> str | None:
-        """The last three stages' module names joined by '+' (the target the methods of
+        """The two shallowest stages' module names joined by '+' (the target the methods of
         ``registry.FUSED_CAM_METHODS`` fuse), when the registry knows this backbone's stages."""
         known = ARCHITECTURES.get(self.architecture)
         return "+".join(f"backbone.{name}" for name in known.fused_layers) if known else None

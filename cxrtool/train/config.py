@@ -74,9 +74,10 @@ class TrainConfig:
     # optimisation
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
+    lr: float = 1e-3  # the backbone's learning rate (and the head's, unless head_lr is set)
+    head_lr: float = 0.0  # the head's (and text branch's) learning rate; 0: lr
+    weight_decay: float = 1e-4  # not on norms, biases and the heads' embeddings
+    warmup_epochs: float = 1.0  # linear warm-up, then a cosine decay
     preset: str = ""  # a paper's recipe (registry.PRESETS): its head and loss, under the YAML file and flags
     loss: str = DEFAULT_LOSS  # a loss expression of registry.LOSSES terms: asl, asl+0.5*bce, ...
     sampling: str = "uniform"  # registry.SAMPLINGS: uniform, or class_aware (the long tail seen as often as the head)
@@ -128,6 +129,8 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.head_lr >= 0, f"head_lr must be positive (or 0: the same as lr), got {self.head_lr}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be 0 or more, got {self.warmup_epochs}"),
             (self.input_size >= 32, f"input_size must be at least 32, got {self.input_size}"),
             (bool(self.labels), "labels is required: a label CSV (NIH, CheXpert or generic)"),
         ]

@@ -85,6 +85,38 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return factor
 
 
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The optimiser's parameter groups, and what the model card records of them.
+
+    Two parts, each with its own learning rate: the backbone (``lr``) and everything after
+    it, the head and the zero-shot text branch (``head_lr``, ``lr`` when 0); attention heads
+    train best slower than a convolutional backbone from scratch, as Query2Label's and
+    GL-MLL's recipes do. Within each, normalisation and bias parameters (one dimension) and
+    the heads' embeddings (``Head.embeddings``: label queries and the like) get no weight
+    decay, which would only pull them towards zero.
+    """
+    head_lr = config.head_lr or config.lr
+    embeddings = {f"head.{name}" for name in getattr(model.head, "embeddings", ())}
+    groups: dict[tuple[str, bool], list[tuple[str, torch.nn.Parameter]]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = "backbone" if name.startswith("backbone.") else "head"
+        decays = parameter.ndim > 1 and name not in embeddings
+        groups.setdefault((part, decays), []).append((name, parameter))
+    built, record = [], {}
+    for (part, decays), members in sorted(groups.items()):
+        lr = config.lr if part == "backbone" else head_lr
+        weight_decay = config.weight_decay if decays else 0.0
+        built.append({"params": [p for _, p in members], "lr": lr, "weight_decay": weight_decay,
+                      "name": f"{part}{'' if decays else ' (no decay)'}"})
+        entry = record.setdefault(part, {"lr": lr, "weight_decay": config.weight_decay, "parameters": 0})
+        entry["parameters"] += sum(p.numel() for _, p in members)
+    record["no_decay"] = sorted(name for (part, decays), members in groups.items() if not decays for name, _ in members)
+    record["warmup_epochs"] = config.warmup_epochs
+    return built, record
+
+
 def mean_auroc(targets: np.ndarray, scores: np.ndarray) -> tuple[float, list[float]]:
     """Mean over findings with both classes present in the known (non-NaN) labels."""
     from cxrtool.evaluate.classification import auroc, macro_average
@@ -190,7 +222,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             )
 
         criterion = criterion.to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        groups, optimiser_record = parameter_groups(model, config)
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         per_rank = math.ceil(len(train_idx) / dist_info.world_size)
         steps_per_epoch = max(1, math.ceil(per_rank / config.batch_size))
         if config.max_train_batches:
@@ -215,7 +248,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                 )
             model.load_state_dict(state["model"])
             criterion.load_state_dict(state.get("loss", {}))  # terms' running state (prototypes)
-            optimizer.load_state_dict(state["optimizer"])
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+            except ValueError:
+                raise ValueError(f"cannot resume {state_path}: its optimiser state has another layout of parameter "
+                                 "groups (written by an older cxrtool); start a new --out") from None
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"]["torch"])
@@ -286,7 +323,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                     best_auroc, best_epoch = (auroc if not math.isnan(auroc) else best_auroc), epoch + 1
                     card = _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores,
                                  per_finding, auroc, epoch + 1, history, parent, head_settings=model.head.settings(),
-                                 priors=priors, text=text)
+                                 priors=priors, text=text, optimiser=optimiser_record)
                     save_checkpoint(out / CHECKPOINT_NAME, model, card,
                                     training={f"loss.{k}": v for k, v in criterion.state_dict().items()})
                 save_tree(
@@ -456,7 +493,7 @@ def _parent(config: TrainConfig, say: Callable[[TrainEvent], None]) -> Parent:
 
 
 def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores, per_finding, auroc, epoch, history,
-          parent=None, *, head_settings=None, priors=None, text=None):
+          parent=None, *, head_settings=None, priors=None, text=None, optimiser=None):
     from cxrtool.evaluate.classification import choose_thresholds
 
     thresholds = choose_thresholds(val_targets, val_scores, method=config.threshold_method)
@@ -490,6 +527,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
             "best_epoch": epoch,
             "batch_size": config.batch_size,
             "lr": config.lr,
+            **({"optimiser": optimiser} if optimiser else {}),
             "seed": config.seed,
             "pretrained": config.pretrained,
             **({"init": parent.record(list(findings))} if parent is not None else {}),

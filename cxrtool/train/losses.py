@@ -198,20 +198,29 @@ def _all_reduce_(*tensors: torch.Tensor) -> None:
 class PrototypeContrast(LossTerm):
     """APCL, paper 1's adaptive prototype contrastive loss, on the head's per-finding features.
 
-    A prototype per finding, the exponential moving average (``momentum``) of the normalised
-    features of its positive examples (a buffer: saved with the training state and beside
-    the checkpoint's weights). Each positive feature z_ik is pulled to its prototype and
-    pushed from the others': a cross-entropy over ``z_ik . P_j / temperature`` with target
-    k (InfoNCE over prototypes). Adaptive weights: rarer findings count more, ``(n_max /
-    n_k) ** rarity`` from the training labels, normalised to mean 1; and findings whose
-    prototype is close to another's count more, ``1 + similarity * max(0, max_j cos(P_k,
-    P_j))``. A prototype enters the contrast once it has been seen; an unseen one starts
-    from the first batch's mean. A batch without positives gives a zero term.
+    Two prototypes per finding: ``present``, the exponential moving average (``momentum``)
+    of the normalised features z_ik of the images that have finding k, and ``absent``, the
+    same over the images known not to have it (buffers: saved with the training state and
+    beside the checkpoint's weights). A feature of a present finding is pulled to its
+    present prototype and pushed from its absent one and from the other findings' present
+    prototypes (a cross-entropy over ``z_ik . P / temperature``, InfoNCE over prototypes); a
+    feature of an absent finding is pulled to the absent prototype and pushed from the
+    present one. Without the absent side the term is minimised by features that carry
+    nothing about the image (each finding's slot is already told apart by its own query):
+    here such features cannot be near both of a finding's prototypes, so they score about
+    log 2 per label where informative ones go towards 0.
+
+    Adaptive weights, on both sides: rarer findings count more, ``(n_max / n_k) ** rarity``
+    from the training labels, normalised to mean 1; and findings whose present prototype is
+    close to another finding's count more, ``1 + similarity * max(0, max_j cos(P_k, P_j))``.
+    The present and the absent labels each give a weighted mean; the term is their average,
+    so the many absent labels do not drown the few present ones. A prototype enters the
+    contrast once it has been seen; an unseen one starts from the first batch's mean. A
+    batch without known labels gives a zero term.
     """
 
     name = "apcl"
     needs = frozenset({"features"})
-    relates_findings = True
 
     def __init__(self, findings: Sequence[str], dim: int, positives: np.ndarray | None, *, momentum: float = 0.9,
                  temperature: float = 0.1, rarity: float = 0.5, similarity: float = 1.0) -> None:
@@ -220,45 +229,75 @@ class PrototypeContrast(LossTerm):
             raise ValueError(f"apcl: momentum must be in [0, 1) and temperature > 0, got {momentum} and {temperature}")
         count = len(findings)
         self.momentum, self.temperature, self.similarity = float(momentum), float(temperature), float(similarity)
-        self.register_buffer("prototypes", torch.zeros(count, dim))
-        self.register_buffer("seen", torch.zeros(count, dtype=torch.bool))
+        # row 0: present, row 1: absent
+        self.register_buffer("prototypes", torch.zeros(2, count, dim))
+        self.register_buffer("seen", torch.zeros(2, count, dtype=torch.bool))
         n = np.ones(count) if positives is None else np.asarray(positives, dtype=np.float64)
         weights = np.where(n > 0, (n.max() / np.maximum(n, 1)) ** rarity, 0.0)
         weights = weights / weights[weights > 0].mean() if (weights > 0).any() else np.ones(count)
         self.register_buffer("rarity_weights", torch.as_tensor(weights, dtype=torch.float32), persistent=False)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # training states written before the absent prototypes (cxrtool main until December
+        # 2026) hold the present ones only: the absent side starts unseen
+        old = state_dict.get(prefix + "prototypes")
+        if old is not None and old.dim() == 2:
+            state_dict[prefix + "prototypes"] = torch.stack([old, torch.zeros_like(old)])
+            state_dict[prefix + "seen"] = torch.stack([state_dict[prefix + "seen"], torch.zeros_like(state_dict[prefix + "seen"])])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         features = F.normalize(output.features.float(), dim=-1)  # (B, K, D)
-        positive = _positives(batch)
+        targets = batch["targets"]
+        known = ~torch.isnan(targets)
+        sides = torch.stack([known & (torch.nan_to_num(targets) > 0.5), known & (torch.nan_to_num(targets) <= 0.5)])  # (2, B, K)
         with torch.no_grad():
-            sums = torch.einsum("bk,bkd->kd", positive.float(), features.detach())
-            counts = positive.sum(0).float()
+            sums = torch.einsum("sbk,bkd->skd", sides.float(), features.detach())
+            counts = sides.sum(1).float()  # (2, K)
             _all_reduce_(sums, counts)
-            means = F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1)
+            means = F.normalize(sums / counts.clamp(min=1)[..., None], dim=-1)
             fresh = (counts > 0) & ~self.seen
             self.prototypes[fresh] = means[fresh]
             self.seen |= fresh
-        total = self._contrast(features, positive) if positive.any() else _zero(features)
+        total = self._contrast(features, sides) if sides.any() else _zero(features)
         with torch.no_grad():
             # The moving average, after the loss used the prototypes as they were; on every
-            # rank, its own share of the batch positive or not, so the ranks stay equal.
+            # rank, its own share of the batch labelled or not, so the ranks stay equal.
             update = (counts > 0) & ~fresh
             blended = self.momentum * self.prototypes + (1 - self.momentum) * means
             self.prototypes[update] = F.normalize(blended, dim=-1)[update]
         return total
 
-    def _contrast(self, features: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-        prototypes = F.normalize(self.prototypes, dim=-1)
-        logits = torch.einsum("bkd,jd->bkj", features, prototypes) / self.temperature  # finding k's feature vs prototype j
-        logits = logits.masked_fill(~self.seen[None, None, :], float("-inf"))
-        rows, findings = positive.nonzero(as_tuple=True)
-        picked = logits[rows, findings]  # (N, K): each positive feature against every prototype
-        loss = F.cross_entropy(picked, findings, reduction="none")
+    def _contrast(self, features: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+        present, absent = F.normalize(self.prototypes, dim=-1)
+        count = present.shape[0]
         with torch.no_grad():
-            similar = prototypes @ prototypes.T
-            similar = similar.masked_fill(torch.eye(len(similar), dtype=torch.bool, device=similar.device) | ~self.seen[None, :], -1.0)
-            closeness = similar.max(dim=1).values.clamp(min=0) if len(similar) > 1 else torch.zeros(len(similar), device=similar.device)
-            weights = self.rarity_weights.to(loss.device)[findings] * (1 + self.similarity * closeness[findings])
+            similar = present @ present.T
+            similar = similar.masked_fill(torch.eye(count, dtype=torch.bool, device=similar.device) | ~self.seen[0][None, :], -1.0)
+            closeness = similar.max(dim=1).values.clamp(min=0) if count > 1 else torch.zeros(count, device=similar.device)
+            finding_weights = self.rarity_weights.to(features.device) * (1 + self.similarity * closeness)
+        parts = []
+        # a present finding's feature: its present prototype (class k) against the absent
+        # one (class K) and the other findings' present prototypes
+        rows, findings = sides[0].nonzero(as_tuple=True)
+        if len(rows):
+            z = features[rows, findings]  # (N, D)
+            logits = torch.cat([z @ present.T, (z * absent[findings]).sum(-1, keepdim=True)], dim=1) / self.temperature
+            allowed = torch.cat([self.seen[0][None, :].expand(len(rows), -1), self.seen[1][findings][:, None]], dim=1)
+            loss = F.cross_entropy(logits.masked_fill(~allowed, float("-inf")), findings, reduction="none")
+            parts.append(self._weighted(loss, finding_weights[findings]))
+        # an absent finding's feature: its absent prototype against its present one
+        rows, findings = sides[1].nonzero(as_tuple=True)
+        if len(rows):
+            z = features[rows, findings]
+            logits = torch.stack([(z * absent[findings]).sum(-1), (z * present[findings]).sum(-1)], dim=1) / self.temperature
+            logits = logits.masked_fill(~torch.stack([self.seen[1][findings], self.seen[0][findings]], dim=1), float("-inf"))
+            loss = F.cross_entropy(logits, torch.zeros_like(findings), reduction="none")
+            parts.append(self._weighted(loss, finding_weights[findings]))
+        return torch.stack(parts).mean() if parts else _zero(features)
+
+    @staticmethod
+    def _weighted(loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return (weights * loss).sum() / weights.sum().clamp(min=1e-8)
 
 
@@ -266,9 +305,18 @@ class CorrelationConsistency(LossTerm):
     """Paper 2's consistency of global and local label correlations.
 
     Local: within one image, the absolute cosine similarity between its label features
-    (K, K), each row normalised to sum to 1. Global: the head's own label correlations
-    (``correlation``, rows summing to 1). The term is their mean squared difference, over
-    images and all pairs of findings.
+    (K, K). Two parts, added:
+
+    - the local correlations are supervised by the image's labels, as the same group's
+      GL-MLL does: two findings the image has should have aligned features, a finding it
+      has and one it lacks (or two it lacks) unrelated ones; the squared difference from
+      ``y y^T`` over the known pairs of different findings;
+    - the global correlations (the head's ``correlation``, rows summing to 1) agree with
+      the batch's mean local ones, each row normalised to sum to 1: the Kullback-Leibler
+      divergence of the head's row from the images' row, averaged over the findings.
+
+    The first version compared the two row-normalised matrices alone; at initialisation
+    both are close to 1/K in every cell, so the term stayed near 1e-5 and changed nothing.
     """
 
     name = "lcc"
@@ -277,26 +325,40 @@ class CorrelationConsistency(LossTerm):
 
     def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         features = F.normalize(output.features.float(), dim=-1)
-        local = torch.einsum("bkd,bjd->bkj", features, features).abs()
-        local = local / local.sum(dim=-1, keepdim=True).clamp(min=1e-8)
-        return (local - output.correlation.float()[None]).pow(2).mean()
+        local = torch.einsum("bkd,bjd->bkj", features, features).abs()  # (B, K, K)
+        targets = batch["targets"]
+        known = ~torch.isnan(targets)
+        y = torch.nan_to_num(targets).float()
+        count = local.shape[1]
+        pairs = known[:, :, None] & known[:, None, :] & ~torch.eye(count, dtype=torch.bool, device=local.device)
+        supervised = ((local - y[:, :, None] * y[:, None, :]).pow(2) * pairs).sum() / pairs.sum().clamp(min=1)
+        images = local.mean(0)
+        images = images / images.sum(-1, keepdim=True).clamp(min=1e-8)
+        head = output.correlation.float().clamp(min=1e-8)
+        agreement = (images * (images.clamp(min=1e-8).log() - head.log())).sum(-1).mean()
+        return supervised + agreement
 
 
 class CorrelationSupCon(LossTerm):
     """Paper 2's label-correlation-guided multi-label supervised contrastive loss.
 
-    Anchors are the features of each image's positive findings. For an anchor (image i,
-    finding k), the positives are finding k's features in the other images where k is
-    positive; the negatives are the features of the other positive findings (any image),
-    each weighted by ``1 - C[k, k']``, C the symmetric co-occurrence of the training labels
-    ((P(k'|k) + P(k|k'))/2): a finding that often comes with k is pushed away less. A
-    supervised-contrastive term (Khosla et al.) per anchor with at least one positive,
-    averaged; a batch without such anchors gives a zero term.
+    How the paper's image-level positives are read here: on the label-level features, two
+    images are a positive pair for finding k when both have k, so two images are pulled
+    together through every finding they share, in proportion to the overlap of their label
+    sets. Anchors are the features z_ik of each image's present findings. For an anchor the
+    positives are finding k's features in the other images that have k; the negatives are
+    (a) finding k's features in the images known not to have it, weight 1: without them
+    features that carry nothing about the image minimise the term, since each finding's
+    slot is already told apart by its own query; and (b) the other findings' features in
+    the images that have them, each weighted by ``1 - C[k, k']``, C the symmetric
+    co-occurrence of the training labels ((P(k'|k) + P(k|k'))/2): a finding that often
+    comes with k is pushed away less. A supervised-contrastive term (Khosla et al.) per
+    anchor with at least one positive, averaged; a batch without such anchors gives a zero
+    term.
     """
 
     name = "lcsupcon"
     needs = frozenset({"features"})
-    relates_findings = True
 
     def __init__(self, findings: Sequence[str], targets: np.ndarray | None, *, temperature: float = 0.1) -> None:
         super().__init__()
@@ -309,23 +371,28 @@ class CorrelationSupCon(LossTerm):
 
     def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         features = F.normalize(output.features.float(), dim=-1)
-        positive = _positives(batch)
-        rows, findings = positive.nonzero(as_tuple=True)
-        if len(rows) < 2:
+        targets = batch["targets"]
+        known = ~torch.isnan(targets)
+        rows, findings = known.nonzero(as_tuple=True)
+        present = torch.nan_to_num(targets)[rows, findings] > 0.5  # (N,) each known label's value
+        if int(present.sum()) < 2:
             return _zero(features)
-        z = features[rows, findings]  # (N, D): every positive finding's feature
+        z = features[rows, findings]  # (N, D): every known label's feature
         similarity = z @ z.T / self.temperature
         same_finding = findings[:, None] == findings[None, :]
-        other = ~torch.eye(len(rows), dtype=torch.bool, device=z.device)
-        positives = same_finding & (rows[:, None] != rows[None, :])
-        negatives = ~same_finding & other
-        anchors = positives.any(dim=1)
+        other_image = rows[:, None] != rows[None, :]
+        positives = same_finding & other_image & present[:, None] & present[None, :]
+        absent_same = same_finding & ~present[None, :]  # the finding's features where it is absent
+        other_present = ~same_finding & present[None, :]
+        negatives = absent_same | other_present
+        anchors = present & positives.any(dim=1)
         if not anchors.any():
             return _zero(features)
-        weights = torch.where(negatives, 1 - self.relatedness.to(z.device)[findings[:, None], findings[None, :]], 0.0)
-        weights = weights + positives.float()
+        weights = positives.float() + absent_same.float()
+        weights = weights + torch.where(other_present, 1 - self.relatedness.to(z.device)[findings[:, None], findings[None, :]], 0.0)
         # log of (positives' sum + weighted negatives' sum), stable
-        logits = similarity.masked_fill(~(positives | negatives), float("-inf"))
+        # (rows that are no anchor are left finite: an all -inf row would give NaN gradients)
+        logits = similarity.masked_fill(~(positives | negatives) & anchors[:, None], float("-inf"))
         log_denominator = torch.logsumexp(logits + torch.log(weights.clamp(min=1e-12)), dim=1)
         log_probability = similarity - log_denominator[:, None]
         per_anchor = -(log_probability * positives).sum(1) / positives.sum(1).clamp(min=1)
