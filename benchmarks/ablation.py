@@ -1,26 +1,38 @@
-"""Do the label-aware heads and losses of papers 1 and 2 help? An ablation, with seeds.
+"""Do the label-aware heads and losses of papers 1 and 2 help? An ablation, with seeds, where
+every variant gets the same fair chance.
 
-Trains every variant with the same backbone, input size, epochs, batch, learning rate and
-seeds (no variant is tuned: the same settings for all), on
+The protocol, fixed before the numbers were seen:
 
-(a) phantoms: a cohort of the phantom generator (findings that co-occur as in radiology,
-    a long tail), tested on a held-out phantom cohort;
-(b) the real NIH images of ../shared/data/nih: a patient-level split, a fixed test set of
-    about a third of the patients, the rest for training and validation.
+* the same data, backbone initialisation, data order and budget (epochs, batch, input size)
+  for every variant; token maps the attention heads can use (128 px at output stride 16:
+  an 8 x 8 map);
+* each variant's learning rates chosen from the same small grid (``--grid``: backbone lr
+  : head lr) on its *validation* mean AUROC with seed 0, never on the test set; the other
+  seeds then train at the chosen point;
+* per variant, over the seeds: the held-out mean AUROC, the mean AUROC of the rarest third
+  of the findings (by training prevalence), mAP (macro AUPRC) and, on phantoms, the
+  pointing game of explain's default map on the held-out boxes; each as the paired
+  difference from the baseline (linear + ASL) with a 95% paired-bootstrap interval over
+  the test images (or boxed pairs) pooled across seeds
+  (:mod:`cxrtool.evaluate.compare`);
+* the rule: a variant "helps" (or "hurts") only where the interval excludes 0.
 
-For each variant it prints, over the seeds: the test mean AUROC (mean and standard
-deviation over seeds, and the bootstrap 95% interval averaged over seeds), the mean AUROC
-of the rarest third of the findings (by training prevalence), mAP (macro AUPRC), macro F1
-at the checkpoint's thresholds, seconds per training epoch and the parameter count.
+Data: (a) phantoms: a cohort of the phantom generator with its 8 findings (co-occurring as
+in radiology, a long tail), tested on a held-out cohort with boxes; (b) the real NIH images
+of ../shared/data/nih: a patient-level split, a fixed test third of the patients.
 
-    python benchmarks/ablation.py --data phantoms --seeds 3
-    python benchmarks/ablation.py --data nih --seeds 3 --epochs 12 --input-size 128
-    python benchmarks/ablation.py --device cuda --data phantoms --train-images 8000 --input-size 128 --epochs 20
+    python benchmarks/ablation.py --data phantoms --seeds 3 --work runs/ablation   # 65 minutes on 2 cores
+    python benchmarks/ablation.py --data nih --seeds 3 --epochs 12
+    python benchmarks/ablation.py --device cuda --data phantoms --input-size 256 --train-images 8000 --epochs 12  # a GPU
+
+Runs already finished in ``--work`` are read back, not trained again: an interrupted
+ablation resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -32,13 +44,17 @@ from pathlib import Path
 import numpy as np
 
 VARIANTS: dict[str, dict[str, str]] = {
-    "linear + BCE": {"head": "linear", "loss": "bce"},
     "linear + ASL": {"head": "linear", "loss": "asl"},
+    "LSE + ASL": {"head": "lse", "loss": "asl"},
     "decoder + ASL": {"head": "decoder", "loss": "asl"},
     "LGA + decoder + ASL": {"head": "lga", "loss": "asl"},
     "preset prototypes": {"preset": "prototypes"},
     "preset label-correlation": {"preset": "label-correlation"},
 }
+BASELINE = "linear + ASL"
+# The papers' ladder, run by default; "LSE + ASL" (train's default head) with --variants all.
+PAPER_VARIANTS = "linear + ASL,decoder + ASL,LGA + decoder + ASL,preset prototypes,preset label-correlation"
+DEFAULT_GRID = "3e-3:3e-3,3e-3:3e-4"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -69,69 +85,177 @@ def nih_data(work: Path, args: argparse.Namespace) -> tuple[Path, list[Path], Pa
     return train_csv, [table.resolve_image(i) for i in test], labels
 
 
-def run_one(name: str, variant: dict, seed: int, data: tuple, work: Path, args: argparse.Namespace) -> dict:
-    from cxrtool.evaluate import evaluate
-    from cxrtool.models.checkpoint import load_checkpoint, load_tree
-    from cxrtool.predict import predict
+def test_targets(test_images: list[Path], test_labels: Path, findings: list[str]) -> np.ndarray:
+    """(N, K) labels of the test images, in ``findings`` order (NaN where unknown)."""
+    from cxrtool.data.labels import read_labels
+
+    table = read_labels(test_labels, require_images=False)
+    row_of = {Path(image).name: i for i, image in enumerate(table.images)}
+    columns = [table.findings.index(f) if f in table.findings else None for f in findings]
+    out = np.full((len(test_images), len(findings)), np.nan, dtype=np.float64)
+    for n, image in enumerate(test_images):
+        row = row_of[Path(image).name]
+        for k, column in enumerate(columns):
+            if column is not None:
+                out[n, k] = table.targets[row, column]
+    return out
+
+
+def test_scores(checkpoint: Path, test_images: list[Path], device: str) -> np.ndarray:
+    """The checkpoint's probabilities (N, K) for the test images, read as predict reads them."""
+    from localization import scores_of
+
+    from cxrtool.io.studies import read_study
+    from cxrtool.models.checkpoint import load_checkpoint
+    from cxrtool.preprocess import Preprocessing, fit_to_square
+
+    network, card = load_checkpoint(checkpoint, device=device)
+    prep = Preprocessing.from_dict(card.preprocessing)
+    squares = np.stack([fit_to_square(read_study(path).pixels, prep)[0] for path in test_images])
+    return scores_of(network, card, squares, device)
+
+
+def pointing_hits(checkpoint: Path, test_images: list[Path], boxes: Path, args: argparse.Namespace) -> dict[str, bool]:
+    """Explain's default map on every boxed held-out pair: whether its peak is in a true box
+    (benchmarks/localization.py's kernels), keyed ``study|finding``."""
+    from localization import measure
+
+    options = argparse.Namespace(limit=0, batch_size=32, device=args.device, seed=0, methods="default",
+                                 faithfulness_pairs=0, randomisation=False, occlusion_test=False, picture=None,
+                                 bootstrap=0)
+    with contextlib.redirect_stdout(sys.stderr):
+        results = measure(options, checkpoint, test_images[0].parent, boxes)
+    (record,) = results["methods"].values()
+    return record["hits"]
+
+
+def run_one(name: str, variant: dict, seed: int, point: tuple[float, float], findings: list[str], data: tuple,
+            work: Path, args: argparse.Namespace) -> dict:
+    """Train one variant at one seed and learning-rate point (or read back a finished run)."""
+    from cxrtool.models.checkpoint import load_tree, read_card
     from cxrtool.train import load_config
     from cxrtool.train.loop import train
 
     train_csv, test_images, test_labels = data
-    out = work / f"{name.replace(' ', '_').replace('+', '')}-seed{seed}"
+    lr, head_lr = point
+    out = work / f"{name.replace(' ', '_').replace('+', '')}-lr{lr:g}-head{head_lr:g}-seed{seed}"
+    done = out / "result.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        record["scores"] = np.load(out / "scores.npy")
+        return record
     config = load_config(None, {
-        "labels": str(train_csv), "architecture": args.arch, "input_size": args.input_size, "epochs": args.epochs,
-        "batch_size": args.batch_size, "lr": args.lr, "seed": seed, "device": args.device, "workers": args.workers,
-        "out": str(out / "model"), "augment": args.augment, "head_dim": args.head_dim, "decoder_layers": args.decoder_layers,
-        "val_fraction": 0.15, **variant,
+        "labels": str(train_csv), "findings": findings, "architecture": args.arch, "input_size": args.input_size,
+        "output_stride": args.output_stride, "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr,
+        "head_lr": head_lr, "seed": seed, "device": args.device, "workers": args.workers, "out": str(out / "model"),
+        "augment": args.augment, "head_dim": args.head_dim, "decoder_layers": args.decoder_layers, "val_fraction": 0.15,
+        **variant,
     })
     started = time.perf_counter()
     result = train(config)
     seconds = time.perf_counter() - started
+    card = read_card(result.checkpoint)
     history = load_tree(out / "model" / "last_state.safetensors")["history"]
-    model, card = load_checkpoint(result.checkpoint)
-    predict(test_images, model=result.checkpoint, out=out / "test", device=args.device, workers=args.workers)
-    report = evaluate(out / "test", test_labels, model=result.checkpoint, n_boot=args.bootstrap, out_dir=out / "eval")
-    findings = {row.finding: row for row in report.findings}
-    prevalence = card.training["positives_train"]
-    ranked = sorted((f for f in findings if not math.isnan(findings[f].auroc)), key=lambda f: prevalence.get(f, 0))
-    rare = ranked[: max(1, len(ranked) // 3)]
-    return {
-        "variant": name, "seed": seed,
-        "auroc": report.macro.auroc, "auroc_ci": list(report.macro.ci.get("auroc", (math.nan, math.nan))),
-        "rare_auroc": float(np.mean([findings[f].auroc for f in rare])), "rare_findings": rare,
-        "map": report.macro.auprc, "f1": report.macro.f1,
-        "per_finding_auroc": {f: row.auroc for f, row in findings.items()},
+    scores = test_scores(result.checkpoint, test_images, args.device)
+    priors = card.training.get("priors") or {}
+    record = {
+        "variant": name, "seed": seed, "lr": lr, "head_lr": head_lr,
+        "val_auroc": card.metrics["val_mean_auroc"], "positives_train": card.training["positives_train"],
+        "text_prior": priors.get("text_encoder") if card.head == "lga" else None,
         "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])), "train_seconds": round(seconds, 1),
-        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "parameters": sum(int(np.prod(shape)) for shape in _shapes(result.checkpoint)),
+        "hits": pointing_hits(result.checkpoint, test_images, test_labels.with_name("BBox_List.csv"), args)
+        if test_labels.with_name("BBox_List.csv").is_file() else None,
     }
+    np.save(out / "scores.npy", scores)
+    done.write_text(json.dumps(record, indent=1) + "\n")
+    record["scores"] = scores
+    return record
 
 
-def summarise(runs: list[dict]) -> list[dict]:
+def _shapes(checkpoint: Path) -> list[tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        return [tuple(handle.get_slice(key).get_shape()) for key in handle.keys() if not key.startswith("training.")]
+
+
+def mean_auroc(targets: np.ndarray, scores: np.ndarray) -> float:
+    from cxrtool.evaluate.classification import auroc
+
+    values = np.atleast_1d(auroc(targets, scores))
+    return float(np.mean(values)) if not np.isnan(values).any() else float("nan")
+
+
+def mean_auprc(targets: np.ndarray, scores: np.ndarray) -> float:
+    from cxrtool.evaluate.classification import auprc
+
+    values = np.atleast_1d(auprc(targets, scores))
+    return float(np.mean(values)) if not np.isnan(values).any() else float("nan")
+
+
+def summarise(dataset: str, runs: dict[str, list[dict]], targets: np.ndarray, findings: list[str], chosen: dict,
+              args: argparse.Namespace) -> list[dict]:
+    """Per variant: its metrics over the seeds and its paired differences from the baseline."""
+    from cxrtool.evaluate.compare import paired_bootstrap, seed_averaged
+
+    prevalence = runs[BASELINE][0]["positives_train"]
+    ranked = sorted((k for k in range(len(findings)) if prevalence.get(findings[k], 0) > 0),
+                    key=lambda k: prevalence[findings[k]])
+    rare = ranked[: max(1, len(ranked) // 3)]
+    metrics = {
+        "auroc": mean_auroc,
+        "rare_auroc": lambda t, s: mean_auroc(t[:, rare], s[:, rare]),
+        "map": mean_auprc,
+    }
+    base = runs[BASELINE]
     rows = []
-    for name in dict.fromkeys(run["variant"] for run in runs):
-        mine = [run for run in runs if run["variant"] == name]
-        auroc = np.array([run["auroc"] for run in mine])
-        rows.append({
-            "variant": name, "seeds": len(mine),
-            "auroc": float(auroc.mean()), "auroc_sd": float(auroc.std(ddof=1)) if len(mine) > 1 else 0.0,
-            "auroc_ci": [float(np.mean([run["auroc_ci"][0] for run in mine])), float(np.mean([run["auroc_ci"][1] for run in mine]))],
-            "rare_auroc": float(np.mean([run["rare_auroc"] for run in mine])),
-            "rare_auroc_sd": float(np.std([run["rare_auroc"] for run in mine], ddof=1)) if len(mine) > 1 else 0.0,
-            "map": float(np.mean([run["map"] for run in mine])), "f1": float(np.mean([run["f1"] for run in mine])),
-            "seconds_per_epoch": float(np.mean([run["seconds_per_epoch"] for run in mine])),
-            "parameters": mine[0]["parameters"],
-        })
+    for name, mine in runs.items():
+        row: dict = {"variant": name, "seeds": len(mine), "lr": chosen[name], "rare_findings": [findings[k] for k in rare],
+                     "text_prior": mine[0]["text_prior"], "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in mine])),
+                     "parameters": mine[0]["parameters"], "val_auroc": float(np.mean([r["val_auroc"] for r in mine]))}
+        for metric, function in metrics.items():
+            values = [function(targets, r["scores"]) for r in mine]
+            row[metric] = float(np.mean(values))
+            row[f"{metric}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            if name != BASELINE:
+                found = paired_bootstrap(seed_averaged(function, targets, [r["scores"] for r in base], [r["scores"] for r in mine]),
+                                         len(targets), n_boot=args.bootstrap, seed=0)
+                row[f"{metric}_difference"] = found.to_dict()
+        if all(r["hits"] is not None for r in mine + base):
+            keys = sorted(base[0]["hits"])
+            hits = [np.array([r["hits"].get(key, False) for key in keys], dtype=np.float64) for r in mine]
+            row["pointing"] = float(np.mean([h.mean() for h in hits]))
+            if name != BASELINE:
+                base_hits = [np.array([r["hits"].get(key, False) for key in keys], dtype=np.float64) for r in base]
+                found = paired_bootstrap(seed_averaged(lambda t, s: float(s.mean()), np.zeros(len(keys)), base_hits, hits),
+                                         len(keys), n_boot=args.bootstrap, seed=0)
+                row["pointing_difference"] = found.to_dict()
+        rows.append(row)
     return rows
 
 
 def print_table(title: str, rows: list[dict]) -> None:
+    def cell(row: dict, metric: str) -> str:
+        difference = row.get(f"{metric}_difference")
+        if metric not in row:
+            return "-"
+        text = f"{row[metric]:.3f}"
+        if difference is None:
+            return text + " (baseline)"
+        mark = {"better": " helps", "worse": " hurts"}.get(difference["verdict"], "")
+        return f"{text}, {difference['difference']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]{mark}"
+
     print(f"\n{title}")
-    print("| variant | seeds | test mean AUROC (sd) | bootstrap 95% CI | rarest third AUROC (sd) | mAP | macro F1 | s/epoch | parameters |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| variant | lr : head lr (val AUROC) | test mean AUROC, difference [95% CI] | rarest third AUROC | mAP | pointing game "
+          "| s/epoch | parameters |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['variant']} | {row['seeds']} | {row['auroc']:.3f} ({row['auroc_sd']:.3f}) | "
-              f"{row['auroc_ci'][0]:.3f}-{row['auroc_ci'][1]:.3f} | {row['rare_auroc']:.3f} ({row['rare_auroc_sd']:.3f}) | "
-              f"{row['map']:.3f} | {row['f1']:.3f} | {row['seconds_per_epoch']:.1f} | {row['parameters'] / 1e6:.2f} M |")
+        lga = row["variant"].startswith(("LGA", "preset prototypes"))
+        name = row["variant"] + (" (learned label embeddings: no sentence encoder)" if lga and not row["text_prior"] else "")
+        lr, head_lr = row["lr"]
+        print(f"| {name} | {lr:g} : {head_lr:g} ({row['val_auroc']:.3f}) | {cell(row, 'auroc')} | {cell(row, 'rare_auroc')} | "
+              f"{cell(row, 'map')} | {cell(row, 'pointing')} | {row['seconds_per_epoch']:.1f} | {row['parameters'] / 1e6:.2f} M |")
     sys.stdout.flush()
 
 
@@ -140,7 +264,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, lr_help: str) -> None:
     :func:`nih_data` read (also used by ``zero_shot.py``)."""
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--input-size", type=int, default=128)
+    parser.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3, help=lr_help)
@@ -150,26 +275,32 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, lr_help: str) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.33, help="NIH: share of patients held out for the test")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--work", type=Path, default=None, help="keep the runs here, and resume from it (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="write every run and the summaries here")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=["phantoms", "nih", "both"], default="both")
-    parser.add_argument("--variants", default="all", help="comma-separated variant names, or all: " + "; ".join(VARIANTS))
-    add_run_arguments(parser, lr_help="the same for every variant")
+    parser.add_argument("--data", choices=["phantoms", "nih", "both"], default="phantoms")
+    parser.add_argument("--variants", default=PAPER_VARIANTS,
+                        help="comma-separated variant names, or all: " + "; ".join(VARIANTS) + " (default: %(default)s)")
+    add_run_arguments(parser, lr_help="unused: the grid chooses each variant's learning rates")
+    parser.add_argument("--grid", default=DEFAULT_GRID, help="backbone lr : head lr points, the same for every variant")
     parser.add_argument("--augment", action="store_true")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--decoder-layers", type=int, default=1)
-    parser.add_argument("--bootstrap", type=int, default=500)
+    parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args()
     names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variant {unknown[0]!r}; choose from: {'; '.join(VARIANTS)}")
+    if BASELINE not in names:
+        names.insert(0, BASELINE)
+    grid = [tuple(float(x) for x in point.split(":")) for point in args.grid.split(",")]
 
     import cxrtool  # noqa: F401  (torchvision prepared before timm and grad-cam)
+    from cxrtool.registry import PHANTOM_FINDINGS
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="cxrtool-ablation-") as scratch:
@@ -177,19 +308,38 @@ def main() -> None:
         for dataset in (["phantoms", "nih"] if args.data == "both" else [args.data]):
             work = root / dataset
             work.mkdir(parents=True, exist_ok=True)
-            data = phantom_data(work, args) if dataset == "phantoms" else nih_data(work, args)
-            runs = []
-            for seed in range(args.seeds):
-                for name in names:
-                    run = run_one(name, VARIANTS[name], seed, data, work, args)
-                    runs.append(run)
-                    print(f"  {dataset} seed {seed} {name}: test mean AUROC {run['auroc']:.3f}, rarest third {run['rare_auroc']:.3f}, "
+            if dataset == "phantoms":
+                data, findings = phantom_data(work, args), list(PHANTOM_FINDINGS)
+            else:
+                from cxrtool.data.labels import read_labels
+
+                data = nih_data(work, args)
+                findings = list(read_labels(data[0], require_images=False).findings)
+            targets = test_targets(data[1], data[2], findings)
+            runs: dict[str, list[dict]] = {}
+            chosen: dict[str, tuple[float, float]] = {}
+            for name in names:
+                tried = []
+                for point in grid:  # seed 0: the grid, judged on validation AUROC only
+                    run = run_one(name, VARIANTS[name], 0, point, findings, data, work, args)
+                    tried.append(run)
+                    print(f"  {dataset} {name} lr {point[0]:g} : {point[1]:g} seed 0: val mean AUROC {run['val_auroc']:.3f}, "
                           f"{run['seconds_per_epoch']:.1f} s/epoch", file=sys.stderr, flush=True)
-            rows = summarise(runs)
-            title = (f"{dataset}: {args.arch} at {args.input_size} px, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
-                     f"{args.seeds} seeds, {len(data[1])} test images")
+                best = max(tried, key=lambda r: r["val_auroc"])
+                chosen[name] = (best["lr"], best["head_lr"])
+                runs[name] = [best]
+                for seed in range(1, args.seeds):
+                    run = run_one(name, VARIANTS[name], seed, chosen[name], findings, data, work, args)
+                    runs[name].append(run)
+                    print(f"  {dataset} {name} seed {seed}: val mean AUROC {run['val_auroc']:.3f}", file=sys.stderr, flush=True)
+            rows = summarise(dataset, runs, targets, findings, chosen, args)
+            title = (f"{dataset}: {args.arch} at {args.input_size} px, output stride {args.output_stride}, {args.epochs} epochs, "
+                     f"batch {args.batch_size}, {args.seeds} seeds, {len(data[1])} test images; learning rates chosen per "
+                     f"variant from {args.grid} on validation; differences from {BASELINE}, paired bootstrap over the "
+                     f"test images (pointing: boxed pairs) pooled across seeds; rarest third: {', '.join(rows[0]['rare_findings'])}")
             print_table(title, rows)
-            results[dataset] = {"settings": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "summary": rows}
+            results[dataset] = {"settings": {k: str(v) for k, v in vars(args).items()}, "summary": rows,
+                                "runs": {n: [{k: v for k, v in r.items() if k != "scores"} for r in rs] for n, rs in runs.items()}}
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2, default=float) + "\n")
 

@@ -197,6 +197,7 @@ def measure(args: argparse.Namespace, checkpoint: Path, images: Path, boxes_csv:
         label = f"{method}@{target}"
         seconds = time.perf_counter() - started
         findings: dict[str, LocalizationMetrics] = {}
+        hits: dict[str, bool] = {}  # "study|finding": whether the peak fell in a true box (paired comparisons)
         faithful_left = args.faithfulness_pairs
         for (i, f), cam in maps.items():
             name, finding = names[i], card.findings[f]
@@ -210,13 +211,15 @@ def measure(args: argparse.Namespace, checkpoint: Path, images: Path, boxes_csv:
                 if faithful_left:
                     entry["faithfulness"] = faithfulness(finding_score(network, f), squares[i], cam)
                     faithful_left -= 1
-            findings.setdefault(finding, LocalizationMetrics(finding)).add(truth[(name, finding)], entry or None, 0.0,
-                                                                           studies[i].shape)
+            metrics = findings.setdefault(finding, LocalizationMetrics(finding))
+            metrics.add(truth[(name, finding)], entry or None, 0.0, studies[i].shape)
+            hits[f"{name}|{finding}"] = bool(metrics.hits[-1])
         overall = LocalizationMetrics("overall")
         for metrics in findings.values():
             overall.merge(metrics)
         record = {"seconds": round(seconds, 1), "overall": overall.to_dict(args.bootstrap, args.seed),
-                  "findings": {name: m.to_dict(args.bootstrap, args.seed) for name, m in sorted(findings.items())}}
+                  "findings": {name: m.to_dict(args.bootstrap, args.seed) for name, m in sorted(findings.items())},
+                  "hits": hits}
         if randomised is not None:
             shuffled, _ = draw(randomised, method, layer or None)
             keys = [key for key in maps if maps[key].max() > 0]

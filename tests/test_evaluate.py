@@ -390,3 +390,26 @@ def test_findings_spelled_differently_by_the_labels_are_matched_by_the_alias_tab
     report = evaluate(preds, labels, n_boot=0)
     assert [f.finding for f in report.findings] == ["Effusion", "Lung Lesion"] and report.findings[0].auroc == 1.0
     assert report.matching["matched"] == 8
+
+
+def test_the_paired_bootstrap_equals_a_hand_computation_on_a_tiny_table():
+    from cxrtool.evaluate.compare import paired_bootstrap, seed_averaged
+
+    targets = np.array([1.0, 0.0, 1.0, 1.0, 0.0])  # five test items (a hit rate: the metric is the mean of the scores)
+    baseline = [np.array([1.0, 0, 0, 1, 0]), np.array([0.0, 0, 1, 1, 0])]  # two seeds
+    variant = [np.array([1.0, 1, 1, 1, 0]), np.array([1.0, 0, 1, 1, 1])]
+
+    def metric(t, s):
+        return float(np.mean(s))
+
+    found = paired_bootstrap(seed_averaged(metric, targets, baseline, variant), 5, n_boot=7, seed=3, level=0.5)
+    # by hand: per item, the seed-averaged difference variant - baseline
+    per_item = np.mean([v - b for b, v in zip(baseline, variant, strict=True)], axis=0)  # [0.5, 0.5, 0.5, 0, 0.5]
+    assert found.estimate == pytest.approx(per_item.mean()) == pytest.approx(0.4)
+    rng = np.random.default_rng(3)
+    draws = [per_item[rng.integers(0, 5, 5)].mean() for _ in range(7)]
+    assert (found.low, found.high) == pytest.approx(tuple(np.percentile(draws, [25, 75])))
+    assert found.resamples == 7 and found.verdict() == ("better" if found.low > 0 else "no difference shown")
+    # a NaN resample is left out and counted
+    nan_once = iter([0.0] + [float("nan")] * 3 + [1.0] * 4)
+    assert paired_bootstrap(lambda index: next(nan_once), 5, n_boot=7).resamples == 4
