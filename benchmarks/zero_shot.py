@@ -149,8 +149,8 @@ def main() -> None:
         values = values[~np.isnan(values)]
         return (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0) if len(values) else (math.nan, 0.0)
 
-    print(f"\n{args.data}: {args.arch} at {args.input_size} px, {args.epochs} epochs, lr {args.lr}, {args.seeds} seeds; "
-          f"held out of the dual branch's training: {', '.join(held_out)}")
+    print(f"\n{args.data}: {args.arch} at {args.input_size} px, output stride {args.output_stride}, {args.epochs} epochs, "
+          f"lr {args.lr}, {args.seeds} seeds; held out of the dual branch's training: {', '.join(held_out)}")
     from cxrtool.evaluate.compare import paired_bootstrap, seed_averaged
 
     print("| finding | test prevalence (chance mAP) | zero-shot AUROC (sd) | zero-shot mAP | nearest seen finding by text: AUROC (sd) "

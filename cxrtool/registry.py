@@ -226,9 +226,11 @@ FUSED_CAM_METHODS = ("layercam",)
 # How a network's convolutions extend the image past its edge (cxrtool.models.network.set_padding).
 PADDINGS = ("zeros", "replicate")
 OCCLUSION_METHOD = "occlusion"
-# LayerCAM over the backbone's last three stages: on the demo's model (benchmarks/
+# LayerCAM over the backbone's two shallowest stages: on the demo's model (benchmarks/
 # localization.py) it points at the finding more often than Grad-CAM at the last stage
-# (0.60 against 0.56) and is more faithful to it (insertion - deletion 0.435 against 0.277).
+# (0.67 against 0.56) and than LayerCAM over the last three stages (0.60), and is more
+# faithful (insertion - deletion 0.474 against 0.277 and 0.435); on the --full demo's model
+# 0.65 against 0.61 for the last three stages (README, "Which stages LayerCAM fuses").
 DEFAULT_CAM_METHOD = "layercam"
 
 # What runs a network for predict (cxrtool.models.runtime): auto = ONNX Runtime on a CPU

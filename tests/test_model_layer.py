@@ -295,11 +295,25 @@ def test_fine_tuning_takes_the_parents_head_for_the_findings_both_have(head):
         if key in ("cooccurrence", "text_prior"):
             continue  # priors: this run's own (fit_priors), not the parent's
         if value.ndim and value.shape[0] == 2 and key.split(".")[0] in ("weight", "bias", "queries", "class_weight", "class_bias",
-                                                                         "spatial", "label_embed"):
+                                                                         "spatial", "label_embed", "identity"):
             assert torch.equal(value[0], parent.state_dict()[key][1]), key  # Nodule: the parent's row
             assert torch.equal(value[1], fresh[key][1]), key  # Mass: new
         else:
             assert torch.equal(value, parent.state_dict()[key]), key  # shared layers: the parent's
+
+
+def test_fine_tuning_from_a_label_features_parent_without_offsets_gives_zero_offsets():
+    """A parent from before the per-finding offsets: its findings' offsets are zero (as it
+    loads and predicts), the new findings' their own initialisation."""
+    from cxrtool.models.heads import build_head
+
+    torch.manual_seed(4)
+    parent = build_head("label_features", 64, ["Effusion", "Nodule"], {"dim": 32})
+    old = {k: v for k, v in parent.state_dict().items() if k != "identity"}
+    child = build_head("label_features", 64, ["Nodule", "Mass"], parent.settings())
+    fresh = child.identity.detach().clone()
+    assert child.inherit(old, parent.findings) == ["Nodule"]
+    assert torch.equal(child.identity[0], torch.zeros(32)) and torch.equal(child.identity[1], fresh[1])
 
 
 def _lga(findings, targets, *, config=None, messages=None):

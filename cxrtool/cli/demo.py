@@ -31,7 +31,8 @@ from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD
 # the lesion, the map did not show it. Output stride 8 (12x12 maps) brought pointing to
 # 0.40; the LSE head (a score map per finding, log-sum-exp pooled, so the logit comes from
 # where the map is high) to 0.56 with Grad-CAM and 0.60 with LayerCAM over the last three
-# stages, with the held-out mean AUROC up from 0.884 to 0.916 (one seed each). A step at
+# stages (0.67 over the first two, explain's default since), with the held-out mean AUROC
+# up from 0.884 to 0.916 (one seed each). A step at
 # output stride 8 costs about twice one at 16, so the quick run trains 7 epochs, not 8, to
 # stay within its 8 minutes (8 epochs took 8.4 minutes end to end on 2 cores).
 #
@@ -46,8 +47,8 @@ from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD
 # Half an epoch of warm-up, as the demo was measured with: `train`'s default became one
 # epoch (for the attention heads, December 2026), and on the demo's cohort and seed one
 # epoch gave a model as good at classifying (held-out mean AUROC 0.907) whose maps point
-# less often (LayerCAM pointing 0.54 against 0.67; cardiomegaly 0.64, edema 0.26): how
-# often the maps point moves with the training run more than the AUROC does.
+# less often (LayerCAM pointing 0.54 against 0.65 with half an epoch; cardiomegaly 0.64,
+# edema 0.26): how often the maps point moves with the training run more than the AUROC.
 
 
 @dataclass(frozen=True)
