@@ -101,15 +101,13 @@ def test_targets(test_images: list[Path], test_labels: Path, findings: list[str]
     return out
 
 
-def test_scores(checkpoint: Path, test_images: list[Path], device: str) -> np.ndarray:
-    """The checkpoint's probabilities (N, K) for the test images, read as predict reads them."""
+def test_scores(network, card, test_images: list[Path], device: str) -> np.ndarray:
+    """A loaded checkpoint's probabilities (N, K) for the test images, read as predict reads them."""
     from localization import scores_of
 
     from cxrtool.io.studies import read_study
-    from cxrtool.models.checkpoint import load_checkpoint
     from cxrtool.preprocess import Preprocessing, fit_to_square
 
-    network, card = load_checkpoint(checkpoint, device=device)
     prep = Preprocessing.from_dict(card.preprocessing)
     squares = np.stack([fit_to_square(read_study(path).pixels, prep)[0] for path in test_images])
     return scores_of(network, card, squares, device)
@@ -132,7 +130,7 @@ def pointing_hits(checkpoint: Path, test_images: list[Path], boxes: Path, args: 
 def run_one(name: str, variant: dict, seed: int, point: tuple[float, float], findings: list[str], data: tuple,
             work: Path, args: argparse.Namespace) -> dict:
     """Train one variant at one seed and learning-rate point (or read back a finished run)."""
-    from cxrtool.models.checkpoint import load_tree, read_card
+    from cxrtool.models.checkpoint import load_checkpoint, load_tree
     from cxrtool.train import load_config
     from cxrtool.train.loop import train
 
@@ -154,16 +152,16 @@ def run_one(name: str, variant: dict, seed: int, point: tuple[float, float], fin
     started = time.perf_counter()
     result = train(config)
     seconds = time.perf_counter() - started
-    card = read_card(result.checkpoint)
+    network, card = load_checkpoint(result.checkpoint, device=args.device)
     history = load_tree(out / "model" / "last_state.safetensors")["history"]
-    scores = test_scores(result.checkpoint, test_images, args.device)
+    scores = test_scores(network, card, test_images, args.device)
     priors = card.training.get("priors") or {}
     record = {
         "variant": name, "seed": seed, "lr": lr, "head_lr": head_lr,
         "val_auroc": card.metrics["val_mean_auroc"], "positives_train": card.training["positives_train"],
         "text_prior": priors.get("text_encoder") if card.head == "lga" else None,
         "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])), "train_seconds": round(seconds, 1),
-        "parameters": sum(int(np.prod(shape)) for shape in _shapes(result.checkpoint)),
+        "parameters": sum(p.numel() for p in network.parameters()),
         "hits": pointing_hits(result.checkpoint, test_images, test_labels.with_name("BBox_List.csv"), args)
         if test_labels.with_name("BBox_List.csv").is_file() else None,
     }
@@ -173,24 +171,12 @@ def run_one(name: str, variant: dict, seed: int, point: tuple[float, float], fin
     return record
 
 
-def _shapes(checkpoint: Path) -> list[tuple[int, ...]]:
-    from safetensors import safe_open
+def macro(metric: str, targets: np.ndarray, scores: np.ndarray) -> float:
+    """The mean over the findings of cxrtool's ``auroc`` or ``auprc``; NaN where a finding
+    is undefined (one class in a resample)."""
+    from cxrtool.evaluate import classification
 
-    with safe_open(str(checkpoint), framework="pt") as handle:
-        return [tuple(handle.get_slice(key).get_shape()) for key in handle.keys() if not key.startswith("training.")]
-
-
-def mean_auroc(targets: np.ndarray, scores: np.ndarray) -> float:
-    from cxrtool.evaluate.classification import auroc
-
-    values = np.atleast_1d(auroc(targets, scores))
-    return float(np.mean(values)) if not np.isnan(values).any() else float("nan")
-
-
-def mean_auprc(targets: np.ndarray, scores: np.ndarray) -> float:
-    from cxrtool.evaluate.classification import auprc
-
-    values = np.atleast_1d(auprc(targets, scores))
+    values = np.atleast_1d(getattr(classification, metric)(targets, scores))
     return float(np.mean(values)) if not np.isnan(values).any() else float("nan")
 
 
@@ -204,9 +190,9 @@ def summarise(dataset: str, runs: dict[str, list[dict]], targets: np.ndarray, fi
                     key=lambda k: prevalence[findings[k]])
     rare = ranked[: max(1, len(ranked) // 3)]
     metrics = {
-        "auroc": mean_auroc,
-        "rare_auroc": lambda t, s: mean_auroc(t[:, rare], s[:, rare]),
-        "map": mean_auprc,
+        "auroc": lambda t, s: macro("auroc", t, s),
+        "rare_auroc": lambda t, s: macro("auroc", t[:, rare], s[:, rare]),
+        "map": lambda t, s: macro("auprc", t, s),
     }
     base = runs[BASELINE]
     rows = []

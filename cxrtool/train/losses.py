@@ -175,10 +175,11 @@ class PromptAlignment(LossTerm):
 # ---- per-finding feature terms (papers 1 and 2) ----------------------------------------
 
 
-def _positives(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """(B, K) bool: the known positive labels of the batch."""
+def _labels(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K) bool each: the batch's known labels, and which of them are present."""
     targets = batch["targets"]
-    return torch.nan_to_num(targets, nan=0.0) > 0.5
+    known = ~torch.isnan(targets)
+    return known, known & (torch.nan_to_num(targets, nan=0.0) > 0.5)
 
 
 def _zero(like: torch.Tensor) -> torch.Tensor:
@@ -248,9 +249,8 @@ class PrototypeContrast(LossTerm):
 
     def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         features = F.normalize(output.features.float(), dim=-1)  # (B, K, D)
-        targets = batch["targets"]
-        known = ~torch.isnan(targets)
-        sides = torch.stack([known & (torch.nan_to_num(targets) > 0.5), known & (torch.nan_to_num(targets) <= 0.5)])  # (2, B, K)
+        known, present = _labels(batch)
+        sides = torch.stack([present, known & ~present])  # (2, B, K)
         with torch.no_grad():
             sums = torch.einsum("sbk,bkd->skd", sides.float(), features.detach())
             counts = sides.sum(1).float()  # (2, K)
@@ -326,9 +326,8 @@ class CorrelationConsistency(LossTerm):
     def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         features = F.normalize(output.features.float(), dim=-1)
         local = torch.einsum("bkd,bjd->bkj", features, features).abs()  # (B, K, K)
-        targets = batch["targets"]
-        known = ~torch.isnan(targets)
-        y = torch.nan_to_num(targets).float()
+        known, _ = _labels(batch)
+        y = torch.nan_to_num(batch["targets"]).float()
         count = local.shape[1]
         pairs = known[:, :, None] & known[:, None, :] & ~torch.eye(count, dtype=torch.bool, device=local.device)
         supervised = ((local - y[:, :, None] * y[:, None, :]).pow(2) * pairs).sum() / pairs.sum().clamp(min=1)
@@ -371,10 +370,9 @@ class CorrelationSupCon(LossTerm):
 
     def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         features = F.normalize(output.features.float(), dim=-1)
-        targets = batch["targets"]
-        known = ~torch.isnan(targets)
+        known, present = _labels(batch)
         rows, findings = known.nonzero(as_tuple=True)
-        present = torch.nan_to_num(targets)[rows, findings] > 0.5  # (N,) each known label's value
+        present = present[rows, findings]  # (N,) each known label's value
         if int(present.sum()) < 2:
             return _zero(features)
         z = features[rows, findings]  # (N, D): every known label's feature
