@@ -85,7 +85,7 @@ def run(kind: str, seed: int, data: tuple, held_out: list[str], work: Path, args
               "auroc": {f: rows[f].auroc for f in held_out}, "map": {f: rows[f].auprc for f in held_out},
               "prevalence": {f: rows[f].positives / max(1, rows[f].n) for f in held_out}}
     if kind == "zero-shot":
-        record["nearest"] = nearest_seen(held_out, seen, out / "test" / "cxrtool_predictions.csv", test_labels)
+        record["nearest"] = nearest_seen(held_out, seen, by_name, test_labels)
     return record
 
 
@@ -98,10 +98,10 @@ def findings_of(train_csv: Path, args: argparse.Namespace) -> list[str]:
     return list(PHANTOM_FINDINGS) if args.data == "phantoms" else list(read_labels(train_csv, require_images=False).findings)
 
 
-def nearest_seen(held_out: list[str], seen: list[str], predictions: Path, test_labels: Path) -> dict:
+def nearest_seen(held_out: list[str], seen: list[str], scores: dict[str, dict], test_labels: Path) -> dict:
     """For each held-out finding, the AUROC against its labels of the model's probability of
     a seen finding: the one nearest it in text, and (an oracle, chosen on the test labels)
-    the best one."""
+    the best one. ``scores``: the predictions table's rows by study file name."""
     from cxrtool.data.labels import read_labels
     from cxrtool.evaluate.classification import auroc
     from cxrtool.models.text import encode, finding_texts, read_descriptions
@@ -110,8 +110,6 @@ def nearest_seen(held_out: list[str], seen: list[str], predictions: Path, test_l
     held_vectors = encode(finding_texts(held_out, descriptions)[0])
     seen_vectors = encode(finding_texts(seen, descriptions)[0])
     nearest = [seen[int(i)] for i in (held_vectors @ seen_vectors.T).argmax(axis=1)]
-    with open(predictions, newline="") as handle:
-        scores = {Path(row["file"]).name: row for row in csv.DictReader(handle)}
     table = read_labels(test_labels, require_images=False)
     keep = [i for i, image in enumerate(table.images) if Path(image).name in scores]
     result = {}
@@ -149,15 +147,14 @@ def main() -> None:
         values = values[~np.isnan(values)]
         return (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0) if len(values) else (math.nan, 0.0)
 
-    print(f"\n{args.data}: {args.arch} at {args.input_size} px, output stride {args.output_stride}, {args.epochs} epochs, "
-          f"lr {args.lr}, {args.seeds} seeds; held out of the dual branch's training: {', '.join(held_out)}")
+    from cxrtool.evaluate.classification import auroc
     from cxrtool.evaluate.compare import paired_bootstrap, seed_averaged
 
+    print(f"\n{args.data}: {args.arch} at {args.input_size} px, output stride {args.output_stride}, {args.epochs} epochs, "
+          f"lr {args.lr}, {args.seeds} seeds; held out of the dual branch's training: {', '.join(held_out)}")
     print("| finding | test prevalence (chance mAP) | zero-shot AUROC (sd) | zero-shot mAP | nearest seen finding by text: AUROC (sd) "
           "| best seen finding (oracle): AUROC | supervised AUROC (sd) | supervised mAP | zero-shot - supervised AUROC [95% CI] |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    from cxrtool.evaluate.classification import auroc
-
     differences: dict[str, dict] = {}
     for finding in held_out:
         prevalence = runs[0]["prevalence"][finding]
