@@ -50,6 +50,11 @@ VARIANTS: dict[str, dict[str, str]] = {
     "LGA + decoder + ASL": {"head": "lga", "loss": "asl"},
     "preset prototypes": {"preset": "prototypes"},
     "preset label-correlation": {"preset": "label-correlation"},
+    # paper 4: its classifier alone (focal, alpha 0.25, on the linear head), and with the loop
+    "linear + focal": {"preset": "radiomics-feedback", "loss": "0.7*focal"},
+    "preset radiomics-feedback": {"preset": "radiomics-feedback"},
+    # with --labelled-fraction: the images whose labels were held back, given as unlabelled
+    "preset radiomics-feedback + unlabelled": {"preset": "radiomics-feedback", "unlabelled": "rest"},
 }
 BASELINE = "linear + ASL"
 # The papers' ladder, run by default; "LSE + ASL" (train's default head) with --variants all.
@@ -59,13 +64,38 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def phantom_data(work: Path, args: argparse.Namespace) -> tuple[Path, list[Path], Path]:
-    """Training labels, test images and test labels of a phantom cohort."""
+    """Training labels, test images and test labels of a phantom cohort (with
+    ``--labelled-fraction``, the labels of that share of the patients only; see
+    :func:`hold_back_labels`)."""
     from cxrtool.data.phantom import generate_cohort
 
     train = generate_cohort(work / "train", n_images=args.train_images, size=args.phantom_size, seed=0, write_masks=False)
     test = generate_cohort(work / "test", n_images=args.test_images, size=args.phantom_size, seed=10_000,
                            first_patient_id=90_001, write_masks=False)
-    return train.data_entry_csv, sorted((work / "test" / "images").glob("*.png")), test.data_entry_csv
+    labels = train.data_entry_csv
+    if args.labelled_fraction < 1:
+        labels = hold_back_labels(labels, args.labelled_fraction)
+    return labels, sorted((work / "test" / "images").glob("*.png")), test.data_entry_csv
+
+
+def hold_back_labels(labels: Path, fraction: float) -> Path:
+    """A copy of an NIH-style label table with ``fraction`` of its patients (drawn with a
+    fixed seed), and beside it ``unlabelled.csv``: the other patients' images, as paths,
+    for the variants that learn from unlabelled images. Returns the copy's path."""
+    rows = list(csv.reader(open(labels, newline="")))
+    header, body = rows[0], rows[1:]
+    column = header.index("Patient ID")
+    patients = sorted({row[column] for row in body})
+    rng = np.random.default_rng(0)
+    kept = set(rng.choice(patients, size=max(1, round(fraction * len(patients))), replace=False).tolist())
+    out = labels.with_name(f"labelled-{fraction:g}.csv")
+    with open(out, "w", newline="") as handle:
+        csv.writer(handle).writerows([header] + [row for row in body if row[column] in kept])
+    with open(labels.with_name("unlabelled.csv"), "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path"])
+        writer.writerows([[str(labels.parent / "images" / row[0])] for row in body if row[column] not in kept])
+    return out
 
 
 def nih_data(work: Path, args: argparse.Namespace) -> tuple[Path, list[Path], Path]:
@@ -113,9 +143,10 @@ def test_scores(network, card, test_images: list[Path], device: str) -> np.ndarr
     return scores_of(network, card, squares, device)
 
 
-def pointing_hits(checkpoint: Path, test_images: list[Path], boxes: Path, args: argparse.Namespace) -> dict[str, bool]:
-    """Explain's default map on every boxed held-out pair: whether its peak is in a true box
-    (benchmarks/localization.py's kernels), keyed ``study|finding``."""
+def localization_pairs(checkpoint: Path, test_images: list[Path], boxes: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """Explain's default map on every boxed held-out pair (benchmarks/localization.py's
+    kernels), keyed ``study|finding``: ``hits``, whether its peak is in a true box, and
+    ``overlaps``, the best IoU and IoBB of its regions with the true boxes."""
     from localization import measure
 
     options = argparse.Namespace(limit=0, batch_size=32, device=args.device, seed=0, methods="default",
@@ -124,7 +155,7 @@ def pointing_hits(checkpoint: Path, test_images: list[Path], boxes: Path, args: 
     with contextlib.redirect_stdout(sys.stderr):
         results = measure(options, checkpoint, test_images[0].parent, boxes)
     (record,) = results["methods"].values()
-    return record["hits"]
+    return {"hits": record["hits"], "overlaps": record["overlaps"]}
 
 
 def run_one(name: str, variant: dict, seed: int, point: tuple[float, float], findings: list[str], data: tuple,
@@ -137,6 +168,11 @@ def run_one(name: str, variant: dict, seed: int, point: tuple[float, float], fin
     train_csv, test_images, test_labels = data
     lr, head_lr = point
     out = work / f"{name.replace(' ', '_').replace('+', '')}-lr{lr:g}-head{head_lr:g}-seed{seed}"
+    if variant.get("unlabelled") == "rest":
+        rest = Path(train_csv).with_name("unlabelled.csv")
+        if not rest.is_file():
+            raise SystemExit(f"variant {name!r} learns from the images whose labels were held back: run it with --labelled-fraction")
+        variant = {**variant, "unlabelled": str(rest)}
     done = out / "result.json"
     if done.is_file():
         record = json.loads(done.read_text())
@@ -153,7 +189,9 @@ def run_one(name: str, variant: dict, seed: int, point: tuple[float, float], fin
     result = train(config)
     seconds = time.perf_counter() - started
     network, card = load_checkpoint(result.checkpoint, device=args.device)
-    history = load_tree(out / "model" / "last_state.safetensors")["history"]
+    state = load_tree(out / "model" / "last_state.safetensors")
+    history = state["history"]
+    cycles = (state.get("feedback") or {}).get("cycles", [])
     scores = test_scores(network, card, test_images, args.device)
     priors = card.training.get("priors") or {}
     record = {
@@ -162,8 +200,11 @@ def run_one(name: str, variant: dict, seed: int, point: tuple[float, float], fin
         "text_prior": priors.get("text_encoder") if card.head == "lga" else None,
         "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])), "train_seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in network.parameters()),
-        "hits": pointing_hits(result.checkpoint, test_images, test_labels.with_name("BBox_List.csv"), args)
-        if test_labels.with_name("BBox_List.csv").is_file() else None,
+        "n_unlabelled": result.n_unlabelled,
+        # what a feedback cycle cost: seconds each (maps + radiomics), against an epoch's
+        "seconds_per_cycle": float(np.mean([c["seconds_maps"] + c["seconds_radiomics"] for c in cycles])) if cycles else None,
+        **(localization_pairs(result.checkpoint, test_images, test_labels.with_name("BBox_List.csv"), args)
+           if test_labels.with_name("BBox_List.csv").is_file() else {"hits": None, "overlaps": None}),
     }
     np.save(out / "scores.npy", scores)
     done.write_text(json.dumps(record, indent=1) + "\n")
@@ -180,12 +221,31 @@ def macro(metric: str, targets: np.ndarray, scores: np.ndarray) -> float:
     return float(np.mean(values)) if not np.isnan(values).any() else float("nan")
 
 
+# Localization per boxed held-out pair, from explain's default map: the pointing game, and
+# the accuracy of the regions' best IoU and IoBB with the true boxes at each threshold.
+OVERLAPS = (0.1, 0.3, 0.5, 0.7)
+
+
+def localization_vectors(run: dict, keys: list[str]) -> dict[str, np.ndarray] | None:
+    """A run's per-pair localization outcomes (0/1), in ``keys`` order; None when the run
+    has none (NIH, or a run measured before the overlaps were recorded)."""
+    if run.get("hits") is None or run.get("overlaps") is None:
+        return None
+    out = {"pointing": np.array([run["hits"].get(key, False) for key in keys], dtype=np.float64)}
+    overlaps = np.array([run["overlaps"].get(key, [0.0, 0.0]) for key in keys], dtype=np.float64)
+    for t in OVERLAPS:
+        out[f"iou_{t:g}"] = (overlaps[:, 0] > t).astype(np.float64)
+        out[f"iobb_{t:g}"] = (overlaps[:, 1] > t).astype(np.float64)
+    return out
+
+
 def summarise(dataset: str, runs: dict[str, list[dict]], targets: np.ndarray, findings: list[str], chosen: dict,
               args: argparse.Namespace) -> list[dict]:
     """Per variant: its metrics over the seeds and its paired differences from the baseline."""
     from cxrtool.evaluate.compare import paired_bootstrap, seed_averaged
 
-    prevalence = runs[BASELINE][0]["positives_train"]
+    baseline = args.baseline
+    prevalence = runs[baseline][0]["positives_train"]
     ranked = sorted((k for k in range(len(findings)) if prevalence.get(findings[k], 0) > 0),
                     key=lambda k: prevalence[findings[k]])
     rare = ranked[: max(1, len(ranked) // 3)]
@@ -194,54 +254,72 @@ def summarise(dataset: str, runs: dict[str, list[dict]], targets: np.ndarray, fi
         "rare_auroc": lambda t, s: macro("auroc", t[:, rare], s[:, rare]),
         "map": lambda t, s: macro("auprc", t, s),
     }
-    base = runs[BASELINE]
+    base = runs[baseline]
+    keys = sorted(base[0]["hits"]) if base[0].get("hits") else []
+    base_local = [localization_vectors(r, keys) for r in base]
     rows = []
     for name, mine in runs.items():
+        cycles = [r["seconds_per_cycle"] for r in mine if r.get("seconds_per_cycle")]
         row: dict = {"variant": name, "seeds": len(mine), "lr": chosen[name], "rare_findings": [findings[k] for k in rare],
                      "text_prior": mine[0]["text_prior"], "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in mine])),
+                     "seconds_per_cycle": float(np.mean(cycles)) if cycles else None,
+                     "unlabelled": mine[0].get("n_unlabelled", 0),
                      "parameters": mine[0]["parameters"], "val_auroc": float(np.mean([r["val_auroc"] for r in mine]))}
         for metric, function in metrics.items():
             values = [function(targets, r["scores"]) for r in mine]
             row[metric] = float(np.mean(values))
             row[f"{metric}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            if name != BASELINE:
+            if name != baseline:
                 found = paired_bootstrap(seed_averaged(function, targets, [r["scores"] for r in base], [r["scores"] for r in mine]),
                                          len(targets), n_boot=args.bootstrap, seed=0)
                 row[f"{metric}_difference"] = found.to_dict()
-        if all(r["hits"] is not None for r in mine + base):
-            keys = sorted(base[0]["hits"])
-            hits = [np.array([r["hits"].get(key, False) for key in keys], dtype=np.float64) for r in mine]
-            row["pointing"] = float(np.mean([h.mean() for h in hits]))
-            if name != BASELINE:
-                base_hits = [np.array([r["hits"].get(key, False) for key in keys], dtype=np.float64) for r in base]
-                found = paired_bootstrap(seed_averaged(lambda t, s: float(s.mean()), np.zeros(len(keys)), base_hits, hits),
-                                         len(keys), n_boot=args.bootstrap, seed=0)
-                row["pointing_difference"] = found.to_dict()
+        local = [localization_vectors(r, keys) for r in mine]
+        if keys and all(v is not None for v in local + base_local):
+            for metric in local[0]:
+                row[metric] = float(np.mean([v[metric].mean() for v in local]))
+                if name != baseline:
+                    found = paired_bootstrap(seed_averaged(lambda t, s: float(s.mean()), np.zeros(len(keys)),
+                                                           [v[metric] for v in base_local], [v[metric] for v in local]),
+                                             len(keys), n_boot=args.bootstrap, seed=0)
+                    row[f"{metric}_difference"] = found.to_dict()
         rows.append(row)
     return rows
 
 
-def print_table(title: str, rows: list[dict]) -> None:
-    def cell(row: dict, metric: str) -> str:
-        difference = row.get(f"{metric}_difference")
-        if metric not in row:
-            return "-"
-        text = f"{row[metric]:.3f}"
-        if difference is None:
-            return text + " (baseline)"
-        mark = {"better": " helps", "worse": " hurts"}.get(difference["verdict"], "")
-        return f"{text}, {difference['difference']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]{mark}"
+def _cell(row: dict, metric: str) -> str:
+    difference = row.get(f"{metric}_difference")
+    if metric not in row:
+        return "-"
+    text = f"{row[metric]:.3f}"
+    if difference is None:
+        return text + " (baseline)"
+    mark = {"better": " helps", "worse": " hurts"}.get(difference["verdict"], "")
+    return f"{text}, {difference['difference']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]{mark}"
 
+
+def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     print("| variant | lr : head lr (val AUROC) | test mean AUROC, difference [95% CI] | rarest third AUROC | mAP | pointing game "
-          "| s/epoch | parameters |")
+          "| s/epoch (s/feedback cycle) | parameters |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         lga = row["variant"].startswith(("LGA", "preset prototypes"))
         name = row["variant"] + (" (learned label embeddings: no sentence encoder)" if lga and not row["text_prior"] else "")
+        if row.get("unlabelled"):
+            name += f" ({row['unlabelled']} unlabelled images)"
         lr, head_lr = row["lr"]
-        print(f"| {name} | {lr:g} : {head_lr:g} ({row['val_auroc']:.3f}) | {cell(row, 'auroc')} | {cell(row, 'rare_auroc')} | "
-              f"{cell(row, 'map')} | {cell(row, 'pointing')} | {row['seconds_per_epoch']:.1f} | {row['parameters'] / 1e6:.2f} M |")
+        cost = f"{row['seconds_per_epoch']:.1f}" + (f" ({row['seconds_per_cycle']:.1f})" if row.get("seconds_per_cycle") else "")
+        print(f"| {name} | {lr:g} : {head_lr:g} ({row['val_auroc']:.3f}) | {_cell(row, 'auroc')} | {_cell(row, 'rare_auroc')} | "
+              f"{_cell(row, 'map')} | {_cell(row, 'pointing')} | {cost} | {row['parameters'] / 1e6:.2f} M |")
+    if any(f"iou_{OVERLAPS[0]:g}" in row for row in rows):
+        print("\nLocalization of explain's default map on the boxed held-out pairs: accuracy of the regions' best "
+              "overlap with a true box above each threshold, differences as above")
+        columns = [f"iou_{t:g}" for t in OVERLAPS] + [f"iobb_{t:g}" for t in OVERLAPS]
+        print("| variant | " + " | ".join(c.replace("_", " > ").upper().replace("IOBB", "IoBB").replace("IOU", "IoU")
+                                         for c in columns) + " |")
+        print("| --- |" + " --- |" * len(columns))
+        for row in rows:
+            print(f"| {row['variant']} | " + " | ".join(_cell(row, c) for c in columns) + " |")
     sys.stdout.flush()
 
 
@@ -258,6 +336,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, lr_help: str) -> None:
     parser.add_argument("--train-images", type=int, default=1200, help="phantoms for training and validation")
     parser.add_argument("--test-images", type=int, default=400, help="held-out phantoms")
     parser.add_argument("--phantom-size", type=int, default=128, help="phantom radiographs' side in pixels")
+    parser.add_argument("--labelled-fraction", type=float, default=1.0,
+                        help="phantoms: keep the labels of this share of the patients; the rest are the unlabelled "
+                             "images of the '+ unlabelled' variants (paper 4's semi-supervised setting)")
     parser.add_argument("--test-fraction", type=float, default=0.33, help="NIH: share of patients held out for the test")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2)
@@ -276,13 +357,16 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--decoder-layers", type=int, default=1)
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--baseline", default=BASELINE, help="the variant the others are compared with (default: %(default)s)")
     args = parser.parse_args()
     names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variant {unknown[0]!r}; choose from: {'; '.join(VARIANTS)}")
-    if BASELINE not in names:
-        names.insert(0, BASELINE)
+    if args.baseline not in VARIANTS:
+        sys.exit(f"unknown baseline {args.baseline!r}; choose from: {'; '.join(VARIANTS)}")
+    if args.baseline not in names:
+        names.insert(0, args.baseline)
     grid = [tuple(float(x) for x in point.split(":")) for point in args.grid.split(",")]
 
     import cxrtool  # noqa: F401  (torchvision prepared before timm and grad-cam)
@@ -292,7 +376,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cxrtool-ablation-") as scratch:
         root = args.work or Path(scratch)
         for dataset in (["phantoms", "nih"] if args.data == "both" else [args.data]):
-            work = root / dataset
+            work = root / (dataset if args.labelled_fraction >= 1 else f"{dataset}-labelled{args.labelled_fraction:g}")
             work.mkdir(parents=True, exist_ok=True)
             if dataset == "phantoms":
                 data, findings = phantom_data(work, args), list(PHANTOM_FINDINGS)
@@ -321,7 +405,7 @@ def main() -> None:
             rows = summarise(dataset, runs, targets, findings, chosen, args)
             title = (f"{dataset}: {args.arch} at {args.input_size} px, output stride {args.output_stride}, {args.epochs} epochs, "
                      f"batch {args.batch_size}, {args.seeds} seeds, {len(data[1])} test images; learning rates chosen per "
-                     f"variant from {args.grid} on validation; differences from {BASELINE}, paired bootstrap over the "
+                     f"variant from {args.grid} on validation; differences from {args.baseline}, paired bootstrap over the "
                      f"test images (pointing: boxed pairs) pooled across seeds; rarest third: {', '.join(rows[0]['rare_findings'])}")
             print_table(title, rows)
             results[dataset] = {"settings": {k: str(v) for k, v in vars(args).items()}, "summary": rows,

@@ -198,6 +198,7 @@ def measure(args: argparse.Namespace, checkpoint: Path, images: Path, boxes_csv:
         seconds = time.perf_counter() - started
         findings: dict[str, LocalizationMetrics] = {}
         hits: dict[str, bool] = {}  # "study|finding": whether the peak fell in a true box (paired comparisons)
+        overlaps: dict[str, list[float]] = {}  # "study|finding": the best IoU and IoBB of the map's regions
         faithful_left = args.faithfulness_pairs
         for (i, f), cam in maps.items():
             name, finding = names[i], card.findings[f]
@@ -214,12 +215,13 @@ def measure(args: argparse.Namespace, checkpoint: Path, images: Path, boxes_csv:
             metrics = findings.setdefault(finding, LocalizationMetrics(finding))
             metrics.add(truth[(name, finding)], entry or None, 0.0, studies[i].shape)
             hits[f"{name}|{finding}"] = bool(metrics.hits[-1])
+            overlaps[f"{name}|{finding}"] = [round(v, 4) for v in metrics.overlaps[-1]]
         overall = LocalizationMetrics("overall")
         for metrics in findings.values():
             overall.merge(metrics)
         record = {"seconds": round(seconds, 1), "overall": overall.to_dict(args.bootstrap, args.seed),
                   "findings": {name: m.to_dict(args.bootstrap, args.seed) for name, m in sorted(findings.items())},
-                  "hits": hits}
+                  "hits": hits, "overlaps": overlaps}
         if randomised is not None:
             shuffled, _ = draw(randomised, method, layer or None)
             keys = [key for key in maps if maps[key].max() > 0]

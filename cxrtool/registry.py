@@ -186,6 +186,7 @@ LOSSES: dict[str, str] = {
     "lcc": "consistency of per-image and global label correlations (paper 2)",
     "lcsupcon": "label-correlation-guided multi-label supervised contrastive loss (paper 2)",
     "align": "image-text alignment: the image against each finding's positive and negative prompt (paper 3's dual branch)",
+    "radiomics": "NT-Xent between the image and the radiomics of its own map's region, renewed by feedback cycles (paper 4)",
 }
 DEFAULT_LOSS = "asl"
 
@@ -195,6 +196,11 @@ PRESETS: dict[str, dict[str, object]] = {
     "label-correlation": {"head": "label_features", "loss": "bce+0.1*lcc+0.2*lcsupcon"},  # paper 2
     # paper 3: contrastive alignment + 1.5 x ASL, on the linear head it was measured with
     "dual-branch": {"head": "linear", "zero_shot": True, "loss": "1.5*asl+align"},
+    # paper 4: focal loss (alpha 0.25, gamma 2, as its code) and the radiomics contrast on
+    # the pooled features, weighted 0.7 : 0.3 as the weighting its code leaves commented
+    # out (the paper does not give one), with a feedback cycle every epoch
+    "radiomics-feedback": {"head": "linear", "loss": "0.7*focal+0.3*radiomics", "focal_alpha": 0.25, "focal_gamma": 2.0,
+                           "feedback_every": 1},
 }
 
 # How per-finding decision thresholds are chosen on validation data.

@@ -146,18 +146,20 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("preset", [None, "prototypes"])
+@pytest.mark.parametrize("preset", [None, "prototypes", "radiomics-feedback"])
 def test_torchrun_two_gloo_processes(preset, tmp_path):
     """Two ranks; with paper 1's recipe too (a transformer head whose forward returns features,
     prototypes saved beside the weights; that the ranks' prototypes agree is
-    test_label_losses' two-rank test)."""
+    test_label_losses' two-rank test); and paper 4's, whose feedback cycle the main rank
+    computes and the other reads from the cache by the main rank's key."""
     from cxrtool.models.checkpoint import read_training_tensors
     from cxrtool.models.text import encoder_installed
 
     labels = make_generic_dataset(tmp_path / "data", n=40)
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cxrtool", "train", *tiny_settings(labels, run, epochs=2), *(["--preset", preset] if preset else [])]
+           "-m", "cxrtool", "train", *tiny_settings(labels, run, epochs=2), *(["--preset", preset] if preset else []),
+           *(["--set", "output_stride=8", "--set", "feedback_cam=eigencam"] if preset == "radiomics-feedback" else [])]
     env = {**os.environ, "CXRTOOL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -173,6 +175,10 @@ def test_torchrun_two_gloo_processes(preset, tmp_path):
         saved = read_training_tensors(run / CHECKPOINT_NAME)
         assert saved["loss.terms.1.seen"].all() and torch.isfinite(saved["loss.terms.1.prototypes"]).all()
         assert torch.allclose(saved["loss.terms.1.prototypes"].norm(dim=-1), torch.ones(2, 2))
+    if preset == "radiomics-feedback":
+        output = completed.stdout + completed.stderr
+        assert output.count("feedback cycle 1: 17 maps") == 1, output  # half of the 34 training images, told once
+        assert state["feedback"]["number"] == 1 and state["history"][1]["train_loss_terms"]["radiomics"] > 0
 
 
 def test_bad_training_settings_exit_2(tmp_path):

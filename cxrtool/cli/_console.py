@@ -190,7 +190,8 @@ def show(renderable: Any, console: Console | None = None) -> None:
 
 def training_progress(bar: Any, *, label: str = "epoch") -> Callable[[Any], None]:
     """A callback drawing the training loop's events (``cxrtool.train.loop.TrainEvent``) on
-    ``bar``: image caching, one bar per epoch with the running loss, then validation. Under
+    ``bar``: image caching, named phases (a feedback cycle's maps and radiomics), one bar per
+    epoch with the running loss, then validation. Under
     a log (no terminal) each epoch's summary is also a line of its own."""
     tasks: dict[str, Any] = {}
     plain = isinstance(bar, PlainProgress)
@@ -202,6 +203,11 @@ def training_progress(bar: Any, *, label: str = "epoch") -> Callable[[Any], None
             if "cache" not in tasks:
                 tasks["cache"] = bar.add_task("reading images", total=event.steps, status="")
             bar.update(tasks["cache"], completed=event.step)
+        elif event.kind == "phase":
+            key = f"phase:{event.message}"
+            if key not in tasks:
+                tasks[key] = bar.add_task(event.message, total=event.steps, status="")
+            bar.update(tasks[key], completed=event.step)
         elif event.kind == "batch":
             key = f"epoch{event.epoch}"
             if key not in tasks:

@@ -63,6 +63,12 @@ def train(
     projections: Annotated[str | None, typer.Option("--projections", help="Train on these projections' images only, "
                                                        "e.g. PA or AP,PA (from the labels' view column): a model for a "
                                                        "bundle's route.")] = None,
+    unlabelled: Annotated[str | None, typer.Option("--unlabelled", help="Radiographs without labels (a folder, or a CSV with a "
+                                                   "path column): they enter the radiomics contrast only (paper 4; "
+                                                   "--preset radiomics-feedback).")] = None,
+    feedback_every: Annotated[int | None, typer.Option("--feedback-every", min=1,
+                                                       help="The radiomics term's feedback cycle: before every E-th epoch "
+                                                            "(default 1) the model's maps are measured again.")] = None,
     uncertain: Annotated[str | None, typer.Option("--uncertain", callback=one_of(UNCERTAIN_POLICIES),
                                                       help=f"CheXpert -1 labels: {', '.join(UNCERTAIN_POLICIES)}.")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--scratch", help="Start from ImageNet weights (needs the network).")] = None,
@@ -80,7 +86,8 @@ def train(
     flags = {
         "task": task, "labels": labels, "images": images, "out": out, "init": init, "architecture": architecture, "head": head, "preset": preset, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "loss": loss, "sampling": sampling, "logit_adjustment": logit_adjustment, "input_size": input_size, "uncertain": uncertain,
-        "pretrained": pretrained, "device": device, "workers": workers, "seed": seed,
+        "pretrained": pretrained, "device": device, "workers": workers, "seed": seed, "unlabelled": unlabelled,
+        "feedback_every": feedback_every,
         "findings": [f.strip() for f in findings.split(",") if f.strip()] if findings else None,
         "projections": [p.strip().upper() for p in projections.split(",") if p.strip()] if projections else None,
     }

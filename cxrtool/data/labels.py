@@ -768,6 +768,12 @@ class ViewTable:
         return self.rows
 
 
+def _find_column(header: Sequence[str], names: Sequence[str]) -> int | None:
+    """The index of the first of ``names`` (lower case) the header has, in any case; None if none."""
+    lower = [h.strip().lower() for h in header]
+    return next((lower.index(name) for name in names if name in lower), None)
+
+
 def read_views(csv_path: str | os.PathLike[str]) -> ViewTable:
     """Each image's projection from a label or metadata table (:class:`ViewTable`: looked
     up by a study's path).
@@ -786,10 +792,8 @@ def read_views(csv_path: str | os.PathLike[str]) -> ViewTable:
         raise FileNotFoundError(f"view table not found: {path}")
     header, reader, fh = _read_csv(path)
     with fh:
-        lower = [h.strip().lower() for h in header]
-        i_image = next((lower.index(c) for c in _IMAGE_COLUMNS if c in lower), None)
-        i_view = next((lower.index(c) for c in _VIEW_COLUMNS if c in lower), None)
-        i_lateral = lower.index("frontal/lateral") if "frontal/lateral" in lower else None
+        i_image, i_view = _find_column(header, _IMAGE_COLUMNS), _find_column(header, _VIEW_COLUMNS)
+        i_lateral = _find_column(header, ("frontal/lateral",))
         if i_image is None or (i_view is None and i_lateral is None):
             raise ValueError(f"{path.name}: no image and view columns (e.g. 'Image Index' and 'View Position', or "
                              f"path and view) in the header ({_describe_header(header)})")
@@ -804,6 +808,39 @@ def read_views(csv_path: str | os.PathLike[str]) -> ViewTable:
                 view = _normalize_view(row[i_view])
             table.add(row[i_image].strip(), view)
     return table
+
+
+def read_unlabelled(source: str | os.PathLike[str]) -> tuple[list[str], int]:
+    """Radiographs without labels (``train --unlabelled``): every study under a folder, or
+    the images a CSV names in its image column (``path``, ``Image Index``, ...; relative to
+    the CSV's folder). Returns the paths that exist and how many rows named a missing file.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: a CSV without an image column, or nothing to read.
+    """
+    from cxrtool.io.studies import find_studies
+
+    path = Path(source)
+    if path.is_dir():
+        found = [str(p) for p in find_studies([path])]
+        if not found:
+            raise ValueError(f"unlabelled: no radiographs under {path}")
+        return found, 0
+    if not path.is_file():
+        raise FileNotFoundError(f"unlabelled: no such folder or CSV: {path}")
+    header, reader, fh = _read_csv(path)
+    with fh:
+        column = _find_column(header, _IMAGE_COLUMNS)
+        if column is None:
+            raise ValueError(f"unlabelled: {path.name} has no image column (e.g. path or 'Image Index') in its header "
+                             f"({_describe_header(header)})")
+        names = [row[column].strip() for row in reader if len(row) > column and row[column].strip()]
+    resolved = [name if os.path.isabs(name) else str(path.parent / name) for name in names]
+    existing = [name for name in resolved if os.path.isfile(name)]
+    if not existing:
+        raise ValueError(f"unlabelled: none of the {len(names)} images {path.name} names is on disk")
+    return existing, len(resolved) - len(existing)
 
 
 # --------------------------------------------------------------------------- splitting

@@ -71,6 +71,7 @@ class LocalizationMetrics:
     iobb_hits: dict[float, int] = field(default_factory=lambda: dict.fromkeys(OVERLAP_THRESHOLDS, 0))
     pointing_hits: int = 0
     hits: list[bool] = field(default_factory=list)  # pointing, per pair (misses included): for the intervals
+    overlaps: list[tuple[float, float]] = field(default_factory=list)  # per pair: best IoU and IoBB (0: no map)
     in_band: list[bool] = field(default_factory=list)  # per mapped pair with a peak: in the border band
     outside_chest: int = 0  # mapped pairs whose map explain marked as lying outside the chest
     faithfulness: list[float] = field(default_factory=list)  # per mapped pair that has it: insertion - deletion AUC
@@ -80,6 +81,7 @@ class LocalizationMetrics:
         self.pairs += 1
         if entry is None:
             self.hits.append(False)
+            self.overlaps.append((0.0, 0.0))
             return
         self.mapped += 1
         if (entry.get("trust") or {}).get("outside_chest"):
@@ -90,6 +92,7 @@ class LocalizationMetrics:
         predicted = [region["box"] for region in entry.get("regions", [])]
         best_iou = max((iou(p, t) for p in predicted for t in truth), default=0.0)
         best_iobb = max((iobb(p, t) for p in predicted for t in truth), default=0.0)
+        self.overlaps.append((float(best_iou), float(best_iobb)))
         for threshold in OVERLAP_THRESHOLDS:
             self.iou_hits[threshold] += best_iou > threshold
             self.iobb_hits[threshold] += best_iobb > threshold
@@ -105,6 +108,7 @@ class LocalizationMetrics:
         self.mapped += other.mapped
         self.pointing_hits += other.pointing_hits
         self.hits += other.hits
+        self.overlaps += other.overlaps
         self.in_band += other.in_band
         self.outside_chest += other.outside_chest
         self.faithfulness += other.faithfulness

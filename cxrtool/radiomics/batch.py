@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,8 +191,6 @@ def run_regions(
     Raises:
         UsageError: the table holds rows measured with other settings (and not ``overwrite``).
     """
-    from cxrtool._workers import fork_safe_opencv
-
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     journal = out_csv.with_name(out_csv.name + ".journal.jsonl")
@@ -248,9 +246,7 @@ def run_regions(
         for group in groups:
             record(measure_image(group, params, classes, digest))
     else:
-        threads = max(1, (os.cpu_count() or 1) // n_workers)
-        with fork_safe_opencv(), ProcessPoolExecutor(max_workers=n_workers, initializer=_worker_init,
-                                                     initargs=(threads,)) as pool:
+        with worker_pool(n_workers) as pool:
             for rows in pool.map(measure_image, groups, [params] * len(groups), [classes] * len(groups),
                                  [digest] * len(groups), chunksize=1):
                 record(rows)
@@ -289,6 +285,17 @@ def _by_image(jobs: Sequence[RegionJob], workers: int) -> list[list[RegionJob]]:
     for job in jobs:
         by_image.setdefault(job.image, []).append(job)
     return [group[start : start + cap] for group in by_image.values() for start in range(0, len(group), cap)]
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """The radiomics loop's worker processes (``run_regions``, and the feedback cycles of
+    paper 4's training loop): forked safely, each with its share of the cores."""
+    from cxrtool._workers import fork_safe_opencv
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with fork_safe_opencv(), ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(threads,)) as pool:
+        yield pool
 
 
 def _worker_init(threads: int) -> None:

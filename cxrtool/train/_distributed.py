@@ -70,6 +70,20 @@ def broadcast_object(info: DistInfo, value):
     return box[0]
 
 
+def average_gradients(info: DistInfo, module: torch.nn.Module) -> None:
+    """Average ``module``'s gradients over the ranks (for parameters outside the DDP wrapper:
+    the loss terms' own modules); a parameter without a gradient on a rank counts as zero."""
+    if not info.enabled:
+        return
+    for parameter in module.parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        dist.all_reduce(parameter.grad)
+        parameter.grad /= info.world_size
+
+
 def teardown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

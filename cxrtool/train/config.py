@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from cxrtool.registry import (
+    CAM_METHOD_LABELS,
     DEFAULT_ARCHITECTURE,
     DEFAULT_HEAD,
     DEFAULT_LOSS,
@@ -32,7 +33,7 @@ from cxrtool.registry import (
 )
 
 # Settings that are paths: in a YAML file they are relative to the file's folder.
-PATH_SETTINGS = ("labels", "images", "out", "init", "descriptions", "prompts")
+PATH_SETTINGS = ("labels", "images", "out", "init", "descriptions", "prompts", "unlabelled")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainConfig:
     projections: list[str] = field(default_factory=list)  # train on these projections' rows only (a bundle's route)
     uncertain: str = "ignore"  # CheXpert -1 labels: ignore | positive | negative
     val_fraction: float = 0.15
+    unlabelled: str = ""  # radiographs without labels (a folder, or a CSV with a path column): the radiomics term only
     cache_images: bool = True  # keep preprocessed inputs in memory (uint8) after first read
     # model
     init: str = ""  # start from this cxrtool checkpoint (its architecture and preprocessing too)
@@ -86,6 +88,12 @@ class TrainConfig:
     apcl_temperature: float = 0.1  # apcl: temperature of the contrast over prototypes
     supcon_temperature: float = 0.1  # lcsupcon: temperature
     focal_gamma: float = 2.0
+    focal_alpha: float = -1.0  # focal: weight of positives (negatives 1 - alpha); negative: unweighted
+    radiomics_temperature: float = 0.5  # radiomics: NT-Xent temperature (paper 4)
+    feedback_every: int = 1  # radiomics: a feedback cycle before every E-th epoch (the first after E epochs)
+    feedback_fraction: float = 0.5  # radiomics: share of the training images each cycle re-measures, in turn
+    feedback_cam: str = "gradcam"  # radiomics: the map method whose regions are measured (the paper's Grad-CAM)
+    feedback_layer: str = ""  # radiomics: its target layer (default: the method's)
     asl_gamma_neg: float = 4.0
     asl_gamma_pos: float = 0.0
     asl_clip: float = 0.05
@@ -121,6 +129,14 @@ class TrainConfig:
             (self.logit_adjustment >= 0, f"logit_adjustment must be 0 or more, got {self.logit_adjustment}"),
             (self.output_stride in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {self.output_stride}"),
             (self.padding in PADDINGS, f"padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}"),
+            (self.feedback_every >= 1, f"feedback_every must be at least 1, got {self.feedback_every}"),
+            (0 < self.feedback_fraction <= 1, f"feedback_fraction must be in (0, 1], got {self.feedback_fraction}"),
+            (self.feedback_cam in CAM_METHOD_LABELS,
+             f"feedback_cam must be one of {', '.join(CAM_METHOD_LABELS)}, got {self.feedback_cam!r}"),
+            (not self.unlabelled or "radiomics" in terms,
+             "unlabelled images enter the radiomics contrast only: add the term (loss: focal+radiomics, or "
+             "--preset radiomics-feedback)"),
+            (self.focal_alpha <= 1, f"focal_alpha must be at most 1 (negative: off), got {self.focal_alpha}"),
             (self.threshold_method in THRESHOLD_METHODS,
              f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, got {self.threshold_method!r}"),
             (self.uncertain in UNCERTAIN_POLICIES,

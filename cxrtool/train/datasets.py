@@ -141,7 +141,8 @@ class LabelledStudies(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _square(self, index: int) -> np.ndarray | None:
+    def input_square(self, index: int) -> np.ndarray | None:
+        """The image's fitted input square in [0, 1], unaugmented; None when unreadable."""
         if self.cache is not None:
             if index in self.cache.failed:
                 return None
@@ -150,7 +151,7 @@ class LabelledStudies(torch.utils.data.Dataset):
         return None if square is None else square.astype(np.float32) / 255.0
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        square = self._square(index)
+        square = self.input_square(index)
         targets = torch.from_numpy(self.targets[index])
         if square is None:
             size = self.prep.input_size

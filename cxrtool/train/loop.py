@@ -38,14 +38,15 @@ _RESUME_INVARIANTS = ("task", "architecture", "output_stride", "padding", "input
                       "val_fraction", "batch_size",
                       "init", "head", "loss", "lse_r", "head_dim", "decoder_layers", "decoder_heads",
                       "decoder_self_attention", "lga_text", "lga_layers", "lga_cooccurrence_bias", "preset",
-                      "sampling", "logit_adjustment", "zero_shot", "prompts", "projections")
+                      "sampling", "logit_adjustment", "zero_shot", "prompts", "projections", "unlabelled",
+                      "feedback_every", "feedback_fraction", "feedback_cam", "feedback_layer")
 
 
 @dataclass
 class TrainEvent:
     """What the loop reports to its caller (the CLI draws progress from these)."""
 
-    kind: str  # "message" | "cache" | "batch" | "epoch" | "done"
+    kind: str  # "message" | "cache" | "phase" (a named step: message, step of steps) | "batch" | "epoch" | "done"
     epoch: int = 0
     epochs: int = 0
     step: int = 0
@@ -67,6 +68,7 @@ class TrainResult:
     n_train: int = 0
     n_val: int = 0
     skipped_rows: int = 0
+    n_unlabelled: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -85,11 +87,13 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def parameter_groups(model: torch.nn.Module, config: TrainConfig,
+                     criterion: torch.nn.Module | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The optimiser's parameter groups, and what the model card records of them.
 
     Two parts, each with its own learning rate: the backbone (``lr``) and everything after
-    it, the head and the zero-shot text branch (``head_lr``, ``lr`` when 0); attention heads
+    it, the head, the zero-shot text branch and the loss terms' own modules (paper 4's
+    projection heads and radiomics encoder: ``head_lr``, ``lr`` when 0); attention heads
     train best slower than a convolutional backbone from scratch, as Query2Label's and
     GL-MLL's recipes do. Within each, normalisation and bias parameters (one dimension) and
     the heads' embeddings (``Head.embeddings``: label queries and the like) get no weight
@@ -98,10 +102,13 @@ def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> tuple[list[
     head_lr = config.head_lr or config.lr
     embeddings = {f"head.{name}" for name in getattr(model.head, "embeddings", ())}
     groups: dict[tuple[str, bool], list[tuple[str, torch.nn.Parameter]]] = {}
-    for name, parameter in model.named_parameters():
+    named = list(model.named_parameters())
+    if criterion is not None:
+        named += [(f"loss.{name}", parameter) for name, parameter in criterion.named_parameters()]
+    for name, parameter in named:
         if not parameter.requires_grad:
             continue
-        part = "backbone" if name.startswith("backbone.") else "head"
+        part = "backbone" if name.startswith("backbone.") else "loss terms" if name.startswith("loss.") else "head"
         decays = parameter.ndim > 1 and name not in embeddings
         groups.setdefault((part, decays), []).append((name, parameter))
     built, record = [], {}
@@ -133,7 +140,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         >>> result = train(load_config(overrides={"labels": "Data_Entry.csv", "epochs": 2}))
         >>> result.best_auroc
     """
-    from cxrtool.data.labels import patient_split, read_labels
+    from cxrtool.data.labels import patient_split, read_labels, read_unlabelled
 
     config.validate()
     requested = pick_device(config.device)
@@ -175,6 +182,16 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                                               f"the training split ({', '.join(never[:6])}{', ...' if len(never) > 6 else ''}): "
                                               "check their spelling in the labels, or leave them out with --findings"))
         paths = [str(table.resolve_image(i)) for i in range(len(table))]
+        targets, views, labelled_train = table.targets, list(table.views), train_idx
+        if config.unlabelled:
+            # rows after the table's: targets all unknown, so only the radiomics term sees them
+            extra, missing = read_unlabelled(config.unlabelled)
+            say(TrainEvent("message", message=f"{len(extra)} unlabelled images for the radiomics contrast"
+                                              + (f" ({missing} rows name no file on disk)" if missing else "")))
+            targets = np.concatenate([targets, np.full((len(extra), len(findings)), np.nan, dtype=targets.dtype)])
+            views += ["UNKNOWN"] * len(extra)
+            train_idx = np.concatenate([np.asarray(train_idx), np.arange(len(paths), len(paths) + len(extra))])
+            paths += extra
         parent = _parent(config, say) if config.init else None
         prep = Preprocessing.from_dict(parent.card.preprocessing) if parent else Preprocessing(input_size=config.input_size)
 
@@ -202,17 +219,18 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             model.text.prompts.copy_(torch.from_numpy(text.pop("pairs")))
         if parent is not None:
             say(TrainEvent("message", message=parent.initialise(model)))
-        priors = model.head.fit_priors(table.targets[train_idx], settings,
+        priors = model.head.fit_priors(table.targets[labelled_train], settings,
                                        lambda text: say(TrainEvent("message", message=text)))
-        criterion = build_loss(config.loss, LossContext(findings, table.targets[train_idx], settings,
-                                                        lambda text: say(TrainEvent("message", message=text))))
+        criterion = build_loss(config.loss, LossContext(findings, table.targets[labelled_train], settings,
+                                                        lambda text: say(TrainEvent("message", message=text)),
+                                                        width=model.head.width))
         check_head_gives(criterion, model.head.name, model.gives)
 
-        train_set = LabelledStudies(paths, table.targets, prep, augment=Augmentation() if config.augment else None,
+        train_set = LabelledStudies(paths, targets, prep, augment=Augmentation() if config.augment else None,
                                     cache=cache, seed=config.seed, views=2 if "image_2" in criterion.batch_needs else 1,
-                                    view_positions=table.views)
+                                    view_positions=views)
         train_view = torch.utils.data.Subset(train_set, train_idx)
-        val_set = LabelledStudies(paths, table.targets, prep, cache=cache, seed=config.seed, view_positions=table.views)
+        val_set = LabelledStudies(paths, targets, prep, cache=cache, seed=config.seed, view_positions=views)
         # Channels-last: about 1.3x faster convolutions on CPU (oneDNN) and on tensor cores.
         model = model.to(device, memory_format=torch.channels_last)
         wrapped: torch.nn.Module = model
@@ -222,7 +240,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             )
 
         criterion = criterion.to(device)
-        groups, optimiser_record = parameter_groups(model, config)
+        groups, optimiser_record = parameter_groups(model, config, criterion)
+        feedback = _feedback_run(config, criterion, train_idx, targets, val_set, out, device, say)
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         per_rank = math.ceil(len(train_idx) / dist_info.world_size)
         steps_per_epoch = max(1, math.ceil(per_rank / config.batch_size))
@@ -236,6 +255,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
         start_epoch, best_auroc, best_epoch, history = 0, -math.inf, -1, []
+        cycle, cycles = None, []  # the feedback loop's current cycle, and what each cycle did
         if resume and state_path.exists():
             state = load_tree(state_path)
             saved, current = absolute_paths(state["config"]), absolute_paths(config.to_dict())
@@ -258,6 +278,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             torch.set_rng_state(state["rng"]["torch"])
             start_epoch = int(state["epoch"]) + 1
             best_auroc, best_epoch, history = float(state["best_auroc"]), int(state["best_epoch"]), list(state["history"])
+            if feedback is not None and state.get("feedback"):
+                cycle, cycles = feedback.resume(state["feedback"], len(paths)), list(state["feedback"]["cycles"])
             say(TrainEvent("message", message=f"resuming after epoch {start_epoch} of {config.epochs} (best mean AUROC {best_auroc:.4f})"))
         elif resume:
             say(TrainEvent("message", message=f"nothing to resume in {out}: starting afresh"))
@@ -266,9 +288,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             write_config(config, out / CONFIG_NAME)
 
         for epoch in range(start_epoch, config.epochs):
+            if feedback is not None and epoch > 0 and epoch % config.feedback_every == 0:
+                cycle = feedback.next_cycle(model, epoch // config.feedback_every, cycle, dist_info, len(paths))
+                cycles.append(cycle.record() | {"before_epoch": epoch + 1})
             train_set.set_epoch(epoch)
             order = _epoch_order(len(train_idx), config.seed, epoch, dist_info,
-                                 targets=table.targets[train_idx] if config.sampling == "class_aware" else None)
+                                 targets=targets[train_idx] if config.sampling == "class_aware" else None)
             loader = torch.utils.data.DataLoader(
                 train_view,
                 batch_size=config.batch_size,
@@ -294,6 +319,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                 loss, parts = criterion(output, batch)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                distributed.average_gradients(dist_info, criterion)  # the loss terms' own modules: not under DDP
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -321,9 +347,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             if dist_info.is_main:
                 if improved or not (out / CHECKPOINT_NAME).exists():
                     best_auroc, best_epoch = (auroc if not math.isnan(auroc) else best_auroc), epoch + 1
-                    card = _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores,
+                    card = _card(config, findings, prep, table, labelled_train, val_idx, val_targets, val_scores,
                                  per_finding, auroc, epoch + 1, history, parent, head_settings=model.head.settings(),
-                                 priors=priors, text=text, optimiser=optimiser_record)
+                                 priors=priors, text=text, optimiser=optimiser_record,
+                                 feedback=feedback.record(cycles, len(paths) - len(table)) if feedback else None)
                     save_checkpoint(out / CHECKPOINT_NAME, model, card,
                                     training={f"loss.{k}": v for k, v in criterion.state_dict().items()})
                 save_tree(
@@ -340,6 +367,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                         "best_auroc": best_auroc,
                         "best_epoch": best_epoch,
                         "history": history,
+                        **({"feedback": {"number": cycle.number, "key": cycle.key, "cycles": cycles}}
+                           if cycle is not None else {}),
                     },
                 )
             best_auroc = distributed.broadcast_object(dist_info, best_auroc)
@@ -354,9 +383,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             best_epoch=best_epoch,
             epochs_run=config.epochs - start_epoch,
             history=history,
-            n_train=len(train_idx),
+            n_train=len(labelled_train),
             n_val=len(val_idx),
             skipped_rows=table.skipped,
+            n_unlabelled=len(paths) - len(table),
         )
         say(TrainEvent("done", epochs=config.epochs, best_auroc=best_auroc))
         return result
@@ -367,6 +397,91 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         wrapped = model = None
         gc.collect()
         distributed.teardown(dist_info)
+
+
+class _Feedback:
+    """The feedback loop of a run whose loss has the radiomics term (paper 4): the cycles
+    (:class:`cxrtool.train.feedback.FeedbackRun`), the term that reads their features, and
+    what the card records."""
+
+    def __init__(self, run, term, config: TrainConfig, say) -> None:
+        self.run, self.term, self.config, self.say = run, term, config, say
+
+    def next_cycle(self, model: torch.nn.Module, number: int, previous, info: distributed.DistInfo, total: int):
+        """Cycle ``number`` on the model as it is now (computed by the main process, or read
+        back from the cache), installed in the term."""
+        from cxrtool.train.feedback import Cycle
+
+        found: Cycle | None = self.run.cycle(model, number, previous) if info.is_main else None
+        # the main process's key: the other ranks' batch-norm statistics differ from its own
+        # (DDP broadcasts buffers at each forward, then each rank's forward updates them)
+        key = distributed.broadcast_object(info, found.key if found is not None else None)
+        if found is None:
+            found = self.run.cache.load(number, key)
+            if found is None:
+                raise RuntimeError(f"feedback cycle {number}: the main process's cache is not readable here "
+                                   f"({self.run.cache.folder}): the ranks need a shared --out")
+        self._install(found, total)
+        dropped = sum(found.dropped.values())
+        reasons = "; ".join(f"{count} {reason}" for reason, count in sorted(found.dropped.items(), key=lambda kv: -kv[1])[:3])
+        if found.reused:
+            summary = "read back from its cache"
+        else:
+            summary = (f"{found.refreshed} maps, {found.refreshed - dropped} regions measured, in "
+                       f"{found.seconds_maps + found.seconds_radiomics:.1f} s (maps {found.seconds_maps:.1f} s, "
+                       f"radiomics {found.seconds_radiomics:.1f} s)")
+        self.say(TrainEvent("message", message=f"feedback cycle {number}: {summary}; {int(found.valid.sum())} of "
+                                               f"{len(found.positions)} images have a region"
+                                               + (f"; {dropped} dropped ({reasons})" if dropped else "")))
+        return found
+
+    def resume(self, saved: dict[str, Any], total: int):
+        """The cycle an interrupted run was using, from its cache."""
+        number, key = int(saved["number"]), str(saved["key"])
+        found = self.run.cache.load(number, key)
+        if found is None:
+            raise ValueError(f"cannot resume: feedback cycle {number}'s features ({self.run.cache.path(number, key)}) "
+                             "are gone; start a new --out")
+        self._install(found, total)
+        return found
+
+    def _install(self, cycle, total: int) -> None:
+        from cxrtool.train.feedback import standardised
+
+        self.term.set_bank(cycle.positions, np.where(cycle.valid[:, None], standardised(cycle.features, cycle.valid), np.nan),
+                           total)
+
+    def record(self, cycles: list[dict[str, Any]], unlabelled: int) -> dict[str, Any]:
+        from cxrtool.train.feedback import EXTRACTOR_SETTINGS, FINDING_CHOICE, REGION_RULE, feature_names
+
+        config = self.config
+        return {"every_epochs": config.feedback_every, "fraction_per_cycle": config.feedback_fraction,
+                "map": {"method": config.feedback_cam, "layer": config.feedback_layer or "the method's default"},
+                "region_rule": REGION_RULE, "finding_choice": FINDING_CHOICE,
+                "extractor": {"library": "pyradiomics", "settings": EXTRACTOR_SETTINGS, "features": len(feature_names()),
+                              "input": "the model's 8-bit input square", "standardised": "training pool's mean and SD per cycle; NaN as 0"},
+                "temperature": config.radiomics_temperature, "unlabelled_images": unlabelled, "cycles": cycles}
+
+
+def _feedback_run(config, criterion, train_idx, targets, val_set, out: Path, device, say) -> _Feedback | None:
+    """The run's feedback loop, when a loss term asks for one."""
+    from cxrtool.train.feedback import FeedbackCache, FeedbackRun
+
+    term = next((t for t in criterion.terms if getattr(t, "feedback", False)), None)
+    if term is None:
+        return None
+    positions = np.asarray(train_idx, dtype=np.int64)
+
+    def square(row: int):
+        values = val_set.input_square(row)
+        return None if values is None else np.round(values * 255).astype(np.uint8)
+
+    run = FeedbackRun(positions=positions, targets=np.asarray(targets)[positions], image=lambda row: val_set[row]["image"],
+                      square=square, cache=FeedbackCache(out / "feedback"), method=config.feedback_cam,
+                      layer=config.feedback_layer or None, fraction=config.feedback_fraction, seed=config.seed,
+                      device=device, batch_size=max(config.batch_size, 64), workers=max(1, config.workers),
+                      progress=lambda phase, done, total: say(TrainEvent("phase", step=done, steps=total, message=phase)))
+    return _Feedback(run, term, config, say)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -493,7 +608,7 @@ def _parent(config: TrainConfig, say: Callable[[TrainEvent], None]) -> Parent:
 
 
 def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores, per_finding, auroc, epoch, history,
-          parent=None, *, head_settings=None, priors=None, text=None, optimiser=None):
+          parent=None, *, head_settings=None, priors=None, text=None, optimiser=None, feedback=None):
     from cxrtool.evaluate.classification import choose_thresholds
 
     thresholds = choose_thresholds(val_targets, val_scores, method=config.threshold_method)
@@ -532,6 +647,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
             "pretrained": config.pretrained,
             **({"init": parent.record(list(findings))} if parent is not None else {}),
             **({"priors": priors} if priors else {}),
+            **({"feedback": feedback} if feedback else {}),
         },
         metrics={
             "val_mean_auroc": None if math.isnan(auroc) else round(auroc, 6),

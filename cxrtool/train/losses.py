@@ -53,17 +53,22 @@ class BCELoss(MaskedMultiLabelLoss):
 
 
 class FocalLoss(MaskedMultiLabelLoss):
-    """Lin et al. (2017): down-weights easy examples by (1 - p_t)^gamma."""
+    """Lin et al. (2017): down-weights easy examples by (1 - p_t)^gamma; with ``alpha`` in
+    [0, 1] positives are weighted by alpha and negatives by 1 - alpha (paper 4's code uses
+    0.25); a negative ``alpha`` weights them alike."""
 
-    def __init__(self, gamma: float = 2.0):
+    def __init__(self, gamma: float = 2.0, alpha: float = -1.0):
         super().__init__()
-        self.gamma = gamma
+        self.gamma, self.alpha = gamma, alpha
 
     def elementwise(self, logits, targets):
         bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         p = torch.sigmoid(logits)
         p_t = p * targets + (1 - p) * (1 - targets)
-        return (1 - p_t).pow(self.gamma) * bce
+        loss = (1 - p_t).pow(self.gamma) * bce
+        if self.alpha >= 0:
+            loss = (self.alpha * targets + (1 - self.alpha) * (1 - targets)) * loss
+        return loss
 
 
 class AsymmetricLoss(MaskedMultiLabelLoss):
@@ -93,6 +98,7 @@ class LossContext:
     targets: np.ndarray | None = None  # (N, K) training targets, NaN unknown
     settings: Mapping[str, Any] = field(default_factory=dict)  # the training configuration's values
     say: Callable[[str], None] | None = None  # where warnings for the user go
+    width: int = 0  # the backbone's pooled width (terms with projection heads of their own)
 
     def setting(self, name: str, default: Any) -> Any:
         return self.settings.get(name, default)
@@ -397,10 +403,91 @@ class CorrelationSupCon(LossTerm):
         return per_anchor[anchors].mean()
 
 
+# ---- paper 4: the radiomics feedback loop --------------------------------------------
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (SimCLR, Chen et al. 2020) between two views of N samples: each of the 2N
+    vectors has its pair as the positive and the other 2N - 2 as negatives (cosine
+    similarity over ``temperature``); the mean over the 2N."""
+    count = a.shape[0]
+    z = F.normalize(torch.cat([a, b]).float(), dim=-1)
+    similarity = (z @ z.T / temperature).masked_fill(torch.eye(2 * count, dtype=torch.bool, device=z.device), float("-inf"))
+    pair = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(z.device)
+    return F.cross_entropy(similarity, pair)
+
+
+class RadiomicsContrast(LossTerm):
+    """Paper 4's contrast between an image and its own region's radiomics.
+
+    The image branch: the backbone's pooled embedding through a projection head. The
+    radiomics branch: the region's standardised PyRadiomics features (F of them, set by
+    each feedback cycle, :mod:`cxrtool.train.feedback`, looked up by the batch's table
+    rows) through an MLP encoder (F-F-F, GELU), layer norm and a projection head. NT-Xent
+    (:func:`nt_xent`, ``temperature`` 0.5 as the paper) between the two, over the images
+    of the batch that have a region; a batch with fewer than two gives a zero term (so
+    does every batch before the first cycle).
+
+    Both branches live here, in the loss, not in the network: they train with it (the loop
+    gives their parameters to the optimiser with the head's learning rate) and are kept
+    with the training state, while predict, explain and the ONNX export see the ordinary
+    network. An unlabelled image (all targets NaN) reaches this term only: the
+    classification terms mask unknown labels.
+    """
+
+    name = "radiomics"
+    needs = frozenset({"embedding"})
+    feedback = True  # the training loop runs feedback cycles for a loss with this term
+
+    def __init__(self, width: int, *, temperature: float = 0.5, dim: int = 64) -> None:
+        super().__init__()
+        from cxrtool.train.feedback import feature_names
+
+        if width < 1:
+            raise ValueError("the radiomics term needs the backbone's width (LossContext.width)")
+        if temperature <= 0:
+            raise ValueError(f"radiomics: temperature must be positive, got {temperature}")
+        count = len(feature_names())
+        self.temperature = float(temperature)
+        # as the paper's code: layer norm, then a projection head (hidden 32, out 64, GELU)
+        self.image_projection = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 32), nn.GELU(), nn.Linear(32, dim))
+        self.encoder = nn.Sequential(nn.Linear(count, count), nn.GELU(), nn.Linear(count, count))
+        self.radiomics_projection = nn.Sequential(nn.LayerNorm(count), nn.Linear(count, 32), nn.GELU(), nn.Linear(32, dim))
+        # the current cycle's standardised features by table row, and which rows have a region
+        self.register_buffer("bank", torch.zeros(0, count), persistent=False)
+        self.register_buffer("has_region", torch.zeros(0, dtype=torch.bool), persistent=False)
+
+    def set_bank(self, rows: np.ndarray, features: np.ndarray, total: int) -> None:
+        """Install a cycle's standardised features ``features`` (N, F) of table rows ``rows``
+        (NaN rows: no region); ``total`` is the table's length."""
+        features = np.asarray(features, dtype=np.float32)
+        bank = torch.zeros(total, features.shape[1], device=self.bank.device)
+        has = torch.zeros(total, dtype=torch.bool, device=self.bank.device)
+        valid = ~np.isnan(features).any(axis=1)
+        index = torch.as_tensor(np.asarray(rows)[valid], dtype=torch.long, device=self.bank.device)
+        bank[index] = torch.as_tensor(features[valid], device=self.bank.device)
+        has[index] = True
+        self.bank, self.has_region = bank, has
+
+    def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        embedding = output.embedding.float()
+        if self.bank.shape[0] == 0:
+            return _zero(embedding)
+        rows = torch.as_tensor(batch["index"], device=self.bank.device).long()
+        keep = self.has_region[rows]
+        if int(keep.sum()) < 2:
+            return _zero(embedding)
+        keep_here = keep.to(embedding.device)
+        image = self.image_projection(embedding[keep_here])
+        radiomics = self.radiomics_projection(self.encoder(self.bank[rows[keep]].to(embedding.device)))
+        return nt_xent(image, radiomics, self.temperature)
+
+
 _TERM_BUILDERS: dict[str, Callable[[LossContext], LossTerm]] = {
     "bce": lambda context: ClassificationTerm("bce", BCELoss()),
     "weighted_bce": _weighted_bce,
-    "focal": lambda context: ClassificationTerm("focal", FocalLoss(context.setting("focal_gamma", 2.0))),
+    "focal": lambda context: ClassificationTerm("focal", FocalLoss(context.setting("focal_gamma", 2.0),
+                                                                    context.setting("focal_alpha", -1.0))),
     "asl": lambda context: ClassificationTerm("asl", AsymmetricLoss(context.setting("asl_gamma_neg", 4.0),
                                                                     context.setting("asl_gamma_pos", 0.0),
                                                                     context.setting("asl_clip", 0.05))),
@@ -412,6 +499,7 @@ _TERM_BUILDERS: dict[str, Callable[[LossContext], LossTerm]] = {
     "lcsupcon": lambda context: CorrelationSupCon(context.findings, context.targets,
                                                   temperature=context.setting("supcon_temperature", 0.1)),
     "align": lambda context: PromptAlignment(),
+    "radiomics": lambda context: RadiomicsContrast(context.width, temperature=context.setting("radiomics_temperature", 0.5)),
 }
 assert set(_TERM_BUILDERS) == set(LOSSES), "every loss term in the registry has a builder, and no other"
 

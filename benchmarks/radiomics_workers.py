@@ -7,8 +7,8 @@ run the whole batch loop (`run_regions`: reading, PyRadiomics with cxrtool's def
 parameter set, journal, table); one with a single worker (in process), the other with one
 worker process per core.
 
-    python benchmarks/radiomics.py                # 24 images, 48 regions
-    python benchmarks/radiomics.py --images 60
+    python benchmarks/radiomics_workers.py                # 24 images, 48 regions
+    python benchmarks/radiomics_workers.py --images 60
 
 Prints regions per second for both (best of --repeat alternating runs), the scaling, and the
 time per region on real NIH images with the default parameters.
