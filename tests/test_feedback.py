@@ -213,6 +213,8 @@ def test_the_preset_trains_with_unlabelled_images_and_resumes_bit_identically_re
     assert record["unlabelled_images"] == 12 and record["extractor"]["features"] == 102
     assert [c["cycle"] for c in record["cycles"]][: card.training["best_epoch"] - 1] == list(range(1, card.training["best_epoch"]))
     assert "highest mean activation" in record["region_rule"]
+    shown = runner.invoke(app, ["models", str(whole.checkpoint)], terminal_width=300)
+    assert "radiomics feedback" in shown.output and "12 unlabelled images" in shown.output
     history = load_tree(tmp_path / "whole" / "last_state.safetensors")["history"]
     assert history[-1]["train_loss_terms"]["radiomics"] > 0  # the contrast ran after the first cycle
     # inference sees the ordinary network: the radiomics branch is not in it

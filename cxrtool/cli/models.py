@@ -137,6 +137,17 @@ def show_card(
         table.add_row("loss / epochs", f"{training.get('loss', '?')} / best epoch {training.get('best_epoch', '?')} of {training.get('epochs', '?')}")
         if training.get("preset"):
             table.add_row("preset", str(training["preset"]))
+        feedback = training.get("feedback")
+        if feedback:
+            cycles = feedback.get("cycles", [])
+            table.add_row("radiomics feedback", (
+                f"a cycle every {feedback.get('every_epochs')} epoch(s) on {feedback.get('fraction_per_cycle', 1):.0%} of the "
+                f"images, {(feedback.get('map') or {}).get('method')} maps, "
+                f"{(feedback.get('extractor') or {}).get('features')} PyRadiomics features; "
+                f"{len(cycles)} cycle(s) up to this checkpoint"
+                + (f", the last: {cycles[-1].get('regions')} of {cycles[-1].get('pool', '?')} images with a region"
+                   if cycles else "")
+                + (f"; {feedback['unlabelled_images']} unlabelled images" if feedback.get("unlabelled_images") else "")))
         if training.get("priors"):
             priors = training["priors"]
             table.add_row("priors", f"co-occurrence: {priors.get('cooccurrence', '-')}; text: {priors.get('text_encoder') or 'learned'}")
