@@ -53,9 +53,19 @@ VARIANTS: dict[str, dict[str, str]] = {
     # paper 4: its classifier alone (focal, alpha 0.25, on the linear head), and with the loop
     "linear + focal": {"preset": "radiomics-feedback", "loss": "0.7*focal"},
     "preset radiomics-feedback": {"preset": "radiomics-feedback"},
+    # the contrast weighted to the classification term's size (NT-Xent starts near ln(2N - 1),
+    # about 3.4 at batch 32, the weighted focal term near 0.025): 0.01, not 0.3
+    "radiomics-feedback (contrast 0.01)": {"preset": "radiomics-feedback", "loss": "0.7*focal+0.01*radiomics"},
     # with --labelled-fraction: the images whose labels were held back, given as unlabelled
     "preset radiomics-feedback + unlabelled": {"preset": "radiomics-feedback", "unlabelled": "rest"},
+    "radiomics-feedback (contrast 0.01) + unlabelled": {"preset": "radiomics-feedback", "loss": "0.7*focal+0.01*radiomics",
+                                                        "unlabelled": "rest"},
+    # the control: the same runs (the unlabelled images in the batches, the same steps, the
+    # batch-norm statistics over them, the cycles) with the contrast weighted to nothing
+    "unlabelled with contrast 1e-6 (control)": {"preset": "radiomics-feedback", "loss": "0.7*focal+1e-6*radiomics",
+                                            "unlabelled": "rest"},
 }
+assert not any("," in name for name in VARIANTS), "--variants is a comma-separated list: no commas in a name"
 BASELINE = "linear + ASL"
 # The papers' ladder, run by default; "LSE + ASL" (train's default head) with --variants all.
 PAPER_VARIANTS = "linear + ASL,decoder + ASL,LGA + decoder + ASL,preset prototypes,preset label-correlation"

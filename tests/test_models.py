@@ -182,7 +182,7 @@ def test_the_registry_is_the_one_source_of_names():
 
     assert [*CAM_METHODS, registry.ATTENTION_METHOD, registry.OCCLUSION_METHOD] == list(registry.CAM_METHOD_LABELS)
     for name in registry.LOSSES:
-        build_loss(name, LossContext(["a", "b"], np.array([[1.0, 0.0], [0.0, 1.0]])))
+        build_loss(name, LossContext(["a", "b"], np.array([[1.0, 0.0], [0.0, 1.0]]), width=8))  # width: the radiomics term
     assert set(head_classes()) == set(registry.HEADS)
     for method in registry.THRESHOLD_METHODS:
         choose_thresholds([0, 1, 1], [0.2, 0.6, 0.9], method=method)

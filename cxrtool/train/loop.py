@@ -188,6 +188,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             extra, missing = read_unlabelled(config.unlabelled)
             say(TrainEvent("message", message=f"{len(extra)} unlabelled images for the radiomics contrast"
                                               + (f" ({missing} rows name no file on disk)" if missing else "")))
+            if config.sampling == "class_aware":
+                say(TrainEvent("message", message="warning: class-aware sampling draws images by their positive labels, "
+                                                  "so it never draws the unlabelled ones; use --sampling uniform"))
             targets = np.concatenate([targets, np.full((len(extra), len(findings)), np.nan, dtype=targets.dtype)])
             views += ["UNKNOWN"] * len(extra)
             train_idx = np.concatenate([np.asarray(train_idx), np.arange(len(paths), len(paths) + len(extra))])
