@@ -195,3 +195,10 @@ def test_the_registry_is_the_one_source_of_names():
     assert ", ".join(registry.LOSSES) in " ".join(shown.split())
     refused = runner.invoke(app, ["evaluate", "x.csv", "--uncertain", "maybe"])
     assert refused.exit_code == 2 and "ignore, positive, negative" in " ".join(refused.output.split())
+
+
+def test_a_backbone_that_cannot_dilate_is_refused_with_the_reason():
+    from cxrtool.models.network import CXRClassifier
+
+    with pytest.raises(ValueError, match="densenet121 cannot dilate its last stages"):
+        CXRClassifier("densenet121", ["Effusion"], output_stride=16)

@@ -96,9 +96,15 @@ class CXRClassifier(nn.Module):
         extra = {"output_stride": output_stride} if output_stride != 32 else {}
         # in_chans=1: timm sums the first convolution's RGB weights when loading ImageNet
         # weights, the usual way to start a grey-input model from them.
-        self.backbone = timm.create_model(
-            architecture, pretrained=pretrained, num_classes=0, in_chans=1, drop_rate=drop_rate, **extra
-        )
+        try:
+            self.backbone = timm.create_model(
+                architecture, pretrained=pretrained, num_classes=0, in_chans=1, drop_rate=drop_rate, **extra
+            )
+        except TypeError as error:
+            if extra and "output_stride" in str(error):
+                raise ValueError(f"{architecture} cannot dilate its last stages (output_stride {output_stride}): "
+                                 "use output_stride 32, or a backbone that can (resnet18, resnet50, ...)") from None
+            raise
         self.padding = padding
         set_padding(self.backbone, padding)
         # Some backbones (MobileNetV3) widen features after pooling: head_hidden_size.

@@ -244,7 +244,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
 
         criterion = criterion.to(device)
         groups, optimiser_record = parameter_groups(model, config, criterion)
-        feedback = _feedback_run(config, criterion, train_idx, targets, val_set, out, device, say)
+        feedback = _feedback_run(config, model, criterion, train_idx, targets, val_set, out, device, say)
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         per_rank = math.ceil(len(train_idx) / dist_info.world_size)
         steps_per_epoch = max(1, math.ceil(per_rank / config.batch_size))
@@ -466,13 +466,22 @@ class _Feedback:
                 "temperature": config.radiomics_temperature, "unlabelled_images": unlabelled, "cycles": cycles}
 
 
-def _feedback_run(config, criterion, train_idx, targets, val_set, out: Path, device, say) -> _Feedback | None:
-    """The run's feedback loop, when a loss term asks for one."""
+def _feedback_run(config, model, criterion, train_idx, targets, val_set, out: Path, device, say) -> _Feedback | None:
+    """The run's feedback loop, when a loss term asks for one.
+
+    Raises:
+        ValueError: a map method the model cannot draw (before the first epoch, not at the
+            first cycle).
+    """
+    from cxrtool.registry import ATTENTION_METHOD
     from cxrtool.train.feedback import FeedbackCache, FeedbackRun
 
     term = next((t for t in criterion.terms if getattr(t, "feedback", False)), None)
     if term is None:
         return None
+    if config.feedback_cam == ATTENTION_METHOD and "attention" not in model.gives:
+        raise ValueError(f"feedback_cam {ATTENTION_METHOD} needs a head with attention maps (decoder, lga); "
+                         f"this run's head is {config.head!r}")
     positions = np.asarray(train_idx, dtype=np.int64)
 
     def square(row: int):
