@@ -30,7 +30,7 @@ What is a choice here, and is documented as one:
   class of a one-slice volume;
 - the share of the pool each cycle re-measures (``feedback_fraction``): a rotating part,
   the rest keep the features of their last cycle, so a cycle costs no more than a third
-  of an epoch at the demo's settings (README, "The radiomics feedback loop").
+  of an epoch at the demo's settings (README, "Paper 4: the radiomics feedback loop").
 """
 
 from __future__ import annotations
