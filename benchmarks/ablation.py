@@ -56,6 +56,10 @@ VARIANTS: dict[str, dict[str, str]] = {
     # the contrast weighted to the classification term's size (NT-Xent starts near ln(2N - 1),
     # about 3.4 at batch 32, the weighted focal term near 0.025): 0.01, not 0.3
     "radiomics-feedback (contrast 0.01)": {"preset": "radiomics-feedback", "loss": "0.7*focal+0.01*radiomics"},
+    # its regions from explain's default map (LayerCAM over the first two stages) instead of
+    # the paper's Grad-CAM at the last stage, whose regions fall on the film's edge by chance
+    "radiomics-feedback (contrast 0.01; LayerCAM regions)": {"preset": "radiomics-feedback", "loss": "0.7*focal+0.01*radiomics",
+                                                             "feedback_cam": "layercam"},
     # with --labelled-fraction: the images whose labels were held back, given as unlabelled
     "preset radiomics-feedback + unlabelled": {"preset": "radiomics-feedback", "unlabelled": "rest"},
     "radiomics-feedback (contrast 0.01) + unlabelled": {"preset": "radiomics-feedback", "loss": "0.7*focal+0.01*radiomics",
