@@ -136,12 +136,9 @@ def _run(tmp_path, positions=8, method="eigencam") -> FeedbackRun:
     squares = {i: rng.integers(0, 256, (64, 64)).astype(np.uint8) for i in range(positions)}
     squares[3] = None  # an unreadable image
 
-    def image(row):
-        square = squares[row]
-        return torch.zeros(1, 64, 64) if square is None else torch.from_numpy(square[None].astype(np.float32) / 255)
-
     targets = np.array([[1, 0], [0, 0], [np.nan, np.nan]] * 3, dtype=np.float64)[:positions]
-    return FeedbackRun(positions=np.arange(positions), targets=targets, image=image, square=lambda row: squares[row],
+    return FeedbackRun(positions=np.arange(positions), targets=targets, square=lambda row: squares[row],
+                       to_input=lambda square: torch.from_numpy(square[None].astype(np.float32) / 255),
                        cache=FeedbackCache(tmp_path / "feedback"), method=method, layer=None, fraction=1.0, seed=0,
                        device=torch.device("cpu"), batch_size=4, workers=1)
 

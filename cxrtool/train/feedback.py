@@ -275,8 +275,8 @@ class FeedbackRun:
 
     positions: np.ndarray  # table rows of the training pool (labelled and unlabelled)
     targets: np.ndarray  # (N, K) the pool's labels, NaN unknown (all NaN: unlabelled)
-    image: Callable[[int], torch.Tensor]  # table row -> the unaugmented model input (1, S, S)
     square: Callable[[int], np.ndarray | None]  # table row -> the 8-bit input square, None if unreadable
+    to_input: Callable[[np.ndarray], torch.Tensor]  # 8-bit square -> the unaugmented model input (1, S, S)
     cache: FeedbackCache
     method: str
     layer: str | None
@@ -353,9 +353,15 @@ class FeedbackRun:
         with make_engine(frozen, self.method, self.layer) as engine:
             for start in range(0, len(rows), self.batch_size):
                 part = rows[start:start + self.batch_size]
-                table_rows = [int(self.positions[r]) for r in part]
-                readable = [self.square(row) is not None for row in table_rows]
-                batch = torch.stack([self.image(row) for row in table_rows]).to(self.device)
+                squares = [self.square(int(self.positions[r])) for r in part]  # read once, for the inputs
+                readable = [square is not None for square in squares]
+                if not any(readable):
+                    chosen += [-1] * len(part)
+                    boxes += [None] * len(part)
+                    continue
+                inputs = {j: self.to_input(square) for j, square in enumerate(squares) if square is not None}
+                blank = torch.zeros_like(next(iter(inputs.values())))  # an unreadable image: no map is asked of it
+                batch = torch.stack([inputs.get(j, blank) for j in range(len(part))]).to(self.device)
                 batch = batch.contiguous(memory_format=torch.channels_last)
                 targets = self.targets[part]
                 picks: list[int] = []

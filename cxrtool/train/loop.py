@@ -24,7 +24,7 @@ from cxrtool._workers import fork_safe_opencv, worker_init
 from cxrtool.models.checkpoint import ModelCard, load_tree, save_checkpoint, save_tree
 from cxrtool.models.heads import head_classes
 from cxrtool.models.network import CXRClassifier, pick_device
-from cxrtool.preprocess import Preprocessing
+from cxrtool.preprocess import Preprocessing, normalise
 from cxrtool.train import _distributed as distributed
 from cxrtool.train.config import TrainConfig, absolute_paths, write_config
 from cxrtool.train.datasets import Augmentation, ImageCache, LabelledStudies
@@ -488,8 +488,9 @@ def _feedback_run(config, model, criterion, train_idx, targets, val_set, out: Pa
         values = val_set.input_square(row)
         return None if values is None else np.round(values * 255).astype(np.uint8)
 
-    run = FeedbackRun(positions=positions, targets=np.asarray(targets)[positions], image=lambda row: val_set[row]["image"],
-                      square=square, cache=FeedbackCache(out / "feedback"), method=config.feedback_cam,
+    run = FeedbackRun(positions=positions, targets=np.asarray(targets)[positions], square=square,
+                      to_input=lambda square: torch.from_numpy(normalise(square.astype(np.float32) / 255.0, val_set.prep)),
+                      cache=FeedbackCache(out / "feedback"), method=config.feedback_cam,
                       layer=config.feedback_layer or None, fraction=config.feedback_fraction, seed=config.seed,
                       device=device, batch_size=max(config.batch_size, 64), workers=max(1, config.workers),
                       progress=lambda phase, done, total: say(TrainEvent("phase", step=done, steps=total, message=phase)))
