@@ -320,9 +320,10 @@ class FeedbackRun:
         started = time.monotonic()
         measurable = [k for k, box in enumerate(boxes) if box is not None]
         for k, box in enumerate(boxes):
-            if box is None:
+            if box is None:  # no region this cycle: the row's last one is no longer its own
                 reason = "unreadable image" if chosen[k] < 0 else "flat map: no evidence to outline"
                 dropped[reason] = dropped.get(reason, 0) + 1
+                features[rows[k]], findings[rows[k]], all_boxes[rows[k]] = np.nan, -1, -1
         squares = [self.square(int(self.positions[rows[k]])) for k in measurable]
         values, reasons = measure_regions(squares, [boxes[k] for k in measurable], workers=self.workers,
                                           progress=self._reporter(f"feedback cycle {number}: radiomics"))
@@ -333,11 +334,6 @@ class FeedbackRun:
             all_boxes[row] = boxes[k]
             if reason:
                 dropped[_reason_kind(reason)] = dropped.get(_reason_kind(reason), 0) + 1
-        for k, box in enumerate(boxes):
-            if box is None:
-                features[rows[k]] = np.nan
-                findings[rows[k]] = -1
-                all_boxes[rows[k]] = -1
         result = Cycle(number, key, self.positions, features, findings, all_boxes, refreshed=len(rows), dropped=dropped,
                        seconds_maps=maps_seconds, seconds_radiomics=time.monotonic() - started)
         self.cache.save(result)
