@@ -266,6 +266,7 @@ def run_studies(
     model: str | os.PathLike,
     make_processor: ChunkFactory,
     settings: dict[str, Any],
+    done_when: dict[str, Any] | None = None,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     batch_size: int = 16,
@@ -290,7 +291,8 @@ def run_studies(
     into written results (see :class:`cxrtool.predict.ScoreChunk`); a study whose sidecar
     holds a result of this model made from the same file content with these ``settings``
     (stage -> settings) is already done (:func:`cxrtool.io.records.is_done`) and skipped
-    unless ``overwrite``. ``model`` is a checkpoint or a bundle file
+    unless ``overwrite``; ``done_when`` narrows that to some stages (explain is done when
+    its own stage is, whatever predict's settings were: it builds on predict's result). ``model`` is a checkpoint or a bundle file
     (:func:`cxrtool.models.scoring.open_model`); ``check_model(scorer)`` may refuse the
     request (by raising) before any study is looked at. ``runtime`` (auto, torch, onnx)
     says what runs the networks; ``note`` hears what the run says along the way (an
@@ -344,7 +346,7 @@ def run_studies(
         folder = destination(path)
         previous = None if overwrite else read_sidecar(sidecar_path(folder, path.name))
         if previous is not None and is_done(previous.provenance(model_ref.id), inputs={"image": path},
-                                            producer=model_ref.sha256, settings=settings):
+                                            producer=model_ref.sha256, settings=done_when if done_when is not None else settings):
             summary.skipped += 1
             outputs.study(folder, path.name, previous)  # the table stays complete
             result = previous.result_for(model_ref.id)

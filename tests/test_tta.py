@@ -125,3 +125,61 @@ def test_the_cli_takes_tta(study, make_checkpoint):
     assert result_of(study, "b.png")["settings"]["predict"]["copies"] == 14
     bad = CliRunner().invoke(app, ["predict", str(study), "-m", str(make_checkpoint()), "--tta", "heavy"])
     assert bad.exit_code == 2
+
+
+def test_explain_builds_on_predicts_tta_result_and_predict_again_keeps_the_maps(study, make_checkpoint, tmp_path):
+    """predict --tta, explain, predict --tta again: the TTA probabilities and calls stay, the
+    maps explain the calls predict made (not those of a plain pass), and stay with them."""
+    import shutil
+
+    from cxrtool.explain.run import ExplainSettings, explain
+    from cxrtool.predict import predict
+
+    light = TestTimeAugmentation("light")
+    scratch = tmp_path / "scratch"
+    shutil.copytree(study, scratch)
+    base = make_checkpoint()
+    predict([scratch], model=base, workers=0, runtime="torch")
+    plain = result_of(scratch, "b.png")["findings"]
+    predict([scratch], model=base, workers=0, runtime="torch", tta=light)
+    augmented = result_of(scratch, "b.png")["findings"]
+    # a threshold between the plain and the augmented probability: the two passes call it differently
+    name = max(plain, key=lambda f: abs(plain[f]["probability"] - augmented[f]["probability"]))
+    between = (plain[name]["probability"] + augmented[name]["probability"]) / 2
+    assert abs(plain[name]["probability"] - augmented[name]["probability"]) > 1e-4
+    model = make_checkpoint(thresholds={f: (between if f == name else 0.999) for f in plain}, name="between")
+
+    assert predict([study], model=model, workers=0, runtime="torch", tta=light).predicted == 2
+    predicted = result_of(study, "b.png")
+    assert predicted["positive_findings"] == ([name] if augmented[name]["probability"] >= between else [])
+    assert explain([study], model=model, workers=0, settings=ExplainSettings(method="gradcam")).predicted == 2
+    explained = result_of(study, "b.png")
+    assert explained["findings"] == predicted["findings"] and explained["settings"]["predict"] == predicted["settings"]["predict"]
+    assert explained["explanations"]["calls"] == "predict"
+    assert sorted(explained["explanations"]["findings"]) == predicted["positive_findings"]
+    pictures = [f for entry in explained["explanations"]["findings"].values() for f in entry.get("files", {}).values()]
+    assert all((study / f).is_file() for f in pictures)
+
+    assert predict([study], model=model, workers=0, runtime="torch", tta=light).skipped == 2  # done: nothing redone
+    assert predict([study], model=model, workers=0, runtime="torch", tta=light, overwrite=True).predicted == 2
+    again = result_of(study, "b.png")
+    assert again["findings"] == predicted["findings"] and again["explanations"] == explained["explanations"]
+    assert all((study / f).is_file() for f in pictures)
+    assert explain([study], model=model, workers=0, settings=ExplainSettings(method="gradcam")).skipped == 2
+
+    # predict with other settings changes the probabilities: the maps of the old ones go, and
+    # explain then builds on the new result
+    predict([study], model=model, workers=0, runtime="torch")
+    assert "explanations" not in result_of(study, "b.png") and not any((study / f).exists() for f in pictures)
+    explain([study], model=model, workers=0, settings=ExplainSettings(method="gradcam"))
+    redone = result_of(study, "b.png")
+    assert redone["settings"]["predict"] == {} and redone["explanations"]["calls"] == "predict"
+    assert all(redone["findings"][f]["probability"] == plain[f]["probability"] for f in plain)
+
+
+def test_explain_without_a_stored_result_scores_the_study_itself(study, make_checkpoint):
+    from cxrtool.explain.run import ExplainSettings, explain
+
+    assert explain([study], model=make_checkpoint(), workers=0, settings=ExplainSettings(method="gradcam")).predicted == 2
+    result = result_of(study, "a.dcm")
+    assert result["settings"]["predict"] == {} and result["explanations"]["calls"] == "explain"

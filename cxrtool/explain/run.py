@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from cxrtool.explain.chest import NO_CHEST, ChestMask, chest_mask, judge_map, re
 from cxrtool.explain.regions import find_regions, parse_threshold, peak_point, to_original
 from cxrtool.explain.render import contact_sheet, overlay, write_png
 from cxrtool.io.outputs import atomic_write
-from cxrtool.io.records import StudyFailure, store_result
+from cxrtool.io.records import Result, StudyFailure, read_sidecar, sidecar_path, store_result
 from cxrtool.predict import PREDICT_SETTINGS
 from cxrtool.registry import ATTENTION_METHOD, CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS, OCCLUSION_METHOD
 
@@ -131,11 +131,36 @@ class ExplainChunk:
             self._engines[name] = make_engine(network, self.settings.method, None if name else self.settings.layer)
         return self._engines[name]
 
-    def _wanted(self, probabilities: np.ndarray) -> list[list[int]]:
+    def _wanted(self, probabilities: np.ndarray, stored: Sequence[Result | None]) -> list[list[int]]:
+        """Per study, the findings to map: those asked for, else the positive calls of the
+        stored result explain builds on, else of its own pass."""
         if self.fixed is not None:
             return [list(self.fixed) for _ in range(len(probabilities))]
         calls = self.scorer.calibrated(probabilities)
-        return [[int(i) for i in np.flatnonzero(row >= self.scorer.thresholds)] for row in calls]
+        own = [[int(i) for i in np.flatnonzero(row >= self.scorer.thresholds)] for row in calls]
+        return [own[row] if base is None else self._positives(base) for row, base in enumerate(stored)]
+
+    def _positives(self, base: Result) -> list[int]:
+        """The stored result's positive calls, as the model's finding indices (a zero-shot
+        finding predict added has no map: it is not among them)."""
+        findings = list(self.scorer.findings)
+        return [findings.index(name) for name in base.positive_findings if name in findings]
+
+    def _stored(self, item: dict[str, Any]) -> Result | None:
+        """The result explain builds on: this model's result in the study's sidecar, made
+        from the same file content by a ``predict`` stage (whatever its settings: TTA,
+        zero-shot findings), or None (explain then scores the study itself, with predict's
+        default settings)."""
+        context = self.context
+        path = context.paths[item["index"]]
+        sidecar = read_sidecar(sidecar_path(context.folders[item["index"]], path.name))
+        fingerprint = item.get("fingerprint")
+        if sidecar is None or fingerprint is None or sidecar.sha256 != fingerprint.sha256:
+            return None
+        found = sidecar.result_for(context.model.id)
+        if found is None or found.model.sha256 != context.model.sha256 or "predict" not in found.settings:
+            return None
+        return found
 
     def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         decoded = [item for item in items if "tensors" in item]
@@ -159,10 +184,11 @@ class ExplainChunk:
         context, engine, key = self.context, self.engine(), self.scorer.key
         batch = torch.from_numpy(np.stack([item.pop("tensors")[key] for item in decoded]))
         batch = batch.to(context.device).contiguous(memory_format=torch.channels_last)
+        stored = [self._stored(item) for item in decoded]
         wanted: list[list[int]] = []
 
         def choose(probabilities: np.ndarray) -> list[list[int]]:
-            wanted.extend(self._wanted(probabilities))
+            wanted.extend(self._wanted(probabilities, stored))
             return wanted
 
         result = engine(batch, choose)
@@ -174,7 +200,7 @@ class ExplainChunk:
             maps = {self.scorer.findings[f]: (result.maps.pop((row, f)), geometry,
                                               {"faithfulness": measured[(row, f)]} if (row, f) in measured else None)
                     for f in wanted[row]}
-            jobs.append((item, scored[row], maps, engine.layer_name))
+            jobs.append((item, stored[row] or scored[row], maps, engine.layer_name))
         return jobs
 
     def _faithfulness(self, batch, maps: dict[tuple[int, int], np.ndarray]) -> dict[tuple[int, int], dict]:
@@ -200,18 +226,23 @@ class ExplainChunk:
         import torch
 
         scored = self.scorer.score(decoded)
+        stored = [self._stored(item) for item in decoded]
         asked: list[list[str]] = []
-        for result in scored:
+        for result, base in zip(scored, stored, strict=True):
             if self.fixed is not None:
                 names = [self.scorer.findings[i] for i in self.fixed]
                 asked.append([name for name in names if name in result.findings])
+            elif base is not None:
+                asked.append([self.scorer.findings[i] for i in self._positives(base) if self.scorer.findings[i] in result.findings])
             else:
                 asked.append([name for name, p, t in zip(result.findings, result.probabilities, result.thresholds,
                                                           strict=True) if p >= t])
         sums: list[dict[str, np.ndarray]] = [{} for _ in decoded]
         peaks: list[dict[str, dict[str, float]]] = [{} for _ in decoded]
         layers: dict[str, str] = {}
-        routes = [result.ensemble["route"] if result.ensemble else None for result in scored]  # None: it failed
+        # None: it failed; a stored result keeps the route it was scored on (the views table of its predict run)
+        routes = [(base or result).ensemble["route"] if (base or result).ensemble else None
+                  for result, base in zip(scored, stored, strict=True)]
         for route in dict.fromkeys(r for r in routes if r is not None):
             rows = [i for i, r in enumerate(routes) if r == route]
             for member in self.bundle.members_of(route):
@@ -238,7 +269,7 @@ class ExplainChunk:
             # each member's raw peak; the map averages their scaled maps
             maps = {name: (total / len(peaks[i][name]), None, {"members": peaks[i][name]}) for name, total in sums[i].items()}
             used = dict.fromkeys(member for by_member in peaks[i].values() for member in by_member)
-            jobs.append((item, scored[i], maps, {member: layers[member] for member in used}))
+            jobs.append((item, stored[i] or scored[i], maps, {member: layers[member] for member in used}))
         return jobs
 
     def _pool(self):
@@ -253,19 +284,23 @@ class ExplainChunk:
         return {**self.__dict__, "_engines": {}, "_threads": None}
 
     def _finish(self, item: dict, scored, maps: dict[str, tuple], layer) -> None:
-        """One study's record, maps, masks, overlays and sidecar. ``maps``: finding -> (its
-        map, the geometry that takes it from the input grid to the study's pixel grid or
-        None when it is there already, and what else its record holds, or None: for a
-        bundle each member's peak, with --faithfulness the map's scores)."""
+        """One study's record, maps, masks, overlays and sidecar. ``scored``: the stored
+        :class:`Result` the maps explain (predict's), or explain's own scores. ``maps``:
+        finding -> (its map, the geometry that takes it from the input grid to the study's
+        pixel grid or None when it is there already, and what else its record holds, or
+        None: for a bundle each member's peak, with --faithfulness the map's scores)."""
         context = self.context
         path = context.paths[item["index"]]
         folder = context.folders[item["index"]]
         display = item.pop("display", None)  # keep what travels back to the main process small
-        try:
-            result = context.result(item, scored)
-        except StudyFailure as failure:
-            item["error"] = str(failure)
-            return
+        if isinstance(scored, Result):  # predict's result, its probabilities and settings kept; explain's stage added
+            result = replace(scored, settings={**scored.settings, "explain": context.settings["explain"]})
+        else:
+            try:
+                result = context.result(item, scored)
+            except StudyFailure as failure:
+                item["error"] = str(failure)
+                return
         explained: dict[str, Any] = {}
         chest = chest_mask(display) if maps and display is not None else NO_CHEST  # from the picture itself; once a study
         for name, (cam, geometry, extra) in maps.items():
@@ -277,6 +312,8 @@ class ExplainChunk:
             "method": self.settings.method,
             "layer": layer,
             "request": self.settings.request(),
+            # whose calls the maps explain: the stored predict result's, or explain's own pass
+            "calls": "predict" if isinstance(scored, Result) else "explain",
             "findings": explained,
         }
         if not explained:
@@ -402,7 +439,7 @@ def explain(
 
     return run_studies(
         inputs, model=model, make_processor=lambda context: ExplainChunk(context, settings),
-        settings={"predict": PREDICT_SETTINGS, "explain": settings.request()},
+        settings={"predict": PREDICT_SETTINGS, "explain": settings.request()}, done_when={"explain": settings.request()},
         out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
         include_patient_id=include_patient_id, display_size=settings.display_size, on_result=on_result,
         progress=progress, on_finish=finish, check_model=check_model, note=note, views=views, stdin=stdin,
