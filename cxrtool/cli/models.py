@@ -223,11 +223,11 @@ def calibrate(
     """Choose a bundle's own thresholds on validation studies (and keep each member's
     validation scores, which merge: rank needs), beside the bundle as NAME.calibration.json.
     Calibrate with the --tta you will predict with."""
+    from cxrtool.bundle_calibration import calibrate_bundle
     from cxrtool.cli._console import handle_interrupt, progress_bar
     from cxrtool.errors import UsageError
     from cxrtool.models.checkpoint import CheckpointError
     from cxrtool.models.scoring import TestTimeAugmentation
-    from cxrtool.models.sources.calibrate import calibrate_bundle
 
     bar = progress_bar()
     task = bar.add_task("calibrate", total=None, status="")

@@ -24,8 +24,8 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, convert_color_space, get_decoder
 
 from cxrtool.io.seg import SEG_SOP_CLASSES
-from cxrtool.io.studies import Study, StudyReadError, sniff_format
-from cxrtool.io.studies import one_line as _one_line
+from cxrtool.io.study import Study, StudyReadError, sniff_format
+from cxrtool.io.study import one_line as _one_line
 
 __all__ = ["read_dicom"]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxrtool.io.studies import Study, StudyReadError
-from cxrtool.io.studies import one_line as _one_line
+from cxrtool.io.study import Study, StudyReadError
+from cxrtool.io.study import one_line as _one_line
 
 __all__ = ["read_image"]
 

@@ -12,13 +12,11 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
-
 from cxrtool.io.outputs import is_own_output
+from cxrtool.io.study import Study, StudyReadError, one_line, sniff_format
 from cxrtool.registry import VIEW_POSITIONS  # noqa: F401  (the name this module exported)
 
 # Smaller than this on either side is not a radiograph (an icon, a 1x1 tracking pixel, a
@@ -27,84 +25,6 @@ MIN_SIDE = 32
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
 # Files that are never studies, even without an extension (our own outputs among them).
 _IGNORED_SUFFIXES = {".json", ".csv", ".txt", ".md", ".yaml", ".yml", ".html", ".npy", ".gz"}
-
-
-class StudyReadError(Exception):
-    """A file that cannot be read as a study; the message is the one-line reason."""
-
-
-def one_line(message: str, limit: int | None = 200) -> str:
-    """A failure reason fit for one CSV cell and one stderr line.
-
-    Collapses whitespace, blanks out control bytes (corrupt header values carry them) and,
-    when ``limit`` is given, caps the length.
-    """
-    text = " ".join(message.split())
-    text = "".join(char if char.isprintable() else "?" for char in text)
-    if limit is None or len(text) <= limit:
-        return text
-    return text[: limit - 3] + "..."
-
-
-@dataclass
-class Study:
-    """One radiograph, decoded and ready for preprocessing.
-
-    Attributes:
-        path: the file it was read from.
-        pixels: float32 array (H, W) in [0, 1]; bone bright (MONOCHROME1 inverted), after
-            the Modality LUT and the VOI LUT or window when the file has them.
-        pixel_spacing: (row, column) spacing in millimetres, or None when unknown.
-        view_position: "PA", "AP", "LATERAL" or "UNKNOWN".
-        source_format: "dicom", "png" or "jpeg".
-        identity: non-identifying file identity (e.g. SOP Instance UID, transfer syntax);
-            never patient names or IDs.
-        rescaled: for DICOM, the Modality-LUT output (e.g. Hounsfield-like or raw detector
-            values) as float32 before windowing, when the reader was asked to keep it.
-        warnings: what the decoders warned about while reading (one line each).
-    """
-
-    path: Path
-    pixels: np.ndarray
-    pixel_spacing: tuple[float, float] | None = None
-    view_position: str = "UNKNOWN"
-    source_format: str = "png"
-    identity: dict[str, str] = field(default_factory=dict)
-    rescaled: np.ndarray | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.pixels.shape[:2])  # type: ignore[return-value]
-
-
-def sniff_format(path: Path) -> str:
-    """Tell DICOM, PNG and JPEG apart by their first bytes.
-
-    Raises:
-        StudyReadError: for an empty, unreadable or unrecognised file.
-    """
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-    except FileNotFoundError as error:
-        raise StudyReadError("no such file") from error
-    except IsADirectoryError as error:
-        raise StudyReadError("is a directory, not a file") from error
-    except OSError as error:
-        raise StudyReadError(f"cannot open: {error.strerror or error}") from error
-    if not head:
-        raise StudyReadError("empty file")
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return "dicom"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    # DICOM without the 128-byte preamble: starts with a group 0002 or 0008 element.
-    if head[:2] in (b"\x02\x00", b"\x08\x00") and path.suffix.lower() in (".dcm", ".dicom", ""):
-        return "dicom"
-    raise StudyReadError("not a DICOM, PNG or JPEG file")
 
 
 def read_study(path: str | os.PathLike, *, keep_rescaled: bool = False, min_side: int = MIN_SIDE) -> Study:

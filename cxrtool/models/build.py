@@ -4,7 +4,7 @@ loaders."""
 
 from __future__ import annotations
 
-from cxrtool.models.checkpoint import CheckpointError, ModelCard
+from cxrtool.models.card import CheckpointError, ModelCard
 from cxrtool.registry import HEADS
 
 
