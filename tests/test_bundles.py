@@ -255,7 +255,7 @@ def test_a_percentile_does_not_depend_on_the_rest_of_the_batch():
 @pytest.fixture()
 def mixed_study(tmp_path):
     """A PA, an AP and a lateral DICOM (by their ViewPosition tag) and a PNG (no projection)."""
-    from test_predict import write_dicom, write_png
+    from conftest import write_dicom, write_png
 
     folder = tmp_path / "study"
     folder.mkdir()
@@ -350,7 +350,7 @@ def test_a_bad_bundle_is_refused_before_any_study_is_read(members, mixed_study):
 
 @pytest.mark.slow
 def test_a_view_classifier_trained_from_the_view_column_routes_studies(members, tmp_path):
-    from test_train import make_generic_dataset
+    from conftest import make_generic_dataset
 
     from cxrtool.models.checkpoint import read_card
     from cxrtool.predict import predict
@@ -390,7 +390,7 @@ def test_a_view_classifier_trained_from_the_view_column_routes_studies(members, 
 
 
 def test_a_view_task_needs_two_projections(tmp_path):
-    from test_train import make_generic_dataset
+    from conftest import make_generic_dataset
 
     from cxrtool.train import load_config, train
 
@@ -405,7 +405,7 @@ def test_a_view_task_needs_two_projections(tmp_path):
 
 
 def test_a_route_model_trains_on_its_projections_rows_only(tmp_path):
-    from test_train import make_generic_dataset
+    from conftest import make_generic_dataset
     from typer.testing import CliRunner
 
     from cxrtool.cli import app
@@ -524,7 +524,7 @@ def test_evaluate_scores_a_bundles_predictions(members, mixed_study):
 
 
 def test_calibrate_chooses_the_bundles_thresholds_and_keeps_rank_references(members, mixed_study):
-    from test_predict import write_png
+    from conftest import write_png
     from typer.testing import CliRunner
 
     from cxrtool.cli import app

@@ -221,7 +221,7 @@ def test_batches_are_dicts_and_a_second_view_is_augmented_apart(nih_dir):
 def test_each_head_trains_then_predicts_and_explains(head, tmp_path, caplog):
     """A short run on images whose labels are visible, then the model through predict (ONNX
     Runtime where installed, PyTorch) and explain, like any other checkpoint."""
-    from test_train import make_generic_dataset, tiny_settings
+    from conftest import make_generic_dataset, tiny_settings
 
     from cxrtool.models.checkpoint import load_tree, read_card
 

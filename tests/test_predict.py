@@ -6,9 +6,8 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import write_dicom, write_png
 from typer.testing import CliRunner
 
 from cxrtool.cli import app
@@ -31,34 +30,6 @@ def checkpoint(tmp_path_factory) -> Path:
     card = ModelCard("resnet18", FINDINGS, Preprocessing(input_size=64).to_dict(), name="tiny",
                      thresholds={"Effusion": 0.0, "Nodule": 1.0})
     return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.safetensors", model, card)
-
-
-def write_dicom(path: Path, *, patient_id: str = "SECRET-123", view: str = "PA") -> Path:
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.Modality, ds.ViewPosition = "Doe^Jane", patient_id, "DX", view
-    pixels = (np.random.default_rng(0).random((48, 40)) * 4095).astype(np.uint16)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def write_png(path: Path, seed: int = 0) -> Path:
-    Image.fromarray((np.random.default_rng(seed).random((50, 60)) * 255).astype(np.uint8)).save(path)
-    return path
 
 
 @pytest.fixture

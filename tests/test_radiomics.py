@@ -7,6 +7,7 @@ import csv
 
 import numpy as np
 import pytest
+from conftest import write_seg
 
 from cxrtool.radiomics.features import (
     ParamsError,
@@ -250,34 +251,6 @@ def test_cli_from_cam_on_real_nih_images_masks_csv_and_bad_params(tmp_path, nih_
 FAST = "imageType:\n  Original: {}\nfeatureClass:\n  firstorder:\n  shape2D:\nsetting:\n  binWidth: 8\n"
 
 
-def _write_seg(path, source_path, boxes, *, fractional=False):
-    """A SEG on one real radiograph, written by highdicom (the field's SEG writer):
-    one segment per (label, (x, y, w, h)) box."""
-    import highdicom as hd
-    import pydicom
-    from pydicom.sr.codedict import codes
-
-    source = pydicom.dcmread(source_path)
-    planes = np.zeros((1, source.Rows, source.Columns, len(boxes)), np.float32 if fractional else bool)
-    descriptions = []
-    for number, (label, (x, y, w, h)) in enumerate(boxes, start=1):
-        planes[0, y : y + h, x : x + w, number - 1] = 0.8 if fractional else True
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=label,
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Nodule,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL))
-    seg = hd.seg.Segmentation(
-        source_images=[source], pixel_array=planes,
-        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=9,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="cxrtool tests",
-        manufacturer_model_name="test", software_versions="0", device_serial_number="0",
-        **({"max_fractional_value": 255} if fractional else {}))
-    seg.save_as(path)
-    return path
-
-
 def test_dicom_seg_masks_among_the_inputs_and_in_a_mask_csv(tmp_path, dicom_dir):
     import json
 
@@ -287,9 +260,9 @@ def test_dicom_seg_masks_among_the_inputs_and_in_a_mask_csv(tmp_path, dicom_dir)
     from cxrtool.io.studies import StudyReadError, read_study
 
     rg2, rg3, other = dicom_dir / "wg04" / "RG2_UNC.dcm", dicom_dir / "wg04" / "RG3_UNC.dcm", dicom_dir / "wg04" / "RG3_RLE.dcm"
-    _write_seg(tmp_path / "rg2.seg.dcm", rg2, [("Nodule", (400, 500, 60, 60)), ("Mass", (900, 1000, 120, 90))])
-    _write_seg(tmp_path / "rg3.seg.dcm", rg3, [("Effusion", (300, 700, 80, 50))], fractional=True)
-    orphan = _write_seg(tmp_path / "orphan.seg.dcm", other, [("Nodule", (10, 10, 20, 20))])
+    write_seg(tmp_path / "rg2.seg.dcm", rg2, [("Nodule", (400, 500, 60, 60)), ("Mass", (900, 1000, 120, 90))])
+    write_seg(tmp_path / "rg3.seg.dcm", rg3, [("Effusion", (300, 700, 80, 50))], fractional=True)
+    orphan = write_seg(tmp_path / "orphan.seg.dcm", other, [("Nodule", (10, 10, 20, 20))])
     params = tmp_path / "fast.yaml"
     params.write_text(FAST)
     runner = CliRunner()

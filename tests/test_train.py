@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -11,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import make_generic_dataset, tiny_settings
 from typer.testing import CliRunner
 
 from cxrtool.cli import app
@@ -24,39 +22,6 @@ from cxrtool.train.loop import CHECKPOINT_NAME, STATE_NAME, train
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_generic_dataset(folder: Path, n: int = 48, size: int = 40, seed: int = 0) -> Path:
-    """Images whose labels are visible: 'Disk' = a bright disk, 'Bar' = a dark vertical bar."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[:size, :size]
-    rows = []
-    for i in range(n):
-        disk, bar = int(rng.random() < 0.5), int(rng.random() < 0.4)
-        image = 0.4 + 0.1 * rng.standard_normal((size, size))
-        if disk:
-            cy, cx = rng.integers(10, size - 10, 2)
-            image[(yy - cy) ** 2 + (xx - cx) ** 2 < 25] = 0.95
-        if bar:
-            x0 = rng.integers(4, size - 8)
-            image[:, x0 : x0 + 3] = 0.0
-        name = f"img{i:03d}.png"
-        Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(folder / name)
-        rows.append({"path": name, "patient_id": f"p{i // 2}", "Disk": disk, "Bar": bar})
-    with open(folder / "labels.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "patient_id", "Disk", "Bar"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return folder / "labels.csv"
-
-
-def tiny_settings(labels: Path, out: Path, **extra) -> list[str]:
-    args = [str(labels), "--out", str(out), "--arch", "resnet18", "--input-size", "32", "-b", "8", "-j", "0",
-            "--device", "cpu", "--seed", "3"]
-    for key, value in extra.items():
-        args += ["--set", f"{key}={value}"]
-    return args
 
 
 @pytest.mark.slow

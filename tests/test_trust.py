@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_generic_dataset, write_seg
 from typer.testing import CliRunner
 
 from cxrtool.cli import app
@@ -328,9 +329,8 @@ def test_outputs_get_the_permissions_of_the_users_umask(tmp_path, nih_dir):
 # ------------------------------------------------------------------ 7. logs, not a terminal
 
 
+@pytest.mark.slow
 def test_long_work_under_a_pipe_prints_progress_lines_and_whole_tables(tmp_path):
-    from tests.test_train import make_generic_dataset
-
     labels = make_generic_dataset(tmp_path / "data", n=32)
     env = {"CXRTOOL_PROGRESS_INTERVAL": "0", "CXRTOOL_NO_PROGRESS": "0", "COLUMNS": ""}
     env = {k: v for k, v in {**os.environ, **env}.items() if k != "COLUMNS"}
@@ -552,9 +552,8 @@ def test_every_kind_of_file_an_archive_holds_is_read_or_refused_by_name(tmp_path
     # refused, saying what they are
     shutil.copy(get_testdata_file("test-SR.dcm"), folder / "report.dcm")
     bad["report.dcm"] = r"^DICOM without pixel data: a structured report \(SOP Class: Comprehensive SR Storage"
-    from tests.test_radiomics import _write_seg
 
-    _write_seg(folder / "mask.dcm", dicom_dir / "wg04" / "RG2_UNC.dcm", [("Nodule", (10, 10, 20, 20))])
+    write_seg(folder / "mask.dcm", dicom_dir / "wg04" / "RG2_UNC.dcm", [("Nodule", (10, 10, 20, 20))])
     bad["mask.dcm"] = r"^a DICOM Segmentation \(SEG\), not a radiograph"
     multi = _dicom(folder / "multi.dcm", np.zeros((2, 64, 64)).reshape(128, 64))
     ds = pydicom.dcmread(multi)

@@ -73,7 +73,7 @@ def test_each_studys_copies_are_averaged_in_one_forward_pass():
 
 @pytest.fixture()
 def study(tmp_path):
-    from test_predict import write_dicom, write_png
+    from conftest import write_dicom, write_png
 
     folder = tmp_path / "study"
     folder.mkdir()

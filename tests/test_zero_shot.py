@@ -36,7 +36,7 @@ def dual_branch(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def study(tmp_path):
-    from test_predict import write_png
+    from conftest import write_png
 
     folder = tmp_path / "study"
     folder.mkdir()
@@ -120,7 +120,7 @@ def test_a_model_without_a_text_branch_is_refused_before_any_prompt_is_embedded(
 def test_a_bundle_scores_a_prompt_with_its_dual_branch_members(dual_branch, make_checkpoint, tmp_path, monkeypatch):
     """The zero-shot finding is merged over the members of the study's route that have a text
     branch (a route without one leaves it out), marked in the sidecar, listed in the index."""
-    from test_predict import write_dicom
+    from conftest import write_dicom
 
     from cxrtool.io.outputs import FOLDER_JSON
 
