@@ -103,7 +103,7 @@ def nearest_seen(held_out: list[str], seen: list[str], scores: dict[str, dict], 
     a seen finding: the one nearest it in text, and (an oracle, chosen on the test labels)
     the best one. ``scores``: the predictions table's rows by study file name."""
     from cxrtool.data.labels import read_labels
-    from cxrtool.evaluate.classification import auroc
+    from cxrtool.evaluate.metrics import auroc
     from cxrtool.models.text import encode, finding_texts, read_descriptions
 
     descriptions = read_descriptions()
@@ -147,8 +147,8 @@ def main() -> None:
         values = values[~np.isnan(values)]
         return (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0) if len(values) else (math.nan, 0.0)
 
-    from cxrtool.evaluate.classification import auroc
     from cxrtool.evaluate.compare import paired_bootstrap, seed_averaged
+    from cxrtool.evaluate.metrics import auroc
 
     print(f"\n{args.data}: {args.arch} at {args.input_size} px, output stride {args.output_stride}, {args.epochs} epochs, "
           f"lr {args.lr}, {args.seeds} seeds; held out of the dual branch's training: {', '.join(held_out)}")

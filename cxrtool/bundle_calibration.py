@@ -74,7 +74,7 @@ def calibrate_bundle(
         ValueError: labels that cannot be read, or no study that could be scored.
     """
     from cxrtool.data.labels import read_labels
-    from cxrtool.evaluate.classification import choose_thresholds
+    from cxrtool.evaluate.metrics import choose_thresholds
     from cxrtool.io.outputs import write_json
     from cxrtool.io.records import MODEL_ID_LENGTH, iter_sidecars, now
     from cxrtool.predict import ScoreChunk

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
 
+from cxrtool.cli.evaluate import render_table
 from cxrtool.data.labels import LabelTable
 from cxrtool.evaluate import (
     EvaluationReport,
@@ -21,7 +22,6 @@ from cxrtool.evaluate import (
     evaluate,
     macro_average,
     micro_metrics,
-    render_table,
     threshold_metrics,
 )
 
@@ -175,11 +175,11 @@ def test_bootstrap_skips_one_class_resamples_and_n_boot_zero() -> None:
 def test_bootstrap_batches_give_the_same_intervals(monkeypatch) -> None:
     """Resamples run in batches of count-weight matrices (speed is measured by benchmarks,
     not here): any batch size draws the same resamples and gives the same intervals."""
-    import cxrtool.evaluate.classification as classification
+    import cxrtool.evaluate.metrics as metrics
 
     y, s = _random_data(n=300, f=4, seed=2, nan_rate=0.05)
     whole = bootstrap_ci(y, s, 0.5, n_boot=200, seed=0)
-    monkeypatch.setattr(classification, "_BATCH_ELEMENTS", 300 * 7)  # 7 resamples per batch
+    monkeypatch.setattr(metrics, "_BATCH_ELEMENTS", 300 * 7)  # 7 resamples per batch
     batched = bootstrap_ci(y, s, 0.5, n_boot=200, seed=0)
     for part in ("per_finding", "macro", "micro"):
         for metric, values in whole[part].items():

@@ -101,9 +101,9 @@ def demo(
     """Generate phantoms, train, predict on held-out DICOMs, explain them (the default map method), measure
     radiomic features of the regions of the positive calls, and evaluate classification and
     localization against the phantoms' ground truth."""
+    from cxrtool.cli.evaluate import render_table
     from cxrtool.data.phantom import generate_cohort
     from cxrtool.evaluate import evaluate
-    from cxrtool.evaluate.classification import render_table
     from cxrtool.evaluate.localization import evaluate_localization, render_localization
     from cxrtool.explain import ExplainSettings, explain
     from cxrtool.explain.faithfulness import border_band_share

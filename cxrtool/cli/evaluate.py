@@ -1,14 +1,19 @@
-"""``cxrtool evaluate``: classification metrics of a predictions CSV against labels."""
+"""``cxrtool evaluate``: classification metrics of a predictions CSV against labels, and
+the table of them on the screen (``render_table``)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cxrtool.cli._console import fail, note, one_of, show
 from cxrtool.registry import LABEL_FORMATS, UNCERTAIN_POLICIES
+
+if TYPE_CHECKING:
+    from cxrtool.evaluate.classification import EvaluationReport
 
 
 def evaluate(
@@ -40,7 +45,6 @@ def evaluate(
     CSV (cxrtool_predictions.json), else 0.5.
     """
     from cxrtool.evaluate import evaluate as run_evaluate
-    from cxrtool.evaluate.classification import render_table
     from cxrtool.models.checkpoint import CheckpointError
 
     for source in predictions:
@@ -79,3 +83,45 @@ def evaluate(
                  "and count as misses; explain with --finding all (or the boxed findings) to map them")
         for path in located.paths.values():
             note(f"  {path}")
+
+
+def render_table(report: EvaluationReport) -> Any:
+    """A rich Table of the report for the terminal.
+
+    Columns: finding, n, pos, AUROC [95% CI], AUPRC, F1, Sens, Spec, threshold; macro and
+    micro rows at the bottom.
+
+    Example:
+        >>> from rich.console import Console
+        >>> Console().print(render_table(report))
+    """
+    from rich.table import Table
+
+    def num(v: float | None, digits: int = 3) -> str:
+        return "—" if v is None or math.isnan(v) else f"{v:.{digits}f}"
+
+    table = Table(title="Classification metrics", title_justify="left")
+    table.add_column("Finding", style="bold")
+    for name in ("n", "pos"):
+        table.add_column(name, justify="right")
+    table.add_column("AUROC [95% CI]", justify="right")
+    for name in ("AUPRC", "F1", "Sens", "Spec", "Thr"):
+        table.add_column(name, justify="right")
+    rows = [*report.findings, report.macro, report.micro]
+    for k, row in enumerate(rows):
+        low, high = row.ci.get("auroc", (math.nan, math.nan))
+        ci = "" if math.isnan(low) else f" [{low:.3f}–{high:.3f}]"
+        table.add_row(
+            row.finding,
+            str(row.n),
+            str(row.positives),
+            num(row.auroc) + ci,
+            num(row.auprc),
+            num(row.f1),
+            num(row.sensitivity),
+            num(row.specificity),
+            num(row.threshold, 2),
+            end_section=k == len(report.findings) - 1,
+            style="italic" if row.finding in ("macro", "micro") else None,
+        )
+    return table
