@@ -42,7 +42,8 @@ from cxrtool.io.records import (
     sha256_file,
 )
 from cxrtool.io.studies import StudyReadError, find_studies, one_line, read_study
-from cxrtool.models.scoring import NO_TTA, Scored, open_model
+from cxrtool.models.scoring import NO_TTA, Scored, Scorer
+from cxrtool.models.sources import open_model
 from cxrtool.preprocess import Preprocessing, prepare
 
 ResultCallback = Callable[[dict[str, Any]], None]
@@ -168,7 +169,7 @@ def _patient_id(path: Path) -> str:
 class RunContext:
     """What a chunk processor needs to turn decoded studies into written results."""
 
-    scorer: Any  # a CheckpointScorer or BundleScorer (cxrtool.models.scoring)
+    scorer: Scorer  # from any model source (cxrtool.models.sources)
     device: Any
     paths: list[Path]  # the studies to do, by dataset index
     folders: list[Path]  # output folder of each study to do, by dataset index
@@ -293,7 +294,7 @@ def run_studies(
     (stage -> settings) is already done (:func:`cxrtool.io.records.is_done`) and skipped
     unless ``overwrite``; ``done_when`` narrows that to some stages (explain is done when
     its own stage is, whatever predict's settings were: it builds on predict's result). ``model`` is a checkpoint or a bundle file
-    (:func:`cxrtool.models.scoring.open_model`); ``check_model(scorer)`` may refuse the
+    (:func:`cxrtool.models.sources.open_model`: any registered model source); ``check_model(scorer)`` may refuse the
     request (by raising) before any study is looked at. ``runtime`` (auto, torch, onnx)
     says what runs the networks; ``note`` hears what the run says along the way (an
     export, for one). ``views`` is a label or metadata table giving the projection of
@@ -314,7 +315,7 @@ def run_studies(
     if check_model is not None:
         check_model(scorer)
     model_ref = scorer.ref
-    if getattr(scorer, "routes_by_projection", False):
+    if scorer.routes_by_projection:
         # The table decides routes, so its content (or its absence) is part of what made
         # each result: a run with another table, or none, does the studies again.
         settings = {**settings, "predict": {**settings.get("predict", {}), "views": sha256_file(views) if views else None}}

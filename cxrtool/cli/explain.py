@@ -77,7 +77,7 @@ def explain(
     from cxrtool.explain import ExplainSettings
     from cxrtool.explain import explain as run_explain
     from cxrtool.models.checkpoint import CheckpointError
-    from cxrtool.models.scoring import identify
+    from cxrtool.models.sources import identify
 
     findings: tuple[str, ...] | None = None
     if finding:

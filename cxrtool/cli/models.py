@@ -76,28 +76,21 @@ def models(
 
 
 def _available() -> None:
-    """The importable weight sets; their findings from TorchXRayVision itself when installed."""
-    from cxrtool.errors import UsageError
-    from cxrtool.models.sources.xrv import trained_outputs, xrv_table
-    from cxrtool.registry import XRV_WEIGHTS
+    """The importable weight sets of every registered importer."""
+    from cxrtool.models.sources import importers
 
-    table = Table(title="Weight sets to import (cxrtool models import xrv:NAME --out FILE)")
-    for column in ("name", "architecture", "input"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("trained on", max_width=36)  # long lists wrap by word: nothing is cut
-    table.add_column("findings", max_width=60)
-    missing = None
-    for entry in XRV_WEIGHTS.values():
-        try:
-            record = xrv_table(entry.name)
-            keep, _ = trained_outputs(list(record["labels"]), [float(p) for p in record["op_threshs"]])
-            findings = ", ".join(record["labels"][i] for i in keep)
-        except UsageError as error:
-            missing, findings = str(error), "(install TorchXRayVision to list them)"
-        table.add_row(f"xrv:{entry.name}", entry.architecture, f"{entry.input_size} px", entry.trained_on, findings)
-    show(table)
-    if missing:
-        note(missing.split(" (")[0])
+    for importer in importers().values():
+        rows, missing = importer.available()
+        table = Table(title=f"{importer.library} weight sets to import (cxrtool models import {importer.prefix}:NAME --out FILE)")
+        for column in ("name", "architecture", "input"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("trained on", max_width=36)  # long lists wrap by word: nothing is cut
+        table.add_column("findings", max_width=60)
+        for row in rows:
+            table.add_row(row["name"], row["architecture"], row["input"], row["trained on"], row["findings"])
+        show(table)
+        if missing:
+            note(missing)
 
 
 @app.command("show")
@@ -188,20 +181,21 @@ def import_weights(
     """Import a TorchXRayVision classifier once into an ordinary cxrtool checkpoint (the only
     step that unpickles anything), with XRV's preprocessing and operating points on its card."""
     from cxrtool.errors import UsageError
-    from cxrtool.models.sources.xrv import import_xrv
+    from cxrtool.models.sources import importers
 
-    library, _, set_name = spec.partition(":")
-    if library != "xrv" or not set_name:
-        fail(f"expected xrv:NAME, got {spec!r} (TorchXRayVision is the one library cxrtool imports from; "
-             "cxrtool models --available lists the sets)")
+    prefix, _, set_name = spec.partition(":")
+    known = importers()
+    if prefix not in known or not set_name:
+        fail(f"expected {' or '.join(f'{p}:NAME ({i.library})' for p, i in known.items())}, got {spec!r} "
+             "(cxrtool models --available lists the sets)")
     try:
-        report = import_xrv(set_name, out, weights=weights, model_name=name, say=note)
+        report = known[prefix].run(set_name, out, weights=weights, model_name=name, say=note)
     except UsageError as error:
         fail(str(error))
     note(f"[green]{report.checkpoint}[/]: {report.weights.architecture} at {report.weights.input_size} px, "
          f"{len(report.findings)} findings: {', '.join(report.findings)}")
     if report.dropped:
-        note(f"  left out (XRV outputs without a trained operating point): {', '.join(report.dropped)}")
+        note(f"  left out ({known[prefix].library} outputs without a trained operating point): {', '.join(report.dropped)}")
     note(f"  card: cxrtool models {report.checkpoint}")
 
 

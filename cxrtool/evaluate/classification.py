@@ -321,7 +321,7 @@ def evaluate(
     if model is not None:
         wanted = str(model)
         if Path(model).is_file():  # a checkpoint or bundle: its rows, by its digest, and its thresholds
-            from cxrtool.models.scoring import identify
+            from cxrtool.models.sources import identify
 
             wanted, card_thresholds = identify(model)
     if isinstance(labels, LabelTable):

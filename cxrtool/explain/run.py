@@ -115,7 +115,7 @@ class ExplainChunk:
         self.context = context
         self.settings = settings
         self.scorer = context.scorer
-        self.bundle = getattr(self.scorer, "bundle", None)
+        self.bundle = self.scorer.bundle
         findings = list(self.scorer.findings)
         fixed = dict.fromkeys(settings.findings) if settings.findings is not None else None  # in order, once each
         self.fixed = [findings.index(name) for name in fixed] if fixed is not None else None
@@ -414,7 +414,7 @@ def explain(
             if unknown:
                 raise ExplainUsageError(f"the model has no finding {', '.join(map(repr, unknown))}; "
                                         f"its findings are: {', '.join(scorer.findings)}")
-        bundle = getattr(scorer, "bundle", None)
+        bundle = scorer.bundle
         if bundle is not None and settings.faithfulness:
             raise ExplainUsageError("--faithfulness measures one network's maps with that network; a bundle's map averages "
                                     "its members': explain a member's checkpoint to measure it")

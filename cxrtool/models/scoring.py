@@ -17,15 +17,15 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from cxrtool.io.records import ModelRef
-from cxrtool.models.calibration import Calibration, operating_point_card
+from cxrtool.models.calibration import Calibration
 from cxrtool.preprocess import Preprocessing
 
 BUNDLE_ARCHITECTURE = "bundle"
@@ -207,10 +207,29 @@ def forward(network, tensors: list[np.ndarray], device, *, tta: TestTimeAugmenta
     return probabilities.cpu().numpy().astype(np.float64)
 
 
+class Scorer(Protocol):
+    """What the study runner needs of a model, whatever its source (a checkpoint, a bundle;
+    :mod:`cxrtool.models.sources`): who it is, what it scores, how studies are prepared for
+    it, and their scores."""
+
+    ref: ModelRef  # the identity its results carry
+    findings: list[str]  # in order; zero-shot findings after the trained ones
+    thresholds: np.ndarray  # one per finding
+    threshold_method: str
+    preprocessings: dict[str, Preprocessing]  # key -> how a study becomes one of its inputs
+    routes_by_projection: bool  # its scores depend on the study's projection (a views table changes them)
+    bundle: Any  # the bundle it scores with, or None: one network
+
+    def score(self, items: Sequence[dict[str, Any]]) -> list[Scored]:
+        """Each decoded study's scores (a study it cannot score carries its ``failure``)."""
+        ...
+
+
 class CheckpointScorer:
     """One cxrtool checkpoint: its network (PyTorch, or its ONNX graph) and its card."""
 
     routes_by_projection = False  # its scores do not depend on the study's projection
+    bundle = None  # one network
 
     def __init__(self, path: str | os.PathLike, network, card, device, *, sha256: str, onnx=None,
                  tta: TestTimeAugmentation = NO_TTA, zero_shot: ZeroShot | None = None) -> None:
@@ -267,232 +286,5 @@ class CheckpointScorer:
                 for row, raw_row in zip(calls, raw, strict=True)]
 
 
-class BundleScorer:
-    """A bundle (:mod:`cxrtool.models.sources.bundle`): each study routed by its projection
-    (the file's, else the view classifier's) to its route's members, their probabilities
-    merged per finding over the members that have it."""
-
-    routes_by_projection = True
-
-    def __init__(self, bundle, members: dict[str, CheckpointScorer], view_classifier: CheckpointScorer | None,
-                 zero_shot: ZeroShot | None = None) -> None:
-        self.bundle = bundle
-        self.members = members
-        self.view_classifier = view_classifier
-        self.ref = ModelRef(bundle.name, BUNDLE_ARCHITECTURE, bundle.sha256)
-        # Zero-shot findings come after the bundle's own, scored by its dual-branch members,
-        # called at 0.5 (uncalibrated, as for one checkpoint).
-        self.zero_shot_findings = zero_shot.names if zero_shot is not None else []
-        self.findings = [*bundle.findings, *self.zero_shot_findings]
-        self.threshold_method = "bundle calibration" if bundle.calibration.get("thresholds") else "members' cards"
-        self.thresholds = np.array([bundle.threshold_for(f) for f in bundle.findings] + [0.5] * len(self.zero_shot_findings),
-                                   dtype=np.float64)
-        self.preprocessings: dict[str, Preprocessing] = {}
-        for scorer in [*members.values(), *([view_classifier] if view_classifier else [])]:
-            self.preprocessings.update(scorer.preprocessings)
-        if view_classifier is not None:
-            points = np.clip(view_classifier.thresholds, 1e-6, 1 - 1e-6)
-            self.view_rule = Calibration(view_classifier.findings, operating_point_card(view_classifier.findings, points))
-        self.references = {(member, finding): bundle.reference(member, finding)
-                           for member, scorer in members.items() for finding in scorer.findings
-                           if bundle.reference(member, finding) is not None}
-
-    @property
-    def zero_shot_merge(self) -> str:
-        """How zero-shot findings are merged: as the bundle says, but ``rank`` (which needs
-        validation scores) falls back to the mean."""
-        return "mean" if self.bundle.merge == "rank" else self.bundle.merge
-
-    def projections(self, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Each study's projection and where it came from: the file (a DICOM tag) or a
-        table's metadata as the item says, else the view classifier, else unknown."""
-        found = [{"view_position": item.get("view_position", "UNKNOWN"), "source": item.get("view_source")}
-                 for item in items]
-        unknown = [i for i, entry in enumerate(found) if entry["view_position"] == "UNKNOWN"]
-        if unknown and self.view_classifier is not None:
-            classifier = self.view_classifier
-            scores = classifier.calibrated(classifier.probabilities([items[i]["tensors"][classifier.key] for i in unknown]))
-            # Each projection is judged against its own threshold (chosen on validation): the
-            # raw probabilities of a briefly trained classifier rank well but may all lean one way.
-            relative = self.view_rule(scores)
-            for i, row, margin in zip(unknown, scores, relative, strict=True):
-                if not np.all(np.isfinite(row)):
-                    found[i] = {"view_position": "UNKNOWN", "source": "classifier", "probability": None,
-                                "classifier": classifier.ref.id, "failure": "the view classifier's output is not a "
-                                                                           f"finite number ({row.tolist()})"}
-                    continue
-                best = int(np.argmax(margin))
-                found[i] = {"view_position": classifier.findings[best], "source": "classifier",
-                            "probability": round(float(row[best]), 6), "classifier": classifier.ref.id}
-        for entry in found:
-            if entry["source"] is None:
-                entry["source"] = "unknown"
-        return found
-
-    def score(self, items: Sequence[dict[str, Any]]) -> list[Scored]:
-        from cxrtool.models.sources.bundle import MemberScores, merge
-
-        projections = self.projections(items)
-        routes = [self.bundle.route(p["view_position"]) for p in projections]
-        scored: list[Scored | None] = [None] * len(items)
-        for i, projection in enumerate(projections):
-            if "failure" in projection:  # no route can be chosen: the study fails, alone
-                routes[i] = None
-                scored[i] = Scored([], np.zeros(0), np.zeros(0), failure=projection["failure"])
-        for route in dict.fromkeys(r for r in routes if r is not None):
-            rows = [i for i, r in enumerate(routes) if r == route]
-            outputs = []
-            for member in self.bundle.members_of(route):
-                scorer = self.members[member.name]
-                probabilities = scorer.calibrated(scorer.probabilities([items[i]["tensors"][scorer.key] for i in rows]))
-                # Merged as recorded (6 decimals): the sidecar's member values reproduce the merge.
-                probabilities = np.round(probabilities, 6)
-                outputs.append(MemberScores(member.name, scorer.findings, probabilities, member.weight))
-            merged = merge(self.bundle.findings, outputs, how=self.bundle.merge, references=self.references)
-            if self.zero_shot_findings:
-                # No validation scores exist for a zero-shot finding to rank against.
-                merged = np.concatenate([merged, merge(self.zero_shot_findings, outputs, how=self.zero_shot_merge)], axis=1)
-            # The route's findings: a member's non-finite output stays in them and fails the study.
-            scored_here = {finding for out in outputs for finding in out.findings}
-            have = np.array([j for j, finding in enumerate(self.findings) if finding in scored_here], dtype=np.int64)
-            for k, i in enumerate(rows):
-                ensemble = {
-                    "projection": projections[i], "route": route, "merge": self.bundle.merge,
-                    **({"zero_shot_merge": self.zero_shot_merge} if self.zero_shot_findings else {}),
-                    "members": {out.name: {"model_id": self.members[out.name].ref.id,
-                                           "probabilities": {f: round(float(p), 6) for f, p in
-                                                             zip(out.findings, out.probabilities[k], strict=True)}}
-                                for out in outputs},
-                }
-                scored[i] = Scored([self.findings[j] for j in have], merged[k, have], self.thresholds[have],
-                                   ensemble=ensemble, zero_shot=[f for f in self.zero_shot_findings if f in scored_here])
-        return scored  # type: ignore[return-value]
-
-
-def identify(model: str | os.PathLike) -> tuple[str, dict[str, float]]:
-    """A checkpoint's or bundle's identity (the SHA-256 its results carry) and its decision
-    thresholds, read without loading any weights."""
-    from cxrtool.models.checkpoint import file_sha256, read_card
-    from cxrtool.models.sources.bundle import is_bundle, read_bundle
-
-    if is_bundle(model):
-        bundle = read_bundle(model)
-        return bundle.sha256, {f: bundle.threshold_for(f) for f in bundle.findings}
-    card = read_card(model)
-    return file_sha256(model), {f: card.threshold_for(f) for f in card.findings}
-
-
-def open_model(model: str | os.PathLike | Any, *, device, runtime: str = "torch", note: Callable[[str], None] | None = None,
-               tta: TestTimeAugmentation = NO_TTA, zero_shot: ZeroShot | None = None) -> CheckpointScorer | BundleScorer:
-    """A checkpoint or a bundle (a file, or a read :class:`~cxrtool.models.sources.bundle.Bundle`),
-    loaded onto ``device`` and ready to score (with
-    ``tta``: each checkpoint, or each member of a bundle; a bundle's view classifier
-    scores the study as it is).
-
-    Raises:
-        CheckpointError: a file that is not a usable checkpoint, or a bad bundle (its
-            :class:`~cxrtool.models.sources.bundle.BundleError` names the fix).
-    """
-    from cxrtool.models.sources.bundle import Bundle, is_bundle, read_bundle
-
-    if isinstance(model, Bundle) or is_bundle(model):
-        bundle = model if isinstance(model, Bundle) else read_bundle(model)
-        readers = _text_members(bundle, zero_shot, runtime) if zero_shot is not None else set()
-        zero_shot = zero_shot.embedded() if zero_shot is not None else None  # once, for every member
-        loaded: dict[tuple, CheckpointScorer] = {}  # a file named twice is loaded once
-
-        def load(member, augment: TestTimeAugmentation, unseen: ZeroShot | None = None) -> CheckpointScorer:
-            key = (member.path, augment, unseen is not None)
-            if key not in loaded:
-                loaded[key] = _checkpoint(member.path, device, runtime, note, sha256=member.sha256, tta=augment,
-                                          zero_shot=unseen)
-            return loaded[key]
-
-        calibrated_with = bundle.calibration.get("tta", {}) if bundle.calibration else None
-        if calibrated_with is not None and calibrated_with != tta.settings() and note is not None:
-            def said(settings: dict) -> str:
-                return f"--tta {settings['tta']}{' --tta-flip' if settings.get('flip') else ''}" if settings else "no TTA"
-
-            note(f"{bundle.path.name} was calibrated with {said(calibrated_with)} and scores now with "
-                 f"{said(tta.settings())}: its thresholds were chosen on other scores; calibrate it with the same TTA")
-        members = {name: load(member, tta, zero_shot if name in readers else None) for name, member in bundle.members.items()}
-        view = load(bundle.view_classifier, NO_TTA) if bundle.view_classifier is not None else None
-        return BundleScorer(bundle, members, view, zero_shot=zero_shot)
-    return _checkpoint(Path(model), device, runtime, note, tta=tta, zero_shot=zero_shot)
-
-
-def _checkpoint(path: Path, device, runtime: str, note, *, sha256: str | None = None,
-                tta: TestTimeAugmentation = NO_TTA, zero_shot: ZeroShot | None = None) -> CheckpointScorer:
-    import torch
-
-    from cxrtool.models.checkpoint import file_sha256, load_checkpoint
-    from cxrtool.models.runtime import OnnxNetwork, cache_folder
-    from cxrtool.models.runtime import choose as choose_runtime
-    from cxrtool.models.runtime import export as export_onnx
-
-    network, card = load_checkpoint(path, device=str(device))
-    sha256 = sha256 or file_sha256(path)
-    if zero_shot is not None:
-        _check_zero_shot(path, card, zero_shot, runtime)
-        zero_shot = zero_shot.embedded()
-        runtime = "torch"  # the exported graph gives logits only; the text branch runs in PyTorch
-    onnx = None
-    if choose_runtime(runtime, device.type) == "onnx":
-        graph = cache_folder() / "onnx"
-        if note is not None and not any(graph.glob(f"{sha256[:16]}-*")):
-            note(f"exporting {card.name} for ONNX Runtime, once (into {graph})")
-        onnx = OnnxNetwork(export_onnx(network, Preprocessing.from_dict(card.preprocessing).input_size, sha256))
-    # Channels-last convolutions are markedly faster on CPUs (oneDNN) and tensor cores.
-    network = network.to(memory_format=torch.channels_last)
-    return CheckpointScorer(path, network, card, device, sha256=sha256, onnx=onnx, tta=tta, zero_shot=zero_shot)
-
-
-def _already_scored(names: Sequence[str], findings: Sequence[str]) -> list[str]:
-    """The prompted names that are trained findings under any spelling (``Pleural
-    Effusion`` is ``Effusion``; case and underscores aside)."""
-    from cxrtool.registry import finding_key
-
-    trained = {finding_key(finding) for finding in findings}
-    return [name for name in names if finding_key(name) in trained]
-
-
-def _text_members(bundle, zero_shot: ZeroShot, runtime: str) -> set[str]:
-    """The members of a bundle that score zero-shot prompts: those with a text branch.
-
-    Raises:
-        UsageError: no member has one, or a prompt names a finding of the bundle.
-    """
-    from cxrtool.errors import UsageError
-
-    trained = _already_scored(zero_shot.names, bundle.findings)
-    if trained:
-        raise UsageError(f"{trained[0]!r} is a finding of the bundle: its members' heads score it; "
-                         "zero-shot is for findings they never saw")
-    readers = {name for name, member in bundle.members.items() if member.card.text}
-    if not readers:
-        raise UsageError(f"{bundle.path}: zero-shot prompts need a dual-branch member (train one with --preset dual-branch); "
-                         "no member of this bundle has a text branch")
-    for name in readers:
-        _check_zero_shot(bundle.members[name].path, bundle.members[name].card, zero_shot, runtime)
-    return readers
-
-
-def _check_zero_shot(path: Path, card, zero_shot: ZeroShot, runtime: str) -> None:
-    from cxrtool.errors import UsageError
-    from cxrtool.models.text import ENCODER_NAME
-
-    if not card.text:
-        raise UsageError(f"{path}: zero-shot prompts need a dual-branch model (train one with --preset dual-branch); "
-                         "this one has no text branch")
-    if card.text.get("encoder") != ENCODER_NAME:
-        raise UsageError(f"{path}: its text branch was trained against {card.text.get('encoder')}, not {ENCODER_NAME}")
-    if runtime == "onnx":
-        raise UsageError(f"{path}: zero-shot scoring runs in PyTorch: use --runtime torch (or auto)")
-    trained = _already_scored(zero_shot.names, card.findings)
-    if trained:
-        raise UsageError(f"{trained[0]!r} is a finding the model was trained on: its own head scores it; "
-                         "zero-shot is for findings it never saw")
-
-
-__all__ = ["BUNDLE_ARCHITECTURE", "NO_TTA", "BundleScorer", "CheckpointScorer", "Scored", "TestTimeAugmentation",
-           "ZeroShot", "forward", "identify", "open_model", "prep_key", "zero_shot_prompts"]
+__all__ = ["BUNDLE_ARCHITECTURE", "NO_TTA", "CheckpointScorer", "Scored", "Scorer", "TestTimeAugmentation",
+           "ZeroShot", "forward", "prep_key", "zero_shot_prompts"]

@@ -36,14 +36,27 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cxrtool.io.records import ModelRef
+from cxrtool.models.calibration import Calibration, operating_point_card
 from cxrtool.models.checkpoint import CheckpointError, ModelCard, file_sha256, read_card
+from cxrtool.models.scoring import (
+    BUNDLE_ARCHITECTURE,
+    NO_TTA,
+    CheckpointScorer,
+    Scored,
+    TestTimeAugmentation,
+    ZeroShot,
+)
+from cxrtool.models.sources import ModelSource
+from cxrtool.models.sources.checkpoint import already_scored, check_zero_shot, open_checkpoint
+from cxrtool.preprocess import Preprocessing
 from cxrtool.registry import BUNDLE_ROUTES, DEFAULT_MERGE, ENSEMBLE_MERGES, PROJECTIONS
 
 BUNDLE_SUFFIXES = (".yaml", ".yml")
@@ -431,16 +444,193 @@ def merge(findings: Sequence[str], members: Sequence[MemberScores], *, how: str 
         return np.where(weights > 0, total / np.where(weights > 0, weights, 1.0), np.nan)
 
 
+# ----------------------------------------------------------------------------- scoring
+
+
+class BundleScorer:
+    """A bundle (:mod:`cxrtool.models.sources.bundle`): each study routed by its projection
+    (the file's, else the view classifier's) to its route's members, their probabilities
+    merged per finding over the members that have it."""
+
+    routes_by_projection = True
+
+    def __init__(self, bundle, members: dict[str, CheckpointScorer], view_classifier: CheckpointScorer | None,
+                 zero_shot: ZeroShot | None = None) -> None:
+        self.bundle = bundle
+        self.members = members
+        self.view_classifier = view_classifier
+        self.ref = ModelRef(bundle.name, BUNDLE_ARCHITECTURE, bundle.sha256)
+        # Zero-shot findings come after the bundle's own, scored by its dual-branch members,
+        # called at 0.5 (uncalibrated, as for one checkpoint).
+        self.zero_shot_findings = zero_shot.names if zero_shot is not None else []
+        self.findings = [*bundle.findings, *self.zero_shot_findings]
+        self.threshold_method = "bundle calibration" if bundle.calibration.get("thresholds") else "members' cards"
+        self.thresholds = np.array([bundle.threshold_for(f) for f in bundle.findings] + [0.5] * len(self.zero_shot_findings),
+                                   dtype=np.float64)
+        self.preprocessings: dict[str, Preprocessing] = {}
+        for scorer in [*members.values(), *([view_classifier] if view_classifier else [])]:
+            self.preprocessings.update(scorer.preprocessings)
+        if view_classifier is not None:
+            points = np.clip(view_classifier.thresholds, 1e-6, 1 - 1e-6)
+            self.view_rule = Calibration(view_classifier.findings, operating_point_card(view_classifier.findings, points))
+        self.references = {(member, finding): bundle.reference(member, finding)
+                           for member, scorer in members.items() for finding in scorer.findings
+                           if bundle.reference(member, finding) is not None}
+
+    @property
+    def zero_shot_merge(self) -> str:
+        """How zero-shot findings are merged: as the bundle says, but ``rank`` (which needs
+        validation scores) falls back to the mean."""
+        return "mean" if self.bundle.merge == "rank" else self.bundle.merge
+
+    def projections(self, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each study's projection and where it came from: the file (a DICOM tag) or a
+        table's metadata as the item says, else the view classifier, else unknown."""
+        found = [{"view_position": item.get("view_position", "UNKNOWN"), "source": item.get("view_source")}
+                 for item in items]
+        unknown = [i for i, entry in enumerate(found) if entry["view_position"] == "UNKNOWN"]
+        if unknown and self.view_classifier is not None:
+            classifier = self.view_classifier
+            scores = classifier.calibrated(classifier.probabilities([items[i]["tensors"][classifier.key] for i in unknown]))
+            # Each projection is judged against its own threshold (chosen on validation): the
+            # raw probabilities of a briefly trained classifier rank well but may all lean one way.
+            relative = self.view_rule(scores)
+            for i, row, margin in zip(unknown, scores, relative, strict=True):
+                if not np.all(np.isfinite(row)):
+                    found[i] = {"view_position": "UNKNOWN", "source": "classifier", "probability": None,
+                                "classifier": classifier.ref.id, "failure": "the view classifier's output is not a "
+                                                                           f"finite number ({row.tolist()})"}
+                    continue
+                best = int(np.argmax(margin))
+                found[i] = {"view_position": classifier.findings[best], "source": "classifier",
+                            "probability": round(float(row[best]), 6), "classifier": classifier.ref.id}
+        for entry in found:
+            if entry["source"] is None:
+                entry["source"] = "unknown"
+        return found
+
+    def score(self, items: Sequence[dict[str, Any]]) -> list[Scored]:
+        projections = self.projections(items)
+        routes = [self.bundle.route(p["view_position"]) for p in projections]
+        scored: list[Scored | None] = [None] * len(items)
+        for i, projection in enumerate(projections):
+            if "failure" in projection:  # no route can be chosen: the study fails, alone
+                routes[i] = None
+                scored[i] = Scored([], np.zeros(0), np.zeros(0), failure=projection["failure"])
+        for route in dict.fromkeys(r for r in routes if r is not None):
+            rows = [i for i, r in enumerate(routes) if r == route]
+            outputs = []
+            for member in self.bundle.members_of(route):
+                scorer = self.members[member.name]
+                probabilities = scorer.calibrated(scorer.probabilities([items[i]["tensors"][scorer.key] for i in rows]))
+                # Merged as recorded (6 decimals): the sidecar's member values reproduce the merge.
+                probabilities = np.round(probabilities, 6)
+                outputs.append(MemberScores(member.name, scorer.findings, probabilities, member.weight))
+            merged = merge(self.bundle.findings, outputs, how=self.bundle.merge, references=self.references)
+            if self.zero_shot_findings:
+                # No validation scores exist for a zero-shot finding to rank against.
+                merged = np.concatenate([merged, merge(self.zero_shot_findings, outputs, how=self.zero_shot_merge)], axis=1)
+            # The route's findings: a member's non-finite output stays in them and fails the study.
+            scored_here = {finding for out in outputs for finding in out.findings}
+            have = np.array([j for j, finding in enumerate(self.findings) if finding in scored_here], dtype=np.int64)
+            for k, i in enumerate(rows):
+                ensemble = {
+                    "projection": projections[i], "route": route, "merge": self.bundle.merge,
+                    **({"zero_shot_merge": self.zero_shot_merge} if self.zero_shot_findings else {}),
+                    "members": {out.name: {"model_id": self.members[out.name].ref.id,
+                                           "probabilities": {f: round(float(p), 6) for f, p in
+                                                             zip(out.findings, out.probabilities[k], strict=True)}}
+                                for out in outputs},
+                }
+                scored[i] = Scored([self.findings[j] for j in have], merged[k, have], self.thresholds[have],
+                                   ensemble=ensemble, zero_shot=[f for f in self.zero_shot_findings if f in scored_here])
+        return scored  # type: ignore[return-value]
+
+
+def identify_bundle(model: str | os.PathLike) -> tuple[str, dict[str, float]]:
+    """The bundle's digest (what its results carry) and its thresholds, without loading a network."""
+    bundle = read_bundle(model)
+    return bundle.sha256, {f: bundle.threshold_for(f) for f in bundle.findings}
+
+
+def open_bundle(model: str | os.PathLike | Bundle, *, device, runtime: str = "torch", note: Callable[[str], None] | None = None,
+                tta: TestTimeAugmentation = NO_TTA, zero_shot: ZeroShot | None = None) -> BundleScorer:
+    """A bundle (a file, or a read :class:`Bundle`) with its members loaded onto ``device``
+    (each file once), every member scoring with ``tta`` and the view classifier the study
+    as it is; zero-shot prompts go to its dual-branch members.
+
+    Raises:
+        BundleError: a bad bundle (the message names the fix).
+        CheckpointError: a member that is not a usable checkpoint.
+        UsageError: zero-shot prompts none of its members can score.
+    """
+    bundle = model if isinstance(model, Bundle) else read_bundle(model)
+    readers = _text_members(bundle, zero_shot, runtime) if zero_shot is not None else set()
+    zero_shot = zero_shot.embedded() if zero_shot is not None else None  # once, for every member
+    loaded: dict[tuple, CheckpointScorer] = {}  # a file named twice is loaded once
+
+    def load(member, augment: TestTimeAugmentation, unseen: ZeroShot | None = None) -> CheckpointScorer:
+        key = (member.path, augment, unseen is not None)
+        if key not in loaded:
+            loaded[key] = open_checkpoint(member.path, device=device, runtime=runtime, note=note, sha256=member.sha256,
+                                          tta=augment, zero_shot=unseen)
+        return loaded[key]
+
+    calibrated_with = bundle.calibration.get("tta", {}) if bundle.calibration else None
+    if calibrated_with is not None and calibrated_with != tta.settings() and note is not None:
+        def said(settings: dict) -> str:
+            return f"--tta {settings['tta']}{' --tta-flip' if settings.get('flip') else ''}" if settings else "no TTA"
+
+        note(f"{bundle.path.name} was calibrated with {said(calibrated_with)} and scores now with "
+             f"{said(tta.settings())}: its thresholds were chosen on other scores; calibrate it with the same TTA")
+    members = {name: load(member, tta, zero_shot if name in readers else None) for name, member in bundle.members.items()}
+    view = load(bundle.view_classifier, NO_TTA) if bundle.view_classifier is not None else None
+    return BundleScorer(bundle, members, view, zero_shot=zero_shot)
+
+
+def _text_members(bundle: Bundle, zero_shot: ZeroShot, runtime: str) -> set[str]:
+    """The members of a bundle that score zero-shot prompts: those with a text branch.
+
+    Raises:
+        UsageError: no member has one, or a prompt names a finding of the bundle.
+    """
+    from cxrtool.errors import UsageError
+
+    trained = already_scored(zero_shot.names, bundle.findings)
+    if trained:
+        raise UsageError(f"{trained[0]!r} is a finding of the bundle: its members' heads score it; "
+                         "zero-shot is for findings they never saw")
+    readers = {name for name, member in bundle.members.items() if member.card.text}
+    if not readers:
+        raise UsageError(f"{bundle.path}: zero-shot prompts need a dual-branch member (train one with --preset dual-branch); "
+                         "no member of this bundle has a text branch")
+    for name in readers:
+        check_zero_shot(bundle.members[name].path, bundle.members[name].card, zero_shot, runtime)
+    return readers
+
+
+SOURCE = ModelSource(
+    name="bundle",
+    description="a bundle (.yaml): projection routes, ensembles, a view classifier, its calibration",
+    matches=lambda model: isinstance(model, Bundle) or (isinstance(model, str | os.PathLike) and is_bundle(model)),
+    identify=identify_bundle,
+    open=open_bundle,
+)
+
+
 __all__ = [
     "BUNDLE_SUFFIXES",
     "VIEW_CLASSES",
     "Bundle",
     "BundleError",
     "BundleMember",
+    "BundleScorer",
     "MemberScores",
     "calibration_path",
+    "identify_bundle",
     "is_bundle",
     "merge",
+    "open_bundle",
     "percentile",
     "read_bundle",
 ]

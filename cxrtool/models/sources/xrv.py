@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrtool.errors import UsageError
+from cxrtool.models.sources import Importer
 from cxrtool.registry import XRV_WEIGHTS, PretrainedWeights
 
 INSTALL_HINT = 'TorchXRayVision is not installed: pip install "cxrtool[xrv]" (or pip install torchxrayvision)'
@@ -256,3 +257,22 @@ def import_xrv(
     )
     checkpoint = save_checkpoint(out, model, card)
     return ImportReport(entry, path, digest, Path(checkpoint), findings, dropped, unpickled)
+
+
+def available_sets() -> tuple[list[dict[str, str]], str | None]:
+    """The importable weight sets, one row each, their findings from TorchXRayVision itself
+    when it is installed; and, when it is not, the note that says so."""
+    rows, missing = [], None
+    for entry in XRV_WEIGHTS.values():
+        try:
+            record = xrv_table(entry.name)
+            keep, _ = trained_outputs(list(record["labels"]), [float(p) for p in record["op_threshs"]])
+            findings = ", ".join(record["labels"][i] for i in keep)
+        except UsageError as error:
+            missing, findings = str(error).split(" (")[0], "(install TorchXRayVision to list them)"
+        rows.append({"name": f"xrv:{entry.name}", "architecture": entry.architecture, "input": f"{entry.input_size} px",
+                     "trained on": entry.trained_on, "findings": findings})
+    return rows, missing
+
+
+IMPORTER = Importer(prefix="xrv", library="TorchXRayVision", available=available_sets, run=import_xrv)
