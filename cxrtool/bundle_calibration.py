@@ -93,7 +93,7 @@ def calibrate_bundle(
     # calibration, and the sidecars record each member's probabilities beside it.
     plain = dataclasses.replace(bundle, merge="mean", calibration={})
     plain.sha256 = digest(plain)
-    from cxrtool._runner import run_studies
+    from cxrtool.runner import run_studies
 
     with tempfile.TemporaryDirectory(prefix="cxrtool-calibrate-") as scratch:
         summary = run_studies(paths, model=plain, make_processor=ScoreChunk, settings={"predict": tta.settings()},

@@ -1,7 +1,7 @@
 """The Python API behind ``cxrtool predict``: studies -> batches -> model -> sidecars and tables.
 
 The journey itself (finding, skipping what is done, decoding in workers, batching, the
-folder tables) is :func:`cxrtool._runner.run_studies`, shared with ``explain``; this module
+folder tables) is :func:`cxrtool.runner.run_studies`, shared with ``explain``; this module
 adds the stage that scores a batch and writes each study's result.
 """
 
@@ -11,7 +11,9 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from cxrtool._runner import (
+from cxrtool.io.records import Result, StudyFailure, store_result
+from cxrtool.models.scoring import NO_TTA, TestTimeAugmentation, ZeroShot
+from cxrtool.runner import (
     PredictSummary,
     ProgressCallback,
     ResultCallback,
@@ -21,8 +23,6 @@ from cxrtool._runner import (
     regroup,
     run_studies,
 )
-from cxrtool.io.records import Result, StudyFailure, store_result
-from cxrtool.models.scoring import NO_TTA, TestTimeAugmentation, ZeroShot
 
 __all__ = ["PREDICT_SETTINGS", "PredictSummary", "RunSummary", "ScoreChunk", "output_root", "predict", "regroup"]
 
@@ -35,7 +35,7 @@ PREDICT_SETTINGS: dict[str, Any] = {}
 class ScoreChunk:
     """The chunk processor of ``predict``: score decoded studies, write their sidecars.
 
-    It runs where the model runs (see :mod:`cxrtool._runner`). Items come back with their
+    It runs where the model runs (see :mod:`cxrtool.runner`). Items come back with their
     ``sidecar`` (or their ``error``).
     """
 

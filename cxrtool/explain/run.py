@@ -36,7 +36,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cxrtool._runner import ProgressCallback, ResultCallback, RunContext, RunSummary, run_studies
 from cxrtool.errors import UsageError
 from cxrtool.explain.chest import NO_CHEST, ChestMask, chest_mask, judge_map, region_chest_shares
 from cxrtool.explain.regions import find_regions, parse_threshold, peak_point, to_original
@@ -45,6 +44,7 @@ from cxrtool.io.outputs import atomic_write
 from cxrtool.io.records import Result, StudyFailure, read_sidecar, sidecar_path, store_result
 from cxrtool.predict import PREDICT_SETTINGS
 from cxrtool.registry import ATTENTION_METHOD, CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS, OCCLUSION_METHOD
+from cxrtool.runner import ProgressCallback, ResultCallback, RunContext, RunSummary, run_studies
 
 METHOD_LABELS = CAM_METHOD_LABELS  # the name the first release exported
 

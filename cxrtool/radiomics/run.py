@@ -71,10 +71,10 @@ def radiomics(
         >>> summary = radiomics(["study/"], from_cam=True, positive_only=True)
         >>> summary.measured, summary.table
     """
-    from cxrtool._runner import output_root
     from cxrtool.io.studies import find_studies
     from cxrtool.radiomics.features import ParamsError, check_classes, load_params
     from cxrtool.radiomics.sources import jobs_from_cam, jobs_from_csv, jobs_from_studies
+    from cxrtool.runner import output_root
 
     say = note or (lambda message: None)
     caution = warn or say
