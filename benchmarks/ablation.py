@@ -50,24 +50,33 @@ VARIANTS: dict[str, dict[str, str]] = {
     "LGA + decoder + ASL": {"head": "lga", "loss": "asl"},
     "preset prototypes": {"preset": "prototypes"},
     "preset label-correlation": {"preset": "label-correlation"},
-    # paper 4: its classifier alone (focal, alpha 0.25, on the linear head), and with the loop
-    "linear + focal": {"preset": "radiomics-feedback", "loss": "0.7*focal"},
+    # paper 4: its classifier alone (focal, alpha 0.25), and with the loop, on the preset's LSE
+    # head (whose Grad-CAM, the loop's regions, is its score map) and on the paper's linear head
+    "LSE + focal": {"preset": "radiomics-feedback", "loss": "0.7*focal"},
     "preset radiomics-feedback": {"preset": "radiomics-feedback"},
     # the contrast weighted to the classification term's size (NT-Xent starts near ln(2N - 1),
     # about 3.4 at batch 32, the weighted focal term near 0.025): 0.01, not 0.3
-    "radiomics-feedback (contrast 0.01)": {"preset": "radiomics-feedback", "loss": "0.7*focal+0.01*radiomics"},
+    "LSE + focal + 0.01 radiomics": {"preset": "radiomics-feedback", "loss": "0.7*focal+0.01*radiomics"},
+    "linear + focal": {"preset": "radiomics-feedback", "head": "linear", "loss": "0.7*focal"},
+    "linear + focal + 0.3 radiomics": {"preset": "radiomics-feedback", "head": "linear"},
+    "linear + focal + 0.01 radiomics": {"preset": "radiomics-feedback", "head": "linear", "loss": "0.7*focal+0.01*radiomics"},
     # its regions from explain's default map (LayerCAM over the first two stages) instead of
-    # the paper's Grad-CAM at the last stage, whose regions fall on the film's edge by chance
-    "radiomics-feedback (contrast 0.01; LayerCAM regions)": {"preset": "radiomics-feedback", "loss": "0.7*focal+0.01*radiomics",
-                                                             "feedback_cam": "layercam"},
+    # Grad-CAM at the last stage, whose regions on the linear head fall on the film's edge by chance
+    "linear + focal + 0.01 radiomics (LayerCAM regions)": {"preset": "radiomics-feedback", "head": "linear",
+                                                           "loss": "0.7*focal+0.01*radiomics", "feedback_cam": "layercam"},
     # with --labelled-fraction: the images whose labels were held back, given as unlabelled
     "preset radiomics-feedback + unlabelled": {"preset": "radiomics-feedback", "unlabelled": "rest"},
-    "radiomics-feedback (contrast 0.01) + unlabelled": {"preset": "radiomics-feedback", "loss": "0.7*focal+0.01*radiomics",
-                                                        "unlabelled": "rest"},
+    "LSE + focal + 0.01 radiomics + unlabelled": {"preset": "radiomics-feedback", "loss": "0.7*focal+0.01*radiomics",
+                                                  "unlabelled": "rest"},
     # the control: the same runs (the unlabelled images in the batches, the same steps, the
     # batch-norm statistics over them, the cycles) with the contrast weighted to nothing
-    "unlabelled with contrast 1e-6 (control)": {"preset": "radiomics-feedback", "loss": "0.7*focal+1e-6*radiomics",
-                                            "unlabelled": "rest"},
+    "LSE + focal + 1e-6 radiomics + unlabelled (control)": {"preset": "radiomics-feedback", "loss": "0.7*focal+1e-6*radiomics",
+                                                            "unlabelled": "rest"},
+    "linear + focal + 0.3 radiomics + unlabelled": {"preset": "radiomics-feedback", "head": "linear", "unlabelled": "rest"},
+    "linear + focal + 0.01 radiomics + unlabelled": {"preset": "radiomics-feedback", "head": "linear",
+                                                     "loss": "0.7*focal+0.01*radiomics", "unlabelled": "rest"},
+    "linear + focal + 1e-6 radiomics + unlabelled (control)": {"preset": "radiomics-feedback", "head": "linear",
+                                                               "loss": "0.7*focal+1e-6*radiomics", "unlabelled": "rest"},
 }
 assert not any("," in name for name in VARIANTS), "--variants is a comma-separated list: no commas in a name"
 BASELINE = "linear + ASL"
@@ -191,6 +200,7 @@ def run_one(name: str, variant: dict, seed: int, point: tuple[float, float], fin
     if done.is_file():
         record = json.loads(done.read_text())
         record["scores"] = np.load(out / "scores.npy")
+        record.setdefault("regions_in_border_band", loop_regions_in_band(out / "model", args.input_size))
         return record
     config = load_config(None, {
         "labels": str(train_csv), "findings": findings, "architecture": args.arch, "input_size": args.input_size,
@@ -217,6 +227,7 @@ def run_one(name: str, variant: dict, seed: int, point: tuple[float, float], fin
         "n_unlabelled": result.n_unlabelled,
         # what a feedback cycle cost: seconds each (maps + radiomics), against an epoch's
         "seconds_per_cycle": float(np.mean([c["seconds_maps"] + c["seconds_radiomics"] for c in cycles])) if cycles else None,
+        "regions_in_border_band": loop_regions_in_band(out / "model", args.input_size),
         **(localization_pairs(result.checkpoint, test_images, test_labels.with_name("BBox_List.csv"), args)
            if test_labels.with_name("BBox_List.csv").is_file() else {"hits": None, "overlaps": None}),
     }
@@ -224,6 +235,20 @@ def run_one(name: str, variant: dict, seed: int, point: tuple[float, float], fin
     done.write_text(json.dumps(record, indent=1) + "\n")
     record["scores"] = scores
     return record
+
+
+def loop_regions_in_band(model_dir: Path, side: int) -> float | None:
+    """The share of the last feedback cycle's regions centred in the film's border band (a
+    run with the loop; None otherwise), from the cycle's cache."""
+    from cxrtool.models.checkpoint import load_tree
+    from cxrtool.train.feedback import FeedbackCache, regions_in_border_band
+
+    state_path = model_dir / "last_state.safetensors"
+    saved = (load_tree(state_path).get("feedback") or {}) if state_path.is_file() else {}
+    if not saved:
+        return None
+    cycle = FeedbackCache(model_dir / "feedback").load(int(saved["number"]), str(saved["key"]))
+    return None if cycle is None else regions_in_border_band(cycle.boxes[cycle.valid], cycle.side or side)
 
 
 def macro(metric: str, targets: np.ndarray, scores: np.ndarray) -> float:
@@ -277,6 +302,12 @@ def summarise(dataset: str, runs: dict[str, list[dict]], targets: np.ndarray, fi
         row: dict = {"variant": name, "seeds": len(mine), "lr": chosen[name], "rare_findings": [findings[k] for k in rare],
                      "text_prior": mine[0]["text_prior"], "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in mine])),
                      "seconds_per_cycle": float(np.mean(cycles)) if cycles else None,
+                     # the last cycle's regions centred in the film's outer tenth, over the runs whose last
+                     # cycle had regions (a run whose maps were all flat has none)
+                     "regions_in_border_band": (float(np.mean(bands)) if (bands := [r["regions_in_border_band"] for r in mine
+                                                                                    if r.get("regions_in_border_band") is not None])
+                                                else None),
+                     "runs_with_regions": len(bands),
                      "unlabelled": mine[0].get("n_unlabelled", 0),
                      "parameters": mine[0]["parameters"], "val_auroc": float(np.mean([r["val_auroc"] for r in mine]))}
         for metric, function in metrics.items():
@@ -314,17 +345,20 @@ def _cell(row: dict, metric: str) -> str:
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     print("| variant | lr : head lr (val AUROC) | test mean AUROC, difference [95% CI] | rarest third AUROC | mAP | pointing game "
-          "| s/epoch (s/feedback cycle) | parameters |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| s/epoch (s/feedback cycle) | loop regions in border band | parameters |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         lga = row["variant"].startswith(("LGA", "preset prototypes"))
         name = row["variant"] + (" (learned label embeddings: no sentence encoder)" if lga and not row["text_prior"] else "")
         if row.get("unlabelled"):
             name += f" ({row['unlabelled']} unlabelled images)"
         lr, head_lr = row["lr"]
+        band = "-" if row.get("regions_in_border_band") is None else f"{row['regions_in_border_band']:.2f}"
+        if row.get("regions_in_border_band") is not None and row["runs_with_regions"] < row["seeds"]:
+            band += f" ({row['runs_with_regions']} of {row['seeds']} runs had regions)"
         cost = f"{row['seconds_per_epoch']:.1f}" + (f" ({row['seconds_per_cycle']:.1f})" if row.get("seconds_per_cycle") else "")
         print(f"| {name} | {lr:g} : {head_lr:g} ({row['val_auroc']:.3f}) | {_cell(row, 'auroc')} | {_cell(row, 'rare_auroc')} | "
-              f"{_cell(row, 'map')} | {_cell(row, 'pointing')} | {cost} | {row['parameters'] / 1e6:.2f} M |")
+              f"{_cell(row, 'map')} | {_cell(row, 'pointing')} | {cost} | {band} | {row['parameters'] / 1e6:.2f} M |")
     if any(f"iou_{OVERLAPS[0]:g}" in row for row in rows):
         print("\nLocalization of explain's default map on the boxed held-out pairs: accuracy of the regions' best "
               "overlap with a true box above each threshold, differences as above")
@@ -420,7 +454,9 @@ def main() -> None:
             title = (f"{dataset}: {args.arch} at {args.input_size} px, output stride {args.output_stride}, {args.epochs} epochs, "
                      f"batch {args.batch_size}, {args.seeds} seeds, {len(data[1])} test images; learning rates chosen per "
                      f"variant from {args.grid} on validation; differences from {args.baseline}, paired bootstrap over the "
-                     f"test images (pointing: boxed pairs) pooled across seeds; rarest third: {', '.join(rows[0]['rare_findings'])}")
+                     f"test images (pointing: boxed pairs) pooled across seeds; rarest third: {', '.join(rows[0]['rare_findings'])}"
+                     + ("; loop regions in border band: the last feedback cycle's regions centred in the film's outer "
+                        "tenth (36% of its area)" if any(row.get("seconds_per_cycle") for row in rows) else ""))
             print_table(title, rows)
             results[dataset] = {"settings": {k: str(v) for k, v in vars(args).items()}, "summary": rows,
                                 "runs": {n: [{k: v for k, v in r.items() if k != "scores"} for r in rs] for n, rs in runs.items()}}

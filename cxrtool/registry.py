@@ -198,8 +198,11 @@ PRESETS: dict[str, dict[str, object]] = {
     "dual-branch": {"head": "linear", "zero_shot": True, "loss": "1.5*asl+align"},
     # paper 4: focal loss (alpha 0.25, gamma 2, as its code) and the radiomics contrast on
     # the pooled features, weighted 0.7 : 0.3 as the weighting its code leaves commented
-    # out (the paper does not give one), with a feedback cycle every epoch
-    "radiomics-feedback": {"head": "linear", "loss": "0.7*focal+0.3*radiomics", "focal_alpha": 0.25, "focal_gamma": 2.0,
+    # out (the paper does not give one), with a feedback cycle every epoch. On the LSE head,
+    # not the paper's linear one: the linear head's Grad-CAM regions lie on the film's edge
+    # as often as chance would put them, the LSE head's Grad-CAM is its score map (README,
+    # "Paper 4: the radiomics feedback loop")
+    "radiomics-feedback": {"head": "lse", "loss": "0.7*focal+0.3*radiomics", "focal_alpha": 0.25, "focal_gamma": 2.0,
                            "feedback_every": 1},
 }
 

@@ -22,6 +22,7 @@ from cxrtool.train.feedback import (
     measure_regions,
     refresh_part,
     region_box,
+    regions_in_border_band,
     standardised,
 )
 from cxrtool.train.losses import LossContext, RadiomicsContrast, build_loss, nt_xent
@@ -70,6 +71,16 @@ def test_nt_xent_equals_its_known_value_on_a_tiny_batch():
     # scaled copies change nothing (cosine similarity); swapped pairs make it worse
     assert nt_xent(3 * a, a, 0.5).item() == pytest.approx(expected, abs=1e-6)
     assert nt_xent(a, a.flip(0), 0.5).item() > expected + 1
+
+
+def test_the_share_of_regions_in_the_border_band_counts_their_centres_in_the_outer_tenth():
+    # a 100 px square: the band is x or y < 10 or >= 90
+    boxes = np.array([[0, 0, 20, 20],     # centre (10, 10): just inside, 10 is not < 10
+                      [0, 0, 18, 18],     # centre (9, 9): in the band
+                      [40, 85, 60, 100],  # centre x 92.5: in the band
+                      [40, 40, 60, 60]])  # the middle
+    assert regions_in_border_band(boxes, 100) == 0.5
+    assert regions_in_border_band(boxes[:0], 100) is None and regions_in_border_band(boxes, 0) is None
 
 
 def test_the_finding_choice_takes_the_best_scored_present_finding_else_the_top_one():
@@ -167,6 +178,8 @@ def test_a_finished_cycle_is_read_back_and_other_weights_compute_their_own(tmp_p
     assert not first.reused and first.valid.sum() >= 5  # eigencam always draws a map: all readable images
     again = run.cycle(network, 1, None)
     assert again.reused and np.array_equal(again.features, first.features, equal_nan=True)
+    assert again.side == first.side == 64 and again.in_border_band == first.in_border_band is not None
+    assert first.record()["regions_in_border_band"] == round(first.in_border_band, 3)
     with torch.no_grad():
         network.head.weight.add_(0.01)  # other weights: another digest, a cycle of their own
     other = run.cycle(network, 1, None)

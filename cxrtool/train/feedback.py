@@ -207,16 +207,38 @@ class Cycle:
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count, this cycle
     seconds_maps: float = 0.0
     seconds_radiomics: float = 0.0
+    side: int = 0  # the input square's side the boxes are on (0: not known, a cache from before it was kept)
     reused: bool = False  # read from the cache, not computed
 
     @property
     def valid(self) -> np.ndarray:
         return ~np.isnan(self.features).any(axis=1)
 
+    @property
+    def in_border_band(self) -> float | None:
+        """The share of the regions whose centre lies in the film's border band (its outer
+        tenth, :func:`cxrtool.explain.faithfulness.in_border_band`; 36% of the area): regions
+        placed by chance sit there about that often, regions on findings rarely."""
+        return regions_in_border_band(self.boxes[self.valid], self.side)
+
     def record(self) -> dict[str, Any]:
+        band = self.in_border_band
         return {"cycle": self.number, "pool": len(self.positions), "regions": int(self.valid.sum()), "refreshed": self.refreshed,
                 "dropped": int(sum(self.dropped.values())), "dropped_reasons": dict(self.dropped),
+                "regions_in_border_band": None if band is None else round(band, 3),
                 "seconds_maps": round(self.seconds_maps, 1), "seconds_radiomics": round(self.seconds_radiomics, 1)}
+
+
+def regions_in_border_band(boxes: np.ndarray, side: int) -> float | None:
+    """The share of ``boxes`` (top, left, bottom, right on a ``side`` square) whose centre
+    lies in the film's border band; None without boxes or a side."""
+    from cxrtool.explain.faithfulness import in_border_band
+
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    if side <= 0 or len(boxes) == 0:
+        return None
+    centres = [((left + right) / 2, (top + bottom) / 2) for top, left, bottom, right in boxes.tolist()]
+    return float(np.mean([in_border_band(centre, (side, side)) for centre in centres]))
 
 
 class FeedbackCache:
@@ -239,14 +261,14 @@ class FeedbackCache:
             return Cycle(number, key, data["positions"], data["features"], data["findings"], data["boxes"],
                          refreshed=int(meta["refreshed"]), dropped=dict(meta["dropped"]),
                          seconds_maps=float(meta["seconds_maps"]), seconds_radiomics=float(meta["seconds_radiomics"]),
-                         reused=True)
+                         side=int(meta.get("side", 0)), reused=True)
 
     def save(self, cycle: Cycle) -> Path:
         from cxrtool.io.outputs import atomic_write
 
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = {"key": cycle.key, "refreshed": cycle.refreshed, "dropped": cycle.dropped,
-                "seconds_maps": cycle.seconds_maps, "seconds_radiomics": cycle.seconds_radiomics,
+                "seconds_maps": cycle.seconds_maps, "seconds_radiomics": cycle.seconds_radiomics, "side": cycle.side,
                 "feature_names": list(feature_names())}
         buffer = io.BytesIO()
         np.savez(buffer, positions=cycle.positions, features=cycle.features, findings=cycle.findings, boxes=cycle.boxes,
@@ -334,8 +356,9 @@ class FeedbackRun:
             all_boxes[row] = boxes[k]
             if reason:
                 dropped[_reason_kind(reason)] = dropped.get(_reason_kind(reason), 0) + 1
+        side = squares[0].shape[0] if squares else (previous.side if previous is not None else 0)
         result = Cycle(number, key, self.positions, features, findings, all_boxes, refreshed=len(rows), dropped=dropped,
-                       seconds_maps=maps_seconds, seconds_radiomics=time.monotonic() - started)
+                       seconds_maps=maps_seconds, seconds_radiomics=time.monotonic() - started, side=side)
         self.cache.save(result)
         return result
 

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+import cxrtool.train._distributed as distributed
 from cxrtool._workers import fork_safe_opencv, worker_init
 from cxrtool.models.checkpoint import ModelCard, load_tree, save_checkpoint, save_tree
 from cxrtool.models.heads import head_classes
 from cxrtool.models.network import CXRClassifier, pick_device
 from cxrtool.preprocess import Preprocessing, normalise
-from cxrtool.train import _distributed as distributed
 from cxrtool.train.config import TrainConfig, absolute_paths, write_config
 from cxrtool.train.datasets import Augmentation, ImageCache, LabelledStudies
 from cxrtool.train.losses import LossContext, build_loss, check_head_gives
@@ -126,7 +126,7 @@ def parameter_groups(model: torch.nn.Module, config: TrainConfig,
 
 def mean_auroc(targets: np.ndarray, scores: np.ndarray) -> tuple[float, list[float]]:
     """Mean over findings with both classes present in the known (non-NaN) labels."""
-    from cxrtool.evaluate.classification import auroc, macro_average
+    from cxrtool.evaluate.metrics import auroc, macro_average
 
     per_finding = [float(v) for v in np.atleast_1d(auroc(targets, scores))]
     return macro_average(per_finding), per_finding
@@ -140,7 +140,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         >>> result = train(load_config(overrides={"labels": "Data_Entry.csv", "epochs": 2}))
         >>> result.best_auroc
     """
-    from cxrtool.data.labels import patient_split, read_labels, read_unlabelled
+    from cxrtool.data.labels import patient_split, read_unlabelled
 
     config.validate()
     requested = pick_device(config.device)
@@ -155,18 +155,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         if dist_info.enabled:
             torch.set_num_threads(max(1, torch.get_num_threads() // dist_info.world_size))
 
-        table = read_labels(
-            config.labels,
-            image_root=config.images or None,
-            fmt=config.labels_format,
-            findings=config.findings or None,
-            uncertain=config.uncertain,
-        )
+        table = training_table(config)
         if config.projections:
-            table = table.of_projections(config.projections)
             say(TrainEvent("message", message=f"{len(table)} images of projection {', '.join(config.projections)}"))
         if config.task == "view":
-            table = table.projections()
             counts = ", ".join(f"{int(table.targets[:, j].sum())} {name}" for j, name in enumerate(table.findings))
             say(TrainEvent("message", message=f"a view classifier: {counts}"))
         findings = list(table.findings)
@@ -402,6 +394,21 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         distributed.teardown(dist_info)
 
 
+def training_table(config: TrainConfig):
+    """The labelled table a run trains on, its rows in the order the run numbers them (the
+    feedback cycles' positions are these rows, then the unlabelled images'): the label
+    file as the config reads it, only its projections, or a view classifier's table."""
+    from cxrtool.data.labels import read_labels
+
+    table = read_labels(config.labels, image_root=config.images or None, fmt=config.labels_format,
+                        findings=config.findings or None, uncertain=config.uncertain)
+    if config.projections:
+        table = table.of_projections(config.projections)
+    if config.task == "view":
+        table = table.projections()
+    return table
+
+
 class _Feedback:
     """The feedback loop of a run whose loss has the radiomics term (paper 4): the cycles
     (:class:`cxrtool.train.feedback.FeedbackRun`), the term that reads their features, and
@@ -413,6 +420,7 @@ class _Feedback:
     def next_cycle(self, model: torch.nn.Module, number: int, previous, info: distributed.DistInfo, total: int):
         """Cycle ``number`` on the model as it is now (computed by the main process, or read
         back from the cache), installed in the term."""
+        from cxrtool.explain.faithfulness import border_band_share
         from cxrtool.train.feedback import Cycle
 
         found: Cycle | None = self.run.cycle(model, number, previous) if info.is_main else None
@@ -433,8 +441,10 @@ class _Feedback:
             summary = (f"{found.refreshed} maps, {found.refreshed - dropped} regions measured, in "
                        f"{found.seconds_maps + found.seconds_radiomics:.1f} s (maps {found.seconds_maps:.1f} s, "
                        f"radiomics {found.seconds_radiomics:.1f} s)")
+        band = found.in_border_band
+        where = "" if band is None else f", {band:.0%} of them centred in the film's outer tenth ({border_band_share():.0%} of its area)"
         self.say(TrainEvent("message", message=f"feedback cycle {number}: {summary}; {int(found.valid.sum())} of "
-                                               f"{len(found.positions)} images have a region"
+                                               f"{len(found.positions)} images have a region{where}"
                                                + (f"; {dropped} dropped ({reasons})" if dropped else "")))
         return found
 
@@ -622,7 +632,7 @@ def _parent(config: TrainConfig, say: Callable[[TrainEvent], None]) -> Parent:
 
 def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores, per_finding, auroc, epoch, history,
           parent=None, *, head_settings=None, priors=None, text=None, optimiser=None, feedback=None):
-    from cxrtool.evaluate.classification import choose_thresholds
+    from cxrtool.evaluate.metrics import choose_thresholds
 
     thresholds = choose_thresholds(val_targets, val_scores, method=config.threshold_method)
     return ModelCard(
