@@ -12,7 +12,6 @@ Training state for ``--resume`` uses the same format through :func:`save_tree` /
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrtool.io.outputs import atomic_path
+from cxrtool.io.records.provenance import sha256_file as file_sha256  # noqa: F401  (the one definition, by its name here)
 from cxrtool.models.card import CARD_KEY, FORMAT, FORMAT_VERSION, TREE_KEY, CheckpointError, ModelCard  # noqa: F401
 
 TRAINING_PREFIX = "training."  # tensors kept beside the weights that predicting does not use
@@ -99,14 +99,6 @@ def read_training_tensors(path: str | os.PathLike) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return {k[len(TRAINING_PREFIX):]: v for k, v in load_file(str(path), device="cpu").items() if k.startswith(TRAINING_PREFIX)}
-
-
-def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- nested state (training resume) -------------------------------------------------
