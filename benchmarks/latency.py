@@ -69,10 +69,12 @@ def make_bundle(folder: Path, archs: list[str], input_size: int, findings: list[
 def one_at_a_time(bundle: Path, studies: list[Path], out: Path, device: str, runtime: str) -> list[float]:
     """Each study read, preprocessed, scored and written alone; its seconds."""
     from cxrtool import __version__
+    from cxrtool.io.decoded import DecodedStudy
     from cxrtool.io.records import Fingerprint, Sidecar, make_result, relative_source, store_result
     from cxrtool.io.studies import read_study
     from cxrtool.models.network import pick_device
-    from cxrtool.models.scoring import TestTimeAugmentation, open_model
+    from cxrtool.models.scoring import TestTimeAugmentation
+    from cxrtool.models.sources import open_model
     from cxrtool.preprocess import prepare
 
     torch_device = pick_device(device)
@@ -83,7 +85,7 @@ def one_at_a_time(bundle: Path, studies: list[Path], out: Path, device: str, run
         started = time.perf_counter()
         study = read_study(path)
         tensors = {key: prepare(study.pixels, prep)[0] for key, prep in scorer.preprocessings.items()}
-        item = {"tensors": tensors, "view_position": study.view_position, "view_source": "tag"}
+        item = DecodedStudy(0, tensors=tensors, view_position=study.view_position, view_source="tag")
         scored = scorer.score([item])[0]
         result = make_result(scorer.ref, scored.findings, scored.probabilities, scored.thresholds,
                              settings={"predict": {}}, version=__version__, ensemble=scored.ensemble)

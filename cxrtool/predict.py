@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from cxrtool.io.decoded import DecodedStudy
 from cxrtool.io.records import Result, StudyFailure, store_result
 from cxrtool.models.scoring import NO_TTA, TestTimeAugmentation, ZeroShot
 from cxrtool.runner import (
@@ -35,28 +36,28 @@ PREDICT_SETTINGS: dict[str, Any] = {}
 class ScoreChunk:
     """The chunk processor of ``predict``: score decoded studies, write their sidecars.
 
-    It runs where the model runs (see :mod:`cxrtool.runner`). Items come back with their
-    ``sidecar`` (or their ``error``).
+    It runs where the model runs (see :mod:`cxrtool.runner`). Items
+    (:class:`~cxrtool.io.decoded.DecodedStudy`) come back with their ``sidecar`` (or their ``error``).
     """
 
     def __init__(self, context: RunContext) -> None:
         self.context = context
 
-    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def __call__(self, items: list[DecodedStudy]) -> list[DecodedStudy]:
         context = self.context
-        decoded = [item for item in items if "tensors" in item]
+        decoded = [item for item in items if item.tensors is not None]
         if decoded:
             scores = context.scorer.score(decoded)
             for item, scored in zip(decoded, scores, strict=True):
-                del item["tensors"]
+                item.tensors = None  # used: what travels back from a worker stays small
                 try:
                     result = context.result(item, scored)
                 except StudyFailure as failure:
-                    item["error"] = str(failure)
+                    item.error = str(failure)
                     continue
-                update = store_result(context.folders[item["index"]], context.study_record(item), result,
+                update = store_result(context.folders[item.index], context.study_record(item), result,
                                       keep=keep_explanations)
-                item["sidecar"], item["stale"] = update.sidecar, len(update.stale)
+                item.sidecar, item.stale = update.sidecar, len(update.stale)
         context.settle_failures(items)
         return items
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from cxrtool._workers import fork_safe_opencv, worker_init
+from cxrtool.io.decoded import DecodedStudy
 from cxrtool.io.outputs import sidecar_path
 from cxrtool.io.records import (
     Fingerprint,
@@ -72,10 +73,11 @@ PredictSummary = RunSummary  # the name the first release exported
 
 
 class StudyInputs:
-    """Map-style dataset: index -> decoded, preprocessed study (or the reason it failed).
+    """Map-style dataset: index -> decoded, preprocessed study (or the reason it failed),
+    a :class:`~cxrtool.io.decoded.DecodedStudy`.
 
     ``preps`` (key -> preprocessing) are what the scorer asks for: each study is decoded once
-    and made into one tensor per key (``item["tensors"]``).
+    and made into one tensor per key (``item.tensors``).
     """
 
     def __init__(
@@ -91,11 +93,11 @@ class StudyInputs:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> DecodedStudy:
         path = self.paths[index]
-        item: dict[str, Any] = {"index": index}
+        item = DecodedStudy(index)
         try:
-            item["fingerprint"] = Fingerprint.of(path)
+            item.fingerprint = Fingerprint.of(path)
         except OSError:
             pass  # missing or unreadable: read_study below says which
         try:
@@ -104,31 +106,31 @@ class StudyInputs:
             view, source = study.view_position, ("tag" if study.view_position != "UNKNOWN" else None)
             if source is None and self.views is not None and self.views[index]:
                 view, source = self.views[index], "metadata"
-            item.update(
-                tensors={key: tensor for key, (tensor, _) in prepared.items()},
-                view_position=view,
-                view_source=source,
-                pixel_spacing=study.pixel_spacing,
-                identity=study.identity,
-                image_size=list(study.shape),
-                warnings=study.warnings,
-            )
+            item.tensors = {key: tensor for key, (tensor, _) in prepared.items()}
+            item.view_position = view
+            item.view_source = source
+            item.pixel_spacing = study.pixel_spacing
+            item.identity = study.identity
+            item.image_size = list(study.shape)
+            item.warnings = study.warnings
             if self.display_size:
-                item["geometry"] = {key: geometry for key, (_, geometry) in prepared.items()}
-                item["display"] = _display(study.pixels, self.display_size)
+                item.geometry = {key: geometry for key, (_, geometry) in prepared.items()}
+                item.display = _display(study.pixels, self.display_size)
             if self.include_patient_id and study.source_format == "dicom":
-                item["patient_id"] = _patient_id(path)
+                item.patient_id = _patient_id(path)
             if study.pixels.size > _TRIM_ABOVE_PIXELS:
                 del study
                 _release_freed_memory()
         except StudyReadError as error:
-            item["error"] = str(error)
+            item.error = str(error)
         except (OSError, ValueError, MemoryError) as error:
             # A decoder failing in a way the readers did not anticipate must not stop the
             # batch: record it as this file's reason.
-            item["error"] = f"{type(error).__name__}: {one_line(str(error)) or type(error).__name__}"
-        if "error" not in item and "fingerprint" not in item:
-            item["error"] = "the file could not be read again to fingerprint its content"  # (changed while read)
+            item.error = f"{type(error).__name__}: {one_line(str(error)) or type(error).__name__}"
+        if item.error is None and item.fingerprint is None:
+            item.error = "the file could not be read again to fingerprint its content"  # (changed while read)
+        if item.error is not None:  # a study that failed is not scored: nothing of it goes on
+            item.tensors = item.geometry = item.display = None
         return item
 
 
@@ -181,7 +183,7 @@ class RunContext:
     def model(self) -> ModelRef:
         return self.scorer.ref
 
-    def result(self, item: dict[str, Any], scored: Scored) -> Result:
+    def result(self, item: DecodedStudy, scored: Scored) -> Result:
         """The model's result for one study from its scores.
 
         Raises:
@@ -191,38 +193,38 @@ class RunContext:
         if scored.failure:
             raise StudyFailure(scored.failure)
         return make_result(self.model, scored.findings, scored.probabilities, scored.thresholds,
-                           settings=dict(self.settings), version=self.version, warnings=item.get("warnings", ()),
+                           settings=dict(self.settings), version=self.version, warnings=item.warnings,
                            raw=scored.raw, calibration=scored.calibration, ensemble=scored.ensemble,
                            zero_shot=scored.zero_shot)
 
-    def study_record(self, item: dict[str, Any]) -> Sidecar:
+    def study_record(self, item: DecodedStudy) -> Sidecar:
         """The study's identity (no results yet) from a decoded item."""
-        path, folder = self.paths[item["index"]], self.folders[item["index"]]
-        spacing = item.get("pixel_spacing")
+        path, folder = self.paths[item.index], self.folders[item.index]
+        spacing = item.pixel_spacing
         return Sidecar(
             file=path.name,
             source=relative_source(path, folder),
-            fingerprint=item["fingerprint"],
-            view_position=item["view_position"],
-            view_source=item.get("view_source"),
+            fingerprint=item.fingerprint,
+            view_position=item.view_position,
+            view_source=item.view_source,
             pixel_spacing_mm=[round(float(v), 6) for v in spacing] if spacing else None,
-            image_size=item["image_size"],
-            identity=dict(item["identity"]),
-            patient_id=item.get("patient_id"),
+            image_size=item.image_size,
+            identity=dict(item.identity),
+            patient_id=item.patient_id,
         )
 
-    def settle_failures(self, items: list[dict[str, Any]]) -> None:
+    def settle_failures(self, items: list[DecodedStudy]) -> None:
         """Studies that failed now: their stale results go (see :func:`settle_failure`)."""
         from cxrtool.io.records import settle_failure
 
         for item in items:
-            if "error" in item:
-                path = self.paths[item["index"]]
-                update = settle_failure(self.folders[item["index"]], path, item.get("fingerprint"), self.model.id)
-                item["sidecar"], item["stale"] = update.sidecar, len(update.stale)
+            if item.error is not None:
+                path = self.paths[item.index]
+                update = settle_failure(self.folders[item.index], path, item.fingerprint, self.model.id)
+                item.sidecar, item.stale = update.sidecar, len(update.stale)
 
 
-ChunkFactory = Callable[[RunContext], Callable[[list[dict[str, Any]]], list[dict[str, Any]]]]
+ChunkFactory = Callable[[RunContext], Callable[[list[DecodedStudy]], list[DecodedStudy]]]
 
 
 def output_root(paths: Sequence[Path]) -> Path | None:
@@ -233,9 +235,9 @@ def output_root(paths: Sequence[Path]) -> Path | None:
     return Path(os.path.commonpath(sorted(parents)))
 
 
-def regroup(chunks: Iterable[list[dict[str, Any]]], size: int) -> Iterator[list[dict[str, Any]]]:
+def regroup(chunks: Iterable[list[DecodedStudy]], size: int) -> Iterator[list[DecodedStudy]]:
     """Regroup the loader's small chunks into model batches of ``size`` (the last may be short)."""
-    pending: list[dict[str, Any]] = []
+    pending: list[DecodedStudy] = []
     for chunk in chunks:
         pending.extend(chunk)
         if len(pending) >= size:
@@ -389,17 +391,16 @@ def run_studies(
                 if not in_workers:
                     items = processor(items)
                 for item in items:
-                    path = todo[item["index"]]
-                    folder = context.folders[item["index"]]
-                    summary.stale += item.get("stale", 0)
-                    if "error" in item:
-                        summary.failed.append((str(path), item["error"]))
-                        outputs.study(folder, path.name, item.get("sidecar"), failure=item["error"],
-                                      stale=bool(item.get("stale")))
-                        report({"file": path.name, "path": str(path), "status": "failed", "error": item["error"]})
+                    path = todo[item.index]
+                    folder = context.folders[item.index]
+                    summary.stale += item.stale
+                    if item.error is not None:
+                        summary.failed.append((str(path), item.error))
+                        outputs.study(folder, path.name, item.sidecar, failure=item.error, stale=bool(item.stale))
+                        report({"file": path.name, "path": str(path), "status": "failed", "error": item.error})
                         continue
-                    sidecar: Sidecar = item["sidecar"]
-                    outputs.study(folder, path.name, sidecar, stale=bool(item.get("stale")))
+                    sidecar: Sidecar = item.sidecar  # type: ignore[assignment]  # every study not failed has one
+                    outputs.study(folder, path.name, sidecar, stale=bool(item.stale))
                     summary.predicted += 1
                     report({**sidecar.flat(sidecar.result_for(model_ref.id)), "path": str(path),  # type: ignore[arg-type]
                             "status": "predicted"})
@@ -434,12 +435,13 @@ def _chunks(n: int, size: int, *, tail: int) -> list[list[int]]:
     return [list(range(i, min(i + size, split))) for i in range(0, split, size)] + [[i] for i in range(split, n)]
 
 
-def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _collate(items: list[DecodedStudy]) -> list[DecodedStudy]:
     return items  # batches are stacked by the processor, only from items that decoded
 
 
 __all__ = [
     "ChunkFactory",
+    "DecodedStudy",
     "PredictSummary",
     "ProgressCallback",
     "RecordError",

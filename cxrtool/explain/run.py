@@ -40,6 +40,7 @@ from cxrtool.errors import UsageError
 from cxrtool.explain.chest import NO_CHEST, ChestMask, chest_mask, judge_map, region_chest_shares
 from cxrtool.explain.regions import find_regions, parse_threshold, peak_point, to_original
 from cxrtool.explain.render import contact_sheet, overlay, write_png
+from cxrtool.io.decoded import DecodedStudy
 from cxrtool.io.outputs import atomic_write
 from cxrtool.io.records import Result, StudyFailure, read_sidecar, sidecar_path, store_result
 from cxrtool.predict import PREDICT_SETTINGS
@@ -146,15 +147,15 @@ class ExplainChunk:
         findings = list(self.scorer.findings)
         return [findings.index(name) for name in base.positive_findings if name in findings]
 
-    def _stored(self, item: dict[str, Any]) -> Result | None:
+    def _stored(self, item: DecodedStudy) -> Result | None:
         """The result explain builds on: this model's result in the study's sidecar, made
         from the same file content by a ``predict`` stage (whatever its settings: TTA,
         zero-shot findings), or None (explain then scores the study itself, with predict's
         default settings)."""
         context = self.context
-        path = context.paths[item["index"]]
-        sidecar = read_sidecar(sidecar_path(context.folders[item["index"]], path.name))
-        fingerprint = item.get("fingerprint")
+        path = context.paths[item.index]
+        sidecar = read_sidecar(sidecar_path(context.folders[item.index], path.name))
+        fingerprint = item.fingerprint
         if sidecar is None or fingerprint is None or sidecar.sha256 != fingerprint.sha256:
             return None
         found = sidecar.result_for(context.model.id)
@@ -162,8 +163,8 @@ class ExplainChunk:
             return None
         return found
 
-    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        decoded = [item for item in items if "tensors" in item]
+    def __call__(self, items: list[DecodedStudy]) -> list[DecodedStudy]:
+        decoded = [item for item in items if item.tensors is not None]
         if decoded:
             jobs = self._bundle_jobs(decoded) if self.bundle is not None else self._checkpoint_jobs(decoded)
             if self.context.in_worker:
@@ -177,12 +178,14 @@ class ExplainChunk:
         self.context.settle_failures(items)
         return items
 
-    def _checkpoint_jobs(self, decoded: list[dict[str, Any]]) -> list[tuple]:
+    def _checkpoint_jobs(self, decoded: list[DecodedStudy]) -> list[tuple]:
         """One pass of the checkpoint: every study's probabilities and its maps."""
         import torch
 
         context, engine, key = self.context, self.engine(), self.scorer.key
-        batch = torch.from_numpy(np.stack([item.pop("tensors")[key] for item in decoded]))
+        batch = torch.from_numpy(np.stack([item.tensor(key) for item in decoded]))
+        for item in decoded:
+            item.tensors = None  # used: what travels back from a worker stays small
         batch = batch.to(context.device).contiguous(memory_format=torch.channels_last)
         stored = [self._stored(item) for item in decoded]
         wanted: list[list[int]] = []
@@ -196,7 +199,7 @@ class ExplainChunk:
         measured = self._faithfulness(batch, result.maps) if self.settings.faithfulness else {}
         jobs = []
         for row, item in enumerate(decoded):
-            geometry = item["geometry"][key]
+            geometry = item.geometry[key]
             maps = {self.scorer.findings[f]: (result.maps.pop((row, f)), geometry,
                                               {"faithfulness": measured[(row, f)]} if (row, f) in measured else None)
                     for f in wanted[row]}
@@ -221,7 +224,7 @@ class ExplainChunk:
         inputs = batch.detach().float().cpu().numpy()[:, 0]
         return {(row, f): faithfulness(score_of(f), inputs[row], cam) for (row, f), cam in maps.items() if cam.max() > 0}
 
-    def _bundle_jobs(self, decoded: list[dict[str, Any]]) -> list[tuple]:
+    def _bundle_jobs(self, decoded: list[DecodedStudy]) -> list[tuple]:
         """The bundle's scores, then each route member's maps of what is asked that it has."""
         import torch
 
@@ -252,11 +255,11 @@ class ExplainChunk:
                     continue
                 engine = self.engine(member.name)
                 layers[member.name] = engine.layer_name
-                batch = torch.from_numpy(np.stack([decoded[i]["tensors"][scorer.key] for i in rows]))
+                batch = torch.from_numpy(np.stack([decoded[i].tensor(scorer.key) for i in rows]))
                 batch = batch.to(self.context.device).contiguous(memory_format=torch.channels_last)
                 maps = engine(batch, mine).maps
                 for k, i in enumerate(rows):
-                    geometry = decoded[i]["geometry"][scorer.key]
+                    geometry = decoded[i].geometry[scorer.key]
                     for f in mine[k]:
                         cam = to_original(maps.pop((k, f)), geometry)
                         name, peak = scorer.findings[f], float(np.max(cam)) if cam.size else 0.0
@@ -265,7 +268,7 @@ class ExplainChunk:
                         sums[i][name] = scaled if name not in sums[i] else sums[i][name] + scaled
         jobs = []
         for i, item in enumerate(decoded):
-            del item["tensors"]
+            item.tensors = None  # used: what travels back from a worker stays small
             # each member's raw peak; the map averages their scaled maps
             maps = {name: (total / len(peaks[i][name]), None, {"members": peaks[i][name]}) for name, total in sums[i].items()}
             used = dict.fromkeys(member for by_member in peaks[i].values() for member in by_member)
@@ -283,23 +286,23 @@ class ExplainChunk:
         # Sent to worker processes (spawn/forkserver) without its engines or threads.
         return {**self.__dict__, "_engines": {}, "_threads": None}
 
-    def _finish(self, item: dict, scored, maps: dict[str, tuple], layer) -> None:
+    def _finish(self, item: DecodedStudy, scored, maps: dict[str, tuple], layer) -> None:
         """One study's record, maps, masks, overlays and sidecar. ``scored``: the stored
         :class:`Result` the maps explain (predict's), or explain's own scores. ``maps``:
         finding -> (its map, the geometry that takes it from the input grid to the study's
         pixel grid or None when it is there already, and what else its record holds, or
         None: for a bundle each member's peak, with --faithfulness the map's scores)."""
         context = self.context
-        path = context.paths[item["index"]]
-        folder = context.folders[item["index"]]
-        display = item.pop("display", None)  # keep what travels back to the main process small
+        path = context.paths[item.index]
+        folder = context.folders[item.index]
+        display, item.display = item.display, None  # keep what travels back to the main process small
         if isinstance(scored, Result):  # predict's result, its probabilities and settings kept; explain's stage added
             result = replace(scored, settings={**scored.settings, "explain": context.settings["explain"]})
         else:
             try:
                 result = context.result(item, scored)
             except StudyFailure as failure:
-                item["error"] = str(failure)
+                item.error = str(failure)
                 return
         explained: dict[str, Any] = {}
         chest = chest_mask(display) if maps and display is not None else NO_CHEST  # from the picture itself; once a study
@@ -318,17 +321,17 @@ class ExplainChunk:
         }
         if not explained:
             explanations["note"] = "no positive findings at the model's thresholds: nothing to explain"
-        item.pop("geometry", None)
+        item.geometry = None
         result.explanations = explanations
         update = store_result(folder, context.study_record(item), result)
-        item["sidecar"], item["stale"] = update.sidecar, len(update.stale)
+        item.sidecar, item.stale = update.sidecar, len(update.stale)
 
-    def _explain_one(self, path: Path, folder: Path, item: dict, display: np.ndarray, call, finding: str,
+    def _explain_one(self, path: Path, folder: Path, item: DecodedStudy, display: np.ndarray, call, finding: str,
                      cam: np.ndarray, chest: ChestMask) -> dict:
         """One finding's regions and files from its map on the study's pixel grid, and
         whether the map lies on the chest (``trust``; ``chest`` is on the same grid)."""
         settings = self.settings
-        spacing = tuple(item["pixel_spacing"]) if item["pixel_spacing"] else None
+        spacing = tuple(item.pixel_spacing) if item.pixel_spacing else None
         entry: dict[str, Any] = {"probability": call.probability, "positive": call.positive}
         peak = float(np.max(cam)) if cam.size else 0.0
         regions = find_regions(cam, settings.threshold)

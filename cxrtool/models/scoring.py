@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cxrtool.io.decoded import DecodedStudy
 from cxrtool.io.records import ModelRef
 from cxrtool.models.calibration import Calibration
 from cxrtool.preprocess import Preprocessing
@@ -220,7 +221,7 @@ class Scorer(Protocol):
     routes_by_projection: bool  # its scores depend on the study's projection (a views table changes them)
     bundle: Any  # the bundle it scores with, or None: one network
 
-    def score(self, items: Sequence[dict[str, Any]]) -> list[Scored]:
+    def score(self, items: Sequence[DecodedStudy]) -> list[Scored]:
         """Each decoded study's scores (a study it cannot score carries its ``failure``)."""
         ...
 
@@ -273,8 +274,8 @@ class CheckpointScorer:
         known = len(self.card.findings)
         return np.concatenate([self.calibration(raw[:, :known]), raw[:, known:]], axis=1)
 
-    def score(self, items: Sequence[dict[str, Any]]) -> list[Scored]:
-        return self.score_from(self.probabilities([item["tensors"][self.key] for item in items]))
+    def score(self, items: Sequence[DecodedStudy]) -> list[Scored]:
+        return self.score_from(self.probabilities([item.tensor(self.key) for item in items]))
 
     def score_from(self, raw: np.ndarray) -> list[Scored]:
         """Scores of studies from the network's own probabilities (studies x findings)."""

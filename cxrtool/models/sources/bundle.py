@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrtool.io.decoded import DecodedStudy
 from cxrtool.io.records import ModelRef
 from cxrtool.models.calibration import Calibration, operating_point_card
 from cxrtool.models.checkpoint import CheckpointError, ModelCard, file_sha256, read_card
@@ -483,15 +484,14 @@ class BundleScorer:
         validation scores) falls back to the mean."""
         return "mean" if self.bundle.merge == "rank" else self.bundle.merge
 
-    def projections(self, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    def projections(self, items: Sequence[DecodedStudy]) -> list[dict[str, Any]]:
         """Each study's projection and where it came from: the file (a DICOM tag) or a
         table's metadata as the item says, else the view classifier, else unknown."""
-        found = [{"view_position": item.get("view_position", "UNKNOWN"), "source": item.get("view_source")}
-                 for item in items]
+        found = [{"view_position": item.view_position, "source": item.view_source} for item in items]
         unknown = [i for i, entry in enumerate(found) if entry["view_position"] == "UNKNOWN"]
         if unknown and self.view_classifier is not None:
             classifier = self.view_classifier
-            scores = classifier.calibrated(classifier.probabilities([items[i]["tensors"][classifier.key] for i in unknown]))
+            scores = classifier.calibrated(classifier.probabilities([items[i].tensor(classifier.key) for i in unknown]))
             # Each projection is judged against its own threshold (chosen on validation): the
             # raw probabilities of a briefly trained classifier rank well but may all lean one way.
             relative = self.view_rule(scores)
@@ -509,7 +509,7 @@ class BundleScorer:
                 entry["source"] = "unknown"
         return found
 
-    def score(self, items: Sequence[dict[str, Any]]) -> list[Scored]:
+    def score(self, items: Sequence[DecodedStudy]) -> list[Scored]:
         projections = self.projections(items)
         routes = [self.bundle.route(p["view_position"]) for p in projections]
         scored: list[Scored | None] = [None] * len(items)
@@ -522,7 +522,7 @@ class BundleScorer:
             outputs = []
             for member in self.bundle.members_of(route):
                 scorer = self.members[member.name]
-                probabilities = scorer.calibrated(scorer.probabilities([items[i]["tensors"][scorer.key] for i in rows]))
+                probabilities = scorer.calibrated(scorer.probabilities([items[i].tensor(scorer.key) for i in rows]))
                 # Merged as recorded (6 decimals): the sidecar's member values reproduce the merge.
                 probabilities = np.round(probabilities, 6)
                 outputs.append(MemberScores(member.name, scorer.findings, probabilities, member.weight))
