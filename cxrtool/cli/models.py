@@ -140,6 +140,8 @@ def show_card(
                 f"{len(cycles)} cycle(s) up to this checkpoint"
                 + (f", the last: {cycles[-1].get('regions')} of {cycles[-1].get('pool', '?')} images with a region"
                    if cycles else "")
+                + (f" ({cycles[-1]['regions_in_border_band']:.0%} of them centred in the film's outer tenth)"
+                   if cycles and cycles[-1].get("regions_in_border_band") is not None else "")
                 + (f"; {feedback['unlabelled_images']} unlabelled images" if feedback.get("unlabelled_images") else "")))
         if training.get("priors"):
             priors = training["priors"]
