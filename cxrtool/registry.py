@@ -3,7 +3,10 @@ losses, CAM methods, threshold methods, uncertainty policies, output formats.
 
 Import-light on purpose (no torch, no timm): the CLI takes its choices from here and
 ``cxrtool models`` lists it instantly; the modules that implement each name check their
-own tables against these.
+own tables against these. Heads and loss terms register where they are defined, with
+their descriptions and settings (:mod:`cxrtool.components`); :data:`HEADS` and
+:data:`LOSSES` here are the torch-free copies of those registrations' names and
+descriptions, checked against them.
 """
 
 from __future__ import annotations
@@ -161,8 +164,14 @@ XRV_WEIGHTS: dict[str, PretrainedWeights] = {
     name: PretrainedWeights(name, "torchxrayvision", arch, size, data) for name, arch, size, data in _XRV_SETS
 }
 
-# Classification heads on the backbone (cxrtool.models.heads implements each): the card's
-# `head`, train's --head.
+# Classification heads on the backbone: the card's `head`, train's --head. Each is a class
+# in cxrtool.models.heads, registered there (@register_head) with its description and its
+# settings. This table is a copy of the names and descriptions, because the command line
+# reads them at import (--head's choices, the help, `cxrtool models`) and registering means
+# importing torch, which `import cxrtool.registry` and `import cxrtool.cli` must not. It is
+# checked, not trusted: a registration whose description differs is refused, and
+# cxrtool.models.heads refuses to import unless this table lists exactly the heads it
+# registers. A head registered elsewhere (your own) is added to it when it registers.
 HEADS: dict[str, str] = {
     "linear": "one logit per finding from the pooled feature vector (CheXNet-style)",
     "lse": "a score map per finding, log-sum-exp pooled (ChestX-ray14's): the logit comes from where the map is high",
@@ -175,8 +184,11 @@ HEADS: dict[str, str] = {
 # the demo's phantoms at stride 8, Grad-CAM pointing 0.40 -> 0.56, held-out AUROC 0.893 -> 0.916).
 DEFAULT_HEAD = "lse"
 
-# Training loss terms (cxrtool.train.losses implements each), combined in a loss expression
-# such as `asl` or `asl+0.2*apcl`.
+# Training loss terms, combined in a loss expression such as `asl` or `asl+0.2*apcl`. Each
+# is registered in cxrtool.train.losses (@register_loss) with its description and its
+# settings; this table is the torch-free copy of the names and descriptions, kept and
+# checked as HEADS is (cxrtool.train.losses refuses to import unless it lists exactly the
+# terms registered there).
 LOSSES: dict[str, str] = {
     "bce": "binary cross-entropy",
     "weighted_bce": "binary cross-entropy, positives weighted by negatives/positives per finding",
@@ -259,7 +271,7 @@ SAMPLINGS: dict[str, str] = {"uniform": "every training image once an epoch, shu
 TASKS: dict[str, str] = {"findings": "findings of the label table (multi-label)",
                          "view": "the projection (PA, AP, LATERAL) of the label table's view column: a view classifier"}
 
-# Test-time augmentation of predict (cxrtool.models.scoring.TestTimeAugmentation): copies of
+# Test-time augmentation of predict (cxrtool.preprocess.TestTimeAugmentation): copies of
 # each study that go through the model in the same forward passes, their probabilities
 # averaged. A horizontal flip only when asked (--tta-flip): it moves the heart.
 TTA_MODES: dict[str, str] = {

@@ -386,3 +386,187 @@ def test_lga_without_the_encoder_learns_its_embeddings_and_says_so(monkeypatch):
     assert any('pip install "cxrtool[text]"' in m for m in messages)
     output = model(torch.randn(2, 1, 64, 64), full=True)
     assert output.logits.shape == (2, 1) and output.correlation.shape == (1, 1) and torch.isfinite(output.logits).all()
+
+
+# ---- heads and loss terms register where they are defined -------------------------------
+
+
+def test_component_settings_are_the_training_configurations_keys_and_the_heads_constructors():
+    """Every key a head or loss term reads is a TrainConfig field of its type and default;
+    each head's Settings are its constructor's settings (what its card records), read from
+    a configuration's keys."""
+    from typing import get_type_hints
+
+    from cxrtool.components import config_keys
+    from cxrtool.models.heads import build_head, head_classes
+    from cxrtool.train.config import TrainConfig
+    from cxrtool.train.losses import loss_terms
+
+    hints, defaults, keys = get_type_hints(TrainConfig), TrainConfig(), config_keys()
+    assert {"lse_r", "head_dim", "lga_text", "focal_gamma", "asl_clip", "apcl_momentum", "logit_adjustment"} <= set(keys)
+    for key, (default, kind, owner) in keys.items():
+        assert hints.get(key) is kind and getattr(defaults, key) == default, (key, owner)
+    for name, cls in head_classes().items():
+        assert build_head(name, 32, FINDINGS).settings() == cls.Settings().kwargs(), name
+    lse, decoder = head_classes()["lse"], head_classes()["decoder"]
+    assert lse.settings_from({"lse_r": "3"}) == {"r": 3.0}  # a key's value in the field's type
+    assert decoder.settings_from({"head_dim": 32, "lse_r": 1}) == {**decoder.Settings().kwargs(), "dim": 32}
+    assert head_classes()["lga"].settings_from({"lga_text": False, "lga_layers": 2})["graph_layers"] == 2
+    focal = loss_terms()["focal"]
+    assert focal.settings.from_config({"focal_gamma": 1, "asl_clip": 0.2}) == focal.settings(gamma=1.0)
+
+
+def test_a_registry_table_that_disagrees_with_its_registrations_is_refused(monkeypatch):
+    from dataclasses import dataclass
+
+    from cxrtool.components import ComponentSettings, setting
+    from cxrtool.models.heads import Head, LSEHead, register_head
+    from cxrtool.train.losses import register_loss
+
+    def head(name, **attributes):
+        return type("Made", (Head,), {"name": name, "description": "made here", "__module__": __name__, **attributes})
+
+    @dataclass(frozen=True)
+    class WiderSettings(ComponentSettings):
+        dim: int = setting(128, key="head_dim", help="a wider feature")
+
+    @dataclass(frozen=True)
+    class ScaleSettings(ComponentSettings):
+        scale: float = setting(2.0, help="a scale")
+
+    monkeypatch.setitem(registry.HEADS, "made", "listed otherwise")
+    cases = [
+        (lambda: register_head(head("made")), "describes it as 'listed otherwise'"),
+        (lambda: register_head(head("lse")), "'lse' .* is already registered by cxrtool.models.heads.LSEHead"),
+        (lambda: register_head(type("Sharper", (LSEHead,), {"name": "sharper"})), "must set its own description"),
+        (lambda: register_head(head("wider", Settings=WiderSettings, __init__=lambda self, width, findings, dim=128: None)),
+         "reads 'head_dim' as int = 128, but head 'decoder' as int = 256"),
+        (lambda: register_head(head("scaled", Settings=ScaleSettings, __init__=lambda self, width, findings, scale=3.0: None)),
+         "default for 'scale' is 3.0, its Settings' 2.0"),
+        (lambda: register_head(head("scaled", Settings=ScaleSettings)), "its Settings declare scale, which the constructor"),
+        (lambda: register_loss("bce", description="binary cross-entropy")(lambda context, settings: None),
+         "'bce' .* is already registered"),
+        (lambda: register_loss("mine", description="")(lambda context, settings: None), "give it a one-line description"),
+    ]
+    for register, message in cases:
+        with pytest.raises(ValueError, match=message):
+            register()
+    assert "wider" not in registry.HEADS and "mine" not in registry.LOSSES  # a refused registration leaves no trace
+
+
+HEAD_OF_ONES_OWN = '''
+from dataclasses import dataclass
+
+import torch
+
+from cxrtool.components import ComponentSettings, setting
+from cxrtool.models.heads import Head, ModelOutput, register_head
+
+
+@register_head
+class ScaledLinearHead(Head):
+    name = "scaled_linear"
+    description = "the linear head, its logits times a fixed scale"
+    gives = frozenset({"embedding"})
+
+    @dataclass(frozen=True)
+    class Settings(ComponentSettings):
+        scale: float = setting(2.0, help="what the logits are multiplied by")
+
+    def __init__(self, width, findings, scale: float = Settings.scale):
+        super().__init__(width, findings)
+        self.scale = float(scale)
+        self.linear = torch.nn.Linear(self.width, len(self.findings))
+
+    def settings(self):
+        return {"scale": self.scale}
+
+    def forward(self, feature_map, pooled):
+        return ModelOutput(logits=self.scale * self.linear(pooled), embedding=pooled)
+'''
+
+TERM_OF_ONES_OWN = '''
+from dataclasses import dataclass
+
+from cxrtool.components import ComponentSettings, setting
+from cxrtool.train.losses import LossContext, LossTerm, register_loss
+
+
+@dataclass(frozen=True)
+class LogitPenaltySettings(ComponentSettings):
+    scale: float = setting(0.01, help="weight of the mean squared logit")
+
+
+class LogitPenalty(LossTerm):
+    name = "logit_penalty"
+
+    def __init__(self, scale: float = LogitPenaltySettings.scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, output, batch):
+        return self.scale * output.logits.float().pow(2).mean()
+
+
+@register_loss("logit_penalty", description="the mean squared logit: keeps logits small", settings=LogitPenaltySettings)
+def _logit_penalty(context: LossContext, settings: LogitPenaltySettings) -> LogitPenalty:
+    return LogitPenalty(settings.scale)
+'''
+
+USE_THEM = '''
+import sys
+import torch
+import scaled_head, logit_penalty
+from cxrtool import registry
+from cxrtool.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from cxrtool.models.heads import build_head
+from cxrtool.models.network import CXRClassifier
+from cxrtool.preprocess import Preprocessing
+from cxrtool.train.config import load_config
+from cxrtool.train.losses import LossContext, build_loss
+
+head = build_head("scaled_linear", 8, ["A", "B"], {"scale": 3.0})
+assert head.settings() == {"scale": 3.0} and build_head("scaled_linear", 8, ["A"]).settings() == {"scale": 2.0}
+output = head(torch.randn(2, 8, 3, 3), torch.randn(2, 8))
+loss = build_loss("asl+0.5*logit_penalty", LossContext(["A", "B"]))
+total, parts = loss(output, {"targets": torch.tensor([[1.0, 0.0], [0.0, 1.0]])})
+assert list(parts) == ["asl", "logit_penalty"]
+assert abs(parts["logit_penalty"].item() - 0.01 * output.logits.pow(2).mean().item()) < 1e-6
+assert registry.LOSSES["logit_penalty"] == "the mean squared logit: keeps logits small"
+load_config(None, {"labels": "x.csv", "head": "scaled_linear", "loss": "asl+0.5*logit_penalty"}).validate()
+model = CXRClassifier("resnet18", ["A"], head="scaled_linear", head_settings={"scale": 3.0}).eval()
+card = ModelCard("resnet18", ["A"], Preprocessing(input_size=64).to_dict(), head="scaled_linear",
+                 head_settings=model.head.settings())
+loaded, read = load_checkpoint(save_checkpoint(sys.argv[1], model, card))
+images = torch.randn(1, 1, 64, 64)
+assert read.head_settings == {"scale": 3.0} and torch.equal(loaded(images), model(images))
+print("ok")
+'''
+
+
+def test_a_head_and_a_loss_term_of_ones_own_register_in_a_file_of_their_own(tmp_path):
+    """The README's "Extending cxrtool" recipe: a file each, imported; build_head,
+    build_loss, the training configuration and the checkpoint loader then know them."""
+    import subprocess
+    import sys
+
+    (tmp_path / "scaled_head.py").write_text(HEAD_OF_ONES_OWN)
+    (tmp_path / "logit_penalty.py").write_text(TERM_OF_ONES_OWN)
+    (tmp_path / "use.py").write_text(USE_THEM)
+    done = subprocess.run([sys.executable, "use.py", str(tmp_path / "m.safetensors")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_registry_tables_are_the_registrations_without_importing_torch():
+    """registry.HEADS and LOSSES (read by the CLI without torch) are the built-in
+    registrations' names and descriptions, in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cxrtool.registry as r; tables = dict(r.HEADS), dict(r.LOSSES); assert 'torch' not in sys.modules; "
+            "import cxrtool.models.heads as h, cxrtool.train.losses as l; "
+            "assert h._HEADS.descriptions() == tables[0] and l._LOSS_TERMS.descriptions() == tables[1]; "
+            "assert (dict(r.HEADS), dict(r.LOSSES)) == tables; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -3,17 +3,54 @@
 Every head takes the backbone's spatial feature map (B, C, h, w) and its pooled vector
 (B, C) and returns a :class:`ModelOutput`: the logits, which is all ``predict`` and the CAM
 methods see, plus what a training loss may need (a pooled embedding, one feature vector per
-finding, per-finding spatial attention). A head is one registered class: its name in
-``cxrtool.registry.HEADS``, its settings on the model card, its buffers (priors and the
+finding, per-finding spatial attention). A head is one class, registered where it is
+defined (``@register_head``, :mod:`cxrtool.components`) with its ``name``, a one-line
+``description`` and its ``Settings``: a frozen dataclass whose fields are the
+constructor's settings, each with its default, its help and the training configuration's
+key it is read from (``lse_r`` for the LSE head's ``r``), the one place all three are
+written (:class:`~cxrtool.train.config.TrainConfig` and the constructor take their
+defaults from it). The settings go on the model card, the head's buffers (priors and the
 like) in the checkpoint's weights, so :func:`cxrtool.models.build.build_model` rebuilds
 any checkpoint from its card alone.
+
+A head of your own, in a module of its own (import it before you build or train)::
+
+    from dataclasses import dataclass
+
+    import torch
+    from cxrtool.components import ComponentSettings, setting
+    from cxrtool.models.heads import Head, ModelOutput, build_head, register_head
+
+    @register_head
+    class ScaledLinearHead(Head):
+        name = "scaled_linear"
+        description = "the linear head, its logits times a fixed scale"
+        gives = frozenset({"embedding"})
+
+        @dataclass(frozen=True)
+        class Settings(ComponentSettings):
+            scale: float = setting(2.0, help="what the logits are multiplied by")
+
+        def __init__(self, width, findings, scale: float = Settings.scale):
+            super().__init__(width, findings)
+            self.scale = float(scale)
+            self.linear = torch.nn.Linear(self.width, len(self.findings))
+
+        def settings(self):
+            return {"scale": self.scale}
+
+        def forward(self, feature_map, pooled):
+            return ModelOutput(logits=self.scale * self.linear(pooled), embedding=pooled)
+
+    head = build_head("scaled_linear", 512, ["Effusion"], {"scale": 3.0})
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrtool.components import ComponentSettings, NoSettings, Registry, setting
+from cxrtool.models.text import ENCODER_DIM
 from cxrtool.registry import HEADS
 
 
@@ -38,10 +77,13 @@ class ModelOutput:
 
 
 class Head(nn.Module):
-    """Base class. Subclasses set ``name`` (a key of ``registry.HEADS``), take
-    ``(width, findings, **settings)`` and return a :class:`ModelOutput` from ``forward``."""
+    """Base class. Subclasses set ``name``, ``description`` and ``Settings`` (their
+    constructor's keyword settings, :mod:`cxrtool.components`), take ``(width, findings,
+    **settings)`` and return a :class:`ModelOutput` from ``forward``."""
 
     name: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # one line: `cxrtool models` lists it
+    Settings: ClassVar[type[ComponentSettings]] = NoSettings
     # The ModelOutput fields beyond the logits this head fills (loss terms check them).
     gives: ClassVar[frozenset[str]] = frozenset()
     # Parameters that are embeddings (label queries and the like): trained without weight decay.
@@ -60,8 +102,9 @@ class Head(nn.Module):
 
     @classmethod
     def settings_from(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        """This head's settings from a training configuration's values (``head_dim``...)."""
-        return {}
+        """This head's constructor settings from a training configuration's values
+        (``head_dim``...), through its ``Settings``."""
+        return cls.Settings.from_config(config).kwargs()
 
     def forward(self, feature_map: torch.Tensor, pooled: torch.Tensor) -> ModelOutput:
         raise NotImplementedError
@@ -82,15 +125,51 @@ class Head(nn.Module):
         return head == self.name and dict(settings) == self.settings()
 
 
-_HEAD_CLASSES: dict[str, type[Head]] = {}
+# The registered heads. cxrtool.registry.HEADS, the torch-free copy of their names and
+# descriptions that the command line reads, is checked against each registration (and a
+# head it does not list is added to it).
+_HEADS: Registry[type[Head]] = Registry("head", HEADS, "cxrtool.registry.HEADS")
 
 
 def register_head(cls: type[Head]) -> type[Head]:
-    """Class decorator: make a head buildable by its name (which the registry must list)."""
-    if cls.name not in HEADS:
-        raise ValueError(f"head {cls.name!r} is not listed in cxrtool.registry.HEADS")
-    _HEAD_CLASSES[cls.name] = cls
+    """Class decorator: make a head buildable by its ``name``, with its ``description``
+    and its ``Settings``.
+
+    Raises:
+        ValueError: a class that does not name or describe itself (its own ``name`` and
+            ``description``, not inherited ones), settings that are not a frozen
+            :class:`~cxrtool.components.ComponentSettings` dataclass, a constructor whose
+            keyword settings are not the dataclass's fields with the same defaults, or a
+            name another head took.
+    """
+    origin = f"{cls.__module__}.{cls.__qualname__}"
+    for attribute in ("name", "description"):
+        if not cls.__dict__.get(attribute):
+            raise ValueError(f"head class {origin} must set its own {attribute}")
+    _check_constructor(cls, origin)
+    _HEADS.add(cls.name, cls.description, cls.Settings, cls, origin)
     return cls
+
+
+def _check_constructor(cls: type[Head], origin: str) -> None:
+    """The constructor takes (width, findings) and then exactly the Settings' constructor
+    fields, with the same defaults (or a ``**settings`` for them)."""
+    parameters = dict(inspect.signature(cls.__init__).parameters)
+    for name in ("self", "width", "findings"):
+        if parameters.pop(name, None) is None:
+            raise ValueError(f"head class {origin}: the constructor must take (width, findings, ...)")
+    catch_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = {name: p for name, p in parameters.items() if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    declared = {item.name: item for item in fields(cls.Settings) if item.metadata.get("constructor", True)}
+    for name, parameter in named.items():
+        if name not in declared:
+            raise ValueError(f"head class {origin}: the constructor takes {name!r}, which its Settings do not declare")
+        if parameter.default is not inspect.Parameter.empty and parameter.default != declared[name].default:
+            raise ValueError(f"head class {origin}: the constructor's default for {name!r} is {parameter.default!r}, its "
+                             f"Settings' {declared[name].default!r}: write it once (``{name}=Settings.{name}``)")
+    missing = [name for name in declared if name not in named]
+    if missing and not catch_all:
+        raise ValueError(f"head class {origin}: its Settings declare {', '.join(missing)}, which the constructor does not take")
 
 
 def build_head(name: str, width: int, findings: Sequence[str], settings: Mapping[str, Any] | None = None) -> Head:
@@ -99,10 +178,10 @@ def build_head(name: str, width: int, findings: Sequence[str], settings: Mapping
     Raises:
         ValueError: an unknown name (the known ones are listed) or settings it does not take.
     """
-    if name not in _HEAD_CLASSES:
+    if name not in _HEADS:
         raise ValueError(f"unknown head {name!r}; choose one of {', '.join(HEADS)}")
     try:
-        return _HEAD_CLASSES[name](width, findings, **dict(settings or {}))
+        return _HEADS[name](width, findings, **dict(settings or {}))
     except TypeError as error:
         raise ValueError(f"head {name!r}: {error}") from None
 
@@ -116,6 +195,7 @@ class LinearHead(Head):
     """
 
     name = "linear"
+    description = "one logit per finding from the pooled feature vector (CheXNet-style)"
     gives = frozenset({"embedding"})
 
     def __init__(self, width: int, findings: Sequence[str]) -> None:
@@ -163,9 +243,14 @@ class LSEHead(LinearHead):
     """
 
     name = "lse"
+    description = "a score map per finding, log-sum-exp pooled (ChestX-ray14's): the logit comes from where the map is high"
     gives = frozenset({"embedding", "attention"})
 
-    def __init__(self, width: int, findings: Sequence[str], r: float = 5.0) -> None:
+    @dataclass(frozen=True)
+    class Settings(ComponentSettings):
+        r: float = setting(5.0, key="lse_r", help="sharpness of the log-sum-exp pooling (small: the average; large: the maximum)")
+
+    def __init__(self, width: int, findings: Sequence[str], r: float = Settings.r) -> None:
         super().__init__(width, findings)
         if not r > 0:
             raise ValueError(f"the LSE pooling's r must be positive, got {r}")
@@ -173,10 +258,6 @@ class LSEHead(LinearHead):
 
     def settings(self) -> dict[str, Any]:
         return {"r": self.r}
-
-    @classmethod
-    def settings_from(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        return {"r": float(config.get("lse_r", 5.0))}
 
     def score_map(self, feature_map: torch.Tensor) -> torch.Tensor:
         """(B, K, h, w): each finding's score at each position."""
@@ -264,11 +345,22 @@ class DecoderHead(Head):
     """
 
     name = "decoder"
+    description = "per-finding queries cross-attend to the spatial features, one classifier each (paper 1's decoupling)"
     gives = frozenset({"embedding", "features", "attention"})
     embeddings = ("queries",)
 
-    def __init__(self, width: int, findings: Sequence[str], *, dim: int = 256, layers: int = 2, heads: int = 4,
-                 dropout: float = 0.1, query_self_attention: bool = False) -> None:
+    @dataclass(frozen=True)
+    class Settings(ComponentSettings):
+        dim: int = setting(256, key="head_dim", help="width of the per-finding features")
+        layers: int = setting(2, key="decoder_layers", help="transformer decoder layers")
+        heads: int = setting(4, key="decoder_heads", help="attention heads")
+        dropout: float = setting(0.1, key="head_dropout", help="dropout in the decoder layers")
+        query_self_attention: bool = setting(False, key="decoder_self_attention",
+                                             help="let the finding queries attend to each other")
+
+    def __init__(self, width: int, findings: Sequence[str], *, dim: int = Settings.dim, layers: int = Settings.layers,
+                 heads: int = Settings.heads, dropout: float = Settings.dropout,
+                 query_self_attention: bool = Settings.query_self_attention) -> None:
         super().__init__(width, findings)
         if dim % heads or dim % 4:
             raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads}) and of 4")
@@ -288,12 +380,6 @@ class DecoderHead(Head):
     def settings(self) -> dict[str, Any]:
         return {"dim": self.dim, "layers": self.n_layers, "heads": self.n_heads, "dropout": self.dropout_rate,
                 "query_self_attention": self.query_self_attention}
-
-    @classmethod
-    def settings_from(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        return {"dim": int(config.get("head_dim", 256)), "layers": int(config.get("decoder_layers", 2)),
-                "heads": int(config.get("decoder_heads", 4)), "dropout": float(config.get("head_dropout", 0.1)),
-                "query_self_attention": bool(config.get("decoder_self_attention", False))}
 
     def label_queries(self, batch_size: int) -> torch.Tensor:
         """The queries the decoder starts from, (B, K, dim); label-graph heads refine them."""
@@ -382,10 +468,22 @@ class LabelGraphHead(DecoderHead):
     """
 
     name = "lga"
+    description = "the decoder, its queries from attention among the findings' text embeddings biased by co-occurrence (paper 1)"
     gives = DecoderHead.gives | {"correlation"}
 
-    def __init__(self, width: int, findings: Sequence[str], *, text_dim: int = 384, graph_layers: int = 1,
-                 cooccurrence_bias: float = 1.0, **decoder: Any) -> None:
+    @dataclass(frozen=True)
+    class Settings(DecoderHead.Settings):
+        text_dim: int = setting(ENCODER_DIM, help="width of the text prior (the sentence encoder's); 0: learned label embeddings")
+        graph_layers: int = setting(1, key="lga_layers", help="label graph attention layers")
+        cooccurrence_bias: float = setting(1.0, key="lga_cooccurrence_bias",
+                                           help="weight of log P(j | i) on the label attention logits")
+        # not a constructor setting: it decides text_dim (settings_from)
+        text: bool = setting(True, key="lga_text", constructor=False,
+                             help="text-embedding priors (needs cxrtool[text]; else learned embeddings)")
+
+    def __init__(self, width: int, findings: Sequence[str], *, text_dim: int = Settings.text_dim,
+                 graph_layers: int = Settings.graph_layers, cooccurrence_bias: float = Settings.cooccurrence_bias,
+                 **decoder: Any) -> None:
         super().__init__(width, findings, **decoder)
         if text_dim < 0 or graph_layers < 1:
             raise ValueError(f"text_dim must be >= 0 and graph_layers >= 1, got {text_dim} and {graph_layers}")
@@ -403,12 +501,10 @@ class LabelGraphHead(DecoderHead):
 
     @classmethod
     def settings_from(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        from cxrtool.models.text import ENCODER_DIM, encoder_installed
+        from cxrtool.models.text import encoder_installed
 
-        use_text = bool(config.get("lga_text", True)) and encoder_installed()
-        return {**super().settings_from(config), "text_dim": ENCODER_DIM if use_text else 0,
-                "graph_layers": int(config.get("lga_layers", 1)),
-                "cooccurrence_bias": float(config.get("lga_cooccurrence_bias", 1.0))}
+        chosen = cls.Settings.from_config(config)
+        return {**chosen.kwargs(), "text_dim": ENCODER_DIM if chosen.text and encoder_installed() else 0}
 
     def fit_priors(self, targets: np.ndarray, config: Mapping[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
         from cxrtool.data.statistics import cooccurrence
@@ -481,11 +577,20 @@ class LabelFeatureHead(Head):
     """
 
     name = "label_features"
+    description = "a feature per finding by class-specific spatial attention, related by self-attention (paper 2)"
     gives = frozenset({"embedding", "features", "attention", "correlation"})
     embeddings = ("label_embed", "identity")
 
-    def __init__(self, width: int, findings: Sequence[str], *, dim: int = 256, temperature: float = 1.0,
-                 dropout: float = 0.1) -> None:
+    @dataclass(frozen=True)
+    class Settings(ComponentSettings):
+        # head_dim and head_dropout are the decoder's keys too: one default for both heads
+        dim: int = setting(DecoderHead.Settings.dim, key="head_dim", help="width of the per-finding features")
+        temperature: float = setting(1.0, help="temperature of the spatial attention's softmax over positions")
+        dropout: float = setting(DecoderHead.Settings.dropout, key="head_dropout",
+                                 help="dropout on the correlations' messages between findings")
+
+    def __init__(self, width: int, findings: Sequence[str], *, dim: int = Settings.dim,
+                 temperature: float = Settings.temperature, dropout: float = Settings.dropout) -> None:
         super().__init__(width, findings)
         if dim < 1 or temperature <= 0:
             raise ValueError(f"dim must be positive and temperature > 0, got {dim} and {temperature}")
@@ -507,10 +612,6 @@ class LabelFeatureHead(Head):
 
     def settings(self) -> dict[str, Any]:
         return {"dim": self.dim, "temperature": self.temperature, "dropout": self.dropout_rate}
-
-    @classmethod
-    def settings_from(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        return {"dim": int(config.get("head_dim", 256)), "dropout": float(config.get("head_dropout", 0.1))}
 
     def correlation(self) -> torch.Tensor:
         """The global label correlations (K, K), rows summing to 1."""
@@ -541,6 +642,11 @@ class LabelFeatureHead(Head):
         return _inherit(self, state, findings, per_finding=("spatial", "label_embed", "identity", "class_weight", "class_bias"))
 
 
+# cxrtool.registry.HEADS, which the command line reads without importing torch, lists
+# exactly the heads registered above (each registration checked its description).
+_HEADS.check_listed()
+
+
 def head_classes() -> dict[str, type[Head]]:
-    """Every registered head class by name (a copy)."""
-    return dict(_HEAD_CLASSES)
+    """Every registered head class by name, in the order they registered (a copy)."""
+    return _HEADS.items()

@@ -5,6 +5,13 @@ can be repeated exactly (``cxrtool train --config runs/x/config.yaml``), from an
 folder: paths in a YAML file (``labels``, ``images``, ``out``) are relative to the file's own
 folder, and ``config.yaml`` is written that way; paths given on the command line are
 relative to the working folder, as usual.
+
+The heads' and loss terms' settings are flat keys here as everywhere (``lse_r``,
+``focal_gamma``: YAML files, ``--set``, the ``config.yaml`` beside a checkpoint), but
+each takes its default from the component's settings dataclass, where its help is
+written too (:class:`cxrtool.models.heads.LSEHead.Settings`,
+:class:`cxrtool.train.losses.FocalSettings`...; :mod:`cxrtool.components`); the
+component reads its keys back through that dataclass.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from cxrtool.models.heads import DecoderHead, LabelGraphHead, LSEHead
 from cxrtool.registry import (
     CAM_METHOD_LABELS,
     DEFAULT_ARCHITECTURE,
@@ -31,6 +39,7 @@ from cxrtool.registry import (
     UNCERTAIN_POLICIES,
     VIEW_POSITIONS,
 )
+from cxrtool.train.losses import AsymmetricSettings, FocalSettings, LossSettings, PrototypeSettings, RadiomicsSettings, SupConSettings
 
 # Settings that are paths: in a YAML file they are relative to the file's folder.
 PATH_SETTINGS = ("labels", "images", "out", "init", "descriptions", "prompts", "unlabelled")
@@ -56,15 +65,16 @@ class TrainConfig:
     init: str = ""  # start from this cxrtool checkpoint (its architecture and preprocessing too)
     architecture: str = DEFAULT_ARCHITECTURE
     head: str = DEFAULT_HEAD  # registry.HEADS
-    lse_r: float = 5.0  # lse head: sharpness of the log-sum-exp pooling (small: the average; large: the maximum)
-    head_dim: int = 256  # decoder, lga and label_features heads: width of the per-finding features
-    decoder_layers: int = 2  # decoder head: transformer decoder layers
-    decoder_heads: int = 4  # decoder head: attention heads
-    head_dropout: float = 0.1  # decoder, lga and label_features heads
-    decoder_self_attention: bool = False  # decoder head: let the finding queries attend to each other
-    lga_text: bool = True  # lga head: text-embedding priors (needs cxrtool[text]; else learned embeddings)
-    lga_layers: int = 1  # lga head: label graph attention layers
-    lga_cooccurrence_bias: float = 1.0  # lga head: weight of log P(j | i) on the label attention logits
+    # the heads' settings: help and default on each head's Settings (cxrtool.models.heads)
+    lse_r: float = LSEHead.Settings.r
+    head_dim: int = DecoderHead.Settings.dim  # also the label_features head's, and the apcl term's
+    decoder_layers: int = DecoderHead.Settings.layers
+    decoder_heads: int = DecoderHead.Settings.heads
+    head_dropout: float = DecoderHead.Settings.dropout  # also the label_features head's
+    decoder_self_attention: bool = DecoderHead.Settings.query_self_attention
+    lga_text: bool = LabelGraphHead.Settings.text
+    lga_layers: int = LabelGraphHead.Settings.graph_layers
+    lga_cooccurrence_bias: float = LabelGraphHead.Settings.cooccurrence_bias
     descriptions: str = ""  # lga head and zero_shot: finding descriptions (YAML name -> text); default cxrtool's own
     zero_shot: bool = False  # dual branch (paper 3): a text-space projection, trained by the align loss term
     prompts: str = ""  # zero_shot: prompts file (YAML finding -> positive [and negative] descriptions)
@@ -83,25 +93,26 @@ class TrainConfig:
     preset: str = ""  # a paper's recipe (registry.PRESETS): its head and loss, under the YAML file and flags
     loss: str = DEFAULT_LOSS  # a loss expression of registry.LOSSES terms: asl, asl+0.5*bce, ...
     sampling: str = "uniform"  # registry.SAMPLINGS: uniform, or class_aware (the long tail seen as often as the head)
-    logit_adjustment: float = 0.0  # tau: classification terms see logits + tau * log-odds of each prevalence
-    apcl_momentum: float = 0.9  # apcl: moving average of the prototypes
-    apcl_temperature: float = 0.1  # apcl: temperature of the contrast over prototypes
-    supcon_temperature: float = 0.1  # lcsupcon: temperature
-    focal_gamma: float = 2.0
-    focal_alpha: float = -1.0  # focal: weight of positives (negatives 1 - alpha); negative: unweighted
-    radiomics_temperature: float = 0.5  # radiomics: NT-Xent temperature (paper 4)
+    # the loss terms' settings: help and default on each term's settings (cxrtool.train.losses)
+    logit_adjustment: float = LossSettings.logit_adjustment
+    apcl_momentum: float = PrototypeSettings.momentum
+    apcl_temperature: float = PrototypeSettings.temperature
+    supcon_temperature: float = SupConSettings.temperature
+    focal_gamma: float = FocalSettings.gamma
+    focal_alpha: float = FocalSettings.alpha
+    radiomics_temperature: float = RadiomicsSettings.temperature
     feedback_every: int = 1  # radiomics: a feedback cycle before every E-th epoch (the first after E epochs)
     feedback_fraction: float = 0.5  # radiomics: share of the training images each cycle re-measures, in turn
     feedback_cam: str = "gradcam"  # radiomics: the map method whose regions are measured (the paper's Grad-CAM)
     feedback_layer: str = ""  # radiomics: its target layer (default: the method's)
-    asl_gamma_neg: float = 4.0
-    asl_gamma_pos: float = 0.0
-    asl_clip: float = 0.05
+    asl_gamma_neg: float = AsymmetricSettings.gamma_neg
+    asl_gamma_pos: float = AsymmetricSettings.gamma_pos
+    asl_clip: float = AsymmetricSettings.clip
     augment: bool = True
     amp: bool = True  # mixed precision on GPU (ignored on CPU)
     # run
     seed: int = 0
-    workers: int = 2
+    workers: int = 2  # worker processes (0: none, all in this process): the loaders, the image cache, feedback cycles
     device: str = "auto"
     out: str = "runs/cxrtool"
     name: str = ""  # model name on the card (default: the output folder's name)

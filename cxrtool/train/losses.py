@@ -1,11 +1,43 @@
 """Training losses: registered terms, combined with weights by a loss expression.
 
-A loss expression names terms from ``cxrtool.registry.LOSSES`` with optional weights:
-``asl``, ``0.5*bce+focal``, ``asl+0.2*apcl``. Each term receives the network's whole
-:class:`~cxrtool.models.heads.ModelOutput` (logits, and per-finding features or an
-embedding where the head gives them) and the batch (a dict: ``image``, ``targets``,
-``index``, ``view``, and whatever a term asks the dataset for), so a term that needs more than logits
-is one more class, not an edit of the loop.
+A loss expression names registered terms (``cxrtool.registry.LOSSES`` lists them) with
+optional weights: ``asl``, ``0.5*bce+focal``, ``asl+0.2*apcl``. Each term receives the
+network's whole :class:`~cxrtool.models.heads.ModelOutput` (logits, and per-finding
+features or an embedding where the head gives them) and the batch (a dict: ``image``,
+``targets``, ``index``, ``view``, and whatever a term asks the dataset for), so a term
+that needs more than logits is one more class, not an edit of the loop.
+
+A term registers where it is defined: ``@register_loss(name, description=...,
+settings=...)`` on its builder, a function of the :class:`LossContext` and the term's
+settings, a frozen dataclass (:mod:`cxrtool.components`) that is the one place each
+setting's default, help and training-configuration key (``focal_gamma``...) are written;
+:func:`build_loss` reads them from the configuration through it. A term of your own, in a
+module of its own (import it before you build or train)::
+
+    from dataclasses import dataclass
+
+    from cxrtool.components import ComponentSettings, setting
+    from cxrtool.train.losses import LossContext, LossTerm, build_loss, register_loss
+
+    @dataclass(frozen=True)
+    class LogitPenaltySettings(ComponentSettings):
+        scale: float = setting(0.01, help="weight of the mean squared logit")
+
+    class LogitPenalty(LossTerm):
+        name = "logit_penalty"
+
+        def __init__(self, scale: float = LogitPenaltySettings.scale):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, output, batch):
+            return self.scale * output.logits.float().pow(2).mean()
+
+    @register_loss("logit_penalty", description="the mean squared logit: keeps logits small", settings=LogitPenaltySettings)
+    def _logit_penalty(context: LossContext, settings: LogitPenaltySettings) -> LogitPenalty:
+        return LogitPenalty(settings.scale)
+
+    loss = build_loss("asl+0.5*logit_penalty", LossContext(findings=["Effusion"]))
 
 The classification terms mask unknown labels (NaN targets: CheXpert's uncertain ones under
 ``--uncertain ignore``). Asymmetric loss follows Ridnik et al., "Asymmetric Loss For
@@ -19,14 +51,15 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrtool.models.heads import ModelOutput
+from cxrtool.components import ComponentSettings, NoSettings, Registry, register_settings, setting
+from cxrtool.models.heads import DecoderHead, ModelOutput
 from cxrtool.registry import LOSSES
 
 
@@ -52,12 +85,18 @@ class BCELoss(MaskedMultiLabelLoss):
         return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight, reduction="none")
 
 
+@dataclass(frozen=True)
+class FocalSettings(ComponentSettings):
+    gamma: float = setting(2.0, key="focal_gamma", help="focusing: easy examples weighted down by (1 - p_t)^gamma")
+    alpha: float = setting(-1.0, key="focal_alpha", help="weight of positives (negatives 1 - alpha); negative: unweighted")
+
+
 class FocalLoss(MaskedMultiLabelLoss):
     """Lin et al. (2017): down-weights easy examples by (1 - p_t)^gamma; with ``alpha`` in
     [0, 1] positives are weighted by alpha and negatives by 1 - alpha (paper 4's code uses
     0.25); a negative ``alpha`` weights them alike."""
 
-    def __init__(self, gamma: float = 2.0, alpha: float = -1.0):
+    def __init__(self, gamma: float = FocalSettings.gamma, alpha: float = FocalSettings.alpha):
         super().__init__()
         self.gamma, self.alpha = gamma, alpha
 
@@ -71,11 +110,19 @@ class FocalLoss(MaskedMultiLabelLoss):
         return loss
 
 
+@dataclass(frozen=True)
+class AsymmetricSettings(ComponentSettings):
+    gamma_neg: float = setting(4.0, key="asl_gamma_neg", help="focusing on the negatives")
+    gamma_pos: float = setting(0.0, key="asl_gamma_pos", help="focusing on the positives")
+    clip: float = setting(0.05, key="asl_clip", help="probability shift of the negatives: easier ones contribute nothing")
+
+
 class AsymmetricLoss(MaskedMultiLabelLoss):
     """ASL: gamma_neg > gamma_pos focuses on hard negatives; ``clip`` shifts negative
     probabilities down so that very easy negatives contribute nothing."""
 
-    def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8):
+    def __init__(self, gamma_neg: float = AsymmetricSettings.gamma_neg, gamma_pos: float = AsymmetricSettings.gamma_pos,
+                 clip: float = AsymmetricSettings.clip, eps: float = 1e-8):
         super().__init__()
         self.gamma_neg, self.gamma_pos, self.clip, self.eps = gamma_neg, gamma_pos, clip, eps
 
@@ -96,12 +143,11 @@ class LossContext:
 
     findings: Sequence[str]
     targets: np.ndarray | None = None  # (N, K) training targets, NaN unknown
-    settings: Mapping[str, Any] = field(default_factory=dict)  # the training configuration's values
+    # the training configuration's values: each term reads its own through its settings
+    # dataclass (register_loss), keys missing here at that dataclass's defaults
+    settings: Mapping[str, Any] = field(default_factory=dict)
     say: Callable[[str], None] | None = None  # where warnings for the user go
     width: int = 0  # the backbone's pooled width (terms with projection heads of their own)
-
-    def setting(self, name: str, default: Any) -> Any:
-        return self.settings.get(name, default)
 
 
 class LossTerm(nn.Module):
@@ -117,6 +163,59 @@ class LossTerm(nn.Module):
 
     def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LossTermSpec:
+    """A registered loss term: its builder makes the term from the context and its settings."""
+
+    name: str
+    description: str
+    settings: type[ComponentSettings]
+    build: Callable[[LossContext, Any], LossTerm]
+
+
+# The registered terms. cxrtool.registry.LOSSES, the torch-free copy of their names and
+# descriptions that the command line reads, is checked against each registration (and a
+# term it does not list is added to it).
+_LOSS_TERMS: Registry[LossTermSpec] = Registry("loss term", LOSSES, "cxrtool.registry.LOSSES")
+
+Builder = TypeVar("Builder", bound=Callable[..., LossTerm])
+
+
+def register_loss(name: str, *, description: str, settings: type[ComponentSettings] = NoSettings) -> Callable[[Builder], Builder]:
+    """Decorator on a builder ``(context: LossContext, settings) -> LossTerm``: the term a
+    loss expression calls ``name``, with its one-line ``description``; the builder gets
+    ``settings.from_config(context.settings)``.
+
+    Raises:
+        ValueError: no description, settings that are not a frozen
+            :class:`~cxrtool.components.ComponentSettings` dataclass (or that give a shared
+            configuration key another default), or a name another term took.
+    """
+
+    def decorate(build: Builder) -> Builder:
+        spec = LossTermSpec(name, description, settings, build)
+        _LOSS_TERMS.add(name, description, settings, spec, f"{build.__module__}.{build.__qualname__}")
+        return build
+
+    return decorate
+
+
+def loss_terms() -> dict[str, LossTermSpec]:
+    """Every registered loss term by name, in the order they registered (a copy)."""
+    return _LOSS_TERMS.items()
+
+
+@dataclass(frozen=True)
+class LossSettings(ComponentSettings):
+    """Settings of the loss expression as a whole rather than of one term."""
+
+    logit_adjustment: float = setting(0.0, key="logit_adjustment",
+                                      help="tau: classification terms see logits + tau * log-odds of each prevalence")
+
+
+register_settings("the loss expression", LossSettings)
 
 
 class ClassificationTerm(LossTerm):
@@ -151,7 +250,13 @@ def logit_adjustment(targets: np.ndarray, tau: float) -> torch.Tensor:
     return torch.as_tensor(tau * np.log(prevalence / (1 - prevalence)), dtype=torch.float32)
 
 
-def _weighted_bce(context: LossContext) -> ClassificationTerm:
+@register_loss("bce", description="binary cross-entropy")
+def _bce(context: LossContext, settings: NoSettings) -> ClassificationTerm:
+    return ClassificationTerm("bce", BCELoss())
+
+
+@register_loss("weighted_bce", description="binary cross-entropy, positives weighted by negatives/positives per finding")
+def _weighted_bce(context: LossContext, settings: NoSettings) -> ClassificationTerm:
     if context.targets is None:
         raise ValueError("weighted_bce needs the training targets to count positives")
     t = torch.as_tensor(context.targets, dtype=torch.float32)
@@ -159,6 +264,16 @@ def _weighted_bce(context: LossContext) -> ClassificationTerm:
     positives = torch.nan_to_num(t, nan=0.0).sum(0)
     negatives = known.sum(0) - positives
     return ClassificationTerm("weighted_bce", BCELoss(pos_weight=(negatives / positives.clamp(min=1)).clamp(max=100.0)))
+
+
+@register_loss("focal", description="focal loss (Lin et al., 2017)", settings=FocalSettings)
+def _focal(context: LossContext, settings: FocalSettings) -> ClassificationTerm:
+    return ClassificationTerm("focal", FocalLoss(settings.gamma, settings.alpha))
+
+
+@register_loss("asl", description="asymmetric loss (Ridnik et al., 2021)", settings=AsymmetricSettings)
+def _asl(context: LossContext, settings: AsymmetricSettings) -> ClassificationTerm:
+    return ClassificationTerm("asl", AsymmetricLoss(settings.gamma_neg, settings.gamma_pos, settings.clip))
 
 
 class PromptAlignment(LossTerm):
@@ -176,6 +291,12 @@ class PromptAlignment(LossTerm):
 
     def forward(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.loss(output.zero_shot_logits.float(), batch["targets"])
+
+
+@register_loss("align", description="image-text alignment: the image against each finding's positive and negative prompt "
+                                    "(paper 3's dual branch)")
+def _align(context: LossContext, settings: NoSettings) -> PromptAlignment:
+    return PromptAlignment()
 
 
 # ---- per-finding feature terms (papers 1 and 2) ----------------------------------------
@@ -200,6 +321,14 @@ def _all_reduce_(*tensors: torch.Tensor) -> None:
     if dist.is_available() and dist.is_initialized():
         for tensor in tensors:
             dist.all_reduce(tensor)
+
+
+@dataclass(frozen=True)
+class PrototypeSettings(ComponentSettings):
+    # the head's key: the prototypes are as wide as its per-finding features
+    dim: int = setting(DecoderHead.Settings.dim, key="head_dim", help="width of the head's per-finding features")
+    momentum: float = setting(0.9, key="apcl_momentum", help="moving average of the prototypes")
+    temperature: float = setting(0.1, key="apcl_temperature", help="temperature of the contrast over prototypes")
 
 
 class PrototypeContrast(LossTerm):
@@ -229,8 +358,9 @@ class PrototypeContrast(LossTerm):
     name = "apcl"
     needs = frozenset({"features"})
 
-    def __init__(self, findings: Sequence[str], dim: int, positives: np.ndarray | None, *, momentum: float = 0.9,
-                 temperature: float = 0.1, rarity: float = 0.5, similarity: float = 1.0) -> None:
+    def __init__(self, findings: Sequence[str], dim: int, positives: np.ndarray | None, *,
+                 momentum: float = PrototypeSettings.momentum, temperature: float = PrototypeSettings.temperature,
+                 rarity: float = 0.5, similarity: float = 1.0) -> None:
         super().__init__()
         if not 0 <= momentum < 1 or temperature <= 0:
             raise ValueError(f"apcl: momentum must be in [0, 1) and temperature > 0, got {momentum} and {temperature}")
@@ -307,6 +437,14 @@ class PrototypeContrast(LossTerm):
         return (weights * loss).sum() / weights.sum().clamp(min=1e-8)
 
 
+@register_loss("apcl", description="adaptive prototype contrastive loss on per-finding features (paper 1)",
+               settings=PrototypeSettings)
+def _apcl(context: LossContext, settings: PrototypeSettings) -> PrototypeContrast:
+    positives = None if context.targets is None else np.nansum(np.asarray(context.targets, dtype=np.float64) > 0.5, axis=0)
+    return PrototypeContrast(context.findings, settings.dim, positives, momentum=settings.momentum,
+                             temperature=settings.temperature)
+
+
 class CorrelationConsistency(LossTerm):
     """Paper 2's consistency of global and local label correlations.
 
@@ -344,6 +482,16 @@ class CorrelationConsistency(LossTerm):
         return supervised + agreement
 
 
+@register_loss("lcc", description="consistency of per-image and global label correlations (paper 2)")
+def _lcc(context: LossContext, settings: NoSettings) -> CorrelationConsistency:
+    return CorrelationConsistency()
+
+
+@dataclass(frozen=True)
+class SupConSettings(ComponentSettings):
+    temperature: float = setting(0.1, key="supcon_temperature", help="temperature of the contrast")
+
+
 class CorrelationSupCon(LossTerm):
     """Paper 2's label-correlation-guided multi-label supervised contrastive loss.
 
@@ -365,7 +513,7 @@ class CorrelationSupCon(LossTerm):
     name = "lcsupcon"
     needs = frozenset({"features"})
 
-    def __init__(self, findings: Sequence[str], targets: np.ndarray | None, *, temperature: float = 0.1) -> None:
+    def __init__(self, findings: Sequence[str], targets: np.ndarray | None, *, temperature: float = SupConSettings.temperature) -> None:
         super().__init__()
         from cxrtool.data.statistics import cooccurrence
 
@@ -403,6 +551,12 @@ class CorrelationSupCon(LossTerm):
         return per_anchor[anchors].mean()
 
 
+@register_loss("lcsupcon", description="label-correlation-guided multi-label supervised contrastive loss (paper 2)",
+               settings=SupConSettings)
+def _lcsupcon(context: LossContext, settings: SupConSettings) -> CorrelationSupCon:
+    return CorrelationSupCon(context.findings, context.targets, temperature=settings.temperature)
+
+
 # ---- paper 4: the radiomics feedback loop --------------------------------------------
 
 
@@ -415,6 +569,11 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tenso
     similarity = (z @ z.T / temperature).masked_fill(torch.eye(2 * count, dtype=torch.bool, device=z.device), float("-inf"))
     pair = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(z.device)
     return F.cross_entropy(similarity, pair)
+
+
+@dataclass(frozen=True)
+class RadiomicsSettings(ComponentSettings):
+    temperature: float = setting(0.5, key="radiomics_temperature", help="NT-Xent temperature (paper 4)")
 
 
 class RadiomicsContrast(LossTerm):
@@ -439,7 +598,7 @@ class RadiomicsContrast(LossTerm):
     needs = frozenset({"embedding"})
     feedback = True  # the training loop runs feedback cycles for a loss with this term
 
-    def __init__(self, width: int, *, temperature: float = 0.5, dim: int = 64) -> None:
+    def __init__(self, width: int, *, temperature: float = RadiomicsSettings.temperature, dim: int = 64) -> None:
         super().__init__()
         from cxrtool.train.feedback import feature_names
 
@@ -483,25 +642,15 @@ class RadiomicsContrast(LossTerm):
         return nt_xent(image, radiomics, self.temperature)
 
 
-_TERM_BUILDERS: dict[str, Callable[[LossContext], LossTerm]] = {
-    "bce": lambda context: ClassificationTerm("bce", BCELoss()),
-    "weighted_bce": _weighted_bce,
-    "focal": lambda context: ClassificationTerm("focal", FocalLoss(context.setting("focal_gamma", 2.0),
-                                                                    context.setting("focal_alpha", -1.0))),
-    "asl": lambda context: ClassificationTerm("asl", AsymmetricLoss(context.setting("asl_gamma_neg", 4.0),
-                                                                    context.setting("asl_gamma_pos", 0.0),
-                                                                    context.setting("asl_clip", 0.05))),
-    "apcl": lambda context: PrototypeContrast(
-        context.findings, int(context.setting("head_dim", 256)),
-        None if context.targets is None else np.nansum(np.asarray(context.targets, dtype=np.float64) > 0.5, axis=0),
-        momentum=context.setting("apcl_momentum", 0.9), temperature=context.setting("apcl_temperature", 0.1)),
-    "lcc": lambda context: CorrelationConsistency(),
-    "lcsupcon": lambda context: CorrelationSupCon(context.findings, context.targets,
-                                                  temperature=context.setting("supcon_temperature", 0.1)),
-    "align": lambda context: PromptAlignment(),
-    "radiomics": lambda context: RadiomicsContrast(context.width, temperature=context.setting("radiomics_temperature", 0.5)),
-}
-assert set(_TERM_BUILDERS) == set(LOSSES), "every loss term in the registry has a builder, and no other"
+@register_loss("radiomics", description="NT-Xent between the image and the radiomics of its own map's region, renewed by "
+                                        "feedback cycles (paper 4)", settings=RadiomicsSettings)
+def _radiomics(context: LossContext, settings: RadiomicsSettings) -> RadiomicsContrast:
+    return RadiomicsContrast(context.width, temperature=settings.temperature)
+
+
+# cxrtool.registry.LOSSES, which the command line reads without importing torch, lists
+# exactly the terms registered above (each registration checked its description).
+_LOSS_TERMS.check_listed()
 
 
 # ---- expressions -------------------------------------------------------------------------
@@ -526,7 +675,7 @@ def parse_loss(expression: str) -> list[tuple[float, str]]:
             raise ValueError(f"cannot read the loss expression {expression!r} at {part.strip()!r}: "
                              f"write terms as NAME or WEIGHT*NAME joined by +, e.g. asl+0.2*bce")
         name = match["name"]
-        if name not in LOSSES:
+        if name not in _LOSS_TERMS:
             raise ValueError(f"unknown loss term {name!r} in {expression!r}; choose from {choices}")
         weight = float(match["weight"]) if match["weight"] is not None else 1.0
         if not (math.isfinite(weight) and weight > 0):
@@ -566,8 +715,9 @@ def build_loss(expression: str, context: LossContext) -> CombinedLoss:
         >>> loss = build_loss("asl+0.5*bce", LossContext(findings=["Effusion"]))
         >>> total, parts = loss(ModelOutput(logits=torch.zeros(2, 1)), {"targets": torch.ones(2, 1)})
     """
-    loss = CombinedLoss([(weight, _TERM_BUILDERS[name](context)) for weight, name in parse_loss(expression)])
-    tau = float(context.setting("logit_adjustment", 0.0))
+    specs = [(weight, _LOSS_TERMS[name]) for weight, name in parse_loss(expression)]
+    loss = CombinedLoss([(weight, spec.build(context, spec.settings.from_config(context.settings))) for weight, spec in specs])
+    tau = LossSettings.from_config(context.settings).logit_adjustment
     if tau:
         if context.targets is None:
             raise ValueError("logit_adjustment needs the training targets to know each finding's prevalence")
