@@ -73,9 +73,8 @@ def one_at_a_time(bundle: Path, studies: list[Path], out: Path, device: str, run
     from cxrtool.io.records import Fingerprint, Sidecar, make_result, relative_source, store_result
     from cxrtool.io.studies import read_study
     from cxrtool.models.network import pick_device
-    from cxrtool.models.scoring import TestTimeAugmentation
     from cxrtool.models.sources import open_model
-    from cxrtool.preprocess import prepare
+    from cxrtool.preprocess import TestTimeAugmentation, prepare
 
     torch_device = pick_device(device)
     scorer = open_model(bundle, device=torch_device, runtime=runtime, tta=TestTimeAugmentation("light"))
@@ -99,8 +98,8 @@ def one_at_a_time(bundle: Path, studies: list[Path], out: Path, device: str, run
 def pipeline(bundle: Path, studies: list[Path], out: Path, device: str, runtime: str, batch_size: int,
              workers: int | None) -> tuple[float, list[float]]:
     """``predict`` over all studies: total seconds, and each batch's seconds per study."""
-    from cxrtool.models.scoring import TestTimeAugmentation
     from cxrtool.predict import predict
+    from cxrtool.preprocess import TestTimeAugmentation
 
     marks: list[tuple[float, int]] = []
 

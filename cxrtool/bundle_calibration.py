@@ -2,7 +2,8 @@
 validation data, and each member's validation scores for rank merging.
 
 The validation studies go through ``predict``'s own runner (decoding in workers, routing,
-every member's probabilities recorded) into a scratch folder. From what each member said on
+every member's probabilities recorded), their results kept in memory by an output stage
+(:class:`KeepEnsembles`) instead of written. From what each member said on
 the studies its routes scored come its reference scores (:func:`reference_scores`: up to
 1,001 quantiles per finding), with which the bundle's merge is applied as ``predict``
 applies it; the thresholds are then chosen on the merged scores against the labels, per
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from cxrtool.models.scoring import NO_TTA, TestTimeAugmentation
 from cxrtool.models.sources.bundle import Bundle, MemberScores, calibration_path, digest, merge, read_bundle
+from cxrtool.preprocess import NO_TTA, TestTimeAugmentation
+from cxrtool.stages import StudyOutcome
 
 CALIBRATION_SCHEMA = "cxrtool-bundle-calibration"
 REFERENCE_POINTS = 1001  # quantiles kept of a member's validation scores of a finding
@@ -76,9 +77,10 @@ def calibrate_bundle(
     from cxrtool.data.labels import read_labels
     from cxrtool.evaluate.metrics import choose_thresholds
     from cxrtool.io.outputs import write_json
-    from cxrtool.io.records import MODEL_ID_LENGTH, iter_sidecars, now
+    from cxrtool.io.records import now
     from cxrtool.predict import ScoreChunk
     from cxrtool.registry import THRESHOLD_METHODS
+    from cxrtool.runner import RunOptions, run_studies
 
     if method not in THRESHOLD_METHODS:
         raise ValueError(f"unknown threshold method {method!r}; choose one of {', '.join(THRESHOLD_METHODS)}")
@@ -90,21 +92,17 @@ def calibrate_bundle(
     row_of = {os.path.normpath(os.path.abspath(p)): i for i, p in enumerate(paths)}
 
     # Every member's own probabilities, routed as predict routes: the plain mean needs no
-    # calibration, and the sidecars record each member's probabilities beside it.
+    # calibration, and each result records each member's probabilities beside it. Nothing
+    # is written: the results are kept in memory, in the order of the labels' rows.
     plain = dataclasses.replace(bundle, merge="mean", calibration={})
     plain.sha256 = digest(plain)
-    from cxrtool.runner import run_studies
-
-    with tempfile.TemporaryDirectory(prefix="cxrtool-calibrate-") as scratch:
-        summary = run_studies(paths, model=plain, make_processor=ScoreChunk, settings={"predict": tta.settings()},
-                              out=scratch, overwrite=True, batch_size=batch_size, workers=workers, device=device,
-                              progress=progress, views=views, tta=tta)
-        routed: list[tuple[int, dict[str, Any]]] = []
-        for folder, sidecar in ((p.parent, s) for p, s in iter_sidecars(Path(scratch), recursive=True)):
-            source = os.path.normpath(os.path.abspath(sidecar.source_path(folder)))
-            result = sidecar.result_for(plain.sha256[:MODEL_ID_LENGTH])
-            if result is not None and result.ensemble and source in row_of:
-                routed.append((row_of[source], result.ensemble))
+    collected = KeepEnsembles()
+    options = RunOptions(overwrite=True, batch_size=batch_size, workers=workers, device=device, progress=progress,
+                         views=views)
+    summary = run_studies(paths, model=plain, make_processor=ScoreChunk, settings={"predict": tta.settings()},
+                          options=options, make_stages=lambda context: [collected], tta=tta)
+    routed = [(row_of[os.path.normpath(os.path.abspath(path))], ensemble)
+              for path, ensemble in collected.ensembles if os.path.normpath(os.path.abspath(path)) in row_of]
     if not routed:
         raise ValueError(f"none of the {len(paths)} validation studies could be scored "
                          f"({len(summary.failed)} failed; first: {summary.failed[0][1] if summary.failed else '-'})")
@@ -156,6 +154,21 @@ def calibrate_bundle(
     path = calibration_path(bundle_path)
     write_json(path, record)
     return BundleCalibration(path, thresholds, len(routed), labelled, list(summary.failed), notes)
+
+
+class KeepEnsembles:
+    """The output stage of a calibration run: each scored study's route and member
+    probabilities (the result's ``ensemble`` record), kept in memory; nothing written."""
+
+    def __init__(self) -> None:
+        self.ensembles: list[tuple[Path, dict[str, Any]]] = []
+
+    def study(self, outcome: StudyOutcome) -> None:
+        if outcome.result is not None and outcome.result.ensemble:
+            self.ensembles.append((outcome.path, outcome.result.ensemble))
+
+    def finish(self) -> list[Path]:
+        return []
 
 
 def _references(bundle: Bundle, routed: list[tuple[int, dict[str, Any]]]) -> dict[str, dict[str, list[float]]]:

@@ -1,8 +1,8 @@
 """The Python API behind ``cxrtool predict``: studies -> batches -> model -> sidecars and tables.
 
 The journey itself (finding, skipping what is done, decoding in workers, batching, the
-folder tables) is :func:`cxrtool.runner.run_studies`, shared with ``explain``; this module
-adds the stage that scores a batch and writes each study's result.
+output stages: sidecars, folder tables) is :func:`cxrtool.runner.run_studies`, shared with
+``explain``; this module adds the processor that scores a batch.
 """
 
 from __future__ import annotations
@@ -12,20 +12,24 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from cxrtool.io.decoded import DecodedStudy
-from cxrtool.io.records import Result, StudyFailure, store_result
-from cxrtool.models.scoring import NO_TTA, TestTimeAugmentation, ZeroShot
+from cxrtool.io.records import Result, StudyFailure
+from cxrtool.models.scoring import ZeroShot
+from cxrtool.preprocess import NO_TTA, TestTimeAugmentation
 from cxrtool.runner import (
     PredictSummary,
     ProgressCallback,
     ResultCallback,
     RunContext,
+    RunOptions,
     RunSummary,
     output_root,
     regroup,
     run_studies,
 )
+from cxrtool.stages import OutputKind, OutputStage, extra_stages, standard_stages
 
-__all__ = ["PREDICT_SETTINGS", "PredictSummary", "RunSummary", "ScoreChunk", "output_root", "predict", "regroup"]
+__all__ = ["PREDICT_SETTINGS", "PredictSummary", "RunOptions", "RunSummary", "ScoreChunk", "output_root", "predict",
+           "predict_stages", "regroup"]
 
 # What of predict changes a result beyond the model and the file: test-time augmentation
 # (TestTimeAugmentation.settings), nothing without it. Recorded with each result; a change
@@ -34,10 +38,11 @@ PREDICT_SETTINGS: dict[str, Any] = {}
 
 
 class ScoreChunk:
-    """The chunk processor of ``predict``: score decoded studies, write their sidecars.
+    """The chunk processor of ``predict``: score decoded studies.
 
     It runs where the model runs (see :mod:`cxrtool.runner`). Items
-    (:class:`~cxrtool.io.decoded.DecodedStudy`) come back with their ``sidecar`` (or their ``error``).
+    (:class:`~cxrtool.io.decoded.DecodedStudy`) come back with their ``result`` (or their
+    ``error``); the run's output stages store them.
     """
 
     def __init__(self, context: RunContext) -> None:
@@ -51,14 +56,9 @@ class ScoreChunk:
             for item, scored in zip(decoded, scores, strict=True):
                 item.tensors = None  # used: what travels back from a worker stays small
                 try:
-                    result = context.result(item, scored)
+                    item.result = context.result(item, scored)
                 except StudyFailure as failure:
                     item.error = str(failure)
-                    continue
-                update = store_result(context.folders[item.index], context.study_record(item), result,
-                                      keep=keep_explanations)
-                item.sidecar, item.stale = update.sidecar, len(update.stale)
-        context.settle_failures(items)
         return items
 
 
@@ -89,6 +89,7 @@ def predict(
     views: str | os.PathLike | None = None,
     tta: TestTimeAugmentation | None = None,
     zero_shot: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    outputs: Sequence[str | OutputKind] = (),
     stdin=None,
 ) -> RunSummary:
     """Run a checkpoint over studies and write sidecars and folder tables.
@@ -117,13 +118,16 @@ def predict(
         views: a label or metadata table (NIH, CheXpert, MIMIC-CXR metadata, or path and
             view columns) giving the projection of studies whose files do not say it; a
             bundle routes by it.
-        tta: test-time augmentation (:class:`~cxrtool.models.scoring.TestTimeAugmentation`):
+        tta: test-time augmentation (:class:`~cxrtool.preprocess.TestTimeAugmentation`):
             each study's copies scored in the same forward passes, their probabilities
             averaged; recorded with each result.
         zero_shot: findings the model never trained on -> their prompts (``{"positive": [...],
             "negative": [...]}``, see :func:`cxrtool.models.text.read_prompts`): each scored
             from the image's text-space embedding (a dual-branch model), marked zero-shot
             and uncalibrated (called at 0.5) in the sidecar.
+        outputs: output stages to add after the sidecars and tables: names registered in
+            :data:`cxrtool.stages.OUTPUT_STAGE_MODULES`, or :class:`~cxrtool.stages.OutputKind`
+            of a script's own.
 
     Returns:
         A :class:`RunSummary`.
@@ -137,9 +141,16 @@ def predict(
     unseen = ZeroShot({name: {side: list(texts) for side, texts in entry.items()}
                        for name, entry in zero_shot.items()}) if zero_shot else None
     settings = {**PREDICT_SETTINGS, **tta.settings(), **(unseen.settings() if unseen else {})}
-    return run_studies(
-        inputs, model=model, make_processor=ScoreChunk, settings={"predict": settings}, out=out,
-        overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
-        include_patient_id=include_patient_id, on_result=on_result, progress=progress, runtime=runtime, note=note,
-        views=views, tta=tta, zero_shot=unseen, stdin=stdin,
-    )
+    options = RunOptions(out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
+                         runtime=runtime, include_patient_id=include_patient_id, views=views, on_result=on_result,
+                         progress=progress, note=note, stdin=stdin)
+    return run_studies(inputs, model=model, make_processor=ScoreChunk, settings={"predict": settings}, options=options,
+                       make_stages=lambda context: predict_stages(context, outputs), tta=tta, zero_shot=unseen)
+
+
+def predict_stages(context: RunContext, outputs: Sequence[str | OutputKind] = ()) -> list[OutputStage]:
+    """What ``predict`` writes: any ``outputs`` first (what they write is listed in the
+    result), the sidecars (keeping explain's maps of the same probabilities,
+    :func:`keep_explanations`), then the folder tables."""
+    return [*extra_stages(context, outputs),
+            *standard_stages(context.model, context.scorer, context.version, keep=keep_explanations)]

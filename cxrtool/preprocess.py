@@ -12,11 +12,15 @@ Two ways to make the square a model sees, recorded in each checkpoint's card:
 
 :class:`Geometry` records the crop, resize and padding so that anything found on the input
 grid (a CAM peak, a box) maps back to the original pixels.
+
+:class:`TestTimeAugmentation` makes the copies of a prepared batch that ``predict --tta``
+scores (zooms, shifts, mirrors on the model's device), and merges their probabilities.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import cv2
 import numpy as np
@@ -223,3 +227,76 @@ def prepare(pixels: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray, Geomet
     """
     square, geometry = fit_to_square(pixels, prep)
     return normalise(square, prep), geometry
+
+
+@dataclass(frozen=True)
+class TestTimeAugmentation:
+    """Copies of each study scored with it, in the same forward passes, and averaged.
+
+    ``mode`` is a key of ``registry.TTA_MODES``; ``flip`` adds the horizontal mirror of
+    every copy. The copies are made on the model's device from the preprocessed tensor: a
+    zoom or shift about the centre, the area it uncovers filled with the letterbox's
+    background (black), so nothing of the study is invented.
+    """
+
+    mode: str = "none"
+    flip: bool = False
+
+    __test__ = False  # not a pytest test class, whatever its name says
+
+    def __post_init__(self) -> None:
+        from cxrtool.errors import UsageError
+        from cxrtool.registry import TTA_MODES
+
+        if self.mode not in TTA_MODES:
+            raise UsageError(f"unknown --tta {self.mode!r}; choose one of {', '.join(TTA_MODES)}")
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none" or self.flip
+
+    def transforms(self) -> list[tuple[float, float, float, bool]]:
+        """(zoom, shift x, shift y, mirrored) of each copy; shifts in fractions of the side."""
+        base = [(1.0, 0.0, 0.0)]
+        if self.mode in ("light", "strong"):
+            base += [(1.1, 0.0, 0.0), (1 / 1.1, 0.0, 0.0)]
+        if self.mode == "strong":
+            base += [(1.0, 0.05, 0.0), (1.0, -0.05, 0.0), (1.0, 0.0, 0.05), (1.0, 0.0, -0.05)]
+        copies = [(zoom, dx, dy, False) for zoom, dx, dy in base]
+        return copies + [(zoom, dx, dy, True) for zoom, dx, dy, _ in copies] if self.flip else copies
+
+    def settings(self) -> dict[str, Any]:
+        """What is recorded with each result (nothing without augmentation)."""
+        if not self.active:
+            return {}
+        return {"tta": self.mode, "flip": self.flip, "copies": len(self.transforms()),
+                "merge": "mean of the copies' probabilities"}
+
+    def merge(self, probabilities, n: int):
+        """(n * copies, findings) -> (n, findings): the mean over each study's copies (as they are, without TTA)."""
+        if not self.active:
+            return probabilities
+        return probabilities.reshape(n, -1, probabilities.shape[-1]).mean(dim=1)
+
+    def expand(self, batch, background: float):
+        """(n, C, S, S) -> (n * copies, C, S, S), each study's copies together."""
+        import torch
+        import torch.nn.functional as F
+
+        copies = self.transforms()
+        n = batch.shape[0]
+        theta = torch.zeros(len(copies), 2, 3, dtype=batch.dtype, device=batch.device)
+        for k, (zoom, dx, dy, mirrored) in enumerate(copies):
+            # The sampling grid maps output to input coordinates in [-1, 1]: a zoom z reads
+            # a window 1/z as wide; a shift moves the content by dx of the side (2 dx units).
+            theta[k, 0, 0] = (-1.0 if mirrored else 1.0) / zoom
+            theta[k, 1, 1] = 1.0 / zoom
+            theta[k, 0, 2] = -2.0 * dx / zoom
+            theta[k, 1, 2] = -2.0 * dy / zoom
+        theta = theta.repeat(n, 1, 1)
+        source = batch.repeat_interleave(len(copies), dim=0) - background
+        grid = F.affine_grid(theta, list(source.shape), align_corners=False)
+        return F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + background
+
+
+NO_TTA = TestTimeAugmentation()

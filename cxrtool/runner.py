@@ -1,15 +1,18 @@
 """The journey ``predict`` and ``explain`` share: find, skip what is done, decode, process, tabulate.
 
 Decoding and preprocessing run in worker processes (a torch DataLoader over the list of
-paths); the model runs batched; each result is written as soon as its batch is done: the
-study's sidecar, and its rows in the folder's table. Memory stays flat in the number of
-inputs: only paths and small result records are kept, never pixels.
+paths); the model runs batched (the run's chunk processor: ``predict``'s scoring,
+``explain``'s maps); each study's outcome goes through the run's output stages as soon as
+its batch is done (:mod:`cxrtool.stages`: by default its sidecar, then its rows in the
+folder's table). Memory stays flat in the number of inputs: only paths and small result
+records are kept, never pixels.
 
 Where the model runs: on a GPU, in this process. On a CPU with a worker per core, inside
 the workers (each core then does whole studies, and no intra-op threads fight the
 decoders); with fewer workers than cores, in this process with the spare cores as threads,
-the workers only decoding. Forked workers always run torch single-threaded: a child forked
-from a process whose OpenMP pool was running hangs in its first parallel region.
+the workers only decoding (:func:`model_in_workers`; ``RunOptions.model_in`` or
+``CXRTOOL_MODEL_IN`` choose it). Workers start as every cxrtool worker does
+(:mod:`cxrtool._workers`): single-threaded.
 """
 
 from __future__ import annotations
@@ -18,24 +21,22 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cxrtool._workers import fork_safe_opencv, worker_init
+from cxrtool._workers import cores, default_workers, fork_safe_opencv, worker_init
 from cxrtool.io.decoded import DecodedStudy
 from cxrtool.io.outputs import sidecar_path
 from cxrtool.io.records import (
     Fingerprint,
-    FolderOutputs,
     ModelRef,
     RecordError,
     Result,
     Sidecar,
     StudyFailure,
-    index_entry,
     is_done,
     make_result,
     read_sidecar,
@@ -43,9 +44,10 @@ from cxrtool.io.records import (
     sha256_file,
 )
 from cxrtool.io.studies import StudyReadError, find_studies, one_line, read_study
-from cxrtool.models.scoring import NO_TTA, Scored, Scorer
+from cxrtool.models.scoring import Scored, Scorer, ZeroShot
 from cxrtool.models.sources import open_model
-from cxrtool.preprocess import Preprocessing, prepare
+from cxrtool.preprocess import NO_TTA, Preprocessing, TestTimeAugmentation, prepare
+from cxrtool.stages import OutputStage, StudyOutcome, finish_all, standard_stages
 
 ResultCallback = Callable[[dict[str, Any]], None]
 ProgressCallback = Callable[[int, int], None]
@@ -169,7 +171,8 @@ def _patient_id(path: Path) -> str:
 
 @dataclass
 class RunContext:
-    """What a chunk processor needs to turn decoded studies into written results."""
+    """What a chunk processor needs to turn decoded studies into results (``item.result``),
+    and the output stages to place them."""
 
     scorer: Scorer  # from any model source (cxrtool.models.sources)
     device: Any
@@ -213,15 +216,16 @@ class RunContext:
             patient_id=item.patient_id,
         )
 
-    def settle_failures(self, items: list[DecodedStudy]) -> None:
-        """Studies that failed now: their stale results go (see :func:`settle_failure`)."""
-        from cxrtool.io.records import settle_failure
-
-        for item in items:
-            if item.error is not None:
-                path = self.paths[item.index]
-                update = settle_failure(self.folders[item.index], path, item.fingerprint, self.model.id)
-                item.sidecar, item.stale = update.sidecar, len(update.stale)
+    def outcome(self, item: DecodedStudy) -> StudyOutcome:
+        """A processed study as the output stages take it: its result, or why it failed."""
+        path, folder = self.paths[item.index], self.folders[item.index]
+        if item.error is not None or item.result is None:
+            failure = item.error or "the model gave no result"  # (a processor that dropped it)
+            return StudyOutcome(path, folder, "failed", failure=failure, fingerprint=item.fingerprint)
+        record = self.study_record(item)
+        sidecar = replace(record, results=[item.result])
+        return StudyOutcome(path, folder, "predicted", record=record, result=item.result,
+                            fingerprint=item.fingerprint, sidecar=sidecar)
 
 
 ChunkFactory = Callable[[RunContext], Callable[[list[DecodedStudy]], list[DecodedStudy]]]
@@ -263,46 +267,105 @@ def _torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@dataclass
+class RunOptions:
+    """How a run goes, whatever it does to each study: the flags ``predict``, ``explain``
+    and ``models calibrate`` share.
+
+    Attributes:
+        out: write into a mirror tree under this folder instead of beside the inputs.
+        overwrite: do again studies that are already done.
+        batch_size: studies per forward pass.
+        workers: decoding processes (default: the CPU count, at most 8; 0 decodes in this
+            process). On a CPU with a worker per core they also run the model.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        runtime: ``auto``, ``torch`` or ``onnx`` (:mod:`cxrtool.models.runtime`).
+        include_patient_id: add the DICOM PatientID to outputs (off: outputs carry no IDs).
+        views: a label or metadata table giving the projection of studies whose files do
+            not (:func:`cxrtool.data.labels.read_views`); a bundle routes by it.
+        on_result: called with each study's record (done, skipped or failed), in order.
+        progress: called with (studies finished, total).
+        note: hears what the run says along the way (a one-time export, for one).
+        stdin: where ``-`` reads paths from (default: sys.stdin).
+        model_in: where the model runs: "auto" (:func:`model_in_workers`), "workers" or
+            "main" (this process); the environment's ``CXRTOOL_MODEL_IN`` overrides it (so
+            a test or benchmark on two cores can take the path a many-core machine takes).
+    """
+
+    out: str | os.PathLike | None = None
+    overwrite: bool = False
+    batch_size: int = 16
+    workers: int | None = None
+    device: str = "auto"
+    runtime: str = "torch"
+    include_patient_id: bool = False
+    views: str | os.PathLike | None = None
+    on_result: ResultCallback | None = None
+    progress: ProgressCallback | None = None
+    note: Callable[[str], None] | None = None
+    stdin: Any = None
+    model_in: str = "auto"
+
+
+MODEL_PLACES = ("auto", "workers", "main")
+
+
+def model_in_workers(wanted: str, device: str, workers: int) -> bool:
+    """Whether the model runs inside the decoding workers.
+
+    "auto": on a GPU, never (the model runs here, fed by the workers); on a CPU, when there
+    is a worker per core (each core then does whole studies, with no intra-op threads
+    fighting the decoders); with fewer workers than cores, here, with the spare cores as
+    torch threads. "workers" forces the first path (on a CPU; a GPU model stays here), "main"
+    the second. Without workers the model runs here. ``CXRTOOL_MODEL_IN`` overrides ``wanted``.
+
+    Raises:
+        UsageError: a place that is not one of :data:`MODEL_PLACES`.
+    """
+    from cxrtool.errors import UsageError
+
+    wanted = os.environ.get("CXRTOOL_MODEL_IN") or wanted
+    if wanted not in MODEL_PLACES:
+        raise UsageError(f"the model runs in one of {', '.join(MODEL_PLACES)}, not {wanted!r} (CXRTOOL_MODEL_IN?)")
+    if device != "cpu" or workers == 0 or wanted == "main":
+        return False
+    return wanted == "workers" or workers >= cores()
+
+
+StageFactory = Callable[[RunContext], Sequence[OutputStage]]
+
+
 def run_studies(
     inputs: Iterable[str | os.PathLike],
     *,
     model: str | os.PathLike,
     make_processor: ChunkFactory,
     settings: dict[str, Any],
+    options: RunOptions | None = None,
+    make_stages: StageFactory | None = None,
     done_when: dict[str, Any] | None = None,
-    out: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    batch_size: int = 16,
-    workers: int | None = None,
-    device: str = "auto",
-    include_patient_id: bool = False,
     display_size: int | None = None,
-    on_result: ResultCallback | None = None,
-    progress: ProgressCallback | None = None,
-    on_finish: Callable[[list[Path]], None] | None = None,
     check_model: Callable[[Any], None] | None = None,
-    runtime: str = "torch",
-    note: Callable[[str], None] | None = None,
-    views: str | os.PathLike | None = None,
-    tta: Any = None,
-    zero_shot: Any = None,
-    stdin=None,
+    tta: TestTimeAugmentation | None = None,
+    zero_shot: ZeroShot | None = None,
 ) -> RunSummary:
     """Run a stage (predict, explain) over studies.
 
     ``make_processor(context)`` gives the callable that turns a chunk of decoded studies
-    into written results (see :class:`cxrtool.predict.ScoreChunk`); a study whose sidecar
-    holds a result of this model made from the same file content with these ``settings``
-    (stage -> settings) is already done (:func:`cxrtool.io.records.is_done`) and skipped
-    unless ``overwrite``; ``done_when`` narrows that to some stages (explain is done when
-    its own stage is, whatever predict's settings were: it builds on predict's result). ``model`` is a checkpoint or a bundle file
-    (:func:`cxrtool.models.sources.open_model`: any registered model source); ``check_model(scorer)`` may refuse the
-    request (by raising) before any study is looked at. ``runtime`` (auto, torch, onnx)
-    says what runs the networks; ``note`` hears what the run says along the way (an
-    export, for one). ``views`` is a label or metadata table giving the projection of
-    studies whose files do not (:func:`cxrtool.data.labels.read_views`); ``tta`` a
-    :class:`~cxrtool.models.scoring.TestTimeAugmentation` the model scores with;
-    ``zero_shot`` a :class:`~cxrtool.models.scoring.ZeroShot` of unseen findings it adds.
+    into results (see :class:`cxrtool.predict.ScoreChunk`); ``make_stages(context)`` the
+    output stages each study's outcome goes through, in order, in this process
+    (:mod:`cxrtool.stages`; default: the sidecars, then the folder tables). A study whose
+    sidecar holds a result of this model made from the same file content with these
+    ``settings`` (stage -> settings) is already done (:func:`cxrtool.io.records.is_done`)
+    and skipped unless ``options.overwrite``; ``done_when`` narrows that to some stages
+    (explain is done when its own stage is, whatever predict's settings were: it builds on
+    predict's result). ``model`` is a checkpoint or a bundle file
+    (:func:`cxrtool.models.sources.open_model`: any registered model source), or a bundle
+    already read; ``check_model(scorer)`` may refuse the request (by raising) before any
+    study is looked at. ``display_size``: also decode a picture of each study this big
+    (explain's overlays). ``tta`` a :class:`~cxrtool.preprocess.TestTimeAugmentation` the
+    model scores with; ``zero_shot`` a :class:`~cxrtool.models.scoring.ZeroShot` of unseen
+    findings it adds.
     """
     import torch
 
@@ -310,23 +373,27 @@ def run_studies(
     from cxrtool.models.network import pick_device
     from cxrtool.models.runtime import choose as choose_runtime
 
-    torch_device = pick_device(device)
-    choose_runtime(runtime, torch_device.type)  # an impossible runtime is refused before any file is read
-    table_views = _read_views(views)
-    scorer = open_model(model, device=torch_device, runtime=runtime, note=note, tta=tta or NO_TTA, zero_shot=zero_shot)
+    options = options or RunOptions()
+    torch_device = pick_device(options.device)
+    choose_runtime(options.runtime, torch_device.type)  # an impossible runtime is refused before any file is read
+    n_workers = default_workers() if options.workers is None else max(0, options.workers)
+    in_workers = model_in_workers(options.model_in, torch_device.type, n_workers)
+    table_views = _read_views(options.views)
+    scorer = open_model(model, device=torch_device, runtime=options.runtime, note=options.note, tta=tta or NO_TTA,
+                        zero_shot=zero_shot)
     if check_model is not None:
         check_model(scorer)
     model_ref = scorer.ref
     if scorer.routes_by_projection:
         # The table decides routes, so its content (or its absence) is part of what made
         # each result: a run with another table, or none, does the studies again.
-        settings = {**settings, "predict": {**settings.get("predict", {}), "views": sha256_file(views) if views else None}}
+        views_digest = sha256_file(options.views) if options.views else None
+        settings = {**settings, "predict": {**settings.get("predict", {}), "views": views_digest}}
 
-    paths = list(find_studies(inputs, stdin=stdin))
+    paths = list(find_studies(inputs, stdin=options.stdin))
     summary = RunSummary(total=len(paths))
     root = output_root(paths)
-    out_dir = Path(out) if out is not None else None
-    outputs = FolderOutputs(model_ref, index_entry(model_ref, scorer, scorer.thresholds, __version__))
+    out_dir = Path(options.out) if options.out is not None else None
 
     def destination(path: Path) -> Path:
         if out_dir is None:
@@ -336,54 +403,73 @@ def run_studies(
 
     finished = 0
 
-    def report(record: dict[str, Any]) -> None:
+    def report(outcome: StudyOutcome) -> None:
         nonlocal finished
         finished += 1
-        if on_result is not None:
-            on_result(record)
-        if progress is not None:
-            progress(finished, summary.total)
+        if options.on_result is not None:
+            if outcome.failure is not None:
+                record = {"file": outcome.path.name, "path": str(outcome.path), "status": "failed",
+                          "error": outcome.failure}
+            else:
+                sidecar: Sidecar = outcome.sidecar  # type: ignore[assignment]  # a study not failed has one
+                record = {**sidecar.flat(outcome.result), "path": str(outcome.path),  # type: ignore[arg-type]
+                          "status": outcome.status}
+            options.on_result(record)
+        if options.progress is not None:
+            options.progress(finished, summary.total)
 
-    todo: list[Path] = []
-    for path in paths:
-        folder = destination(path)
-        previous = None if overwrite else read_sidecar(sidecar_path(folder, path.name))
-        if previous is not None and is_done(previous.provenance(model_ref.id), inputs={"image": path},
-                                            producer=model_ref.sha256, settings=done_when if done_when is not None else settings):
+    context = RunContext(scorer, torch_device, [], [], __version__, settings, in_worker=in_workers)
+    stages = list(make_stages(context) if make_stages is not None
+                  else standard_stages(model_ref, scorer, __version__))
+
+    def hand_on(outcome: StudyOutcome) -> None:
+        for stage in stages:
+            stage.study(outcome)
+        summary.stale += outcome.stale
+        if outcome.failure is not None:
+            summary.failed.append((str(outcome.path), outcome.failure))
+        elif outcome.status == "skipped":
             summary.skipped += 1
-            outputs.study(folder, path.name, previous)  # the table stays complete
-            result = previous.result_for(model_ref.id)
-            report({**previous.flat(result), "path": str(path), "status": "skipped"})  # type: ignore[arg-type]
         else:
-            todo.append(path)
+            summary.predicted += 1
+        report(outcome)
 
-    cores = os.cpu_count() or 1
-    n_workers = min(cores, 8) if workers is None else workers
-    in_workers = torch_device.type == "cpu" and n_workers >= cores and n_workers > 0
-    context = RunContext(scorer, torch_device, todo, [destination(p) for p in todo], __version__, settings,
-                         in_worker=in_workers)
-    processor = make_processor(context)
-    dataset = StudyInputs(todo, scorer.preprocessings, include_patient_id=include_patient_id,
-                          display_size=display_size,
-                          views=[table_views.get(p) for p in todo] if table_views else None)
-    if in_workers:
-        # Workers decode and process chunks of a few studies; small chunks keep a run of
-        # slow studies (large JPEG 2000 DICOMs) from piling up in one worker.
-        chunk, collate = min(batch_size, 8), processor
-    else:
-        # The model runs here; workers hand over one study at a time and the batches are
-        # formed from them as they arrive.
-        chunk, collate = 1, _collate
-    threads = max(1, cores - n_workers) if torch_device.type == "cpu" and not in_workers else None
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=_chunks(len(dataset), chunk, tail=n_workers * chunk),
-        num_workers=n_workers,
-        collate_fn=collate,
-        worker_init_fn=worker_init if n_workers else None,
-        prefetch_factor=max(2, batch_size // chunk) if n_workers else None,
-    )
     try:
+        for path in paths:
+            folder = destination(path)
+            previous = None if options.overwrite else read_sidecar(sidecar_path(folder, path.name))
+            if previous is not None and is_done(previous.provenance(model_ref.id), inputs={"image": path},
+                                                producer=model_ref.sha256,
+                                                settings=done_when if done_when is not None else settings):
+                hand_on(StudyOutcome(path, folder, "skipped", result=previous.result_for(model_ref.id),
+                                     sidecar=previous))  # the table stays complete
+            else:
+                context.paths.append(path)
+                context.folders.append(folder)
+
+        todo = context.paths
+        processor = make_processor(context)
+        dataset = StudyInputs(todo, scorer.preprocessings, include_patient_id=options.include_patient_id,
+                              display_size=display_size,
+                              views=[table_views.get(p) for p in todo] if table_views else None)
+        batch_size = options.batch_size
+        if in_workers:
+            # Workers decode and process chunks of a few studies; small chunks keep a run of
+            # slow studies (large JPEG 2000 DICOMs) from piling up in one worker.
+            chunk, collate = min(batch_size, 8), processor
+        else:
+            # The model runs here; workers hand over one study at a time and the batches are
+            # formed from them as they arrive.
+            chunk, collate = 1, _collate
+        threads = max(1, cores() - n_workers) if torch_device.type == "cpu" and not in_workers else None
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=_chunks(len(dataset), chunk, tail=n_workers * chunk),
+            num_workers=n_workers,
+            collate_fn=collate,
+            worker_init_fn=worker_init if n_workers else None,
+            prefetch_factor=max(2, batch_size // chunk) if n_workers else None,
+        )
         with _torch_threads(threads):
             with fork_safe_opencv():
                 chunks = iter(loader)  # starts (forks) the workers
@@ -391,23 +477,9 @@ def run_studies(
                 if not in_workers:
                     items = processor(items)
                 for item in items:
-                    path = todo[item.index]
-                    folder = context.folders[item.index]
-                    summary.stale += item.stale
-                    if item.error is not None:
-                        summary.failed.append((str(path), item.error))
-                        outputs.study(folder, path.name, item.sidecar, failure=item.error, stale=bool(item.stale))
-                        report({"file": path.name, "path": str(path), "status": "failed", "error": item.error})
-                        continue
-                    sidecar: Sidecar = item.sidecar  # type: ignore[assignment]  # every study not failed has one
-                    outputs.study(folder, path.name, sidecar, stale=bool(item.stale))
-                    summary.predicted += 1
-                    report({**sidecar.flat(sidecar.result_for(model_ref.id)), "path": str(path),  # type: ignore[arg-type]
-                            "status": "predicted"})
+                    hand_on(context.outcome(item))
     finally:
-        summary.folders = outputs.finish()
-        if on_finish is not None:
-            on_finish(summary.folders)
+        summary.folders = finish_all(stages)
     return summary
 
 
@@ -447,8 +519,11 @@ __all__ = [
     "RecordError",
     "ResultCallback",
     "RunContext",
+    "RunOptions",
     "RunSummary",
+    "StageFactory",
     "StudyInputs",
+    "model_in_workers",
     "output_root",
     "regroup",
     "run_studies",

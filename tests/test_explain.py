@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from cxrtool.cli import app
 from cxrtool.explain.cams import CAM_METHODS, CamEngine, ExplainUsageError
 from cxrtool.explain.regions import find_regions, peak_point, to_original
+from cxrtool.io.records import Explanation, Region
 from cxrtool.models.checkpoint import ModelCard, save_checkpoint
 from cxrtool.preprocess import Preprocessing, fit_to_square
 
@@ -155,8 +156,11 @@ def test_regions_are_labelled_strongest_first_and_otsu_splits_a_bimodal_map():
     thin = find_regions(sliver, 0.5)
     assert len(thin.regions) == 2 and not thin.labels[10:25, 35].any()
     spacing = (0.5, 0.25)
-    as_dict = regions.regions[0].to_dict(spacing)
-    assert as_dict["box_mm"] == [5.0, 10.0, 2.5, 5.0] and as_dict["area_mm2"] == 12.5
+    record = regions.regions[0].record(spacing)
+    assert record.box_mm == [5.0, 10.0, 2.5, 5.0] and record.area_mm2 == 12.5
+    as_dict = record.to_dict()
+    assert as_dict["box"] == [20, 20, 10, 10] and as_dict["box_mm"] == [5.0, 10.0, 2.5, 5.0]
+    assert Region.from_dict(as_dict) == record  # the sidecar's JSON reads back as it was written
 
 
 # ------------------------------------------------------------------ end to end
@@ -201,6 +205,10 @@ def test_explain_real_nih_images_and_dicoms_writes_maps_masks_boxes_and_a_contac
         (result,) = record["results"]
         explained = result["explanations"]["findings"]
         assert set(explained) == {"Effusion", "Cardiomegaly"}
+        # the typed record reads the JSON back as written, keys it does not know included
+        assert Explanation.from_dict(result["explanations"]).to_dict() == result["explanations"]
+        unknown = {**result["explanations"], "later": {"x": 1}}
+        assert Explanation.from_dict(unknown).to_dict() == unknown
         for entry in explained.values():
             assert 0.0 <= entry["probability"] <= 1.0
             if not entry["regions"]:

@@ -184,3 +184,75 @@ def test_runtime_choice_and_its_refusals(study, checkpoint, monkeypatch, tmp_pat
     assert refused.exit_code == 2 and 'pip install "cxrtool[onnx]"' in refused.output
     fallback = invoke(str(study), "-m", str(checkpoint), "-j", "0", "--out", str(tmp_path / "d"))  # auto: PyTorch
     assert fallback.exit_code == 0 and "exporting" not in fallback.output
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+def test_the_model_in_the_workers_or_here_gives_the_same_results(study, checkpoint, tmp_path, monkeypatch, command):
+    """-j 1 on two cores takes the many-core path (the model here, one worker decoding);
+    CXRTOOL_MODEL_IN=workers forces the other (the model inside the worker): same results,
+    whichever path, and a study that fails is reported the same way."""
+    (study / "broken.png").write_bytes(b"not a png")
+    outputs = {}
+    for place in ("main", "workers"):
+        monkeypatch.setenv("CXRTOOL_MODEL_IN", place)
+        out = tmp_path / place
+        result = runner.invoke(app, [command, str(study), "-m", str(checkpoint), "-j", "1", "--out", str(out),
+                                     *(["--finding", "Effusion"] if command == "explain" else [])])
+        assert result.exit_code == 1, result.output  # the broken file, alone
+        assert "broken.png" in result.output
+        sidecars = {p.relative_to(out).as_posix(): json.loads(p.read_text()) for p in out.rglob("*.cxrtool.json")}
+        assert len(sidecars) == 4
+        outputs[place] = {name: {k: v["probability"] for k, v in record["results"][0]["findings"].items()}
+                          for name, record in sidecars.items()}
+        if command == "explain":
+            assert len(list(out.rglob("*.overlay.png"))) == 4 and (out / "cxrtool_explain.html").is_file()
+        rows = read_csv(out / FOLDER_CSV)
+        assert {row["file"]: row["error"] != "" for row in rows} == {"a.png": False, "c.dcm": False, "noext": False,
+                                                                      "broken.png": True}
+    assert outputs["main"].keys() == outputs["workers"].keys()
+    for name, probabilities in outputs["main"].items():
+        assert probabilities == pytest.approx(outputs["workers"][name], abs=1e-5)
+    monkeypatch.setenv("CXRTOOL_MODEL_IN", "gpu-please")
+    refused = runner.invoke(app, [command, str(study), "-m", str(checkpoint), "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "CXRTOOL_MODEL_IN" in refused.output
+
+
+def test_an_output_stage_of_ones_own_sees_every_study_and_its_files_follow_the_result(study, checkpoint, tmp_path):
+    """An output stage is one class and an OutputKind: it sees each study's outcome in order
+    (done, skipped, failed); the files it lists in the result go when the result goes stale."""
+    from cxrtool.errors import UsageError
+    from cxrtool.predict import predict
+    from cxrtool.stages import OutputKind
+
+    seen: list[tuple[str, str]] = []
+
+    class Notes:
+        def study(self, outcome):
+            seen.append((outcome.path.name, outcome.status))
+            if outcome.result is not None:
+                name = f"{outcome.path.name}.cxrtool.{outcome.result.model.id}.note.txt"
+                (outcome.folder / name).write_text(f"{max(c.probability for c in outcome.result.findings.values()):.3f}")
+                outcome.wrote("notes", [name])
+
+        def finish(self):
+            return []
+
+    notes = OutputKind("notes", "a line per study", lambda context: Notes())
+    (study / "broken.png").write_bytes(b"not a png")
+    first = predict([study], model=checkpoint, workers=0, outputs=[notes])
+    assert first.predicted == 4 and len(first.failed) == 1
+    assert sorted(seen) == sorted([("a.png", "predicted"), ("b.png", "predicted"), ("c.dcm", "predicted"),
+                                   ("noext", "predicted"), ("broken.png", "failed")])
+    record = json.loads((study / "a.png.cxrtool.json").read_text())
+    (note,) = record["results"][0]["outputs"]["notes"]
+    assert (study / note).is_file()
+    seen.clear()
+    again = predict([study], model=checkpoint, workers=0, outputs=[notes])
+    assert again.skipped == 4 and ("a.png", "skipped") in seen
+    write_png(study / "a.png", seed=7)  # the study changes: its old result, and the note it lists, are stale
+    (study / note).write_text("old")
+    predict([study], model=checkpoint, workers=0)  # without the stage: nothing lists a note any more
+    assert not (study / note).exists()
+    assert "outputs" not in json.loads((study / "a.png.cxrtool.json").read_text())["results"][0]
+    with pytest.raises(UsageError, match="no output stage 'sr'"):
+        predict([study], model=checkpoint, workers=0, outputs=["sr"])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cxrtool.errors import UsageError
-from cxrtool.models.scoring import TestTimeAugmentation, forward
+from cxrtool.models.scoring import forward
+from cxrtool.preprocess import TestTimeAugmentation
 
 S = 20
 

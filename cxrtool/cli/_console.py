@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -30,6 +30,11 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+# -j, one meaning everywhere (cxrtool._workers): worker processes, 0 for none.
+Workers = Annotated[int | None, typer.Option(
+    "--workers", "-j", min=0, help="Worker processes (0: none, all in this process; default: a worker per core, "
+    "at most 8, all cores for radiomics).")]
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1

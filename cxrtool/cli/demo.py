@@ -169,7 +169,7 @@ def demo(
         bar = progress_bar()
         with bar:
             task = bar.add_task("radiomics of the positive calls' CAM regions", total=len(jobs), status="")
-            radiomics = run_regions(jobs, study_dir / "images" / "cxrtool_radiomics.csv", workers=max(1, workers),
+            radiomics = run_regions(jobs, study_dir / "images" / "cxrtool_radiomics.csv", workers=workers,
                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
         predictions_csv = study_dir / "images" / "cxrtool_predictions.csv"
         card = read_card(result.checkpoint)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand
 
-from cxrtool.cli._console import fail, run_over_studies
+from cxrtool.cli._console import Workers, fail, run_over_studies
 from cxrtool.cli.predict import ViewsOption
 from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS
 
@@ -59,7 +59,7 @@ def explain(
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON object per study to stdout.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Explain again studies already explained with these settings.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Studies per forward pass (on the CPU each worker takes up to 8).")] = 16,
-    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding processes; on the CPU they also run the CAMs (default: CPU count, max 8).")] = None,
+    workers: Workers = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
     views: ViewsOption = None,

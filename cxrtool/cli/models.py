@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from cxrtool.cli._console import fail, note, out, show
+from cxrtool.cli._console import Workers, fail, note, out, show
 from cxrtool.cli.predict import TtaFlipOption, TtaOption, ViewsOption
 
 
@@ -213,7 +213,7 @@ def calibrate(
     tta: TtaOption = "none",
     tta_flip: TtaFlipOption = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
-    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0)] = None,
+    workers: Workers = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
 ) -> None:
     """Choose a bundle's own thresholds on validation studies (and keep each member's
@@ -223,7 +223,7 @@ def calibrate(
     from cxrtool.cli._console import handle_interrupt, progress_bar
     from cxrtool.errors import UsageError
     from cxrtool.models.checkpoint import CheckpointError
-    from cxrtool.models.scoring import TestTimeAugmentation
+    from cxrtool.preprocess import TestTimeAugmentation
 
     bar = progress_bar()
     task = bar.add_task("calibrate", total=None, status="")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import fail, one_of, run_over_studies
+from cxrtool.cli._console import Workers, fail, one_of, run_over_studies
 from cxrtool.registry import RUNTIMES, TTA_MODES
 
 # Options predict shares with explain and models calibrate (one definition each).
@@ -30,7 +30,7 @@ def predict(
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Stream one JSON object per study to stdout.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict again studies already done by this model.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Studies per forward pass (on the CPU each decoding worker scores up to 8 at a time).")] = 16,
-    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding processes; on the CPU they also run the model (default: CPU count, max 8).")] = None,
+    workers: Workers = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
     runtime: Annotated[str, typer.Option("--runtime", callback=one_of(RUNTIMES), help="What runs the network: auto (ONNX Runtime on a CPU "
@@ -49,9 +49,9 @@ def predict(
     Exit status: 0 all studies done, 1 some failed (reasons on stderr and in the CSV's
     error column), 2 usage error, 130 interrupted (re-run to resume).
     """
-    from cxrtool.models.scoring import TestTimeAugmentation
     from cxrtool.models.text import prompt_from_text, read_prompts
     from cxrtool.predict import predict as run_predict
+    from cxrtool.preprocess import TestTimeAugmentation
 
     unseen: dict = {}
     try:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import fail, handle_interrupt, note, progress_bar, warn
+from cxrtool.cli._console import Workers, fail, handle_interrupt, note, progress_bar, warn
 
 
 def radiomics(
@@ -25,7 +25,7 @@ def radiomics(
     classes: Annotated[str | None, typer.Option("--classes", help="Only these feature classes, e.g. firstorder,shape2D,glcm.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output CSV (default: cxrtool_radiomics.csv beside the inputs).")] = None,
     json_too: Annotated[bool, typer.Option("--json", help="Also write the rows as JSON beside the CSV (same name, .json).")] = False,
-    workers: Annotated[int | None, typer.Option("--workers", "-j", min=1, help="Processes (default: all cores).")] = None,
+    workers: Workers = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Measure everything again; replaces a table measured with other settings.")] = False,
 ) -> None:
     """Radiomic features per (study, region): from a mask CSV, from explain's CAM regions,

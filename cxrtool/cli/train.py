@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import fail, handle_interrupt, note, one_of, progress_bar, training_progress
+from cxrtool.cli._console import Workers, fail, handle_interrupt, note, one_of, progress_bar, training_progress
 from cxrtool.registry import (
     DEFAULT_ARCHITECTURE,
     DEFAULT_HEAD,
@@ -73,7 +73,7 @@ def train(
                                                       help=f"CheXpert -1 labels: {', '.join(UNCERTAIN_POLICIES)}.")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--scratch", help="Start from ImageNet weights (needs the network).")] = None,
     device: Annotated[str | None, typer.Option("--device")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0)] = None,
+    workers: Workers = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any setting as key=value (repeatable).")] = None,

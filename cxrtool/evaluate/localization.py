@@ -29,6 +29,7 @@ import numpy as np
 from cxrtool.data.labels import read_boxes
 from cxrtool.explain.faithfulness import BORDER_FRACTION, border_band_share, in_border_band
 from cxrtool.io.outputs import atomic_write, sidecar_path, write_json
+from cxrtool.io.records.explanations import FindingMap
 
 OVERLAP_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 BoxXYWH = Sequence[float]
@@ -76,7 +77,7 @@ class LocalizationMetrics:
     outside_chest: int = 0  # mapped pairs whose map explain marked as lying outside the chest
     faithfulness: list[float] = field(default_factory=list)  # per mapped pair that has it: insertion - deletion AUC
 
-    def add(self, truth: list[BoxXYWH], entry: dict[str, Any] | None, tolerance: float,
+    def add(self, truth: list[BoxXYWH], entry: FindingMap | None, tolerance: float,
             image_size: Sequence[int] | None = None) -> None:
         self.pairs += 1
         if entry is None:
@@ -84,19 +85,19 @@ class LocalizationMetrics:
             self.overlaps.append((0.0, 0.0))
             return
         self.mapped += 1
-        if (entry.get("trust") or {}).get("outside_chest"):
+        if entry.outside_chest:
             self.outside_chest += 1
-        score = (entry.get("faithfulness") or {}).get("score")
+        score = (entry.faithfulness or {}).get("score")
         if score is not None:
             self.faithfulness.append(float(score))
-        predicted = [region["box"] for region in entry.get("regions", [])]
+        predicted = [region.box for region in entry.regions]
         best_iou = max((iou(p, t) for p in predicted for t in truth), default=0.0)
         best_iobb = max((iobb(p, t) for p in predicted for t in truth), default=0.0)
         self.overlaps.append((float(best_iou), float(best_iobb)))
         for threshold in OVERLAP_THRESHOLDS:
             self.iou_hits[threshold] += best_iou > threshold
             self.iobb_hits[threshold] += best_iobb > threshold
-        peak = entry.get("peak")
+        peak = entry.peak
         hit = peak is not None and any(inside(peak, t, tolerance) for t in truth)
         self.pointing_hits += hit
         self.hits.append(hit)
@@ -210,7 +211,7 @@ class LocalizationReport:
 def read_explanations(
     predictions: str | os.PathLike | Sequence[str | os.PathLike], model: str | None = None,
     sizes: dict[str, list[int]] | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, dict[str, FindingMap]]:
     """Study path -> explained findings of one model, from the sidecars of the studies the
     predictions tables list (a CSV, a folder searched for them, or several); ``sizes``, when
     given, is filled with each study's image size (rows, columns).
@@ -224,7 +225,7 @@ def read_explanations(
     tables = read_prediction_tables(sources)
     wanted = sha256_file(model) if model is not None and Path(model).is_file() else model
     chosen = tables.choose(wanted)
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, dict[str, FindingMap]] = {}
     for row in tables.rows_of(chosen):
         path = Path(row["path"])
         sidecar = read_sidecar(sidecar_path(path.parent, path.name))
@@ -233,7 +234,7 @@ def read_explanations(
         results = [sidecar.result_for(chosen.model.id)] if chosen is not None and chosen.model.id else sidecar.results
         for result in results:
             if result is not None and result.explanations is not None:
-                found[str(path)] = result.explanations.get("findings", {})
+                found[str(path)] = result.explanations.findings
                 if sizes is not None and sidecar.image_size:
                     sizes[str(path)] = list(sidecar.image_size)
                 break

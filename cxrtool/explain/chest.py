@@ -20,10 +20,14 @@ not call a good map untrustworthy.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
+
+from cxrtool.io.records.explanations import Region
 
 # The share of a map's positive weight that must lie on the chest for the map to be trusted.
 MIN_CHEST_SHARE = 0.5
@@ -180,11 +184,10 @@ def region_chest_shares(labels: np.ndarray, chest: ChestMask) -> list[float]:
     return [round(float(on[k]) / float(total[k]), 4) if total[k] else 0.0 for k in range(1, count + 1)]
 
 
-def region_doubt(region: dict, trust: dict | None) -> str | None:
+def region_doubt(region: Region, trust: Mapping[str, Any] | None) -> str | None:
     """Why a region of a map should not be measured as evidence, or None: the region lies
     mostly off the chest, or its map's peak or weight does (``trust`` of :func:`judge_map`)."""
-    share = region.get("chest_share")
-    if share is not None and share < MIN_CHEST_SHARE:
+    if region.chest_share is not None and region.chest_share < MIN_CHEST_SHARE:
         return "region off the chest"
     if trust and trust.get("outside_chest"):
         return "its map outside the chest"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from cxrtool.io.records.explanations import Region as RegionRecord
 from cxrtool.preprocess import Geometry
 
 MAX_REGIONS = 255  # the mask PNG is uint8: pixel value k is region k
@@ -46,19 +47,16 @@ class Region:
     peak: float
     mean: float
 
-    def to_dict(self, spacing: tuple[float, float] | None) -> dict:
-        out = {
-            "label": self.label,
-            "box": [self.x, self.y, self.width, self.height],
-            "area_px": self.area_px,
-            "peak": round(self.peak, 4),
-            "mean": round(self.mean, 4),
-        }
+    def record(self, spacing: tuple[float, float] | None) -> RegionRecord:
+        """The sidecar's record of it (in millimetres too when the spacing is known)."""
+        record = RegionRecord(self.label, [self.x, self.y, self.width, self.height], self.area_px,
+                              round(self.peak, 4), round(self.mean, 4))
         if spacing:
             row, col = spacing
-            out["box_mm"] = [round(self.x * col, 2), round(self.y * row, 2), round(self.width * col, 2), round(self.height * row, 2)]
-            out["area_mm2"] = round(self.area_px * row * col, 2)
-        return out
+            record.box_mm = [round(self.x * col, 2), round(self.y * row, 2), round(self.width * col, 2),
+                             round(self.height * row, 2)]
+            record.area_mm2 = round(self.area_px * row * col, 2)
+        return record
 
 
 @dataclass

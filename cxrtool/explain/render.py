@@ -11,6 +11,7 @@ import numpy as np
 
 from cxrtool.io.outputs import atomic_write
 from cxrtool.io.records import iter_sidecars
+from cxrtool.io.records.explanations import Explanation
 from cxrtool.registry import CAM_METHOD_LABELS
 
 CONTACT_SHEET = "cxrtool_explain.html"
@@ -72,36 +73,35 @@ def contact_sheet(folder: Path) -> Path | None:
     whichever runs explained which studies. Returns None when nothing there is explained.
     """
     studies = [(sidecar, result) for _, sidecar in iter_sidecars(folder) for result in sidecar.results
-               if isinstance(result.explanations, dict)]
+               if result.explanations is not None]
     if not studies:
         return None
     rows = []
     for sidecar, result in studies:
-        explanations = result.explanations or {}
+        explanations: Explanation = result.explanations  # type: ignore[assignment]  # (only explained results)
         probabilities = "".join(
             f"<li class='{'pos' if call.positive else 'neg'}'>{html.escape(name)} {call.probability:.3f}</li>"
             for name, call in sorted(result.findings.items(), key=lambda item: -item[1].probability)
         )
         pictures = []
-        for name, entry in explanations.get("findings", {}).items():
-            overlay_file = entry.get("files", {}).get("overlay")
+        for name, entry in explanations.findings.items():
+            overlay_file = entry.files.get("overlay")
             if overlay_file:
                 link = html.escape(overlay_file, quote=True)
-                trust = entry.get("trust", {})
-                doubt = (f" <span class='doubt' title='{html.escape(trust.get('reason', ''), quote=True)}'>"
-                         "not on the chest</span>") if trust.get("outside_chest") else ""
+                doubt = (f" <span class='doubt' title='{html.escape(entry.trust.get('reason', ''), quote=True)}'>"
+                         "not on the chest</span>") if entry.outside_chest else ""
                 pictures.append(f"<figure><a href='{link}'><img src='{link}' loading='lazy' alt='{html.escape(name)}'></a>"
                                 f"<figcaption>{html.escape(name)}{doubt}</figcaption></figure>")
             else:
-                pictures.append(f"<figure class='empty'><div>{html.escape(entry.get('note', 'no map'))}</div>"
+                pictures.append(f"<figure class='empty'><div>{html.escape(entry.note or 'no map')}</div>"
                                 f"<figcaption>{html.escape(name)}</figcaption></figure>")
         if not pictures:
-            pictures.append(f"<p class='none'>{html.escape(explanations.get('note', 'no finding to explain'))}</p>")
-        method = CAM_METHOD_LABELS.get(str(explanations.get("method")), str(explanations.get("method", "")))
+            pictures.append(f"<p class='none'>{html.escape(explanations.note or 'no finding to explain')}</p>")
+        method = CAM_METHOD_LABELS.get(explanations.method, explanations.method)
         rows.append(
             f"<section><h2>{html.escape(sidecar.file)} <small>{html.escape(sidecar.view_position)} · "
             f"{html.escape(result.model.name)} ({html.escape(result.model.id)}) · {html.escape(method)} on "
-            f"{html.escape(str(explanations.get('layer', '')))}</small></h2>"
+            f"{html.escape(str(explanations.layer or ''))}</small></h2>"
             f"<ul class='p'>{probabilities}</ul><div class='maps'>{''.join(pictures)}</div></section>"
         )
     models = sorted({f"{result.model.name} ({result.model.id})" for _, result in studies})

@@ -42,10 +42,11 @@ from cxrtool.explain.regions import find_regions, parse_threshold, peak_point, t
 from cxrtool.explain.render import contact_sheet, overlay, write_png
 from cxrtool.io.decoded import DecodedStudy
 from cxrtool.io.outputs import atomic_write
-from cxrtool.io.records import Result, StudyFailure, read_sidecar, sidecar_path, store_result
+from cxrtool.io.records import Explanation, FindingMap, Result, StudyFailure, read_sidecar, sidecar_path
 from cxrtool.predict import PREDICT_SETTINGS
 from cxrtool.registry import ATTENTION_METHOD, CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS, OCCLUSION_METHOD
-from cxrtool.runner import ProgressCallback, ResultCallback, RunContext, RunSummary, run_studies
+from cxrtool.runner import ProgressCallback, ResultCallback, RunContext, RunOptions, RunSummary, run_studies
+from cxrtool.stages import OutputKind, OutputStage, StudyOutcome, extra_stages, standard_stages
 
 METHOD_LABELS = CAM_METHOD_LABELS  # the name the first release exported
 
@@ -175,7 +176,6 @@ class ExplainChunk:
                 # files is spread over threads (OpenCV and zlib release the GIL), or the
                 # model waits.
                 list(self._pool().map(lambda job: self._finish(*job), jobs))
-        self.context.settle_failures(items)
         return items
 
     def _checkpoint_jobs(self, decoded: list[DecodedStudy]) -> list[tuple]:
@@ -287,7 +287,8 @@ class ExplainChunk:
         return {**self.__dict__, "_engines": {}, "_threads": None}
 
     def _finish(self, item: DecodedStudy, scored, maps: dict[str, tuple], layer) -> None:
-        """One study's record, maps, masks, overlays and sidecar. ``scored``: the stored
+        """One study's result (``item.result``: its explanations, listing the files), maps,
+        masks and overlays. ``scored``: the stored
         :class:`Result` the maps explain (predict's), or explain's own scores. ``maps``:
         finding -> (its map, the geometry that takes it from the input grid to the study's
         pixel grid or None when it is there already, and what else its record holds, or
@@ -304,54 +305,54 @@ class ExplainChunk:
             except StudyFailure as failure:
                 item.error = str(failure)
                 return
-        explained: dict[str, Any] = {}
+        explained: dict[str, FindingMap] = {}
         chest = chest_mask(display) if maps and display is not None else NO_CHEST  # from the picture itself; once a study
         for name, (cam, geometry, extra) in maps.items():
             cam = to_original(cam, geometry) if geometry is not None else cam
             chest = chest.resized(cam.shape)  # once a study: its maps share the study's pixel grid
-            explained[name] = self._explain_one(path, folder, item, display, result.findings[name], name, cam, chest)
-            explained[name].update(extra or {})
-        explanations: dict[str, Any] = {
-            "method": self.settings.method,
-            "layer": layer,
-            "request": self.settings.request(),
+            entry = explained[name] = self._explain_one(path, folder, item, display, result.findings[name], name, cam,
+                                                        chest)
+            entry.faithfulness = (extra or {}).get("faithfulness")
+            entry.members = (extra or {}).get("members")
+        explanation = Explanation(
+            method=self.settings.method,
+            layer=layer,
+            request=self.settings.request(),
             # whose calls the maps explain: the stored predict result's, or explain's own pass
-            "calls": "predict" if isinstance(scored, Result) else "explain",
-            "findings": explained,
-        }
-        if not explained:
-            explanations["note"] = "no positive findings at the model's thresholds: nothing to explain"
+            calls="predict" if isinstance(scored, Result) else "explain",
+            findings=explained,
+            note=None if explained else "no positive findings at the model's thresholds: nothing to explain",
+        )
         item.geometry = None
-        result.explanations = explanations
-        update = store_result(folder, context.study_record(item), result)
-        item.sidecar, item.stale = update.sidecar, len(update.stale)
+        result.explanations = explanation
+        item.result = result
 
     def _explain_one(self, path: Path, folder: Path, item: DecodedStudy, display: np.ndarray, call, finding: str,
-                     cam: np.ndarray, chest: ChestMask) -> dict:
+                     cam: np.ndarray, chest: ChestMask) -> FindingMap:
         """One finding's regions and files from its map on the study's pixel grid, and
         whether the map lies on the chest (``trust``; ``chest`` is on the same grid)."""
         settings = self.settings
         spacing = tuple(item.pixel_spacing) if item.pixel_spacing else None
-        entry: dict[str, Any] = {"probability": call.probability, "positive": call.positive}
+        entry = FindingMap(call.probability, call.positive)
         peak = float(np.max(cam)) if cam.size else 0.0
         regions = find_regions(cam, settings.threshold)
         if regions is None:
-            entry.update(map_max=0.0, regions=[], note="no evidence: the map is zero everywhere, so no regions")
+            entry.note = "no evidence: the map is zero everywhere, so no regions"
             return entry
         x, y = peak_point(cam)
-        entry.update(map_max=round(peak, 6), peak=[x, y])
-        entry["trust"] = trust = judge_map(cam, chest, (x, y))
+        entry.map_max, entry.peak = round(peak, 6), [x, y]
+        entry.trust = trust = judge_map(cam, chest, (x, y))
         if spacing:
-            entry["peak_mm"] = [round(x * spacing[1], 2), round(y * spacing[0], 2)]
-        entry["threshold"] = round(regions.level, 4)
-        entry["regions"] = [region.to_dict(spacing) for region in regions.regions]
+            entry.peak_mm = [round(x * spacing[1], 2), round(y * spacing[0], 2)]
+        entry.threshold = round(regions.level, 4)
+        entry.regions = [region.record(spacing) for region in regions.regions]
         if trust.get("chest") != "none":
-            for region, share in zip(entry["regions"], region_chest_shares(regions.labels, chest), strict=True):
-                region["chest_share"] = share
+            for region, share in zip(entry.regions, region_chest_shares(regions.labels, chest), strict=True):
+                region.chest_share = share
         if regions.dropped:
-            entry["note"] = f"{regions.dropped} weakest regions beyond the first {len(regions.regions)} left out"
+            entry.note = f"{regions.dropped} weakest regions beyond the first {len(regions.regions)} left out"
         stem = f"{path.name}.cxrtool.{self.context.model.id}.{file_slug(finding)}"
-        files: dict[str, str] = {}
+        files = entry.files
         scaled = cam / peak
         if settings.map_format == "npy":
             files["map"] = f"{stem}.map.npy"
@@ -367,10 +368,9 @@ class ExplainChunk:
         caption = (f"{finding}  p={call.probability:.2f}  {'positive' if call.positive else 'negative'}  "
                    f"{CAM_METHOD_LABELS[settings.method]}")
         files["overlay"] = f"{stem}.overlay.png"
-        boxes = [region["box"] for region in entry["regions"]]
+        boxes = [region.box for region in entry.regions]
         warning = f"not on the chest: {trust['reason']}" if trust.get("outside_chest") else None
         write_png(folder / files["overlay"], overlay(display, small, caption, boxes, ratio, warning=warning))
-        entry["files"] = files
         return entry
 
 
@@ -389,14 +389,15 @@ def explain(
     progress: ProgressCallback | None = None,
     note: Callable[[str], None] | None = None,
     views: str | os.PathLike | None = None,
+    outputs: Sequence[str | OutputKind] = (),
     stdin=None,
 ) -> RunSummary:
     """Explain a checkpoint's calls on studies: maps, masks, boxes, overlays, contact sheets.
 
     Arguments are those of :func:`cxrtool.predict.predict` (``views`` routes a bundle's
-    studies as predict's does), plus ``settings``. A study whose
-    sidecar already holds explanations of this model made from the same file content with
-    the same settings is skipped unless ``overwrite`` (:func:`cxrtool.io.records.is_done`).
+    studies as predict's does; ``outputs`` adds output stages), plus ``settings``. A study
+    whose sidecar already holds explanations of this model made from the same file content
+    with the same settings is skipped unless ``overwrite`` (:func:`cxrtool.io.records.is_done`).
 
     Raises:
         ExplainUsageError: an unknown method, layer or finding (before any study is read).
@@ -436,14 +437,37 @@ def explain(
             except ExplainUsageError as error:
                 raise ExplainUsageError(f"member {name!r}: {error}" if name else str(error)) from None
 
-    def finish(folders: Sequence[Path]) -> None:
-        for folder in folders:
-            contact_sheet(folder)
-
+    options = RunOptions(out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
+                         include_patient_id=include_patient_id, views=views, on_result=on_result, progress=progress,
+                         note=note, stdin=stdin)
     return run_studies(
         inputs, model=model, make_processor=lambda context: ExplainChunk(context, settings),
-        settings={"predict": PREDICT_SETTINGS, "explain": settings.request()}, done_when={"explain": settings.request()},
-        out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
-        include_patient_id=include_patient_id, display_size=settings.display_size, on_result=on_result,
-        progress=progress, on_finish=finish, check_model=check_model, note=note, views=views, stdin=stdin,
+        settings={"predict": PREDICT_SETTINGS, "explain": settings.request()}, options=options,
+        make_stages=lambda context: explain_stages(context, outputs), done_when={"explain": settings.request()},
+        display_size=settings.display_size, check_model=check_model,
     )
+
+
+class ContactSheets:
+    """The output stage that writes ``cxrtool_explain.html`` in every folder the run wrote
+    to, once, at the end (:func:`cxrtool.explain.render.contact_sheet`: from the sidecars,
+    so it shows every model's maps of the folder's studies)."""
+
+    def __init__(self) -> None:
+        self.folders: set[Path] = set()
+
+    def study(self, outcome: StudyOutcome) -> None:
+        self.folders.add(outcome.folder)
+
+    def finish(self) -> list[Path]:
+        for folder in sorted(self.folders):
+            if folder.is_dir():
+                contact_sheet(folder)
+        return sorted(self.folders)
+
+
+def explain_stages(context: RunContext, outputs: Sequence[str | OutputKind] = ()) -> list[OutputStage]:
+    """What ``explain`` writes: any ``outputs`` first (as ``predict``'s), the sidecars, the
+    folder tables, then the contact sheets."""
+    return [*extra_stages(context, outputs), *standard_stages(context.model, context.scorer, context.version),
+            ContactSheets()]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrtool.io.records import Fingerprint, Sidecar
+from cxrtool.io.records import Fingerprint, Result
 
 
 @dataclass
@@ -44,9 +44,8 @@ class DecodedStudy:
             ``display_size``); only when asked for, dropped once used.
         patient_id: the DICOM PatientID, only when the run asked for it.
         error: why the study failed (one line), or None.
-        sidecar: the study's sidecar as written by its stage (or as left by a failure),
-            None when there is none.
-        stale: how many earlier results of the study were dropped because its file changed.
+        result: the model's result on it, as its chunk processor made it (the output
+            stages then store it: :mod:`cxrtool.stages`); None until then, or when it failed.
     """
 
     index: int
@@ -62,8 +61,7 @@ class DecodedStudy:
     display: np.ndarray | None = None
     patient_id: str | None = None
     error: str | None = None
-    sidecar: Sidecar | None = None
-    stale: int = 0
+    result: Result | None = None
 
     def tensor(self, key: str) -> np.ndarray:
         """Its model input for preprocessing ``key`` (a key of ``tensors``).

@@ -19,14 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cxrtool._workers import cores, process_pool
 from cxrtool.errors import UsageError
 from cxrtool.io.outputs import SharedTable, atomic_write, folder_lock
 from cxrtool.io.records import RADIOMICS_FIRST, RADIOMICS_KEY, Fingerprint, Provenance, is_done, settings_digest
@@ -179,7 +179,8 @@ def run_regions(
     json_out: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> RadiomicsSummary:
-    """Measure every job not done before (in worker processes), journaling each row; then
+    """Measure every job not done before (in ``workers`` processes: default a worker per
+    core, 0 in this process), journaling each row; then
     write the table (and, with ``json_out``, the same rows as JSON). ``classes`` limits
     the feature classes of ``params`` (or of the default).
 
@@ -225,7 +226,7 @@ def run_regions(
     finished = summary.resumed
     if progress:
         progress(finished, summary.total)
-    n_workers = max(1, os.cpu_count() or 1) if workers is None else max(1, workers)
+    n_workers = cores() if workers is None else max(0, workers)
 
     def record(rows: list[dict[str, Any]]) -> None:
         nonlocal finished
@@ -241,15 +242,11 @@ def run_regions(
         if progress:
             progress(finished, summary.total)
 
-    groups = _by_image(todo, n_workers)
-    if n_workers == 1 or len(groups) < 2:
-        for group in groups:
-            record(measure_image(group, params, classes, digest))
-    else:
-        with worker_pool(n_workers) as pool:
-            for rows in pool.map(measure_image, groups, [params] * len(groups), [classes] * len(groups),
-                                 [digest] * len(groups), chunksize=1):
-                record(rows)
+    groups = _by_image(todo, max(1, n_workers))
+    with process_pool(n_workers if len(groups) > 1 else 0) as pool:
+        for rows in pool.map(measure_image, groups, [params] * len(groups), [classes] * len(groups),
+                             [digest] * len(groups), chunksize=1):
+            record(rows)
     summary.measured = len(todo)
     with folder_lock(out_csv.parent):
         _, everything = _read_journal(journal)  # every run's rows, this one's included
@@ -285,27 +282,6 @@ def _by_image(jobs: Sequence[RegionJob], workers: int) -> list[list[RegionJob]]:
     for job in jobs:
         by_image.setdefault(job.image, []).append(job)
     return [group[start : start + cap] for group in by_image.values() for start in range(0, len(group), cap)]
-
-
-@contextlib.contextmanager
-def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
-    """The radiomics loop's worker processes (``run_regions``, and the feedback cycles of
-    paper 4's training loop): forked safely, each with its share of the cores."""
-    from cxrtool._workers import fork_safe_opencv
-
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with fork_safe_opencv(), ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(threads,)) as pool:
-        yield pool
-
-
-def _worker_init(threads: int) -> None:
-    """A worker's share of the cores: SimpleITK's filters (LoG, wavelet, resampling) would
-    otherwise each start a thread per core in every worker."""
-    import SimpleITK as sitk
-    from threadpoolctl import threadpool_limits
-
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    threadpool_limits(threads)
 
 
 def _json_default(value: Any) -> Any:

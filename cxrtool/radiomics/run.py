@@ -54,7 +54,7 @@ def radiomics(
         classes: only these feature classes.
         out: the table (default ``cxrtool_radiomics.csv`` beside the inputs).
         json_too: also the rows as JSON beside the table.
-        workers: processes (default: all cores).
+        workers: worker processes (default: a worker per core; 0: in this process).
         overwrite: measure everything again; replaces a table measured with other settings.
         progress: called with (regions done, total).
         note, warn: what the run says along the way (counts of regions by source, regions
@@ -135,7 +135,7 @@ def radiomics(
                              "studies: give it as --explanations DIR)")
         raise UsageError("no regions to measure")
     table = Path(out) if out is not None else default_folder / TABLE_NAME
-    return run_regions(jobs, table, params=settings, classes=chosen, workers=workers or os.cpu_count() or 1,
+    return run_regions(jobs, table, params=settings, classes=chosen, workers=workers,
                        progress=progress, json_out=table.with_suffix(".json") if json_too else None, overwrite=overwrite)
 
 

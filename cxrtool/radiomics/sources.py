@@ -238,17 +238,17 @@ def jobs_from_cam(
             unexplained.append(str(study))
             continue
         for result in results:
-            for finding, entry in result.explanations.get("findings", {}).items():
-                if positive_only and not entry.get("positive"):
+            for finding, entry in result.explanations.findings.items():  # type: ignore[union-attr]  # (explained only)
+                if positive_only and not entry.positive:
                     continue
-                mask = entry.get("files", {}).get("mask")
-                for region in entry.get("regions", []) if mask else []:
-                    doubt = None if include_off_chest else region_doubt(region, entry.get("trust"))
+                mask = entry.files.get("mask")
+                for region in entry.regions if mask else []:
+                    doubt = None if include_off_chest else region_doubt(region, entry.trust)
                     if doubt is not None:
                         skipped[doubt] = skipped.get(doubt, 0) + 1
                         continue
-                    jobs.append(RegionJob(str(study), str(folder / mask), int(region["label"]), finding,
-                                          int(region["label"]), result.model.id))
+                    jobs.append(RegionJob(str(study), str(folder / mask), region.label, finding, region.label,
+                                          result.model.id))
     return CamJobs(jobs, unexplained, skipped)
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 
-from cxrtool._workers import fork_safe_opencv
+from cxrtool._workers import process_pool
 from cxrtool.data.labels import VIEW_POSITIONS
 from cxrtool.io.studies import StudyReadError, read_study
 from cxrtool.preprocess import Preprocessing, fit_to_square, normalise
@@ -72,12 +71,8 @@ class ImageCache:
         self.squares = np.zeros((len(paths), size, size), dtype=np.uint8)
         self.failed: dict[int, str] = {}
         jobs = [(str(p), prep) for p in paths]
-        if workers > 1 and len(jobs) > 16:
-            with fork_safe_opencv(), ProcessPoolExecutor(max_workers=workers) as pool:
-                results = pool.map(_load_square, jobs, chunksize=16)
-                self._fill(results, len(jobs), progress)
-        else:
-            self._fill(map(_load_square, jobs), len(jobs), progress)
+        with process_pool(workers if len(jobs) > 16 else 0) as pool:  # (a few images: not worth starting processes)
+            self._fill(pool.map(_load_square, jobs, chunksize=16), len(jobs), progress)
 
     def _fill(self, results, total, progress) -> None:
         for index, (square, error) in enumerate(results):

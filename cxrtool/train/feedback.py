@@ -138,8 +138,8 @@ def _measure_chunk(jobs: list[tuple[np.ndarray, tuple[int, int, int, int]]]) -> 
 def measure_regions(squares: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]], *, workers: int = 2,
                     progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, list[str]]:
     """PyRadiomics features (N, F) of each box on its 8-bit square, NaN rows where refused,
-    and each region's reason ("" when measured). In ``workers`` processes, in chunks."""
-    from cxrtool.radiomics.batch import worker_pool
+    and each region's reason ("" when measured). In ``workers`` processes (0: in this one), in chunks."""
+    from cxrtool._workers import process_pool
 
     jobs = list(zip(squares, boxes, strict=True))
     count = len(feature_names())
@@ -160,13 +160,9 @@ def measure_regions(squares: Sequence[np.ndarray], boxes: Sequence[tuple[int, in
         if progress is not None:
             progress(done, len(jobs))
 
-    if workers > 1 and len(chunks) > 1:
-        with worker_pool(workers) as pool:
-            for n, results in enumerate(pool.map(_measure_chunk, chunks)):
-                take(n * chunk, results)
-    else:
-        for n, part in enumerate(chunks):
-            take(n * chunk, _measure_chunk(part))
+    with process_pool(workers if len(chunks) > 1 else 0) as pool:
+        for n, results in enumerate(pool.map(_measure_chunk, chunks)):
+            take(n * chunk, results)
     return features, reasons
 
 

@@ -196,7 +196,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
             if needed > 8 * 2**30:
                 say(TrainEvent("message", message=f"image cache would need {needed / 2**30:.1f} GiB: reading from disk instead"))
             else:
-                cache = ImageCache(paths, prep, workers=max(1, config.workers),
+                cache = ImageCache(paths, prep, workers=config.workers,
                                    progress=lambda done, total: say(TrainEvent("cache", step=done, steps=total)))
                 if cache.failed:
                     first = next(iter(cache.failed.items()))
@@ -502,7 +502,7 @@ def _feedback_run(config, model, criterion, train_idx, targets, val_set, out: Pa
                       to_input=lambda square: torch.from_numpy(normalise(square.astype(np.float32) / 255.0, val_set.prep)),
                       cache=FeedbackCache(out / "feedback"), method=config.feedback_cam,
                       layer=config.feedback_layer or None, fraction=config.feedback_fraction, seed=config.seed,
-                      device=device, batch_size=max(config.batch_size, 64), workers=max(1, config.workers),
+                      device=device, batch_size=max(config.batch_size, 64), workers=config.workers,
                       progress=lambda phase, done, total: say(TrainEvent("phase", step=done, steps=total, message=phase)))
     return _Feedback(run, term, config, say)
 

@@ -22,10 +22,12 @@ by the next run that sees the change, so nothing stale stays beside a study.
 from __future__ import annotations
 
 # The package's modules, leaves first: provenance (fingerprints, settings digests and the
-# "already done" rule), schema (ModelRef, FindingCall, Result, Sidecar, make_result and the
+# "already done" rule), explanations (explain's typed record: Explanation, FindingMap,
+# Region), schema (ModelRef, FindingCall, Result, Sidecar, make_result and the
 # errors), store (reading and writing sidecars, removing the pictures of stale results),
 # tables (the folder tables and indexes, and the radiomics table's columns).
 from cxrtool.io.outputs import sidecar_path  # re-exported: callers import it from here too
+from cxrtool.io.records.explanations import Explanation, FindingMap, Region
 from cxrtool.io.records.provenance import Fingerprint, Provenance, is_done, settings_digest, sha256_file
 from cxrtool.io.records.schema import (
     IDENTITY_KEYS,
@@ -68,6 +70,10 @@ from cxrtool.io.records.tables import (
 )
 
 __all__ = [
+    # explanations
+    "Explanation",
+    "FindingMap",
+    "Region",
     # provenance
     "Fingerprint",
     "Provenance",

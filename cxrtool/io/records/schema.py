@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxrtool.io.records.explanations import Explanation
 from cxrtool.io.records.provenance import Fingerprint, Provenance
 
 SIDECAR_SCHEMA = "cxrtool-sidecar"
@@ -85,35 +86,38 @@ class Result:
         model: the model that made it.
         findings: finding -> probability, threshold and call, in the model's order.
         settings: stage ("predict", "explain") -> the settings of that stage.
-        explanations: what ``explain`` found (method, layer, request, per finding: map
-            peak, regions, files), or None.
+        explanations: what ``explain`` found (:class:`~cxrtool.io.records.explanations.Explanation`:
+            method, layer, request, per finding its map's peak, regions, trust, files), or None.
         warnings: what the reader noticed about the file, for the record.
         calibration: for a calibrated model, how its probabilities were calibrated and what
             the calls were made on.
         ensemble: for a bundle, the study's projection (and where it came from), its route,
             the merge, and each member's probabilities.
+        outputs: output stage -> the files it wrote beside the study for this result (names
+            in the sidecar's folder; :mod:`cxrtool.stages`).
     """
 
     model: ModelRef
     findings: dict[str, FindingCall]
     settings: dict[str, Any] = field(default_factory=dict)
-    explanations: dict[str, Any] | None = None
+    explanations: Explanation | None = None
     warnings: list[str] = field(default_factory=list)
     cxrtool_version: str = ""
     created: str = ""
     calibration: dict[str, Any] | None = None
     ensemble: dict[str, Any] | None = None
+    outputs: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def positive_findings(self) -> list[str]:
         return [name for name, call in self.findings.items() if call.positive]
 
     def files(self) -> list[str]:
-        """The files (names in the sidecar's folder) this result's explanations wrote."""
-        found: list[str] = []
-        for entry in (self.explanations or {}).get("findings", {}).values():
-            found.extend(str(name) for name in (entry.get("files") or {}).values())
-        return found
+        """The files (names in the sidecar's folder) written for this result: its
+        explanations' maps, masks and overlays, and what its output stages wrote. Storing a
+        result removes the files its predecessor listed and it does not."""
+        made = self.explanations.files() if self.explanations is not None else []
+        return made + [name for names in self.outputs.values() for name in names]
 
     def to_dict(self) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -127,9 +131,11 @@ class Result:
         if self.ensemble:
             record["ensemble"] = self.ensemble
         if self.explanations is not None:
-            record["explanations"] = self.explanations
+            record["explanations"] = self.explanations.to_dict()
         if self.warnings:
             record["warnings"] = list(self.warnings)
+        if self.outputs:
+            record["outputs"] = {stage: list(names) for stage, names in self.outputs.items()}
         record["cxrtool_version"] = self.cxrtool_version
         record["created"] = self.created
         return record
@@ -147,12 +153,14 @@ class Result:
             model=ModelRef.from_dict(values.get("model") or {}),
             findings=findings,
             settings=dict(values.get("settings") or {}),
-            explanations=explanations if isinstance(explanations, dict) else None,
+            explanations=Explanation.from_dict(explanations) if isinstance(explanations, dict) else None,
             warnings=[str(w) for w in values.get("warnings") or []],
             cxrtool_version=str(values.get("cxrtool_version", "")),
             created=str(values.get("created", "")),
             calibration=values.get("calibration") if isinstance(values.get("calibration"), dict) else None,
             ensemble=values.get("ensemble") if isinstance(values.get("ensemble"), dict) else None,
+            outputs={str(stage): [str(name) for name in names] for stage, names in (values.get("outputs") or {}).items()
+                     if isinstance(names, list)} if isinstance(values.get("outputs"), dict) else {},
         )
 
 
@@ -230,8 +238,8 @@ class Sidecar:
         else:  # schema 1: one flat record of one model
             v1 = Result.from_dict(values)
             v1.settings = {"predict": {}}
-            if v1.explanations and "request" in v1.explanations:
-                v1.settings["explain"] = v1.explanations["request"]
+            if v1.explanations and "request" in values.get("explanations", {}):
+                v1.settings["explain"] = v1.explanations.request
             results = [v1]
         return cls(
             file=str(values.get("file", "")),

@@ -96,14 +96,14 @@ def open_model(model: str | os.PathLike | Any, *, device, runtime: str = "torch"
                tta: Any = None, zero_shot: Any = None) -> Any:
     """``model`` (a checkpoint, a bundle: a file, or one already read) loaded onto ``device``
     and ready to score, by the source that claims it (with ``tta``, a
-    :class:`~cxrtool.models.scoring.TestTimeAugmentation`, and ``zero_shot``, a
+    :class:`~cxrtool.preprocess.TestTimeAugmentation`, and ``zero_shot``, a
     :class:`~cxrtool.models.scoring.ZeroShot`).
 
     Raises:
         CheckpointError: a file that is not a usable model (a bad bundle's
             :class:`~cxrtool.models.sources.bundle.BundleError` names the fix).
     """
-    from cxrtool.models.scoring import NO_TTA
+    from cxrtool.preprocess import NO_TTA
 
     return source_for(model).open(model, device=device, runtime=runtime, note=note, tta=tta or NO_TTA, zero_shot=zero_shot)
 

@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxrtool.models.scoring import NO_TTA, CheckpointScorer, TestTimeAugmentation, ZeroShot
+from cxrtool.models.scoring import CheckpointScorer, ZeroShot
 from cxrtool.models.sources import ModelSource
-from cxrtool.preprocess import Preprocessing
+from cxrtool.preprocess import NO_TTA, Preprocessing, TestTimeAugmentation
 
 
 def identify_checkpoint(model: str | os.PathLike) -> tuple[str, dict[str, float]]:
