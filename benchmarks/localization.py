@@ -134,6 +134,7 @@ def measure(args: argparse.Namespace, checkpoint: Path, images: Path, boxes_csv:
         randomised_copy,
     )
     from cxrtool.explain.regions import find_regions, peak_point, to_original
+    from cxrtool.io.records import FindingMap
     from cxrtool.io.studies import read_study
     from cxrtool.models.checkpoint import load_checkpoint
     from cxrtool.models.network import pick_device
@@ -203,17 +204,17 @@ def measure(args: argparse.Namespace, checkpoint: Path, images: Path, boxes_csv:
         for (i, f), cam in maps.items():
             name, finding = names[i], card.findings[f]
             original = to_original(cam, fitted[i][1])
-            entry: dict = {}
+            entry: FindingMap | None = None  # (a map that is zero everywhere: no regions, counted unmapped)
             regions = find_regions(original, 0.5)
             if regions is not None:
                 x, y = peak_point(original)
-                entry = {"peak": [x, y], "regions": [r.to_dict(None) for r in regions.regions],
-                         "trust": judge_map(original, chests[i].resized(original.shape), (x, y))}
+                entry = FindingMap(0.0, False, peak=[x, y], regions=[r.record(None) for r in regions.regions],
+                                   trust=judge_map(original, chests[i].resized(original.shape), (x, y)))
                 if faithful_left:
-                    entry["faithfulness"] = faithfulness(finding_score(network, f), squares[i], cam)
+                    entry.faithfulness = faithfulness(finding_score(network, f), squares[i], cam)
                     faithful_left -= 1
             metrics = findings.setdefault(finding, LocalizationMetrics(finding))
-            metrics.add(truth[(name, finding)], entry or None, 0.0, studies[i].shape)
+            metrics.add(truth[(name, finding)], entry, 0.0, studies[i].shape)
             hits[f"{name}|{finding}"] = bool(metrics.hits[-1])
             overlaps[f"{name}|{finding}"] = [round(v, 4) for v in metrics.overlaps[-1]]
         overall = LocalizationMetrics("overall")

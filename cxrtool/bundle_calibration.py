@@ -100,7 +100,7 @@ def calibrate_bundle(
     options = RunOptions(overwrite=True, batch_size=batch_size, workers=workers, device=device, progress=progress,
                          views=views)
     summary = run_studies(paths, model=plain, make_processor=ScoreChunk, settings={"predict": tta.settings()},
-                          options=options, make_stages=lambda context: [collected], tta=tta)
+                          options=options, make_stages=lambda context: [collected], tta=tta, writes=False)
     routed = [(row_of[os.path.normpath(os.path.abspath(path))], ensemble)
               for path, ensemble in collected.ensembles if os.path.normpath(os.path.abspath(path)) in row_of]
     if not routed:

@@ -1,4 +1,5 @@
-"""Errors that mean "the request cannot be served": the CLI turns them into exit status 2.
+"""Errors that mean "the request cannot be served": the CLI turns a UsageError into exit
+status 2 and an OutputError (nowhere to write the results) into 3.
 
 Import-light (no torch): the CLI and the registry use them before anything heavy loads.
 """
@@ -8,3 +9,29 @@ from __future__ import annotations
 
 class UsageError(ValueError):
     """A bad option, setting or name, found before any study is touched; says what to do."""
+
+
+class OutputError(OSError):
+    """An output that cannot be written (a read-only or full disk, a path that is a link,
+    no permission): one line naming the path and the reason. The run stops at once, what
+    it wrote before stays whole, and the CLI exits with :data:`EXIT_OUTPUT`."""
+
+
+EXIT_OUTPUT = 3  # the CLI's exit status for an OutputError
+
+
+def brief(value: object, limit: int = 80, *, quote: bool = True) -> str:
+    """A value as an error message may show it: its repr (``quote``) or its text, on one
+    line, cut to ``limit`` characters: a message never carries a value whole (a file's
+    field may hold anything)."""
+    import reprlib
+
+    if isinstance(value, str):
+        text = repr(value[: limit + 1]) if quote else value[: 4 * limit]
+    else:
+        shortened = reprlib.Repr()
+        shortened.maxlevel, shortened.maxstring, shortened.maxother = 3, limit, limit
+        shortened.maxlist = shortened.maxtuple = shortened.maxdict = shortened.maxset = 8
+        text = shortened.repr(value) if quote else str(value)[: 4 * limit]
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from cxrtool._workers import cores, default_workers, fork_safe_opencv, worker_init
+from cxrtool.errors import OutputError
 from cxrtool.io.decoded import DecodedStudy
-from cxrtool.io.outputs import sidecar_path
+from cxrtool.io.outputs import check_writable, sidecar_path
 from cxrtool.io.records import (
     Fingerprint,
     ModelRef,
@@ -47,7 +48,7 @@ from cxrtool.io.studies import StudyReadError, find_studies, one_line, read_stud
 from cxrtool.models.scoring import Scored, Scorer, ZeroShot
 from cxrtool.models.sources import open_model
 from cxrtool.preprocess import NO_TTA, Preprocessing, TestTimeAugmentation, prepare
-from cxrtool.stages import OutputStage, StudyOutcome, finish_all, standard_stages
+from cxrtool.stages import OutputStage, StudyOutcome, check_folder_table, finish_all, standard_stages
 
 ResultCallback = Callable[[dict[str, Any]], None]
 ProgressCallback = Callable[[int, int], None]
@@ -348,6 +349,7 @@ def run_studies(
     check_model: Callable[[Any], None] | None = None,
     tta: TestTimeAugmentation | None = None,
     zero_shot: ZeroShot | None = None,
+    writes: bool = True,
 ) -> RunSummary:
     """Run a stage (predict, explain) over studies.
 
@@ -365,7 +367,14 @@ def run_studies(
     study is looked at. ``display_size``: also decode a picture of each study this big
     (explain's overlays). ``tta`` a :class:`~cxrtool.preprocess.TestTimeAugmentation` the
     model scores with; ``zero_shot`` a :class:`~cxrtool.models.scoring.ZeroShot` of unseen
-    findings it adds.
+    findings it adds. ``writes``: the stages write beside the studies (or under
+    ``options.out``), so every output folder is checked first (False: they keep what they
+    need in memory).
+
+    Raises:
+        OutputError: an output folder that cannot be written (before the model loads), or
+            an output that could not be written later (the run stops there; what it wrote
+            before stays whole).
     """
     import torch
 
@@ -379,17 +388,6 @@ def run_studies(
     n_workers = default_workers() if options.workers is None else max(0, options.workers)
     in_workers = model_in_workers(options.model_in, torch_device.type, n_workers)
     table_views = _read_views(options.views)
-    scorer = open_model(model, device=torch_device, runtime=options.runtime, note=options.note, tta=tta or NO_TTA,
-                        zero_shot=zero_shot)
-    if check_model is not None:
-        check_model(scorer)
-    model_ref = scorer.ref
-    if scorer.routes_by_projection:
-        # The table decides routes, so its content (or its absence) is part of what made
-        # each result: a run with another table, or none, does the studies again.
-        views_digest = sha256_file(options.views) if options.views else None
-        settings = {**settings, "predict": {**settings.get("predict", {}), "views": views_digest}}
-
     paths = list(find_studies(inputs, stdin=options.stdin))
     summary = RunSummary(total=len(paths))
     root = output_root(paths)
@@ -400,6 +398,21 @@ def run_studies(
             return path.parent
         relative = path.absolute().parent.relative_to(root) if root else Path()
         return out_dir / relative
+
+    if writes:  # nowhere to write, or a table that cannot be merged, is said once, before the model loads
+        for folder in dict.fromkeys(destination(path) for path in paths):
+            check_writable(folder)
+            check_folder_table(folder)
+    scorer = open_model(model, device=torch_device, runtime=options.runtime, note=options.note, tta=tta or NO_TTA,
+                        zero_shot=zero_shot)
+    if check_model is not None:
+        check_model(scorer)
+    model_ref = scorer.ref
+    if scorer.routes_by_projection:
+        # The table decides routes, so its content (or its absence) is part of what made
+        # each result: a run with another table, or none, does the studies again.
+        views_digest = sha256_file(options.views) if options.views else None
+        settings = {**settings, "predict": {**settings.get("predict", {}), "views": views_digest}}
 
     finished = 0
 
@@ -478,6 +491,8 @@ def run_studies(
                     items = processor(items)
                 for item in items:
                     hand_on(context.outcome(item))
+                    if item.fatal is not None:
+                        raise OutputError(item.fatal)
     finally:
         summary.folders = finish_all(stages)
     return summary

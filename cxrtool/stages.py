@@ -33,12 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from cxrtool.io.outputs import FOLDER_CSV, output_stem, owned_by, refuse_link
 from cxrtool.io.records import (
     FolderOutputs,
     ModelRef,
     Result,
     Sidecar,
     index_entry,
+    read_table_rows,
     settle_failure,
     store_result,
 )
@@ -76,15 +78,21 @@ class StudyOutcome:
     stale: int = 0
     relisted: bool = False  # a stage listed files in the result: a skipped study's sidecar is stored again
 
+    def output_name(self, kind: str) -> str:
+        """The name of a file of this model's result beside the study:
+        ``NAME.cxrtool.<model id>.<kind>`` (a long NAME shortened: :func:`~cxrtool.io.outputs.output_stem`)."""
+        model = self.result.model.id if self.result is not None else "failed"
+        return f"{output_stem(self.path.name)}.cxrtool.{model}.{kind}"
+
     def wrote(self, stage: str, names: Sequence[str]) -> None:
         """Record files a stage wrote in the study's output folder for this result, so the
         result lists them (and they go when it is replaced without them, or goes stale)."""
         if self.result is None:
             raise ValueError(f"{self.path.name}: no result to list {stage}'s files in (the study failed)")
         for name in names:
-            if Path(name).name != name or not name.startswith(f"{self.path.name}.cxrtool."):
-                raise ValueError(f"{stage} wrote {name!r}: a study's files are named {self.path.name}.cxrtool.*, "
-                                 "in its output folder")
+            if not owned_by(name, self.path.name):
+                raise ValueError(f"{stage} wrote {name!r}: a study's files are named "
+                                 f"{output_stem(self.path.name)}.cxrtool.* (io.outputs.output_stem), in its output folder")
         self.result.outputs[stage] = list(names)
         self.relisted = True
 
@@ -142,6 +150,19 @@ class FolderTableStage:
 
     def finish(self) -> list[Path]:
         return self.outputs.finish()
+
+
+def check_folder_table(folder: Path) -> None:
+    """Read a folder's table before a run writes into it, so one that cannot be merged (no
+    longer UTF-8, a link) is refused before any work, not after the scoring.
+
+    Raises:
+        UsageError: a table that cannot be read; OutputError: a table that is a link.
+    """
+    table = folder / FOLDER_CSV
+    refuse_link(table)
+    if table.is_file():
+        read_table_rows(table)
 
 
 def standard_stages(model: ModelRef, scorer: Any, version: str, *,

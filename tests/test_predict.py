@@ -230,7 +230,7 @@ def test_an_output_stage_of_ones_own_sees_every_study_and_its_files_follow_the_r
         def study(self, outcome):
             seen.append((outcome.path.name, outcome.status))
             if outcome.result is not None:
-                name = f"{outcome.path.name}.cxrtool.{outcome.result.model.id}.note.txt"
+                name = outcome.output_name("note.txt")
                 (outcome.folder / name).write_text(f"{max(c.probability for c in outcome.result.findings.values()):.3f}")
                 outcome.wrote("notes", [name])
 

@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import typer
+from typer.core import TyperGroup
 
 from cxrtool import __version__
 
+
+class _Commands(TyperGroup):
+    """The command group: an output that cannot be written ends any command with one line
+    naming the path and the reason, and exit status 3 (``cxrtool.errors.OutputError``)."""
+
+    def invoke(self, ctx):
+        from cxrtool.errors import EXIT_OUTPUT, OutputError
+
+        try:
+            return super().invoke(ctx)
+        except OutputError as error:
+            typer.echo(f"error: cannot write the results: {error}", err=True)
+            raise typer.Exit(EXIT_OUTPUT) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="cxrtool",
     help="Chest X-ray AI from the command line: read real studies, train, predict, explain, evaluate.",
     no_args_is_help=True,

@@ -21,7 +21,6 @@ that moved are still importable from here.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -49,7 +48,7 @@ from cxrtool.evaluate.metrics import (
     threshold_metrics,
 )
 from cxrtool.evaluate.plots import _plot_curves
-from cxrtool.io.outputs import EVALUATION_FILES, atomic_write
+from cxrtool.io.outputs import EVALUATION_FILES, atomic_write, write_csv
 from cxrtool.registry import resolve_finding
 
 __all__ = [
@@ -240,17 +239,14 @@ def _write_csv(path: Path, report: EvaluationReport) -> None:
     def fmt(v: float | None) -> str:
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
 
-    def write(fh: Any) -> None:
-        writer = csv.writer(fh)
-        writer.writerow(columns)
-        for row in [*report.findings, report.macro, report.micro]:
-            out = [row.finding, row.n, row.positives, fmt(row.threshold)]
-            for m in METRICS:
-                low, high = row.ci.get(m, (math.nan, math.nan))
-                out += [fmt(getattr(row, m)), fmt(low), fmt(high)]
-            writer.writerow(out)
+    def cells(row: Any) -> list[Any]:
+        out = [row.finding, row.n, row.positives, fmt(row.threshold)]
+        for m in METRICS:
+            low, high = row.ci.get(m, (math.nan, math.nan))
+            out += [fmt(getattr(row, m)), fmt(low), fmt(high)]
+        return out
 
-    _atomic_write(path, write)
+    write_csv(path, columns, (cells(row) for row in [*report.findings, report.macro, report.micro]))
 
 
 def evaluate(

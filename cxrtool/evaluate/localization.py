@@ -16,7 +16,6 @@ pointing game and the faithfulness score come with bootstrap 95% intervals over 
 
 from __future__ import annotations
 
-import csv
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -28,7 +27,7 @@ import numpy as np
 
 from cxrtool.data.labels import read_boxes
 from cxrtool.explain.faithfulness import BORDER_FRACTION, border_band_share, in_border_band
-from cxrtool.io.outputs import atomic_write, sidecar_path, write_json
+from cxrtool.io.outputs import sidecar_path, write_csv, write_json
 from cxrtool.io.records.explanations import FindingMap
 
 OVERLAP_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -308,16 +307,14 @@ def _write_csv(path: Path, report: LocalizationReport) -> Path:
     header += [f"iou_{t}" for t in OVERLAP_THRESHOLDS] + [f"iobb_{t}" for t in OVERLAP_THRESHOLDS]
     # after the first release's columns, so scripts that read those by position keep working
     header += ["pointing_low", "pointing_high", "border_band", "outside_chest", "faithfulness"]
-    with atomic_write(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for metrics in [*report.findings.values(), report.overall]:
-            row = metrics.to_dict(report.n_boot, report.seed)
-            low, high = row["pointing_game_ci95"] or (None, None)
-            writer.writerow([metrics.finding, metrics.pairs, metrics.mapped, row["pointing_game"],
-                             *row["iou_accuracy"].values(), *row["iobb_accuracy"].values(),
-                             low, high, row["peaks_in_border_band"], row["outside_chest"], row.get("faithfulness")])
-    return path
+    rows = []
+    for metrics in [*report.findings.values(), report.overall]:
+        row = metrics.to_dict(report.n_boot, report.seed)
+        low, high = row["pointing_game_ci95"] or (None, None)
+        rows.append([metrics.finding, metrics.pairs, metrics.mapped, row["pointing_game"],
+                     *row["iou_accuracy"].values(), *row["iobb_accuracy"].values(),
+                     low, high, row["peaks_in_border_band"], row["outside_chest"], row.get("faithfulness")])
+    return write_csv(path, header, rows)
 
 
 def render_localization(report: LocalizationReport, thresholds: Iterable[float] = (0.1, 0.5)) -> Any:

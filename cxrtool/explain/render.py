@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import os
+import urllib.parse
 from pathlib import Path
 
 import cv2
@@ -65,6 +66,12 @@ def write_png(path: Path, image: np.ndarray) -> Path:
     return path
 
 
+def relative_url(name: str) -> str:
+    """A file name in the page's folder as a URL that can only be that file: relative
+    (``./``) and percent-encoded, so a name like ``javascript:...`` or ``a#b?c`` is a name."""
+    return "./" + urllib.parse.quote(name, safe="")
+
+
 def contact_sheet(folder: Path) -> Path | None:
     """One static HTML page for a folder: every explained study's overlays and probabilities,
     a section per study and model.
@@ -87,7 +94,7 @@ def contact_sheet(folder: Path) -> Path | None:
         for name, entry in explanations.findings.items():
             overlay_file = entry.files.get("overlay")
             if overlay_file:
-                link = html.escape(overlay_file, quote=True)
+                link = html.escape(relative_url(overlay_file), quote=True)
                 doubt = (f" <span class='doubt' title='{html.escape(entry.trust.get('reason', ''), quote=True)}'>"
                          "not on the chest</span>") if entry.outside_chest else ""
                 pictures.append(f"<figure><a href='{link}'><img src='{link}' loading='lazy' alt='{html.escape(name)}'></a>"
@@ -107,7 +114,9 @@ def contact_sheet(folder: Path) -> Path | None:
     models = sorted({f"{result.model.name} ({result.model.id})" for _, result in studies})
     title = f"cxrtool explain: {folder.name}"
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src 'self'; style-src 'unsafe-inline'">
+<title>{html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; background: #111; color: #ddd; margin: 1.5em; }}
 section {{ border-top: 1px solid #333; padding: .6em 0; }}

@@ -26,6 +26,7 @@ and a contact sheet per folder, ``cxrtool_explain.html``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -36,12 +37,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cxrtool.errors import UsageError
+from cxrtool.errors import OutputError, UsageError
 from cxrtool.explain.chest import NO_CHEST, ChestMask, chest_mask, judge_map, region_chest_shares
 from cxrtool.explain.regions import find_regions, parse_threshold, peak_point, to_original
 from cxrtool.explain.render import contact_sheet, overlay, write_png
 from cxrtool.io.decoded import DecodedStudy
-from cxrtool.io.outputs import atomic_write
+from cxrtool.io.outputs import atomic_write, output_stem
 from cxrtool.io.records import Explanation, FindingMap, Result, StudyFailure, read_sidecar, sidecar_path
 from cxrtool.predict import PREDICT_SETTINGS
 from cxrtool.registry import ATTENTION_METHOD, CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS, OCCLUSION_METHOD
@@ -97,8 +98,12 @@ class ExplainSettings:
 
 
 def file_slug(finding: str) -> str:
-    """A finding's name as it appears in file names: ``Pleural Thickening`` -> ``Pleural_Thickening``."""
-    return re.sub(r"[^A-Za-z0-9]+", "_", finding).strip("_") or "finding"
+    """A finding's name as it appears in file names: ``Pleural Thickening`` ->
+    ``Pleural_Thickening``; at most 32 characters (a longer one ends in a digest of it)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", finding).strip("_") or "finding"
+    if len(slug) > 32:
+        slug = f"{slug[:21]}_{hashlib.sha256(finding.encode()).hexdigest()[:10]}"
+    return slug
 
 
 class ExplainChunk:
@@ -310,8 +315,12 @@ class ExplainChunk:
         for name, (cam, geometry, extra) in maps.items():
             cam = to_original(cam, geometry) if geometry is not None else cam
             chest = chest.resized(cam.shape)  # once a study: its maps share the study's pixel grid
-            entry = explained[name] = self._explain_one(path, folder, item, display, result.findings[name], name, cam,
-                                                        chest)
+            try:
+                entry = explained[name] = self._explain_one(path, folder, item, display, result.findings[name], name,
+                                                            cam, chest)
+            except OutputError as error:  # (in a worker: the run ends in the main process, naming it)
+                item.error = item.fatal = str(error)
+                return
             entry.faithfulness = (extra or {}).get("faithfulness")
             entry.members = (extra or {}).get("members")
         explanation = Explanation(
@@ -351,7 +360,7 @@ class ExplainChunk:
                 region.chest_share = share
         if regions.dropped:
             entry.note = f"{regions.dropped} weakest regions beyond the first {len(regions.regions)} left out"
-        stem = f"{path.name}.cxrtool.{self.context.model.id}.{file_slug(finding)}"
+        stem = f"{output_stem(path.name)}.cxrtool.{self.context.model.id}.{file_slug(finding)}"
         files = entry.files
         scaled = cam / peak
         if settings.map_format == "npy":

@@ -44,6 +44,8 @@ class DecodedStudy:
             ``display_size``); only when asked for, dropped once used.
         patient_id: the DICOM PatientID, only when the run asked for it.
         error: why the study failed (one line), or None.
+        fatal: an output of it that could not be written (a full or read-only disk): the
+            run ends once this study is handed on, with this reason (OutputError).
         result: the model's result on it, as its chunk processor made it (the output
             stages then store it: :mod:`cxrtool.stages`); None until then, or when it failed.
     """
@@ -62,6 +64,7 @@ class DecodedStudy:
     patient_id: str | None = None
     error: str | None = None
     result: Result | None = None
+    fatal: str | None = None
 
     def tensor(self, key: str) -> np.ndarray:
         """Its model input for preprocessing ``key`` (a key of ``tensors``).

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import hashlib
 import io
 import json
 import os
@@ -23,6 +25,9 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from cxrtool.errors import OutputError, UsageError
+from cxrtool.io.study import open_regular
 
 SIDECAR_SUFFIX = ".cxrtool.json"
 FOLDER_CSV = "cxrtool_predictions.csv"
@@ -40,28 +45,65 @@ def is_own_output(name: str) -> bool:
     return name.startswith(".") or ".cxrtool." in name or name in EVALUATION_FILES.values()
 
 
+# What a write that fails says about the place, not the data: the run cannot go on there.
+_PLACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG,
+                 errno.ELOOP, errno.ENAMETOOLONG, errno.ENOTDIR}
+
+
+def refuse_link(path: Path) -> None:
+    """Refuse to write (or read back for merging) a file of ours that is a symbolic link:
+    cxrtool writes its own files, never through a link to somewhere else.
+
+    Raises:
+        OutputError: naming the path and where the link points.
+    """
+    if os.path.islink(path):
+        raise OutputError(f"{path} is a symbolic link (to {os.readlink(path)}); cxrtool does not write through "
+                          "links: remove it")
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failure of the place (full, read-only, no permission...) while writing ``path``
+    into an :class:`OutputError` naming it, in one line."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as error:
+        if error.errno not in _PLACE_ERRNOS:
+            raise
+        raise OutputError(f"{path}: {error.strerror or error}") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that wants a file name (safetensors,
     savefig); on success it is synced and renamed over ``path``, on failure removed.
+
+    Raises:
+        OutputError: ``path`` is a link, or the place cannot take the file (full, read-only...).
 
     Example:
         >>> with atomic_path("run/model.safetensors") as tmp:
         ...     save_file(tensors, str(tmp))
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temporary(path)
+    refuse_link(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temporary(path)
     # The kernel applied the umask to this new file: that mode is the one the result gets,
     # even when the writer replaces the file with one of its own (safetensors does, 0600).
     mode = os.stat(tmp).st_mode & 0o777
     try:
-        yield tmp
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        if os.stat(tmp).st_mode & 0o777 != mode:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        with writing(path):
+            yield tmp
+            with open(tmp, "rb") as written:
+                os.fsync(written.fileno())
+            if os.stat(tmp).st_mode & 0o777 != mode:
+                os.chmod(tmp, mode)
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -69,8 +111,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _create_temporary(path: Path) -> Path:
+    base = path.name
+    if len(base.encode("utf-8", "surrogateescape")) > NAME_MAX - 14:  # "." + ".<8 hex>.tmp": keep it a legal name
+        base = base.encode("utf-8", "surrogateescape")[: NAME_MAX - 14].decode("utf-8", "ignore")
     for _ in range(100):
-        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        candidate = path.with_name(f".{base}.{secrets.token_hex(4)}.tmp")
         try:
             descriptor = os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
@@ -100,9 +145,33 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
     return Path(path)
 
 
+NAME_MAX = 255  # bytes in a file name (ext4, XFS, APFS, NTFS)
+# Room kept after a study's name for the longest name cxrtool derives from it:
+# ".cxrtool." + a 12-digit model id + "." + a finding (at most 32) + ".overlay.png".
+SUFFIX_ROOM = 72
+
+
+def output_stem(study_name: str) -> str:
+    """What the names of the files cxrtool writes for a study start with (then
+    ``.cxrtool.``): the study's own name, or, when that and the longest suffix would pass
+    the 255 bytes a file name may have, its first bytes, ``~`` and a digest of the whole
+    name (so two long names that start alike stay apart)."""
+    raw = study_name.encode("utf-8", "surrogateescape")
+    if len(raw) + SUFFIX_ROOM <= NAME_MAX:
+        return study_name
+    keep = raw[: NAME_MAX - SUFFIX_ROOM - 11].decode("utf-8", "ignore")  # (a cut character dropped whole)
+    return f"{keep}~{hashlib.sha256(raw).hexdigest()[:10]}"
+
+
+def owned_by(name: str, study_name: str) -> bool:
+    """Whether a file name is one of the files cxrtool writes for that study, in its folder."""
+    return Path(name).name == name and name.startswith(f"{output_stem(study_name)}.cxrtool.")
+
+
 def sidecar_path(output_dir: Path, study_name: str) -> Path:
-    """The JSON sidecar of a study: ``img001.dcm`` -> ``img001.dcm.cxrtool.json``."""
-    return output_dir / f"{study_name}{SIDECAR_SUFFIX}"
+    """The JSON sidecar of a study: ``img001.dcm`` -> ``img001.dcm.cxrtool.json`` (a name too
+    long for that is shortened: :func:`output_stem`)."""
+    return output_dir / f"{output_stem(study_name)}{SIDECAR_SUFFIX}"
 
 
 _held = threading.local()  # the folder locks this thread holds: folder -> depth
@@ -127,10 +196,13 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         finally:
             held[key] -= 1
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    refuse_link(folder / LOCK_NAME)
     lock = FileLock(str(folder / LOCK_NAME), timeout=LOCK_TIMEOUT_S, thread_local=False)
     try:
-        lock.acquire()
+        with writing(folder / LOCK_NAME):
+            lock.acquire()
     except Timeout:
         raise TimeoutError(f"{folder}: another cxrtool run has held {LOCK_NAME} for {LOCK_TIMEOUT_S:.0f} s") from None
     held[key] = 1
@@ -198,6 +270,7 @@ class SharedTable:
         if not self.dirty:
             return
         with folder_lock(self.path.parent):
+            refuse_link(self.path)  # never merge what a link points to into our table
             rows = {self.row_key(row): dict(row) for row in self.read_rows(self.path)} if self.path.is_file() else {}
             for where in self._drops:
                 rows = {key: row for key, row in rows.items() if not where(row)}
@@ -208,20 +281,105 @@ class SharedTable:
             middle = [c for c in seen if c not in self.first and c not in self.last]
             columns = [*self.first, *middle, *self.last]
             ordered = [rows[key] for key in (sorted(rows) if self.sort else rows)]
-            buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-            writer.writeheader()
-            for row in ordered:
-                writer.writerow({c: row.get(c, "") for c in columns})
-            with atomic_write(self.path, "w", encoding="utf-8", newline="") as handle:
-                handle.write(buffer.getvalue())
+            write_csv(self.path, columns, ([row.get(c, "") for c in columns] for row in ordered))
         self._puts.clear()
         self._drops.clear()
 
 
+# A cell a spreadsheet would take for a formula (OWASP's "CSV injection"): its text starts
+# with one of these. Written with a ' in front, which spreadsheets show as text.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A cell's text as written: one more leading ``'`` when it would start a formula (or
+    already starts with ``'``s and then would): the inverse is :func:`spreadsheet_text`."""
+    bare = text.lstrip("'")
+    if bare.startswith(_FORMULA_STARTS) and not _is_number(bare):
+        return "'" + text
+    return text
+
+
+def spreadsheet_text(cell: str) -> str:
+    """A cell as read back: what :func:`spreadsheet_safe` was given."""
+    bare = cell.lstrip("'")
+    if cell.startswith("'") and bare.startswith(_FORMULA_STARTS) and not _is_number(bare):
+        return cell[1:]
+    return cell
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """The one writer of cxrtool's CSV tables: atomic, UTF-8, ``\\n`` line ends, and every
+    cell that a spreadsheet would run as a formula written as text (:func:`spreadsheet_safe`;
+    :func:`read_csv_rows` reads it back as it was). Numbers (``-0.5``) are left alone."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([spreadsheet_safe(str(c)) for c in header])
+    for row in rows:
+        writer.writerow(["" if value is None else spreadsheet_safe(str(value)) for value in row])
+    with atomic_write(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(buffer.getvalue())
+    return Path(path)
+
+
+@contextlib.contextmanager
+def open_append(path: Path) -> Iterator[Any]:
+    """A journal of ours opened to read and append (created when absent), never through a
+    link: a link there is refused, not followed (it could point anywhere).
+
+    Raises:
+        OutputError: the path is a link, or the place cannot take the file.
+    """
+    refuse_link(path)
+    with writing(path):
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # made a link since the check above
+                raise OutputError(f"{path} is a symbolic link; cxrtool does not write through links: remove it") from None
+            raise
+        with os.fdopen(descriptor, "a+b") as handle:
+            yield handle
+
+
+def check_writable(folder: Path) -> None:
+    """Make sure results can be written in ``folder`` (creating it), before any work.
+
+    Raises:
+        OutputError: it cannot be created, or a file cannot be created in it.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = _create_temporary(folder / ".cxrtool.probe")
+        os.unlink(probe)
+    except OSError as error:  # whatever it is, nothing can be written there
+        raise OutputError(f"{folder}: {error.strerror or error}") from None
+
+
 def read_csv_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        return [dict(row) for row in csv.DictReader(handle)]
+    """A table cxrtool wrote, row by row, each cell as it was before :func:`write_csv`.
+
+    Raises:
+        UsageError: the table is no longer UTF-8 text (a spreadsheet saved it in another
+            encoding), naming the file, the byte and what to do.
+    """
+    try:
+        with open_regular(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            header = [spreadsheet_text(c) for c in next(reader, [])]
+            return [dict(zip(header, (spreadsheet_text(c) for c in row), strict=False)) for row in reader]
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at {error.start}; re-saved by "
+                         "a spreadsheet in another encoding, such as cp1252?): save it as UTF-8 CSV, or move it "
+                         "away and run again to rebuild it from the sidecars") from None
 
 
 def update_json(path: Path, change: Callable[[Any], Any]) -> Any:
@@ -229,6 +387,7 @@ def update_json(path: Path, change: Callable[[Any], Any]) -> Any:
     result atomically, all under the folder's lock. Returns what was written (a None
     result removes the file)."""
     with folder_lock(path.parent):
+        refuse_link(path)
         current = None
         if path.is_file():
             with contextlib.suppress(OSError, json.JSONDecodeError):

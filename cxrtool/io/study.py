@@ -5,14 +5,50 @@ to them, all import it; it imports none of them."""
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 
 class StudyReadError(Exception):
     """A file that cannot be read as a study; the message is the one-line reason."""
+
+
+class NotRegularFile(OSError):
+    """A path that is a FIFO, a device, a socket or a folder: never read (reading one can
+    block for ever, or never end); the message says which."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open a file for reading only if it is a regular file (links followed).
+
+    The check is made on the opened descriptor (opened without blocking, so a FIFO with no
+    writer cannot hold the call), not on the name: what is read is what was checked.
+
+    Raises:
+        NotRegularFile: a FIFO, device, socket or folder, saying which.
+        OSError: the file cannot be opened (missing, no permission...).
+    """
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+            raise NotRegularFile(f"not a regular file but {kind}: never read")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def one_line(message: str, limit: int | None = 200) -> str:
@@ -67,12 +103,14 @@ def sniff_format(path: Path) -> str:
         StudyReadError: for an empty, unreadable or unrecognised file.
     """
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             head = handle.read(132)
     except FileNotFoundError as error:
         raise StudyReadError("no such file") from error
     except IsADirectoryError as error:
         raise StudyReadError("is a directory, not a file") from error
+    except NotRegularFile as error:
+        raise StudyReadError(str(error)) from error
     except OSError as error:
         raise StudyReadError(f"cannot open: {error.strerror or error}") from error
     if not head:

@@ -28,7 +28,7 @@ import numpy as np
 
 from cxrtool._workers import cores, process_pool
 from cxrtool.errors import UsageError
-from cxrtool.io.outputs import SharedTable, atomic_write, folder_lock
+from cxrtool.io.outputs import SharedTable, atomic_write, folder_lock, open_append, refuse_link
 from cxrtool.io.records import RADIOMICS_FIRST, RADIOMICS_KEY, Fingerprint, Provenance, is_done, settings_digest
 from cxrtool.radiomics.sources import RegionJob, read_mask
 
@@ -140,6 +140,7 @@ def _settings(params: dict[str, Any] | None, classes: tuple[str, ...] | None) ->
 def _read_journal(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
     """The journal's header and its rows, each region's latest (a torn line is skipped)."""
     done: dict[str, dict[str, Any]] = {}
+    refuse_link(path)  # a journal that is a link is never read, nor written through
     if not path.is_file():
         return None, done
     with open(path, encoding="utf-8") as handle:
@@ -210,7 +211,7 @@ def run_regions(
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
         if header is None or summary.restarted:
-            with open(journal, "w", encoding="utf-8") as handle:
+            with atomic_write(journal, "w", encoding="utf-8") as handle:
                 handle.write(json.dumps({"journal": JOURNAL_KIND, "settings": digest, "recorded": settings}) + "\n")
     unique = list({job.key: job for job in jobs}.values())
     summary.total = len(unique)
@@ -231,7 +232,7 @@ def run_regions(
     def record(rows: list[dict[str, Any]]) -> None:
         nonlocal finished
         lines = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
-        with folder_lock(out_csv.parent), open(journal, "a+b") as handle:
+        with folder_lock(out_csv.parent), open_append(journal) as handle:
             handle.seek(0, os.SEEK_END)
             if handle.tell():
                 handle.seek(-1, os.SEEK_END)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cxrtool.io.study import open_regular
+
 # A file modified this recently may change again within the file system's timestamp
 # resolution without its stat changing: its stat is not trusted for the quick check.
 _RACY_SECONDS = 2.0
@@ -79,8 +81,14 @@ def _stat_key(stat: os.stat_result) -> tuple[int, int, int, int]:
 
 
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a regular file's content.
+
+    Raises:
+        NotRegularFile: a FIFO, device, socket or folder (which could block or never end).
+        OSError: the file cannot be read.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cxrtool.io.outputs import SIDECAR_SUFFIX, folder_lock, sidecar_path, write_json
+from cxrtool.io.outputs import SIDECAR_SUFFIX, folder_lock, owned_by, sidecar_path, write_json
 from cxrtool.io.records.provenance import Fingerprint
 from cxrtool.io.records.schema import NewerSchemaError, Result, Sidecar
 
@@ -137,7 +137,7 @@ def _remove_pictures(folder: Path, study_name: str, names: Iterable[str]) -> lis
     """Remove files a result listed: only plain names in this folder that belong to the study."""
     removed = []
     for name in dict.fromkeys(names):
-        if Path(name).name != name or not name.startswith(f"{study_name}.cxrtool."):
+        if not owned_by(name, study_name):
             continue  # never follow a path a sidecar names outside its own outputs
         with contextlib.suppress(FileNotFoundError):
             (folder / name).unlink()
