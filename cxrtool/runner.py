@@ -64,6 +64,7 @@ class RunSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)
     stale: int = 0  # earlier results dropped because their study's file changed since
+    passed: dict[str, int] = field(default_factory=dict)  # files in the folders that are not studies, by why
 
     @property
     def exit_code(self) -> int:
@@ -388,8 +389,9 @@ def run_studies(
     n_workers = default_workers() if options.workers is None else max(0, options.workers)
     in_workers = model_in_workers(options.model_in, torch_device.type, n_workers)
     table_views = _read_views(options.views)
-    paths = list(find_studies(inputs, stdin=options.stdin))
-    summary = RunSummary(total=len(paths))
+    passed: dict[str, int] = {}
+    paths = list(find_studies(inputs, stdin=options.stdin, passed=passed))
+    summary = RunSummary(total=len(paths), passed=passed)
     root = output_root(paths)
     out_dir = Path(options.out) if options.out is not None else None
 

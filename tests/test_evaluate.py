@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -413,3 +414,35 @@ def test_the_paired_bootstrap_equals_a_hand_computation_on_a_tiny_table():
     # a NaN resample is left out and counted
     nan_once = iter([0.0] + [float("nan")] * 3 + [1.0] * 4)
     assert paired_bootstrap(lambda index: next(nan_once), 5, n_boot=7).resamples == 4
+
+
+@pytest.mark.parametrize(("cell", "says"), [
+    ("57.3", "is '57.3', not a probability in [0, 1] (percentages? divide by 100)"),
+    ("-5", "is '-5', not a probability"),
+    ("inf", "is 'inf', not a probability"),
+    ("1e309", "is '1e309', not a probability"),
+    ("nan", "is 'nan', not a probability"),
+])
+def test_impossible_probabilities_are_refused_naming_the_row(tmp_path: Path, cell: str, says: str) -> None:
+    preds, labels, _, _ = _evaluation_inputs(tmp_path)
+    rows = [line.split(",") for line in preds.read_text().splitlines()]
+    for row in rows:
+        if row[0] == "/data/study/case_007.png":
+            row[1] = cell  # the Effusion column
+    preds.write_text("\n".join(",".join(row) for row in rows) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"Effusion of /data/study/case_007.png {says}")):
+        evaluate(preds, labels, n_boot=0)
+
+
+def test_a_repeated_header_is_refused_and_repeated_label_rows_are_counted(tmp_path: Path) -> None:
+    preds, labels, _, _ = _evaluation_inputs(tmp_path)
+    doubled = tmp_path / "doubled.csv"
+    header, *rest = preds.read_text().splitlines()
+    doubled.write_text("\n".join([header.replace("Hernia", "Mass"), *rest]) + "\n")
+    with pytest.raises(ValueError, match="the column 'Mass' appears twice in the header"):
+        evaluate(doubled, labels, n_boot=0)
+    lines = labels.read_text().splitlines()
+    labels.write_text("\n".join([*lines, lines[1], lines[2]]) + "\n")  # two images listed again
+    report = evaluate(preds, labels, n_boot=0)
+    assert report.matching["repeated_label_rows"] == 2 and report.matching["matched"] == 120
+    assert any("2 label rows repeated an image listed before" in note for note in report.notes)

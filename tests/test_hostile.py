@@ -229,3 +229,73 @@ def test_a_table_a_spreadsheet_saved_in_cp1252_is_refused_once_before_any_work(s
     assert f"{table}: not UTF-8 text (byte 0xe9" in result.output and "cp1252" in result.output
     assert "Traceback" not in result.output
     assert {p: p.stat().st_mtime_ns for p in study.glob("*.cxrtool.json")} == sidecars  # nothing done, nothing lost
+
+
+def test_a_study_named_like_an_output_is_a_study_and_what_is_passed_over_is_counted(study, make_checkpoint):
+    write_png(study / "patient.cxrtool.png", seed=6)  # ".cxrtool." alone does not make an output
+    write_png(study / "roc_curves.png", seed=7)  # no evaluation report beside it: a study
+    (study / "notes.txt").write_text("not an image")
+    result = runner.invoke(app, ["predict", str(study), "-m", str(make_checkpoint()), "-j", "0"])
+    assert result.exit_code == 0, result.output
+    files = {row["file"] for row in read_csv_rows(study / FOLDER_CSV)}
+    assert {"patient.cxrtool.png", "roc_curves.png"} <= files
+    assert "passed over in the folders: 1 not an image" in result.output
+    again = runner.invoke(app, ["predict", str(study), "-m", str(make_checkpoint()), "-j", "0"])
+    assert "4 already done" in " ".join(again.output.split())
+    assert "cxrtool's own outputs" in again.output  # the sidecars of the first run, counted, not read as studies
+
+
+# ------------------------------------------------------------------ load: eight runs at once on one folder
+
+
+@pytest.mark.slow
+def test_eight_runs_at_once_on_one_folder_leave_every_result_once_and_whole_tables(tmp_path, nih_dir, make_checkpoint):
+    """Three predicts (two models), three explains, two radiomics runs into one folder, all
+    at once: every (study, model) row once, every sidecar with both models' results and
+    the explained model's maps, the radiomics table with every region once."""
+    import shutil
+    import textwrap
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    pngs = sorted((nih_dir / "images").glob("*.png"))[:8]
+    for png in pngs:
+        shutil.copy(png, folder / png.name)
+    first, second = make_checkpoint(), make_checkpoint(name="second", seed=1)
+    table = folder / "cxrtool_radiomics.csv"
+    measure = textwrap.dedent("""
+        import sys
+        from cxrtool.radiomics.batch import run_regions
+        from cxrtool.radiomics.sources import RegionJob
+        params = {"imageType": {"Original": {}}, "featureClass": {"firstorder": None}, "setting": {"binWidth": 0.02}}
+        run_regions([RegionJob(path) for path in sys.argv[2:]], sys.argv[1], params=params, workers=0)
+    """)
+    names = [str(folder / p.name) for p in pngs]
+    commands = [
+        ["-m", "cxrtool", "predict", str(folder), "-m", str(first), "-j", "0", "-b", "2"],
+        ["-m", "cxrtool", "predict", str(folder), "-m", str(second), "-j", "0", "-b", "3"],
+        ["-m", "cxrtool", "predict", *names[:4], "-m", str(first), "-j", "0"],
+        ["-m", "cxrtool", "explain", str(folder), "-m", str(first), "-j", "0", "-f", "Effusion", "--overlay-size", "96"],
+        ["-m", "cxrtool", "explain", *names[4:], "-m", str(first), "-j", "0", "-f", "Effusion", "--overlay-size", "96"],
+        ["-m", "cxrtool", "explain", *names[::2], "-m", str(first), "-j", "0", "-f", "Effusion", "--overlay-size", "96"],
+        ["-c", measure, str(table), *names[:5]],
+        ["-c", measure, str(table), *names[3:]],
+    ]
+    runs = [subprocess.Popen([sys.executable, *command], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True) for command in commands]
+    for process in runs:
+        _, errors = process.communicate(timeout=600)
+        assert process.returncode == 0, errors
+    rows = read_csv_rows(folder / FOLDER_CSV)
+    pairs = sorted((row["file"], row["model"]) for row in rows)
+    assert pairs == sorted((p.name, model) for p in pngs for model in ("tiny", "second")), pairs
+    for png in pngs:
+        record = json.loads(sidecar_path(folder, png.name).read_text())
+        by_model = {result["model"]["name"]: result for result in record["results"]}
+        assert set(by_model) == {"tiny", "second"}
+        assert "Effusion" in by_model["tiny"]["explanations"]["findings"]
+        for name in by_model["tiny"]["explanations"]["findings"]["Effusion"].get("files", {}).values():
+            assert (folder / name).is_file()
+    measured = read_csv_rows(table)
+    assert sorted(row["image"] for row in measured) == sorted(names) and all(row["status"] == "ok" for row in measured)
+    assert (folder / "cxrtool_explain.html").is_file()

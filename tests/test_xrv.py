@@ -4,6 +4,8 @@ No network: the weight files are made here, offline, with XRV's own model classe
 seeded weights (batch-norm statistics from real radiographs, so that the logits are of
 order one and every pixel of preprocessing matters), and saved the way XRV publishes them:
 the DenseNet as a pickled module, the ResNet-50 as a state dict, under XRV's file names.
+Being made here, the DenseNet files are not XRV's published files: they are imported with
+--trust-pickle, which lets a pickle build only the classes a weights file needs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -79,9 +82,9 @@ def _xrv_model(name: str, cache: Path) -> torch.nn.Module:
     return model_class(weights=name, cache_dir=str(cache))
 
 
-def _import(name: str, cache: Path, out: Path):
+def _import(name: str, cache: Path, out: Path, *, trust: bool = True):
     return runner.invoke(app, ["models", "import", f"xrv:{name}", "--weights", str(cache / _file_name(name)),
-                               "--out", str(out)])
+                               "--out", str(out), *(["--trust-pickle"] if trust else [])])
 
 
 def test_the_weights_are_of_order_one(xrv_cache, nih_pngs):
@@ -189,7 +192,7 @@ def test_import_from_xrvs_cache_and_bad_requests(xrv_cache, tmp_path):
     cache.mkdir(parents=True)
     (cache / _file_name(DENSE)).symlink_to(xrv_cache / _file_name(DENSE))
     env = {**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    found = subprocess.run([sys.executable, "-m", "cxrtool", "models", "import", f"xrv:{DENSE}", "--out",
+    found = subprocess.run([sys.executable, "-m", "cxrtool", "models", "import", f"xrv:{DENSE}", "--trust-pickle", "--out",
                             str(tmp_path / "m.safetensors")], capture_output=True, text=True, env=env, timeout=240)
     assert found.returncode == 0, found.stderr
     assert str(cache) in found.stderr and "14 findings" in found.stderr
@@ -223,7 +226,7 @@ def test_a_download_through_xrv_and_files_that_are_not_weights(xrv_cache, tmp_pa
         shutil.copy(xrv_cache / _file_name(DENSE), path)
 
     monkeypatch.setattr(xrv.utils, "download", download)
-    done = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--out", str(tmp_path / "a.safetensors")])
+    done = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--trust-pickle", "--out", str(tmp_path / "a.safetensors")])
     assert done.exit_code == 0, done.output
     assert asked == [xrv.models.model_urls[DENSE]["weights_url"]] and "downloading" in done.output
     cached = tmp_path / "home" / ".torchxrayvision" / "models_data" / _file_name(DENSE)
@@ -236,7 +239,7 @@ def test_a_download_through_xrv_and_files_that_are_not_weights(xrv_cache, tmp_pa
     failed = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--out", str(tmp_path / "b.safetensors")])
     assert failed.exit_code == 2 and "could not download" in failed.output and "--weights FILE" in failed.output
     cached.write_bytes((xrv_cache / _file_name(DENSE)).read_bytes()[:100_000])  # an interrupted download
-    partial = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--out", str(tmp_path / "c.safetensors")])
+    partial = runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--trust-pickle", "--out", str(tmp_path / "c.safetensors")])
     assert partial.exit_code == 2 and "cut short or corrupt?" in partial.output and "delete it to download it again" in partial.output
     for content in (b"hello", b""):
         (tmp_path / "junk.pt").write_bytes(content)
@@ -273,3 +276,121 @@ def test_fine_tuning_an_imported_model(xrv_cache, nih_pngs, tmp_path):
     assert card.findings == ["Effusion", "Ring"] and not card.calibration  # thresholds chosen on validation instead
     assert card.training["init"] == {"checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint), "name": "xrv-" + DENSE,
                                      "findings_kept": ["Effusion"], "findings_new": ["Ring"]}
+
+
+# --- pickles that are not weights: refused, with or without --trust-pickle (issue 23) ---
+
+
+class _Command:
+    """What an attacker pickles: unpickling it calls ``call(*args)``."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def _stack_global_in_disguise(module: str, name: str, argument: str) -> bytes:
+    """A protocol-4 pickle calling module.name(argument), the two names separated by a
+    MARK/POP_MARK pair, which changes nothing on the unpickler's stack: a reading of the
+    opcodes that follows only adjacent strings cannot tell what it imports."""
+    def text(value: str) -> bytes:
+        return pickle.SHORT_BINUNICODE + bytes([len(value)]) + value.encode()
+
+    return (pickle.PROTO + b"\x04" + text(module) + pickle.MARK + pickle.POP_MARK + text(name) + pickle.STACK_GLOBAL
+            + text(argument) + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
+
+
+def _import_file(path: Path, out: Path, *flags: str):
+    return runner.invoke(app, ["models", "import", f"xrv:{DENSE}", "--weights", str(path), "--out", str(out), *flags])
+
+
+def _one_line_error(output: str) -> str:
+    (line,) = [line for line in output.splitlines() if line.startswith("error:")]
+    return line
+
+
+@pytest.mark.parametrize("trust", [False, True])
+@pytest.mark.parametrize(("payload", "named"), [
+    pytest.param(lambda: _Command(os.system, "touch PWNED"), "os.system", id="os.system"),
+    pytest.param(lambda: _Command(subprocess.Popen, ["touch", "PWNED"]), "subprocess.Popen", id="subprocess.Popen"),
+    pytest.param(lambda: _Command(eval, "__import__('os').system('touch PWNED')"), "builtins.eval", id="builtins.eval"),
+    pytest.param(lambda: {"features.conv0.weight": torch.zeros(1), "x": _Command(os.system, "touch PWNED")}, "os.system",
+                 id="os.system-in-torch-zip"),
+])
+def test_a_pickle_that_runs_a_command_is_refused_and_runs_nothing(payload, named, trust, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where "touch PWNED" would write
+    evil = tmp_path / "evil.pt"
+    if isinstance(payload(), dict):  # hidden in torch's own zip format, beside a tensor
+        torch.save(payload(), evil)
+    else:
+        evil.write_bytes(pickle.dumps(payload(), protocol=2))
+    result = _import_file(evil, tmp_path / "x.safetensors", *(["--trust-pickle"] if trust else []))
+    assert not (tmp_path / "PWNED").exists(), "the pickle ran its command"
+    assert result.exit_code == 2, result.output
+    assert _one_line_error(result.output) == f"error: {evil}: refused: the pickle asks for {named}, which a weights file never needs"
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")  # torch's weights_only reader, tried first
+def test_the_unpickler_itself_refuses_what_a_reading_of_the_opcodes_misses(tmp_path, monkeypatch):
+    """Even when a pickle hides what it imports from the opcode reading, a trusted file is
+    unpickled with only the admitted names; and an admitted module class is never called
+    (XRV's DenseNet(weights=..., cache_dir=...) would download and unpickle a file)."""
+    monkeypatch.chdir(tmp_path)
+    hidden = tmp_path / "hidden.pt"
+    hidden.write_bytes(_stack_global_in_disguise("posix", "system", "touch PWNED"))
+    untrusted = _import_file(hidden, tmp_path / "x.safetensors")
+    assert not (tmp_path / "PWNED").exists(), "the pickle ran its command"
+    assert untrusted.exit_code == 2 and "--trust-pickle" in _one_line_error(untrusted.output)
+    trusted = _import_file(hidden, tmp_path / "x.safetensors", "--trust-pickle")
+    assert not (tmp_path / "PWNED").exists(), "the pickle ran its command"
+    assert trusted.exit_code == 2
+    assert _one_line_error(trusted.output) == f"error: {hidden}: refused: the pickle asks for os.system, which a weights file never needs"
+    called = tmp_path / "called.pt"
+    called.write_bytes(pickle.dumps(_Command(xrv.models.DenseNet, 32, (6, 12, 24, 16)), protocol=2))
+    result = _import_file(called, tmp_path / "x.safetensors", "--trust-pickle")
+    assert result.exit_code == 2
+    assert _one_line_error(result.output) == (f"error: {called}: refused: the pickle calls torchxrayvision.models.DenseNet, "
+                                              "which a weights file never needs")
+    patched = tmp_path / "patched.pt"  # a class's own attributes set by the pickle (BUILD on Conv2d, not on a Conv2d)
+    patched.write_bytes(pickle.PROTO + b"\x02" + pickle.GLOBAL + b"torch.nn.modules.conv\nConv2d\n" + pickle.NONE
+                        + pickle.EMPTY_DICT + pickle.BINUNICODE + (7).to_bytes(4, "little") + b"forward" + pickle.NONE
+                        + pickle.SETITEM + pickle.TUPLE2 + pickle.BUILD + pickle.STOP)
+    result = _import_file(patched, tmp_path / "x.safetensors", "--trust-pickle")
+    assert result.exit_code == 2 and torch.nn.Conv2d.forward is not None
+    assert _one_line_error(result.output).endswith("refused: the pickle changes torch.nn.modules.conv.Conv2d, which a weights "
+                                                   "file never needs")
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_pickled_module_is_unpickled_only_when_trusted(xrv_cache, tmp_path, monkeypatch):
+    from cxrtool.models.checkpoint import read_card
+    from cxrtool.models.sources import xrv as xrv_source
+
+    refused = _import(DENSE, xrv_cache, tmp_path / "a.safetensors", trust=False)
+    assert refused.exit_code == 2 and not (tmp_path / "a.safetensors").exists()
+    assert "not one of TorchXRayVision's published files" in _one_line_error(refused.output)
+    assert "--trust-pickle" in _one_line_error(refused.output) and "unpickled here" not in refused.output
+    state_dict = _import(RESNET, xrv_cache, tmp_path / "r.safetensors", trust=False)  # weights_only=True reads it: no flag
+    assert state_dict.exit_code == 0, state_dict.output
+    digest = __import__("hashlib").sha256((xrv_cache / _file_name(DENSE)).read_bytes()).hexdigest()
+    monkeypatch.setitem(xrv_source.PUBLISHED_SHA256, DENSE, digest)  # as if it were XRV's published file
+    published = _import(DENSE, xrv_cache, tmp_path / "p.safetensors", trust=False)
+    assert published.exit_code == 0, published.output
+    assert "unpickled here (its SHA-256 is TorchXRayVision's published file's)" in published.output
+    assert read_card(tmp_path / "p.safetensors").source["unpickled"] is True
+
+
+def test_xrvs_densenet_in_torchs_older_format_imports(xrv_cache, tmp_path):
+    """XRV's DenseNet files predate torch's zip format: the same module in the older one."""
+    from safetensors.torch import load_file
+
+    legacy = tmp_path / "legacy" / _file_name(DENSE)
+    legacy.parent.mkdir()
+    torch.save(torch.load(xrv_cache / _file_name(DENSE), weights_only=False), legacy, _use_new_zipfile_serialization=False)
+    assert _import(DENSE, legacy.parent, tmp_path / "old.safetensors").exit_code == 0
+    assert _import(DENSE, xrv_cache, tmp_path / "new.safetensors").exit_code == 0
+    old, new = load_file(tmp_path / "old.safetensors"), load_file(tmp_path / "new.safetensors")
+    assert old.keys() == new.keys() and all(torch.equal(old[key], new[key]) for key in old)

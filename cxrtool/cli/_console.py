@@ -289,6 +289,9 @@ def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_w
         count = f"{summary.stale} earlier {'result' if summary.stale == 1 else 'results'}"
         note(f"{count} of studies whose files have changed since removed (they described the old files), "
              "with their pictures")
+    if summary.passed:  # what the folders held besides studies, and by which rule it was passed over
+        note("passed over in the folders: " + ", ".join(f"{count} {why}" for why, count in sorted(summary.passed.items()))
+             + " (a study is any DICOM, PNG or JPEG not named *.cxrtool.json or *.cxrtool.<model id>.*)")
     for folder in summary.folders[:5]:
         note(f"  {folder / listed}")
     if len(summary.folders) > 5:

@@ -179,6 +179,10 @@ def import_weights(
     weights: Annotated[Path | None, typer.Option("--weights", help="The set's file, downloaded elsewhere (an offline machine); "
                                                  "default: TorchXRayVision's cache, else it downloads it.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="The model's name on its card (default xrv-NAME).")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle the weights file although its SHA-256 is "
+                                               "not one of TorchXRayVision's published files: its pickle may then run code "
+                                               "on import (only through the classes a weights file needs; anything else is "
+                                               "refused). Only for files you made or trust.")] = False,
 ) -> None:
     """Import a TorchXRayVision classifier once into an ordinary cxrtool checkpoint (the only
     step that unpickles anything), with XRV's preprocessing and operating points on its card."""
@@ -191,7 +195,8 @@ def import_weights(
         fail(f"expected {' or '.join(f'{p}:NAME ({i.library})' for p, i in known.items())}, got {spec!r} "
              "(cxrtool models --available lists the sets)")
     try:
-        report = known[prefix].run(set_name, out, weights=weights, model_name=name, say=note)
+        report = known[prefix].run(set_name, out, weights=weights, model_name=name, trust_pickle=trust_pickle,
+                                     say=note)
     except UsageError as error:
         fail(str(error))
     note(f"[green]{report.checkpoint}[/]: {report.weights.architecture} at {report.weights.input_size} px, "

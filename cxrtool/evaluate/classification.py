@@ -343,6 +343,7 @@ def evaluate(
         ("unmatched_predictions", "prediction rows had no label row"),
         ("ambiguous_predictions", "prediction rows matched several label rows"),
         ("duplicate_predictions", "prediction rows repeated an already matched image"),
+        ("repeated_label_rows", "label rows repeated an image listed before (its first row is its label)"),
         ("error_rows", "prediction rows had an error"),
         ("incomplete_rows", "prediction rows had no probabilities"),
     ):

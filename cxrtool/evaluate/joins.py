@@ -69,10 +69,7 @@ def _read_predictions(
             counts["error_rows"] += 1
             continue
         cells = [(row.get(c) or "").strip() for c in cols]
-        try:
-            values = [float(c) if c else math.nan for c in cells]
-        except ValueError:
-            raise ValueError(f"{where}: probabilities must be numbers, got {cells} for {row.get('file')}") from None
+        values = [_probability(cell, column, row, where) for cell, column in zip(cells, cols, strict=True)]
         if all(math.isnan(v) for v in values):
             counts["incomplete_rows"] += 1
             continue
@@ -91,6 +88,27 @@ def _read_predictions(
     return files, names, array, counts, notes, chosen
 
 
+def _probability(cell: str, column: str, row: dict[str, str], where: str) -> float:
+    """A probability cell: a number in [0, 1], or empty (a finding this study was not scored
+    for). Anything else is refused, naming the row: a percentage, a logit, a written-out
+    ``nan`` or ``inf`` is not a probability, and metrics on it would be quietly wrong.
+
+    Raises:
+        ValueError: the cell is not a probability.
+    """
+    if not cell:
+        return math.nan
+    try:
+        value = float(cell)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        hint = " (percentages? divide by 100)" if value is not None and 1.0 < value <= 100.0 else ""
+        raise ValueError(f"{where}: {column} of {row.get('file') or row.get('path')} is {cell[:40]!r}, not a probability "
+                         f"in [0, 1]{hint}; an empty cell means not scored")
+    return value
+
+
 def _path_parts(path: str) -> list[str]:
     # Plain string splitting: PurePosixPath per row costs seconds over 112,120 NIH rows.
     return [p for p in path.replace("\\", "/").split("/") if p]
@@ -104,8 +122,15 @@ def _match(files: Sequence[str], table: LabelTable) -> tuple[np.ndarray, np.ndar
     label row matches.
     """
     by_name: dict[str, list[int]] = {}
+    first_row: dict[str, int] = {}
+    repeated_labels = 0
     for i, image in enumerate(table.images):
-        by_name.setdefault(image.replace("\\", "/").rpartition("/")[2], []).append(i)
+        key = image.replace("\\", "/")
+        if key in first_row:  # the same image listed twice: its first row is its label
+            repeated_labels += 1
+            continue
+        first_row[key] = i
+        by_name.setdefault(key.rpartition("/")[2], []).append(i)
     label_parts: dict[int, tuple[str, ...]] = {}  # only for rows whose name repeats
 
     def suffix(i: int, depth: int) -> tuple[str, ...]:
@@ -116,7 +141,8 @@ def _match(files: Sequence[str], table: LabelTable) -> tuple[np.ndarray, np.ndar
     pred_rows: list[int] = []
     label_rows: list[int] = []
     seen: set[int] = set()
-    counts = {"unmatched_predictions": 0, "ambiguous_predictions": 0, "duplicate_predictions": 0}
+    counts = {"unmatched_predictions": 0, "ambiguous_predictions": 0, "duplicate_predictions": 0,
+              "repeated_label_rows": repeated_labels}
     for p, file in enumerate(files):
         parts = _path_parts(file)
         candidates = by_name.get(parts[-1], []) if parts else []
@@ -137,7 +163,7 @@ def _match(files: Sequence[str], table: LabelTable) -> tuple[np.ndarray, np.ndar
         pred_rows.append(p)
         label_rows.append(hit)
     counts["matched"] = len(pred_rows)
-    counts["labels_without_prediction"] = len(table) - len(seen)
+    counts["labels_without_prediction"] = len(first_row) - len(seen)
     return np.asarray(pred_rows, dtype=np.int64), np.asarray(label_rows, dtype=np.int64), counts
 
 

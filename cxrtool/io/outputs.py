@@ -20,9 +20,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,20 @@ LOCK_TIMEOUT_S = 600.0
 EVALUATION_FILES = {"json": "evaluation.json", "csv": "evaluation.csv", "roc": "roc_curves.png", "pr": "pr_curves.png"}
 
 
-def is_own_output(name: str) -> bool:
-    """Whether a file name is one of cxrtool's outputs (or hidden), never a study: a
-    study's sidecar and pictures (``NAME.cxrtool.*``), evaluate's report and curves. (A
-    folder's tables and sheets, ``cxrtool_*.csv|json|html``, are not pictures anyway.)"""
-    return name.startswith(".") or ".cxrtool." in name or name in EVALUATION_FILES.values()
+# A study's own outputs: its sidecar, and the files of a model's result (the model's 12-digit
+# id after ".cxrtool."). A study that merely has ".cxrtool." in its name is still a study.
+_PER_MODEL = re.compile(r"\.cxrtool\.[0-9a-f]{12}\.")
+
+
+def is_own_output(name: str, siblings: Container[str] = ()) -> bool:
+    """Whether a file name is one of cxrtool's outputs (or hidden), never a study: a study's
+    sidecar (``*.cxrtool.json``) and the files of a model's result (``*.cxrtool.<model
+    id>.*``), and evaluate's curves where its report (``evaluation.json``) is among the
+    ``siblings`` (the other names in the folder). (A folder's tables and sheets,
+    ``cxrtool_*.csv|json|html``, are not pictures anyway.)"""
+    if name.startswith(".") or name.endswith(SIDECAR_SUFFIX) or _PER_MODEL.search(name):
+        return True
+    return name in EVALUATION_FILES.values() and EVALUATION_FILES["json"] in siblings
 
 
 # What a write that fails says about the place, not the data: the run cannot go on there.
@@ -375,6 +385,9 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
         with open_regular(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle)
             header = [spreadsheet_text(c) for c in next(reader, [])]
+            twice = sorted({name for name in header if header.count(name) > 1})
+            if twice:  # which of the two would be meant? never the last one silently
+                raise UsageError(f"{path}: the column {twice[0][:40]!r} appears twice in the header; keep one")
             return [dict(zip(header, (spreadsheet_text(c) for c in row), strict=False)) for row in reader]
     except UnicodeDecodeError as error:
         raise UsageError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at {error.start}; re-saved by "

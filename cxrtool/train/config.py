@@ -24,6 +24,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from cxrtool.errors import brief
+from cxrtool.io.yamlfile import read_yaml
 from cxrtool.models.heads import DecoderHead, LabelGraphHead, LSEHead
 from cxrtool.registry import (
     CAM_METHOD_LABELS,
@@ -125,33 +127,33 @@ class TrainConfig:
 
         terms = {name for _, name in parse_loss(self.loss)}  # its own message: the term that is wrong, and the choices
         checks = [
-            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
+            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {brief(self.task)}"),
             (self.task != "view" or not self.findings,
              "findings cannot be chosen for task view: its classes are the projections the labels' view column has"),
             (self.task != "view" or not self.projections,
              "projections cannot be chosen for task view: a view classifier learns to tell them apart"),
             (all(p in VIEW_POSITIONS for p in self.projections),
-             f"projections must be among {', '.join(VIEW_POSITIONS)}, got {', '.join(self.projections)}"),
-            (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got {self.head!r}"),
+             f"projections must be among {', '.join(VIEW_POSITIONS)}, got {brief(', '.join(self.projections), quote=False)}"),
+            (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got {brief(self.head)}"),
             (not self.zero_shot or "align" in terms,
              "zero_shot trains its text branch through the align loss term: add it (e.g. loss: 1.5*asl+align, "
              "or --preset dual-branch)"),
-            (self.sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}"),
+            (self.sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}, got {brief(self.sampling)}"),
             (self.logit_adjustment >= 0, f"logit_adjustment must be 0 or more, got {self.logit_adjustment}"),
             (self.output_stride in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {self.output_stride}"),
-            (self.padding in PADDINGS, f"padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}"),
+            (self.padding in PADDINGS, f"padding must be one of {', '.join(PADDINGS)}, got {brief(self.padding)}"),
             (self.feedback_every >= 1, f"feedback_every must be at least 1, got {self.feedback_every}"),
             (0 < self.feedback_fraction <= 1, f"feedback_fraction must be in (0, 1], got {self.feedback_fraction}"),
             (self.feedback_cam in CAM_METHOD_LABELS,
-             f"feedback_cam must be one of {', '.join(CAM_METHOD_LABELS)}, got {self.feedback_cam!r}"),
+             f"feedback_cam must be one of {', '.join(CAM_METHOD_LABELS)}, got {brief(self.feedback_cam)}"),
             (not self.unlabelled or "radiomics" in terms,
              "unlabelled images enter the radiomics contrast only: add the term (loss: focal+radiomics, or "
              "--preset radiomics-feedback)"),
             (self.focal_alpha <= 1, f"focal_alpha must be at most 1 (negative: off), got {self.focal_alpha}"),
             (self.threshold_method in THRESHOLD_METHODS,
-             f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, got {self.threshold_method!r}"),
+             f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, got {brief(self.threshold_method)}"),
             (self.uncertain in UNCERTAIN_POLICIES,
-             f"uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, got {self.uncertain!r}"),
+             f"uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, got {brief(self.uncertain)}"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
@@ -179,26 +181,28 @@ def _coerce(name: str, kind: Any, raw: Any) -> Any:
                 return True
             if lowered in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"{name} expects true/false, got {raw!r}")
+            raise ValueError(f"{name} expects true/false, got {brief(raw)}")
         if kind is int:
             try:
                 return int(text)
             except ValueError:
-                raise ValueError(f"{name} expects an integer, got {raw!r}") from None
+                raise ValueError(f"{name} expects an integer, got {brief(raw)}") from None
         if kind is float:
             try:
                 return float(text)
             except ValueError:
-                raise ValueError(f"{name} expects a number, got {raw!r}") from None
+                raise ValueError(f"{name} expects a number, got {brief(raw)}") from None
         if kind == list[str]:
             return [part.strip() for part in text.split(",") if part.strip()]
         return text
     if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
-    if kind == list[str] and isinstance(raw, list):
+    if kind == list[str]:
+        if not isinstance(raw, list | tuple) or not all(isinstance(item, str | int | float) for item in raw):
+            raise ValueError(f"{name} expects a list of names, got {brief(raw)}")
         return [str(item) for item in raw]
     if kind in (bool, int, float, str) and not isinstance(raw, kind):
-        raise ValueError(f"{name} expects {kind.__name__}, got {raw!r}")
+        raise ValueError(f"{name} expects {kind.__name__}, got {brief(raw)}")
     return raw
 
 
@@ -218,10 +222,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     known = {f.name for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
     if path is not None:
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle) or {}
+        loaded = read_yaml(path, what="a training configuration")  # YamlFileError (a ValueError): "FILE: reason"
+        if loaded is None:
+            loaded = {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of settings at the top level")
+            raise ValueError(f"{path}: expected a mapping of settings at the top level, not {brief(loaded)}")
         # Allow grouping keys under sections (data:, model:, ...) for readability.
         for key, value in loaded.items():
             if isinstance(value, dict) and key not in known:
@@ -236,13 +241,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
-    unknown = sorted(set(values) - known)
+    unknown = sorted((key for key in values if key not in known), key=str)
     if unknown:
-        raise ValueError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
+        raise ValueError(f"unknown setting {brief(unknown[0])}; known settings: {', '.join(sorted(known))}")
     preset = values.get("preset") or ""
+    if not isinstance(preset, str):
+        raise ValueError(f"preset expects str, got {brief(preset)}")
     if preset:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            raise ValueError(f"unknown preset {brief(preset)}; choose one of {', '.join(PRESETS)}")
         # A preset sits between the defaults and everything given: its settings fill only
         # what the file and the flags leave unset.
         values = {**PRESETS[preset], **values}

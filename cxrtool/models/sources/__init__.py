@@ -58,9 +58,12 @@ class Importer:
         library: the library's name, for messages.
         available: () -> one row per importable set (``name``, ``architecture``,
             ``input``, ``trained on``, ``findings``), and a note to show under them or None.
-        run: (set name, out path, *, weights, model_name, say) -> a report with
-            ``checkpoint`` (the file written), ``weights`` (its ``architecture`` and
+        run: (set name, out path, *, weights, model_name, trust_pickle, say) -> a report
+            with ``checkpoint`` (the file written), ``weights`` (its ``architecture`` and
             ``input_size``), ``findings`` and ``dropped`` (outputs left out).
+            ``trust_pickle``: the user allows a pickle whose digest is not a published
+            file's (still only with the classes weights need); an importer that reads no
+            pickles ignores it.
     """
 
     prefix: str

@@ -43,8 +43,10 @@ from typing import Any
 
 import numpy as np
 
+from cxrtool.errors import brief
 from cxrtool.io.decoded import DecodedStudy
 from cxrtool.io.records import ModelRef
+from cxrtool.io.yamlfile import YamlFileError, read_yaml
 from cxrtool.models.calibration import Calibration, operating_point_card
 from cxrtool.models.checkpoint import CheckpointError, ModelCard, file_sha256, read_card
 from cxrtool.models.scoring import (
@@ -65,6 +67,7 @@ CALIBRATION_SUFFIX = ".calibration.json"
 VIEW_CLASSES = PROJECTIONS  # a view classifier's findings (`cxrtool train --task view`)
 _TOP_KEYS = {"name", "merge", "members", "routes", "view_classifier", "description"}
 _MEMBER_KEYS = {"path", "weight"}
+MAX_NAME = 200  # characters of a bundle's or a member's name
 
 
 class BundleError(CheckpointError):
@@ -171,13 +174,19 @@ def read_bundle(path: str | os.PathLike, *, calibrated: bool = True) -> Bundle:
     values = _load_yaml(path)
     if not isinstance(values, dict):
         raise BundleError(f"{where}: a bundle is a YAML mapping with 'members' and 'routes' (see cxrtool predict --help)")
-    unknown = sorted(set(values) - _TOP_KEYS)
+    unknown = sorted((key for key in values if key not in _TOP_KEYS), key=str)
     if unknown:
-        raise BundleError(f"{where}: unknown key {unknown[0]!r}; a bundle has {', '.join(sorted(_TOP_KEYS))}")
+        raise BundleError(f"{where}: unknown key {brief(unknown[0])}; a bundle has {', '.join(sorted(_TOP_KEYS))}")
 
-    merge = str(values.get("merge") or DEFAULT_MERGE)
-    if merge not in ENSEMBLE_MERGES:
-        raise BundleError(f"{where}: unknown merge {merge!r}; choose one of {', '.join(ENSEMBLE_MERGES)}")
+    merge = values.get("merge") or DEFAULT_MERGE
+    if not isinstance(merge, str) or merge not in ENSEMBLE_MERGES:
+        raise BundleError(f"{where}: unknown merge {brief(merge)}; choose one of {', '.join(ENSEMBLE_MERGES)}")
+    name = values.get("name") or path.stem
+    if not isinstance(name, str):
+        raise BundleError(f"{where}: name must be text (quote it: name: \"...\"), not {brief(name)}")
+    _check_name(name, f"{where}: name")
+    if values.get("description") is not None and not isinstance(values["description"], str):
+        raise BundleError(f"{where}: description must be text, not {brief(values['description'])}")
 
     members = _read_members(values.get("members"), path, merge)
     routes = _read_routes(values.get("routes"), where, members)
@@ -188,7 +197,7 @@ def read_bundle(path: str | os.PathLike, *, calibrated: bool = True) -> Bundle:
     _check_coverage(routes, view_classifier, where)
     _check_shared_findings(members, where)
 
-    bundle = Bundle(path=path, name=str(values.get("name") or path.stem), merge=merge, members=members,
+    bundle = Bundle(path=path, name=name, merge=merge, members=members,
                     routes=routes, view_classifier=view_classifier)
     bundle.calibration = _read_calibration(bundle) if calibrated else {}
     if calibrated and merge == "rank":
@@ -199,59 +208,34 @@ def read_bundle(path: str | os.PathLike, *, calibrated: bool = True) -> Bundle:
             missing = [f for f in member.findings if bundle.reference(name, f) is None]
             if missing:
                 routes_of = [route for route, names in routes.items() if name in names]
-                raise BundleError(f"{where}: merge: rank has no validation scores of member {name!r} for "
+                raise BundleError(f"{where}: merge: rank has no validation scores of member {brief(name)} for "
                                   f"{missing[0]} (no validation study took its route {', '.join(routes_of)}); "
                                   "calibrate on labels with studies of every route, or choose merge: mean")
     bundle.sha256 = digest(bundle)
     return bundle
 
 
-def _unique_key_loader():
-    """PyYAML's safe loader, refusing a key given twice (plain YAML keeps the last silently)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def construct_mapping(loader, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise BundleError(f"{key!r} is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); "
-                                  "give each its own name")
-            seen[key] = key_node.start_mark.line + 1
-        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    return Loader
-
-
 def _load_yaml(path: Path) -> Any:
-    import yaml
+    """The bundle's YAML, through the package's one bounded reader (no key given twice)."""
+    try:
+        return read_yaml(path, what="a bundle", unique_keys=True)
+    except YamlFileError as error:
+        raise BundleError(str(error)) from None
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise BundleError(f"{path}: cannot be read as a text file ({error})") from None
-    try:
-        return yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader
-    except BundleError as error:
-        raise BundleError(f"{path}: {error}") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise BundleError(f"{path}: not valid YAML{at} ({problem})") from None
+
+def _check_name(name: str, where: str) -> None:
+    """A name goes into every result: one line of at most :data:`MAX_NAME` characters."""
+    if not name.strip() or len(name) > MAX_NAME or not name.isprintable():
+        raise BundleError(f"{where} must be one line of 1 to {MAX_NAME} printable characters, not {brief(name)}")
 
 
 def _member(name: str, value: Any, bundle: Path, merge: str) -> BundleMember:
-    where = f"{bundle}: {'the view classifier' if name == 'view_classifier' else f'member {name!r}'}"
+    where = f"{bundle}: {'the view classifier' if name == 'view_classifier' else f'member {brief(name)}'}"
     weight: Any = 1.0
     if isinstance(value, dict):
-        unknown = sorted(set(value) - _MEMBER_KEYS)
+        unknown = sorted((key for key in value if key not in _MEMBER_KEYS), key=str)
         if unknown:
-            raise BundleError(f"{where}: unknown key {unknown[0]!r}; a member has path and weight")
+            raise BundleError(f"{where}: unknown key {brief(unknown[0])}; a member has path and weight")
         if "weight" in value:
             if merge != "weighted":
                 raise BundleError(f"{where}: has a weight, but merge is {merge}; set merge: weighted or drop the weight")
@@ -282,7 +266,10 @@ def _read_members(values: Any, bundle: Path, merge: str) -> dict[str, BundleMemb
         raise BundleError(f"{bundle}: no members; list them under 'members:' as NAME: CHECKPOINT")
     members = {}
     for name, value in values.items():
+        if isinstance(name, bool) or not isinstance(name, str | int):
+            raise BundleError(f"{bundle}: a member's name must be text, not {brief(name)}")
         name = str(name)
+        _check_name(name, f"{bundle}: member {brief(name)}: its name")
         if name == "view_classifier" or name in BUNDLE_ROUTES:
             raise BundleError(f"{bundle}: {name!r} cannot name a member; choose another name")
         members[name] = _member(name, value, bundle, merge)
@@ -296,20 +283,19 @@ def _read_routes(values: Any, where: str, members: Mapping[str, BundleMember]) -
         raise BundleError(f"{where}: 'routes' maps a projection to member names, e.g. PA: [a, b]")
     routes: dict[str, tuple[str, ...]] = {}
     for route, names in values.items():
-        route = str(route)
-        if route not in BUNDLE_ROUTES:
-            raise BundleError(f"{where}: unknown route {route!r}; routes are {', '.join(BUNDLE_ROUTES)}")
+        if not isinstance(route, str) or route not in BUNDLE_ROUTES:
+            raise BundleError(f"{where}: unknown route {brief(route)}; routes are {', '.join(BUNDLE_ROUTES)}")
         if names is not None and not isinstance(names, (str, list)):
             raise BundleError(f"{where}: route {route} must name members, as a name or a list (e.g. {route}: [a, b]), "
-                              f"not {names!r}")
+                              f"not {brief(names)}")
         names = [names] if isinstance(names, str) else list(names or [])
         if len(set(map(str, names))) < len(names):
             raise BundleError(f"{where}: route {route} names a member twice; give each member once "
                               "(use merge: weighted to count one more)")
         for name in names:
-            if str(name) not in members:
-                raise BundleError(f"{where}: route {route} names {name!r}, which is not a member "
-                                  f"(members: {', '.join(members)})")
+            if not isinstance(name, str | int) or isinstance(name, bool) or str(name) not in members:
+                raise BundleError(f"{where}: route {route} names {brief(name)}, which is not a member "
+                                  f"(members: {brief(', '.join(members), 200, quote=False)})")
         if names:
             routes[route] = tuple(str(name) for name in names)
         elif route == "default":
@@ -319,7 +305,7 @@ def _read_routes(values: Any, where: str, members: Mapping[str, BundleMember]) -
                               f"name members for {route} or add a default route")
     unused = [name for name in members if not any(name in names for names in routes.values())]
     if unused:
-        raise BundleError(f"{where}: member {unused[0]!r} is on no route; name it under a route or remove it")
+        raise BundleError(f"{where}: member {brief(unused[0])} is on no route; name it under a route or remove it")
     return routes
 
 
@@ -347,7 +333,7 @@ def _check_shared_findings(members: Mapping[str, BundleMember], where: str) -> N
     for name, member in members.items():
         others = set().union(*(set(m.findings) for n, m in members.items() if n != name))
         if not others & set(member.findings):
-            raise BundleError(f"{where}: member {name!r} ({', '.join(member.findings[:4])}) shares no finding with "
+            raise BundleError(f"{where}: member {brief(name)} ({', '.join(member.findings[:4])}) shares no finding with "
                               "the other members; a bundle's members score common findings: remove it or "
                               "retrain it on the bundle's label set")
 

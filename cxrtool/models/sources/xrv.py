@@ -1,13 +1,24 @@
 """TorchXRayVision's classifiers as cxrtool checkpoints: imported once, safely, exactly.
 
 XRV's DenseNet-121 weight files are pickled whole modules (its ResNet-50 file a state dict).
-:func:`import_xrv` is the one place cxrtool unpickles anything: it reads the file, says so
-with its SHA-256, maps the weights into the timm backbone cxrtool uses everywhere (the key
-names are the same; the logits are identical), keeps the outputs XRV trained (a label and
-an operating point), and writes an ordinary safetensors checkpoint whose card carries XRV's
-preprocessing (intensities in [-1024, 1024], centre crop, its skimage resize), its
-per-finding operating points (as a calibration) and where the weights came from. From then
-on nothing is unpickled: the checkpoint is used like any other.
+cxrtool's rule is that checkpoints never unpickle arbitrary objects; :func:`import_xrv`, the
+one-time import of a third-party pickle, is the only exception, and a narrow one:
+
+- the file is first read with ``torch.load(weights_only=True)``: a plain state dict (XRV's
+  ResNet-50) needs nothing more;
+- a file that needs more is unpickled only when it is trusted: its SHA-256 is one of the
+  files XRV publishes (:data:`PUBLISHED_SHA256`), or the user says so with ``--trust-pickle``;
+- even then, only the names XRV's files need are built (:data:`PICKLE_CALLS`,
+  :data:`PICKLE_CLASSES`, by :mod:`._restricted_pickle`); a file that asks for anything else
+  (``os.system``, ``subprocess.Popen``, ``builtins.eval``) is refused, trusted or not, with
+  the name it asked for, before any of it is unpickled.
+
+It says what it read with its SHA-256, maps the weights into the timm backbone cxrtool uses
+everywhere (the key names are the same; the logits are identical), keeps the outputs XRV
+trained (a label and an operating point), and writes an ordinary safetensors checkpoint whose
+card carries XRV's preprocessing (intensities in [-1024, 1024], centre crop, its skimage
+resize), its per-finding operating points (as a calibration) and where the weights came from.
+From then on nothing is unpickled: the checkpoint is used like any other.
 """
 
 from __future__ import annotations
@@ -24,6 +35,46 @@ from cxrtool.models.sources import Importer
 from cxrtool.registry import XRV_WEIGHTS, PretrainedWeights
 
 INSTALL_HINT = 'TorchXRayVision is not installed: pip install "cxrtool[xrv]" (or pip install torchxrayvision)'
+
+# The SHA-256 of the weight files XRV publishes (weight set -> digest): a file with one of
+# these is unpickled (with only PICKLE_CALLS and PICKLE_CLASSES) without --trust-pickle.
+# XRV records no digests (torchxrayvision 1.5.7: only the files' URLs) and none of its files
+# has been on a machine where this table was written, so it is empty: a digest goes here
+# only when computed from the file downloaded from the URL in xrv.models.model_urls.
+PUBLISHED_SHA256: dict[str, str] = {}
+
+# What XRV's pickles may build, from what its files are: a DenseNet pickled whole by
+# torch.save (in torch's zip format or its older one, which XRV's 2019-20 files predate the
+# change to) holds XRV's four DenseNet classes (unchanged since its first release), torch's
+# layers of a DenseNet-121, an OrderedDict of each module's parameters, buffers and children,
+# tensors rebuilt from their storages (named by type: torch.FloatStorage for the weights,
+# torch.LongStorage for batch norm's counts; torch.load resolves these names to dtypes
+# itself), and the set of non-persistent buffer names. The functions may be called by the
+# pickle: they build tensors and containers, whatever the arguments. The classes are only
+# created empty and given their saved attributes: never called, so XRV's constructor (which
+# downloads and unpickles a file) cannot run.
+PICKLE_CALLS: tuple[tuple[str, str], ...] = (
+    ("torch._utils", "_rebuild_tensor_v2"),  # a tensor on a storage (torch >= 0.4)
+    ("torch._utils", "_rebuild_tensor"),  # the same, as torch before 0.4 wrote it
+    ("torch._utils", "_rebuild_parameter"),  # a tensor as an nn.Parameter
+    ("collections", "OrderedDict"),  # a module's _parameters, _buffers, _modules, hooks
+    ("builtins", "set"),  # a module's _non_persistent_buffers_set (Python 2's __builtin__.set)
+)
+PICKLE_CLASSES: tuple[tuple[str, str], ...] = (
+    ("torchxrayvision.models", "DenseNet"),
+    ("torchxrayvision.models", "_DenseBlock"),
+    ("torchxrayvision.models", "_DenseLayer"),
+    ("torchxrayvision.models", "_Transition"),
+    ("torch.nn.modules.conv", "Conv2d"),
+    ("torch.nn.modules.batchnorm", "BatchNorm2d"),
+    ("torch.nn.modules.activation", "ReLU"),
+    ("torch.nn.modules.pooling", "MaxPool2d"),
+    ("torch.nn.modules.pooling", "AvgPool2d"),
+    ("torch.nn.modules.linear", "Linear"),
+    ("torch.nn.modules.container", "Sequential"),
+    *(("torch", f"{kind}Storage") for kind in ("Float", "Long", "Double", "Half", "BFloat16", "Int", "Short", "Char",
+                                             "Byte", "Bool")),
+)
 
 
 @dataclass
@@ -137,22 +188,57 @@ def locate_weights(name: str, weights: str | os.PathLike | None, say: Callable[[
                          f"download that file and give it here with --weights FILE") from None
 
 
-def _read_state(path: Path) -> tuple[dict[str, Any], bool]:
-    """The weights in an XRV file: a plain state dict is read without unpickling code; a
-    pickled module (XRV's DenseNet files) is unpickled, here and only here."""
+class _Unreadable(UsageError):
+    """Not a weights file at all (in XRV's cache: an interrupted download)."""
+
+
+def _unreadable(path: Path, error: BaseException) -> _Unreadable:
+    reason = " ".join(str(error).split()).split(". ")[0][:160] or type(error).__name__
+    return _Unreadable(f"{path}: not a readable PyTorch weights file, cut short or corrupt? ({reason})")
+
+
+def _read_state(path: Path, *, trusted: bool) -> tuple[dict[str, Any], bool]:
+    """The weights in an XRV file, and whether it was unpickled beyond ``weights_only``.
+
+    A plain state dict is read by ``torch.load(weights_only=True)``. Anything more (XRV's
+    DenseNet files are pickled modules) is unpickled only when ``trusted`` (a published
+    SHA-256, or --trust-pickle), and then only with :data:`PICKLE_CALLS` and
+    :data:`PICKLE_CLASSES`: the one exception to "checkpoints never unpickle arbitrary objects".
+
+    Raises:
+        UsageError: not a weights file; a pickle that asks for something else (named,
+            trusted or not); an untrusted pickle (the message says how to trust it).
+    """
     import torch
+
+    from cxrtool.models.sources._restricted_pickle import RefusedGlobal, globals_asked, reader
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - the safe loader refuses a module, or chokes on a corrupt file, in many ways
+        safe_error = error  # not a plain state dict: a pickled module, or not a weights file at all (below)
+    else:
         if isinstance(state, dict):
             return dict(state), False
-    except Exception:  # noqa: BLE001 - the safe loader refuses a module, or chokes on a corrupt file, in many ways
-        pass  # not a plain state dict: a pickled module, or not a weights file at all (below)
+        raise UsageError(f"{path}: holds a {type(state).__name__}, not TorchXRayVision's weights (a model or a state dict)")
+    asked = globals_asked(path)  # read from the opcodes: nothing is unpickled
+    if asked is None:
+        raise _unreadable(path, safe_error)
+    admitted = set(PICKLE_CALLS) | set(PICKLE_CLASSES)
+    for module, name in asked:
+        if (module, name) not in admitted:
+            raise UsageError(f"{path}: refused: {RefusedGlobal(f'{module}.{name}')}")
+    if not trusted:
+        raise UsageError(f"{path}: a pickled Python module whose SHA-256 is not one of TorchXRayVision's published files "
+                         "that cxrtool knows, and unpickling a file can run code: if you made it or trust where it came "
+                         "from, import it with --trust-pickle")
     try:
-        module = torch.load(path, map_location="cpu", weights_only=False)
+        module = torch.load(path, map_location="cpu", weights_only=False,
+                            pickle_module=reader(calls=PICKLE_CALLS, classes=PICKLE_CLASSES))
+    except RefusedGlobal as error:
+        raise UsageError(f"{path}: refused: {error}") from None
     except Exception as error:  # noqa: BLE001 - a corrupt pickle raises anything (KeyError, EOFError, ...)
-        reason = " ".join(str(error).split()).split(". ")[0][:160] or type(error).__name__
-        raise UsageError(f"{path}: not a readable PyTorch weights file, cut short or corrupt? ({reason})") from None
+        raise _unreadable(path, error) from None
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"{path}: holds a {type(module).__name__}, not TorchXRayVision's weights (a model or a state dict)")
     for sub in module.modules():  # XRV's own patch for modules pickled by an older torch
@@ -182,6 +268,7 @@ def import_xrv(
     *,
     weights: str | os.PathLike | None = None,
     model_name: str | None = None,
+    trust_pickle: bool = False,
     say: Callable[[str], None] = print,
 ) -> ImportReport:
     """Import a TorchXRayVision classifier into a cxrtool checkpoint.
@@ -192,11 +279,16 @@ def import_xrv(
         weights: the set's file, when downloaded elsewhere; default: XRV's cache, else XRV
             downloads it (needs the network).
         model_name: the card's name (default ``xrv-<set>``).
+        trust_pickle: unpickle a file that is a pickled module although its SHA-256 is
+            not one of XRV's published files (one you made, or trust): it may then run
+            code on import, but only through the names XRV's files need
+            (:data:`PICKLE_CALLS`, :data:`PICKLE_CLASSES`); anything else is refused.
         say: where the notes go (what is unpickled, its SHA-256, a download).
 
     Raises:
         UsageError: XRV not installed, an unknown set, a missing file or failed download,
-            or a file whose weights do not fit the set's architecture.
+            a pickle that is not trusted or asks for more than weights need, or a file whose
+            weights do not fit the set's architecture.
 
     Example:
         >>> report = import_xrv("densenet121-res224-all", "xrv-all.safetensors")
@@ -215,15 +307,17 @@ def import_xrv(
     path = locate_weights(entry.name, weights, say)
     digest = sha256_file(path)
     say(f"reading {path} (SHA-256 {digest})")
+    published = digest in PUBLISHED_SHA256.values()
     try:
-        state, unpickled = _read_state(path)
-    except UsageError as error:
+        state, unpickled = _read_state(path, trusted=published or trust_pickle)
+    except _Unreadable as error:
         if weights is None:  # XRV's cache: an interrupted download leaves a partial file there
             raise UsageError(f"{error}; delete it to download it again") from None
         raise
     if unpickled:
-        say("  it is a pickled Python module (as TorchXRayVision publishes its DenseNet weights): unpickled here, "
-            "the one place cxrtool unpickles anything; import only files you trust")
+        why = "its SHA-256 is TorchXRayVision's published file's" if published else "--trust-pickle"
+        say(f"  it is a pickled Python module (as TorchXRayVision publishes its DenseNet weights): unpickled here ({why}), "
+            "with only the classes a weights file needs, the one place cxrtool unpickles anything")
     labels, points = list(table["labels"]), [float(p) for p in table["op_threshs"]]
     keep, dropped = trained_outputs(labels, points)
     findings = [labels[i] for i in keep]
