@@ -299,3 +299,17 @@ def test_eight_runs_at_once_on_one_folder_leave_every_result_once_and_whole_tabl
     measured = read_csv_rows(table)
     assert sorted(row["image"] for row in measured) == sorted(names) and all(row["status"] == "ok" for row in measured)
     assert (folder / "cxrtool_explain.html").is_file()
+
+
+def test_an_interrupted_overwrite_says_to_resume_without_it(study, make_checkpoint, monkeypatch):
+    import cxrtool.predict
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxrtool.predict, "predict", interrupted)
+    checkpoint = str(make_checkpoint())
+    again = runner.invoke(app, ["predict", str(study), "-m", checkpoint, "--overwrite"])
+    assert again.exit_code == 130 and "run the same command without --overwrite to resume" in again.output
+    plain = runner.invoke(app, ["predict", str(study), "-m", checkpoint])
+    assert plain.exit_code == 130 and "run the same command again to resume" in plain.output

@@ -205,7 +205,7 @@ def test_batches_are_dicts_and_a_second_view_is_augmented_apart(nih_dir):
     targets = np.array([[1.0, 0.0], [np.nan, 1.0]], dtype=np.float32)
     prep = Preprocessing(input_size=64)
     single = LabelledStudies(paths, targets, prep, augment=Augmentation(), seed=3)
-    double = LabelledStudies(paths, targets, prep, augment=Augmentation(), seed=3, views=2, view_positions=["AP", "LL?"])
+    double = LabelledStudies(paths, targets, prep, augment=Augmentation(), seed=3, copies=2, view_positions=["AP", "LL?"])
     one, two = single[1], double[1]
     assert set(one) == {"image", "targets", "index", "view"} and set(two) == {"image", "targets", "index", "view", "image_2"}
     assert VIEW_POSITIONS[double[0]["view"]] == "AP" and VIEW_POSITIONS[two["view"]] == VIEW_POSITIONS[one["view"]] == "UNKNOWN"

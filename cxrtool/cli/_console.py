@@ -230,16 +230,21 @@ def training_progress(bar: Any, *, label: str = "epoch") -> Callable[[Any], None
 
 
 @contextmanager
-def handle_interrupt():
-    """Turn Ctrl-C into exit 130 with a note that finished outputs were kept."""
+def handle_interrupt(resume: str = "run the same command again to resume"):
+    """Turn Ctrl-C into exit 130 with a note that finished outputs were kept, and how to
+    go on (``resume``: a command run with --overwrite resumes without it)."""
     try:
         yield
     except KeyboardInterrupt:
-        note("[yellow]interrupted:[/] finished outputs are kept; run the same command again to resume")
+        note(f"[yellow]interrupted:[/] finished outputs are kept; {resume}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
-def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_word: str, listed: str) -> NoReturn:
+RESUME_WITHOUT_OVERWRITE = "run the same command without --overwrite to resume"
+
+
+def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_word: str, listed: str,
+                     overwrite: bool = False) -> NoReturn:
     """Drive ``run(on_result=..., progress=...)`` (predict or explain) with a progress bar,
     failures on stderr as they happen, ``--jsonl`` records on stdout, the summary lines and
     each output folder's ``listed`` file; then exit with the run's status (usage errors
@@ -273,7 +278,7 @@ def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_w
     def on_note(message: str) -> None:
         bar.console.print(escape(message), soft_wrap=True)
 
-    with handle_interrupt():
+    with handle_interrupt(RESUME_WITHOUT_OVERWRITE if overwrite else "run the same command again to resume"):
         try:
             with bar:
                 summary = run(on_result=on_result, progress=on_progress, note=on_note)

@@ -99,6 +99,6 @@ def explain(
         functools.partial(run_explain, inputs, model=model, settings=settings, out=out, overwrite=overwrite,
                           batch_size=batch_size, workers=workers, device=device, include_patient_id=include_patient_id,
                           views=views),
-        jsonl=jsonl, listed="cxrtool_explain.html", done_word="explained",
+        jsonl=jsonl, listed="cxrtool_explain.html", done_word="explained", overwrite=overwrite,
     )
 

@@ -69,6 +69,6 @@ def predict(
         functools.partial(run_predict, inputs, model=model, out=out, overwrite=overwrite, batch_size=batch_size,
                           workers=workers, device=device, include_patient_id=include_patient_id, runtime=runtime,
                           views=views, tta=TestTimeAugmentation(tta, tta_flip), zero_shot=unseen or None),
-        jsonl=jsonl, listed="cxrtool_predictions.csv", done_word="predicted",
+        jsonl=jsonl, listed="cxrtool_predictions.csv", done_word="predicted", overwrite=overwrite,
     )
 

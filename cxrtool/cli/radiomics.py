@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import Workers, fail, handle_interrupt, note, progress_bar, warn
+from cxrtool.cli._console import RESUME_WITHOUT_OVERWRITE, Workers, fail, handle_interrupt, note, progress_bar, warn
 
 
 def radiomics(
@@ -42,7 +42,8 @@ def radiomics(
 
     bar = progress_bar()
     task = bar.add_task("radiomics", total=None, status="")
-    with handle_interrupt(), bar:
+    # --overwrite measures everything again: run again with it, an interrupted run would start over
+    with handle_interrupt(RESUME_WITHOUT_OVERWRITE if overwrite else "run the same command again to resume"), bar:
         try:
             summary = measure(inputs, masks=masks, from_cam=from_cam, explanations=explanations, positive_only=positive_only,
                               model=model, include_off_chest=include_off_chest, params=params,

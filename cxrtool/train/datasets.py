@@ -92,7 +92,7 @@ class LabelledStudies(torch.utils.data.Dataset):
     """One dict per labelled study: ``image`` (the model input), ``targets`` (NaN where
     unknown), ``index`` (its row in the label table) and ``view`` (its projection, an index
     into :data:`~cxrtool.data.labels.VIEW_POSITIONS`; "UNKNOWN" where the table has no
-    view); with ``views=2`` also ``image_2``, a second, independently augmented view (for
+    view); with ``copies=2`` also ``image_2``, a second, independently augmented copy (for
     contrastive loss terms).
 
     ``view_positions`` are the label table's (``LabelTable.views``, already normalised to
@@ -111,11 +111,11 @@ class LabelledStudies(torch.utils.data.Dataset):
         augment: Augmentation | None = None,
         cache: ImageCache | None = None,
         seed: int = 0,
-        views: int = 1,
+        copies: int = 1,
         view_positions: Sequence[str] | None = None,
     ):
-        if views not in (1, 2):
-            raise ValueError(f"views must be 1 or 2, got {views}")
+        if copies not in (1, 2):
+            raise ValueError(f"copies must be 1 or 2, got {copies}")
         if view_positions is not None and len(view_positions) != len(paths):
             raise ValueError(f"{len(view_positions)} view positions for {len(paths)} images")
         self.paths = list(paths)
@@ -127,7 +127,7 @@ class LabelledStudies(torch.utils.data.Dataset):
         self.augment = augment
         self.cache = cache
         self.seed = seed
-        self.views = views
+        self.copies = copies  # augmented copies of each image (2: for a contrastive term)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -152,9 +152,9 @@ class LabelledStudies(torch.utils.data.Dataset):
             size = self.prep.input_size
             blank = torch.zeros(1, size, size)
             item = {"image": blank, "targets": torch.full_like(targets, math.nan), "index": index, "view": self.view_codes[index]}
-            return item | ({"image_2": blank} if self.views == 2 else {})
+            return item | ({"image_2": blank} if self.copies == 2 else {})
         item = {"image": self._view(square, index, 0), "targets": targets, "index": index, "view": self.view_codes[index]}
-        if self.views == 2:
+        if self.copies == 2:
             item["image_2"] = self._view(square, index, 1)
         return item
 

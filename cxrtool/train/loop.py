@@ -222,7 +222,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         check_head_gives(criterion, model.head.name, model.gives)
 
         train_set = LabelledStudies(paths, targets, prep, augment=Augmentation() if config.augment else None,
-                                    cache=cache, seed=config.seed, views=2 if "image_2" in criterion.batch_needs else 1,
+                                    cache=cache, seed=config.seed, copies=2 if "image_2" in criterion.batch_needs else 1,
                                     view_positions=views)
         train_view = torch.utils.data.Subset(train_set, train_idx)
         val_set = LabelledStudies(paths, targets, prep, cache=cache, seed=config.seed, view_positions=views)
