@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from cxrtool.cli import app
 from cxrtool.explain.chest import region_doubt
+from cxrtool.io.records import Region
 from cxrtool.registry import DEFAULT_CAM_METHOD
 
 runner = CliRunner()
@@ -43,7 +44,7 @@ def test_demo_runs_end_to_end_on_phantoms(tmp_path):
     regions = 0
     for dicom in dicoms:
         findings = json.loads((study / f"{dicom.name}.cxrtool.json").read_text())["results"][0]["explanations"]["findings"]
-        regions += sum(region_doubt(region, entry.get("trust")) is None
+        regions += sum(region_doubt(Region.from_dict(region), entry.get("trust")) is None
                        for entry in findings.values() if entry["positive"] for region in entry["regions"])
     with open(study / "cxrtool_radiomics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

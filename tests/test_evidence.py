@@ -29,6 +29,7 @@ from cxrtool.explain.faithfulness import (
     randomised_copy,
     removed_canvas,
 )
+from cxrtool.io.records import Region
 from cxrtool.models.heads import LSEHead
 from cxrtool.registry import DEFAULT_CAM_METHOD
 
@@ -240,9 +241,11 @@ def test_a_map_on_the_film_corner_is_marked_outside_the_chest_and_one_on_a_lung_
     labels[50:60, 38:48] = 2
     shares = region_chest_shares(labels, chest)
     assert shares[0] == 0.0 and shares[1] == 1.0
-    assert region_doubt({"chest_share": 0.0}, None) == "region off the chest"
-    assert region_doubt({"chest_share": 1.0}, {"outside_chest": True}) == "its map outside the chest"
-    assert region_doubt({"chest_share": 1.0}, {"outside_chest": False}) is None
+    off, on = Region(1, [118, 0, 10, 8], chest_share=0.0), Region(2, [38, 50, 10, 10], chest_share=1.0)
+    assert region_doubt(off, None) == "region off the chest"
+    assert region_doubt(on, {"outside_chest": True}) == "its map outside the chest"
+    assert region_doubt(on, {"outside_chest": False}) is None
+    assert region_doubt(Region(3, [0, 0, 4, 4]), None) is None  # no chest found: no share, no doubt
 
 
 def test_the_chest_mask_holds_the_lungs_of_real_radiographs_or_judges_nothing(nih_dir):
