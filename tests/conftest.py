@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +21,28 @@ os.environ.setdefault("CXRTOOL_NO_PROGRESS", "1")
 # Exported ONNX graphs of the tests' throwaway checkpoints stay out of the user's cache.
 os.environ.setdefault("CXRTOOL_CACHE", tempfile.mkdtemp(prefix="cxrtool-test-cache-"))
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The project's shared folder beside the repository (see its data/README.md);
+# CXRTOOL_SHARED_DATA points elsewhere, e.g. at a missing folder to run the suite as a
+# newcomer without it would.
+SHARED_DATA = Path(os.environ.get("CXRTOOL_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The full fuzz corpus runs only when asked for (``-m fuzz``): unlike ``slow``, it is
+    skipped by every other run, the default one included."""
+    if "fuzz" in (config.getoption("markexpr", "") or ""):
+        return
+    skip = pytest.mark.skip(reason="the full fuzz corpus runs only with -m fuzz (the default run has its slice)")
+    for item in items:
+        if "fuzz" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real NIH and DICOM data; tests using it skip cleanly when it is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA}")
+        pytest.skip(f"real data not found at {SHARED_DATA} (see shared/data/README.md in the project's shared folder)")
     return SHARED_DATA
 
 
@@ -44,6 +60,101 @@ def dicom_dir(shared_data: Path) -> Path:
     if not folder.is_dir():
         pytest.skip(f"DICOM data not found in {folder}")
     return folder
+
+
+# ----------------------------------------------------------------------------- real DICOM files
+# Real DICOM files of each transfer syntax: the WG04 radiographs in ../shared, or, where that
+# is absent (a newcomer's machine), pydicom's own test files and pydicom-data's (in the
+# `test` extra): 2D single-frame grey images, radiographs where there are (WG04's RG3 and
+# MR/NM images of the same codecs otherwise).
+
+ENCODINGS = ("UNC", "RLE", "JPLL", "JPLY", "JLSL", "JLSN", "J2KR", "J2KI")
+
+
+@dataclass(frozen=True)
+class RealDicom:
+    """One real DICOM file for the reading tests, and what it holds."""
+
+    name: str
+    path: Path
+    encoding: str  # one of ENCODINGS: UNC (uncompressed), RLE, JPLL/JPLY (JPEG lossless/lossy), ...
+    shape: tuple[int, int]
+    photometric: str
+    reference: Path | None  # the uncompressed file of the same image: lossless decodes must equal it
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class RealDicomFiles:
+    source: str  # where the files come from, for messages
+    files: tuple[RealDicom, ...]
+
+    def of(self, *encodings: str) -> list[RealDicom]:
+        return [file for file in self.files if file.encoding in encodings]
+
+
+_WG04_SHAPES = {"RG2": ((2140, 1760), "MONOCHROME2"), "RG3": ((1760, 1760), "MONOCHROME1")}
+# name, encoding, shape, photometric, uncompressed reference (pydicom's own test files and
+# pydicom-data's; only those found are used).
+_PYDICOM_FILES = (
+    ("RG3_UNCR.dcm", "UNC", (1760, 1760), "MONOCHROME1", "RG3_UNCR.dcm"),  # WG04's RG3 (CR)
+    ("JPEG2000_UNC.dcm", "UNC", (1024, 256), "MONOCHROME2", "JPEG2000_UNC.dcm"),
+    ("MR_small.dcm", "UNC", (64, 64), "MONOCHROME2", "MR_small.dcm"),
+    ("MR_small_RLE.dcm", "RLE", (64, 64), "MONOCHROME2", "MR_small.dcm"),
+    ("JPEG-LL.dcm", "JPLL", (1024, 256), "MONOCHROME2", None),
+    ("JPGLosslessP14SV1_1s_1f_8b.dcm", "JPLL", (768, 1024), "MONOCHROME2", None),
+    ("JPEG-lossy.dcm", "JPLY", (1024, 256), "MONOCHROME2", None),
+    ("JPGExtended.dcm", "JPLY", (1024, 256), "MONOCHROME2", None),
+    ("MR_small_jpeg_ls_lossless.dcm", "JLSL", (64, 64), "MONOCHROME2", "MR_small.dcm"),
+    ("JPEGLSNearLossless_16.dcm", "JLSN", (50, 10), "MONOCHROME2", None),
+    ("JPEGLSNearLossless_08.dcm", "JLSN", (45, 10), "MONOCHROME2", None),
+    ("RG3_J2KR.dcm", "J2KR", (1760, 1760), "MONOCHROME1", "RG3_UNCR.dcm"),
+    ("MR_small_jp2klossless.dcm", "J2KR", (64, 64), "MONOCHROME2", "MR_small.dcm"),
+    ("RG3_J2KI.dcm", "J2KI", (1760, 1760), "MONOCHROME1", "RG3_UNCR.dcm"),
+    ("JPEG2000.dcm", "J2KI", (1024, 256), "MONOCHROME2", "JPEG2000_UNC.dcm"),
+)
+
+
+def real_dicom_files() -> RealDicomFiles:
+    """The shared WG04 files when ../shared has them, else pydicom's and pydicom-data's."""
+    wg04 = SHARED_DATA / "dicom" / "wg04"
+    if wg04.is_dir():
+        files = tuple(
+            RealDicom(f"{image}_{encoding}", wg04 / f"{image}_{encoding}.dcm", encoding, shape, photometric,
+                      wg04 / f"{image}_UNC.dcm")
+            for image, (shape, photometric) in _WG04_SHAPES.items() for encoding in ENCODINGS)
+        return RealDicomFiles(f"the WG04 files in {wg04}", files)
+    from pydicom.data import get_testdata_file
+
+    def find(name: str) -> Path | None:
+        found = get_testdata_file(name, download=False)  # never from the network
+        return Path(found) if found else None
+
+    files = []
+    for name, encoding, shape, photometric, reference in _PYDICOM_FILES:
+        path = find(name)
+        if path is not None:
+            files.append(RealDicom(name.removesuffix(".dcm"), path, encoding, shape, photometric,
+                                   find(reference) if reference else None))
+    with_data = importlib.util.find_spec("data_store") is not None  # pydicom-data's package
+    source = "pydicom's and pydicom-data's test files" if with_data else \
+        "pydicom's own test files (pip install pydicom-data, in the test extra, for more)"
+    return RealDicomFiles(source, tuple(files))
+
+
+REAL_DICOM = real_dicom_files()
+NO_REAL_DICOM = (f"no real DICOM files: neither {SHARED_DATA / 'dicom'} (see shared/data/README.md in the project's "
+                 "shared folder) nor pydicom's test files")
+
+
+@pytest.fixture(scope="session")
+def real_dicom() -> RealDicomFiles:
+    """Real DICOM files of each transfer syntax (see :func:`real_dicom_files`)."""
+    if not REAL_DICOM.files:
+        pytest.skip(NO_REAL_DICOM)
+    return REAL_DICOM
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
 """Reading studies: DICOM (every WG04 transfer syntax), PNG/JPEG, errors and discovery.
 
-Real data comes from ../shared/data (see its README); those tests skip with a reason when
-it is absent. Everything else builds tiny synthetic files in tmp_path.
+Real data comes from ../shared/data (see its README). Where it is absent, the real-DICOM
+tests run on pydicom's and pydicom-data's real files of the same transfer syntaxes (see
+conftest.real_dicom_files), and the NIH and SIIM tests skip with a reason. Everything else
+builds tiny synthetic files in tmp_path.
 """
 
 from __future__ import annotations
@@ -9,17 +11,17 @@ from __future__ import annotations
 import io
 import os
 import struct
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from conftest import NO_REAL_DICOM, REAL_DICOM, SHARED_DATA, RealDicom, RealDicomFiles
 from PIL import Image, ImageFile
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_windowing, convert_color_space, get_decoder
+from pydicom.pixels import apply_modality_lut, apply_windowing, convert_color_space, get_decoder
 
 from cxrtool.io.dicom import _patch_sequential_scan_end, _plugins, read_dicom
 from cxrtool.io.images import _to_unit_grey, read_image
@@ -31,25 +33,21 @@ def read_study(path, **kwargs) -> Study:
     """The readers' arithmetic is checked on tiny synthetic images: no radiograph minimum."""
     return _read_study(path, **{"min_side": 1, **kwargs})
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-WG04 = DATA / "dicom" / "wg04"
+DATA = SHARED_DATA
 SIIM = DATA / "dicom" / "siim" / "cxr_pa_jpeg_baseline.dcm"
 NIH = DATA / "nih" / "images"
 
 needs_dicom_data = pytest.mark.skipif(
-    not (WG04.is_dir() and SIIM.is_file()),
-    reason=f"shared DICOM test data not found under {DATA / 'dicom'} (see shared/data/README.md)",
+    not ((DATA / "dicom" / "wg04").is_dir() and SIIM.is_file()),
+    reason=f"shared DICOM test data not found under {DATA / 'dicom'} (see shared/data/README.md in the project's shared folder)",
 )
 needs_nih_data = pytest.mark.skipif(
     not NIH.is_dir(),
-    reason=f"shared NIH ChestX-ray14 images not found at {NIH} (see shared/data/README.md)",
+    reason=f"shared NIH ChestX-ray14 images not found at {NIH} (see shared/data/README.md in the project's shared folder)",
 )
 
-IMAGES = ("RG2", "RG3")
-ENCODINGS = ("UNC", "RLE", "JPLL", "JPLY", "JLSL", "JLSN", "J2KR", "J2KI")
 LOSSLESS = ("RLE", "JPLL", "JLSL", "J2KR")
 LOSSY = ("JPLY", "JLSN", "J2KI")
-SHAPES = {"RG2": (2140, 1760), "RG3": (1760, 1760)}
 TRANSFER_SYNTAXES = {
     "UNC": uid.ExplicitVRLittleEndian,
     "RLE": uid.RLELossless,
@@ -63,29 +61,39 @@ TRANSFER_SYNTAXES = {
 IDENTITY_KEYS = {"sop_instance_uid", "transfer_syntax", "modality", "photometric_interpretation"}
 
 
+def _real(files: list[RealDicom]) -> list:
+    """Parameters: the real DICOM files (the WG04 ones from ../shared, else pydicom's and
+    pydicom-data's), or one that skips saying why there are none."""
+    if files:
+        return files
+    reason = NO_REAL_DICOM if not REAL_DICOM.files else f"none of these in {REAL_DICOM.source}"
+    return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+
+
+EVERY_FILE = _real(list(REAL_DICOM.files))
+UNCOMPRESSED = _real(REAL_DICOM.of("UNC"))
+WITH_REFERENCE = {kind: _real([f for f in REAL_DICOM.of(*encodings) if f.reference])
+                  for kind, encodings in (("lossless", LOSSLESS), ("lossy", LOSSY))}
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
-class _Wg04Cache:
-    """Each WG04 file decoded at most once: JPEG 2000 at 2140x1760 takes a few 100 ms."""
+class _DicomCache:
+    """Each real file decoded at most once: JPEG 2000 at 2140x1760 takes a few 100 ms."""
 
     def __init__(self) -> None:
-        self._studies: dict[str, Study] = {}
-        self.seconds: dict[str, float] = {}
+        self._studies: dict[Path, Study] = {}
 
-    def __call__(self, name: str) -> Study:
-        if name not in self._studies:
-            start = time.perf_counter()
-            self._studies[name] = read_dicom(WG04 / f"{name}.dcm", keep_rescaled=True)
-            self.seconds[name] = time.perf_counter() - start
-        return self._studies[name]
+    def __call__(self, path: Path) -> Study:
+        if path not in self._studies:
+            self._studies[path] = read_dicom(path, keep_rescaled=True)
+        return self._studies[path]
 
 
 @pytest.fixture(scope="module")
-def wg04() -> _Wg04Cache:
-    if not WG04.is_dir():
-        pytest.skip(f"shared WG04 DICOM files not found at {WG04}")
-    return _Wg04Cache()
+def decoded(real_dicom: RealDicomFiles) -> _DicomCache:
+    return _DicomCache()
 
 
 def _dataset(
@@ -118,82 +126,88 @@ def _save(ds: Dataset, path: Path) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- WG04 DICOM
+# --------------------------------------------------------------------------- real DICOM (WG04, or pydicom-data)
 
 
-@needs_dicom_data
-@pytest.mark.parametrize("encoding", ENCODINGS)
-@pytest.mark.parametrize("image", IMAGES)
-def test_wg04_every_transfer_syntax_decodes(wg04: _Wg04Cache, image: str, encoding: str) -> None:
-    study = wg04(f"{image}_{encoding}")
-    assert study.shape == SHAPES[image]
+@pytest.mark.parametrize("dicom", EVERY_FILE, ids=str)
+def test_real_dicom_every_transfer_syntax_decodes(decoded: _DicomCache, dicom: RealDicom) -> None:
+    study = decoded(dicom.path)
+    assert study.shape == dicom.shape
     assert study.pixels.dtype == np.float32 and study.pixels.flags.c_contiguous
     assert 0.0 <= study.pixels.min() and study.pixels.max() <= 1.0
     assert np.isfinite(study.pixels).all()
     assert study.source_format == "dicom"
     assert set(study.identity) == IDENTITY_KEYS
-    assert study.identity["transfer_syntax"] == TRANSFER_SYNTAXES[encoding].name
-    assert study.identity["photometric_interpretation"] == (
-        "MONOCHROME1" if image == "RG3" else "MONOCHROME2"
-    )
+    assert study.identity["transfer_syntax"] == TRANSFER_SYNTAXES[dicom.encoding].name
+    assert study.identity["photometric_interpretation"] == dicom.photometric
     assert study.rescaled is not None and study.rescaled.dtype == np.float32
+    # Never the patient: no name, ID or birth date in the identity.
+    header = pydicom.dcmread(dicom.path, stop_before_pixels=True)
+    for secret in filter(None, (str(header.get(k) or "") for k in ("PatientName", "PatientID", "PatientBirthDate"))):
+        assert all(secret not in value for value in study.identity.values())
 
 
-@needs_dicom_data
-@pytest.mark.parametrize("image", IMAGES)
-def test_wg04_rescaled_is_the_stored_values(wg04: _Wg04Cache, image: str) -> None:
+@pytest.mark.parametrize("dicom", UNCOMPRESSED, ids=str)
+def test_real_dicom_rescaled_is_the_modality_lut_output(decoded: _DicomCache, dicom: RealDicom) -> None:
     # WG04 has no Modality LUT, so Study.rescaled is the raw stored values: that makes it
     # the array on which to compare decoders before any LUT.
-    header = pydicom.dcmread(WG04 / f"{image}_UNC.dcm")
-    assert "RescaleSlope" not in header and "ModalityLUTSequence" not in header
-    np.testing.assert_array_equal(wg04(f"{image}_UNC").rescaled, header.pixel_array)
+    header = pydicom.dcmread(dicom.path)
+    expected = apply_modality_lut(header.pixel_array, header).astype(np.float32)
+    np.testing.assert_array_equal(decoded(dicom.path).rescaled, expected)
 
 
-@needs_dicom_data
-@pytest.mark.parametrize("encoding", LOSSLESS)
-@pytest.mark.parametrize("image", IMAGES)
-def test_wg04_lossless_equals_uncompressed(wg04: _Wg04Cache, image: str, encoding: str) -> None:
-    reference, study = wg04(f"{image}_UNC"), wg04(f"{image}_{encoding}")
+@pytest.mark.parametrize("dicom", WITH_REFERENCE["lossless"], ids=str)
+def test_real_dicom_lossless_equals_uncompressed(decoded: _DicomCache, dicom: RealDicom) -> None:
+    reference, study = decoded(dicom.reference), decoded(dicom.path)
     np.testing.assert_array_equal(study.rescaled, reference.rescaled)  # raw stored values
     np.testing.assert_array_equal(study.pixels, reference.pixels)  # after the LUTs
 
 
-@needs_dicom_data
-@pytest.mark.parametrize("encoding", LOSSY)
-@pytest.mark.parametrize("image", IMAGES)
-def test_wg04_lossy_close_to_uncompressed(wg04: _Wg04Cache, image: str, encoding: str) -> None:
-    reference, study = wg04(f"{image}_UNC"), wg04(f"{image}_{encoding}")
+@pytest.mark.parametrize("dicom", WITH_REFERENCE["lossy"], ids=str)
+def test_real_dicom_lossy_close_to_uncompressed(decoded: _DicomCache, dicom: RealDicom) -> None:
+    reference, study = decoded(dicom.reference), decoded(dicom.path)
     value_range = float(reference.rescaled.max() - reference.rescaled.min())
     error = np.abs(study.rescaled - reference.rescaled)
     assert error.mean() < 0.01 * value_range
     # No wrapped values: lossy JPEG overshoots 10-bit data to 1024, which masking would
     # turn into 0 (an error of the whole range).
     assert error.max() < 0.25 * value_range
-    if encoding == "JLSN":
+    if dicom.encoding == "JLSN":
         assert error.max() <= 8  # near-lossless: every pixel within a few levels
     assert np.abs(study.pixels - reference.pixels).mean() < 0.01
 
 
-@needs_dicom_data
-def test_wg04_monochrome1_is_inverted(wg04: _Wg04Cache) -> None:
+def test_real_dicom_monochrome1_is_inverted(decoded: _DicomCache, real_dicom: RealDicomFiles) -> None:
     def correlation(study: Study) -> float:
         return float(np.corrcoef(study.pixels.ravel(), study.rescaled.ravel())[0, 1])
 
-    assert correlation(wg04("RG3_UNC")) < -0.99  # MONOCHROME1: bone bright after inversion
-    assert correlation(wg04("RG2_UNC")) > 0.99
+    uncompressed = real_dicom.of("UNC")
+    inverted = [f for f in uncompressed if f.photometric == "MONOCHROME1"]
+    plain = [f for f in uncompressed if f.photometric == "MONOCHROME2"]
+    if not (inverted and plain):
+        pytest.skip(f"no uncompressed MONOCHROME1 and MONOCHROME2 files in {real_dicom.source}")
+    assert correlation(decoded(inverted[0].path)) < -0.99  # MONOCHROME1: bone bright after inversion
+    assert correlation(decoded(plain[0].path)) > 0.99
 
 
-@needs_dicom_data
-def test_wg04_window_applied(wg04: _Wg04Cache) -> None:
-    # RG2 carries Window Center 511 / Width 1024 (LINEAR): PS3.3 C.11.2.1.2.1 by hand.
-    study = wg04("RG2_UNC")
-    expected = np.clip((study.rescaled.astype(np.float64) - 510.5) / 1023 + 0.5, 0, 1)
+@pytest.mark.parametrize("dicom", UNCOMPRESSED, ids=str)
+def test_real_dicom_window_applied(decoded: _DicomCache, dicom: RealDicom) -> None:
+    # E.g. RG2 carries Window Center 511 / Width 1024 (LINEAR): PS3.3 C.11.2.1.2.1 by hand.
+    header = pydicom.dcmread(dicom.path, stop_before_pixels=True)
+    if "WindowCenter" not in header or str(header.get("VOILUTFunction") or "LINEAR") != "LINEAR":
+        pytest.skip(f"{dicom} has no LINEAR window")
+    center, width = float(header.WindowCenter), float(header.WindowWidth)
+    study = decoded(dicom.path)
+    expected = np.clip((study.rescaled.astype(np.float64) - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
+    if dicom.photometric == "MONOCHROME1":
+        expected = 1 - expected
     np.testing.assert_allclose(study.pixels, expected, atol=1e-6)
 
 
 @needs_dicom_data
-def test_spacing_and_view_position(wg04: _Wg04Cache) -> None:
-    rg2, rg3 = wg04("RG2_UNC"), wg04("RG3_UNC")
+def test_spacing_and_view_position() -> None:
+    wg04 = DATA / "dicom" / "wg04"
+    rg2, rg3 = read_dicom(wg04 / "RG2_UNC.dcm"), read_dicom(wg04 / "RG3_UNC.dcm")
     assert rg2.pixel_spacing == pytest.approx((0.2, 0.2))
     assert rg3.view_position == "AP"
     assert rg3.pixel_spacing is None
@@ -217,19 +231,23 @@ def test_identity_never_carries_patient_data() -> None:
         assert all(secret not in value for value in study.identity.values())
 
 
-@needs_dicom_data
-def test_truncated_uncompressed_dicom(tmp_path: Path) -> None:
-    data = (WG04 / "RG3_UNC.dcm").read_bytes()
+def test_truncated_uncompressed_dicom(tmp_path: Path, real_dicom: RealDicomFiles) -> None:
+    big = [f for f in real_dicom.of("UNC") if f.shape[0] * f.shape[1] >= 1_000_000]
+    if not big:
+        pytest.skip(f"no uncompressed radiograph in {real_dicom.source}")
+    data = big[-1].path.read_bytes()
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(StudyReadError, match="truncated or corrupt pixel data"):
         read_study(cut)
 
 
-@needs_dicom_data
-def test_truncated_compressed_dicom(tmp_path: Path) -> None:
+def test_truncated_compressed_dicom(tmp_path: Path, real_dicom: RealDicomFiles) -> None:
     # Cut inside the encapsulated Pixel Data: pydicom drops the element (with a warning).
-    data = (WG04 / "RG3_JLSL.dcm").read_bytes()
+    compressed = real_dicom.of("JLSL")
+    if not compressed:
+        pytest.skip(f"no JPEG-LS lossless file in {real_dicom.source}")
+    data = compressed[-1].path.read_bytes()
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(data[: len(data) // 2])
     # pydicom's warning ("End of file reached ...") is part of the reason, not raw stderr.
@@ -679,17 +697,26 @@ def test_find_studies(tmp_path: Path) -> None:
     (nested / "README").write_text("not a study\n")
     (nested / "labels.csv").write_text("a,b\n")
     (nested / ".hidden.png").write_bytes((tmp_path / "study" / "a.png").read_bytes())
-    (nested / "b.cxrtool.png").write_bytes((tmp_path / "study" / "a.png").read_bytes())
+    overlay = "b.jpg.cxrtool.0123456789ab.Effusion.overlay.png"  # a model's picture of b.jpg
+    (nested / overlay).write_bytes((tmp_path / "study" / "a.png").read_bytes())
+    (nested / "patient.cxrtool.png").write_bytes((tmp_path / "study" / "a.png").read_bytes())  # a study all the same
     for curves in ("roc_curves.png", "pr_curves.png"):  # what evaluate leaves in an evaluated folder
         (tmp_path / "study" / curves).write_bytes((tmp_path / "study" / "a.png").read_bytes())
+        (nested / curves).write_bytes((tmp_path / "study" / "a.png").read_bytes())  # no report here: studies
+    (tmp_path / "study" / "evaluation.json").write_text("{}")
 
-    found = list(find_studies([tmp_path / "study"]))
+    passed: dict[str, int] = {}
+    found = list(find_studies([tmp_path / "study"], passed=passed))
     assert [p.relative_to(tmp_path).as_posix() for p in found] == [
         "study/a.png",
         "study/series/1.2.840.113619.2.55.3",
         "study/series/IM0001",
         "study/series/b.jpg",
+        "study/series/patient.cxrtool.png",
+        "study/series/pr_curves.png",
+        "study/series/roc_curves.png",
     ]
+    assert passed == {"cxrtool's own outputs": 4, "hidden": 1, "not an image": 2}  # (evaluation.json among the own)
     for path in found:
         read_study(path)  # all of them really are studies
 
@@ -702,7 +729,10 @@ def test_find_studies(tmp_path: Path) -> None:
         "a.png",
         "pr_curves.png",
         "roc_curves.png",
-        "b.cxrtool.png",
+        overlay,
+        "patient.cxrtool.png",
+        "pr_curves.png",
+        "roc_curves.png",
         "1.2.840.113619.2.55.3",
         "IM0001",
         "b.jpg",
@@ -714,4 +744,5 @@ def test_find_studies(tmp_path: Path) -> None:
     # "-": paths on stdin, blank lines ignored, folders expanded, duplicates dropped.
     stdin = io.StringIO(f"{nested / 'b.jpg'}\n\n{nested}\n{nested / 'b.jpg'}\n")
     from_stdin = list(find_studies(["-"], stdin=stdin))
-    assert [p.name for p in from_stdin] == ["b.jpg", "1.2.840.113619.2.55.3", "IM0001"]
+    assert [p.name for p in from_stdin] == ["b.jpg", "1.2.840.113619.2.55.3", "IM0001", "patient.cxrtool.png",
+                                            "pr_curves.png", "roc_curves.png"]

@@ -19,12 +19,12 @@ import pydicom
 from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_fragments, generate_frames
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, convert_color_space, get_decoder
 
 from cxrtool.io.seg import SEG_SOP_CLASSES
-from cxrtool.io.study import Study, StudyReadError, sniff_format
+from cxrtool.io.study import Study, StudyReadError, open_capped, sniff_format
 from cxrtool.io.study import one_line as _one_line
 
 __all__ = ["read_dicom"]
@@ -45,9 +45,11 @@ _PIXEL_ERRORS = (
     RuntimeError, ValueError, NotImplementedError, AttributeError, KeyError, TypeError,
     IndexError, struct.error, OverflowError,
 )
+# BytesLengthException: a value whose length does not fit its VR (e.g. a US element whose
+# VR code was corrupted into FD), found when the value is first read.
 _HEADER_ERRORS = (
     ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError,
-    struct.error, UnicodeDecodeError, OverflowError,
+    struct.error, UnicodeDecodeError, OverflowError, BytesLengthException,
 )
 _LUT_ERRORS = (AttributeError, IndexError, KeyError, TypeError, ValueError, NotImplementedError)
 _ALL_PLUGINS_FAILED = "Unable to decode as exceptions were raised by all available plugins:"
@@ -90,6 +92,7 @@ def read_dicom(path: Path, *, keep_rescaled: bool = False) -> Study:
 def _study_from_dataset(path: Path, ds: Dataset, keep_rescaled: bool) -> Study:
     _check_is_single_image(ds)
     tsyntax = _transfer_syntax(ds)
+    _check_encapsulation(ds, tsyntax)
     try:
         photometric = str(ds.PhotometricInterpretation).strip().upper()
         bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
@@ -141,28 +144,43 @@ def _study_from_dataset(path: Path, ds: Dataset, keep_rescaled: bool) -> Study:
 
 
 def _read_dataset(path: Path) -> Dataset:
-    try:
-        return pydicom.dcmread(path)
-    except InvalidDicomError as error:
-        # No preamble/"DICM": only force the read when the content looks like DICOM,
-        # otherwise pydicom would happily "parse" any binary file into garbage.
-        if sniff_format(path) != "dicom":
-            raise StudyReadError(_one_line(f"not a DICOM file: {error}")) from error
-    except FileNotFoundError as error:
-        raise StudyReadError("no such file") from error
-    except IsADirectoryError as error:
-        raise StudyReadError("is a directory, not a file") from error
-    except OSError as error:
-        raise StudyReadError(_one_line(f"cannot open: {error.strerror or error}")) from error
-    except Exception as error:
-        raise StudyReadError(_one_line(f"invalid or corrupt DICOM header: {error}")) from error
-    try:
-        ds = pydicom.dcmread(path, force=True)
-    except Exception as error:
-        raise StudyReadError(_one_line(f"invalid or corrupt DICOM header: {error}")) from error
+    # Through a capped file: a corrupt element length of up to 4 GiB makes pydicom ask for
+    # that many bytes, which a plain file would allocate before finding the end of the file.
+    with open_capped(path) as handle:
+        try:
+            return pydicom.dcmread(handle)
+        except InvalidDicomError as error:
+            # No preamble/"DICM": only force the read when the content looks like DICOM,
+            # otherwise pydicom would happily "parse" any binary file into garbage.
+            if sniff_format(path) != "dicom":
+                raise StudyReadError(_one_line(f"not a DICOM file: {error}")) from error
+        except OSError as error:
+            if error.errno is not None:  # the disk's or the system's error, not the content's
+                raise StudyReadError(_one_line(f"cannot read: {error.strerror or error}")) from error
+            raise _header_error(error) from error  # pydicom's "No tag to read at ..."
+        except Exception as error:
+            raise _header_error(error) from error
+        try:
+            handle.seek(0)
+            ds = pydicom.dcmread(handle, force=True)
+        except Exception as error:
+            raise _header_error(error) from error
     if not isinstance(ds, Dataset) or len(ds) == 0:
         raise StudyReadError("invalid or corrupt DICOM header: no data elements")
     return ds
+
+
+# pydicom parses each nested sequence one Python call deeper (a few frames per level): a
+# few hundred levels reach the interpreter's recursion limit, which no real radiograph does.
+_TOO_DEEP = "sequences nested too deeply to read (a few hundred levels: a corrupt or malicious file?)"
+
+
+def _header_error(error: BaseException) -> StudyReadError:
+    """The one-line reason for an exception of pydicom's while it parsed the header."""
+    if isinstance(error, RecursionError):
+        return StudyReadError(f"invalid or corrupt DICOM header: {_TOO_DEEP}")
+    detail = str(error).strip() or type(error).__name__  # a MemoryError() says nothing itself
+    return StudyReadError(_one_line(f"invalid or corrupt DICOM header: {detail}"))
 
 
 def _transfer_syntax(ds: Dataset) -> uid.UID:
@@ -182,8 +200,22 @@ def _transfer_syntax(ds: Dataset) -> uid.UID:
         tsyntax = uid.ImplicitVRLittleEndian
     else:
         tsyntax = uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+    if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+        raise StudyReadError("invalid DICOM header: the Pixel Data is compressed (encapsulated) but the file meta "
+                             "has no Transfer Syntax UID, so its codec is unknown")
     ds.file_meta.TransferSyntaxUID = tsyntax
     return tsyntax
+
+
+def _check_encapsulation(ds: Dataset, tsyntax: uid.UID) -> None:
+    """Refuse compressed (encapsulated) Pixel Data under an uncompressed transfer syntax:
+    decoded as native, the fragments would only be "too few bytes of pixel data", which
+    misleads (see also :func:`_transfer_syntax`, for a file meta without one)."""
+    if tsyntax not in uid.UncompressedTransferSyntaxes or "PixelData" not in ds:
+        return
+    if ds["PixelData"].is_undefined_length:
+        raise StudyReadError(f"invalid DICOM header: the Pixel Data is compressed (encapsulated) but the Transfer "
+                             f"Syntax is {tsyntax.name}, an uncompressed one")
 
 
 def _check_is_single_image(ds: Dataset) -> None:
@@ -288,6 +320,8 @@ def _decode(
             _one_line(f"no decoder installed for transfer syntax {tsyntax.name}{detail}")
         )
 
+    if decoder.is_encapsulated:
+        _ignore_bad_offset_table(ds)
     _check_frame_complete(ds, tsyntax)
     options: dict[str, Any] = {"index": 0}
     # Lossy JPEG can overshoot the Bits Stored range by a little (e.g. 1024 for 10-bit
@@ -315,6 +349,22 @@ def _decode(
         arr = convert_color_space(arr, photometric, "RGB")
         photometric = "RGB"
     return arr, photometric
+
+
+def _ignore_bad_offset_table(ds: Dataset) -> None:
+    """Empty a Basic Offset Table other than [0]: a single frame is all the fragments.
+
+    pydicom cuts the frame where the table says; a corrupt table (a first offset other than
+    0, a second frame's offset in a single-frame image) would cut the codestream and make
+    it undecodable, though every fragment is there.
+    """
+    data = ds.PixelData
+    if len(data) < 8 or data[:4] != b"\xfe\xff\x00\xe0":
+        return  # not an item: _check_frame_complete says the encapsulation is bad
+    length = int.from_bytes(data[4:8], "little")
+    if length == 0 or (length == 4 and data[8:12] == b"\x00" * 4) or 8 + length > len(data):
+        return  # empty, [0], or a length past the end (reported as bad encapsulation)
+    ds.PixelData = b"\xfe\xff\x00\xe0\x00\x00\x00\x00" + data[8 + length :]
 
 
 def _check_frame_complete(ds: Dataset, tsyntax: uid.UID) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxrtool.io.study import Study, StudyReadError
+from cxrtool.io.study import CappedReader, Study, StudyReadError, open_capped
 from cxrtool.io.study import one_line as _one_line
 
 __all__ = ["read_image"]
@@ -52,14 +52,14 @@ def read_image(path: Path) -> Study:
         (1024, 1024)
     """
     path = Path(path)
+    handle = open_capped(path)
+    with handle:
+        return _read_image(path, handle)
+
+
+def _read_image(path: Path, handle: CappedReader) -> Study:
     try:
-        image = Image.open(path, formats=("PNG", "JPEG"))  # JPEG covers MPO files too
-    except FileNotFoundError as error:
-        raise StudyReadError("no such file") from error
-    except IsADirectoryError as error:
-        raise StudyReadError("is a directory, not a file") from error
-    except PermissionError as error:
-        raise StudyReadError(_one_line(f"cannot open: {error.strerror or error}")) from error
+        image = Image.open(handle, formats=("PNG", "JPEG"))  # JPEG covers MPO files too
     except Image.DecompressionBombError as error:
         reason = f"image too large (decompression bomb?): {error}"
         raise StudyReadError(_one_line(reason)) from error

@@ -5,6 +5,7 @@ to them, all import it; it imports none of them."""
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from dataclasses import dataclass, field
@@ -96,23 +97,61 @@ class Study:
         return tuple(self.pixels.shape[:2])  # type: ignore[return-value]
 
 
+class CappedReader(io.BufferedReader):
+    """A file whose ``read(n)`` never asks for more than what is left of it.
+
+    A corrupt length field (a PNG chunk's, a DICOM element's) can claim up to 4 GiB, and
+    Pillow and pydicom hand it to ``read``, which allocates that much before it finds the
+    end of the file: a MemoryError wherever memory is limited, instead of the file's
+    reason. Capped, the read comes back short and the reader says the file is truncated.
+    """
+
+    def __init__(self, raw: io.RawIOBase, path: str | os.PathLike) -> None:
+        super().__init__(raw)
+        self._size = os.fstat(raw.fileno()).st_size
+        self._path = os.fspath(path)
+
+    @property
+    def name(self) -> str:
+        """The path, not the descriptor number (pydicom puts it in its messages)."""
+        return self._path
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, self._size - self.tell()))
+        return super().read(size)
+
+
+def open_capped(path: Path) -> CappedReader:
+    """Open a regular file (see :func:`open_regular`) for a reader.
+
+    Raises:
+        StudyReadError: a missing, unreadable or not regular file, saying which.
+    """
+    try:
+        handle = open_regular(path)
+    except FileNotFoundError as error:
+        raise StudyReadError("no such file") from error
+    except NotRegularFile as error:
+        if Path(path).is_dir():
+            raise StudyReadError("is a directory, not a file") from error
+        raise StudyReadError(str(error)) from error
+    except OSError as error:
+        raise StudyReadError(one_line(f"cannot open: {error.strerror or error}")) from error
+    return CappedReader(handle.detach(), path)
+
+
 def sniff_format(path: Path) -> str:
     """Tell DICOM, PNG and JPEG apart by their first bytes.
 
     Raises:
         StudyReadError: for an empty, unreadable or unrecognised file.
     """
-    try:
-        with open_regular(path) as handle:
+    with open_capped(path) as handle:
+        try:
             head = handle.read(132)
-    except FileNotFoundError as error:
-        raise StudyReadError("no such file") from error
-    except IsADirectoryError as error:
-        raise StudyReadError("is a directory, not a file") from error
-    except NotRegularFile as error:
-        raise StudyReadError(str(error)) from error
-    except OSError as error:
-        raise StudyReadError(f"cannot open: {error.strerror or error}") from error
+        except OSError as error:
+            raise StudyReadError(one_line(f"cannot read: {error.strerror or error}")) from error
     if not head:
         raise StudyReadError("empty file")
     if len(head) >= 132 and head[128:132] == b"DICM":
