@@ -429,6 +429,8 @@ def run_studies(
                 sidecar: Sidecar = outcome.sidecar  # type: ignore[assignment]  # a study not failed has one
                 record = {**sidecar.flat(outcome.result), "path": str(outcome.path),  # type: ignore[arg-type]
                           "status": outcome.status}
+            if outcome.notes:  # what a stage said of the study (the DICOM SR stage: a PNG has no study to add it to)
+                record["warnings"] = [*record.get("warnings", []), *outcome.notes]
             options.on_result(record)
         if options.progress is not None:
             options.progress(finished, summary.total)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -77,6 +77,7 @@ class StudyOutcome:
     sidecar: Sidecar | None = None
     stale: int = 0
     relisted: bool = False  # a stage listed files in the result: a skipped study's sidecar is stored again
+    notes: list[str] = field(default_factory=list)  # what a stage says of the study, a line each: its record's warnings
 
     def output_name(self, kind: str) -> str:
         """The name of a file of this model's result beside the study:
@@ -183,7 +184,7 @@ class OutputKind:
 
 # Modules that each define STAGE, an OutputKind (imported when asked for, so a stage's
 # dependencies load only for runs that use it).
-OUTPUT_STAGE_MODULES: tuple[str, ...] = ()
+OUTPUT_STAGE_MODULES: tuple[str, ...] = ("cxrtool.reports.sr",)
 
 
 def output_kinds() -> dict[str, OutputKind]:

@@ -254,5 +254,5 @@ def test_an_output_stage_of_ones_own_sees_every_study_and_its_files_follow_the_r
     predict([study], model=checkpoint, workers=0)  # without the stage: nothing lists a note any more
     assert not (study / note).exists()
     assert "outputs" not in json.loads((study / "a.png.cxrtool.json").read_text())["results"][0]
-    with pytest.raises(UsageError, match="no output stage 'sr'"):
-        predict([study], model=checkpoint, workers=0, outputs=["sr"])
+    with pytest.raises(UsageError, match="no output stage 'nope'; the registered ones: sr"):
+        predict([study], model=checkpoint, workers=0, outputs=["nope"])

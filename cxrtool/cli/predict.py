@@ -43,6 +43,9 @@ def predict(
                                                         "(a dual-branch model); marked zero-shot and uncalibrated.")] = None,
     prompts: Annotated[Path | None, typer.Option("--prompts", help="YAML: finding -> positive descriptions (and optionally "
                                                  "{positive: [...], negative: [...]}), scored zero-shot.")] = None,
+    dicom: Annotated[str | None, typer.Option("--dicom", help="DICOM objects to write for each DICOM study, in its study "
+                                              "(comma-separated): sr, a Structured Report of the findings "
+                                              "(NAME.cxrtool.<model id>.sr.dcm, needs highdicom). PNG and JPEG studies get none.")] = None,
 ) -> None:
     """Write each study's finding probabilities as a JSON sidecar and a per-folder CSV.
 
@@ -63,12 +66,32 @@ def predict(
             unseen[name] = entry
     except ValueError as error:
         fail(str(error))
+    outputs = dicom_outputs(dicom)
 
     run_over_studies(
         "predict",
         functools.partial(run_predict, inputs, model=model, out=out, overwrite=overwrite, batch_size=batch_size,
                           workers=workers, device=device, include_patient_id=include_patient_id, runtime=runtime,
-                          views=views, tta=TestTimeAugmentation(tta, tta_flip), zero_shot=unseen or None),
+                          views=views, tta=TestTimeAugmentation(tta, tta_flip), zero_shot=unseen or None,
+                          outputs=outputs),
         jsonl=jsonl, listed="cxrtool_predictions.csv", done_word="predicted", overwrite=overwrite,
     )
 
+
+def dicom_outputs(value: str | None) -> list[str]:
+    """The output stages ``--dicom`` names (comma-separated), checked before any work: an
+    unknown one is a usage error (exit 2) listing the registered ones. Only the stages'
+    modules load here (each imports its own dependencies when a run makes it)."""
+    if value is None:
+        return []
+    from cxrtool.stages import output_kinds
+
+    wanted = list(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    known = output_kinds()
+    unknown = [name for name in wanted if name not in known]
+    registered = ", ".join(known) or "none"
+    if not wanted:
+        fail(f"--dicom: name the DICOM outputs to write (comma-separated); the registered ones: {registered}")
+    if unknown:
+        fail(f"--dicom: no DICOM output {', '.join(repr(name) for name in unknown)}; the registered ones: {registered}")
+    return wanted

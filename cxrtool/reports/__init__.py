@@ -1,0 +1,6 @@
+"""Reports of a model's results in the formats other systems read: the DICOM Structured
+Report (:mod:`cxrtool.reports.sr`, the output stage ``sr``: ``cxrtool predict --dicom sr``).
+
+Each module here is an output stage (:mod:`cxrtool.stages`) and loads its dependencies only
+when a run asks for it.
+"""
