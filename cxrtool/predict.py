@@ -91,6 +91,7 @@ def predict(
     zero_shot: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     outputs: Sequence[str | OutputKind] = (),
     stdin=None,
+    cache: str | os.PathLike | None = None,
 ) -> RunSummary:
     """Run a checkpoint over studies and write sidecars and folder tables.
 
@@ -100,7 +101,9 @@ def predict(
     (stale: dropped, and counted in ``summary.stale``).
 
     Args:
-        inputs: files, folders (recursive), globs, or ``-`` for paths on stdin.
+        inputs: files, folders (recursive), globs, ``-`` for paths on stdin, or studies on a
+            DICOMweb server (``dicomweb://HOST:PORT/PATH/studies/UID``, a series, or a query
+            ``.../studies?PatientID=ID``: :mod:`cxrtool.io.dicomweb`), fetched into ``cache``.
         model: a cxrtool checkpoint (``.safetensors``) or a bundle (``.yaml``, see
             :mod:`cxrtool.models.sources.bundle`).
         out: write into a mirror tree under this folder instead of beside the inputs.
@@ -127,7 +130,10 @@ def predict(
             and uncalibrated (called at 0.5) in the sidecar.
         outputs: output stages to add after the sidecars and tables: names registered in
             :data:`cxrtool.stages.OUTPUT_STAGE_MODULES`, or :class:`~cxrtool.stages.OutputKind`
-            of a script's own.
+            of a script's own (:func:`cxrtool.reports.store.store_to` sends the DICOM
+            objects to a PACS).
+        cache: where studies from a DICOMweb server are cached, their outputs beside them
+            (default: ``out/dicomweb``).
 
     Returns:
         A :class:`RunSummary`.
@@ -143,7 +149,7 @@ def predict(
     settings = {**PREDICT_SETTINGS, **tta.settings(), **(unseen.settings() if unseen else {})}
     options = RunOptions(out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
                          runtime=runtime, include_patient_id=include_patient_id, views=views, on_result=on_result,
-                         progress=progress, note=note, stdin=stdin)
+                         progress=progress, note=note, stdin=stdin, cache=cache)
     return run_studies(inputs, model=model, make_processor=ScoreChunk, settings={"predict": settings}, options=options,
                        make_stages=lambda context: predict_stages(context, outputs), tta=tta, zero_shot=unseen)
 

@@ -30,6 +30,7 @@ import numpy as np
 from cxrtool._workers import cores, default_workers, fork_safe_opencv, worker_init
 from cxrtool.errors import OutputError
 from cxrtool.io.decoded import DecodedStudy
+from cxrtool.io.dicomweb import CACHE_FOLDER, RemoteStudies
 from cxrtool.io.outputs import check_writable, sidecar_path
 from cxrtool.io.records import (
     Fingerprint,
@@ -65,12 +66,15 @@ class RunSummary:
     folders: list[Path] = field(default_factory=list)
     stale: int = 0  # earlier results dropped because their study's file changed since
     passed: dict[str, int] = field(default_factory=dict)  # files in the folders that are not studies, by why
+    # What an output stage could not do for a study whose result stands (a DICOM object not
+    # sent to a PACS): (path, one line). Each makes the exit status 1, as a failed study does.
+    problems: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
         if self.total == 0:
             return 2
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.problems else 0
 
 
 PredictSummary = RunSummary  # the name the first release exported
@@ -86,9 +90,11 @@ class StudyInputs:
 
     def __init__(
         self, paths: Sequence[Path], preps: dict[str, Preprocessing], *, include_patient_id: bool = False,
-        display_size: int | None = None, views: Sequence[str | None] | None = None
+        display_size: int | None = None, views: Sequence[str | None] | None = None,
+        fetch: Callable[[Path], None] | None = None,
     ):
         self.paths = paths
+        self.fetch = fetch  # brings a study from a server into its cached path first (RemoteStudies.fetch)
         self.preps = preps
         self.views = views  # per path: the projection a table gives, used where the file gives none
         self.include_patient_id = include_patient_id
@@ -100,6 +106,12 @@ class StudyInputs:
     def __getitem__(self, index: int) -> DecodedStudy:
         path = self.paths[index]
         item = DecodedStudy(index)
+        if self.fetch is not None:
+            try:
+                self.fetch(path)
+            except StudyReadError as error:  # (FetchError: the server named, and what it answered)
+                item.error = str(error)
+                return item
         try:
             item.fingerprint = Fingerprint.of(path)
         except OSError:
@@ -183,6 +195,10 @@ class RunContext:
     version: str
     settings: dict[str, Any]  # stage -> settings, recorded with each result
     in_worker: bool = False  # the processor runs inside a decoding worker
+    note: Callable[[str], None] | None = None  # what a stage says along the way (the CLI prints it)
+    # What a stage could not do for a study whose result stands (path, one line): the
+    # run's RunSummary.problems (exit status 1).
+    problems: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def model(self) -> ModelRef:
@@ -292,6 +308,9 @@ class RunOptions:
         model_in: where the model runs: "auto" (:func:`model_in_workers`), "workers" or
             "main" (this process); the environment's ``CXRTOOL_MODEL_IN`` overrides it (so
             a test or benchmark on two cores can take the path a many-core machine takes).
+        cache: where studies read from a DICOMweb server (``dicomweb://...`` inputs,
+            :mod:`cxrtool.io.dicomweb`) are cached, and their outputs written beside them
+            (default: ``out/dicomweb``; without ``out`` or ``cache`` such inputs are refused).
     """
 
     out: str | os.PathLike | None = None
@@ -307,6 +326,7 @@ class RunOptions:
     note: Callable[[str], None] | None = None
     stdin: Any = None
     model_in: str = "auto"
+    cache: str | os.PathLike | None = None
 
 
 MODEL_PLACES = ("auto", "workers", "main")
@@ -390,13 +410,15 @@ def run_studies(
     in_workers = model_in_workers(options.model_in, torch_device.type, n_workers)
     table_views = _read_views(options.views)
     passed: dict[str, int] = {}
-    paths = list(find_studies(inputs, stdin=options.stdin, passed=passed))
-    summary = RunSummary(total=len(paths), passed=passed)
-    root = output_root(paths)
     out_dir = Path(options.out) if options.out is not None else None
+    cache = options.cache if options.cache is not None else (out_dir / CACHE_FOLDER if out_dir is not None else None)
+    remote = RemoteStudies(cache)  # DICOMweb inputs: listed here, fetched by the decoding workers
+    paths = list(find_studies(inputs, stdin=options.stdin, passed=passed, remote=remote))
+    summary = RunSummary(total=len(paths) + len(remote.unlisted), passed=passed)
+    root = output_root([path for path in paths if path not in remote])
 
     def destination(path: Path) -> Path:
-        if out_dir is None:
+        if out_dir is None or path in remote:  # a cached study's outputs go beside it
             return path.parent
         relative = path.absolute().parent.relative_to(root) if root else Path()
         return out_dir / relative
@@ -435,7 +457,7 @@ def run_studies(
         if options.progress is not None:
             options.progress(finished, summary.total)
 
-    context = RunContext(scorer, torch_device, [], [], __version__, settings, in_worker=in_workers)
+    context = RunContext(scorer, torch_device, [], [], __version__, settings, in_worker=in_workers, note=options.note)
     stages = list(make_stages(context) if make_stages is not None
                   else standard_stages(model_ref, scorer, __version__))
 
@@ -452,6 +474,13 @@ def run_studies(
         report(outcome)
 
     try:
+        for source, reason in remote.unlisted:  # a DICOMweb source whose listing failed: no study to write for
+            summary.failed.append((source, reason))
+            finished += 1
+            if options.on_result is not None:
+                options.on_result({"file": source, "path": source, "status": "failed", "error": reason})
+            if options.progress is not None:
+                options.progress(finished, summary.total)
         for path in paths:
             folder = destination(path)
             previous = None if options.overwrite else read_sidecar(sidecar_path(folder, path.name))
@@ -468,7 +497,8 @@ def run_studies(
         processor = make_processor(context)
         dataset = StudyInputs(todo, scorer.preprocessings, include_patient_id=options.include_patient_id,
                               display_size=display_size,
-                              views=[table_views.get(p) for p in todo] if table_views else None)
+                              views=[table_views.get(p) for p in todo] if table_views else None,
+                              fetch=remote.fetch if remote else None)
         batch_size = options.batch_size
         if in_workers:
             # Workers decode and process chunks of a few studies; small chunks keep a run of
@@ -498,7 +528,10 @@ def run_studies(
                     if item.fatal is not None:
                         raise OutputError(item.fatal)
     finally:
-        summary.folders = finish_all(stages)
+        try:
+            summary.folders = finish_all(stages)
+        finally:
+            summary.problems = list(context.problems)
     return summary
 
 

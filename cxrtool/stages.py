@@ -184,7 +184,7 @@ class OutputKind:
 
 # Modules that each define STAGE, an OutputKind (imported when asked for, so a stage's
 # dependencies load only for runs that use it).
-OUTPUT_STAGE_MODULES: tuple[str, ...] = ("cxrtool.reports.sr",)
+OUTPUT_STAGE_MODULES: tuple[str, ...] = ("cxrtool.reports.sr", "cxrtool.reports.seg", "cxrtool.reports.store")
 
 
 def output_kinds() -> dict[str, OutputKind]:

@@ -198,9 +198,10 @@ def test_the_sr_follows_its_result(dicom_dir, checkpoint, tmp_path):
 
 def test_dicom_takes_registered_outputs_only_and_the_cli_stays_light(tmp_path, checkpoint, monkeypatch):
     write_png(tmp_path / "a.png")
-    result = invoke(str(tmp_path), "-m", str(checkpoint), "-j", "0", "--dicom", "sr,seg")
+    result = invoke(str(tmp_path), "-m", str(checkpoint), "-j", "0", "--dicom", "sr,rtss")
     assert result.exit_code == 2
-    assert "--dicom: no DICOM output 'seg'; the registered ones: sr" in result.output
+    listed = re.search(r"--dicom: no DICOM output 'rtss'; the registered ones: (.*)", result.output)
+    assert listed and {"sr", "seg"} <= set(listed.group(1).strip().split(", ")), result.output
     assert not list(tmp_path.glob("*.cxrtool.json"))  # refused before any work
     assert invoke(str(tmp_path), "-m", str(checkpoint), "--dicom", " , ").exit_code == 2
     check = "import sys, cxrtool.cli; assert 'highdicom' not in sys.modules and 'cxrtool.reports.sr' not in sys.modules"

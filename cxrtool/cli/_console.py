@@ -71,6 +71,30 @@ def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
+def dicom_outputs(value: str | None, *, maps: bool = False) -> list[str]:
+    """The output stages ``--dicom`` names (comma-separated), checked before any work: an
+    unknown one is a usage error (exit 2) listing the registered ones, and so is one made
+    from explain's maps (seg) where the run makes none (``maps`` False: predict). Only the
+    stages' modules load here (each imports its own dependencies when a run makes it)."""
+    if value is None:
+        return []
+    from cxrtool.stages import output_kinds
+
+    wanted = list(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    known = {name: kind for name, kind in output_kinds().items() if name != "store"}  # it sends them: --store-to
+    unknown = [name for name in wanted if name not in known]
+    registered = ", ".join(known) or "none"
+    if not wanted:
+        fail(f"--dicom: name the DICOM outputs to write (comma-separated); the registered ones: {registered}")
+    if unknown:
+        fail(f"--dicom: no DICOM output {', '.join(repr(name) for name in unknown)}; the registered ones: {registered}")
+    if not maps and "seg" in wanted:
+        from cxrtool.reports.seg import NEEDS_MAPS
+
+        fail(NEEDS_MAPS)
+    return wanted
+
+
 def progress_bar(*, transient: bool = False) -> Any:
     """Progress on stderr: a live rich bar on a terminal; under a pipe, CI or a batch
     scheduler, a plain line now and then (what, how far, rate, time left) instead."""

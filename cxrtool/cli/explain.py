@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand
 
-from cxrtool.cli._console import Workers, fail, run_over_studies
+from cxrtool.cli._console import Workers, dicom_outputs, fail, run_over_studies
 from cxrtool.cli.predict import ViewsOption
 from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS
 
@@ -64,6 +64,10 @@ def explain(
     include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Copy the DICOM PatientID into the outputs (off by default).")] = False,
     views: ViewsOption = None,
     faithfulness: Annotated[bool, typer.Option("--faithfulness", help="Also measure each map's deletion/insertion curves with the model (34 forward passes a map) into the sidecar; evaluate --boxes reports them.")] = False,
+    dicom: Annotated[str | None, typer.Option("--dicom", help="DICOM objects to write for each DICOM study, in its study "
+                                              "(comma-separated): seg, a Segmentation of the maps' regions, a segment per "
+                                              "finding (NAME.cxrtool.<model id>.seg.dcm); sr, a Structured Report of the "
+                                              "findings (.sr.dcm). Needs highdicom. PNG and JPEG studies get none.")] = None,
 ) -> None:
     """Where the evidence is: class activation maps as overlays, maps, masks and boxes.
 
@@ -88,6 +92,7 @@ def explain(
                 fail(str(error))
         else:
             findings = tuple(dict.fromkeys(finding))
+    outputs = dicom_outputs(dicom, maps=True)
     try:
         settings = ExplainSettings(method=cam.lower(), layer=layer, findings=findings, threshold=threshold,
                                    map_format=map_format.lower(), display_size=overlay_size,
@@ -98,7 +103,7 @@ def explain(
         "explain",
         functools.partial(run_explain, inputs, model=model, settings=settings, out=out, overwrite=overwrite,
                           batch_size=batch_size, workers=workers, device=device, include_patient_id=include_patient_id,
-                          views=views),
+                          views=views, outputs=outputs),
         jsonl=jsonl, listed="cxrtool_explain.html", done_word="explained", overwrite=overwrite,
     )
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import Workers, fail, one_of, run_over_studies
+from cxrtool.cli._console import Workers, dicom_outputs, fail, one_of, run_over_studies
 from cxrtool.registry import RUNTIMES, TTA_MODES
 
 # Options predict shares with explain and models calibrate (one definition each).
@@ -23,7 +23,7 @@ TtaFlipOption = Annotated[bool, typer.Option("--tta-flip", help="Also score each
 
 
 def predict(
-    inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - to read paths from stdin.")],
+    inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, - to read paths from stdin, or studies on a DICOMweb server: dicomweb://HOST:PORT/PATH/studies/STUDY_UID (or .../series/UID, or a query .../studies?PatientID=ID; dicomwebs:// for https), fetched into --cache.")],
     *,
     model: Annotated[Path, typer.Option("--model", "-m", envvar="CXRTOOL_MODEL", help="A cxrtool checkpoint (.safetensors), or a bundle of them (.yaml: routed by projection, ensembled).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write into a mirror tree here instead of beside the inputs.")] = None,
@@ -46,6 +46,9 @@ def predict(
     dicom: Annotated[str | None, typer.Option("--dicom", help="DICOM objects to write for each DICOM study, in its study "
                                               "(comma-separated): sr, a Structured Report of the findings "
                                               "(NAME.cxrtool.<model id>.sr.dcm, needs highdicom). PNG and JPEG studies get none.")] = None,
+    store_to: Annotated[str | None, typer.Option("--store-to", help="Send each study's DICOM objects (--dicom) to a PACS after they are written: dicomweb://HOST:PORT/PATH (STOW-RS; dicomwebs:// for https) or dicom://AET@HOST:PORT (C-STORE). What was sent is recorded in each folder's cxrtool_sent.json and not sent again; what failed is retried by the next run.")] = None,
+    ae_title: Annotated[str, typer.Option("--ae-title", envvar="CXRTOOL_AE_TITLE", help="The calling AE title of --store-to dicom://...")] = "CXRTOOL",
+    cache: Annotated[Path | None, typer.Option("--cache", help="Where studies read from a DICOMweb server are cached, CACHE/<server>/<study UID>/<instance UID>.dcm, their outputs beside them (default: OUT/dicomweb under --out). A study done before by this model is not fetched again.")] = None,
 ) -> None:
     """Write each study's finding probabilities as a JSON sidecar and a per-folder CSV.
 
@@ -66,32 +69,23 @@ def predict(
             unseen[name] = entry
     except ValueError as error:
         fail(str(error))
-    outputs = dicom_outputs(dicom)
+    outputs: list = list(dicom_outputs(dicom))
+    if store_to is not None:
+        from cxrtool.errors import UsageError
+        from cxrtool.reports.store import store_to as store_stage
+
+        if not outputs:
+            fail("--store-to sends the DICOM objects the run writes: name them with --dicom (e.g. --dicom sr)")
+        try:
+            outputs.append(store_stage(store_to, ae_title=ae_title))  # after them: it sends what they wrote
+        except UsageError as error:
+            fail(str(error))
 
     run_over_studies(
         "predict",
         functools.partial(run_predict, inputs, model=model, out=out, overwrite=overwrite, batch_size=batch_size,
                           workers=workers, device=device, include_patient_id=include_patient_id, runtime=runtime,
                           views=views, tta=TestTimeAugmentation(tta, tta_flip), zero_shot=unseen or None,
-                          outputs=outputs),
+                          outputs=outputs, cache=cache),
         jsonl=jsonl, listed="cxrtool_predictions.csv", done_word="predicted", overwrite=overwrite,
     )
-
-
-def dicom_outputs(value: str | None) -> list[str]:
-    """The output stages ``--dicom`` names (comma-separated), checked before any work: an
-    unknown one is a usage error (exit 2) listing the registered ones. Only the stages'
-    modules load here (each imports its own dependencies when a run makes it)."""
-    if value is None:
-        return []
-    from cxrtool.stages import output_kinds
-
-    wanted = list(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
-    known = output_kinds()
-    unknown = [name for name in wanted if name not in known]
-    registered = ", ".join(known) or "none"
-    if not wanted:
-        fail(f"--dicom: name the DICOM outputs to write (comma-separated); the registered ones: {registered}")
-    if unknown:
-        fail(f"--dicom: no DICOM output {', '.join(repr(name) for name in unknown)}; the registered ones: {registered}")
-    return wanted

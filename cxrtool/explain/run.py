@@ -51,6 +51,11 @@ from cxrtool.stages import OutputKind, OutputStage, StudyOutcome, extra_stages, 
 
 METHOD_LABELS = CAM_METHOD_LABELS  # the name the first release exported
 
+# Output stages whose files are made from a result's maps (cxrtool.reports.seg: the DICOM
+# SEG): new maps of a stored result do not keep them listed, so the old files go (the
+# stale-file rule, cxrtool.stages); a run that asks for them writes them anew.
+MAP_OUTPUTS = frozenset({"seg"})
+
 
 @dataclass(frozen=True)
 class ExplainSettings:
@@ -303,7 +308,9 @@ class ExplainChunk:
         folder = context.folders[item.index]
         display, item.display = item.display, None  # keep what travels back to the main process small
         if isinstance(scored, Result):  # predict's result, its probabilities and settings kept; explain's stage added
-            result = replace(scored, settings={**scored.settings, "explain": context.settings["explain"]})
+            # (and the files its output stages listed, but those made from its old maps: they go with them)
+            outputs = {stage: names for stage, names in scored.outputs.items() if stage not in MAP_OUTPUTS}
+            result = replace(scored, settings={**scored.settings, "explain": context.settings["explain"]}, outputs=outputs)
         else:
             try:
                 result = context.result(item, scored)

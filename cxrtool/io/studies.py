@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
+from cxrtool.io.dicomweb import RemoteStudies, is_dicomweb
 from cxrtool.io.outputs import is_own_output
 from cxrtool.io.study import Study, StudyReadError, one_line, sniff_format
 from cxrtool.registry import VIEW_POSITIONS  # noqa: F401  (the name this module exported)
@@ -90,21 +91,31 @@ def _origin(warning: warnings.WarningMessage) -> str:
 
 
 def find_studies(inputs: Iterable[str | os.PathLike], *, stdin: TextIO | None = None,
-                 passed: dict[str, int] | None = None) -> Iterator[Path]:
-    """Expand files, folders (recursively), shell globs and ``-`` (paths on stdin).
+                 passed: dict[str, int] | None = None, remote: RemoteStudies | None = None) -> Iterator[Path]:
+    """Expand files, folders (recursively), shell globs, ``-`` (paths on stdin) and, given
+    ``remote``, DICOMweb sources (``dicomweb://HOST:PORT/PATH/studies/UID``, also as lines
+    on stdin: :mod:`cxrtool.io.dicomweb`): the paths their cached copies have in
+    ``remote``'s cache, present or not yet (the run fetches those it does).
 
     Paths are yielded lazily, in a stable order within each input, and each at most once.
     A name that matches nothing is yielded as is, so that the caller reports it as missing
     rather than silently dropping it. In folders, what is not a study is passed over, and
     counted in ``passed`` by why: "cxrtool's own outputs" (:func:`is_own_output`), "hidden"
     (names starting with a dot), "not an image" (a table, a text...).
+
+    Raises:
+        UsageError: a DICOMweb source without ``remote`` (a command that does not read from
+            a server), or one that is malformed.
     """
     seen: set[Path] = set()
     for raw in inputs:
         raw = str(raw)
         if raw == "-":
             stream = stdin if stdin is not None else sys.stdin
-            candidates: Iterable[Path] = (Path(line.strip()) for line in stream if line.strip())
+            candidates: Iterable[Path] = (path for line in stream if line.strip()
+                                          for path in _from_stdin(line.strip(), remote, passed))
+        elif is_dicomweb(raw):
+            candidates = _remote(raw, remote, passed)
         else:
             candidates = _expand_one(raw)
         for candidate in candidates:
@@ -117,6 +128,18 @@ def find_studies(inputs: Iterable[str | os.PathLike], *, stdin: TextIO | None = 
                 if key not in seen:
                     seen.add(key)
                     yield child
+
+
+def _remote(raw: str, remote: RemoteStudies | None, passed: dict[str, int] | None) -> Iterator[Path]:
+    if remote is None:
+        from cxrtool.errors import UsageError
+
+        raise UsageError(f"{raw}: this command reads local files only (cxrtool predict and explain read from DICOMweb)")
+    return remote.expand(raw, passed)
+
+
+def _from_stdin(line: str, remote: RemoteStudies | None, passed: dict[str, int] | None) -> Iterator[Path]:
+    return _remote(line, remote, passed) if is_dicomweb(line) else iter((Path(line),))
 
 
 def _expand_one(raw: str) -> Iterator[Path]:

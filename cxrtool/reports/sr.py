@@ -28,7 +28,8 @@ finds both alike):
   LN, "XR unspecified body region") (CID 100: the model does not check the body part); then
   one Measurement Group (TID 1501) per finding, in the model's order:
 
-  - Tracking Identifier: the finding's name, and a Tracking UID;
+  - Tracking Identifier: the finding's name, and a Tracking UID (:func:`tracking_uid`; the
+    DICOM SEG of the same result gives the finding's segment the same one: :mod:`cxrtool.reports.seg`);
   - Finding (121071, DCM): the finding's code (:func:`finding_code`: SNOMED CT or DCM where
     the standard has one, else :data:`LOCAL_SCHEME`);
   - Algorithm Identification (TID 4019): name = the model's name, version = the cxrtool
@@ -52,137 +53,52 @@ result's, gets it written from that result.
 
 from __future__ import annotations
 
-import datetime as _dt
-import functools
 import json
-import uuid
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cxrtool.io.outputs import atomic_path
 from cxrtool.io.records import Result
-from cxrtool.registry import FINDING_ALIASES
+from cxrtool.reports._dicom import (
+    FINDING_CODES,
+    LOCAL_SCHEME,
+    LOCAL_SCHEME_NAME,
+    MANUFACTURER,
+    NoDicom,
+    coding_schemes,
+    created,
+    derived_uid,
+    evidence,
+    finding_code,
+    is_current,
+    require_highdicom,
+    source_names_as_they_are,
+)
+from cxrtool.reports._dicom import source_header as _source_header
+from cxrtool.reports._dicom import write_dicom as write_report
 from cxrtool.stages import OutputKind, StudyOutcome
 
 NAME = "sr"  # the stage's name: --dicom sr, result.outputs["sr"]
 FILE_KIND = "sr.dcm"  # NAME.cxrtool.<model id>.sr.dcm
-
-# Findings with a code of their own, by name (lower case, "_" as a space; the registry's
-# aliases first): (code value, coding scheme designator, code meaning). Each is a code the
-# DICOM standard itself uses with that meaning (PS3.16, as pydicom's copy of it has it; the
-# context groups it is in are named); no code is made up, and none whose meaning the
-# standard's own tables disagree on (SCT 287272002 is "Cardiomegaly" in CID 12248 but
-# "Enlarged septal foramen of heart" elsewhere: Cardiomegaly stays local).
-FINDING_CODES: dict[str, tuple[str, str, str]] = {
-    "effusion": ("60046008", "SCT", "Pleural effusion"),  # CID 8134; NIH's "Effusion", CheXpert's "Pleural Effusion"
-    "pleural effusion": ("60046008", "SCT", "Pleural effusion"),
-    "pneumothorax": ("36118008", "SCT", "Pneumothorax"),  # CID 6102 "Chest Finding or Feature Modifier"
-    "nodule": ("27925004", "SCT", "Nodule"),  # CID 6102, 6104 "Abnormal Opacity Finding or Feature"
-    "mass": ("4147007", "SCT", "Mass"),  # CID 6102, 6104
-    "edema": ("19242006", "SCT", "Pulmonary edema"),  # CID 3700; NIH's and CheXpert's "Edema" (of the lungs)
-    "pulmonary edema": ("19242006", "SCT", "Pulmonary edema"),
-    "fibrosis": ("112674009", "SCT", "Fibrosis"),  # CID 6336 "MRI Abnormality" (the morphologic concept)
-    "infiltration": ("112121", "DCM", "Infiltrate"),  # CID 6102, 6104
-    "lung opacity": ("112001", "DCM", "Opacity"),  # CID 6102, 6104
-}
-
-# Every other finding (Atelectasis, Cardiomegaly, Consolidation, Pneumonia, Emphysema,
-# Hernia, Pleural_Thickening, No Finding, Support Devices, zero-shot ones...) is coded in
-# this private coding scheme (PS3.16 8.2: designators starting "99" are private): the code
-# value is the finding's name as the model's card spells it, the meaning the same (at most
-# 64 characters). The SR names the scheme in its Coding Scheme Identification Sequence.
-LOCAL_SCHEME = "99CXRTOOL"
-LOCAL_SCHEME_NAME = "cxrtool finding names (the model card's spelling)"
+WHAT = "DICOM SR"  # as the study's record names it: "no DICOM SR: ..."
 
 SERIES_NUMBER = 9001  # the SR series of each study and model
 SERIES_DESCRIPTION = "cxrtool findings"
-MANUFACTURER = "cxrtool"
-_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, "cxrtool.reports.sr")  # of the UIDs derived here (_uid)
 
-
-class NoReport(Exception):
-    """Why a study gets no SR (one line, said in its record)."""
-
-
-def finding_code(name: str) -> tuple[str, str, str]:
-    """The code of a finding: (value, scheme designator, meaning): from :data:`FINDING_CODES`,
-    else the finding's own name in :data:`LOCAL_SCHEME`."""
-    key = FINDING_ALIASES.get(name, name).replace("_", " ").strip().lower()
-    if key in FINDING_CODES:
-        return FINDING_CODES[key]
-    text = " ".join(name.replace("\\", "/").split()) or "unnamed"
-    return text, LOCAL_SCHEME, text[:64]
-
-
-def _require_highdicom() -> None:
-    from cxrtool.errors import UsageError
-
-    try:
-        import highdicom
-    except ImportError:
-        raise UsageError('the DICOM SR (--dicom sr) needs highdicom: pip install "cxrtool[dicom]"') from None
-    try:
-        _patient_and_study_keywords()
-    except (ImportError, KeyError):
-        raise UsageError(f"the DICOM SR (--dicom sr) needs a newer highdicom than {highdicom.__version__} "
-                         "(0.28 is known to work): pip install -U highdicom") from None
-
-
-@functools.lru_cache(maxsize=1)
-def _patient_and_study_keywords() -> frozenset[str]:
-    """The root attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1),
-    as highdicom's tables of the standard list them (the tables its own copying uses)."""
-    from highdicom._standard_utils import get_module_attribute_map
-
-    modules = get_module_attribute_map()
-    return frozenset(entry["keyword"] for module in ("patient", "general-study") for entry in modules[module]
-                     if not entry["path"])
-
-
-# What highdicom reads from the source (Type 2 in the SR IODs: present, if empty).
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
-          "StudyTime", "ReferringPhysicianName")
-_REFERENCE = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-
-
-def _evidence(source: Any) -> Any:
-    """The part of the source's header the SR may take: the UIDs that reference it, and its
-    Patient and General Study module attributes (the Type 2 ones it lacks, empty)."""
-    from pydicom import Dataset
-
-    kept = Dataset()
-    for keyword in _REFERENCE:
-        kept.add(source[keyword])
-    for keyword in sorted(_patient_and_study_keywords()):
-        if keyword in source:
-            kept.add(source[keyword])
-    for keyword in _TYPE2:
-        if keyword not in kept:
-            setattr(kept, keyword, None)
-    return kept
-
-
-def _uid(*parts: str) -> str:
-    """A UID derived from ``parts``: ``2.25.`` and a name-based (SHA-1, version 5) UUID as an
-    integer (PS3.5 B.2); the same parts always give the same UID."""
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
+NoReport = NoDicom  # why a study gets no SR (one line, said in its record)
 
 
 def instance_uid(source_uid: str, result: Result, version: str) -> str:
     """The SR's SOP Instance UID: the same for the same source image, model, result and
     cxrtool version (a rewritten SR of the same result is the same instance)."""
     findings = json.dumps({name: call.to_dict() for name, call in result.findings.items()}, sort_keys=True)
-    return _uid("instance", source_uid, result.model.sha256, result.created, version, findings)
+    return derived_uid("instance", source_uid, result.model.sha256, result.created, version, findings)
 
 
-def _created(result: Result) -> _dt.datetime:
-    """When the result was made, in this machine's local time (DICOM's dates carry no zone)."""
-    try:
-        return _dt.datetime.fromisoformat(result.created).astimezone().replace(tzinfo=None)
-    except (TypeError, ValueError):
-        return _dt.datetime.now()
+def tracking_uid(sop_uid: str, finding: str) -> str:
+    """The Tracking UID of a finding's Measurement Group in the SR ``sop_uid``; the DICOM SEG
+    of the same result gives the finding's segment the same one (:mod:`cxrtool.reports.seg`)."""
+    return derived_uid("tracking", sop_uid, finding)
 
 
 def _parameters(result: Result, finding: str) -> list[str]:
@@ -215,16 +131,14 @@ def build_report(source: Any, result: Result, *, version: str) -> Any:
         ValueError, TypeError, AttributeError, KeyError: a source highdicom cannot take.
     """
     import highdicom as hd
-    from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from pydicom.sr.codedict import codes
 
-    evidence = _evidence(source)
     model = result.model
     algorithm_name = model.name or model.architecture or "cxrtool model"
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=_uid("device", model.sha256), name=algorithm_name[:64], manufacturer_name=MANUFACTURER,
+            uid=derived_uid("device", model.sha256), name=algorithm_name[:64], manufacturer_name=MANUFACTURER,
             model_name=(model.architecture or algorithm_name)[:64]))
     unit = codes.UCUM.NoUnits
     sop_uid = instance_uid(str(source.SOPInstanceUID), result, version)
@@ -238,7 +152,7 @@ def build_report(source: Any, result: Result, *, version: str) -> Any:
         algorithm = hd.sr.AlgorithmIdentification(name=algorithm_name, version=result.cxrtool_version or version,
                                                   parameters=_parameters(result, name))
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid("tracking", sop_uid, name), identifier=name[:64]),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(sop_uid, name), identifier=name[:64]),
             finding_type=concept,
             algorithm_id=algorithm,
             source_images=[image],
@@ -256,15 +170,12 @@ def build_report(source: Any, result: Result, *, version: str) -> Any:
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
     )
-    schemes = [CodingSchemeIdentificationItem(designator=LOCAL_SCHEME, name=LOCAL_SCHEME_NAME,
-                                                    responsible_organization=MANUFACTURER)] if local else None
-    made = _created(result)
-    with warnings.catch_warnings():  # the patient's name is the source's, as it has it: not ours to judge
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name", category=UserWarning)
+    made = created(result)
+    with source_names_as_they_are():
         return hd.sr.ComprehensiveSR(
-            evidence=[evidence],
+            evidence=[evidence(source)],
             content=report,
-            series_instance_uid=_uid("series", str(source.StudyInstanceUID), model.sha256),
+            series_instance_uid=derived_uid("series", str(source.StudyInstanceUID), model.sha256),
             series_number=SERIES_NUMBER,
             sop_instance_uid=sop_uid,
             instance_number=1,
@@ -275,33 +186,8 @@ def build_report(source: Any, result: Result, *, version: str) -> Any:
             content_date=made.date(),
             content_time=made.time().replace(microsecond=0),
             specific_character_set="ISO_IR 192",  # UTF-8: the model's and the findings' names may be any text
-            coding_schemes=schemes,
+            coding_schemes=coding_schemes(local),
         )
-
-
-def _read_header(path: Path) -> Any:
-    """The header of a DICOM file (no pixels).
-
-    Raises:
-        NoReport: it cannot be read as DICOM.
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    from cxrtool.io.images import open_capped
-    from cxrtool.io.studies import StudyReadError, one_line
-
-    try:
-        with open_capped(path) as handle:
-            try:
-                return pydicom.dcmread(handle, stop_before_pixels=True)
-            except InvalidDicomError:  # no preamble: read as a dataset (predict took it for DICOM)
-                handle.seek(0)
-                return pydicom.dcmread(handle, stop_before_pixels=True, force=True)
-    except StudyReadError as error:
-        raise NoReport(f"the file cannot be read again: {error}") from None
-    except Exception as error:  # noqa: BLE001 - any failure of pydicom's on a header: said, the run goes on
-        raise NoReport(f"its DICOM header cannot be read: {one_line(str(error)) or type(error).__name__}") from None
 
 
 def source_header(path: Path, identity: Mapping[str, str]) -> Any:
@@ -311,46 +197,14 @@ def source_header(path: Path, identity: Mapping[str, str]) -> Any:
         NoReport: a PNG or JPEG (no DICOM study), a file without the UIDs to reference, or one
             that is no longer the image the result was made from.
     """
-    kind = identity.get("format")
-    if kind in ("png", "jpeg"):
-        raise NoReport(f"a {kind.upper()} file has no DICOM study to add a DICOM SR to")
-    source = _read_header(path)
-    missing = [keyword for keyword in _REFERENCE if not str(source.get(keyword, "") or "").strip()]
-    if missing:
-        raise NoReport(f"the DICOM file has no {', '.join(missing)} to reference")
-    expected = identity.get("sop_instance_uid")
-    if expected and str(source.SOPInstanceUID) != expected:
-        raise NoReport("the file is no longer the image the result was made from (another SOP Instance UID)")
-    return source
-
-
-def _is_current(path: Path, uid: str) -> bool:
-    """Whether the SR at ``path`` is the one of the result (its SOP Instance UID is ``uid``)."""
-    import pydicom
-
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-    except Exception:  # noqa: BLE001 - unreadable, a link, gone: not current, written again
-        return False
-    return not path.is_symlink() and str(header.get("SOPInstanceUID", "")) == uid
-
-
-def write_report(document: Any, path: Path) -> Path:
-    """Write an SR atomically (never through a link).
-
-    Raises:
-        OutputError: the place cannot take it.
-    """
-    with atomic_path(path) as tmp:
-        document.save_as(tmp, enforce_file_format=True)
-    return path
+    return _source_header(path, identity, WHAT)
 
 
 class StructuredReports:
     """The ``sr`` output stage: a DICOM SR of each DICOM study's result, listed in the result."""
 
     def __init__(self, context: Any) -> None:
-        _require_highdicom()
+        require_highdicom("the DICOM SR (--dicom sr)")
         self.version = str(context.version)
 
     def study(self, outcome: StudyOutcome) -> None:
@@ -363,17 +217,17 @@ class StructuredReports:
         record = outcome.record or outcome.sidecar
         try:
             source = source_header(outcome.path, record.identity if record is not None else {})
-        except NoReport as why:
-            outcome.notes.append(f"no DICOM SR: {why}")
+        except NoDicom as why:
+            outcome.notes.append(f"no {WHAT}: {why}")
             return
         path = outcome.folder / name
         uid = instance_uid(str(source.SOPInstanceUID), result, self.version)
-        if outcome.status == "skipped" and result.outputs.get(NAME) == [name] and _is_current(path, uid):
+        if outcome.status == "skipped" and result.outputs.get(NAME) == [name] and is_current(path, uid):
             return  # done before, and still there
         try:
             document = build_report(source, result, version=self.version)
         except (ValueError, TypeError, AttributeError, KeyError) as error:
-            outcome.notes.append(f"no DICOM SR: highdicom cannot make one of this file: "
+            outcome.notes.append(f"no {WHAT}: highdicom cannot make one of this file: "
                                  f"{one_line(str(error)) or type(error).__name__}")
             return
         write_report(document, path)
@@ -386,5 +240,6 @@ class StructuredReports:
 STAGE = OutputKind(NAME, "a DICOM Structured Report (TID 1500) of each DICOM study's findings, in its study",
                    StructuredReports)
 
-__all__ = ["FILE_KIND", "FINDING_CODES", "LOCAL_SCHEME", "NAME", "SERIES_NUMBER", "STAGE", "NoReport",
-           "StructuredReports", "build_report", "finding_code", "instance_uid", "source_header", "write_report"]
+__all__ = ["FILE_KIND", "FINDING_CODES", "LOCAL_SCHEME", "LOCAL_SCHEME_NAME", "NAME", "SERIES_NUMBER", "STAGE",
+           "NoReport", "StructuredReports", "build_report", "finding_code", "instance_uid", "source_header",
+           "tracking_uid", "write_report"]
