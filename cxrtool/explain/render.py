@@ -115,7 +115,7 @@ def contact_sheet(folder: Path) -> Path | None:
     title = f"cxrtool explain: {folder.name}"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src 'self'; style-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src 'self' file:; style-src 'unsafe-inline'">
 <title>{html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; background: #111; color: #ddd; margin: 1.5em; }}
