@@ -149,6 +149,46 @@ def test_highdicom_reads_the_seg_back_and_pixel_measures_are_the_sources(run):
     assert "PixelMeasuresSequence" not in pydicom.dcmread(rg3, stop_before_pixels=True).SharedFunctionalGroupsSequence[0]
 
 
+def test_the_sr_of_explain_gives_each_region_as_a_planar_roi_outlined_on_the_image(run):
+    """explain --dicom sr: after each finding's group, a TID 1410 group per region of its map:
+    the region's outline as a closed polyline on the source image (filled, it is explain's
+    mask region), its area and the map's level in it; dciodvfy finds no error."""
+    import cv2
+    import highdicom as hd
+    import pydicom
+
+    study, _ = run
+    for name in (Path(source).name for source in SOURCES):
+        stored = stored_result(study, name)
+        source = pydicom.dcmread(study / name, stop_before_pixels=True)
+        path = study / stored["outputs"]["sr"][0]
+        assert_valid_dicom(path, "ComprehensiveSR")
+        report = hd.sr.srread(path)
+        groups = report.content.get_planar_roi_measurement_groups()
+        expected = [(finding, region) for finding in ASKED
+                    for region in stored["explanations"]["findings"][finding]["regions"]]
+        assert [group.tracking_identifier for group in groups] == [f"{f} region {r['label']}" for f, r in expected]
+        assert len({group.tracking_uid for group in groups}) == len(groups)
+        for group, (finding, region) in zip(groups, expected, strict=True):
+            assert group.finding_type.meaning == {"Effusion": "Pleural effusion", "Nodule": "Nodule"}[finding]
+            roi = group.roi
+            assert roi.GraphicType == "POLYLINE"
+            assert roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+            points = np.asarray(roi.GraphicData, dtype=float).reshape(-1, 2)
+            assert np.array_equal(points[0], points[-1])  # closed
+            label = cv2.imread(str(study / stored["explanations"]["findings"][finding]["files"]["mask"]),
+                               cv2.IMREAD_UNCHANGED) == region["label"]
+            filled = np.zeros(label.shape, np.uint8)
+            cv2.fillPoly(filled, [np.round(points - 0.5).astype(np.int32)], 1)  # back to pixel centres
+            overlap = (filled.astype(bool) & label).sum() / (filled.astype(bool) | label).sum()
+            assert overlap > 0.9, (name, finding, overlap)
+            measured = {item.name.meaning: (item.value, item.unit.value) for item in group.get_measurements()}
+            area = (region["area_mm2"], "mm2") if region.get("area_mm2") is not None else (region["area_px"], "{pixels}")
+            value, unit = measured["Area"]
+            assert float(value) == pytest.approx(area[0], rel=1e-4) and unit == area[1]
+            assert float(measured["Map peak in region (fraction of the map's peak)"][0]) == pytest.approx(region["peak"], abs=1e-4)
+
+
 def test_a_png_gets_no_seg_and_one_warning(run):
     study, result = run
     warnings = records_of(result.stdout)["a.png"]["warnings"]

@@ -280,6 +280,46 @@ def test_store_to_a_dicom_node_by_c_store(orthanc, studies, checkpoint, tmp_path
     assert "1 sent before" in again.output
 
 
+def test_explain_reads_from_dicomweb_and_stores_its_sr_and_seg(orthanc, studies, checkpoint, tmp_path, calls):
+    """explain dicomweb://... --dicom sr,seg --store-to: the SEG and the SR (its regions as
+    planar ROIs) land in the study on the server, equal to the files written here; a re-run
+    fetches and sends nothing."""
+    import highdicom as hd
+    import numpy as np
+    import pydicom
+
+    study = studies["cxr_pa_jpeg_baseline.dcm"]
+    out = tmp_path / "out"
+    args = ["explain", f"{orthanc.dicomweb}/studies/{study.study}", "-m", str(checkpoint), "-j", "0",
+            "--dicom", "sr,seg", "--store-to", orthanc.dicomweb, "--out", str(out)]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert calls == {"retrieve_instance": 1, "store_instances": 1, "c_store": 0}  # one STOW request: the study's SR and SEG
+    assert f"store: DICOM objects to {orthanc.dicomweb}: 2 sent" in first.output
+    path = cached(out, orthanc, study)
+    result = stored_result(path)
+    (seg_name,), (sr_name,) = result["outputs"]["seg"], result["outputs"]["sr"]
+    local_seg = pydicom.dcmread(path.parent / seg_name)
+    (instance,) = orthanc.instances(SOPInstanceUID=str(local_seg.SOPInstanceUID))
+    tags = orthanc.json(f"/instances/{instance}/simplified-tags")
+    assert (tags["Modality"], tags["StudyInstanceUID"]) == ("SEG", study.study)
+    on_server = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.call(f"/instances/{instance}/file")))
+    assert [item.SegmentLabel for item in on_server.SegmentSequence] == ["Effusion"]
+    assert np.array_equal(on_server.pixel_array, local_seg.pixel_array)
+    local_sr = pydicom.dcmread(path.parent / sr_name)
+    (instance,) = orthanc.instances(SOPInstanceUID=str(local_sr.SOPInstanceUID))
+    report = hd.sr.srread(pydicom.filebase.DicomBytesIO(orthanc.call(f"/instances/{instance}/file")))
+    regions = result["explanations"]["findings"]["Effusion"]["regions"]
+    assert [group.tracking_identifier for group in report.content.get_planar_roi_measurement_groups()] \
+        == [f"Effusion region {region['label']}" for region in regions]
+
+    calls.update(dict.fromkeys(calls, 0))
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert calls == {"retrieve_instance": 0, "store_instances": 0, "c_store": 0}
+    assert "2 sent before" in again.output
+
+
 def single_line(output: str, start: str) -> str:
     (line,) = [line for line in output.splitlines() if line.startswith(start)]
     assert "Traceback" not in output

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -35,6 +36,21 @@ from rich.progress import (
 Workers = Annotated[int | None, typer.Option(
     "--workers", "-j", min=0, help="Worker processes (0: none, all in this process; default: a worker per core, "
     "at most 8, all cores for radiomics).")]
+
+# The PACS side of predict and explain (and radiomics' SR), one definition each.
+StoreTo = Annotated[str | None, typer.Option(
+    "--store-to", help="Send each study's DICOM objects (--dicom) to a PACS after they are written: "
+    "dicomweb://HOST:PORT/PATH (STOW-RS; dicomwebs:// for https) or dicom://AET@HOST:PORT (C-STORE). What was "
+    "sent is recorded in each folder's cxrtool_sent.json and not sent again; what failed is retried by the next run.")]
+AeTitle = Annotated[str, typer.Option("--ae-title", envvar="CXRTOOL_AE_TITLE",
+                                      help="The calling AE title of --store-to dicom://...")]
+DicomwebCache = Annotated[Path | None, typer.Option(
+    "--cache", help="Where studies read from a DICOMweb server are cached, CACHE/<server>/<study UID>/<instance "
+    "UID>.dcm, their outputs beside them (default: OUT/dicomweb under --out). A study done before by this model "
+    "is not fetched again.")]
+DICOMWEB_INPUTS = ("Files, folders (recursive), globs, - to read paths from stdin, or studies on a DICOMweb server: "
+                   "dicomweb://HOST:PORT/PATH/studies/STUDY_UID (or .../series/UID, or a query "
+                   ".../studies?PatientID=ID; dicomwebs:// for https), fetched into --cache.")
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1
@@ -71,11 +87,29 @@ def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
-def dicom_outputs(value: str | None, *, maps: bool = False) -> list[str]:
+def dicom_outputs(value: str | None, *, maps: bool = False, store_to: str | None = None,
+                  ae_title: str = "CXRTOOL") -> list[Any]:
     """The output stages ``--dicom`` names (comma-separated), checked before any work: an
     unknown one is a usage error (exit 2) listing the registered ones, and so is one made
     from explain's maps (seg) where the run makes none (``maps`` False: predict). Only the
-    stages' modules load here (each imports its own dependencies when a run makes it)."""
+    stages' modules load here (each imports its own dependencies when a run makes it).
+    With ``--store-to``, the store stage last (it sends what the others wrote), its
+    destination checked now."""
+    wanted: list[Any] = _dicom_names(value, maps=maps)
+    if store_to is not None:
+        from cxrtool.errors import UsageError
+        from cxrtool.reports.store import store_to as store_stage
+
+        if not wanted:
+            fail("--store-to sends the DICOM objects the run writes: name them with --dicom (e.g. --dicom sr)")
+        try:
+            wanted.append(store_stage(store_to, ae_title=ae_title))
+        except UsageError as error:
+            fail(str(error))
+    return wanted
+
+
+def _dicom_names(value: str | None, *, maps: bool) -> list[Any]:
     if value is None:
         return []
     from cxrtool.stages import output_kinds

@@ -9,7 +9,16 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand
 
-from cxrtool.cli._console import Workers, dicom_outputs, fail, run_over_studies
+from cxrtool.cli._console import (
+    DICOMWEB_INPUTS,
+    AeTitle,
+    DicomwebCache,
+    StoreTo,
+    Workers,
+    dicom_outputs,
+    fail,
+    run_over_studies,
+)
 from cxrtool.cli.predict import ViewsOption
 from cxrtool.registry import CAM_METHOD_LABELS, DEFAULT_CAM_METHOD, MAP_FORMATS
 
@@ -45,7 +54,7 @@ def _looks_like_input(token: str) -> bool:
 
 
 def explain(
-    inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - to read paths from stdin.")],
+    inputs: Annotated[list[str], typer.Argument(help=DICOMWEB_INPUTS)],
     *,
     model: Annotated[Path, typer.Option("--model", "-m", envvar="CXRTOOL_MODEL", help="A cxrtool checkpoint (.safetensors), or a bundle (.yaml): its members' maps averaged.")],
     cam: Annotated[str, typer.Option("--cam", help=f"Map method: {', '.join(CAM_METHOD_LABELS)}; a bare --cam is {DEFAULT_CAM_METHOD}.")] = DEFAULT_CAM_METHOD,
@@ -67,7 +76,11 @@ def explain(
     dicom: Annotated[str | None, typer.Option("--dicom", help="DICOM objects to write for each DICOM study, in its study "
                                               "(comma-separated): seg, a Segmentation of the maps' regions, a segment per "
                                               "finding (NAME.cxrtool.<model id>.seg.dcm); sr, a Structured Report of the "
-                                              "findings (.sr.dcm). Needs highdicom. PNG and JPEG studies get none.")] = None,
+                                              "findings with each region outlined (.sr.dcm). Needs highdicom. PNG and JPEG "
+                                              "studies get none.")] = None,
+    store_to: StoreTo = None,
+    ae_title: AeTitle = "CXRTOOL",
+    cache: DicomwebCache = None,
 ) -> None:
     """Where the evidence is: class activation maps as overlays, maps, masks and boxes.
 
@@ -92,7 +105,7 @@ def explain(
                 fail(str(error))
         else:
             findings = tuple(dict.fromkeys(finding))
-    outputs = dicom_outputs(dicom, maps=True)
+    outputs = dicom_outputs(dicom, maps=True, store_to=store_to, ae_title=ae_title)
     try:
         settings = ExplainSettings(method=cam.lower(), layer=layer, findings=findings, threshold=threshold,
                                    map_format=map_format.lower(), display_size=overlay_size,
@@ -103,7 +116,7 @@ def explain(
         "explain",
         functools.partial(run_explain, inputs, model=model, settings=settings, out=out, overwrite=overwrite,
                           batch_size=batch_size, workers=workers, device=device, include_patient_id=include_patient_id,
-                          views=views, outputs=outputs),
+                          views=views, outputs=outputs, cache=cache),
         jsonl=jsonl, listed="cxrtool_explain.html", done_word="explained", overwrite=overwrite,
     )
 

@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import Workers, dicom_outputs, fail, one_of, run_over_studies
+from cxrtool.cli._console import (
+    DICOMWEB_INPUTS,
+    AeTitle,
+    DicomwebCache,
+    StoreTo,
+    Workers,
+    dicom_outputs,
+    fail,
+    one_of,
+    run_over_studies,
+)
 from cxrtool.registry import RUNTIMES, TTA_MODES
 
 # Options predict shares with explain and models calibrate (one definition each).
@@ -23,7 +33,7 @@ TtaFlipOption = Annotated[bool, typer.Option("--tta-flip", help="Also score each
 
 
 def predict(
-    inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, - to read paths from stdin, or studies on a DICOMweb server: dicomweb://HOST:PORT/PATH/studies/STUDY_UID (or .../series/UID, or a query .../studies?PatientID=ID; dicomwebs:// for https), fetched into --cache.")],
+    inputs: Annotated[list[str], typer.Argument(help=DICOMWEB_INPUTS)],
     *,
     model: Annotated[Path, typer.Option("--model", "-m", envvar="CXRTOOL_MODEL", help="A cxrtool checkpoint (.safetensors), or a bundle of them (.yaml: routed by projection, ensembled).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write into a mirror tree here instead of beside the inputs.")] = None,
@@ -46,9 +56,9 @@ def predict(
     dicom: Annotated[str | None, typer.Option("--dicom", help="DICOM objects to write for each DICOM study, in its study "
                                               "(comma-separated): sr, a Structured Report of the findings "
                                               "(NAME.cxrtool.<model id>.sr.dcm, needs highdicom). PNG and JPEG studies get none.")] = None,
-    store_to: Annotated[str | None, typer.Option("--store-to", help="Send each study's DICOM objects (--dicom) to a PACS after they are written: dicomweb://HOST:PORT/PATH (STOW-RS; dicomwebs:// for https) or dicom://AET@HOST:PORT (C-STORE). What was sent is recorded in each folder's cxrtool_sent.json and not sent again; what failed is retried by the next run.")] = None,
-    ae_title: Annotated[str, typer.Option("--ae-title", envvar="CXRTOOL_AE_TITLE", help="The calling AE title of --store-to dicom://...")] = "CXRTOOL",
-    cache: Annotated[Path | None, typer.Option("--cache", help="Where studies read from a DICOMweb server are cached, CACHE/<server>/<study UID>/<instance UID>.dcm, their outputs beside them (default: OUT/dicomweb under --out). A study done before by this model is not fetched again.")] = None,
+    store_to: StoreTo = None,
+    ae_title: AeTitle = "CXRTOOL",
+    cache: DicomwebCache = None,
 ) -> None:
     """Write each study's finding probabilities as a JSON sidecar and a per-folder CSV.
 
@@ -69,17 +79,7 @@ def predict(
             unseen[name] = entry
     except ValueError as error:
         fail(str(error))
-    outputs: list = list(dicom_outputs(dicom))
-    if store_to is not None:
-        from cxrtool.errors import UsageError
-        from cxrtool.reports.store import store_to as store_stage
-
-        if not outputs:
-            fail("--store-to sends the DICOM objects the run writes: name them with --dicom (e.g. --dicom sr)")
-        try:
-            outputs.append(store_stage(store_to, ae_title=ae_title))  # after them: it sends what they wrote
-        except UsageError as error:
-            fail(str(error))
+    outputs = dicom_outputs(dicom, store_to=store_to, ae_title=ae_title)
 
     run_over_studies(
         "predict",

@@ -407,11 +407,13 @@ def explain(
     views: str | os.PathLike | None = None,
     outputs: Sequence[str | OutputKind] = (),
     stdin=None,
+    cache: str | os.PathLike | None = None,
 ) -> RunSummary:
     """Explain a checkpoint's calls on studies: maps, masks, boxes, overlays, contact sheets.
 
     Arguments are those of :func:`cxrtool.predict.predict` (``views`` routes a bundle's
-    studies as predict's does; ``outputs`` adds output stages), plus ``settings``. A study
+    studies as predict's does; ``outputs`` adds output stages; ``dicomweb://`` inputs are
+    fetched into ``cache``), plus ``settings``. A study
     whose sidecar already holds explanations of this model made from the same file content
     with the same settings is skipped unless ``overwrite`` (:func:`cxrtool.io.records.is_done`).
 
@@ -455,7 +457,7 @@ def explain(
 
     options = RunOptions(out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
                          include_patient_id=include_patient_id, views=views, on_result=on_result, progress=progress,
-                         note=note, stdin=stdin)
+                         note=note, stdin=stdin, cache=cache)
     return run_studies(
         inputs, model=model, make_processor=lambda context: ExplainChunk(context, settings),
         settings={"predict": PREDICT_SETTINGS, "explain": settings.request()}, options=options,

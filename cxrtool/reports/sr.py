@@ -42,7 +42,20 @@ finds both alike):
     = the probability the call is made on (the calibrated one for a calibrated model), and
     (122411, DCM, "Threshold Value") = the threshold it is called at;
   - a qualitative evaluation: the finding's code = (52101004, SCT, "Present") when the
-    probability reaches the threshold, else (272519000, SCT, "Absent").
+    probability reaches the threshold, else (272519000, SCT, "Absent");
+
+  and, for a result with explain's maps (``cxrtool explain --dicom sr``), after a finding's
+  group, one Planar ROI Measurement Group (TID 1410) per region of its map, strongest first:
+  Tracking Identifier "FINDING region K" (K: the region's value in explain's mask) with a
+  Tracking UID of its own (:func:`region_uid`); Finding the finding's code; the same
+  Algorithm Identification; the region as a closed POLYLINE on the source image, its outline
+  traced from explain's mask (:func:`cxrtool.reports._roi.outline`; its box where the mask
+  cannot be read, which the study's record says); measurements (42798000, SCT, "Area")
+  (mm2 where the image's Pixel Spacing is known, else ``{pixels}``) and the map's peak and
+  mean in it, as fractions of the map's peak (local codes "map peak", "map mean"). The
+  regions are where the model's evidence lies, not an outline of the finding. The DICOM
+  SEG of the same result (``--dicom sr,seg``) holds the same regions pixel for pixel, its
+  segments tracked by the findings' Tracking UIDs.
 
 A PNG or JPEG study has no DICOM study to add an SR to: the stage writes nothing for it and
 says so in the study's record (``warnings``: one line). A DICOM the SR cannot be made for (no
@@ -58,7 +71,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cxrtool.io.records import Result
+from cxrtool.io.records import FindingMap, Result
 from cxrtool.reports._dicom import (
     FINDING_CODES,
     LOCAL_SCHEME,
@@ -92,7 +105,47 @@ def instance_uid(source_uid: str, result: Result, version: str) -> str:
     """The SR's SOP Instance UID: the same for the same source image, model, result and
     cxrtool version (a rewritten SR of the same result is the same instance)."""
     findings = json.dumps({name: call.to_dict() for name, call in result.findings.items()}, sort_keys=True)
-    return derived_uid("instance", source_uid, result.model.sha256, result.created, version, findings)
+    parts = ["instance", source_uid, result.model.sha256, result.created, version, findings]
+    if mapped(result):  # its regions are in it too (a result without them keeps the UID it always had)
+        parts.append(json.dumps(result.explanations.to_dict(), sort_keys=True))  # type: ignore[union-attr]
+    return derived_uid(*parts)
+
+
+def mapped(result: Result) -> list[tuple[str, FindingMap]]:
+    """The findings of a result whose regions the SR gives (explain's maps with regions), in
+    the result's order."""
+    if result.explanations is None:
+        return []
+    return [(name, entry) for name, entry in result.explanations.findings.items()
+            if entry.regions and name in result.findings]
+
+
+def region_uid(sop_uid: str, finding: str, label: int) -> str:
+    """The Tracking UID of region ``label`` of a finding's map in the SR ``sop_uid``."""
+    return derived_uid("tracking region", sop_uid, finding, str(label))
+
+
+def read_outlines(folder: Path, study: str, result: Result,
+                  shape: tuple[int, int]) -> tuple[dict[str, dict[int, Any]], list[str]]:
+    """The outlines of a result's regions (:func:`cxrtool.reports._roi.outline`), from
+    explain's masks of the study (its file's name) in ``folder`` (on the image's grid
+    ``shape``): finding -> region label ->
+    polygon; and, for each finding whose mask cannot be read, why (its regions then go in
+    as their boxes)."""
+    from cxrtool.io.outputs import owned_by
+    from cxrtool.reports._roi import label_outlines
+
+    outlines: dict[str, dict[int, Any]] = {}
+    problems = []
+    for finding, entry in mapped(result):
+        name = entry.files.get("mask")
+        try:
+            if not name or not owned_by(name, study):
+                raise NoDicom("explain wrote no mask for it")
+            outlines[finding] = label_outlines(folder / name, [region.label for region in entry.regions], shape)
+        except NoDicom as why:
+            problems.append(f"{finding}: {why}")
+    return outlines, problems
 
 
 def tracking_uid(sop_uid: str, finding: str) -> str:
@@ -119,13 +172,17 @@ def _parameters(result: Result, finding: str) -> list[str]:
     return parameters
 
 
-def build_report(source: Any, result: Result, *, version: str) -> Any:
+def build_report(source: Any, result: Result, *, version: str,
+                 outlines: Mapping[str, Mapping[int, Any]] | None = None) -> Any:
     """The SR (a ``highdicom.sr.ComprehensiveSR``) of a model's result on a DICOM image.
 
     Args:
         source: the image's header (a pydicom Dataset; its pixels are not needed).
         result: the model's result on it.
         version: the cxrtool version writing the SR (part of its SOP Instance UID).
+        outlines: where the result has explain's maps, its regions' outlines
+            (:func:`read_outlines`: finding -> region label -> polygon); a region without
+            one goes in as its box.
 
     Raises:
         ValueError, TypeError, AttributeError, KeyError: a source highdicom cannot take.
@@ -143,6 +200,7 @@ def build_report(source: Any, result: Result, *, version: str) -> Any:
     unit = codes.UCUM.NoUnits
     sop_uid = instance_uid(str(source.SOPInstanceUID), result, version)
     image = hd.sr.SourceImageForMeasurementGroup.from_source_image(source)  # (it checks the source is an image)
+    maps = dict(mapped(result))
     groups = []
     local = False
     for name, call in result.findings.items():
@@ -164,6 +222,9 @@ def build_report(source: Any, result: Result, *, version: str) -> Any:
                 hd.sr.QualitativeEvaluation(name=concept, value=codes.SCT.Present if call.positive else codes.SCT.Absent),
             ],
         ))
+        entry = maps.get(name)
+        if entry is not None:
+            groups.extend(_region_groups(source, sop_uid, name, concept, algorithm, entry, (outlines or {}).get(name, {})))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.cid100.XRUnspecifiedBodyRegion,
@@ -186,8 +247,40 @@ def build_report(source: Any, result: Result, *, version: str) -> Any:
             content_date=made.date(),
             content_time=made.time().replace(microsecond=0),
             specific_character_set="ISO_IR 192",  # UTF-8: the model's and the findings' names may be any text
-            coding_schemes=coding_schemes(local),
+            coding_schemes=coding_schemes(local or bool(maps)),
         )
+
+
+# The map's level in a region, as fractions of the map's peak (local codes: the standard
+# has no concept of an activation map's value).
+MAP_PEAK = ("map peak", LOCAL_SCHEME, "Map peak in region (fraction of the map's peak)")
+MAP_MEAN = ("map mean", LOCAL_SCHEME, "Map mean in region (fraction of the map's peak)")
+
+
+def _region_groups(source: Any, sop_uid: str, finding: str, concept: Any, algorithm: Any, entry: FindingMap,
+                   outlines: Mapping[int, Any]) -> list[Any]:
+    """A finding's regions as TID 1410 Planar ROI groups: each its outline (else its box),
+    its area (mm2 where the image's spacing is known, else pixels), the map's peak and mean
+    in it."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from cxrtool.reports._roi import box_polygon, pixel_area_unit, planar_group
+
+    unit = codes.UCUM.NoUnits
+    groups = []
+    for region in entry.regions:
+        area = (hd.sr.Measurement(name=codes.SCT.Area, value=float(region.area_mm2), unit=codes.UCUM.SquareMillimeter)
+                if region.area_mm2 is not None else
+                hd.sr.Measurement(name=codes.SCT.Area, value=float(region.area_px), unit=pixel_area_unit()))
+        groups.append(planar_group(
+            source, identifier=f"{finding} region {region.label}", uid=region_uid(sop_uid, finding, region.label),
+            finding=concept, algorithm=algorithm,
+            polygon=outlines.get(region.label) if region.label in outlines else box_polygon(region.box),
+            measurements=[area,
+                          hd.sr.Measurement(name=hd.sr.CodedConcept(*MAP_PEAK), value=float(region.peak), unit=unit),
+                          hd.sr.Measurement(name=hd.sr.CodedConcept(*MAP_MEAN), value=float(region.mean), unit=unit)]))
+    return groups
 
 
 def source_header(path: Path, identity: Mapping[str, str]) -> Any:
@@ -225,7 +318,11 @@ class StructuredReports:
         if outcome.status == "skipped" and result.outputs.get(NAME) == [name] and is_current(path, uid):
             return  # done before, and still there
         try:
-            document = build_report(source, result, version=self.version)
+            outlines, problems = read_outlines(outcome.folder, outcome.path.name, result,
+                                               (int(source.Rows), int(source.Columns))) if mapped(result) else ({}, [])
+            for problem in problems:
+                outcome.notes.append(f"{WHAT}: the regions of {problem}: they are given as their boxes")
+            document = build_report(source, result, version=self.version, outlines=outlines)
         except (ValueError, TypeError, AttributeError, KeyError) as error:
             outcome.notes.append(f"no {WHAT}: highdicom cannot make one of this file: "
                                  f"{one_line(str(error)) or type(error).__name__}")
