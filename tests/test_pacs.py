@@ -320,6 +320,32 @@ def test_explain_reads_from_dicomweb_and_stores_its_sr_and_seg(orthanc, studies,
     assert "2 sent before" in again.output
 
 
+def test_radiomics_stores_its_sr_of_explains_regions(orthanc, studies, checkpoint, tmp_path, calls):
+    """radiomics --from-cam --dicom sr --store-to on a study explained from the server: the
+    radiomics SR lands in the study; a re-run sends nothing."""
+    import pydicom
+
+    study = studies["RG3_JPLY.dcm"]
+    out = tmp_path / "out"
+    explained = runner.invoke(app, ["explain", f"{orthanc.dicomweb}/studies/{study.study}", "-m", str(checkpoint),
+                                    "-j", "0", "--out", str(out)])
+    assert explained.exit_code == 0, explained.output
+    args = ["radiomics", "--explanations", str(out), "--include-off-chest", "--classes", "firstorder", "-j", "0",
+            "--dicom", "sr", "--store-to", orthanc.dicomweb, "--out", str(tmp_path / "features.csv")]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert f"store: DICOM objects to {orthanc.dicomweb}: 1 sent" in first.output
+    (report,) = out.rglob("*.radiomics.sr.dcm")
+    uid = str(pydicom.dcmread(report, stop_before_pixels=True).SOPInstanceUID)
+    (instance,) = orthanc.instances(SOPInstanceUID=uid)
+    tags = orthanc.json(f"/instances/{instance}/simplified-tags")
+    assert (tags["Modality"], tags["StudyInstanceUID"], tags["SeriesNumber"]) == ("SR", study.study, "9003")
+    calls.update(dict.fromkeys(calls, 0))
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "1 sent before" in again.output and calls["store_instances"] == 0
+
+
 def single_line(output: str, start: str) -> str:
     (line,) = [line for line in output.splitlines() if line.startswith(start)]
     assert "Traceback" not in output
@@ -447,6 +473,7 @@ def test_a_study_that_failed_to_send_is_retried_next_run_and_says_so(dicom_dir, 
     assert entry["status"] == "sent" and entry["sop_instance_uid"] == flaky.sent[0]
     third = run_predict([study], **options)
     assert third.exit_code == 0 and flaky.tries == 2  # sent before: not again
+    time.sleep(1.05)  # a result is stamped to the second: one made in the same second is the same SR, not sent again
     redone = run_predict([study], **{**options, "overwrite": True})  # a new result, a new SR: sent again
     assert redone.exit_code == 0 and flaky.tries == 3 and len(set(flaky.sent)) == 2
 

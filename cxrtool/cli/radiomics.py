@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from cxrtool.cli._console import RESUME_WITHOUT_OVERWRITE, Workers, fail, handle_interrupt, note, progress_bar, warn
+from cxrtool.cli._console import (
+    RESUME_WITHOUT_OVERWRITE,
+    AeTitle,
+    StoreTo,
+    Workers,
+    fail,
+    handle_interrupt,
+    note,
+    progress_bar,
+    warn,
+)
 
 
 def radiomics(
@@ -27,6 +37,12 @@ def radiomics(
     json_too: Annotated[bool, typer.Option("--json", help="Also write the rows as JSON beside the CSV (same name, .json).")] = False,
     workers: Workers = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Measure everything again; replaces a table measured with other settings.")] = False,
+    dicom: Annotated[str | None, typer.Option("--dicom", help="sr: also a DICOM Structured Report of each DICOM image's regions, "
+                                              "each region's features as its measurements (IBSI codes as pyradiomics-dcm "
+                                              "writes them), NAME.cxrtool[.<model id>].radiomics.sr.dcm beside the region's "
+                                              "mask. Needs highdicom. PNG and JPEG images get none.")] = None,
+    store_to: StoreTo = None,
+    ae_title: AeTitle = "CXRTOOL",
 ) -> None:
     """Radiomic features per (study, region): from a mask CSV, from explain's CAM regions,
     from masks beside the studies (PNG/NIfTI named NAME.mask.*, or DICOM SEG objects among
@@ -49,7 +65,9 @@ def radiomics(
                               model=model, include_off_chest=include_off_chest, params=params,
                               classes=[name.strip() for name in classes.split(",") if name.strip()] if classes else None,
                               out=out, json_too=json_too, workers=workers, overwrite=overwrite,
-                              progress=lambda done, total: bar.update(task, completed=done, total=total), note=note, warn=warn)
+                              progress=lambda done, total: bar.update(task, completed=done, total=total), note=note, warn=warn,
+                              dicom=[name.strip() for name in dicom.split(",") if name.strip()] if dicom else (),
+                              store_to=store_to, ae_title=ae_title)
         except UsageError as error:
             fail(str(error))
     if summary.restarted:

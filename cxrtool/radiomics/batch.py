@@ -17,6 +17,7 @@ append under the folder's lock, and each rebuild takes every run's rows.
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -47,10 +48,13 @@ class RadiomicsSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     table: Path | None = None
     json: Path | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list, repr=False)  # the table's rows, as journaled
+    reports: Any = None  # with --dicom sr: what the SRs came to (cxrtool.reports.radiomics_sr.ReportSummary)
+    dicom_problems: list[tuple[str, str]] = field(default_factory=list)  # SRs not made or not sent: (file, why)
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.dicom_problems else 0
 
 
 def measure(job: RegionJob, params: dict[str, Any] | None, classes: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -69,7 +73,8 @@ def measure_image(
     from cxrtool.radiomics.features import RegionError, extract
 
     expected = (StudyReadError, RegionError, ValueError, FileNotFoundError, OSError)
-    rows: list[dict[str, Any]] = [{**asdict(job), "status": "ok", "error": ""} for job in jobs]
+    measured = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")  # (a DICOM SR's content time)
+    rows: list[dict[str, Any]] = [{**asdict(job), "status": "ok", "error": "", "_measured": measured} for job in jobs]
     image_print = _fingerprint(jobs[0].image)
     mask_prints = {job.mask: _fingerprint(job.mask) for job in jobs if job.mask}
     for job, row in zip(jobs, rows, strict=True):
@@ -122,19 +127,23 @@ def _row_key(row: dict[str, Any]) -> str:
     return RegionJob(row["image"], row["mask"], row["label"]).key
 
 
-def _settings(params: dict[str, Any] | None, classes: tuple[str, ...] | None) -> dict[str, Any]:
+def pyradiomics_version() -> str:
+    """The version of the PyRadiomics that measures (whichever distribution installed it)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from cxrtool import __version__
-
     try:
-        pyradiomics = version("pyradiomics-bhklab")
+        return version("pyradiomics-bhklab")
     except PackageNotFoundError:  # another distribution of the same package
         import radiomics
 
-        pyradiomics = getattr(radiomics, "__version__", "?")
+        return str(getattr(radiomics, "__version__", "?"))
+
+
+def _settings(params: dict[str, Any] | None, classes: tuple[str, ...] | None) -> dict[str, Any]:
+    from cxrtool import __version__
+
     return {"params": params, "classes": list(classes) if classes else None, "cxrtool": __version__,
-            "pyradiomics": pyradiomics}
+            "pyradiomics": pyradiomics_version()}
 
 
 def _read_journal(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
@@ -261,6 +270,7 @@ def run_regions(
         summary.stale = len(others) - len(valid)
         summary.failed = [(row["image"], row["error"]) for row in rows if _row_key(row) in mine and row["status"] != "ok"]
         summary.table = _write_table(out_csv, rows)
+        summary.rows = rows
         if json_out is not None:
             summary.json = _write_json(Path(json_out), rows)
     return summary

@@ -37,6 +37,9 @@ def radiomics(
     progress: Callable[[int, int], None] | None = None,
     note: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    dicom: Sequence[str] = (),
+    store_to: str | None = None,
+    ae_title: str = "CXRTOOL",
 ) -> RadiomicsSummary:
     """PyRadiomics features per (study, region), as one CSV (and JSON) table; an
     interrupted run resumes where it stopped.
@@ -59,6 +62,11 @@ def radiomics(
         progress: called with (regions done, total).
         note, warn: what the run says along the way (counts of regions by source, regions
             left out and why).
+        dicom: DICOM objects to write too: ``["sr"]``, a Structured Report of each DICOM
+            image's regions and their features (:mod:`cxrtool.reports.radiomics_sr`).
+        store_to: send those objects to a PACS (``dicomweb://...`` or ``dicom://AET@HOST:PORT``,
+            :mod:`cxrtool.reports.store`; calling AE title ``ae_title``), recorded in each
+            folder's ``cxrtool_sent.json``.
 
     Returns:
         A :class:`~cxrtool.radiomics.batch.RadiomicsSummary` (``exit_code`` 1 when a row failed).
@@ -78,6 +86,7 @@ def radiomics(
 
     say = note or (lambda message: None)
     caution = warn or say
+    target = _dicom_outputs(dicom, store_to, ae_title)  # refused before any work
     try:
         settings = load_params(params) if isinstance(params, str | os.PathLike) else params  # refused before any work
         chosen = check_classes(list(classes)) or None if classes else None
@@ -135,8 +144,65 @@ def radiomics(
                              "studies: give it as --explanations DIR)")
         raise UsageError("no regions to measure")
     table = Path(out) if out is not None else default_folder / TABLE_NAME
-    return run_regions(jobs, table, params=settings, classes=chosen, workers=workers,
-                       progress=progress, json_out=table.with_suffix(".json") if json_too else None, overwrite=overwrite)
+    summary = run_regions(jobs, table, params=settings, classes=chosen, workers=workers,
+                          progress=progress, json_out=table.with_suffix(".json") if json_too else None, overwrite=overwrite)
+    if dicom:
+        summary.reports = _write_dicom(summary, target, say)
+    return summary
+
+
+def _dicom_outputs(dicom: Sequence[str], store_to: str | None, ae_title: str) -> Any:
+    """Check ``dicom`` and ``store_to`` before any work; the destination (or None).
+
+    Raises:
+        UsageError: an output radiomics does not write, highdicom missing, a destination of no
+            known form, or ``store_to`` without ``dicom``.
+    """
+    unknown = [name for name in dicom if name != "sr"]
+    if unknown:
+        raise UsageError(f"--dicom: radiomics writes sr (a Structured Report of each DICOM image's regions), "
+                         f"not {', '.join(map(repr, unknown))}")
+    if store_to is not None and not dicom:
+        raise UsageError("--store-to sends the DICOM objects the run writes: name them with --dicom sr")
+    if dicom:
+        from cxrtool.reports._dicom import require_highdicom
+
+        require_highdicom("the DICOM SR (--dicom sr)")
+    if store_to is None:
+        return None
+    from cxrtool.reports.store import destination
+
+    return destination(store_to, ae_title=ae_title)
+
+
+def _write_dicom(summary: RadiomicsSummary, target: Any, say: Callable[[str], None]) -> Any:
+    """The SRs of the table's rows, and their sending to ``target``; failures said per image
+    and kept in ``summary.dicom_problems`` (exit status 1)."""
+    from types import SimpleNamespace
+
+    from cxrtool.reports.radiomics_sr import write_reports
+    from cxrtool.reports.store import StoreStage
+
+    reports = write_reports(summary.rows)
+    parts = [f"{len(reports.written)} written", f"{len(reports.current)} up to date"]
+    if reports.removed:
+        parts.append(f"{len(reports.removed)} removed (their regions can no longer be measured)")
+    if reports.not_dicom:
+        parts.append(f"{reports.not_dicom} regions of PNG/JPEG images have none (no DICOM study)")
+    say("DICOM SR of the regions: " + ", ".join(parts))
+    for image, reason in reports.problems:
+        summary.dicom_problems.append((image, reason))
+        say(f"{reason}: {image}")
+    if target is not None:
+        context = SimpleNamespace(note=say, problems=[])
+        stage = StoreStage(context, target)
+        try:
+            for path in reports.files:
+                stage.send_files(path.parent, path.name.split(".cxrtool.", 1)[0], [path.name], where=str(path))
+        finally:
+            stage.finish()
+        summary.dicom_problems.extend(context.problems)
+    return reports
 
 
 __all__ = ["TABLE_NAME", "radiomics"]

@@ -96,32 +96,46 @@ def planar_group(
     algorithm: Any,
     measurements: Sequence[Any],
     polygon: np.ndarray | None = None,
-    segment: tuple[Any, int] | None = None,
+    segment: tuple[Any, int, Sequence[int]] | None = None,
     qualitative: Sequence[Any] = (),
 ) -> Any:
     """A TID 1410 Planar ROI Measurement Group on the image ``source`` (its header): the
     region as ``polygon`` (:func:`outline`) or as ``segment`` (a SEG's header, the segment's
-    number), with its tracking identifier, finding type, algorithm and measurements."""
+    number, its frames on the image), with its tracking identifier, finding type, algorithm
+    and measurements."""
     import highdicom as hd
 
     if (polygon is None) == (segment is None):
         raise ValueError("a planar ROI is a polygon or a segment, one of them")
     if segment is not None:
-        seg, number = segment
-        frames = [index + 1 for index, item in enumerate(seg.PerFrameFunctionalGroupsSequence)
-                  if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number]
+        seg, number, frames = segment
         where = {"referenced_segment": hd.sr.ReferencedSegmentationFrame(
             sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
-            frame_number=frames[0] if len(frames) == 1 else frames, segment_number=number,
+            frame_number=frames[0] if len(frames) == 1 else list(frames), segment_number=number,
             source_image=hd.sr.SourceImageForSegmentation.from_source_image(source))}
     else:
         where = {"referenced_region": hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=polygon,
             source_image=hd.sr.SourceImageForRegion.from_source_image(source))}
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier[:64]),
         finding_type=finding, algorithm_id=algorithm, measurements=list(measurements) or None,
         qualitative_evaluations=list(qualitative) or None, **where)
+    if segment is not None:
+        _frame_names_the_segment(group)
+    return group
+
+
+def _frame_names_the_segment(items: Any) -> None:
+    """highdicom 0.28 gives a Referenced Segmentation Frame both the frame and the segment's
+    number; PS3.3 (C.17.3.2.1, the IMAGE content item's Referenced SOP Sequence) forbids a
+    Referenced Segment Number beside a Referenced Frame Number, and dciodvfy says so. The
+    frame alone names the segment (each frame of a SEG holds one): the number goes."""
+    for item in items:
+        for reference in item.get("ReferencedSOPSequence", []):
+            if "ReferencedFrameNumber" in reference and "ReferencedSegmentNumber" in reference:
+                del reference.ReferencedSegmentNumber
+        _frame_names_the_segment(item.get("ContentSequence", []))
 
 
 __all__ = ["box_polygon", "label_outlines", "outline", "pixel_area_unit", "planar_group"]

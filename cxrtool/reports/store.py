@@ -310,9 +310,12 @@ class StoreStage:
             return
         names = list(dict.fromkeys(name for files in result.outputs.values() for name in files
                                    if isinstance(name, str) and name.lower().endswith(".dcm")))
-        if not names:
-            return
-        folder = outcome.folder
+        if names:
+            self.send_files(outcome.folder, outcome.path.name, names, where=str(outcome.path))
+
+    def send_files(self, folder: Path, study: str, names: Sequence[str], *, where: str) -> None:
+        """Send the DICOM objects ``names`` in ``folder`` (of the study named ``study``; a
+        failure is said of ``where``), unless the journal says they were sent as they are."""
         journal = self._journal(folder)
         todo: list[tuple[str, Path, str, dict[str, Any] | None]] = []
         for name in names:
@@ -320,8 +323,8 @@ class StoreStage:
             try:
                 digest = sha256_file(path)
             except OSError as error:
-                self._fail(outcome, [], f"{name} is listed in its result but cannot be read "
-                                        f"({error.strerror or type(error).__name__})")
+                self._fail(folder, study, where, [], f"{name} is listed in its result but cannot be read "
+                                                     f"({error.strerror or type(error).__name__})")
                 return
             entry = journal.get(name) if isinstance(journal.get(name), dict) else None
             if entry is not None and entry.get("status") == "sent" and entry.get("sha256") == digest:
@@ -331,36 +334,38 @@ class StoreStage:
         if not todo:
             return
         if self.down is not None:
-            self._fail(outcome, todo, f"{self.down} (not tried again in this run)")
+            self._fail(folder, study, where, todo, f"{self.down} (not tried again in this run)")
             return
         try:
             uids = self.target.send([path for _, path, _, _ in todo])
         except SendError as error:
             if error.down:
                 self.down = str(error)
-            self._fail(outcome, todo, str(error))
+            self._fail(folder, study, where, todo, str(error))
             return
         except (OSError, ValueError, TypeError, AttributeError, KeyError) as error:  # reading our own file back
-            self._fail(outcome, todo, f"{self.target.name}: not sent: {type(error).__name__}: {one_line(str(error), 160)}")
+            self._fail(folder, study, where, todo,
+                       f"{self.target.name}: not sent: {type(error).__name__}: {one_line(str(error), 160)}")
             return
         retried = [entry for *_, entry in todo if entry is not None and entry.get("status") == "failed"]
         for (name, _, digest, _), uid in zip(todo, uids, strict=True):
-            self._record(folder, name, {"study": outcome.path.name, "sha256": digest, "sop_instance_uid": uid,
+            self._record(folder, name, {"study": study, "sha256": digest, "sop_instance_uid": uid,
                                         "status": "sent", "at": _now()})
         self.sent += len(todo)
         if retried:
-            self._say(f"sent {outcome.path} to {self.target.name} (retried: the last run could not: "
+            self._say(f"sent {where} to {self.target.name} (retried: the last run could not: "
                       f"{retried[0].get('error', 'no reason recorded')})")
 
-    def _fail(self, outcome: StudyOutcome, todo: Sequence[tuple[str, Path, str, Any]], reason: str) -> None:
+    def _fail(self, folder: Path, study: str, where: str, todo: Sequence[tuple[str, Path, str, Any]],
+              reason: str) -> None:
         for name, _, digest, _ in todo:
-            self._record(outcome.folder, name, {"study": outcome.path.name, "sha256": digest, "status": "failed",
-                                                "error": reason, "at": _now()})
+            self._record(folder, name, {"study": study, "sha256": digest, "status": "failed", "error": reason,
+                                        "at": _now()})
         self.unsent += max(1, len(todo))
         line = f"not sent: {reason}"
         if self.context is not None and hasattr(self.context, "problems"):
-            self.context.problems.append((str(outcome.path), line))
-        self._say(f"{line}: {outcome.path}")
+            self.context.problems.append((where, line))
+        self._say(f"{line}: {where}")
 
 
 def store_to(url: str, *, ae_title: str = DEFAULT_AE_TITLE) -> OutputKind:
