@@ -74,6 +74,14 @@ def train(
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--scratch", help="Start from ImageNet weights (needs the network).")] = None,
     device: Annotated[str | None, typer.Option("--device")] = None,
     workers: Workers = None,
+    image_cache: Annotated[str | None, typer.Option("--image-cache", help="auto (default): each image decoded once into a "
+                                                    "persistent cache ($CXRTOOL_CACHE/train-images) that later runs "
+                                                    "and torchrun's ranks reuse; memory: this run's memory only; off: "
+                                                    "read every image each epoch; or the cache's folder.")] = None,
+    image_cache_info: Annotated[bool, typer.Option("--image-cache-info", help="Say what the persistent image cache "
+                                                   "holds, by preprocessing (without a label CSV: only that).")] = False,
+    clear_image_cache: Annotated[bool, typer.Option("--clear-image-cache", help="Empty the persistent image cache "
+                                                    "(without a label CSV: only that).")] = False,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any setting as key=value (repeatable).")] = None,
@@ -87,6 +95,7 @@ def train(
         "task": task, "labels": labels, "images": images, "out": out, "init": init, "architecture": architecture, "head": head, "preset": preset, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "loss": loss, "sampling": sampling, "logit_adjustment": logit_adjustment, "input_size": input_size, "uncertain": uncertain,
         "pretrained": pretrained, "device": device, "workers": workers, "seed": seed, "unlabelled": unlabelled,
+        "image_cache": image_cache,
         "feedback_every": feedback_every,
         "findings": [f.strip() for f in findings.split(",") if f.strip()] if findings else None,
         "projections": [p.strip().upper() for p in projections.split(",") if p.strip()] if projections else None,
@@ -94,6 +103,10 @@ def train(
     try:
         overrides = {**flags, **parse_overrides(set_ or [])}
         settings = load_config(config, overrides)
+        if image_cache_info or clear_image_cache:
+            _look_after_image_cache(settings.image_cache, clear=clear_image_cache)
+            if not settings.labels:
+                return
         settings.validate()
     except (ValueError, OSError) as error:
         fail(str(error))
@@ -115,3 +128,25 @@ def train(
              f"({result.n_train} train / {result.n_val} validation images)")
         note(f"  checkpoint: {result.checkpoint}")
         note(f"  config:     {result.config_path}")
+
+
+def _look_after_image_cache(image_cache: str, *, clear: bool) -> None:
+    """Say what the persistent image cache holds (``--image-cache-info``), or empty it
+    (``--clear-image-cache``), saying what it held."""
+    from rich.markup import escape
+
+    from cxrtool.train.cache import cache_contents, clear_cache, default_folder, persistent_folder
+
+    folder = persistent_folder(image_cache) or default_folder()
+    if clear and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        fail("--clear-image-cache under torchrun would empty the cache while the other ranks fill it: "
+             "run cxrtool train --clear-image-cache before launching torchrun")
+    parts = clear_cache(folder) if clear else cache_contents(folder)
+    squares, failures = sum(p.squares for p in parts), sum(p.failures for p in parts)
+    size = sum(p.bytes for p in parts) / 2**20
+    note(escape(f"image cache {folder}{' emptied' if clear else ''}: {squares} squares, {failures} unreadable files "
+                f"remembered, {size:.1f} MiB ({len(parts)} preprocessings)"))
+    if not clear:
+        for part in parts:
+            note(escape(f"  {part.folder.name}: {part.squares} squares, {part.failures} unreadable, "
+                        f"{part.bytes / 2**20:.1f} MiB"))

@@ -41,6 +41,7 @@ from cxrtool.registry import (
     UNCERTAIN_POLICIES,
     VIEW_POSITIONS,
 )
+from cxrtool.train.cache import IMAGE_CACHE_MODES  # its words; any other value is the cache's folder (a path setting)
 from cxrtool.train.losses import AsymmetricSettings, FocalSettings, LossSettings, PrototypeSettings, RadiomicsSettings, SupConSettings
 
 # Settings that are paths: in a YAML file they are relative to the file's folder.
@@ -62,7 +63,12 @@ class TrainConfig:
     uncertain: str = "ignore"  # CheXpert -1 labels: ignore | positive | negative
     val_fraction: float = 0.15
     unlabelled: str = ""  # radiographs without labels (a folder, or a CSV with a path column): the radiomics term only
-    cache_images: bool = True  # keep preprocessed inputs in memory (uint8) after first read
+    # auto: each image decoded once into a persistent cache ($CXRTOOL_CACHE/train-images) that later
+    # epochs, runs and torchrun's ranks memory-map (this run's memory if that folder cannot be
+    # written); memory: this run's memory only; off: read and fit every image each time it is drawn;
+    # or the persistent cache's folder (cxrtool.train.cache)
+    image_cache: str = "auto"
+    cache_images: bool = True  # false: the same as image_cache off (kept for older configuration files)
     # model
     init: str = ""  # start from this cxrtool checkpoint (its architecture and preprocessing too)
     architecture: str = DEFAULT_ARCHITECTURE
@@ -162,6 +168,10 @@ class TrainConfig:
             (self.warmup_epochs >= 0, f"warmup_epochs must be 0 or more, got {self.warmup_epochs}"),
             (self.input_size >= 32, f"input_size must be at least 32, got {self.input_size}"),
             (bool(self.labels), "labels is required: a label CSV (NIH, CheXpert or generic)"),
+            (bool(self.image_cache.strip()), f"image_cache must be one of {', '.join(IMAGE_CACHE_MODES)}, or a folder"),
+            (self.image_cache in IMAGE_CACHE_MODES or not Path(self.image_cache).expanduser().is_file(),
+             f"image_cache {brief(self.image_cache)} is a file: name a folder for the image cache "
+             f"(or one of {', '.join(IMAGE_CACHE_MODES)})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -234,9 +244,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             else:
                 values[key] = value
         folder = Path(path).parent
-        for key in PATH_SETTINGS:
-            value = values.get(key)
-            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        for key, value in values.items():
+            if _is_path(key, value) and not Path(value).expanduser().is_absolute():
                 values[key] = os.path.normpath(folder / value)
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -274,12 +283,19 @@ def write_config(config: TrainConfig, path: Path) -> Path:
     from cxrtool.io.outputs import atomic_write
 
     values = config.to_dict()
-    for key in PATH_SETTINGS:
-        if values.get(key):
-            values[key] = relative_to(values[key], Path(path).parent)
+    for key, value in values.items():
+        if _is_path(key, value):
+            values[key] = relative_to(value, Path(path).parent)
     with atomic_write(path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(values, handle, sort_keys=False)
     return path
+
+
+def _is_path(key: str, value: Any) -> bool:
+    """Whether a setting's value is a path (relative to a YAML file's folder when read from one)."""
+    if not isinstance(value, str) or not value:
+        return False
+    return key in PATH_SETTINGS or (key == "image_cache" and value not in IMAGE_CACHE_MODES)
 
 
 def relative_to(target: str | os.PathLike, folder: str | os.PathLike) -> str:
@@ -292,4 +308,4 @@ def relative_to(target: str | os.PathLike, folder: str | os.PathLike) -> str:
 
 def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
     """Settings with their paths made absolute: comparable across working folders."""
-    return {k: (os.path.abspath(Path(v).expanduser()) if k in PATH_SETTINGS and v else v) for k, v in values.items()}
+    return {k: (os.path.abspath(Path(v).expanduser()) if _is_path(k, v) else v) for k, v in values.items()}

@@ -17,8 +17,8 @@ import torch
 
 from cxrtool._workers import process_pool
 from cxrtool.data.labels import VIEW_POSITIONS
-from cxrtool.io.studies import StudyReadError, read_study
-from cxrtool.preprocess import Preprocessing, fit_to_square, normalise
+from cxrtool.preprocess import Preprocessing, normalise
+from cxrtool.train.cache import DiskImageCache, read_square
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,14 @@ class Augmentation:
 
 
 def _load_square(args: tuple[str, Preprocessing]) -> tuple[np.ndarray | None, str | None]:
-    path, prep = args
-    try:
-        square, _ = fit_to_square(read_study(path).pixels, prep)
-    except StudyReadError as error:
-        return None, str(error)
-    # uint8 keeps the cache four times smaller; the model sees 8-bit display data anyway
-    # for PNG sources, and 1/255 steps are below the augmentation's noise.
-    return np.round(square * 255).astype(np.uint8), None
+    """:func:`~cxrtool.train.cache.read_square` as a one-argument job for a pool's ``map``."""
+    return read_square(*args)
 
 
 class ImageCache:
-    """Fitted input squares of every image, read once in parallel and kept as uint8."""
+    """Fitted input squares of every image, read once in parallel and kept as uint8 in this
+    process's memory (``image_cache: memory``; the persistent cache is
+    :class:`~cxrtool.train.cache.DiskImageCache`)."""
 
     def __init__(self, paths: Sequence[str], prep: Preprocessing, *, workers: int = 2, progress=None):
         size = prep.input_size
@@ -82,6 +78,10 @@ class ImageCache:
                 self.squares[index] = square
             if progress is not None and ((index + 1) % 64 == 0 or index + 1 == total):
                 progress(index + 1, total)
+
+    def square(self, index: int) -> np.ndarray | None:
+        """The image's uint8 square, or None when it cannot be read."""
+        return None if index in self.failed else self.squares[index]
 
     @staticmethod
     def bytes_needed(n_images: int, prep: Preprocessing) -> int:
@@ -109,7 +109,7 @@ class LabelledStudies(torch.utils.data.Dataset):
         prep: Preprocessing,
         *,
         augment: Augmentation | None = None,
-        cache: ImageCache | None = None,
+        cache: ImageCache | DiskImageCache | None = None,
         seed: int = 0,
         copies: int = 1,
         view_positions: Sequence[str] | None = None,
@@ -139,10 +139,9 @@ class LabelledStudies(torch.utils.data.Dataset):
     def input_square(self, index: int) -> np.ndarray | None:
         """The image's fitted input square in [0, 1], unaugmented; None when unreadable."""
         if self.cache is not None:
-            if index in self.cache.failed:
-                return None
-            return self.cache.squares[index].astype(np.float32) / 255.0
-        square, error = _load_square((self.paths[index], self.prep))
+            square = self.cache.square(index)
+        else:
+            square, _ = read_square(self.paths[index], self.prep)
         return None if square is None else square.astype(np.float32) / 255.0
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:

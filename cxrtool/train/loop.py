@@ -26,6 +26,7 @@ from cxrtool.models.checkpoint import ModelCard, load_tree, save_checkpoint, sav
 from cxrtool.models.heads import head_classes
 from cxrtool.models.network import CXRClassifier, pick_device
 from cxrtool.preprocess import Preprocessing, normalise
+from cxrtool.train.cache import DiskImageCache
 from cxrtool.train.config import TrainConfig, absolute_paths, write_config
 from cxrtool.train.datasets import Augmentation, ImageCache, LabelledStudies
 from cxrtool.train.losses import LossContext, build_loss, check_head_gives
@@ -190,18 +191,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         parent = _parent(config, say) if config.init else None
         prep = Preprocessing.from_dict(parent.card.preprocessing) if parent else Preprocessing(input_size=config.input_size)
 
-        cache = None
-        if config.cache_images:
-            needed = ImageCache.bytes_needed(len(paths), prep)
-            if needed > 8 * 2**30:
-                say(TrainEvent("message", message=f"image cache would need {needed / 2**30:.1f} GiB: reading from disk instead"))
-            else:
-                cache = ImageCache(paths, prep, workers=config.workers,
-                                   progress=lambda done, total: say(TrainEvent("cache", step=done, steps=total)))
-                if cache.failed:
-                    first = next(iter(cache.failed.items()))
-                    ignored = f"{len(cache.failed)} unreadable images ignored (e.g. {paths[first[0]]}: {first[1]})"
-                    say(TrainEvent("message", message=ignored))
+        cache = _image_cache(config, paths, prep, dist_info, say)
+        if cache is not None and cache.failed:
+            first = next(iter(cache.failed.items()))
+            ignored = f"{len(cache.failed)} unreadable images ignored (e.g. {paths[first[0]]}: {first[1]})"
+            say(TrainEvent("message", message=ignored))
 
         settings = config.to_dict()
         text = _text_side(config, findings) if config.zero_shot else None
@@ -407,6 +401,45 @@ def training_table(config: TrainConfig):
     if config.task == "view":
         table = table.projections()
     return table
+
+
+def _image_cache(config: TrainConfig, paths: list[str], prep: Preprocessing, dist_info: distributed.DistInfo,
+                 say: Callable[[TrainEvent], None]) -> ImageCache | DiskImageCache | None:
+    """The run's input squares as ``image_cache`` says: the persistent cache (each rank
+    decodes its share of what it lacks, then all read the whole), this process's memory, or
+    None (each image read and fitted whenever it is drawn)."""
+    from cxrtool.errors import OutputError
+    from cxrtool.train.cache import persistent_folder
+
+    def progress(done: int, total: int) -> None:
+        say(TrainEvent("cache", step=done, steps=total))
+
+    choice = config.image_cache if config.cache_images else "off"
+    folder = persistent_folder(choice)
+    if folder is not None:
+        try:
+            cache = DiskImageCache(paths, prep, folder, workers=config.workers, progress=progress,
+                                   share=(dist_info.rank, dist_info.world_size),
+                                   wait=lambda: distributed.barrier(dist_info))
+        except OutputError as error:
+            # Only auto falls back, and never under torchrun: a rank that left the others
+            # would leave them waiting at the barrier.
+            if choice != "auto" or dist_info.enabled:
+                raise
+            say(TrainEvent("message", message=f"image cache: {error}; keeping the images in memory instead"))
+        else:
+            say(TrainEvent("message", message=f"image cache: {cache.reused} of {len(paths)} images found there, "
+                                              f"{cache.decoded} decoded now ({cache.folder}; "
+                                              f"{cache.nbytes / 2**20:.1f} MiB of squares)"))
+            return cache
+    if choice == "off":
+        return None
+    needed = ImageCache.bytes_needed(len(paths), prep)
+    if needed > 8 * 2**30:
+        say(TrainEvent("message", message=f"image cache would need {needed / 2**30:.1f} GiB of memory: "
+                                          "reading from disk instead (image_cache auto keeps it on disk)"))
+        return None
+    return ImageCache(paths, prep, workers=config.workers, progress=progress)
 
 
 class _Feedback:
