@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from cxrtool.engines import Engine
 from cxrtool.io.decoded import DecodedStudy
 from cxrtool.io.records import Result, StudyFailure
 from cxrtool.models.scoring import ZeroShot
@@ -92,6 +93,8 @@ def predict(
     outputs: Sequence[str | OutputKind] = (),
     stdin=None,
     cache: str | os.PathLike | None = None,
+    engine: str | Engine = "local",
+    ray_address: str | None = None,
 ) -> RunSummary:
     """Run a checkpoint over studies and write sidecars and folder tables.
 
@@ -134,6 +137,9 @@ def predict(
             objects to a PACS).
         cache: where studies from a DICOMweb server are cached, their outputs beside them
             (default: ``out/dicomweb``).
+        engine: "local" (this machine) or "ray" (a Ray cluster: :mod:`cxrtool.ray_engine`;
+            ``ray_address`` the cluster's, "auto" the one the environment names, None a Ray
+            instance started here for the run). The files written are the same.
 
     Returns:
         A :class:`RunSummary`.
@@ -149,7 +155,8 @@ def predict(
     settings = {**PREDICT_SETTINGS, **tta.settings(), **(unseen.settings() if unseen else {})}
     options = RunOptions(out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
                          runtime=runtime, include_patient_id=include_patient_id, views=views, on_result=on_result,
-                         progress=progress, note=note, stdin=stdin, cache=cache)
+                         progress=progress, note=note, stdin=stdin, cache=cache, engine=engine,
+                         ray_address=ray_address)
     return run_studies(inputs, model=model, make_processor=ScoreChunk, settings={"predict": settings}, options=options,
                        make_stages=lambda context: predict_stages(context, outputs), tta=tta, zero_shot=unseen)
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cxrtool._workers import cores, default_workers, fork_safe_opencv, worker_init
+from cxrtool.engines import Engine, EngineReport, engine
 from cxrtool.errors import OutputError
 from cxrtool.io.decoded import DecodedStudy
 from cxrtool.io.dicomweb import CACHE_FOLDER, RemoteStudies
@@ -69,6 +70,7 @@ class RunSummary:
     # What an output stage could not do for a study whose result stands (a DICOM object not
     # sent to a PACS): (path, one line). Each makes the exit status 1, as a failed study does.
     problems: list[tuple[str, str]] = field(default_factory=list)
+    engine: EngineReport = field(default_factory=EngineReport)  # where the studies were decoded and modelled
 
     @property
     def exit_code(self) -> int:
@@ -311,6 +313,10 @@ class RunOptions:
         cache: where studies read from a DICOMweb server (``dicomweb://...`` inputs,
             :mod:`cxrtool.io.dicomweb`) are cached, and their outputs written beside them
             (default: ``out/dicomweb``; without ``out`` or ``cache`` such inputs are refused).
+        engine: where the work is done: "local" (this machine) or "ray" (a Ray cluster,
+            :mod:`cxrtool.ray_engine`), or an :class:`~cxrtool.engines.Engine`.
+        ray_address: with ``engine="ray"``, the cluster's address ("auto": the one this
+            machine's environment names; None: a Ray instance started here for the run).
     """
 
     out: str | os.PathLike | None = None
@@ -327,6 +333,8 @@ class RunOptions:
     stdin: Any = None
     model_in: str = "auto"
     cache: str | os.PathLike | None = None
+    engine: str | Engine = "local"
+    ray_address: str | None = None
 
 
 MODEL_PLACES = ("auto", "workers", "main")
@@ -397,13 +405,13 @@ def run_studies(
             an output that could not be written later (the run stops there; what it wrote
             before stays whole).
     """
-    import torch
 
     from cxrtool import __version__
     from cxrtool.models.network import pick_device
     from cxrtool.models.runtime import choose as choose_runtime
 
     options = options or RunOptions()
+    where = engine(options.engine, options.ray_address)  # refused before any work (Ray not installed...)
     torch_device = pick_device(options.device)
     choose_runtime(options.runtime, torch_device.type)  # an impossible runtime is refused before any file is read
     n_workers = default_workers() if options.workers is None else max(0, options.workers)
@@ -494,45 +502,75 @@ def run_studies(
                 context.folders.append(folder)
 
         todo = context.paths
-        processor = make_processor(context)
         dataset = StudyInputs(todo, scorer.preprocessings, include_patient_id=options.include_patient_id,
                               display_size=display_size,
                               views=[table_views.get(p) for p in todo] if table_views else None,
                               fetch=remote.fetch if remote else None)
-        batch_size = options.batch_size
-        if in_workers:
-            # Workers decode and process chunks of a few studies; small chunks keep a run of
-            # slow studies (large JPEG 2000 DICOMs) from piling up in one worker.
-            chunk, collate = min(batch_size, 8), processor
+        if where.is_local:
+            processed = _local_items(dataset, make_processor(context), in_workers=in_workers, workers=n_workers,
+                                     batch_size=options.batch_size,
+                                     threads=max(1, cores() - n_workers) if torch_device.type == "cpu" and not in_workers
+                                     else None)
         else:
-            # The model runs here; workers hand over one study at a time and the batches are
-            # formed from them as they arrive.
-            chunk, collate = 1, _collate
-        threads = max(1, cores() - n_workers) if torch_device.type == "cpu" and not in_workers else None
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=_chunks(len(dataset), chunk, tail=n_workers * chunk),
-            num_workers=n_workers,
-            collate_fn=collate,
-            worker_init_fn=worker_init if n_workers else None,
-            prefetch_factor=max(2, batch_size // chunk) if n_workers else None,
-        )
-        with _torch_threads(threads):
-            with fork_safe_opencv():
-                chunks = iter(loader)  # starts (forks) the workers
-            for items in regroup(chunks, batch_size):
-                if not in_workers:
-                    items = processor(items)
-                for item in items:
-                    hand_on(context.outcome(item))
-                    if item.fatal is not None:
-                        raise OutputError(item.fatal)
+            processed = _ray_items(dataset, where, summary.engine, options=options, model=model, tta=tta,
+                                   zero_shot=zero_shot, make_processor=make_processor, context=context)
+        for item in processed:
+            hand_on(context.outcome(item))
+            if item.fatal is not None:
+                raise OutputError(item.fatal)
     finally:
         try:
             summary.folders = finish_all(stages)
         finally:
             summary.problems = list(context.problems)
     return summary
+
+
+def _local_items(dataset: StudyInputs, processor: Callable[[list[DecodedStudy]], list[DecodedStudy]], *,
+                 in_workers: bool, workers: int, batch_size: int, threads: int | None) -> Iterator[DecodedStudy]:
+    """The local engine: the studies decoded in ``workers`` processes (a torch DataLoader)
+    and processed there (``in_workers``) or here, in order."""
+    import torch
+
+    if in_workers:
+        # Workers decode and process chunks of a few studies; small chunks keep a run of
+        # slow studies (large JPEG 2000 DICOMs) from piling up in one worker.
+        chunk, collate = min(batch_size, 8), processor
+    else:
+        # The model runs here; workers hand over one study at a time and the batches are
+        # formed from them as they arrive.
+        chunk, collate = 1, _collate
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=_chunks(len(dataset), chunk, tail=workers * chunk),
+        num_workers=workers,
+        collate_fn=collate,
+        worker_init_fn=worker_init if workers else None,
+        prefetch_factor=max(2, batch_size // chunk) if workers else None,
+    )
+    with _torch_threads(threads):
+        with fork_safe_opencv():
+            chunks = iter(loader)  # starts (forks) the workers
+        for items in regroup(chunks, batch_size):
+            yield from (items if in_workers else processor(items))
+
+
+def _ray_items(dataset: StudyInputs, where: Engine, report: EngineReport, *, options: RunOptions, model: Any,
+               tta: TestTimeAugmentation | None, zero_shot: ZeroShot | None, make_processor: ChunkFactory,
+               context: RunContext) -> Iterator[DecodedStudy]:
+    """The Ray engine (:mod:`cxrtool.ray_engine`): the same studies, decoded in Ray tasks and
+    processed in a pool of model actors, in order."""
+    if len(dataset) == 0:
+        return  # nothing to do: no cluster to start
+    from cxrtool.ray_engine import ModelRecipe, process_studies, ray_session
+
+    report.engine, report.address = where.name, where.address
+    recipe = ModelRecipe(model=model, device=options.device, runtime=options.runtime, tta=tta or NO_TTA,
+                         zero_shot=zero_shot, make_processor=make_processor, settings=context.settings,
+                         version=context.version, folder=os.getcwd())
+    with ray_session(where):
+        yield from process_studies(dataset, recipe, (list(context.paths), list(context.folders)),
+                                   batch_size=options.batch_size, report=report)
 
 
 def _read_views(table: str | os.PathLike | None):

@@ -48,6 +48,14 @@ DicomwebCache = Annotated[Path | None, typer.Option(
     "--cache", help="Where studies read from a DICOMweb server are cached, CACHE/<server>/<study UID>/<instance "
     "UID>.dcm, their outputs beside them (default: OUT/dicomweb under --out). A study done before by this model "
     "is not fetched again.")]
+# Where the work is done (cxrtool.engines), one definition for predict, explain and radiomics.
+EngineOption = Annotated[str, typer.Option(
+    "--engine", help="local (this machine) or ray (a Ray cluster: decoding in tasks, the model in an actor "
+    "pool; needs cxrtool[ray]). The files written are the same; a run resumes under either.")]
+RayAddress = Annotated[str | None, typer.Option(
+    "--ray-address", envvar="CXRTOOL_RAY_ADDRESS", help="With --engine ray: the cluster (auto: the one this "
+    "machine's environment names, as `ray start` left it; HOST:PORT; default: a Ray instance started here "
+    "for the run).")]
 DICOMWEB_INPUTS = ("Files, folders (recursive), globs, - to read paths from stdin, or studies on a DICOMweb server: "
                    "dicomweb://HOST:PORT/PATH/studies/STUDY_UID (or .../series/UID, or a query "
                    ".../studies?PatientID=ID; dicomwebs:// for https), fetched into --cache.")
@@ -352,6 +360,8 @@ def run_over_studies(label: str, run: Callable[..., Any], *, jsonl: bool, done_w
         count = f"{summary.stale} earlier {'result' if summary.stale == 1 else 'results'}"
         note(f"{count} of studies whose files have changed since removed (they described the old files), "
              "with their pictures")
+    if summary.engine.engine != "local" and (summary.engine.decoded_on or summary.engine.modelled_on):
+        note(summary.engine.line())
     if summary.passed:  # what the folders held besides studies, and by which rule it was passed over
         note("passed over in the folders: " + ", ".join(f"{count} {why}" for why, count in sorted(summary.passed.items()))
              + " (a study is any DICOM, PNG or JPEG not named *.cxrtool.json or *.cxrtool.<model id>.*)")

@@ -13,6 +13,8 @@ from cxrtool.cli._console import (
     DICOMWEB_INPUTS,
     AeTitle,
     DicomwebCache,
+    EngineOption,
+    RayAddress,
     StoreTo,
     Workers,
     dicom_outputs,
@@ -81,6 +83,8 @@ def explain(
     store_to: StoreTo = None,
     ae_title: AeTitle = "CXRTOOL",
     cache: DicomwebCache = None,
+    engine: EngineOption = "local",
+    ray_address: RayAddress = None,
 ) -> None:
     """Where the evidence is: class activation maps as overlays, maps, masks and boxes.
 
@@ -116,7 +120,8 @@ def explain(
         "explain",
         functools.partial(run_explain, inputs, model=model, settings=settings, out=out, overwrite=overwrite,
                           batch_size=batch_size, workers=workers, device=device, include_patient_id=include_patient_id,
-                          views=views, outputs=outputs, cache=cache),
+                          views=views, outputs=outputs, cache=cache, engine=engine,
+                          ray_address=ray_address),
         jsonl=jsonl, listed="cxrtool_explain.html", done_word="explained", overwrite=overwrite,
     )
 

@@ -12,6 +12,8 @@ from cxrtool.cli._console import (
     DICOMWEB_INPUTS,
     AeTitle,
     DicomwebCache,
+    EngineOption,
+    RayAddress,
     StoreTo,
     Workers,
     dicom_outputs,
@@ -59,6 +61,8 @@ def predict(
     store_to: StoreTo = None,
     ae_title: AeTitle = "CXRTOOL",
     cache: DicomwebCache = None,
+    engine: EngineOption = "local",
+    ray_address: RayAddress = None,
 ) -> None:
     """Write each study's finding probabilities as a JSON sidecar and a per-folder CSV.
 
@@ -86,6 +90,6 @@ def predict(
         functools.partial(run_predict, inputs, model=model, out=out, overwrite=overwrite, batch_size=batch_size,
                           workers=workers, device=device, include_patient_id=include_patient_id, runtime=runtime,
                           views=views, tta=TestTimeAugmentation(tta, tta_flip), zero_shot=unseen or None,
-                          outputs=outputs, cache=cache),
+                          outputs=outputs, cache=cache, engine=engine, ray_address=ray_address),
         jsonl=jsonl, listed="cxrtool_predictions.csv", done_word="predicted", overwrite=overwrite,
     )

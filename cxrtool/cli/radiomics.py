@@ -10,6 +10,8 @@ import typer
 from cxrtool.cli._console import (
     RESUME_WITHOUT_OVERWRITE,
     AeTitle,
+    EngineOption,
+    RayAddress,
     StoreTo,
     Workers,
     fail,
@@ -43,6 +45,8 @@ def radiomics(
                                               "mask. Needs highdicom. PNG and JPEG images get none.")] = None,
     store_to: StoreTo = None,
     ae_title: AeTitle = "CXRTOOL",
+    engine: EngineOption = "local",
+    ray_address: RayAddress = None,
 ) -> None:
     """Radiomic features per (study, region): from a mask CSV, from explain's CAM regions,
     from masks beside the studies (PNG/NIfTI named NAME.mask.*, or DICOM SEG objects among
@@ -67,7 +71,7 @@ def radiomics(
                               out=out, json_too=json_too, workers=workers, overwrite=overwrite,
                               progress=lambda done, total: bar.update(task, completed=done, total=total), note=note, warn=warn,
                               dicom=[name.strip() for name in dicom.split(",") if name.strip()] if dicom else (),
-                              store_to=store_to, ae_title=ae_title)
+                              store_to=store_to, ae_title=ae_title, engine=engine, ray_address=ray_address)
         except UsageError as error:
             fail(str(error))
     if summary.restarted:
@@ -79,6 +83,9 @@ def radiomics(
              "they were measured (measure them again to bring them back)")
     note(f"[green]{summary.measured} regions measured[/], {summary.resumed} from an earlier run, "
          f"[{'red' if summary.failed else 'green'}]{len(summary.failed)} failed[/] of {summary.total}")
+    if summary.engine.engine != "local" and summary.engine.decoded_on:
+        note(f"engine: ray ({summary.engine.address or 'a local instance'}): {sum(summary.engine.decoded_on.values())} "
+             f"regions measured on {len(summary.engine.decoded_on)} node(s)")
     note(f"  {summary.table}" + (f"\n  {summary.json}" if summary.json else ""))
     if summary.failed:
         warn(f"{len(summary.failed)} regions could not be measured, e.g. {summary.failed[0][0]}: {summary.failed[0][1]}")

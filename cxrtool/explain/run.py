@@ -37,6 +37,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from cxrtool.engines import Engine
 from cxrtool.errors import OutputError, UsageError
 from cxrtool.explain.chest import NO_CHEST, ChestMask, chest_mask, judge_map, region_chest_shares
 from cxrtool.explain.regions import find_regions, parse_threshold, peak_point, to_original
@@ -408,12 +409,15 @@ def explain(
     outputs: Sequence[str | OutputKind] = (),
     stdin=None,
     cache: str | os.PathLike | None = None,
+    engine: str | Engine = "local",
+    ray_address: str | None = None,
 ) -> RunSummary:
     """Explain a checkpoint's calls on studies: maps, masks, boxes, overlays, contact sheets.
 
     Arguments are those of :func:`cxrtool.predict.predict` (``views`` routes a bundle's
     studies as predict's does; ``outputs`` adds output stages; ``dicomweb://`` inputs are
-    fetched into ``cache``), plus ``settings``. A study
+    fetched into ``cache``; ``engine`` and ``ray_address`` say where the work is done), plus
+    ``settings``. A study
     whose sidecar already holds explanations of this model made from the same file content
     with the same settings is skipped unless ``overwrite`` (:func:`cxrtool.io.records.is_done`).
 
@@ -457,7 +461,8 @@ def explain(
 
     options = RunOptions(out=out, overwrite=overwrite, batch_size=batch_size, workers=workers, device=device,
                          include_patient_id=include_patient_id, views=views, on_result=on_result, progress=progress,
-                         note=note, stdin=stdin, cache=cache)
+                         note=note, stdin=stdin, cache=cache, engine=engine,
+                         ray_address=ray_address)
     return run_studies(
         inputs, model=model, make_processor=lambda context: ExplainChunk(context, settings),
         settings={"predict": PREDICT_SETTINGS, "explain": settings.request()}, options=options,

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cxrtool._workers import cores, process_pool
+from cxrtool.engines import Engine, EngineReport, engine
 from cxrtool.errors import UsageError
 from cxrtool.io.outputs import SharedTable, atomic_write, folder_lock, open_append, refuse_link
 from cxrtool.io.records import RADIOMICS_FIRST, RADIOMICS_KEY, Fingerprint, Provenance, is_done, settings_digest
@@ -51,6 +52,7 @@ class RadiomicsSummary:
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)  # the table's rows, as journaled
     reports: Any = None  # with --dicom sr: what the SRs came to (cxrtool.reports.radiomics_sr.ReportSummary)
     dicom_problems: list[tuple[str, str]] = field(default_factory=list)  # SRs not made or not sent: (file, why)
+    engine: EngineReport = field(default_factory=EngineReport)  # where the regions were measured
 
     @property
     def exit_code(self) -> int:
@@ -188,9 +190,12 @@ def run_regions(
     progress: Callable[[int, int], None] | None = None,
     json_out: str | os.PathLike | None = None,
     overwrite: bool = False,
+    engine_name: str | Engine = "local",
+    ray_address: str | None = None,
 ) -> RadiomicsSummary:
     """Measure every job not done before (in ``workers`` processes: default a worker per
-    core, 0 in this process), journaling each row; then
+    core, 0 in this process; with ``engine_name="ray"``, in Ray tasks on the cluster at
+    ``ray_address``: :mod:`cxrtool.ray_engine`), journaling each row; then
     write the table (and, with ``json_out``, the same rows as JSON). ``classes`` limits
     the feature classes of ``params`` (or of the default).
 
@@ -202,6 +207,7 @@ def run_regions(
     Raises:
         UsageError: the table holds rows measured with other settings (and not ``overwrite``).
     """
+    where = engine(engine_name, ray_address)  # refused before any work (Ray not installed...)
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     journal = out_csv.with_name(out_csv.name + ".journal.jsonl")
@@ -253,10 +259,19 @@ def run_regions(
             progress(finished, summary.total)
 
     groups = _by_image(todo, max(1, n_workers))
-    with process_pool(n_workers if len(groups) > 1 else 0) as pool:
-        for rows in pool.map(measure_image, groups, [params] * len(groups), [classes] * len(groups),
-                             [digest] * len(groups), chunksize=1):
-            record(rows)
+    if not where.is_local:
+        from cxrtool.ray_engine import measure_regions, ray_session
+
+        summary.engine.engine, summary.engine.address = where.name, where.address
+        if groups:
+            with ray_session(where):
+                for rows in measure_regions(groups, params, classes, digest, report=summary.engine):
+                    record(rows)
+    else:
+        with process_pool(n_workers if len(groups) > 1 else 0) as pool:
+            for rows in pool.map(measure_image, groups, [params] * len(groups), [classes] * len(groups),
+                                 [digest] * len(groups), chunksize=1):
+                record(rows)
     summary.measured = len(todo)
     with folder_lock(out_csv.parent):
         _, everything = _read_journal(journal)  # every run's rows, this one's included

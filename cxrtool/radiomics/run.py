@@ -40,6 +40,8 @@ def radiomics(
     dicom: Sequence[str] = (),
     store_to: str | None = None,
     ae_title: str = "CXRTOOL",
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> RadiomicsSummary:
     """PyRadiomics features per (study, region), as one CSV (and JSON) table; an
     interrupted run resumes where it stopped.
@@ -67,6 +69,8 @@ def radiomics(
         store_to: send those objects to a PACS (``dicomweb://...`` or ``dicom://AET@HOST:PORT``,
             :mod:`cxrtool.reports.store`; calling AE title ``ae_title``), recorded in each
             folder's ``cxrtool_sent.json``.
+        engine: "local" (``workers`` processes here) or "ray" (Ray tasks on the cluster at
+            ``ray_address``: :mod:`cxrtool.ray_engine`); the table is the same.
 
     Returns:
         A :class:`~cxrtool.radiomics.batch.RadiomicsSummary` (``exit_code`` 1 when a row failed).
@@ -87,6 +91,9 @@ def radiomics(
     say = note or (lambda message: None)
     caution = warn or say
     target = _dicom_outputs(dicom, store_to, ae_title)  # refused before any work
+    from cxrtool.engines import engine as check_engine
+
+    check_engine(engine, ray_address)  # (so is an engine that cannot run here)
     try:
         settings = load_params(params) if isinstance(params, str | os.PathLike) else params  # refused before any work
         chosen = check_classes(list(classes)) or None if classes else None
@@ -145,7 +152,8 @@ def radiomics(
         raise UsageError("no regions to measure")
     table = Path(out) if out is not None else default_folder / TABLE_NAME
     summary = run_regions(jobs, table, params=settings, classes=chosen, workers=workers,
-                          progress=progress, json_out=table.with_suffix(".json") if json_too else None, overwrite=overwrite)
+                          progress=progress, json_out=table.with_suffix(".json") if json_too else None, overwrite=overwrite,
+                          engine_name=engine, ray_address=ray_address)
     if dicom:
         summary.reports = _write_dicom(summary, target, say)
     return summary

@@ -1,0 +1,200 @@
+"""The Ray engine (issue 25): predict, explain and radiomics on a real two-node Ray cluster
+started on this machine (a head and a worker, ``ray start``, one CPU each, on 127.0.0.1,
+stopped after), against the local engine on copies of the same studies:
+the same files (equal sidecars apart from when they were made; equal tables), work on both
+nodes (recorded), a worker node killed mid-run: the run finishes on the other node, and a
+re-run completes with nothing lost and nothing done twice."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the Ray engine needs Ray (cxrtool[ray], in the test extra)")
+
+FINDINGS = ("Effusion", "Nodule", "Cardiomegaly")
+DICOMS = ("siim/cxr_pa_jpeg_baseline.dcm", "wg04/RG3_JPLY.dcm", "wg04/RG2_J2KR.dcm")
+TOLERANCE = 2e-6  # probabilities: a batch of other studies moves a float's last bits
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from cxrtool.ray_engine import LocalCluster
+
+    with LocalCluster(nodes=2, cpus=1) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def checkpoint(make_checkpoint) -> Path:
+    return make_checkpoint(FINDINGS, name="tiny", thresholds={"Effusion": 0.0})
+
+
+@pytest.fixture(scope="module")
+def studies(nih_dir, dicom_dir, tmp_path_factory) -> Path:
+    """Ten NIH images and three real DICOMs (JPEG baseline, JPEG lossy 12-bit, JPEG 2000)."""
+    folder = tmp_path_factory.mktemp("studies") / "studies"
+    folder.mkdir()
+    for path in sorted((nih_dir / "images").glob("*.png"))[:10]:
+        shutil.copyfile(path, folder / path.name)
+    for name in DICOMS:
+        shutil.copyfile(dicom_dir / name, folder / Path(name).name)
+    return folder
+
+
+def copy_of(studies: Path, where: Path) -> Path:
+    shutil.copytree(studies, where)
+    return where
+
+
+def sidecars(folder: Path) -> dict[str, dict]:
+    return {path.name: json.loads(path.read_text()) for path in sorted(folder.glob("*.cxrtool.json"))}
+
+
+def comparable(value, key: str = ""):
+    """A sidecar without when it was made and its copy's inode and ctime, probabilities
+    rounded to the tolerance."""
+    if isinstance(value, dict):
+        return {k: comparable(v, k) for k, v in value.items() if k not in ("created", "file_stat")}
+    if isinstance(value, list):
+        return [comparable(v, key) for v in value]
+    if isinstance(value, float) and key in ("probability", "raw_probability"):
+        return round(value / TOLERANCE)
+    return value
+
+
+def table(folder: Path, name: str = "cxrtool_predictions.csv") -> list[dict[str, str]]:
+    with open(folder / name, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_same_tables(local: list[dict[str, str]], remote: list[dict[str, str]]) -> None:
+    assert [row.get("file") or row.get("image") for row in local] == [row.get("file") or row.get("image") for row in remote]
+    for a, b in zip(local, remote, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key in FINDINGS:
+                assert float(a[key]) == pytest.approx(float(b[key]), abs=TOLERANCE), key
+            elif key not in ("created",):
+                assert a[key] == b[key], key
+
+
+def test_predict_on_two_nodes_writes_what_the_local_engine_writes(cluster, studies, checkpoint, tmp_path):
+    from cxrtool.predict import predict
+
+    local, remote = copy_of(studies, tmp_path / "local"), copy_of(studies, tmp_path / "ray")
+    here = predict([local], model=checkpoint, runtime="torch", workers=0)
+    there = predict([remote], model=checkpoint, runtime="torch", engine="ray", ray_address=cluster.address)
+    assert here.predicted == there.predicted == 13 and not there.failed
+    assert sidecars(local).keys() == sidecars(remote).keys()
+    for name, document in sidecars(local).items():
+        assert comparable(document) == comparable(sidecars(remote)[name]), name
+    assert_same_tables(table(local), table(remote))
+    # Work on both nodes: decoding on one, the model (one actor, one CPU) on the other.
+    report = there.engine
+    assert report.engine == "ray" and len(report.nodes) == 2, report.to_dict()
+    assert sum(report.decoded_on.values()) == sum(report.modelled_on.values()) == 13 and report.actors == 1
+    # A local run over the Ray run's folder: all done already (the runs are interchangeable).
+    again = predict([remote], model=checkpoint, runtime="torch", workers=0)
+    assert again.skipped == 13 and again.predicted == 0
+
+
+def test_explain_on_two_nodes_writes_what_the_local_engine_writes(cluster, studies, checkpoint, tmp_path):
+    import cv2
+    import numpy as np
+
+    from cxrtool.explain import ExplainSettings, explain
+
+    local, remote = copy_of(studies, tmp_path / "local"), copy_of(studies, tmp_path / "ray")
+    settings = ExplainSettings(findings=("Effusion",))
+    here = explain([local], model=checkpoint, settings=settings, workers=0)
+    there = explain([remote], model=checkpoint, settings=settings, engine="ray", ray_address=cluster.address)
+    assert here.predicted == there.predicted == 13 and len(there.engine.nodes) == 2
+    for name, document in sidecars(local).items():
+        other = sidecars(remote)[name]
+        assert comparable(document) == comparable(other), name
+        for kind in ("mask", "map"):  # the files the actors wrote, pixel for pixel
+            file = document["results"][0]["explanations"]["findings"]["Effusion"]["files"][kind]
+            a, b = (cv2.imread(str(folder / file), cv2.IMREAD_UNCHANGED) for folder in (local, remote))
+            assert a is not None and np.array_equal(a, b), (name, kind)
+    assert_same_tables(table(local), table(remote))
+
+
+def test_radiomics_on_two_nodes_gives_the_local_table(cluster, studies, tmp_path):
+    from cxrtool.radiomics.run import radiomics
+
+    local, remote = copy_of(studies, tmp_path / "local"), copy_of(studies, tmp_path / "ray")
+    pick = lambda folder: sorted(folder.glob("0000*.png"))[:4] + sorted(folder.glob("*.dcm"))  # noqa: E731 (7 images)
+    here = radiomics(pick(local), classes=["firstorder"], workers=0)
+    there = radiomics(pick(remote), classes=["firstorder"], engine="ray", ray_address=cluster.address)
+    assert here.measured == there.measured == 7 and not there.failed
+    a, b = table(local, "cxrtool_radiomics.csv"), table(remote, "cxrtool_radiomics.csv")
+    strip = lambda rows, root: [{k: v.replace(str(root), "") for k, v in row.items()} for row in rows]  # noqa: E731
+    assert strip(a, local) == strip(b, remote)
+    assert len(there.engine.decoded_on) == 2  # both nodes measured (a task a CPU)
+
+
+def test_usage_errors_before_any_work(studies, checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from cxrtool.cli import app
+
+    runner = CliRunner()
+    refused = runner.invoke(app, ["predict", str(studies), "-m", str(checkpoint), "--engine", "spark"])
+    assert refused.exit_code == 2 and "one of local, ray" in refused.output
+    refused = runner.invoke(app, ["predict", str(studies), "-m", str(checkpoint), "--ray-address", "auto"])
+    assert refused.exit_code == 2 and "--ray-address goes with --engine ray" in refused.output
+    unreachable = runner.invoke(app, ["predict", str(studies), "-m", str(checkpoint), "--engine", "ray",
+                                      "--ray-address", f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "o")])
+    assert unreachable.exit_code == 2 and "cannot start or join Ray at 127.0.0.1:" in unreachable.output
+    assert "Traceback" not in unreachable.output
+
+
+def test_a_worker_node_killed_mid_run_loses_nothing_and_does_nothing_twice(cluster, studies, checkpoint, tmp_path):
+    """The run is a separate process (as a user's would be); the worker node is killed once a
+    few studies are written. The run finishes on the head node (Ray runs the lost tasks
+    again and starts a new actor), or stops with one clear line; either way a re-run does
+    exactly the studies without a result, and none of those written before is written again."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    sources = sorted(studies.glob("*.png"))
+    for copy in range(4):  # 40 studies, a few seconds each on one CPU
+        for path in sources:
+            shutil.copyfile(path, folder / f"{copy}_{path.name}")
+    command = [sys.executable, "-m", "cxrtool", "predict", str(folder), "-m", str(checkpoint), "--runtime", "torch",
+               "--engine", "ray", "--ray-address", cluster.address, "-b", "2"]
+    env = {**cluster.env, "CXRTOOL_NO_PROGRESS": "1"}
+    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while len(list(folder.glob("*.cxrtool.json"))) < 4:
+        assert run.poll() is None, run.stdout.read() if run.stdout else ""
+        assert time.monotonic() < deadline, "no study was written in 5 minutes"
+        time.sleep(0.2)
+    cluster.kill(1)  # the worker node
+    output, _ = run.communicate(timeout=600)
+    assert "Traceback" not in output, output
+    written = {path.name: path.stat().st_mtime_ns for path in folder.glob("*.cxrtool.json")}
+    if run.returncode == 0:
+        assert len(written) == 40 and "40 predicted" in output, output
+    else:
+        assert run.returncode in (1, 2) and output.strip().splitlines()[-1].startswith(("error", "warning")), output
+
+    from cxrtool.predict import predict
+
+    again = predict([folder], model=checkpoint, runtime="torch", workers=0)
+    assert again.skipped == len(written) and again.predicted == 40 - len(written) and not again.failed
+    assert {name: (folder / name).stat().st_mtime_ns for name in written} == written  # none written twice
