@@ -93,8 +93,8 @@ class EngineReport:
             return "engine: local"
         decoded = sum(self.decoded_on.values())
         modelled = sum(self.modelled_on.values())
-        return (f"engine: ray ({self.address or 'a local instance'}): {decoded} read and decoded on "
-                f"{len(self.decoded_on)} node(s), {modelled} through the model on {len(self.modelled_on)} node(s)"
+        return (f"engine: ray ({self.address or 'a local instance'}), {len(self.nodes)} node(s) in all: {decoded} "
+                f"read and decoded on {len(self.decoded_on)}, {modelled} through the model on {len(self.modelled_on)}"
                 + (f" in {self.actors} actor(s)" if self.actors else ""))
 
 

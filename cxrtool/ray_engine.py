@@ -43,7 +43,7 @@ import numpy as np
 
 from cxrtool.engines import Engine, EngineReport
 
-DECODE_CHUNK = 4  # studies a decoding task takes
+DECODE_CHUNK = 16  # studies a decoding task takes (fewer, larger tasks: less of Ray's cost a task)
 DECODE_CALLS = 200  # decoding tasks a worker process runs before Ray replaces it
 
 
