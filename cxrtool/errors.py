@@ -20,6 +20,15 @@ class OutputError(OSError):
 EXIT_OUTPUT = 3  # the CLI's exit status for an OutputError
 
 
+class EngineError(RuntimeError):
+    """The engine a run was given stopped under it (a Ray cluster lost, a node that cannot
+    see the run's folder): one line saying why. What the run wrote before stays whole, and
+    running it again does the rest; the CLI exits with :data:`EXIT_ENGINE`."""
+
+
+EXIT_ENGINE = 1  # as for a run some of whose studies were not done: running it again does the rest
+
+
 def brief(value: object, limit: int = 80, *, quote: bool = True) -> str:
     """A value as an error message may show it: its repr (``quote``) or its text, on one
     line, cut to ``limit`` characters: a message never carries a value whole (a file's

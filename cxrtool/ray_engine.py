@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import pickle
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,14 +275,39 @@ def process_studies(inputs: Any, recipe: ModelRecipe, places: tuple[list[Path], 
                                   compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                                   batch_format="numpy", **resources)
     seen_actors: set[str] = set()
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for raw, decoded_on, modelled_on, actor in zip(batch["item"], batch["decoded_on"], batch["modelled_on"],
-                                                       batch["actor"], strict=True):
-            report.count("decoded", str(decoded_on))
-            report.count("modelled", str(modelled_on))
-            seen_actors.add(str(actor))
-            report.actors = len(seen_actors)
-            yield pickle.loads(raw)
+    with _engine_errors():
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for raw, decoded_on, modelled_on, actor in zip(batch["item"], batch["decoded_on"], batch["modelled_on"],
+                                                           batch["actor"], strict=True):
+                report.count("decoded", str(decoded_on))
+                report.count("modelled", str(modelled_on))
+                seen_actors.add(str(actor))
+                report.actors = len(seen_actors)
+                yield pickle.loads(raw)
+
+
+@contextlib.contextmanager
+def _engine_errors() -> Iterator[None]:
+    """A failure of the cluster (or of cxrtool's code on it) as an EngineError: one line,
+    the innermost cause's, not Ray's traceback."""
+    import ray
+
+    from cxrtool.errors import EngineError
+    from cxrtool.io.study import one_line
+
+    try:
+        yield
+    except (ray.exceptions.RayError, ray.exceptions.RaySystemError) as error:
+        # Ray's errors carry the remote traceback; its last line says what went wrong. The
+        # deepest cause that says anything.
+        said, cause = type(error).__name__, error
+        while cause is not None:
+            lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+            if lines:
+                said = re.sub(r"^(?:\w+\.)+(\w+:)", r"\1", lines[-1])  # (the exception's class without its module)
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        text = one_line(said, 300)
+        raise EngineError(f"the Ray engine stopped: {text}") from None
 
 
 def _measure(group: Sequence[Any], params: Any, classes: Any, digest: str, folder: str) -> tuple[list[dict[str, Any]], str]:
@@ -309,7 +335,8 @@ def measure_regions(groups: Sequence[Sequence[Any]], params: Any, classes: Any, 
             group = queue.pop()
             pending.append(measure.remote(list(group), params, classes, digest, os.getcwd()))
         done, pending = ray.wait(pending, num_returns=1)
-        rows, node = ray.get(done[0])
+        with _engine_errors():
+            rows, node = ray.get(done[0])
         for _ in rows:
             report.count("decoded", node)
         yield rows

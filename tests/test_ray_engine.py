@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -146,6 +147,25 @@ def test_radiomics_on_two_nodes_gives_the_local_table(cluster, studies, tmp_path
     strip = lambda rows, root: [{k: v.replace(str(root), "") for k, v in row.items()} for row in rows]  # noqa: E731
     assert strip(a, local) == strip(b, remote)
     assert len(there.engine.decoded_on) == 2  # both nodes measured (a task a CPU)
+
+
+def test_a_failure_on_the_cluster_stops_the_run_in_one_line(cluster, studies):
+    """An actor that cannot open the model (here: a file no node has): the run stops with an
+    EngineError saying why in one line (the exception's last line, not Ray's traceback)."""
+    from cxrtool.engines import Engine, EngineReport
+    from cxrtool.errors import EngineError
+    from cxrtool.predict import ScoreChunk
+    from cxrtool.preprocess import Preprocessing
+    from cxrtool.ray_engine import ModelRecipe, process_studies, ray_session
+    from cxrtool.runner import StudyInputs
+
+    files = sorted(studies.glob("*.png"))[:2]
+    recipe = ModelRecipe(model="/nowhere/model.safetensors", device="cpu", runtime="torch", tta=None, zero_shot=None,
+                         make_processor=ScoreChunk, settings={}, version="test", folder=os.getcwd())
+    with pytest.raises(EngineError) as stopped, ray_session(Engine("ray", cluster.address)):
+        list(process_studies(StudyInputs(files, {"m": Preprocessing(input_size=64)}), recipe,
+                             (files, [studies] * len(files)), batch_size=2, report=EngineReport()))
+    assert str(stopped.value) == "the Ray engine stopped: CheckpointError: /nowhere/model.safetensors: no such checkpoint file"
 
 
 def test_usage_errors_before_any_work(studies, checkpoint, tmp_path):

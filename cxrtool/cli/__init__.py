@@ -10,16 +10,20 @@ from cxrtool import __version__
 
 class _Commands(TyperGroup):
     """The command group: an output that cannot be written ends any command with one line
-    naming the path and the reason, and exit status 3 (``cxrtool.errors.OutputError``)."""
+    naming the path and the reason, and exit status 3 (``cxrtool.errors.OutputError``); an
+    engine that stops under a run (``cxrtool.errors.EngineError``), with one line and 1."""
 
     def invoke(self, ctx):
-        from cxrtool.errors import EXIT_OUTPUT, OutputError
+        from cxrtool.errors import EXIT_ENGINE, EXIT_OUTPUT, EngineError, OutputError
 
         try:
             return super().invoke(ctx)
         except OutputError as error:
             typer.echo(f"error: cannot write the results: {error}", err=True)
             raise typer.Exit(EXIT_OUTPUT) from None
+        except EngineError as error:
+            typer.echo(f"error: {error}; what was done is written: run the same command again to do the rest", err=True)
+            raise typer.Exit(EXIT_ENGINE) from None
 
 
 app = typer.Typer(
