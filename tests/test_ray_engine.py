@@ -178,6 +178,13 @@ def test_usage_errors_before_any_work(studies, checkpoint, tmp_path):
     assert refused.exit_code == 2 and "one of local, ray" in refused.output
     refused = runner.invoke(app, ["predict", str(studies), "-m", str(checkpoint), "--ray-address", "auto"])
     assert refused.exit_code == 2 and "--ray-address goes with --engine ray" in refused.output
+    saved = sys.modules.get("ray")
+    sys.modules["ray"] = None  # type: ignore[assignment]  # as if Ray were not installed
+    try:
+        refused = runner.invoke(app, ["radiomics", str(studies), "--engine", "ray", "--out", str(tmp_path / "r.csv")])
+    finally:
+        sys.modules["ray"] = saved  # type: ignore[assignment]
+    assert refused.exit_code == 2 and 'needs Ray: pip install "cxrtool[ray]"' in refused.output
     unreachable = runner.invoke(app, ["predict", str(studies), "-m", str(checkpoint), "--engine", "ray",
                                       "--ray-address", f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "o")])
     assert unreachable.exit_code == 2 and "cannot start or join Ray at 127.0.0.1:" in unreachable.output

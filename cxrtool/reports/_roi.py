@@ -55,6 +55,28 @@ def box_polygon(box: Sequence[int]) -> np.ndarray:
     return np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]], dtype=np.float64)
 
 
+def read_label_image(path: Path, shape: tuple[int, int], what: str = "") -> np.ndarray:
+    """A label image explain wrote (``*.mask.png``: region k = pixel value k), which must lie
+    on the image's grid ``shape`` (rows, columns); ``what`` names it in the reasons (default:
+    its file's name).
+
+    Raises:
+        NoDicom: missing (or a link), unreadable, or not on the grid.
+    """
+    import cv2
+
+    what = what or f"the mask {path.name}"
+    if path.is_symlink() or not path.is_file():
+        raise NoDicom(f"{what} is not there: explain the study again (--overwrite)")
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None or mask.ndim != 2:
+        raise NoDicom(f"{what} is not a readable label image: explain the study again (--overwrite)")
+    if mask.shape != shape:
+        raise NoDicom(f"{what} is {mask.shape[1]}x{mask.shape[0]} pixels, the image {shape[1]}x{shape[0]}: "
+                      "not on its pixel grid")
+    return mask
+
+
 def label_outlines(path: Path, labels: Sequence[int], shape: tuple[int, int]) -> dict[int, np.ndarray]:
     """The outlines of the regions ``labels`` of a label image (region k = pixel value k),
     which must lie on the image's grid ``shape`` (rows, columns).
@@ -62,16 +84,7 @@ def label_outlines(path: Path, labels: Sequence[int], shape: tuple[int, int]) ->
     Raises:
         NoDicom: the label image is missing, unreadable or not on the grid.
     """
-    import cv2
-
-    if path.is_symlink() or not path.is_file():
-        raise NoDicom(f"the mask {path.name} is not there")
-    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if mask is None or mask.ndim != 2:
-        raise NoDicom(f"the mask {path.name} is not a readable label image")
-    if mask.shape != shape:
-        raise NoDicom(f"the mask {path.name} is {mask.shape[1]}x{mask.shape[0]} pixels, the image "
-                      f"{shape[1]}x{shape[0]}: not on its pixel grid")
+    mask = read_label_image(path, shape)
     found = {}
     for label in labels:
         polygon = outline(mask == label)
@@ -138,4 +151,4 @@ def _frame_names_the_segment(items: Any) -> None:
         _frame_names_the_segment(item.get("ContentSequence", []))
 
 
-__all__ = ["box_polygon", "label_outlines", "outline", "pixel_area_unit", "planar_group"]
+__all__ = ["box_polygon", "label_outlines", "outline", "pixel_area_unit", "planar_group", "read_label_image"]

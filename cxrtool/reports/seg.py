@@ -114,23 +114,15 @@ def read_masks(folder: Path, study: str, findings: list[tuple[str, FindingMap]],
     Raises:
         NoDicom: a mask that is missing, unreadable, not the study's, or not on its grid.
     """
-    import cv2
-
     from cxrtool.io.outputs import owned_by
+    from cxrtool.reports._roi import read_label_image
 
     layers = []
     for finding, entry in findings:
         name = entry.files["mask"]
-        path = folder / name
-        if not owned_by(name, study) or path.is_symlink() or not path.is_file():
+        if not owned_by(name, study):
             raise NoDicom(f"the mask of {finding} ({name}) is not there: explain the study again (--overwrite)")
-        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if mask is None or mask.ndim != 2:
-            raise NoDicom(f"the mask of {finding} ({name}) is not a readable label image: explain the study again (--overwrite)")
-        if mask.shape != shape:
-            raise NoDicom(f"the mask of {finding} is {mask.shape[1]}x{mask.shape[0]} pixels, the image "
-                          f"{shape[1]}x{shape[0]}: not on its pixel grid")
-        layers.append(mask > 0)
+        layers.append(read_label_image(folder / name, shape, f"the mask of {finding} ({name})") > 0)
     return np.stack(layers, axis=-1)[np.newaxis].astype(np.uint8)
 
 
