@@ -161,24 +161,20 @@ def _fetch(holder: list[Any]) -> Any:
 
 
 def _decode(batch: dict[str, np.ndarray], holder: list[Any], folder: str) -> dict[str, np.ndarray]:
-    """A decoding task: the studies ``batch["id"]`` of the run's list, read and preprocessed."""
+    """A decoding task: the studies ``batch["id"]`` of the run's list, read and preprocessed,
+    with each one's file and output folder (for the actor's context)."""
     from cxrtool._workers import limit_threads
 
     limit_threads(1)
     _enter(folder)
-    inputs = _fetch(holder)
+    inputs, (paths, folders) = _fetch(holder)
     node = _node()
-    items = [inputs[int(index)] for index in batch["id"]]
-    return {"id": batch["id"], "item": np.array([pickle.dumps(item) for item in items], dtype=object),
-            "decoded_on": np.array([node] * len(items), dtype=object)}
-
-
-def _with_places(batch: dict[str, np.ndarray], holder: list[Any]) -> dict[str, np.ndarray]:
-    """The decoded batch with each study's file and output folder, for the actor's context."""
-    places = _fetch(holder)
     ids = [int(index) for index in batch["id"]]
-    return {**batch, "path": np.array([str(places[0][i]) for i in ids], dtype=object),
-            "folder": np.array([str(places[1][i]) for i in ids], dtype=object)}
+    items = [inputs[index] for index in ids]
+    return {"id": batch["id"], "item": np.array([pickle.dumps(item) for item in items], dtype=object),
+            "decoded_on": np.array([node] * len(items), dtype=object),
+            "path": np.array([str(paths[index]) for index in ids], dtype=object),
+            "folder": np.array([str(folders[index]) for index in ids], dtype=object)}
 
 
 @dataclass
@@ -267,10 +263,8 @@ def process_studies(inputs: Any, recipe: ModelRecipe, places: tuple[list[Path], 
     # Decoding runs in tasks of their own, in worker processes replaced every DECODE_CALLS
     # tasks (decoders' freed memory stays with a process: this keeps it flat); that setting,
     # which actors do not take, also keeps Ray Data from fusing the tasks into the actors.
-    dataset = dataset.map_batches(_decode, fn_args=([ray.put(inputs)], recipe.folder), batch_size=chunk, num_cpus=1,
-                                  batch_format="numpy", max_calls=DECODE_CALLS)
-    dataset = dataset.map_batches(_with_places, fn_args=([ray.put(places)],), batch_size=None, num_cpus=0,
-                                  batch_format="numpy")
+    dataset = dataset.map_batches(_decode, fn_args=([ray.put((inputs, places))], recipe.folder), batch_size=chunk,
+                                  num_cpus=1, batch_format="numpy", max_calls=DECODE_CALLS)
     dataset = dataset.map_batches(ModelActor, fn_constructor_args=(recipe,), batch_size=batch_size,
                                   compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                                   batch_format="numpy", **resources)
