@@ -481,6 +481,7 @@ def run_studies(
             summary.predicted += 1
         report(outcome)
 
+    processed: Iterator[DecodedStudy] | None = None
     try:
         for source, reason in remote.unlisted:  # a DICOMweb source whose listing failed: no study to write for
             summary.failed.append((source, reason))
@@ -519,6 +520,8 @@ def run_studies(
             if item.fatal is not None:
                 raise OutputError(item.fatal)
     finally:
+        if processed is not None:
+            processed.close()  # the engine's workers (or cluster session) end before the stages finish
         try:
             summary.folders = finish_all(stages)
         finally:
