@@ -1,7 +1,8 @@
 """The journey ``predict`` and ``explain`` share: find, skip what is done, decode, process, tabulate.
 
 Decoding and preprocessing run in worker processes (a torch DataLoader over the list of
-paths); the model runs batched (the run's chunk processor: ``predict``'s scoring,
+paths; on a Ray cluster with ``engine="ray"``: Ray tasks, :mod:`cxrtool.ray_engine`); the
+model runs batched (the run's chunk processor: ``predict``'s scoring,
 ``explain``'s maps); each study's outcome goes through the run's output stages as soon as
 its batch is done (:mod:`cxrtool.stages`: by default its sidecar, then its rows in the
 folder's table). Memory stays flat in the number of inputs: only paths and small result

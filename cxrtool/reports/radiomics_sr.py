@@ -381,6 +381,7 @@ def write_reports(rows: Sequence[Mapping[str, Any]], *, progress: Callable[[int,
         UsageError: highdicom is missing or too old.
     """
     from cxrtool import __version__
+    from cxrtool.errors import OutputError
     from cxrtool.io.outputs import check_writable
     from cxrtool.io.study import StudyReadError, one_line, sniff_format
     from cxrtool.radiomics.batch import pyradiomics_version
@@ -415,6 +416,9 @@ def write_reports(rows: Sequence[Mapping[str, Any]], *, progress: Callable[[int,
             check_writable(folder)
             document, left_out = build_report(source, model, measured, version=__version__, pyradiomics=pyradiomics)
         except NoDicom as why:
+            summary.problems.append((image, f"no {WHAT}: {why}"))
+            continue
+        except OutputError as why:  # (a read-only folder beside a whole image: that image's SR only)
             summary.problems.append((image, f"no {WHAT}: {why}"))
             continue
         except (ValueError, TypeError, AttributeError, KeyError) as error:
