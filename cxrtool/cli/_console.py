@@ -50,8 +50,9 @@ DicomwebCache = Annotated[Path | None, typer.Option(
     "is not fetched again.")]
 # Where the work is done (cxrtool.engines), one definition for predict, explain and radiomics.
 EngineOption = Annotated[str, typer.Option(
-    "--engine", help="local (this machine) or ray (a Ray cluster: decoding in tasks, the model in an actor "
-    "pool; needs cxrtool[ray]). The files written are the same; a run resumes under either.")]
+    "--engine", help="local (this machine) or ray (a Ray cluster: decoding and measuring in Ray tasks, a model "
+    "in an actor pool; needs the ray extra of cxrtool). The files written are the same; a run resumes under "
+    "either.")]
 RayAddress = Annotated[str | None, typer.Option(
     "--ray-address", envvar="CXRTOOL_RAY_ADDRESS", help="With --engine ray: the cluster (auto: the one this "
     "machine's environment names, as `ray start` left it; HOST:PORT; default: a Ray instance started here "
