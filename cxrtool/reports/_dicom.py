@@ -226,6 +226,76 @@ def write_dicom(document: Any, path: Path) -> Path:
     return path
 
 
-__all__ = ["FINDING_CODES", "LOCAL_SCHEME", "LOCAL_SCHEME_NAME", "MANUFACTURER", "REFERENCE", "NoDicom", "coding_schemes",
-           "created", "derived_uid", "evidence", "finding_code", "is_current", "patient_and_study_keywords",
-           "read_header", "require_highdicom", "source_header", "source_names_as_they_are", "write_dicom"]
+class DicomObjectStage:
+    """What the DICOM output stages share (``sr``, ``seg``): for each study with a result, its
+    DICOM source's header, the object's name and SOP Instance UID, "already done" (a skipped
+    study whose result lists the object and whose file is still that instance), building
+    (a reason in the study's record, one line, when it cannot be made), writing and
+    listing it in the result. A stage says what it is (``name``, ``file_kind``, ``what``)
+    and supplies :meth:`instance_uid` and :meth:`build` (and :meth:`nothing_to_write`)."""
+
+    name = ""  # the stage's name: --dicom NAME, result.outputs[NAME]
+    file_kind = ""  # NAME.cxrtool.<model id>.<file_kind>
+    what = ""  # as the study's record names it: "no DICOM SR: ..."
+
+    def __init__(self, context: Any) -> None:
+        require_highdicom(f"the {self.what} (--dicom {self.name})")
+        self.version = str(context.version)
+
+    def instance_uid(self, source_uid: str, result: Result) -> str:
+        raise NotImplementedError
+
+    def nothing_to_write(self, result: Result) -> str | None:
+        """Why a study with a DICOM source gets no object (one line), or None."""
+        return None
+
+    def build(self, outcome: Any, source: Any, result: Result) -> Any:
+        """The object (a highdicom dataset) of the study's result on its source.
+
+        Raises:
+            NoDicom: a reason it cannot be made, said in the study's record.
+            ValueError, TypeError, AttributeError, KeyError: a source highdicom cannot take.
+        """
+        raise NotImplementedError
+
+    def study(self, outcome: Any) -> None:
+        result = outcome.result
+        if outcome.status == "failed" or result is None:
+            return
+        from cxrtool.io.study import one_line
+
+        record = outcome.record or outcome.sidecar
+        try:
+            source = source_header(outcome.path, record.identity if record is not None else {}, self.what)
+        except NoDicom as why:
+            outcome.notes.append(f"no {self.what}: {why}")
+            return
+        why_none = self.nothing_to_write(result)
+        if why_none is not None:
+            outcome.notes.append(f"no {self.what}: {why_none}")
+            return
+        name = outcome.output_name(self.file_kind)
+        path = outcome.folder / name
+        uid = self.instance_uid(str(source.SOPInstanceUID), result)
+        if outcome.status == "skipped" and result.outputs.get(self.name) == [name] and is_current(path, uid):
+            return  # done before, and still there
+        try:
+            document = self.build(outcome, source, result)
+        except NoDicom as why:
+            outcome.notes.append(f"no {self.what}: {why}")
+            return
+        except (ValueError, TypeError, AttributeError, KeyError) as error:
+            outcome.notes.append(f"no {self.what}: highdicom cannot make one of this file: "
+                                 f"{one_line(str(error)) or type(error).__name__}")
+            return
+        write_dicom(document, path)
+        outcome.wrote(self.name, [name])
+
+    def finish(self) -> list[Path]:
+        return []
+
+
+__all__ = ["FINDING_CODES", "DicomObjectStage", "LOCAL_SCHEME", "LOCAL_SCHEME_NAME", "MANUFACTURER", "REFERENCE",
+           "NoDicom", "coding_schemes", "created", "derived_uid", "evidence", "finding_code", "is_current",
+           "patient_and_study_keywords", "read_header", "require_highdicom", "source_header",
+           "source_names_as_they_are", "write_dicom"]

@@ -63,17 +63,14 @@ from cxrtool.io.records import FindingMap, Result
 from cxrtool.reports._dicom import (
     LOCAL_SCHEME,
     MANUFACTURER,
+    DicomObjectStage,
     NoDicom,
     coding_schemes,
     created,
     derived_uid,
     evidence,
     finding_code,
-    is_current,
-    require_highdicom,
-    source_header,
     source_names_as_they_are,
-    write_dicom,
 )
 from cxrtool.reports.sr import instance_uid as sr_instance_uid
 from cxrtool.reports.sr import tracking_uid
@@ -263,55 +260,31 @@ def build_segmentation(source: Any, result: Result, masks: np.ndarray, *, versio
     return segmentation
 
 
-class Segmentations:
+class Segmentations(DicomObjectStage):
     """The ``seg`` output stage: a DICOM SEG of each DICOM study's regions, listed in the result."""
+
+    name, file_kind, what = NAME, FILE_KIND, WHAT
 
     def __init__(self, context: Any) -> None:
         from cxrtool.errors import UsageError
 
         if context is not None and "explain" not in (context.settings or {}):
             raise UsageError(NEEDS_MAPS)
-        require_highdicom("the DICOM SEG (--dicom seg)")
-        self.version = str(context.version)
+        super().__init__(context)
 
-    def study(self, outcome: StudyOutcome) -> None:
-        result = outcome.result
-        if outcome.status == "failed" or result is None:
-            return
-        from cxrtool.io.studies import one_line
+    def instance_uid(self, source_uid: str, result: Result) -> str:
+        return instance_uid(source_uid, result, self.version)
 
-        record = outcome.record or outcome.sidecar
-        try:
-            source = source_header(outcome.path, record.identity if record is not None else {}, WHAT)
-        except NoDicom as why:
-            outcome.notes.append(f"no {WHAT}: {why}")
-            return
+    def nothing_to_write(self, result: Result) -> str | None:
+        if segmented(result):
+            return None
+        mapped = result.explanations is not None and bool(result.explanations.findings)
+        return "no map has regions (each is zero everywhere)" if mapped else "nothing was mapped (no positive finding)"
+
+    def build(self, outcome: StudyOutcome, source: Any, result: Result) -> Any:
         findings = segmented(result)
-        if not findings:
-            mapped = result.explanations is not None and bool(result.explanations.findings)
-            outcome.notes.append(f"no {WHAT}: " + ("no map has regions (each is zero everywhere)" if mapped else
-                                                   "nothing was mapped (no positive finding)"))
-            return
-        name = outcome.output_name(FILE_KIND)
-        path = outcome.folder / name
-        uid = instance_uid(str(source.SOPInstanceUID), result, self.version)
-        if outcome.status == "skipped" and result.outputs.get(NAME) == [name] and is_current(path, uid):
-            return  # done before, and still there
-        try:
-            masks = read_masks(outcome.folder, outcome.path.name, findings, (int(source.Rows), int(source.Columns)))
-            document = build_segmentation(source, result, masks, version=self.version)
-        except NoDicom as why:
-            outcome.notes.append(f"no {WHAT}: {why}")
-            return
-        except (ValueError, TypeError, AttributeError, KeyError) as error:
-            outcome.notes.append(f"no {WHAT}: highdicom cannot make one of this file: "
-                                 f"{one_line(str(error)) or type(error).__name__}")
-            return
-        write_dicom(document, path)
-        outcome.wrote(NAME, [name])
-
-    def finish(self) -> list[Path]:
-        return []
+        masks = read_masks(outcome.folder, outcome.path.name, findings, (int(source.Rows), int(source.Columns)))
+        return build_segmentation(source, result, masks, version=self.version)
 
 
 STAGE = OutputKind(NAME, "a DICOM Segmentation of each DICOM study's explain regions (a segment per finding), "

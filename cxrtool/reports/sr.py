@@ -77,14 +77,13 @@ from cxrtool.reports._dicom import (
     LOCAL_SCHEME,
     LOCAL_SCHEME_NAME,
     MANUFACTURER,
+    DicomObjectStage,
     NoDicom,
     coding_schemes,
     created,
     derived_uid,
     evidence,
     finding_code,
-    is_current,
-    require_highdicom,
     source_names_as_they_are,
 )
 from cxrtool.reports._dicom import source_header as _source_header
@@ -293,45 +292,22 @@ def source_header(path: Path, identity: Mapping[str, str]) -> Any:
     return _source_header(path, identity, WHAT)
 
 
-class StructuredReports:
+class StructuredReports(DicomObjectStage):
     """The ``sr`` output stage: a DICOM SR of each DICOM study's result, listed in the result."""
 
-    def __init__(self, context: Any) -> None:
-        require_highdicom("the DICOM SR (--dicom sr)")
-        self.version = str(context.version)
+    name, file_kind, what = NAME, FILE_KIND, WHAT
 
-    def study(self, outcome: StudyOutcome) -> None:
-        result = outcome.result
-        if outcome.status == "failed" or result is None:
-            return
-        from cxrtool.io.studies import one_line
+    def instance_uid(self, source_uid: str, result: Result) -> str:
+        return instance_uid(source_uid, result, self.version)
 
-        name = outcome.output_name(FILE_KIND)
-        record = outcome.record or outcome.sidecar
-        try:
-            source = source_header(outcome.path, record.identity if record is not None else {})
-        except NoDicom as why:
-            outcome.notes.append(f"no {WHAT}: {why}")
-            return
-        path = outcome.folder / name
-        uid = instance_uid(str(source.SOPInstanceUID), result, self.version)
-        if outcome.status == "skipped" and result.outputs.get(NAME) == [name] and is_current(path, uid):
-            return  # done before, and still there
-        try:
+    def build(self, outcome: StudyOutcome, source: Any, result: Result) -> Any:
+        outlines: dict[str, dict[int, Any]] = {}
+        if mapped(result):
             outlines, problems = read_outlines(outcome.folder, outcome.path.name, result,
-                                               (int(source.Rows), int(source.Columns))) if mapped(result) else ({}, [])
+                                               (int(source.Rows), int(source.Columns)))
             for problem in problems:
                 outcome.notes.append(f"{WHAT}: the regions of {problem}: they are given as their boxes")
-            document = build_report(source, result, version=self.version, outlines=outlines)
-        except (ValueError, TypeError, AttributeError, KeyError) as error:
-            outcome.notes.append(f"no {WHAT}: highdicom cannot make one of this file: "
-                                 f"{one_line(str(error)) or type(error).__name__}")
-            return
-        write_report(document, path)
-        outcome.wrote(NAME, [name])
-
-    def finish(self) -> list[Path]:
-        return []
+        return build_report(source, result, version=self.version, outlines=outlines)
 
 
 STAGE = OutputKind(NAME, "a DICOM Structured Report (TID 1500) of each DICOM study's findings, in its study",
