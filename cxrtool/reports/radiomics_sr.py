@@ -213,24 +213,16 @@ def _measurement(column: str, value: float) -> Any:
     return measurement
 
 
-def _segment(seg: Any, number: int, source_uid: str) -> tuple[Any, list[int], Any] | None:
-    """A SEG's segment on the image: (the SEG, the frames, the segment's item); None where
-    the SEG cannot be referenced by frame (a label map, no frame of it on the image)."""
-    segments = {int(item.SegmentNumber): item for item in seg.get("SegmentSequence", [])}
-    if number not in segments or "PerFrameFunctionalGroupsSequence" not in seg:
-        return None
-    shared = seg.get("SharedFunctionalGroupsSequence") or [{}]
-    everywhere = shared[0].get("SegmentIdentificationSequence")  # (a SEG of one segment may say it once)
-    frames = []
-    for index, item in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
-        identification = item.get("SegmentIdentificationSequence") or everywhere
-        if not identification or int(identification[0].ReferencedSegmentNumber) != number:
-            continue
-        sources = [ref.ReferencedSOPInstanceUID for derived in item.get("DerivationImageSequence", [])
-                   for ref in derived.get("SourceImageSequence", [])]
-        if not sources or source_uid in sources:
-            frames.append(index)
-    return (seg, frames, segments[number]) if frames else None
+def _segment(header: Any, parsed: Any, number: int, source_uid: str) -> tuple[list[int], Any] | None:
+    """A SEG's segment on the image: (its frames, its Segment Sequence item); None where the
+    SEG cannot be referenced by frame (a label map, no frame of it on the image). ``parsed``
+    is the SEG as cxrtool's reader has it (:func:`cxrtool.io.seg.read_seg`: each frame's
+    segment and source image), ``header`` its header."""
+    items = {int(item.SegmentNumber): item for item in header.get("SegmentSequence", [])}
+    frames = [index for index, (segment, source) in enumerate(zip(parsed.frame_segments, parsed.frame_sources,
+                                                                  strict=True), start=1)
+              if segment == number and source in (None, source_uid)]
+    return (frames, items[number]) if frames and number in items else None
 
 
 def _region(row: Mapping[str, Any], source: Any, segs: dict[str, Any]) -> tuple[dict[str, Any], Any, str]:
@@ -242,7 +234,7 @@ def _region(row: Mapping[str, Any], source: Any, segs: dict[str, Any]) -> tuple[
     """
     import highdicom as hd
 
-    from cxrtool.radiomics.sources import _is_seg_file, read_mask
+    from cxrtool.radiomics.sources import _seg_or_none, read_mask
     from cxrtool.reports._roi import box_polygon, outline
 
     label = int(row.get("label") or 1)
@@ -254,14 +246,16 @@ def _region(row: Mapping[str, Any], source: Any, segs: dict[str, Any]) -> tuple[
         finding, name = None, "whole image" if not mask else f"label {label} of {Path(mask).name}"
     if not mask:
         return {"polygon": box_polygon([0, 0, int(source.Columns), int(source.Rows)])}, finding, name
-    if _is_seg_file(mask):
+    parsed = _seg_or_none(mask)
+    if parsed is not None:
         from cxrtool.reports._dicom import read_header
 
         if mask not in segs:
             segs[mask] = read_header(Path(mask))
-        found = _segment(segs[mask], label, str(source.SOPInstanceUID))
+        seg = segs[mask]
+        found = _segment(seg, parsed, label, str(source.SOPInstanceUID))
         if found is not None:
-            seg, frames, item = found
+            frames, item = found
             kind = item.get("SegmentedPropertyTypeCodeSequence")
             if kind:
                 finding = hd.sr.CodedConcept(str(kind[0].CodeValue), str(kind[0].CodingSchemeDesignator),
