@@ -2,15 +2,16 @@
 
 For ``predict`` and ``explain`` (:func:`process_studies`), a Ray Data pipeline:
 
-1. the studies to do, by index into the run's list (``ray.data.range``);
-2. read and decoded in Ray **tasks** (one CPU each, a few studies a task): the same
+1. the studies to do, by index into the run's list (blocks made here);
+2. read and decoded in Ray **tasks** (a few studies a task): the same
    :class:`cxrtool.runner.StudyInputs` as a local run's workers (fetching a DICOMweb study
    into its cache first), so each study is decoded once, by the same code;
 3. the model in an **actor pool** (``map_batches`` with an ``ActorPoolStrategy``): each
    actor opens the model once (:func:`cxrtool.models.sources.open_model`, one GPU an actor
-   where the cluster has GPUs: as many actors as GPUs; else one CPU an actor, on half the
-   cluster's CPUs, the other half decoding) and runs the run's own chunk processor on its
-   batches (``predict``'s scoring, ``explain``'s maps, whose files it writes);
+   where the cluster has GPUs: as many actors as GPUs; else as many actors as half the
+   cluster's CPUs, the other half decoding: see :func:`_pool` for what each takes from
+   Ray's books) and runs the run's own chunk processor on its batches (``predict``'s
+   scoring, ``explain``'s maps, whose files it writes);
 4. back here, in the order of the list (``preserve_order``), each study to the run's output
    stages, as a local run's: the sidecars, the tables, SR/SEG, sending to a PACS.
 
@@ -18,7 +19,9 @@ So the files, the "already done" rule, the locks and the atomic writes are a loc
 on a filesystem every node sees (the studies, the outputs, the model), a Ray run and a local
 run of the same folder are interchangeable, and a run that dies part-way resumes under
 either (what was handed to the stages is written; the rest is done by the next run). A
-worker node lost mid-run: Ray runs its tasks again elsewhere, and restarts its actors.
+worker node lost mid-run: Ray runs its tasks again elsewhere, and restarts its actors; a
+cluster left with no room for the run, or a run that gets nothing back, stops with one line
+(:class:`Watch`) where Ray would wait without end.
 
 For ``radiomics`` (:func:`measure_regions`): each group of regions of one image a Ray task
 (one CPU), rows coming back as they finish, to the same journal.
@@ -34,7 +37,10 @@ import contextlib
 import logging
 import os
 import pickle
+import queue
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +52,10 @@ from cxrtool.engines import Engine, EngineReport
 
 DECODE_CHUNK = 16  # studies a decoding task takes (fewer, larger tasks: less of Ray's cost a task)
 DECODE_CALLS = 200  # decoding tasks a worker process runs before Ray replaces it
+SHARE = 0.5  # of a CPU, in Ray's books, a model actor or a decoding task takes (see _pool)
+NO_ROOM_S = 120.0  # how long a cluster may have no room for the run (a node restarting, an autoscaler) ...
+STALL_S = 1800.0  # ... and how long a run may get nothing back, before it stops (see Watch)
+POLL_S = 5.0  # how often a waiting run looks at the cluster
 
 
 @contextlib.contextmanager
@@ -235,16 +245,25 @@ class ModelActor:
                 "actor": np.array([self.actor] * len(items), dtype=object)}
 
 
-def _pool(gpu_wanted: bool) -> tuple[int, dict[str, Any]]:
-    """How many model actors, and what each takes: a GPU each where the cluster has GPUs
-    (and the run may use them), else a CPU each on half the cluster's CPUs."""
+def _pool(gpu_wanted: bool) -> tuple[int, dict[str, Any], int]:
+    """How many model actors, what each takes, and how many decoding tasks at once.
+
+    Where the cluster has GPUs (and the run may use them): an actor a GPU. Else half the
+    cluster's CPUs run actors, the other half decoding tasks: a healthy cluster's cores each
+    run one thread. Both take half a CPU (:data:`SHARE`) from Ray's books, so that any one node
+    that is left, however small, holds an actor and a decoding task together: with a whole CPU
+    each, a cluster shrunk to one CPU by a lost node (or started with one) gives it to the
+    restarted actor, and no study is decoded again, ever (Ray waits for resources without end).
+    """
     import ray
 
     resources = ray.cluster_resources()
+    cpus = max(1, int(resources.get("CPU", 1)))
     gpus = int(resources.get("GPU", 0))
     if gpus and gpu_wanted:
-        return gpus, {"num_gpus": 1, "num_cpus": 1}
-    return max(1, int(resources.get("CPU", 1)) // 2), {"num_cpus": 1}
+        return gpus, {"num_gpus": 1, "num_cpus": SHARE}, cpus
+    actors = max(1, cpus // 2)
+    return actors, {"num_cpus": SHARE}, max(1, cpus - actors)
 
 
 def process_studies(inputs: Any, recipe: ModelRecipe, places: tuple[list[Path], list[Path]], *, batch_size: int,
@@ -257,20 +276,25 @@ def process_studies(inputs: Any, recipe: ModelRecipe, places: tuple[list[Path], 
 
     if len(inputs) == 0:
         return
-    actors, resources = _pool(recipe.device != "cpu")
+    actors, resources, decoders = _pool(recipe.device != "cpu")
     chunk = max(1, min(DECODE_CHUNK, batch_size))
-    dataset = ray.data.range(len(inputs), override_num_blocks=max(1, min(len(inputs) // chunk, 10_000)))
+    # The list's indices as blocks made here (``ray.data.range`` would read them in tasks of a
+    # whole CPU each, which a one-CPU node holding an actor has not got).
+    dataset = ray.data.from_items([{"id": index} for index in range(len(inputs))],
+                                  override_num_blocks=max(1, min(len(inputs) // chunk, 10_000)))
     # Decoding runs in tasks of their own, in worker processes replaced every DECODE_CALLS
     # tasks (decoders' freed memory stays with a process: this keeps it flat); that setting,
     # which actors do not take, also keeps Ray Data from fusing the tasks into the actors.
     dataset = dataset.map_batches(_decode, fn_args=([ray.put((inputs, places))], recipe.folder), batch_size=chunk,
-                                  num_cpus=1, batch_format="numpy", max_calls=DECODE_CALLS)
+                                  num_cpus=SHARE, compute=ray.data.TaskPoolStrategy(size=decoders),
+                                  batch_format="numpy", max_calls=DECODE_CALLS)
     dataset = dataset.map_batches(ModelActor, fn_constructor_args=(recipe,), batch_size=batch_size,
                                   compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                                   batch_format="numpy", **resources)
     seen_actors: set[str] = set()
+    watch = Watch(gpu=bool(resources.get("num_gpus")))
     with _engine_errors():
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in watch.iterate(dataset.iter_batches(batch_size=None, batch_format="numpy")):
             for raw, decoded_on, modelled_on, actor in zip(batch["item"], batch["decoded_on"], batch["modelled_on"],
                                                            batch["actor"], strict=True):
                 report.count("decoded", str(decoded_on))
@@ -278,6 +302,128 @@ def process_studies(inputs: Any, recipe: ModelRecipe, places: tuple[list[Path], 
                 seen_actors.add(str(actor))
                 report.actors = len(seen_actors)
                 yield pickle.loads(raw)
+
+
+class Watch:
+    """Whether a run on the cluster still goes, for a driver that would otherwise wait on Ray
+    without end: Ray waits for resources that never come (the nodes a run needs lost, a head
+    node without CPUs left alone) and for results that never come, silently.
+
+    The run stops (an EngineError, one line with the cluster's state; what was written stays,
+    and a re-run does the rest) when the cluster has had no room for it (no node left with a
+    CPU's two shares, or no GPU left for a run whose actors take GPUs) for ``no_room`` seconds,
+    or nothing has come back for ``stall`` seconds however the cluster looks. Both from the
+    environment where set: ``CXRTOOL_RAY_NO_ROOM_S``, ``CXRTOOL_RAY_STALL_S``.
+    """
+
+    def __init__(self, *, gpu: bool = False, no_room: float | None = None, stall: float | None = None,
+                 nodes: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+        self.gpu = gpu
+        self.no_room = no_room if no_room is not None else _seconds("CXRTOOL_RAY_NO_ROOM_S", NO_ROOM_S)
+        self.stall = stall if stall is not None else _seconds("CXRTOOL_RAY_STALL_S", STALL_S)
+        self._nodes = nodes or _alive_nodes
+        self.last = time.monotonic()
+        self.no_room_since: float | None = None
+
+    def progressed(self) -> None:
+        self.last = time.monotonic()
+
+    def check(self) -> None:
+        """Raises:
+        EngineError: no room for ``no_room`` seconds, or nothing back for ``stall``."""
+        from cxrtool.errors import EngineError
+
+        now = time.monotonic()
+        room, state = self.room()
+        if room:
+            self.no_room_since = None
+        elif self.no_room_since is None:
+            self.no_room_since = now
+        elif now - self.no_room_since >= self.no_room:
+            needs = "a GPU and a CPU" if self.gpu else "a CPU"
+            raise EngineError(f"the Ray engine stopped: the cluster has had no room for the run for "
+                              f"{now - self.no_room_since:.0f} s ({state}; the run needs {needs} on a live node)")
+        if now - self.last >= self.stall:
+            raise EngineError(f"the Ray engine stopped: nothing came back from the cluster in {now - self.last:.0f} s "
+                              f"({state})")
+
+    def room(self) -> tuple[bool, str]:
+        """Whether the live nodes can hold the run (a model actor and a decoding task), and
+        what they are, in words."""
+        alive = self._nodes()
+        shares = sum(int(node.get("CPU", 0) / SHARE + 1e-9) for node in alive)
+        cpus = sum(node.get("CPU", 0) for node in alive)
+        gpus = sum(node.get("GPU", 0) for node in alive)
+        room = shares >= 2 and (gpus >= 1 or not self.gpu)
+        return room, f"{len(alive)} node(s) alive: {cpus:g} CPU, {gpus:g} GPU"
+
+    def iterate(self, items: Iterator[Any]) -> Iterator[Any]:
+        """``items`` (an iterator that blocks inside Ray), read in a thread of its own, so that
+        this thread can :meth:`check` while it waits."""
+        handed: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def hand(kind: str, value: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    handed.put((kind, value), timeout=1.0)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def pump() -> None:
+            try:
+                for item in items:
+                    if not hand("item", item):
+                        return
+                hand("end", None)
+            except Exception as error:  # noqa: BLE001 - handed to the run's thread, which raises it
+                hand("error", error)
+
+        threading.Thread(target=pump, name="cxrtool-ray-results", daemon=True).start()
+        finished = False
+        try:
+            while True:
+                try:
+                    kind, value = handed.get(timeout=POLL_S)
+                except queue.Empty:
+                    self.check()
+                    continue
+                if kind == "end":
+                    finished = True
+                    return
+                if kind == "error":
+                    raise value
+                self.progressed()
+                yield value
+        finally:
+            stop.set()
+            if not finished:
+                _hush_ray_data()
+
+
+def _hush_ray_data() -> None:
+    """Ray Data's loggers off, for a run stopped under a pipeline still waiting in its
+    thread: when Ray shuts down under it, it logs its own shutdown as a traceback, which would
+    bury the run's one line."""
+    for name in list(logging.root.manager.loggerDict):
+        if name == "ray.data" or name.startswith("ray.data."):
+            logging.getLogger(name).disabled = True
+
+
+def _seconds(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def _alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
 
 
 @contextlib.contextmanager
@@ -322,14 +468,19 @@ def measure_regions(groups: Sequence[Sequence[Any]], params: Any, classes: Any, 
     measure = ray.remote(num_cpus=1, max_retries=3)(_measure)
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: list[Any] = []
-    queue = list(groups)
-    queue.reverse()
-    while queue or pending:
-        while queue and len(pending) < window:
-            group = queue.pop()
+    todo = list(groups)
+    todo.reverse()
+    watch = Watch()
+    while todo or pending:
+        while todo and len(pending) < window:
+            group = todo.pop()
             pending.append(measure.remote(list(group), params, classes, digest, os.getcwd()))
-        done, pending = ray.wait(pending, num_returns=1)
         with _engine_errors():
+            done, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
+            if not done:
+                watch.check()
+                continue
+            watch.progressed()
             rows, node = ray.get(done[0])
         for _ in rows:
             report.count("decoded", node)
@@ -338,7 +489,8 @@ def measure_regions(groups: Sequence[Sequence[Any]], params: Any, classes: Any, 
 
 class LocalCluster:
     """A throw-away Ray cluster of ``nodes`` nodes on this machine (``ray start``: a head,
-    then workers joining it; ``cpus`` each), for trying the engine the way a cluster runs it
+    then workers joining it; ``cpus`` each, the head ``head_cpus`` where given: 0 as many
+    clusters' heads, which run no work), for trying the engine the way a cluster runs it
     (the tests and ``benchmarks/ray_engine.py`` use it). On 127.0.0.1, without token
     authentication (nothing off this machine can reach it); ``address`` is what
     ``--ray-address`` takes, ``env`` the environment a process joining it needs. Each node is
@@ -346,7 +498,7 @@ class LocalCluster:
     :meth:`stop` (or leaving the ``with`` block) stops them all.
     """
 
-    def __init__(self, nodes: int = 2, cpus: int = 1) -> None:
+    def __init__(self, nodes: int = 2, cpus: int = 1, *, head_cpus: int | None = None) -> None:
         import secrets
         import subprocess
         import sys
@@ -361,7 +513,7 @@ class LocalCluster:
         self._name = secrets.token_hex(4)
         try:
             self._start("--head", "--port", str(self.port), "--include-dashboard", "false", "--temp-dir", str(self.folder),
-                        cpus=cpus)
+                        cpus=cpus if head_cpus is None else head_cpus)
             self.wait_for(1)
             for _ in range(nodes - 1):
                 self._start("--address", self.address, cpus=cpus)
@@ -369,6 +521,13 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+
+    def add(self, cpus: int = 1) -> int:
+        """A worker node more (``cpus`` CPUs), once it has joined; its number (for :meth:`kill`)."""
+        before = self.alive()
+        self._start("--address", self.address, cpus=cpus)
+        self.wait_for(before + 1)
+        return len(self.processes) - 1
 
     def _start(self, *args: str, cpus: int) -> None:
         log = open(self.folder / f"node{len(self.processes)}.log", "wb")

@@ -704,6 +704,7 @@ def test_find_studies(tmp_path: Path) -> None:
         (tmp_path / "study" / curves).write_bytes((tmp_path / "study" / "a.png").read_bytes())
         (nested / curves).write_bytes((tmp_path / "study" / "a.png").read_bytes())  # no report here: studies
     (tmp_path / "study" / "evaluation.json").write_text("{}")
+    (tmp_path / "study" / "cxrtool_predictions.csv").write_text("path\n")  # a folder's table: ours, said so
 
     passed: dict[str, int] = {}
     found = list(find_studies([tmp_path / "study"], passed=passed))
@@ -716,7 +717,7 @@ def test_find_studies(tmp_path: Path) -> None:
         "study/series/pr_curves.png",
         "study/series/roc_curves.png",
     ]
-    assert passed == {"cxrtool's own outputs": 4, "hidden": 1, "not an image": 2}  # (evaluation.json among the own)
+    assert passed == {"cxrtool's own outputs": 5, "hidden": 1, "not an image": 2}  # (evaluation.json among the own)
     for path in found:
         read_study(path)  # all of them really are studies
 

@@ -225,3 +225,96 @@ def test_a_worker_node_killed_mid_run_loses_nothing_and_does_nothing_twice(clust
     again = predict([folder], model=checkpoint, runtime="torch", workers=0)
     assert again.skipped == len(written) and again.predicted == 40 - len(written) and not again.failed
     assert {name: (folder / name).stat().st_mtime_ns for name in written} == written  # none written twice
+
+
+def test_the_watch_stops_a_run_the_cluster_has_no_room_for_and_one_that_gets_nothing_back(monkeypatch):
+    """Ray waits without end for resources that never come and for results that never come;
+    the run's Watch stops it with one line saying what the cluster has left."""
+    import threading
+
+    from cxrtool import ray_engine
+    from cxrtool.errors import EngineError
+    from cxrtool.ray_engine import Watch
+
+    one_cpu = [{"CPU": 1.0}]
+    nodes = {"now": [{"CPU": 0.0}, {"CPU": 1.0, "GPU": 1.0}]}
+    watch = Watch(gpu=True, no_room=0.2, stall=60, nodes=lambda: nodes["now"])
+    watch.check()  # room: a GPU, and two shares of a CPU
+    nodes["now"] = [{"CPU": 0.0}]  # the worker lost: a head without CPUs
+    watch.check()  # (the clock starts)
+    nodes["now"] = [{"CPU": 0.0}, {"CPU": 1.0}]  # a node back, but no GPU for the GPU actors
+    time.sleep(0.25)
+    with pytest.raises(EngineError) as stopped:
+        watch.check()
+    assert "no room for the run for 0 s (2 node(s) alive: 1 CPU, 0 GPU; the run needs a GPU and a CPU" in str(stopped.value)
+
+    watch = Watch(no_room=0.2, stall=60, nodes=lambda: nodes["now"])
+    nodes["now"] = [{"CPU": 0.5}]  # half a CPU: an actor, no decoding
+    watch.check()
+    nodes["now"] = one_cpu  # room again: the clock is reset
+    time.sleep(0.25)
+    watch.check()
+    assert watch.no_room_since is None
+
+    monkeypatch.setattr(ray_engine, "POLL_S", 0.05)
+    never = threading.Event()
+
+    def stuck():
+        yield "first"
+        never.wait()  # Ray waiting for a result that never comes
+        yield "never"
+
+    watch = Watch(no_room=60, stall=0.3, nodes=lambda: one_cpu)
+    got = []
+    with pytest.raises(EngineError) as stopped:
+        got.extend(watch.iterate(stuck()))
+    never.set()
+    assert got == ["first"]
+    assert str(stopped.value) == "the Ray engine stopped: nothing came back from the cluster in 0 s (1 node(s) alive: 1 CPU, 0 GPU)"
+
+    def failing():
+        yield 1
+        raise ValueError("a block lost")
+
+    with pytest.raises(ValueError, match="a block lost"):  # what the iterator raises, raised here
+        list(Watch(nodes=lambda: one_cpu).iterate(failing()))
+
+
+def test_a_cluster_left_with_no_cpu_stops_the_run_and_one_cpu_is_enough_to_finish_it(studies, checkpoint, tmp_path):
+    """A head node without CPUs (as most clusters') and one worker of one CPU; the worker is
+    killed mid-run. Nothing can run: the run stops with one line saying so (here after 3 s
+    without room, CXRTOOL_RAY_NO_ROOM_S), not a wait without end. A worker of one CPU joins:
+    the same command finishes the rest on it (a model actor and decoding on one CPU), the
+    studies written before not written again."""
+    from cxrtool.ray_engine import LocalCluster
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    sources = sorted(studies.glob("*.png"))
+    for copy in range(3):
+        for path in sources:
+            shutil.copyfile(path, folder / f"{copy}_{path.name}")
+    with LocalCluster(nodes=2, cpus=1, head_cpus=0) as cluster:
+        command = [sys.executable, "-m", "cxrtool", "predict", str(folder), "-m", str(checkpoint), "--runtime", "torch",
+                   "--engine", "ray", "--ray-address", cluster.address, "-b", "2"]
+        env = {**cluster.env, "CXRTOOL_NO_PROGRESS": "1", "CXRTOOL_RAY_NO_ROOM_S": "3"}
+        run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 240
+        while len(list(folder.glob("*.cxrtool.json"))) < 2:
+            assert run.poll() is None, run.stdout.read() if run.stdout else ""
+            assert time.monotonic() < deadline, "no study was written in 4 minutes"
+            time.sleep(0.2)
+        cluster.kill(1)
+        output, _ = run.communicate(timeout=240)
+        written = {path.name: path.stat().st_mtime_ns for path in folder.glob("*.cxrtool.json")}
+        assert run.returncode == 1 and len(written) < 30, output
+        last = output.strip().splitlines()[-1]
+        assert last.startswith("error: the Ray engine stopped: the cluster has had no room for the run for "), output
+        assert "(1 node(s) alive: 0 CPU, 0 GPU; the run needs a CPU on a live node)" in last, output
+        assert "Traceback" not in output, output
+
+        cluster.add(cpus=1)
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"{30 - len(written)} predicted, {len(written)} already done, 0 failed of 30 studies" in again.stderr
+    assert {name: (folder / name).stat().st_mtime_ns for name in written} == written  # none written twice

@@ -42,6 +42,7 @@ EVALUATION_FILES = {"json": "evaluation.json", "csv": "evaluation.csv", "roc": "
 # A study's own outputs: its sidecar, and the files of a model's result (the model's 12-digit
 # id after ".cxrtool."). A study that merely has ".cxrtool." in its name is still a study.
 _PER_MODEL = re.compile(r"\.cxrtool\.[0-9a-f]{12}\.")
+_FOLDER_FILE = re.compile(r"cxrtool_[a-z_]+\.(?:csv|json|jsonl|html)")  # a folder's tables and sheets
 # radiomics' DICOM SR of regions no model made (a SEG's, a mask's): NAME.cxrtool.radiomics.sr.dcm
 RADIOMICS_SR_KIND = "radiomics.sr.dcm"
 
@@ -50,9 +51,10 @@ def is_own_output(name: str, siblings: Container[str] = ()) -> bool:
     """Whether a file name is one of cxrtool's outputs (or hidden), never a study: a study's
     sidecar (``*.cxrtool.json``) and the files of a model's result (``*.cxrtool.<model
     id>.*``), and evaluate's curves where its report (``evaluation.json``) is among the
-    ``siblings`` (the other names in the folder), and radiomics' SRs (``*.cxrtool.radiomics.sr.dcm``).
-    (A folder's tables and sheets, ``cxrtool_*.csv|json|html``, are not pictures anyway.)"""
-    if name.startswith(".") or name.endswith((SIDECAR_SUFFIX, f".cxrtool.{RADIOMICS_SR_KIND}")) or _PER_MODEL.search(name):
+    ``siblings`` (the other names in the folder), radiomics' SRs (``*.cxrtool.radiomics.sr.dcm``),
+    and a folder's tables and sheets (``cxrtool_*.csv|json|jsonl|html``)."""
+    if (name.startswith(".") or name.endswith((SIDECAR_SUFFIX, f".cxrtool.{RADIOMICS_SR_KIND}")) or _PER_MODEL.search(name)
+            or _FOLDER_FILE.fullmatch(name)):
         return True
     return name in EVALUATION_FILES.values() and EVALUATION_FILES["json"] in siblings
 
