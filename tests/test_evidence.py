@@ -198,7 +198,7 @@ def test_the_lse_heads_logit_is_its_score_maps_log_sum_exp_and_grad_cam_is_that_
     # map is the score map less the bias (where positive), up to that scale
     with CamEngine(network, "gradcam") as engine:
         cam = engine(images, [[1], [1]]).maps[(0, 1)]
-    small = cv2.resize(cam, (4, 4), interpolation=cv2.INTER_AREA)
+    small = cam[::16, ::16]  # the map on the cells' centres (input pixels 16i: see test_maps_are_drawn_where...)
     truth = np.maximum((scores[0, 1] - network.head.bias[1]).numpy(), 0) / 16
     assert np.corrcoef(small.ravel(), truth.ravel())[0, 1] > 0.95
     with pytest.raises(ValueError, match="must be positive"):
@@ -451,3 +451,50 @@ def test_replicate_padding_is_a_recorded_setting_of_the_network(tmp_path):
     assert read.padding == "replicate" and loaded.padding == "replicate"
     with pytest.raises(ValueError, match="padding must be one of"):
         CXRClassifier("resnet18", ["Effusion"], padding="reflect")
+
+
+class Sampler(torch.nn.Module):
+    """Two stride-2 convolutions padded on both sides, each passing only its centre tap: the
+    feature cell i is input pixel 4i, as a ResNet's stem samples its input; the logit is the
+    sum of the cells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(*(torch.nn.Conv2d(1, 1, 3, stride=2, padding=1, bias=False) for _ in range(2)))
+        with torch.no_grad():
+            for conv in self.stem:
+                conv.weight.zero_()
+                conv.weight[0, 0, 1, 1] = 1.0
+
+    def forward(self, x):
+        return self.stem(x).sum(dim=(2, 3))
+
+
+def test_maps_are_drawn_where_the_feature_cells_sit():
+    """A resize from the feature grid puts cell i at stride * (i + 0.5) - 0.5; a stride-2
+    convolution padded on both sides centres it on 2i. The engine measures each layer's grid
+    on the network and draws the map there: a bright pixel's map peaks on that pixel."""
+    from cxrtool.explain.cams import FeatureGrid, _upsample, feature_grid
+    from cxrtool.models.network import CXRClassifier
+
+    network = Sampler()
+    assert feature_grid(network, network.stem) == FeatureGrid(4.0, 0.0, 4.0, 0.0)
+    image = torch.zeros(1, 1, 64, 64)
+    image[0, 0, 40, 24] = 1.0
+    with CamEngine(network, "gradcam", "stem") as engine:
+        cam = engine(image, [[0]]).maps[(0, 0)]
+    assert np.unravel_index(int(np.argmax(cam)), cam.shape) == (40, 24) and cam[40, 24] == pytest.approx(cam.max())
+    plain = cv2.resize(np.pad(np.ones((1, 1), np.float32), ((10, 5), (6, 9))), (64, 64), interpolation=cv2.INTER_LINEAR)
+    assert np.unravel_index(int(np.argmax(plain)), plain.shape) in {(41, 25), (42, 26), (41, 26), (42, 25)}  # 1.5 px off
+
+    one_cell = np.zeros((6, 6), np.float32)
+    one_cell[2, 3] = 1.0
+    drawn = _upsample(one_cell, (96, 96), FeatureGrid(16.0, 0.0, 16.0, 0.0))
+    assert np.unravel_index(int(np.argmax(drawn)), drawn.shape) == (32, 48) and drawn[32, 48] == 1.0
+    assert drawn[0, 0] == 0.0 and drawn[40, 48] == pytest.approx(0.5)  # linear between cell centres
+
+    resnet = CXRClassifier("resnet18", ["A"], output_stride=16)
+    assert [feature_grid(resnet, resnet.get_submodule(f"backbone.{name}")) for name in ("layer1", "layer2", "layer4")] == [
+        FeatureGrid(4.0, 0.0, 4.0, 0.0), FeatureGrid(8.0, 0.0, 8.0, 0.0), FeatureGrid(16.0, 0.0, 16.0, 0.0)]
+    dense = CXRClassifier("densenet121", ["A"])  # 2x2 average poolings: cells centred on 2i + 0.5, 4i + 2 ...
+    assert feature_grid(dense, dense.get_submodule("backbone.features.transition1")) == FeatureGrid(8.0, 2.0, 8.0, 2.0)
