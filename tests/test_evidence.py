@@ -498,3 +498,12 @@ def test_maps_are_drawn_where_the_feature_cells_sit():
         FeatureGrid(4.0, 0.0, 4.0, 0.0), FeatureGrid(8.0, 0.0, 8.0, 0.0), FeatureGrid(16.0, 0.0, 16.0, 0.0)]
     dense = CXRClassifier("densenet121", ["A"])  # 2x2 average poolings: cells centred on 2i + 0.5, 4i + 2 ...
     assert feature_grid(dense, dense.get_submodule("backbone.features.transition1")) == FeatureGrid(8.0, 2.0, 8.0, 2.0)
+
+    class OneSize(Sampler):  # a network that takes one input size only (as a ViT): nothing measured, no error
+        def forward(self, x):
+            if x.shape[-1] != 32:
+                raise RuntimeError("input size must be 32")
+            return super().forward(x)
+
+    fixed = OneSize()
+    assert feature_grid(fixed, fixed.stem) is None

@@ -255,7 +255,7 @@ class FeatureGrid:
     offset_x: float
 
 
-PROBE_SIZES = (64, 128, 256)  # probe inputs, until the cells' receptive fields fit
+PROBE_SIZES = (64, 128, 256)  # probe inputs, until the cells' receptive fields fit (512 costs 5-20 s on a CPU)
 
 
 def feature_grid(network: torch.nn.Module, layer: torch.nn.Module) -> FeatureGrid | None:
@@ -273,7 +273,8 @@ def feature_grid(network: torch.nn.Module, layer: torch.nn.Module) -> FeatureGri
     its box by a little missed it below or to the right. Measured rather than worked out
     from the layers' settings, so any backbone gets its own (a DenseNet's 2x2 poolings centre
     on 2i + 0.5). None where it cannot be measured (not a convolutional feature map, a
-    receptive field wider than the largest probe): the plain resize then.
+    network that takes one input size only, a receptive field wider than the largest probe:
+    a DenseNet-121's or an EfficientNet's last stage): the plain resize then.
     """
     first = next((m for m in network.modules() if isinstance(m, torch.nn.Conv2d)), None)
     parameter = next(network.parameters(), None)
@@ -293,7 +294,10 @@ def feature_grid(network: torch.nn.Module, layer: torch.nn.Module) -> FeatureGri
             probe = torch.randn(4, first.in_channels, size, size, generator=generator).to(parameter.device, parameter.dtype)
             probe.requires_grad_(True)
             with torch.enable_grad():
-                network(probe)
+                try:
+                    network(probe)
+                except (RuntimeError, ValueError, AssertionError):
+                    return None  # a network that takes one input size only (a ViT): not a grid to measure
                 output = captured.get("output")
                 if not isinstance(output, torch.Tensor) or output.dim() != 4:
                     return None
