@@ -57,6 +57,36 @@ def studies(nih_dir, dicom_dir, tmp_path_factory) -> Path:
     return folder
 
 
+def many_copies(studies: Path, folder: Path, copies: int) -> Path:
+    """``copies`` copies of the NIH images of ``studies`` in a new ``folder``."""
+    folder.mkdir()
+    for copy in range(copies):
+        for path in sorted(studies.glob("*.png")):
+            shutil.copyfile(path, folder / f"{copy}_{path.name}")
+    return folder
+
+
+def predict_command(cluster, folder: Path, checkpoint: Path) -> list[str]:
+    return [sys.executable, "-m", "cxrtool", "predict", str(folder), "-m", str(checkpoint), "--runtime", "torch",
+            "--engine", "ray", "--ray-address", cluster.address, "-b", "2"]
+
+
+def kill_the_worker_mid_run(cluster, folder: Path, checkpoint: Path, *, after: int, **environment: str) -> tuple[int, str]:
+    """``predict`` of ``folder`` on the cluster in a process of its own (as a user's would be);
+    the worker node (1) killed once ``after`` studies are written. The run's exit status and
+    output (stdout and stderr)."""
+    env = {**cluster.env, "CXRTOOL_NO_PROGRESS": "1", **environment}
+    run = subprocess.Popen(predict_command(cluster, folder, checkpoint), env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while len(list(folder.glob("*.cxrtool.json"))) < after:
+        assert run.poll() is None, run.stdout.read() if run.stdout else ""
+        assert time.monotonic() < deadline, "no study was written in 5 minutes"
+        time.sleep(0.2)
+    cluster.kill(1)
+    output, _ = run.communicate(timeout=600)
+    return run.returncode, output
+
 def copy_of(studies: Path, where: Path) -> Path:
     shutil.copytree(studies, where)
     return where
@@ -196,29 +226,14 @@ def test_a_worker_node_killed_mid_run_loses_nothing_and_does_nothing_twice(clust
     few studies are written. The run finishes on the head node (Ray runs the lost tasks
     again and starts a new actor), or stops with one clear line; either way a re-run does
     exactly the studies without a result, and none of those written before is written again."""
-    folder = tmp_path / "many"
-    folder.mkdir()
-    sources = sorted(studies.glob("*.png"))
-    for copy in range(4):  # 40 studies, a few seconds each on one CPU
-        for path in sources:
-            shutil.copyfile(path, folder / f"{copy}_{path.name}")
-    command = [sys.executable, "-m", "cxrtool", "predict", str(folder), "-m", str(checkpoint), "--runtime", "torch",
-               "--engine", "ray", "--ray-address", cluster.address, "-b", "2"]
-    env = {**cluster.env, "CXRTOOL_NO_PROGRESS": "1"}
-    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while len(list(folder.glob("*.cxrtool.json"))) < 4:
-        assert run.poll() is None, run.stdout.read() if run.stdout else ""
-        assert time.monotonic() < deadline, "no study was written in 5 minutes"
-        time.sleep(0.2)
-    cluster.kill(1)  # the worker node
-    output, _ = run.communicate(timeout=600)
+    folder = many_copies(studies, tmp_path / "many", 4)  # 40 studies, a few seconds each on one CPU
+    returncode, output = kill_the_worker_mid_run(cluster, folder, checkpoint, after=4)
     assert "Traceback" not in output, output
     written = {path.name: path.stat().st_mtime_ns for path in folder.glob("*.cxrtool.json")}
-    if run.returncode == 0:
+    if returncode == 0:
         assert len(written) == 40 and "40 predicted" in output, output
     else:
-        assert run.returncode in (1, 2) and output.strip().splitlines()[-1].startswith(("error", "warning")), output
+        assert returncode in (1, 2) and output.strip().splitlines()[-1].startswith(("error", "warning")), output
 
     from cxrtool.predict import predict
 
@@ -288,33 +303,19 @@ def test_a_cluster_left_with_no_cpu_stops_the_run_and_one_cpu_is_enough_to_finis
     studies written before not written again."""
     from cxrtool.ray_engine import LocalCluster
 
-    folder = tmp_path / "many"
-    folder.mkdir()
-    sources = sorted(studies.glob("*.png"))
-    for copy in range(3):
-        for path in sources:
-            shutil.copyfile(path, folder / f"{copy}_{path.name}")
+    folder = many_copies(studies, tmp_path / "many", 3)
     with LocalCluster(nodes=2, cpus=1, head_cpus=0) as cluster:
-        command = [sys.executable, "-m", "cxrtool", "predict", str(folder), "-m", str(checkpoint), "--runtime", "torch",
-                   "--engine", "ray", "--ray-address", cluster.address, "-b", "2"]
-        env = {**cluster.env, "CXRTOOL_NO_PROGRESS": "1", "CXRTOOL_RAY_NO_ROOM_S": "3"}
-        run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 240
-        while len(list(folder.glob("*.cxrtool.json"))) < 2:
-            assert run.poll() is None, run.stdout.read() if run.stdout else ""
-            assert time.monotonic() < deadline, "no study was written in 4 minutes"
-            time.sleep(0.2)
-        cluster.kill(1)
-        output, _ = run.communicate(timeout=240)
+        returncode, output = kill_the_worker_mid_run(cluster, folder, checkpoint, after=2, CXRTOOL_RAY_NO_ROOM_S="3")
         written = {path.name: path.stat().st_mtime_ns for path in folder.glob("*.cxrtool.json")}
-        assert run.returncode == 1 and len(written) < 30, output
+        assert returncode == 1 and len(written) < 30, output
         last = output.strip().splitlines()[-1]
         assert last.startswith("error: the Ray engine stopped: the cluster has had no room for the run for "), output
         assert "(1 node(s) alive: 0 CPU, 0 GPU; the run needs a CPU on a live node)" in last, output
         assert "Traceback" not in output, output
 
         cluster.add(cpus=1)
-        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        again = subprocess.run(predict_command(cluster, folder, checkpoint), capture_output=True, text=True, timeout=300,
+                               env={**cluster.env, "CXRTOOL_NO_PROGRESS": "1"})
     assert again.returncode == 0, again.stderr
     assert f"{30 - len(written)} predicted, {len(written)} already done, 0 failed of 30 studies" in again.stderr
     assert {name: (folder / name).stat().st_mtime_ns for name in written} == written  # none written twice
