@@ -350,7 +350,12 @@ class Watch:
     def room(self) -> tuple[bool, str]:
         """Whether the live nodes can hold the run (a model actor and a decoding task), and
         what they are, in words."""
-        alive = self._nodes()
+        try:
+            alive = self._nodes()
+        except Exception as error:  # noqa: BLE001 - the head node lost: Ray's and gRPC's errors alike
+            from cxrtool.io.study import one_line
+
+            return False, f"the cluster does not answer: {one_line(str(error) or type(error).__name__, 120)}"
         shares = sum(int(node.get("CPU", 0) / SHARE + 1e-9) for node in alive)
         cpus = sum(node.get("CPU", 0) for node in alive)
         gpus = sum(node.get("GPU", 0) for node in alive)

@@ -271,6 +271,15 @@ def test_the_watch_stops_a_run_the_cluster_has_no_room_for_and_one_that_gets_not
     watch.check()
     assert watch.no_room_since is None
 
+    def head_lost():
+        raise ConnectionError("GCS at 127.0.0.1:6379 unreachable")
+
+    watch = Watch(no_room=0.2, stall=60, nodes=head_lost)  # the head node lost: no room, said so
+    watch.check()
+    time.sleep(0.25)
+    with pytest.raises(EngineError, match=r"\(the cluster does not answer: GCS at 127.0.0.1:6379 unreachable; the run"):
+        watch.check()
+
     monkeypatch.setattr(ray_engine, "POLL_S", 0.05)
     never = threading.Event()
 
