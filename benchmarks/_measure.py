@@ -74,6 +74,14 @@ def run_measured(
     return process.returncode, time.perf_counter() - started, peak / 1024, output
 
 
+def nih_images(data: Path, limit: int | None = None) -> list[Path]:
+    """The shared NIH PNGs (the first ``limit``), or the script ends saying where it looked."""
+    pngs = sorted((data / "nih" / "images").glob("*.png"))[:limit]
+    if not pngs:
+        sys.exit(f"no NIH images under {data / 'nih' / 'images'}; pass --data")
+    return pngs
+
+
 def collect_inputs(data: Path, limit: int | None) -> list[Path]:
     pngs = sorted((data / "nih" / "images").glob("*.png"))
     dicoms = sorted((data / "dicom").rglob("*.dcm"))

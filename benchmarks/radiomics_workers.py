@@ -89,11 +89,9 @@ def main() -> None:
         child(args)
         return
 
-    from _measure import best_of_alternating  # the script's own folder
+    from _measure import best_of_alternating, nih_images  # the script's own folder
 
-    images = sorted((args.data / "nih" / "images").glob("*.png"))[: args.images]
-    if not images:
-        sys.exit(f"no NIH images under {args.data}; pass --data")
+    images = nih_images(args.data, args.images)
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="cxrtool-bench-") as tmp:
         regions = write_regions(images, Path(tmp) / "masks")

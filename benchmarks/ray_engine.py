@@ -113,14 +113,12 @@ def main() -> None:
         child(args)
         return
 
-    from _measure import link_inputs, make_model, run_measured  # benchmarks/ is the script's own folder
+    from _measure import link_inputs, make_model, nih_images, run_measured  # benchmarks/ is the script's own folder
 
     from cxrtool._workers import cores
     from cxrtool.ray_engine import LocalCluster
 
-    images = sorted((args.data / "nih" / "images").glob("*.png"))[: args.limit]
-    if not images:
-        sys.exit(f"no NIH images under {args.data}")
+    images = nih_images(args.data, args.limit)
     with tempfile.TemporaryDirectory(prefix="bench-ray") as tmp:
         tmp_path = Path(tmp)
         model = make_model(tmp_path / "model.safetensors", args.arch, args.input_size)

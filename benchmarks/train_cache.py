@@ -91,9 +91,9 @@ def main() -> None:
         child(args)
         return
 
-    pngs = sorted((args.data / "nih" / "images").glob("*.png"))
-    if not pngs:
-        sys.exit(f"no NIH images under {args.data / 'nih' / 'images'}; pass --data")
+    from _measure import nih_images  # the script's own folder
+
+    pngs = nih_images(args.data)
     for png in pngs:  # into the page cache: every run reads them from memory
         png.read_bytes()
     rounds: dict[str, list[dict]] = {name: [] for name in RUNS}

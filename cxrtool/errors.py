@@ -29,6 +29,23 @@ class EngineError(RuntimeError):
 EXIT_ENGINE = 1  # as for a run some of whose studies were not done: running it again does the rest
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment variable ``name``: ``default`` where it is
+    unset, empty or not above zero.
+
+    Raises:
+        UsageError: it is set to something that is not a number (said with its name).
+    """
+    import os
+
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw or default)
+    except ValueError:
+        raise UsageError(f"{name}: a number of seconds, not {brief(raw)}") from None
+    return value if value > 0 else float(default)
+
+
 def brief(value: object, limit: int = 80, *, quote: bool = True) -> str:
     """A value as an error message may show it: its repr (``quote``) or its text, on one
     line, cut to ``limit`` characters: a message never carries a value whole (a file's

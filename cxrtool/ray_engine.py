@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from cxrtool.engines import Engine, EngineReport
+from cxrtool.errors import env_seconds
 
 DECODE_CHUNK = 16  # studies a decoding task takes (fewer, larger tasks: less of Ray's cost a task)
 DECODE_CALLS = 200  # decoding tasks a worker process runs before Ray replaces it
@@ -313,14 +314,15 @@ class Watch:
     and a re-run does the rest) when the cluster has had no room for it (no node left with a
     CPU's two shares, or no GPU left for a run whose actors take GPUs) for ``no_room`` seconds,
     or nothing has come back for ``stall`` seconds however the cluster looks. Both from the
-    environment where set: ``CXRTOOL_RAY_NO_ROOM_S``, ``CXRTOOL_RAY_STALL_S``.
+    environment where set: ``CXRTOOL_RAY_NO_ROOM_S``, ``CXRTOOL_RAY_STALL_S`` (a value that is
+    not a number: a UsageError, before any study goes to the cluster).
     """
 
     def __init__(self, *, gpu: bool = False, no_room: float | None = None, stall: float | None = None,
                  nodes: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.gpu = gpu
-        self.no_room = no_room if no_room is not None else _seconds("CXRTOOL_RAY_NO_ROOM_S", NO_ROOM_S)
-        self.stall = stall if stall is not None else _seconds("CXRTOOL_RAY_STALL_S", STALL_S)
+        self.no_room = no_room if no_room is not None else env_seconds("CXRTOOL_RAY_NO_ROOM_S", NO_ROOM_S)
+        self.stall = stall if stall is not None else env_seconds("CXRTOOL_RAY_STALL_S", STALL_S)
         self._nodes = nodes or _alive_nodes
         self.last = time.monotonic()
         self.no_room_since: float | None = None
@@ -415,14 +417,6 @@ def _hush_ray_data() -> None:
     for name in list(logging.root.manager.loggerDict):
         if name == "ray.data" or name.startswith("ray.data."):
             logging.getLogger(name).disabled = True
-
-
-def _seconds(name: str, default: float) -> float:
-    try:
-        value = float(os.environ.get(name, default))
-    except ValueError:
-        return default
-    return value if value > 0 else default
 
 
 def _alive_nodes() -> list[dict[str, Any]]:

@@ -248,7 +248,7 @@ def test_the_watch_stops_a_run_the_cluster_has_no_room_for_and_one_that_gets_not
     import threading
 
     from cxrtool import ray_engine
-    from cxrtool.errors import EngineError
+    from cxrtool.errors import EngineError, UsageError
     from cxrtool.ray_engine import Watch
 
     one_cpu = [{"CPU": 1.0}]
@@ -279,6 +279,12 @@ def test_the_watch_stops_a_run_the_cluster_has_no_room_for_and_one_that_gets_not
     time.sleep(0.25)
     with pytest.raises(EngineError, match=r"\(the cluster does not answer: GCS at 127.0.0.1:6379 unreachable; the run"):
         watch.check()
+
+    monkeypatch.setenv("CXRTOOL_RAY_NO_ROOM_S", "3s")  # the settings: a number, or said at once
+    with pytest.raises(UsageError, match="CXRTOOL_RAY_NO_ROOM_S: a number of seconds, not '3s'"):
+        Watch(nodes=lambda: one_cpu)
+    monkeypatch.setenv("CXRTOOL_RAY_NO_ROOM_S", "7")
+    assert Watch(nodes=lambda: one_cpu).no_room == 7.0
 
     monkeypatch.setattr(ray_engine, "POLL_S", 0.05)
     never = threading.Event()

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from cxrtool.errors import UsageError
+from cxrtool.errors import UsageError, env_seconds
 from cxrtool.io.study import StudyReadError, one_line
 
 # The URL schemes of DICOMweb sources and destinations, and the HTTP scheme each maps to.
@@ -52,11 +52,7 @@ _INSTALL = 'reading from or sending to a PACS needs dicomweb-client and pynetdic
 
 def timeout_s() -> float:
     """Seconds to wait for a server (to connect, and for each answer): ``CXRTOOL_PACS_TIMEOUT``, default 30."""
-    try:
-        value = float(os.environ.get("CXRTOOL_PACS_TIMEOUT", "") or 30)
-    except ValueError:
-        raise UsageError(f"CXRTOOL_PACS_TIMEOUT: a number of seconds, not {os.environ['CXRTOOL_PACS_TIMEOUT']!r}") from None
-    return value if value > 0 else 30.0
+    return env_seconds("CXRTOOL_PACS_TIMEOUT", 30.0)
 
 
 def is_dicomweb(text: str | os.PathLike) -> bool:
