@@ -14,6 +14,7 @@ This module only names the engines and checks a request; it imports no Ray.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,21 @@ class Engine:
 LOCAL = Engine()
 
 
+def import_ray() -> Any:
+    """Ray, imported with its implicit ``ray.init`` off (``RAY_ENABLE_AUTO_CONNECT=0``, read
+    when Ray is first imported; a value the user set is kept). Otherwise a call into Ray from
+    a thread of Ray Data's still running when a stopped run shuts Ray down starts a new local
+    Ray instance in the dying process, and its logs follow the run's one line.
+
+    Raises:
+        ImportError: Ray is not installed.
+    """
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+    import ray
+
+    return ray
+
+
 def engine(name: str | Engine | None = None, address: str | None = None) -> Engine:
     """The engine a run asks for, checked before any work.
 
@@ -57,7 +73,7 @@ def engine(name: str | Engine | None = None, address: str | None = None) -> Engi
             raise UsageError("--ray-address goes with --engine ray")
         return LOCAL
     try:
-        import ray  # noqa: F401
+        import_ray()
     except ImportError:
         raise UsageError(f"--engine ray needs Ray: {RAY_INSTALL}") from None
     return Engine("ray", address.strip() if address else None)

@@ -69,12 +69,12 @@ def ray_session(target: Engine) -> Iterator[None]:
     Raises:
         UsageError: the cluster cannot be joined (one line: the address, what Ray said).
     """
-    import ray
-
     from cxrtool._workers import cores
+    from cxrtool.engines import import_ray
     from cxrtool.errors import UsageError
     from cxrtool.io.study import one_line
 
+    ray = import_ray()
     _quiet()
     started = False
     if not ray.is_initialized():

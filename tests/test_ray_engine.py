@@ -198,6 +198,28 @@ def test_a_failure_on_the_cluster_stops_the_run_in_one_line(cluster, studies):
     assert str(stopped.value) == "the Ray engine stopped: CheckpointError: /nowhere/model.safetensors: no such checkpoint file"
 
 
+def test_ray_is_not_started_again_behind_a_finished_session(cluster):
+    """After a run's Ray session ends, a call into Ray (as from a thread of Ray Data's still
+    running when a stopped run shuts Ray down) fails; it does not start a local Ray instance in
+    the dying process, whose logs would follow the run's one line (seen once in CI). As in the
+    CLI, the engine is asked for before Ray is imported."""
+    script = ("from cxrtool.engines import engine\n"
+              "from cxrtool.ray_engine import ray_session\n"
+              f"with ray_session(engine('ray', {cluster.address!r})):\n"
+              "    import ray\n"
+              "    assert ray.get(ray.put(1)) == 1\n"
+              "try:\n"
+              "    ray.put(2)\n"
+              "except Exception as error:\n"
+              "    print('refused:', type(error).__name__)\n"
+              "print('initialised:', ray.is_initialized())\n")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ENABLE_AUTO_CONNECT"}
+    done = subprocess.run([sys.executable, "-c", script], env={**env, **cluster.env}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["refused: RaySystemError", "initialised: False"], done.stdout + done.stderr
+
+
 def test_usage_errors_before_any_work(studies, checkpoint, tmp_path):
     from typer.testing import CliRunner
 
