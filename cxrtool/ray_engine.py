@@ -311,8 +311,9 @@ class Watch:
     node without CPUs left alone) and for results that never come, silently.
 
     The run stops (an EngineError, one line with the cluster's state; what was written stays,
-    and a re-run does the rest) when the cluster has had no room for it (no node left with a
-    CPU's two shares, or no GPU left for a run whose actors take GPUs) for ``no_room`` seconds,
+    and a re-run does the rest) when the cluster has had no room for it (fewer than two
+    :data:`SHARE` s left on the live nodes together, room for an actor and a decoding task;
+    or no GPU left for a run whose actors take GPUs) for ``no_room`` seconds,
     or nothing has come back for ``stall`` seconds however the cluster looks. Both from the
     environment where set: ``CXRTOOL_RAY_NO_ROOM_S``, ``CXRTOOL_RAY_STALL_S`` (a value that is
     not a number: a UsageError, before any study goes to the cluster).
