@@ -37,16 +37,18 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrtool.registry import PADDINGS
+
 DEFAULT_METHODS = "default,gradcam@backbone.layer4,hirescam@backbone.layer4,layercam@backbone.layer2,occlusion"
 
 
-def step_seconds(arch: str, size: int, stride: int, device: str, repeat: int = 3) -> float:
+def step_seconds(arch: str, size: int, stride: int, device: str, padding: str, repeat: int = 3) -> float:
     """Best time of one SGD step (forward and backward) on a batch of 32."""
     import torch
 
     from cxrtool.models.network import CXRClassifier
 
-    model = CXRClassifier(arch, [f"f{i}" for i in range(8)], output_stride=stride).to(device)
+    model = CXRClassifier(arch, [f"f{i}" for i in range(8)], output_stride=stride, padding=padding).to(device)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.01)
     batch = torch.randn(32, 1, size, size, device=device)  # grey radiographs: one channel
     best = float("inf")
@@ -73,7 +75,7 @@ def train_demo_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path, 
     study = generate_cohort(work / "study", n_images=args.test_images, size=PHANTOM_SIZE, seed=args.seed + 10_000,
                             image_format="dicom", first_patient_id=90_001)
     overrides = {key: value for key, value in (("architecture", args.arch), ("output_stride", args.output_stride),
-                                               ("augment", args.augment)) if value is not None}
+                                               ("augment", args.augment), ("padding", args.padding)) if value is not None}
     config = demo_config(cohort.data_entry_csv, work / "model", epochs=args.epochs or size.epochs, seed=args.seed,
                          device=args.device, workers=args.workers, input_size=args.input_size or size.input_size,
                          **overrides)
@@ -338,6 +340,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=None)
     parser.add_argument("--test-images", type=int, default=300)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--padding", default=None, choices=PADDINGS, help="how the convolutions pad (default: the demo's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help="method[@layer[+layer]] list; 'default' is explain's default (default: %(default)s)")
@@ -357,12 +360,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import cxrtool.models.network  # noqa: F401  (torchvision op names before timm)
-    from cxrtool.cli.demo import DEMO_ARCHITECTURE, DEMO_OUTPUT_STRIDE, QUICK
+    from cxrtool.cli.demo import DEMO_ARCHITECTURE, DEMO_OUTPUT_STRIDE, DEMO_PADDING, QUICK
 
     if args.step_cost:
-        demo = step_seconds(DEMO_ARCHITECTURE, QUICK.input_size, DEMO_OUTPUT_STRIDE, args.device)
+        demo = step_seconds(DEMO_ARCHITECTURE, QUICK.input_size, DEMO_OUTPUT_STRIDE, args.device, DEMO_PADDING)
         this = step_seconds(args.arch or DEMO_ARCHITECTURE, args.input_size or QUICK.input_size,
-                            args.output_stride or DEMO_OUTPUT_STRIDE, args.device)
+                            args.output_stride or DEMO_OUTPUT_STRIDE, args.device, args.padding or DEMO_PADDING)
         results = {"demo_step_s": round(demo, 3), "step_s": round(this, 3), "ratio": round(this / demo, 2)}
         print(f"training step, batch 32, {args.device}: the demo's network {demo:.3f} s, this one {this:.3f} s = {this / demo:.2f}x")
     elif args.model:

@@ -244,8 +244,11 @@ ATTENTION_METHOD = "attention"
 # shallow stages have the finest grid (output stride 4 and 8 on a ResNet), which thin and
 # small findings need. The others read the last stage.
 FUSED_CAM_METHODS = ("layercam",)
-# How a network's convolutions extend the image past its edge (cxrtool.models.network.set_padding).
-PADDINGS = ("zeros", "replicate")
+# How a network's convolutions extend the image past its edge (cxrtool.models.network.set_padding):
+# zeros (PyTorch's), replicate (every padded convolution repeats the edge) or
+# replicate_undilated (the undilated ones do; the dilated ones of a stride-8/16 network keep
+# zeros; measured against zeros on the demo in the README's "Do the maps point at the finding?").
+PADDINGS = ("zeros", "replicate", "replicate_undilated")
 OCCLUSION_METHOD = "occlusion"
 # LayerCAM over the backbone's two shallowest stages: on the demo's model (benchmarks/
 # localization.py) it points at the finding more often than Grad-CAM at the last stage

@@ -453,6 +453,38 @@ def test_replicate_padding_is_a_recorded_setting_of_the_network(tmp_path):
         CXRClassifier("resnet18", ["Effusion"], padding="reflect")
 
 
+
+def test_replicate_undilated_padding_keeps_zeros_in_the_dilated_convolutions(tmp_path, monkeypatch):
+    from cxrtool.models.network import CXRClassifier
+    from cxrtool.models.runtime import OnnxNetwork, export, onnx_installed
+
+    torch.manual_seed(0)
+    network = CXRClassifier("resnet18", ["Effusion"], output_stride=8, head="lse", padding="replicate_undilated").eval()
+    padded = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0)]
+    dilated = [m for m in padded if m.dilation != (1, 1)]
+    assert dilated and all(m.padding_mode == "zeros" for m in dilated)
+    assert all(m.padding_mode == "replicate" for m in padded if m.dilation == (1, 1))
+    # the stages before the dilated ones see the film continued: a constant film, the same
+    # features at its edge as inside
+    seen = {}
+    hook = network.backbone.layer2.register_forward_hook(lambda module, args, out: seen.update(layer2=out))
+    with torch.no_grad():
+        network.features(torch.full((1, 1, 64, 64), 0.3))
+    hook.remove()
+    assert torch.allclose(seen["layer2"][..., 0, 0], seen["layer2"][..., 4, 4], atol=1e-5)
+    # a network without dilation (output stride 32) is replicate throughout
+    plain = CXRClassifier("resnet18", ["Effusion"], padding="replicate_undilated")
+    assert {m.padding_mode for m in plain.modules() if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0)} == {"replicate"}
+    if not onnx_installed():
+        return
+    # the exported graph (predict's CPU runtime) pads as the network does
+    monkeypatch.setenv("CXRTOOL_CACHE", str(tmp_path / "cache"))
+    images = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        expected = network(images).numpy()
+    exported = OnnxNetwork(export(network, 64, "replicate-undilated"))(images.numpy())
+    np.testing.assert_allclose(exported, expected, atol=1e-4)
+
 class Sampler(torch.nn.Module):
     """Two stride-2 convolutions padded on both sides, each passing only its centre tap: the
     feature cell i is input pixel 4i, as a ResNet's stem samples its input; the logit is the

@@ -86,8 +86,6 @@ class CXRClassifier(nn.Module):
             raise ValueError(f"unknown timm architecture {architecture!r}{hint}")
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-        if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
         self.architecture = architecture
         self.findings = tuple(findings)
         self.output_stride = output_stride
@@ -158,16 +156,25 @@ class CXRClassifier(nn.Module):
 def set_padding(module: nn.Module, padding: str) -> None:
     """How every padded convolution of ``module`` extends its input past the edge.
 
-    ``zeros`` is timm's (and PyTorch's) default. ``replicate`` repeats the edge pixels: the
-    filters at the film's edge then see the film continued, not a black frame, and the
-    network cannot read its absolute position from the padding (Islam et al., "How much
-    position information do convolutional neural networks encode?", ICLR 2020). The
-    convolution keeps its padding amounts; only the mode changes, so the weights' shapes
-    and names are the same.
+    ``zeros`` is timm's (and PyTorch's) default: a frame of zeros around the film, which the
+    filters at the edge see and from which the network can read its absolute position
+    (Islam et al., "How much position information do convolutional neural networks
+    encode?", ICLR 2020). ``replicate`` repeats the edge pixels in every convolution: the
+    filters at the film's edge see the film continued. ``replicate_undilated`` does so in
+    the undilated convolutions (the stem and the first stages, where the padding is one to
+    three pixels or a cell) and leaves the dilated convolutions of a stride-8
+    or 16 network with zeros: their taps reach two to four cells past the edge of a map of
+    about twelve, where repeating the edge would stand for a third of the map, and on a CPU
+    a dilated convolution padded outside itself costs about 1.5x one padded inside (oneDNN).
+    On a network without dilation it is ``replicate``. The convolutions keep their padding
+    amounts; only the mode changes, so the weights' shapes and names are the same.
     """
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
     for layer in module.modules():
         if isinstance(layer, nn.Conv2d) and any(p > 0 for p in _as_pair(layer.padding)):
-            layer.padding_mode = padding
+            dilated = any(d > 1 for d in _as_pair(layer.dilation))
+            layer.padding_mode = "zeros" if padding == "zeros" or (dilated and padding == "replicate_undilated") else "replicate"
 
 
 def _as_pair(padding) -> tuple[int, ...]:

@@ -90,7 +90,7 @@ class TrainConfig:
     input_size: int = 224
     drop_rate: float = 0.0
     output_stride: int = 32  # 16 or 8 dilate the last stage(s): finer feature maps and CAMs
-    padding: str = "zeros"  # zeros or replicate: how the convolutions extend the image past its edge
+    padding: str = "zeros"  # zeros, replicate or replicate_undilated: how the convolutions extend the image past its edge
     # optimisation
     epochs: int = 10
     batch_size: int = 32
