@@ -453,7 +453,6 @@ def test_replicate_padding_is_a_recorded_setting_of_the_network(tmp_path):
         CXRClassifier("resnet18", ["Effusion"], padding="reflect")
 
 
-
 def test_replicate_undilated_padding_keeps_zeros_in_the_dilated_convolutions(tmp_path, monkeypatch):
     from cxrtool.models.network import CXRClassifier
     from cxrtool.models.runtime import OnnxNetwork, export, onnx_installed
@@ -484,6 +483,7 @@ def test_replicate_undilated_padding_keeps_zeros_in_the_dilated_convolutions(tmp
         expected = network(images).numpy()
     exported = OnnxNetwork(export(network, 64, "replicate-undilated"))(images.numpy())
     np.testing.assert_allclose(exported, expected, atol=1e-4)
+
 
 class Sampler(torch.nn.Module):
     """Two stride-2 convolutions padded on both sides, each passing only its centre tap: the

@@ -162,10 +162,10 @@ def set_padding(module: nn.Module, padding: str) -> None:
     encode?", ICLR 2020). ``replicate`` repeats the edge pixels in every convolution: the
     filters at the film's edge see the film continued. ``replicate_undilated`` does so in
     the undilated convolutions (the stem and the first stages, where the padding is one to
-    three pixels or a cell) and leaves the dilated convolutions of a stride-8
-    or 16 network with zeros: their taps reach two to four cells past the edge of a map of
-    about twelve, where repeating the edge would stand for a third of the map, and on a CPU
-    a dilated convolution padded outside itself costs about 1.5x one padded inside (oneDNN).
+    three pixels or a cell) and leaves the dilated convolutions of a stride-8 or 16 network
+    with zeros: their taps reach two to four cells past the edge of a map of about twelve,
+    where repeating the edge would stand for a third of the map, and on a CPU a dilated
+    convolution padded outside itself costs about 1.5x one padded inside (oneDNN).
     On a network without dilation it is ``replicate``. The convolutions keep their padding
     amounts; only the mode changes, so the weights' shapes and names are the same.
     """
