@@ -173,8 +173,9 @@ def set_padding(module: nn.Module, padding: str) -> None:
         raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
     for layer in module.modules():
         if isinstance(layer, nn.Conv2d) and any(p > 0 for p in _as_pair(layer.padding)):
-            dilated = any(d > 1 for d in _as_pair(layer.dilation))
-            layer.padding_mode = "zeros" if padding == "zeros" or (dilated and padding == "replicate_undilated") else "replicate"
+            undilated = all(d == 1 for d in _as_pair(layer.dilation))
+            replicate = padding == "replicate" or (padding == "replicate_undilated" and undilated)
+            layer.padding_mode = "replicate" if replicate else "zeros"
 
 
 def _as_pair(padding) -> tuple[int, ...]:
