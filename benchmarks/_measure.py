@@ -156,3 +156,30 @@ def best_of_alternating(commands: dict[str, list[str]], repeat: int, *, env: dic
             if label not in best or rate > best[label]["per_s"]:
                 best[label] = {"items": run["items"], "seconds": round(run["seconds"], 2), "per_s": round(rate, 2)}
     return best
+
+
+def step_seconds(arch: str, size: int, stride: int, device: str, padding: str = "zeros", repeat: int = 3, *,
+                 dtype=None, head: str = "linear") -> float:
+    """Best time of one training step (forward, backward, SGD update) on a batch of 32 grey
+    images, channels-last as training lays them out; under autocast in ``dtype`` when given
+    (training's mixed precision), else in float32."""
+    import torch
+
+    from cxrtool.models.network import CXRClassifier
+
+    model = CXRClassifier(arch, [f"f{i}" for i in range(8)], output_stride=stride, padding=padding, head=head)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.01)
+    batch = torch.randn(32, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    best = float("inf")
+    for _ in range(repeat + 1):  # the first is a warm-up
+        started = time.perf_counter()
+        optimiser.zero_grad()
+        with torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            output = model(batch)
+        output.float().sum().backward()
+        optimiser.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return best

@@ -36,40 +36,20 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from _measure import step_seconds
 
 from cxrtool.registry import PADDINGS
 
 DEFAULT_METHODS = "default,gradcam@backbone.layer4,hirescam@backbone.layer4,layercam@backbone.layer2,occlusion"
 
 
-def step_seconds(arch: str, size: int, stride: int, device: str, padding: str, repeat: int = 3) -> float:
-    """Best time of one SGD step (forward and backward) on a batch of 32."""
-    import torch
-
-    from cxrtool.models.network import CXRClassifier
-
-    model = CXRClassifier(arch, [f"f{i}" for i in range(8)], output_stride=stride, padding=padding).to(device)
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.01)
-    batch = torch.randn(32, 1, size, size, device=device)  # grey radiographs: one channel
-    best = float("inf")
-    for _ in range(repeat + 1):  # the first is a warm-up
-        started = time.perf_counter()
-        optimiser.zero_grad()
-        model(batch).sum().backward()
-        optimiser.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - started)
-    return best
-
-
 def train_demo_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path, float]:
     """The demo's cohort and model (its settings, or those given): checkpoint, study images, boxes, seconds."""
-    from cxrtool.cli.demo import FULL, PHANTOM_SIZE, QUICK, demo_config
+    from cxrtool.cli.demo import FULL, PHANTOM_SIZE, demo_config, quick_size
     from cxrtool.data.phantom import generate_cohort
     from cxrtool.train.loop import train
 
-    size = FULL if args.full else QUICK
+    size = FULL if args.full else quick_size(args.device)
     cohort = generate_cohort(work / "cohort", n_images=args.train_images or size.train_images, size=PHANTOM_SIZE,
                              seed=args.seed, image_format="png")
     study = generate_cohort(work / "study", n_images=args.test_images, size=PHANTOM_SIZE, seed=args.seed + 10_000,

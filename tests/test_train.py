@@ -298,3 +298,34 @@ def test_a_finding_never_positive_in_training_is_warned_of(tmp_path):
     result = runner.invoke(app, ["train", *tiny_settings(labels, tmp_path / "run", epochs=1)])
     assert result.exit_code == 0, result.output
     assert "warning: 1 of 3 findings never positive in the training split (Goiter)" in result.output
+
+
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_training_runs_in_bf16_on_a_cpu_with_bf16_units_and_says_so_on_the_card(bf16_units, tmp_path, monkeypatch):
+    import cxrtool.models.network as network
+
+    monkeypatch.setattr(network, "_cpu_has_bf16_units", lambda: bf16_units)
+    assert network.mixed_precision(torch.device("cpu")) == (torch.bfloat16 if bf16_units else None)
+    assert network.mixed_precision(torch.device("meta")) is None
+
+    # What the convolutions compute in, seen from inside the training run.
+    seen: set[torch.dtype] = set()
+    original = torch.nn.Conv2d.forward
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", _recording(original, seen))
+    labels = make_generic_dataset(tmp_path / "data", n=24)
+    for amp, out in ((True, "mixed"), (False, "float32")):
+        seen.clear()
+        result = runner.invoke(app, ["train", *tiny_settings(labels, tmp_path / out, amp=str(amp).lower()), "--epochs", "1"])
+        assert result.exit_code == 0, result.output
+        card = read_card(tmp_path / out / CHECKPOINT_NAME)
+        expected = torch.bfloat16 if amp and bf16_units else torch.float32
+        assert card.training["precision"] == str(expected).removeprefix("torch.")
+        assert seen == {expected}
+
+
+def _recording(forward, seen):
+    def recorded(self, x):
+        out = forward(self, x)
+        seen.add(out.dtype)
+        return out
+    return recorded

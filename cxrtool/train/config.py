@@ -117,7 +117,7 @@ class TrainConfig:
     asl_gamma_pos: float = AsymmetricSettings.gamma_pos
     asl_clip: float = AsymmetricSettings.clip
     augment: bool = True
-    amp: bool = True  # mixed precision on GPU (ignored on CPU)
+    amp: bool = True  # mixed precision where it pays: a GPU, or a CPU with bf16 units (models.network.mixed_precision)
     # run
     seed: int = 0
     workers: int = 2  # worker processes (0: none, all in this process): the loaders, the image cache, feedback cycles

@@ -24,7 +24,7 @@ import cxrtool.train._distributed as distributed
 from cxrtool._workers import fork_safe_opencv, worker_init
 from cxrtool.models.checkpoint import ModelCard, load_tree, save_checkpoint, save_tree
 from cxrtool.models.heads import head_classes
-from cxrtool.models.network import CXRClassifier, pick_device
+from cxrtool.models.network import CXRClassifier, mixed_precision, pick_device
 from cxrtool.preprocess import Preprocessing, normalise
 from cxrtool.train.cache import DiskImageCache
 from cxrtool.train.config import TrainConfig, absolute_paths, write_config
@@ -239,9 +239,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _lr_lambda(steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch))
         )
-        use_amp = config.amp and device.type == "cuda"
-        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+        precision = mixed_precision(device) if config.amp else None
+        use_amp, amp_dtype = precision is not None, precision or torch.bfloat16
+        scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)
 
         start_epoch, best_auroc, best_epoch, history = 0, -math.inf, -1, []
         cycle, cycles = None, []  # the feedback loop's current cycle, and what each cycle did
@@ -338,7 +338,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[Trai
                     best_auroc, best_epoch = (auroc if not math.isnan(auroc) else best_auroc), epoch + 1
                     card = _card(config, findings, prep, table, labelled_train, val_idx, val_targets, val_scores,
                                  per_finding, auroc, epoch + 1, history, parent, head_settings=model.head.settings(),
-                                 priors=priors, text=text, optimiser=optimiser_record,
+                                 priors=priors, text=text, optimiser=optimiser_record, precision=precision,
                                  feedback=feedback.record(cycles, len(paths) - len(table)) if feedback else None)
                     save_checkpoint(out / CHECKPOINT_NAME, model, card,
                                     training={f"loss.{k}": v for k, v in criterion.state_dict().items()})
@@ -664,7 +664,7 @@ def _parent(config: TrainConfig, say: Callable[[TrainEvent], None]) -> Parent:
 
 
 def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_scores, per_finding, auroc, epoch, history,
-          parent=None, *, head_settings=None, priors=None, text=None, optimiser=None, feedback=None):
+          parent=None, *, head_settings=None, priors=None, text=None, optimiser=None, feedback=None, precision=None):
     from cxrtool.evaluate.metrics import choose_thresholds
 
     thresholds = choose_thresholds(val_targets, val_scores, method=config.threshold_method)
@@ -698,6 +698,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
             "best_epoch": epoch,
             "batch_size": config.batch_size,
             "lr": config.lr,
+            "precision": str(precision).removeprefix("torch.") if precision is not None else "float32",
             **({"optimiser": optimiser} if optimiser else {}),
             "seed": config.seed,
             "pretrained": config.pretrained,
