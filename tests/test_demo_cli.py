@@ -21,8 +21,10 @@ runner = CliRunner()
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_phantoms(tmp_path):
     out = tmp_path / "demo"
+    # 64 px: a one-epoch model's maps break into many small regions, each measured by
+    # radiomics (at the demo's 128 px, 4,333 for these 24 studies: minutes of PyRadiomics)
     result = runner.invoke(app, ["demo", "--out", str(out), "--train-images", "120", "--test-images", "24",
-                                 "--epochs", "1", "--workers", "0"])
+                                 "--epochs", "1", "--workers", "0", "--input-size", "64"])
     assert result.exit_code == 0, result.output
     assert "held-out mean AUROC" in result.output
     study = out / "study" / "images"
