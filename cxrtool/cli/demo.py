@@ -111,7 +111,7 @@ def demo(
     *,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the cohort, model and results.")] = Path("cxrtool-demo"),
     full: Annotated[bool, typer.Option("--full", help=f"The larger run: {FULL.train_images} phantoms at {FULL.input_size} px "
-                                       "(finer maps; about 2.5 times as long).")] = False,
+                                       "(finer maps; more than twice as long).")] = False,
     n_train: Annotated[int | None, typer.Option("--train-images", min=40, help=f"Phantom training images (default {QUICK.train_images}; "
                                                    f"--full {FULL.train_images}).")] = None,
     n_test: Annotated[int, typer.Option("--test-images", min=10, help="Held-out phantom DICOM studies.")] = 300,
