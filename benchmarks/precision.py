@@ -6,7 +6,7 @@ CPU with AMX or AVX-512 BF16, bf16 or fp16 on a GPU; none elsewhere, and then th
     python benchmarks/precision.py                      # the demo's sizes, 96 and 128 px, on the CPU
     python benchmarks/precision.py --sizes 128,192,256 --device cuda
 
-What it does to the model is measured by the demo itself (README, "Training in bf16").
+What it does to the model is measured by the demo itself (README, "Training in bf16 on a CPU").
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ def demo(
         precision = mixed_precision(pick_device(device))
         note(f"training: {config.architecture} at {input_size} px, {epochs} epochs, "
              + (f"in {str(precision).removeprefix('torch.')} mixed precision" if precision is not None
-                else "in float32 (no bf16 units here)"))
+                else "in float32 (no mixed precision on this device)"))
         bar = progress_bar()
         on_event = training_progress(bar, label="train epoch")
         with bar:
