@@ -29,13 +29,13 @@ def main() -> None:
     import torch
 
     from cxrtool.cli.demo import DEMO_ARCHITECTURE, DEMO_OUTPUT_STRIDE, DEMO_PADDING
-    from cxrtool.models.network import mixed_precision
+    from cxrtool.models.network import mixed_precision, precision_name
 
     dtype = mixed_precision(torch.device(args.device))
     if dtype is None:
         print(f"{args.device}: no mixed precision here (no bf16 units); training runs in float32")
         return
-    name = str(dtype).removeprefix("torch.")
+    name = precision_name(dtype)
     print(f"{args.device}, {torch.get_num_threads()} threads: a training step of the demo's network, batch 32")
     results = []
     for size in (int(s) for s in args.sizes.split(",")):

@@ -134,7 +134,7 @@ def demo(
     from cxrtool.explain.faithfulness import border_band_share
     from cxrtool.io.studies import find_studies
     from cxrtool.models.checkpoint import read_card
-    from cxrtool.models.network import mixed_precision, pick_device
+    from cxrtool.models.network import mixed_precision, pick_device, precision_name
     from cxrtool.predict import predict
     from cxrtool.radiomics.batch import run_regions
     from cxrtool.radiomics.sources import jobs_from_cam
@@ -166,7 +166,7 @@ def demo(
                              input_size=input_size)
         precision = mixed_precision(pick_device(device))
         note(f"training: {config.architecture} at {input_size} px, {epochs} epochs, "
-             + (f"in {str(precision).removeprefix('torch.')} mixed precision" if precision is not None
+             + (f"in {precision_name(precision)} mixed precision" if precision is not None
                 else "in float32 (no mixed precision on this device)"))
         bar = progress_bar()
         on_event = training_progress(bar, label="train epoch")

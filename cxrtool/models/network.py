@@ -196,6 +196,12 @@ def mixed_precision(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How a card and the demo name a run's precision: ``bfloat16``, ``float16``, or
+    ``float32`` for full precision (``None`` from :func:`mixed_precision`)."""
+    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+
+
 def _cpu_has_bf16_units() -> bool:
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]

@@ -24,7 +24,7 @@ import cxrtool.train._distributed as distributed
 from cxrtool._workers import fork_safe_opencv, worker_init
 from cxrtool.models.checkpoint import ModelCard, load_tree, save_checkpoint, save_tree
 from cxrtool.models.heads import head_classes
-from cxrtool.models.network import CXRClassifier, mixed_precision, pick_device
+from cxrtool.models.network import CXRClassifier, mixed_precision, pick_device, precision_name
 from cxrtool.preprocess import Preprocessing, normalise
 from cxrtool.train.cache import DiskImageCache
 from cxrtool.train.config import TrainConfig, absolute_paths, write_config
@@ -698,7 +698,7 @@ def _card(config, findings, prep, table, train_idx, val_idx, val_targets, val_sc
             "best_epoch": epoch,
             "batch_size": config.batch_size,
             "lr": config.lr,
-            "precision": str(precision).removeprefix("torch.") if precision is not None else "float32",
+            "precision": precision_name(precision),
             **({"optimiser": optimiser} if optimiser else {}),
             "seed": config.seed,
             "pretrained": config.pretrained,
